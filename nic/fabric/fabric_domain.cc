@@ -1,0 +1,344 @@
+#include "nic/fabric/fabric_domain.h"
+
+#include <rdma/fi_cm.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "nic/fabric/fabric_setup.h"
+
+namespace te::nic {
+namespace {
+
+// Every context handed to libfabric starts with the provider's scratch space
+// (FI_CONTEXT / FI_CONTEXT2), then says what it is.
+enum class CtxKind : uint8_t { kWrite, kSend, kRecv };
+struct CtxHeader {
+  fi_context2 scratch;
+  CtxKind kind;
+};
+struct OpCtx {
+  CtxHeader h;
+  void* user = nullptr;
+  int send_buffer = -1;  // index into send buffers for kSend
+};
+struct RecvCtx {
+  CtxHeader h;
+  int index = 0;
+};
+
+// A registered slab of fixed-size buffers (control-message send or receive).
+struct BufferSlab {
+  std::vector<uint8_t> bytes;
+  fid_mr* mr = nullptr;
+  void* desc = nullptr;
+  size_t buffer_size = 0;
+  uint8_t* at(int i) { return bytes.data() + size_t(i) * buffer_size; }
+};
+
+class FabricDomain final : public Domain {
+ public:
+  explicit FabricDomain(std::unique_ptr<FabricResources> res, const FabricOptions& options)
+      : res_(std::move(res)), options_(options) {}
+
+  ~FabricDomain() override {
+    // Closing the endpoint first means no completion can name a freed context.
+    if (res_->ep) {
+      fi_close(&res_->ep->fid);
+      res_->ep = nullptr;
+    }
+    for (BufferSlab* s : {&recv_slab_, &send_slab_, &notify_slab_})
+      if (s->mr) fi_close(&s->mr->fid);
+  }
+
+  Status Init() {
+    const uint64_t mode = res_->mr_mode();
+    info_.provider = res_->provider();
+    info_.domain_name = res_->domain_name();
+    info_.max_write_bytes = res_->info->ep_attr->max_msg_size;
+    info_.max_message_bytes = options_.max_message_bytes;
+    info_.tx_depth = res_->info->tx_attr->size;
+    info_.virtual_addressing = mode & FI_MR_VIRT_ADDR;
+    info_.provider_keys = mode & FI_MR_PROV_KEY;
+    info_.local_descriptors = mode & FI_MR_LOCAL;
+    info_.hmem = res_->info->caps & FI_HMEM;
+    if (options_.max_message_bytes == 0 || options_.recv_buffers == 0 ||
+        options_.send_buffers == 0) {
+      return InvalidArgument("recv_buffers, send_buffers and max_message_bytes must be > 0");
+    }
+    if (options_.max_message_bytes > res_->info->ep_attr->max_msg_size) {
+      return InvalidArgument("max_message_bytes " + std::to_string(options_.max_message_bytes) +
+                             " exceeds the provider's max_msg_size " +
+                             std::to_string(res_->info->ep_attr->max_msg_size));
+    }
+    address_ = res_->address();
+    if (address_.empty()) return IoError("fi_getname returned no address");
+
+    TE_RETURN_IF_ERROR(MakeSlab(&recv_slab_, options_.recv_buffers, options_.max_message_bytes));
+    TE_RETURN_IF_ERROR(MakeSlab(&send_slab_, options_.send_buffers, options_.max_message_bytes));
+    TE_RETURN_IF_ERROR(MakeSlab(&notify_slab_, 1, 64));
+    recv_ctx_.resize(options_.recv_buffers);
+    for (size_t i = 0; i < recv_ctx_.size(); ++i) {
+      recv_ctx_[i].h.kind = CtxKind::kRecv;
+      recv_ctx_[i].index = int(i);
+      TE_RETURN_IF_ERROR(PostRecv(int(i)));
+    }
+    for (size_t i = 0; i < options_.send_buffers; ++i) free_send_.push_back(int(i));
+    return Status::Ok();
+  }
+
+  const DomainInfo& info() const override { return info_; }
+  std::vector<uint8_t> address() const override { return address_; }
+
+  Result<PeerAddr> AddPeer(std::span<const uint8_t> address) override {
+    if (address.size() != address_.size()) {
+      return InvalidArgument("peer address is " + std::to_string(address.size()) +
+                             " bytes; provider " + info_.provider + " uses " +
+                             std::to_string(address_.size()));
+    }
+    std::string key(reinterpret_cast<const char*>(address.data()), address.size());
+    std::lock_guard<std::mutex> lock(av_mu_);
+    if (auto it = peers_.find(key); it != peers_.end()) return it->second;
+    fi_addr_t addr = FI_ADDR_UNSPEC;
+    int ret = fi_av_insert(res_->av, address.data(), 1, &addr, 0, nullptr);
+    if (ret != 1) return IoError(FiErrorString("fi_av_insert", ret));
+    peers_.emplace(std::move(key), addr);
+    return PeerAddr(addr);
+  }
+
+  Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override {
+    if (ptr == nullptr || length == 0) {
+      return InvalidArgument("cannot register ptr=" +
+                             std::to_string(reinterpret_cast<uintptr_t>(ptr)) + " length=" +
+                             std::to_string(length) + ": need a non-null pointer and length > 0");
+    }
+    fid_mr* mr = nullptr;
+    TE_RETURN_IF_ERROR(RegisterRaw(ptr, length, kind, &mr));
+    LocalRegistration reg;
+    reg.mr = mr;
+    reg.desc = fi_mr_desc(mr);
+    reg.rkey = fi_mr_key(mr);
+    if (reg.rkey == FI_KEY_NOTAVAIL) {
+      fi_close(&mr->fid);
+      return Unimplemented("provider " + info_.provider +
+                           " needs raw (FI_MR_RAW) keys, which this engine does not carry");
+    }
+    reg.remote_base = info_.virtual_addressing ? reinterpret_cast<uint64_t>(ptr) : 0;
+    return reg;
+  }
+
+  Status Deregister(const LocalRegistration& reg) override {
+    if (reg.mr == nullptr) return InvalidArgument("deregistering an empty registration");
+    int ret = fi_close(&static_cast<fid_mr*>(reg.mr)->fid);
+    return ret == 0 ? Status::Ok() : IoError(FiErrorString("fi_close(mr)", ret));
+  }
+
+  Status PostWrite(const WriteOp& op) override {
+    const void* local = op.local;
+    void* desc = op.local_desc;
+    if (op.length == 0) {
+      // A zero-byte notification still carries a valid local iov: EFA
+      // rejects one without.
+      local = notify_slab_.at(0);
+      desc = notify_slab_.desc;
+    }
+    OpCtx* ctx = AllocCtx(CtxKind::kWrite, op.context);
+    ssize_t ret = op.has_imm
+                      ? fi_writedata(res_->ep, local, op.length, desc, op.imm, op.peer,
+                                     op.remote_addr, op.rkey, &ctx->h.scratch)
+                      : fi_write(res_->ep, local, op.length, desc, op.peer, op.remote_addr,
+                                 op.rkey, &ctx->h.scratch);
+    if (ret == 0) return Status::Ok();
+    FreeCtx(ctx);
+    if (ret == -FI_EAGAIN) return Unavailable("send queue full");
+    return IoError(FiErrorString(op.has_imm ? "fi_writedata" : "fi_write", ret));
+  }
+
+  Status PostSend(PeerAddr peer, std::span<const uint8_t> data, void* context) override {
+    if (data.size() > options_.max_message_bytes) {
+      return InvalidArgument("control message of " + std::to_string(data.size()) +
+                             " bytes exceeds max_message_bytes " +
+                             std::to_string(options_.max_message_bytes));
+    }
+    if (free_send_.empty()) return Unavailable("all control send buffers in use");
+    int b = free_send_.back();
+    std::memcpy(send_slab_.at(b), data.data(), data.size());
+    OpCtx* ctx = AllocCtx(CtxKind::kSend, context);
+    ctx->send_buffer = b;
+    ssize_t ret = fi_send(res_->ep, send_slab_.at(b), data.size(), send_slab_.desc, peer,
+                          &ctx->h.scratch);
+    if (ret == 0) {
+      free_send_.pop_back();
+      return Status::Ok();
+    }
+    FreeCtx(ctx);
+    if (ret == -FI_EAGAIN) return Unavailable("send queue full");
+    return IoError(FiErrorString("fi_send", ret));
+  }
+
+  int Poll(CompletionHandler& handler, int max) override {
+    constexpr int kBatch = 32;
+    fi_cq_data_entry entries[kBatch];
+    int total = 0;
+    while (total < max) {
+      ssize_t n = fi_cq_read(res_->cq, entries, std::min(kBatch, max - total));
+      if (n == -FI_EAGAIN) break;
+      if (n == -FI_EAVAIL) {
+        HandleError(handler);
+        ++total;
+        continue;
+      }
+      if (n < 0) {
+        handler.OnDomainError(IoError(FiErrorString("fi_cq_read", n)));
+        break;
+      }
+      for (ssize_t i = 0; i < n; ++i) HandleEntry(entries[i], handler);
+      total += int(n);
+      if (n < std::min(kBatch, max - total + int(n))) break;
+    }
+    return total;
+  }
+
+ private:
+  Status RegisterRaw(void* ptr, size_t length, MemoryKind kind, fid_mr** out) {
+    iovec iov{ptr, length};
+    fi_mr_attr attr{};
+    attr.mr_iov = &iov;
+    attr.iov_count = 1;
+    attr.access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+    attr.requested_key = next_key_.fetch_add(1);
+    if (kind.type == MemoryKind::Type::kCuda) {
+      if (!info_.hmem) {
+        return Unimplemented("provider " + info_.provider +
+                             " cannot register CUDA memory (no FI_HMEM in this build of "
+                             "libfabric); register host memory instead");
+      }
+      attr.iface = FI_HMEM_CUDA;
+      attr.device.cuda = kind.device;
+    }
+    int ret = fi_mr_regattr(res_->domain, &attr, 0, out);
+    if (ret != 0) return IoError(FiErrorString("fi_mr_regattr", ret));
+    if (res_->mr_mode() & FI_MR_ENDPOINT) {
+      if ((ret = fi_mr_bind(*out, &res_->ep->fid, 0)) != 0 || (ret = fi_mr_enable(*out)) != 0) {
+        fi_close(&(*out)->fid);
+        return IoError(FiErrorString("fi_mr_bind/enable", ret));
+      }
+    }
+    return Status::Ok();
+  }
+
+  Status MakeSlab(BufferSlab* slab, size_t count, size_t size) {
+    slab->buffer_size = size;
+    slab->bytes.assign(count * size, 0);
+    TE_RETURN_IF_ERROR(RegisterRaw(slab->bytes.data(), slab->bytes.size(), MemoryKind{}, &slab->mr));
+    slab->desc = fi_mr_desc(slab->mr);
+    return Status::Ok();
+  }
+
+  Status PostRecv(int i) {
+    ssize_t ret;
+    do {
+      ret = fi_recv(res_->ep, recv_slab_.at(i), recv_slab_.buffer_size, recv_slab_.desc,
+                    FI_ADDR_UNSPEC, &recv_ctx_[i].h.scratch);
+      if (ret == -FI_EAGAIN) fi_cq_read(res_->cq, nullptr, 0);  // drive progress
+    } while (ret == -FI_EAGAIN);
+    return ret == 0 ? Status::Ok() : IoError(FiErrorString("fi_recv", ret));
+  }
+
+  OpCtx* AllocCtx(CtxKind kind, void* user) {
+    OpCtx* ctx;
+    if (free_ctx_.empty()) {
+      ctx_storage_.push_back(std::make_unique<OpCtx>());
+      ctx = ctx_storage_.back().get();
+    } else {
+      ctx = free_ctx_.back();
+      free_ctx_.pop_back();
+    }
+    ctx->h.kind = kind;
+    ctx->user = user;
+    ctx->send_buffer = -1;
+    return ctx;
+  }
+  void FreeCtx(OpCtx* ctx) { free_ctx_.push_back(ctx); }
+
+  void HandleEntry(const fi_cq_data_entry& e, CompletionHandler& handler) {
+    if (e.flags & FI_REMOTE_CQ_DATA) {
+      handler.OnImm(static_cast<uint32_t>(e.data));
+      // Under FI_RX_CQ_DATA the write consumed one of our receives.
+      if (e.op_context && static_cast<CtxHeader*>(e.op_context)->kind == CtxKind::kRecv)
+        Repost(static_cast<RecvCtx*>(e.op_context)->index, handler);
+      return;
+    }
+    if (e.op_context == nullptr) return;  // remote write without data: nothing to do
+    auto* h = static_cast<CtxHeader*>(e.op_context);
+    if (h->kind == CtxKind::kRecv) {
+      int i = reinterpret_cast<RecvCtx*>(h)->index;
+      handler.OnRecv({recv_slab_.at(i), e.len});
+      Repost(i, handler);
+      return;
+    }
+    auto* ctx = reinterpret_cast<OpCtx*>(h);
+    if (ctx->send_buffer >= 0) free_send_.push_back(ctx->send_buffer);
+    void* user = ctx->user;
+    FreeCtx(ctx);
+    handler.OnSendDone(user);
+  }
+
+  void HandleError(CompletionHandler& handler) {
+    void* op_context = nullptr;
+    Status st = ReadCqError(res_->cq, info_.provider, &op_context);
+    if (op_context == nullptr) {
+      handler.OnDomainError(st);
+      return;
+    }
+    auto* h = static_cast<CtxHeader*>(op_context);
+    if (h->kind == CtxKind::kRecv) {
+      Repost(reinterpret_cast<RecvCtx*>(h)->index, handler);
+      handler.OnDomainError(st.WithContext("receive failed"));
+      return;
+    }
+    auto* ctx = reinterpret_cast<OpCtx*>(h);
+    if (ctx->send_buffer >= 0) free_send_.push_back(ctx->send_buffer);
+    void* user = ctx->user;
+    FreeCtx(ctx);
+    handler.OnSendError(user, st);
+  }
+
+  void Repost(int i, CompletionHandler& handler) {
+    Status st = PostRecv(i);
+    if (!st.ok()) handler.OnDomainError(st.WithContext("reposting a control receive"));
+  }
+
+  std::unique_ptr<FabricResources> res_;
+  FabricOptions options_;
+  DomainInfo info_;
+  std::vector<uint8_t> address_;
+  std::atomic<uint64_t> next_key_{1};
+
+  std::mutex av_mu_;
+  std::unordered_map<std::string, fi_addr_t> peers_;
+
+  // Posting thread only (see nic/domain.h).
+  std::vector<std::unique_ptr<OpCtx>> ctx_storage_;
+  std::vector<OpCtx*> free_ctx_;
+  std::vector<int> free_send_;
+
+  BufferSlab recv_slab_, send_slab_, notify_slab_;
+  std::vector<RecvCtx> recv_ctx_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Domain>> OpenFabricDomain(const FabricOptions& options) {
+  // CQ sized for a full send queue plus a burst of remote notifications.
+  TE_ASSIGN_OR_RETURN(auto res, OpenFabric(options, /*thread_safe=*/true, 16384));
+  auto domain = std::make_unique<FabricDomain>(std::move(res), options);
+  TE_RETURN_IF_ERROR(domain->Init());
+  return std::unique_ptr<Domain>(std::move(domain));
+}
+
+}  // namespace te::nic

@@ -1,0 +1,117 @@
+#include "nic/fabric/fabric_setup.h"
+
+#include <cstring>
+
+namespace te::nic {
+
+std::string ResolveProviderName(const std::string& provider) {
+  if (provider == "tcp") return "tcp;ofi_rxm";
+  if (provider == "verbs") return "verbs;ofi_rxm";
+  return provider;
+}
+
+std::string FiErrorString(const char* call, ssize_t ret) {
+  return std::string(call) + ": " + fi_strerror(static_cast<int>(-ret)) + " (" +
+         std::to_string(ret) + ")";
+}
+
+FabricResources::~FabricResources() {
+  if (ep) fi_close(&ep->fid);
+  if (av) fi_close(&av->fid);
+  if (cq) fi_close(&cq->fid);
+  if (domain) fi_close(&domain->fid);
+  if (fabric) fi_close(&fabric->fid);
+  if (info) fi_freeinfo(info);
+}
+
+std::vector<uint8_t> FabricResources::address() const {
+  size_t len = 0;
+  fi_getname(&ep->fid, nullptr, &len);  // -FI_ETOOSMALL, sets len
+  std::vector<uint8_t> addr(len);
+  if (fi_getname(&ep->fid, addr.data(), &len) != 0) return {};
+  addr.resize(len);
+  return addr;
+}
+
+Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options,
+                                                    bool thread_safe, size_t cq_size) {
+  const std::string prov = ResolveProviderName(options.provider);
+  std::string domain_name = options.domain;
+  if (domain_name.empty() && prov == "tcp;ofi_rxm") domain_name = "lo";
+
+  fi_info* hints = fi_allocinfo();
+  if (!hints) return Internal("fi_allocinfo failed");
+  hints->ep_attr->type = FI_EP_RDM;
+  hints->caps = FI_MSG | FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+  if (options.want_hmem) hints->caps |= FI_HMEM;
+  // Context space for providers that ask for it (EFA asks for FI_CONTEXT2).
+  hints->mode = FI_CONTEXT | FI_CONTEXT2;
+  // The modes this code handles; the provider answers with what it requires.
+  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED |
+                                FI_MR_PROV_KEY | FI_MR_ENDPOINT;
+  if (options.want_hmem) hints->domain_attr->mr_mode |= FI_MR_HMEM;
+  hints->domain_attr->threading = thread_safe ? FI_THREAD_SAFE : FI_THREAD_DOMAIN;
+  hints->domain_attr->resource_mgmt = FI_RM_ENABLED;
+  hints->fabric_attr->prov_name = strdup(prov.c_str());
+  if (!domain_name.empty()) hints->domain_attr->name = strdup(domain_name.c_str());
+  // IPv4 keeps tcp on 127.0.0.1 (or the veth address) rather than ::1.
+  if (prov.rfind("tcp", 0) == 0) hints->addr_format = FI_SOCKADDR_IN;
+
+  auto res = std::make_unique<FabricResources>();
+  int ret = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &res->info);
+  fi_freeinfo(hints);
+  if (ret != 0 || res->info == nullptr) {
+    return Unavailable("no libfabric provider '" + prov + "'" +
+                       (domain_name.empty() ? "" : " on domain '" + domain_name + "'") +
+                       " offers an RDM endpoint with RMA writes and remote CQ data" +
+                       (options.want_hmem ? " and FI_HMEM" : "") + " (" +
+                       FiErrorString("fi_getinfo", ret) +
+                       "); valid providers include tcp, shm, efa, verbs");
+  }
+  fi_info* info = res->info;
+  if (info->domain_attr->cq_data_size < 4) {
+    return Unimplemented("provider " + res->provider() + " carries " +
+                         std::to_string(info->domain_attr->cq_data_size) +
+                         " bytes of CQ data; 4 are needed for 32-bit immediates");
+  }
+
+  if ((ret = fi_fabric(info->fabric_attr, &res->fabric, nullptr)) != 0)
+    return IoError(FiErrorString("fi_fabric", ret));
+  if ((ret = fi_domain(res->fabric, info, &res->domain, nullptr)) != 0)
+    return IoError(FiErrorString("fi_domain", ret));
+
+  fi_cq_attr cq_attr{};
+  cq_attr.format = FI_CQ_FORMAT_DATA;
+  cq_attr.wait_obj = FI_WAIT_NONE;
+  cq_attr.size = cq_size;
+  if ((ret = fi_cq_open(res->domain, &cq_attr, &res->cq, nullptr)) != 0)
+    return IoError(FiErrorString("fi_cq_open", ret));
+
+  fi_av_attr av_attr{};
+  av_attr.type = info->domain_attr->av_type != FI_AV_UNSPEC ? info->domain_attr->av_type
+                                                            : FI_AV_TABLE;
+  if ((ret = fi_av_open(res->domain, &av_attr, &res->av, nullptr)) != 0)
+    return IoError(FiErrorString("fi_av_open", ret));
+
+  if ((ret = fi_endpoint(res->domain, info, &res->ep, nullptr)) != 0)
+    return IoError(FiErrorString("fi_endpoint", ret));
+  if ((ret = fi_ep_bind(res->ep, &res->av->fid, 0)) != 0)
+    return IoError(FiErrorString("fi_ep_bind(av)", ret));
+  if ((ret = fi_ep_bind(res->ep, &res->cq->fid, FI_TRANSMIT | FI_RECV)) != 0)
+    return IoError(FiErrorString("fi_ep_bind(cq)", ret));
+  if ((ret = fi_enable(res->ep)) != 0) return IoError(FiErrorString("fi_enable", ret));
+  return res;
+}
+
+Status ReadCqError(fid_cq* cq, const std::string& provider, void** op_context) {
+  fi_cq_err_entry err{};
+  ssize_t ret = fi_cq_readerr(cq, &err, 0);
+  *op_context = nullptr;
+  if (ret < 0) return IoError(FiErrorString("fi_cq_readerr", ret));
+  *op_context = err.op_context;
+  const char* prov_msg = fi_cq_strerror(cq, err.prov_errno, err.err_data, nullptr, 0);
+  return IoError("provider " + provider + ": " + fi_strerror(err.err) +
+                 (prov_msg ? std::string(" (") + prov_msg + ")" : std::string()));
+}
+
+}  // namespace te::nic

@@ -1,0 +1,651 @@
+// te-bench: measures the transfer engine between two processes, and the same
+// case with a bare libfabric loop (--raw) in the same run.
+//
+//   te-bench --loopback                    # both processes on this machine
+//   te-bench --listen                      # prints its address line
+//   te-bench --connect <descriptor hex>    # runs the cases against it
+//
+// Cases: single writes (4 KiB .. 64 MiB), paged writes (1 .. 64 KiB pages,
+// random page indices, stride = page + 128 B), imm-only round trips. Every
+// engine case is verified once: the listener zeroes its region, one pass is
+// written, and the listener's CRC-32C must equal the one computed locally.
+#include <gflags/gflags.h>
+#include <glog/logging.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/crc32c.h"
+#include "nic/fabric/raw_write_loop.h"
+#include "transfer/transfer_engine.h"
+
+DEFINE_bool(listen, false, "Serve as the target and print the address line");
+DEFINE_string(connect, "", "Descriptor hex printed by a --listen process");
+DEFINE_bool(loopback, false, "Start a listener child process and connect to it");
+DEFINE_string(provider, "tcp", "libfabric provider: tcp, shm, efa, verbs, or a full name");
+DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
+DEFINE_int32(domains, 1, "Domains (NICs) per group");
+DEFINE_string(cases, "single,paged,imm", "Comma-separated case kinds: single, paged, imm");
+DEFINE_string(sizes, "4K,16K,64K,256K,1M,4M,16M,64M", "Single-write sizes");
+DEFINE_string(page_sizes, "1K,4K,16K,64K", "Paged-write page sizes");
+DEFINE_int32(pages_per_request, 64, "Pages in one PagedWrite request");
+DEFINE_int64(iters, 0, "Operations per case (0: about --bytes_per_case, 500..50000)");
+DEFINE_int64(bytes_per_case, 512ll << 20, "Bytes each bandwidth case moves when --iters=0");
+DEFINE_int32(rtt_iters, 2000, "Round trips in the imm case");
+DEFINE_int32(warmup, 50, "Untimed operations before each case");
+DEFINE_int32(window, 64, "Writes outstanding at once (engine and raw)");
+DEFINE_bool(raw, false, "Also run each case with a bare libfabric loop and print the ratio");
+DEFINE_bool(json, false, "Print one JSON object per case instead of a table");
+DEFINE_string(progress, "thread", "Engine progress: thread (worker thread) or manual");
+DEFINE_int32(timeout_ms, 30000, "Per-case timeout");
+DEFINE_bool(verify, true, "Verify received bytes once per case");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+constexpr uint32_t kDataImm = 0x100, kAckImm = 0x101, kPingImm = 0x102, kPongImm = 0x103;
+constexpr uint32_t kRawDataImm = 0x200, kRawAckImm = 0x201, kRawPingImm = 0x202;
+constexpr size_t kPagesInRegion = 1024;
+constexpr size_t kPageSlack = 128;
+
+[[noreturn]] void Die(const std::string& what) {
+  fprintf(stderr, "te-bench: %s\n", what.c_str());
+  exit(1);
+}
+
+template <typename T>
+T Must(te::Result<T> r, const char* what) {
+  if (!r.ok()) Die(std::string(what) + ": " + r.status().ToString());
+  return std::move(r).value();
+}
+void Must(const te::Status& s, const char* what) {
+  if (!s.ok()) Die(std::string(what) + ": " + s.ToString());
+}
+
+uint64_t ParseSize(const std::string& s) {
+  char* end = nullptr;
+  double v = strtod(s.c_str(), &end);
+  uint64_t mult = 1;
+  if (end && *end) {
+    switch (toupper(*end)) {
+      case 'K': mult = 1ull << 10; break;
+      case 'M': mult = 1ull << 20; break;
+      case 'G': mult = 1ull << 30; break;
+      default: Die("bad size '" + s + "': use a number with optional K, M or G");
+    }
+  }
+  if (v <= 0) Die("bad size '" + s + "': must be positive");
+  return uint64_t(v * mult);
+}
+
+std::vector<std::string> Split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, sep);)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string HumanSize(uint64_t b) {
+  char buf[32];
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0) snprintf(buf, sizeof buf, "%llu MiB", (unsigned long long)(b >> 20));
+  else if (b >= 1024 && b % 1024 == 0) snprintf(buf, sizeof buf, "%llu KiB", (unsigned long long)(b >> 10));
+  else snprintf(buf, sizeof buf, "%llu B", (unsigned long long)b);
+  return buf;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t i = std::min(v.size() - 1, size_t(p * (v.size() - 1) + 0.5));
+  return v[i];
+}
+
+// Region size: the largest single write or the page area, whichever is larger.
+size_t RegionBytes() {
+  uint64_t max_single = 4096, max_page = 1024;
+  for (auto& s : Split(FLAGS_sizes, ',')) max_single = std::max(max_single, ParseSize(s));
+  for (auto& s : Split(FLAGS_page_sizes, ',')) max_page = std::max(max_page, ParseSize(s));
+  return std::max<uint64_t>(max_single, kPagesInRegion * (max_page + kPageSlack));
+}
+
+void FillPattern(uint8_t* p, size_t n) {
+  // Each 8-byte word encodes its own offset, so a misplaced byte shows.
+  for (size_t i = 0; i + 8 <= n; i += 8) {
+    uint64_t v = (i * 0x9E3779B97F4A7C15ull) ^ (i >> 3);
+    memcpy(p + i, &v, 8);
+  }
+}
+
+te::EngineOptions MakeEngineOptions() {
+  te::EngineOptions o;
+  o.fabric.provider = FLAGS_provider;
+  o.fabric.domain = FLAGS_iface;
+  o.domains = FLAGS_domains;
+  o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
+  if (FLAGS_progress == "manual") o.progress = te::ProgressMode::kManual;
+  else if (FLAGS_progress != "thread") Die("--progress must be 'thread' or 'manual', not '" + FLAGS_progress + "'");
+  return o;
+}
+
+te::nic::FabricOptions RawOptions() {
+  te::nic::FabricOptions f;
+  f.provider = FLAGS_provider;
+  f.domain = FLAGS_iface;
+  return f;
+}
+
+// A mailbox of control messages, filled by the engine's receive handler.
+class Mailbox {
+ public:
+  void Push(const te::EngineAddress& from, std::string msg) {
+    std::lock_guard<std::mutex> l(mu_);
+    q_.emplace_back(from, std::move(msg));
+    cv_.notify_all();
+  }
+  bool Pop(te::TransferEngine* engine, std::chrono::milliseconds timeout,
+           std::pair<te::EngineAddress, std::string>* out) {
+    const auto deadline = Clock::now() + timeout;
+    std::unique_lock<std::mutex> l(mu_);
+    while (q_.empty()) {
+      if (Clock::now() >= deadline) return false;
+      if (engine->options().progress == te::ProgressMode::kManual) {
+        l.unlock();
+        engine->Progress();
+        l.lock();
+      } else {
+        cv_.wait_for(l, 10ms);
+      }
+    }
+    *out = std::move(q_.front());
+    q_.pop_front();
+    return true;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<te::EngineAddress, std::string>> q_;
+};
+
+void SendText(te::TransferEngine* engine, const te::PeerRef& peer, const std::string& text) {
+  std::vector<uint8_t> b(text.begin(), text.end());
+  Must(engine->Send(peer, b, {}), "sending a control message");
+}
+
+// Waits in the way the progress mode allows.
+template <typename Pred>
+bool WaitUntil(te::TransferEngine* engine, Pred pred, Clock::time_point deadline) {
+  int spins = 0;
+  while (!pred()) {
+    if (Clock::now() >= deadline) return false;
+    if (engine->options().progress == te::ProgressMode::kManual) engine->Progress();
+    else if (++spins > 100) std::this_thread::yield();
+  }
+  return true;
+}
+
+// ---------------- Listener ----------------
+
+int RunListener(int address_fd) {
+  auto engine = Must(te::TransferEngine::Create(MakeEngineOptions()), "creating the engine");
+  const size_t bytes = RegionBytes();
+  std::vector<uint8_t> region(bytes, 0);
+  auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering memory");
+  auto raw = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
+
+  Mailbox mailbox;
+  engine->SetRecvHandler([&](const te::EngineAddress& from, std::span<const uint8_t> d) {
+    mailbox.Push(from, std::string(d.begin(), d.end()));
+  });
+  const std::string line = "TE-BENCH-ADDRESS " + engine->Describe(*mr).ToHex() + "\n";
+  if (write(address_fd, line.data(), line.size()) != ssize_t(line.size())) Die("writing the address");
+  if (address_fd != STDOUT_FILENO) close(address_fd);
+  fflush(stdout);
+
+  te::RemoteMr initiator;
+  te::PeerRef peer;
+  std::thread raw_thread;
+  std::atomic<int> pongs_left{0};
+  std::function<void()> pong;  // re-arming responder for the imm case
+  pong = [&] {
+    Must(engine->Submit(te::ImmOnly{initiator, kPongImm}, {}), "answering a ping");
+    if (--pongs_left > 0) Must(engine->ExpectImm(kPingImm, 1, pong), "re-arming the responder");
+  };
+  for (;;) {
+    std::pair<te::EngineAddress, std::string> msg;
+    if (!mailbox.Pop(engine.get(), 3600s, &msg)) Die("no command from the initiator for an hour");
+    std::istringstream in(msg.second);
+    std::string cmd;
+    in >> cmd;
+    if (!peer) peer = Must(engine->Connect(msg.first), "connecting back to the initiator");
+    auto join_raw = [&] { if (raw_thread.joinable()) raw_thread.join(); };
+    if (cmd == "HELLO") {
+      std::string desc_hex, raw_hex;
+      uint64_t raw_key = 0, raw_base = 0;
+      in >> desc_hex >> raw_hex >> raw_key >> raw_base;
+      initiator = Must(engine->Import(Must(te::MrDescriptor::FromHex(desc_hex), "initiator descriptor")),
+                       "importing the initiator's region");
+      if (raw_hex != "-") Must(raw->Connect(Must(te::FromHex(raw_hex), "raw address"), raw_key, raw_base), "raw connect");
+      SendText(engine.get(), peer, "OK " + te::ToHex(raw->address()) + " " + std::to_string(raw->rkey()) +
+                                       " " + std::to_string(raw->remote_base()));
+    } else if (cmd == "EXPECT") {
+      uint64_t count;
+      in >> count;
+      Must(engine->ExpectImm(kDataImm, count, [&] {
+        Must(engine->Submit(te::ImmOnly{initiator, kAckImm}, {}), "acknowledging");
+      }), "expecting");
+      SendText(engine.get(), peer, "OK");
+    } else if (cmd == "PONG") {
+      int iters;
+      in >> iters;
+      pongs_left = iters;
+      Must(engine->ExpectImm(kPingImm, 1, pong), "arming the responder");
+      SendText(engine.get(), peer, "OK");
+    } else if (cmd == "RAWSERVE" || cmd == "RAWPONG") {
+      uint64_t n;
+      in >> n;
+      join_raw();
+      const bool serve = cmd == "RAWSERVE";
+      raw_thread = std::thread([&raw, n, serve] {
+        auto t = std::chrono::milliseconds(FLAGS_timeout_ms);
+        te::Status st = serve ? raw->Serve(n, kRawDataImm, kRawAckImm, t) : raw->Pong(int(n), kRawPingImm, t);
+        if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
+      });
+      SendText(engine.get(), peer, "OK");
+    } else if (cmd == "ZERO") {
+      memset(region.data(), 0, region.size());
+      SendText(engine.get(), peer, "OK");
+    } else if (cmd == "CRC") {
+      uint64_t len;
+      in >> len;
+      len = std::min<uint64_t>(len, region.size());
+      SendText(engine.get(), peer, "CRC " + std::to_string(te::Crc32c(region.data(), len)));
+    } else if (cmd == "BYE") {
+      join_raw();
+      SendText(engine.get(), peer, "OK");
+      // Let the reply leave before the engine goes.
+      auto until = Clock::now() + 200ms;
+      WaitUntil(engine.get(), [] { return false; }, until);
+      return 0;
+    } else {
+      LOG(WARNING) << "unknown command '" << cmd << "'";
+    }
+  }
+}
+
+// ---------------- Initiator ----------------
+
+struct CaseResult {
+  std::string kind;
+  uint64_t size = 0;
+  uint64_t ops = 0;
+  double seconds = 0;
+  uint64_t bytes = 0;
+  std::vector<double> lat_us;
+  double gbps() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
+  double mops() const { return seconds > 0 ? ops / seconds / 1e6 : 0; }
+};
+
+class Initiator {
+ public:
+  Initiator(const std::string& listener_hex) {
+    engine_ = Must(te::TransferEngine::Create(MakeEngineOptions()), "creating the engine");
+    const size_t bytes = RegionBytes();
+    src_.resize(bytes);
+    FillPattern(src_.data(), src_.size());
+    mr_ = Must(engine_->RegisterMemory(src_.data(), src_.size()), "registering memory");
+    engine_->SetRecvHandler([this](const te::EngineAddress& from, std::span<const uint8_t> d) {
+      mailbox_.Push(from, std::string(d.begin(), d.end()));
+    });
+    auto desc = Must(te::MrDescriptor::FromHex(listener_hex), "the --connect descriptor");
+    dst_ = Must(engine_->Import(desc), "importing the listener's region");
+    std::string raw_info = "- 0 0";
+    if (FLAGS_raw) {
+      raw_ = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
+      FillPattern(raw_->buffer(), raw_->buffer_bytes());
+      raw_info = te::ToHex(raw_->address()) + " " + std::to_string(raw_->rkey()) + " " +
+                 std::to_string(raw_->remote_base());
+    }
+    std::istringstream reply(Rpc("HELLO " + engine_->Describe(*mr_).ToHex() + " " + raw_info));
+    std::string ok, raw_hex;
+    uint64_t raw_key, raw_base;
+    reply >> ok >> raw_hex >> raw_key >> raw_base;
+    if (raw_) Must(raw_->Connect(Must(te::FromHex(raw_hex), "raw address"), raw_key, raw_base), "raw connect");
+  }
+
+  ~Initiator() { Rpc("BYE"); }
+
+  std::string Rpc(const std::string& cmd) {
+    SendText(engine_.get(), dst_->peer(), cmd);
+    std::pair<te::EngineAddress, std::string> reply;
+    if (!mailbox_.Pop(engine_.get(), std::chrono::milliseconds(FLAGS_timeout_ms), &reply))
+      Die("no reply to '" + cmd.substr(0, 16) + "' within " + std::to_string(FLAGS_timeout_ms) + " ms");
+    return reply.second;
+  }
+
+  // Runs `requests` with at most `window` writes outstanding; returns timing.
+  CaseResult RunEngine(const std::vector<te::Request>& requests, uint64_t writes_per_request,
+                       uint64_t bytes_per_request) {
+    uint64_t imms = 0;
+    for (const auto& r : requests) imms += Must(engine_->ExpectedImmCount(r), "planning");
+    Must(Rpc("EXPECT " + std::to_string(imms)) == "OK" ? te::Status() : te::Internal("EXPECT refused"), "EXPECT");
+    const size_t n = requests.size();
+    const uint64_t window_reqs = std::max<uint64_t>(1, FLAGS_window / std::max<uint64_t>(1, writes_per_request));
+    std::vector<Clock::time_point> t_submit(n), t_done(n);
+    std::atomic<uint64_t> done{0}, failed{0};
+    te::Status first_error;
+    std::mutex err_mu;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(FLAGS_timeout_ms);
+    const auto start = Clock::now();
+    for (size_t i = 0; i < n; ++i) {
+      if (!WaitUntil(engine_.get(), [&] { return i - done.load(std::memory_order_acquire) < window_reqs; }, deadline))
+        Die("timed out with " + std::to_string(i - done) + " requests outstanding");
+      t_submit[i] = Clock::now();
+      te::Completion c;
+      c.on_done = [&, i] {
+        t_done[i] = Clock::now();
+        done.fetch_add(1, std::memory_order_release);
+      };
+      c.on_error = [&, i](const te::Status& s) {
+        std::lock_guard<std::mutex> l(err_mu);
+        if (first_error.ok()) first_error = s;
+        failed.fetch_add(1);
+        done.fetch_add(1, std::memory_order_release);
+      };
+      Must(engine_->Submit(requests[i], std::move(c)), "submitting");
+    }
+    if (!WaitUntil(engine_.get(), [&] { return done.load() == n; }, deadline)) Die("requests did not finish");
+    if (failed) Die("a request failed: " + first_error.ToString());
+    Must(engine_->WaitImm(kAckImm, 1, std::chrono::milliseconds(FLAGS_timeout_ms)), "waiting for the ack");
+    CaseResult r;
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.ops = n * writes_per_request;
+    r.bytes = n * bytes_per_request;
+    for (size_t i = 0; i < n; ++i)
+      r.lat_us.push_back(std::chrono::duration<double, std::micro>(t_done[i] - t_submit[i]).count());
+    return r;
+  }
+
+  CaseResult RunRaw(const std::vector<te::nic::RawWriteLoop::Op>& ops, size_t batch) {
+    if (Rpc("RAWSERVE " + std::to_string(ops.size())) != "OK") Die("RAWSERVE refused");
+    auto stats = Must(raw_->RunWrites(ops, FLAGS_window, batch, kRawDataImm, kRawAckImm,
+                                      std::chrono::milliseconds(FLAGS_timeout_ms)), "raw loop");
+    CaseResult r;
+    r.seconds = stats.seconds;
+    r.ops = ops.size();
+    for (const auto& op : ops) r.bytes += op.length;
+    r.lat_us = std::move(stats.batch_latency_us);
+    return r;
+  }
+
+  // One verified pass: zero the target, write, compare CRCs.
+  bool Verify(const te::Request& request, const std::vector<uint8_t>& expected_dst) {
+    if (Rpc("ZERO") != "OK") Die("ZERO refused");
+    RunEngine({request}, 1, 0);
+    std::istringstream in(Rpc("CRC " + std::to_string(expected_dst.size())));
+    std::string tag;
+    uint32_t crc = 0;
+    in >> tag >> crc;
+    return crc == te::Crc32c(expected_dst.data(), expected_dst.size());
+  }
+
+  CaseResult EngineRtt(int iters) {
+    if (Rpc("PONG " + std::to_string(iters)) != "OK") Die("PONG refused");
+    CaseResult r;
+    const auto start = Clock::now();
+    for (int i = 0; i < iters; ++i) {
+      auto t0 = Clock::now();
+      Must(engine_->Submit(te::ImmOnly{dst_, kPingImm}, {}), "ping");
+      Must(engine_->WaitImm(kPongImm, 1, std::chrono::milliseconds(FLAGS_timeout_ms)), "waiting for pong");
+      r.lat_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.ops = iters;
+    return r;
+  }
+
+  CaseResult RawRtt(int iters) {
+    if (Rpc("RAWPONG " + std::to_string(iters)) != "OK") Die("RAWPONG refused");
+    CaseResult r;
+    const auto start = Clock::now();
+    r.lat_us = Must(raw_->Ping(iters, kRawPingImm, std::chrono::milliseconds(FLAGS_timeout_ms)), "raw ping");
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.ops = iters;
+    return r;
+  }
+
+  te::TransferEngine* engine() { return engine_.get(); }
+  const te::LocalMr& mr() const { return mr_; }
+  const te::RemoteMr& dst() const { return dst_; }
+  const std::vector<uint8_t>& src() const { return src_; }
+  bool has_raw() const { return raw_ != nullptr; }
+
+ private:
+  std::unique_ptr<te::TransferEngine> engine_;
+  std::vector<uint8_t> src_;
+  te::LocalMr mr_;
+  te::RemoteMr dst_;
+  std::unique_ptr<te::nic::RawWriteLoop> raw_;
+  Mailbox mailbox_;
+};
+
+struct Row {
+  std::string kind;
+  uint64_t size;
+  CaseResult eng, raw;
+  bool has_raw = false;
+  bool verified = false, verify_ran = false;
+  std::string metric;  // what `ratio` compares: gbps, mops or p50
+  double ratio() const {
+    if (!has_raw) return 0;
+    if (metric == "gbps") return raw.gbps() > 0 ? eng.gbps() / raw.gbps() : 0;
+    if (metric == "mops") return raw.mops() > 0 ? eng.mops() / raw.mops() : 0;
+    double rp = Percentile(raw.lat_us, 0.5);
+    return rp > 0 ? Percentile(eng.lat_us, 0.5) / rp : 0;
+  }
+};
+
+void PrintHeader(bool raw) {
+  printf("%-7s %9s %4s %7s %8s %8s %8s %9s %9s", "case", "size", "dom", "ops", "GB/s", "Gbit/s",
+         "Mop/s", "p50_us", "p99_us");
+  if (raw) printf(" %9s %9s %9s %7s", "raw_GB/s", "raw_Mop/s", "raw_p50", "ratio");
+  printf("  %s\n", "verified");
+}
+
+void PrintRow(const Row& r, const std::string& provider) {
+  if (FLAGS_json) {
+    printf("{\"case\":\"%s\",\"size\":%llu,\"provider\":\"%s\",\"domains\":%d,\"progress\":\"%s\","
+           "\"ops\":%llu,\"gbps\":%.4f,\"gbit\":%.3f,\"mops\":%.4f,\"p50_us\":%.2f,\"p99_us\":%.2f",
+           r.kind.c_str(), (unsigned long long)r.size, provider.c_str(), FLAGS_domains,
+           FLAGS_progress.c_str(), (unsigned long long)r.eng.ops, r.eng.gbps(), r.eng.gbps() * 8,
+           r.eng.mops(), Percentile(r.eng.lat_us, 0.5), Percentile(r.eng.lat_us, 0.99));
+    if (r.has_raw)
+      printf(",\"raw_gbps\":%.4f,\"raw_mops\":%.4f,\"raw_p50_us\":%.2f,\"raw_p99_us\":%.2f,"
+             "\"ratio\":%.3f,\"ratio_of\":\"%s\"",
+             r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5),
+             Percentile(r.raw.lat_us, 0.99), r.ratio(), r.metric.c_str());
+    printf(",\"verified\":%s}\n", r.verify_ran ? (r.verified ? "true" : "false") : "null");
+  } else {
+    printf("%-7s %9s %4d %7llu %8.3f %8.2f %8.4f %9.1f %9.1f", r.kind.c_str(),
+           HumanSize(r.size).c_str(), FLAGS_domains, (unsigned long long)r.eng.ops, r.eng.gbps(),
+           r.eng.gbps() * 8, r.eng.mops(), Percentile(r.eng.lat_us, 0.5),
+           Percentile(r.eng.lat_us, 0.99));
+    if (r.has_raw)
+      printf(" %9.3f %9.4f %9.1f %6.3f%s", r.raw.gbps(), r.raw.mops(),
+             Percentile(r.raw.lat_us, 0.5), r.ratio(), r.metric == "p50" ? "x" : " ");
+    printf("  %s\n", r.verify_ran ? (r.verified ? "yes" : "MISMATCH") : "-");
+  }
+  fflush(stdout);
+}
+
+uint64_t OpsFor(uint64_t bytes_per_op) {
+  if (FLAGS_iters > 0) return FLAGS_iters;
+  return std::clamp<uint64_t>(FLAGS_bytes_per_case / std::max<uint64_t>(1, bytes_per_op), 500, 50000);
+}
+
+int RunInitiator(const std::string& hex) {
+  Initiator ini(hex);
+  auto* engine = ini.engine();
+  const bool raw = ini.has_raw();
+  const auto kinds = Split(FLAGS_cases, ',');
+  auto has = [&](const char* k) { return std::find(kinds.begin(), kinds.end(), k) != kinds.end(); };
+  std::vector<std::pair<std::string, uint64_t>> plan;
+  if (has("single")) for (auto& s : Split(FLAGS_sizes, ',')) plan.emplace_back("single", ParseSize(s));
+  if (has("paged")) for (auto& s : Split(FLAGS_page_sizes, ',')) plan.emplace_back("paged", ParseSize(s));
+  if (has("imm")) plan.emplace_back("imm_rtt", 0);
+  if (plan.empty()) Die("--cases selects nothing; use single, paged and/or imm");
+  if (!FLAGS_json) {
+    printf("te-bench: provider %s, %d domain(s), window %d, progress %s%s\n", engine->provider().c_str(),
+           FLAGS_domains, FLAGS_window, FLAGS_progress.c_str(), raw ? ", raw baseline in the same run" : "");
+    PrintHeader(raw);
+  }
+  std::mt19937 rng(42);
+  bool all_verified = true;
+  for (size_t c = 0; c < plan.size(); ++c) {
+    const auto& [kind, size] = plan[c];
+    fprintf(stderr, "[%zu/%zu] %s %s ...\n", c + 1, plan.size(), kind.c_str(), HumanSize(size).c_str());
+    Row row;
+    row.kind = kind;
+    row.size = size;
+    row.has_raw = raw;
+    if (kind == "single") {
+      row.metric = "gbps";
+      const uint64_t n = OpsFor(size);
+      te::SingleWrite w{ini.mr(), 0, size, ini.dst(), 0, kDataImm};
+      const uint64_t writes = Must(engine->ExpectedImmCount(w), "planning");
+      std::vector<te::Request> warm(FLAGS_warmup, w), reqs(n, w);
+      if (FLAGS_warmup > 0) ini.RunEngine(warm, writes, size);
+      row.eng = ini.RunEngine(reqs, writes, size);
+      row.eng.ops = n;  // one write per request from the user's view
+      if (raw) {
+        std::vector<te::nic::RawWriteLoop::Op> ops(n, {0, 0, size});
+        if (FLAGS_warmup > 0) ini.RunRaw({size_t(FLAGS_warmup), {0, 0, size}}, 1);
+        row.raw = ini.RunRaw(ops, 1);
+      }
+      if (FLAGS_verify) {
+        std::vector<uint8_t> expect(ini.src().begin(), ini.src().begin() + size);
+        row.verify_ran = true;
+        row.verified = ini.Verify(w, expect);
+      }
+    } else if (kind == "paged") {
+      row.metric = "mops";
+      const uint64_t ppr = FLAGS_pages_per_request;
+      const uint64_t stride = size + kPageSlack;
+      const uint64_t nreq = std::max<uint64_t>(1, OpsFor(size) / ppr);
+      std::vector<uint32_t> perm(kPagesInRegion);
+      for (size_t i = 0; i < perm.size(); ++i) perm[i] = uint32_t(i);
+      std::vector<te::Request> reqs;
+      std::vector<te::nic::RawWriteLoop::Op> ops;
+      for (uint64_t i = 0; i < nreq; ++i) {
+        std::shuffle(perm.begin(), perm.end(), rng);
+        te::PagedWrite p;
+        p.src = ini.mr();
+        p.dst = ini.dst();
+        p.src_stride = p.dst_stride = stride;
+        p.page_length = size;
+        p.imm = kDataImm;
+        p.src_pages.assign(perm.begin(), perm.begin() + ppr);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        p.dst_pages.assign(perm.begin(), perm.begin() + ppr);
+        for (uint64_t k = 0; k < ppr; ++k) ops.push_back({p.src_pages[k] * stride, p.dst_pages[k] * stride, size});
+        reqs.push_back(std::move(p));
+      }
+      const size_t warm_n = std::min<size_t>(reqs.size(), std::max(1, FLAGS_warmup / int(ppr)));
+      ini.RunEngine({reqs.begin(), reqs.begin() + warm_n}, ppr, ppr * size);
+      row.eng = ini.RunEngine(reqs, ppr, ppr * size);
+      if (raw) {
+        ini.RunRaw({ops.begin(), ops.begin() + warm_n * ppr}, ppr);
+        row.raw = ini.RunRaw(ops, ppr);
+      }
+      if (FLAGS_verify) {
+        const auto& p = std::get<te::PagedWrite>(reqs[0]);
+        uint64_t end = 0;
+        for (auto d : p.dst_pages) end = std::max<uint64_t>(end, d * stride + size);
+        std::vector<uint8_t> expect(end, 0);
+        for (uint64_t k = 0; k < ppr; ++k)
+          memcpy(expect.data() + p.dst_pages[k] * stride, ini.src().data() + p.src_pages[k] * stride, size);
+        row.verify_ran = true;
+        row.verified = ini.Verify(reqs[0], expect);
+      }
+    } else {
+      row.metric = "p50";
+      if (FLAGS_warmup > 0) ini.EngineRtt(FLAGS_warmup);
+      row.eng = ini.EngineRtt(FLAGS_rtt_iters);
+      if (raw) {
+        if (FLAGS_warmup > 0) ini.RawRtt(FLAGS_warmup);
+        row.raw = ini.RawRtt(FLAGS_rtt_iters);
+      }
+    }
+    all_verified &= !row.verify_ran || row.verified;
+    PrintRow(row, engine->provider());
+  }
+  if (!all_verified) {
+    fprintf(stderr, "te-bench: received bytes did not match in at least one case\n");
+    return 2;
+  }
+  return 0;
+}
+
+int RunLoopback(const char* argv0) {
+  int fds[2];
+  if (pipe(fds) != 0) Die("pipe failed");
+  pid_t child = fork();
+  if (child < 0) Die("fork failed");
+  if (child == 0) {
+    close(fds[0]);
+    _exit(RunListener(fds[1]));
+  }
+  close(fds[1]);
+  std::string line;
+  char ch;
+  while (read(fds[0], &ch, 1) == 1 && ch != '\n') line.push_back(ch);
+  close(fds[0]);
+  const std::string prefix = "TE-BENCH-ADDRESS ";
+  if (line.rfind(prefix, 0) != 0) {
+    int status = 0;
+    waitpid(child, &status, 0);
+    Die("the listener did not start (exit status " + std::to_string(WEXITSTATUS(status)) + ")");
+  }
+  int rc = RunInitiator(line.substr(prefix.size()));
+  int status = 0;
+  waitpid(child, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    fprintf(stderr, "te-bench: listener exited abnormally\n");
+    return rc ? rc : 3;
+  }
+  return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gflags::SetUsageMessage(
+      "te-bench --loopback | --listen | --connect <descriptor hex>  [--raw] [--json]");
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  FLAGS_logtostderr = true;
+  google::InitGoogleLogging(argv[0]);
+  const int modes = int(FLAGS_listen) + int(FLAGS_loopback) + int(!FLAGS_connect.empty());
+  if (modes != 1) Die("choose exactly one of --listen, --connect <hex>, --loopback");
+  if (FLAGS_window < 1) Die("--window must be at least 1");
+  if (FLAGS_pages_per_request < 1 || size_t(FLAGS_pages_per_request) > kPagesInRegion)
+    Die("--pages_per_request must be in 1.." + std::to_string(kPagesInRegion));
+  if (FLAGS_listen) return RunListener(STDOUT_FILENO);
+  if (FLAGS_loopback) return RunLoopback(argv[0]);
+  return RunInitiator(FLAGS_connect);
+}

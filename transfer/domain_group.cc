@@ -1,0 +1,329 @@
+#include "transfer/domain_group.h"
+
+#include <glog/logging.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace te {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr auto kTimeoutCheckInterval = std::chrono::milliseconds(1);
+constexpr int kPollBatch = 64;
+constexpr int kIntakeBatch = 256;
+
+void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::microseconds t) {
+  timespec ts{static_cast<time_t>(t.count() / 1000000), static_cast<long>(t.count() % 1000000) * 1000};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, &ts,
+          nullptr, 0);
+}
+
+void FutexWake(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
+
+}  // namespace
+
+void RequestList::PushBack(RequestState* r) {
+  r->list = this;
+  r->next = nullptr;
+  r->prev = tail;
+  if (tail) tail->next = r; else head = r;
+  tail = r;
+}
+
+void RequestList::Remove(RequestState* r) {
+  if (r->prev) r->prev->next = r->next; else head = r->next;
+  if (r->next) r->next->prev = r->prev; else tail = r->prev;
+  r->prev = r->next = nullptr;
+  r->list = nullptr;
+}
+
+DomainGroup::DomainGroup(const EngineOptions& options,
+                         std::vector<std::shared_ptr<nic::Domain>> domains)
+    : options_(options),
+      domains_(std::move(domains)),
+      pending_(domains_.size()),
+      inflight_(domains_.size(), 0),
+      callbacks_(options.progress == ProgressMode::kThread) {
+  for (const auto& d : domains_) {
+    size_t depth = d->info().tx_depth ? d->info().tx_depth : 1024;
+    size_t limit = options_.max_inflight_per_domain ? options_.max_inflight_per_domain
+                                                    : std::min<size_t>(depth, 1024);
+    max_inflight_.push_back(limit);
+  }
+  next_timeout_check_ = Clock::now();
+}
+
+void DomainGroup::Start() {
+  if (options_.progress != ProgressMode::kThread) return;
+  worker_ = std::thread([this] { WorkerLoop(); });
+}
+
+DomainGroup::~DomainGroup() {
+  stop_.store(true);
+  wake_word_.fetch_add(1);
+  FutexWake(&wake_word_);
+  if (worker_.joinable()) worker_.join();
+  // The worker is gone: this thread owns the request state now. Everything
+  // still queued or in flight fails with kCancelled, exactly once.
+  while (MpscNode* n = submissions_.Pop()) Accept(static_cast<RequestState*>(n));
+  for (RequestList* list : {&live_, &zombies_}) {
+    while (RequestState* r = list->head) {
+      if (!r->failed) Fail(r, Cancelled("engine shut down with the request in flight"));
+      list->Remove(r);
+      delete r;
+    }
+  }
+  FlushReady();
+  callbacks_.Shutdown();
+}
+
+void DomainGroup::Enqueue(RequestState* request) {
+  stats_.submitted.fetch_add(1, std::memory_order_relaxed);
+  submissions_.Push(request);
+  if (sleeping_.load()) {
+    wake_word_.fetch_add(1);
+    FutexWake(&wake_word_);
+  }
+}
+
+void DomainGroup::WorkerLoop() {
+  if (options_.worker_cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(*options_.worker_cpu, &set);
+    if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set) != 0)
+      LOG(WARNING) << "could not pin the worker to CPU " << *options_.worker_cpu;
+  }
+  auto last_active = Clock::now();
+  int idle_polls = 0;
+  while (!stop_.load(std::memory_order_relaxed)) {
+    if (ProgressOnce()) {
+      last_active = Clock::now();
+      idle_polls = 0;
+      continue;
+    }
+    if (++idle_polls % 64 == 0) {
+      // Spinning shares the core with the application on small machines.
+      if (Clock::now() - last_active < options_.idle_spin) {
+        sched_yield();
+        continue;
+      }
+      uint32_t seen = wake_word_.load();
+      sleeping_.store(true);
+      if (submissions_.LooksEmpty() && !stop_.load()) FutexWait(&wake_word_, seen, options_.idle_sleep);
+      sleeping_.store(false);
+    }
+  }
+}
+
+bool DomainGroup::Progress() {
+  bool active = ProgressOnce();
+  active |= callbacks_.RunPending();
+  return active;
+}
+
+bool DomainGroup::ProgressOnce() {
+  bool active = false;
+  for (int i = 0; i < kIntakeBatch; ++i) {
+    MpscNode* n = submissions_.Pop();
+    if (!n) break;
+    Accept(static_cast<RequestState*>(n));
+    active = true;
+  }
+  for (size_t d = 0; d < domains_.size(); ++d) active |= PostPending(d);
+  for (size_t d = 0; d < domains_.size(); ++d) {
+    if (domains_[d]->Poll(*this, kPollBatch) > 0) active = true;
+  }
+  if (!imm_batch_.empty()) {
+    stats_.imms.fetch_add(imm_batch_.size(), std::memory_order_relaxed);
+    imm_counter_.Add(imm_batch_, &ready_);
+    imm_batch_.clear();
+  }
+  const auto now = Clock::now();
+  if (now >= next_timeout_check_) {
+    CheckTimeouts(now);
+    next_timeout_check_ = now + kTimeoutCheckInterval;
+  }
+  FlushReady();
+  return active;
+}
+
+void DomainGroup::FlushReady() {
+  if (!ready_.empty()) callbacks_.Post(&ready_);
+}
+
+void DomainGroup::Accept(RequestState* r) {
+  r->outstanding = static_cast<uint32_t>(r->works.size());
+  live_.PushBack(r);
+  for (Work& w : r->works) pending_[w.domain].push_back(&w);
+}
+
+bool DomainGroup::PostPending(size_t d) {
+  bool posted = false;
+  auto& queue = pending_[d];
+  while (!queue.empty() && inflight_[d] < max_inflight_[d]) {
+    Work* w = queue.front();
+    if (w->req->failed) {  // timed out or failed elsewhere: do not post the rest
+      queue.pop_front();
+      CompleteWork(w, Status::Ok());
+      continue;
+    }
+    w->op.context = w;
+    Status st = w->is_send ? domains_[d]->PostSend(w->send_peer, w->message, w)
+                           : domains_[d]->PostWrite(w->op);
+    if (st.code() == StatusCode::kUnavailable) break;  // back-pressure: poll, retry later
+    queue.pop_front();
+    posted = true;
+    if (!st.ok()) {
+      CompleteWork(w, st.WithContext("posting on domain " + std::to_string(d)));
+      continue;
+    }
+    ++inflight_[d];
+    if (!w->is_send) {
+      stats_.writes.fetch_add(1, std::memory_order_relaxed);
+      stats_.bytes.fetch_add(w->op.length, std::memory_order_relaxed);
+    }
+  }
+  return posted;
+}
+
+void DomainGroup::OnSendDone(void* context) {
+  Work* w = static_cast<Work*>(context);
+  --inflight_[w->domain];
+  CompleteWork(w, Status::Ok());
+}
+
+void DomainGroup::OnSendError(void* context, const Status& status) {
+  Work* w = static_cast<Work*>(context);
+  --inflight_[w->domain];
+  CompleteWork(w, status.WithContext(std::string(w->is_send ? "control message" : "write") +
+                                     " on domain " + std::to_string(w->domain)));
+}
+
+void DomainGroup::CompleteWork(Work* w, const Status& status) {
+  RequestState* r = w->req;
+  if (!status.ok() && !r->failed) Fail(r, status);
+  if (--r->outstanding == 0) Finish(r);
+}
+
+void DomainGroup::Fail(RequestState* r, const Status& status) {
+  r->failed = true;
+  stats_.failed.fetch_add(1, std::memory_order_relaxed);
+  if (r->completion.counter) r->completion.counter->MarkFailed(status);
+  if (r->completion.on_error) {
+    ready_.push_back([cb = std::move(r->completion.on_error), status] { cb(status); });
+  }
+  r->completion.on_done = nullptr;
+  if (r->list == &live_) {
+    live_.Remove(r);
+    zombies_.PushBack(r);
+  }
+}
+
+void DomainGroup::Finish(RequestState* r) {
+  if (!r->failed) {
+    stats_.done.fetch_add(1, std::memory_order_relaxed);
+    if (r->completion.counter) r->completion.counter->MarkDone();
+    if (r->completion.on_done) ready_.push_back(std::move(r->completion.on_done));
+  }
+  if (r->list) r->list->Remove(r);
+  delete r;
+}
+
+void DomainGroup::CheckTimeouts(Clock::time_point now) {
+  // Deadlines grow in submission order, so only the head can be due.
+  while (RequestState* r = live_.head) {
+    if (r->deadline > now) break;
+    const auto ms = options_.request_timeout.count();
+    Fail(r, Timeout("request not finished after " + std::to_string(ms) + " ms: " +
+                    std::to_string(r->outstanding) + " of " + std::to_string(r->works.size()) +
+                    " operations outstanding (peer unreachable or dead?)"));
+  }
+}
+
+void DomainGroup::OnImm(uint32_t imm) { imm_batch_.push_back(imm); }
+
+void DomainGroup::OnRecv(std::span<const uint8_t> data) {
+  uint32_t magic = 0;
+  uint16_t addr_len = 0;
+  if (data.size() >= 6) {
+    std::memcpy(&magic, data.data(), 4);
+    std::memcpy(&addr_len, data.data() + 4, 2);
+  }
+  if (data.size() < 6 || magic != kMessageMagic || data.size() < 6u + addr_len) {
+    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+    LOG(WARNING) << "dropped a malformed control message of " << data.size() << " bytes";
+    return;
+  }
+  auto from = EngineAddress::Deserialize(data.subspan(6, addr_len));
+  if (!from.ok()) {
+    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+    LOG(WARNING) << "dropped a control message with a bad sender address: " << from.status().ToString();
+    return;
+  }
+  stats_.messages.fetch_add(1, std::memory_order_relaxed);
+  std::vector<uint8_t> payload(data.begin() + 6 + addr_len, data.end());
+  ready_.push_back([this, from = std::move(from).value(), payload = std::move(payload)]() mutable {
+    DeliverMessage(std::move(from), std::move(payload));
+  });
+}
+
+void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payload) {
+  std::shared_ptr<TransferEngine::RecvHandler> handler;
+  {
+    std::lock_guard<std::mutex> lock(recv_mu_);
+    handler = recv_handler_;
+    if (!handler) {
+      if (recv_backlog_.size() < options_.recv_backlog) {
+        recv_backlog_.emplace_back(std::move(from), std::move(payload));
+      } else {
+        stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+        LOG_EVERY_N(WARNING, 100) << "no receive handler set and the backlog of "
+                                  << options_.recv_backlog << " messages is full; dropping";
+      }
+      return;
+    }
+  }
+  (*handler)(from, payload);
+}
+
+void DomainGroup::SetRecvHandler(TransferEngine::RecvHandler handler) {
+  auto h = handler ? std::make_shared<TransferEngine::RecvHandler>(std::move(handler)) : nullptr;
+  std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> backlog;
+  {
+    std::lock_guard<std::mutex> lock(recv_mu_);
+    recv_handler_ = h;
+    if (h) backlog.swap(recv_backlog_);
+  }
+  if (!backlog.empty()) {
+    callbacks_.Post([h, backlog = std::move(backlog)] {
+      for (const auto& [from, payload] : backlog) (*h)(from, payload);
+    });
+  }
+}
+
+void DomainGroup::OnDomainError(const Status& status) {
+  LOG(WARNING) << "domain error: " << status.ToString();
+}
+
+EngineStats DomainGroup::stats() const {
+  EngineStats s;
+  s.requests_submitted = stats_.submitted.load();
+  s.requests_done = stats_.done.load();
+  s.requests_failed = stats_.failed.load();
+  s.writes_posted = stats_.writes.load();
+  s.bytes_written = stats_.bytes.load();
+  s.imms_received = stats_.imms.load();
+  s.messages_received = stats_.messages.load();
+  s.messages_dropped = stats_.dropped.load();
+  return s;
+}
+
+}  // namespace te

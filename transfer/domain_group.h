@@ -1,0 +1,147 @@
+// DomainGroup: the domains (NICs) serving one GPU and the worker that posts
+// and polls them. Internal to transfer/; the public face is TransferEngine.
+//
+// Ownership: a RequestState is created by TransferEngine::Submit, handed to
+// the worker through the MPSC queue, and from then on touched only by the
+// worker, which deletes it once every write it posted came back (a timed-out
+// request whose writes never return is freed at shutdown).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "nic/domain.h"
+#include "transfer/callback_executor.h"
+#include "transfer/completion.h"
+#include "transfer/engine_options.h"
+#include "transfer/imm_counter.h"
+#include "transfer/mpsc_queue.h"
+#include "transfer/mr_descriptor.h"
+#include "transfer/remote_region.h"
+#include "transfer/transfer_engine.h"
+
+namespace te {
+
+struct RequestState;
+
+// One operation on one domain: a write, or a control message.
+struct Work {
+  RequestState* req = nullptr;
+  uint32_t domain = 0;
+  bool is_send = false;
+  nic::WriteOp op;                 // writes
+  nic::PeerAddr send_peer = 0;     // sends
+  std::vector<uint8_t> message;    // sends: header + payload
+};
+
+struct RequestState : MpscNode {
+  std::vector<Work> works;
+  uint32_t outstanding = 0;        // works not yet back (queued or posted)
+  bool failed = false;             // on_error already reported
+  Completion completion;
+  std::chrono::steady_clock::time_point deadline;
+  // Keep what the writes point at alive until they are back.
+  LocalMr src;
+  std::vector<RemoteMr> dsts;
+  PeerRef peer;
+  // Intrusive list links (live or zombie list), worker only.
+  RequestState* prev = nullptr;
+  RequestState* next = nullptr;
+  struct RequestList* list = nullptr;
+};
+
+struct RequestList {
+  RequestState* head = nullptr;
+  RequestState* tail = nullptr;
+  void PushBack(RequestState* r);
+  void Remove(RequestState* r);
+};
+
+class DomainGroup final : private nic::CompletionHandler {
+ public:
+  DomainGroup(const EngineOptions& options, std::vector<std::shared_ptr<nic::Domain>> domains);
+  ~DomainGroup() override;
+
+  void Start();  // starts the worker (kThread mode)
+
+  const std::vector<std::shared_ptr<nic::Domain>>& domains() const { return domains_; }
+  size_t max_inflight(size_t d) const { return max_inflight_[d]; }
+
+  // Hands a fully planned request to the worker.
+  void Enqueue(RequestState* request);
+
+  ImmCounter& imm_counter() { return imm_counter_; }
+  CallbackExecutor& callbacks() { return callbacks_; }
+
+  void set_local_address(std::vector<uint8_t> serialized) { local_address_ = std::move(serialized); }
+  const std::vector<uint8_t>& local_address() const { return local_address_; }
+  void SetRecvHandler(TransferEngine::RecvHandler handler);
+
+  bool Progress();  // kManual mode
+  EngineStats stats() const;
+
+  // Control-message framing: magic, sender address, payload.
+  static constexpr uint32_t kMessageMagic = 0x4d455445;  // "ETEM"
+  size_t message_header_bytes() const { return 6 + local_address_.size(); }
+
+ private:
+  bool ProgressOnce();
+  void WorkerLoop();
+  void Accept(RequestState* r);
+  bool PostPending(size_t d);
+  void CompleteWork(Work* w, const Status& status);
+  void Fail(RequestState* r, const Status& status);
+  void Finish(RequestState* r);
+  void CheckTimeouts(std::chrono::steady_clock::time_point now);
+  void DeliverMessage(EngineAddress from, std::vector<uint8_t> payload);
+  void FlushReady();
+
+  // nic::CompletionHandler, called from Poll on the worker.
+  void OnSendDone(void* context) override;
+  void OnSendError(void* context, const Status& status) override;
+  void OnImm(uint32_t imm) override;
+  void OnRecv(std::span<const uint8_t> data) override;
+  void OnDomainError(const Status& status) override;
+
+  const EngineOptions options_;
+  std::vector<std::shared_ptr<nic::Domain>> domains_;
+  std::vector<size_t> max_inflight_;
+  std::vector<uint8_t> local_address_;
+
+  MpscQueue submissions_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint32_t> wake_word_{0};
+  std::atomic<bool> sleeping_{false};
+  std::thread worker_;
+
+  // Worker-only state.
+  std::vector<std::deque<Work*>> pending_;
+  std::vector<size_t> inflight_;
+  RequestList live_;     // in submission order = deadline order
+  RequestList zombies_;  // failed, waiting for posted writes to come back
+  std::vector<uint32_t> imm_batch_;
+  std::vector<ImmCounter::Callback> ready_;
+  std::chrono::steady_clock::time_point next_timeout_check_;
+
+  ImmCounter imm_counter_;
+  CallbackExecutor callbacks_;
+
+  std::mutex recv_mu_;
+  std::shared_ptr<TransferEngine::RecvHandler> recv_handler_;
+  std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> recv_backlog_;
+
+  struct AtomicStats {
+    std::atomic<uint64_t> submitted{0}, done{0}, failed{0}, writes{0}, bytes{0}, imms{0},
+        messages{0}, dropped{0};
+  };
+  mutable AtomicStats stats_;
+  friend class TransferEngine;
+};
+
+}  // namespace te

@@ -1,0 +1,53 @@
+// EngineOptions: how a TransferEngine is set up.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+
+#include "nic/fabric/fabric_options.h"
+
+namespace te {
+
+enum class ProgressMode {
+  // A worker thread posts and polls; callbacks run on a callback thread.
+  kThread,
+  // No threads: the application calls TransferEngine::Progress(), which
+  // posts, polls and runs callbacks on the calling thread. For latency-bound
+  // loops that already own a core.
+  kManual,
+};
+
+struct EngineOptions {
+  // Provider, interface and control-message buffers of every domain.
+  nic::FabricOptions fabric;
+  // Domains (NICs) in the group. With tcp or shm these are independent
+  // endpoints; with EFA or ConnectX give one per NIC of the GPU.
+  int domains = 1;
+  // libfabric domain names, one per domain; empty uses fabric.domain for all.
+  std::vector<std::string> domain_names;
+
+  ProgressMode progress = ProgressMode::kThread;
+  // Pin the worker thread to this CPU (kThread mode).
+  std::optional<int> worker_cpu;
+
+  // A request not finished after this long fails with kTimeout: a dead peer
+  // or NIC turns into errors, never a hang.
+  std::chrono::milliseconds request_timeout{10000};
+  // Operations outstanding per domain; 0 means the provider's send queue
+  // depth, capped at 1024. Work beyond it waits in order, never dropped.
+  size_t max_inflight_per_domain = 0;
+  // SingleWrite shards are at least this large (rounded to 4 KiB), so small
+  // writes are not cut into pieces that cost more in operations than they
+  // gain in parallelism.
+  size_t min_shard_bytes = 64 * 1024;
+  // Idle worker: spin this long after the last event, then sleep in short
+  // slices (the provider still needs polling to make progress).
+  std::chrono::microseconds idle_spin{2000};
+  std::chrono::microseconds idle_sleep{50};
+  // Control messages received before a handler is set are kept up to this
+  // many; later ones are dropped with a warning.
+  size_t recv_backlog = 1024;
+};
+
+}  // namespace te

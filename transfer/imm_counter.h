@@ -1,0 +1,68 @@
+// ImmCounter: counts arrivals per 32-bit immediate at the receiver.
+//
+// The receiver learns of data only through immediates: a write's payload is
+// visible once its immediate is counted. Nothing assumes an order between
+// writes, so a count is all a receiver needs ("4 shards of request 7 have
+// landed").
+//
+// Counts are consumed: Expect(imm, n, cb) fires once when n arrivals are
+// available and takes them; Wait and TryConsume do the same for blocking and
+// polling callers. Arrivals before any expectation are kept, never lost.
+// Expectations on one immediate are served in the order registered. Use one
+// style (callbacks, or Wait/TryConsume) per immediate value.
+//
+// Thread-safe. Callbacks are never run inside ImmCounter: they are handed
+// back to the caller (the engine runs them on its callback thread).
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "base/status.h"
+
+namespace te {
+
+class ImmCounter {
+ public:
+  using Callback = std::function<void()>;
+
+  // Records arrivals; expectations they satisfy move their callbacks into
+  // `ready`.
+  void Add(std::span<const uint32_t> imms, std::vector<Callback>* ready);
+  void Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready);
+
+  // Registers an expectation of `count` arrivals (count >= 1). If already
+  // satisfied, its callback goes straight to `ready`.
+  Status Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready);
+
+  // Blocks until `count` arrivals are available and consumes them, or
+  // returns kTimeout naming how many had arrived.
+  Status Wait(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout);
+
+  // Consumes `count` arrivals if available; never blocks.
+  bool TryConsume(uint32_t imm, uint64_t count);
+
+  // Arrivals not yet consumed.
+  uint64_t Available(uint32_t imm) const;
+
+ private:
+  struct Entry {
+    uint64_t available = 0;
+    std::deque<std::pair<uint64_t, Callback>> expectations;
+  };
+  void Serve(Entry& e, std::vector<Callback>* ready);
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int blocked_waiters_ = 0;
+  std::unordered_map<uint32_t, Entry> entries_;
+};
+
+}  // namespace te

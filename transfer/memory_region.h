@@ -1,0 +1,51 @@
+// MemoryRegion: memory registered with every domain of an engine.
+//
+// Made by TransferEngine::RegisterMemory and held through LocalMr (a shared
+// pointer). The registration ends when the last reference goes: requests in
+// flight hold one, so a region never disappears under a write. The caller
+// owns the memory itself and keeps it alive at least as long.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "nic/domain.h"
+
+namespace te {
+
+// What kind of memory a region is.
+struct Memory {
+  static Memory Host() { return Memory{}; }
+  static Memory Cuda(int device) { return Memory{nic::MemoryKind{nic::MemoryKind::Type::kCuda, device}}; }
+  nic::MemoryKind kind;
+};
+
+class MemoryRegion {
+ public:
+  MemoryRegion(void* data, size_t length, Memory memory,
+               std::vector<std::shared_ptr<nic::Domain>> domains,
+               std::vector<nic::LocalRegistration> registrations);
+  ~MemoryRegion();
+  MemoryRegion(const MemoryRegion&) = delete;
+  MemoryRegion& operator=(const MemoryRegion&) = delete;
+
+  uint8_t* data() const { return static_cast<uint8_t*>(data_); }
+  size_t length() const { return length_; }
+  const Memory& memory() const { return memory_; }
+
+  // Per-domain registration (engine internal use).
+  const nic::LocalRegistration& registration(size_t domain) const { return regs_[domain]; }
+
+ private:
+  void* data_;
+  size_t length_;
+  Memory memory_;
+  std::vector<std::shared_ptr<nic::Domain>> domains_;  // keeps them open until deregistered
+  std::vector<nic::LocalRegistration> regs_;
+};
+
+using LocalMr = std::shared_ptr<const MemoryRegion>;
+
+}  // namespace te

@@ -1,0 +1,181 @@
+#include "transfer/request_plan.h"
+
+#include <algorithm>
+#include <string>
+
+namespace te {
+namespace {
+
+// "dst_offset 4096 + length 8192 exceeds dst region size 8192"
+Status CheckRange(const char* what, uint64_t offset, uint64_t length, uint64_t size) {
+  if (offset > size || length > size - offset) {
+    return OutOfRange(std::string(what) + "_offset " + std::to_string(offset) + " + length " +
+                      std::to_string(length) + " exceeds " + what + " region size " +
+                      std::to_string(size));
+  }
+  return Status::Ok();
+}
+
+Status CheckImm(bool has_imm, uint64_t length, const char* request) {
+  if (!has_imm && length == 0)
+    return InvalidArgument(std::string(request) +
+                           " of length 0 without an imm does nothing; give a length or an imm");
+  return Status::Ok();
+}
+
+// Appends `length` bytes as one or more writes no larger than the limit.
+// A zero-length piece becomes a single notification when it carries an imm.
+void AddSplit(std::vector<PlannedWrite>* out, const PlannedWrite& w, uint64_t max_write) {
+  if (w.length == 0) {
+    if (w.has_imm) out->push_back(w);
+    return;
+  }
+  for (uint64_t done = 0; done < w.length;) {
+    PlannedWrite piece = w;
+    piece.length = std::min(max_write, w.length - done);
+    piece.src_offset += done;
+    piece.dst_offset += done;
+    out->push_back(piece);
+    done += piece.length;
+  }
+}
+
+Result<std::vector<PlannedWrite>> PlanSingle(const SingleWrite& r, const PlanLimits& l) {
+  if (!r.src) return InvalidArgument("SingleWrite has no source region");
+  if (!r.dst) return InvalidArgument("SingleWrite has no destination region");
+  TE_RETURN_IF_ERROR(CheckRange("src", r.src_offset, r.length, r.src->length()));
+  TE_RETURN_IF_ERROR(CheckRange("dst", r.dst_offset, r.length, r.dst->length()));
+  TE_RETURN_IF_ERROR(CheckImm(r.imm.has_value(), r.length, "SingleWrite"));
+  // Every domain gets a shard so that the immediate count (one per domain)
+  // does not depend on the length; shards are aligned and not smaller than
+  // min_shard_bytes, so short writes land on the first domains whole.
+  const uint64_t n = l.domains;
+  uint64_t shard = (r.length + n - 1) / n;
+  shard = std::max<uint64_t>(shard, l.min_shard_bytes);
+  shard = (shard + kShardAlignment - 1) / kShardAlignment * kShardAlignment;
+  std::vector<PlannedWrite> out;
+  out.reserve(n);
+  for (uint64_t d = 0; d < n; ++d) {
+    uint64_t begin = std::min(r.length, d * shard);
+    uint64_t end = std::min(r.length, begin + shard);
+    PlannedWrite w;
+    w.domain = uint32_t(d);
+    w.dst = r.dst.get();
+    w.src_offset = r.src_offset + begin;
+    w.dst_offset = r.dst_offset + begin;
+    w.length = end - begin;
+    w.has_imm = r.imm.has_value();
+    w.imm = r.imm.value_or(0);
+    AddSplit(&out, w, l.max_write_bytes);
+  }
+  return out;
+}
+
+Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimits& l) {
+  if (!r.src) return InvalidArgument("PagedWrite has no source region");
+  if (!r.dst) return InvalidArgument("PagedWrite has no destination region");
+  if (r.src_pages.size() != r.dst_pages.size())
+    return InvalidArgument("PagedWrite has " + std::to_string(r.src_pages.size()) +
+                           " source pages but " + std::to_string(r.dst_pages.size()) +
+                           " destination pages; the lists must be the same length");
+  if (r.src_pages.empty()) return InvalidArgument("PagedWrite has no pages");
+  if (r.page_length == 0) return InvalidArgument("PagedWrite page_length is 0");
+  const size_t pages = r.src_pages.size();
+  std::vector<PlannedWrite> out;
+  out.reserve(pages);
+  for (size_t i = 0; i < pages; ++i) {
+    // Overflow-safe: indices are 32-bit and strides are checked against the
+    // region, so the products cannot wrap for regions that fit in memory.
+    const unsigned __int128 s = (unsigned __int128)r.src_pages[i] * r.src_stride + r.src_offset;
+    const unsigned __int128 d = (unsigned __int128)r.dst_pages[i] * r.dst_stride + r.dst_offset;
+    if (s + r.page_length > r.src->length())
+      return OutOfRange("PagedWrite source page " + std::to_string(r.src_pages[i]) + " (entry " +
+                        std::to_string(i) + ") at src_offset " + std::to_string(uint64_t(s)) +
+                        " + page_length " + std::to_string(r.page_length) +
+                        " exceeds src region size " + std::to_string(r.src->length()));
+    if (d + r.page_length > r.dst->length())
+      return OutOfRange("PagedWrite destination page " + std::to_string(r.dst_pages[i]) +
+                        " (entry " + std::to_string(i) + ") at dst_offset " +
+                        std::to_string(uint64_t(d)) + " + page_length " +
+                        std::to_string(r.page_length) + " exceeds dst region size " +
+                        std::to_string(r.dst->length()));
+    PlannedWrite w;
+    w.domain = uint32_t(i * l.domains / pages);  // contiguous blocks per domain
+    w.dst = r.dst.get();
+    w.src_offset = uint64_t(s);
+    w.dst_offset = uint64_t(d);
+    w.length = r.page_length;
+    w.has_imm = r.imm.has_value();
+    w.imm = r.imm.value_or(0);
+    AddSplit(&out, w, l.max_write_bytes);
+  }
+  return out;
+}
+
+Result<std::vector<PlannedWrite>> PlanScatter(const ScatterWrite& r, const PlanLimits& l) {
+  if (!r.src) return InvalidArgument("ScatterWrite has no source region");
+  if (r.targets.empty()) return InvalidArgument("ScatterWrite has no targets");
+  std::vector<PlannedWrite> out;
+  out.reserve(r.targets.size());
+  for (size_t t = 0; t < r.targets.size(); ++t) {
+    const ScatterTarget& tg = r.targets[t];
+    if (!tg.dst) return InvalidArgument("ScatterWrite target " + std::to_string(t) +
+                                        " has no destination region");
+    Status st = CheckRange("src", tg.src_offset, tg.length, r.src->length());
+    if (st.ok()) st = CheckRange("dst", tg.dst_offset, tg.length, tg.dst->length());
+    if (st.ok()) st = CheckImm(r.imm.has_value(), tg.length, "ScatterWrite target");
+    if (!st.ok()) return st.WithContext("ScatterWrite target " + std::to_string(t));
+    PlannedWrite w;
+    w.domain = uint32_t(t % l.domains);
+    w.dst = tg.dst.get();
+    w.src_offset = tg.src_offset;
+    w.dst_offset = tg.dst_offset;
+    w.length = tg.length;
+    w.has_imm = r.imm.has_value();
+    w.imm = r.imm.value_or(0);
+    AddSplit(&out, w, l.max_write_bytes);
+  }
+  return out;
+}
+
+PlannedWrite Notification(const RemoteRegion* dst, uint32_t domain, uint32_t imm) {
+  PlannedWrite w;
+  w.domain = domain;
+  w.dst = dst;
+  w.has_imm = true;
+  w.imm = imm;
+  return w;
+}
+
+}  // namespace
+
+Result<std::vector<PlannedWrite>> PlanRequest(const Request& request, const PlanLimits& limits) {
+  if (limits.domains == 0) return Internal("plan limits name zero domains");
+  if (limits.max_write_bytes == 0) return Internal("plan limits allow zero-byte writes only");
+  struct Visitor {
+    const PlanLimits& l;
+    Result<std::vector<PlannedWrite>> operator()(const SingleWrite& r) { return PlanSingle(r, l); }
+    Result<std::vector<PlannedWrite>> operator()(const PagedWrite& r) { return PlanPaged(r, l); }
+    Result<std::vector<PlannedWrite>> operator()(const ScatterWrite& r) { return PlanScatter(r, l); }
+    Result<std::vector<PlannedWrite>> operator()(const ImmOnly& r) {
+      if (!r.dst) return InvalidArgument("ImmOnly has no destination region");
+      return std::vector<PlannedWrite>{Notification(r.dst.get(), 0, r.imm)};
+    }
+    Result<std::vector<PlannedWrite>> operator()(const Barrier& r) {
+      if (r.peers.empty()) return InvalidArgument("Barrier has no peers");
+      std::vector<PlannedWrite> out;
+      for (size_t i = 0; i < r.peers.size(); ++i) {
+        if (!r.peers[i]) return InvalidArgument("Barrier peer " + std::to_string(i) + " is null");
+        out.push_back(Notification(r.peers[i].get(), uint32_t(i % l.domains), r.imm));
+      }
+      return out;
+    }
+  };
+  return std::visit(Visitor{limits}, request);
+}
+
+uint64_t CountImms(const std::vector<PlannedWrite>& writes) {
+  return std::count_if(writes.begin(), writes.end(), [](const PlannedWrite& w) { return w.has_imm; });
+}
+
+}  // namespace te

@@ -1,0 +1,296 @@
+#include "transfer/transfer_engine.h"
+
+#include <glog/logging.h>
+
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+#include "nic/fabric/fabric_domain.h"
+#include "transfer/domain_group.h"
+#include "transfer/request_plan.h"
+
+namespace te {
+
+// ---- MemoryRegion ----
+
+MemoryRegion::MemoryRegion(void* data, size_t length, Memory memory,
+                           std::vector<std::shared_ptr<nic::Domain>> domains,
+                           std::vector<nic::LocalRegistration> registrations)
+    : data_(data), length_(length), memory_(memory), domains_(std::move(domains)),
+      regs_(std::move(registrations)) {}
+
+MemoryRegion::~MemoryRegion() {
+  for (size_t i = 0; i < regs_.size(); ++i) {
+    Status st = domains_[i]->Deregister(regs_[i]);
+    if (!st.ok()) LOG(WARNING) << "deregistering a region: " << st.ToString();
+  }
+}
+
+// ---- Peer cache ----
+
+struct TransferEngine::PeerCache {
+  std::mutex mu;
+  std::unordered_map<std::string, PeerRef> peers;  // by serialized address
+};
+
+// ---- TransferEngine ----
+
+Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptions& options) {
+  if (options.domains < 1 || options.domains > 64)
+    return InvalidArgument("domains = " + std::to_string(options.domains) +
+                           "; valid range is 1..64");
+  if (!options.domain_names.empty() && int(options.domain_names.size()) != options.domains)
+    return InvalidArgument("domain_names lists " + std::to_string(options.domain_names.size()) +
+                           " names for " + std::to_string(options.domains) + " domains");
+  if (options.request_timeout.count() <= 0)
+    return InvalidArgument("request_timeout must be positive");
+
+  std::vector<std::shared_ptr<nic::Domain>> domains;
+  EngineAddress address;
+  for (int i = 0; i < options.domains; ++i) {
+    nic::FabricOptions f = options.fabric;
+    if (!options.domain_names.empty()) f.domain = options.domain_names[i];
+    auto d = nic::OpenFabricDomain(f);
+    if (!d.ok()) return d.status().WithContext("opening domain " + std::to_string(i));
+    domains.push_back(std::move(d).value());
+    const auto& info = domains.back()->info();
+    if (i == 0) address.provider = info.provider;
+    if (info.provider != address.provider)
+      return InvalidArgument("domain " + std::to_string(i) + " opened provider " + info.provider +
+                             " but domain 0 opened " + address.provider);
+    address.domains.push_back(domains.back()->address());
+  }
+  auto group = std::make_unique<DomainGroup>(options, std::move(domains));
+  group->set_local_address(address.Serialize());
+  auto engine = std::unique_ptr<TransferEngine>(
+      new TransferEngine(options, std::move(group), std::move(address)));
+  engine->group_->Start();
+  return engine;
+}
+
+TransferEngine::TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group,
+                               EngineAddress address)
+    : options_(options),
+      group_(std::move(group)),
+      address_(std::move(address)),
+      peer_cache_(std::make_unique<PeerCache>()) {}
+
+TransferEngine::~TransferEngine() = default;
+
+size_t TransferEngine::domain_count() const { return group_->domains().size(); }
+
+Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory memory) {
+  std::vector<nic::LocalRegistration> regs;
+  const auto& domains = group_->domains();
+  for (size_t i = 0; i < domains.size(); ++i) {
+    auto reg = domains[i]->Register(data, length, memory.kind);
+    if (!reg.ok()) {
+      for (size_t j = 0; j < regs.size(); ++j) (void)domains[j]->Deregister(regs[j]);
+      return reg.status().WithContext("registering " + std::to_string(length) +
+                                      " bytes on domain " + std::to_string(i));
+    }
+    regs.push_back(reg.value());
+  }
+  return LocalMr(std::make_shared<MemoryRegion>(data, length, memory, domains, std::move(regs)));
+}
+
+MrDescriptor TransferEngine::Describe(const MemoryRegion& region) const {
+  MrDescriptor d;
+  d.owner = address_;
+  d.length = region.length();
+  for (size_t i = 0; i < domain_count(); ++i) {
+    const auto& reg = region.registration(i);
+    d.keys.push_back({reg.rkey, reg.remote_base});
+  }
+  return d;
+}
+
+Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
+  TE_RETURN_IF_ERROR(address.Validate());
+  if (address.provider != address_.provider)
+    return InvalidArgument("peer runs provider '" + address.provider + "' but this engine runs '" +
+                           address_.provider + "'");
+  const auto bytes = address.Serialize();
+  std::string key(bytes.begin(), bytes.end());
+  PeerCache& cache = *peer_cache_;
+  std::lock_guard<std::mutex> lock(cache.mu);
+  if (auto it = cache.peers.find(key); it != cache.peers.end()) return it->second;
+  std::vector<nic::PeerAddr> via;
+  const auto& domains = group_->domains();
+  for (size_t d = 0; d < domains.size(); ++d) {
+    auto p = domains[d]->AddPeer(address.domains[d % address.domains.size()]);
+    if (!p.ok()) return p.status().WithContext("resolving peer on domain " + std::to_string(d));
+    via.push_back(p.value());
+  }
+  auto peer = std::make_shared<const Peer>(address, std::move(via), this);
+  cache.peers.emplace(std::move(key), peer);
+  return PeerRef(peer);
+}
+
+Result<RemoteMr> TransferEngine::Import(const MrDescriptor& descriptor) {
+  if (descriptor.keys.size() != descriptor.owner.domains.size())
+    return InvalidArgument("descriptor has " + std::to_string(descriptor.keys.size()) +
+                           " keys for " + std::to_string(descriptor.owner.domains.size()) +
+                           " domains");
+  if (descriptor.length == 0) return InvalidArgument("descriptor has length 0");
+  TE_ASSIGN_OR_RETURN(PeerRef peer, Connect(descriptor.owner));
+  return RemoteMr(std::make_shared<const RemoteRegion>(descriptor, std::move(peer)));
+}
+
+namespace {
+
+PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options) {
+  PlanLimits l;
+  l.domains = group.domains().size();
+  l.max_write_bytes = ~0ull;
+  for (const auto& d : group.domains())
+    l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, d->info().max_write_bytes);
+  // Keep single writes at 1 GiB at most, well inside every provider's limit.
+  l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, 1ull << 30);
+  l.min_shard_bytes = options.min_shard_bytes;
+  return l;
+}
+
+// What the writes point at, held until they are back.
+std::vector<RemoteMr> DestinationsOf(const Request& request) {
+  if (auto* r = std::get_if<SingleWrite>(&request)) return {r->dst};
+  if (auto* r = std::get_if<PagedWrite>(&request)) return {r->dst};
+  if (auto* r = std::get_if<ImmOnly>(&request)) return {r->dst};
+  if (auto* r = std::get_if<Barrier>(&request)) return r->peers;
+  std::vector<RemoteMr> out;
+  for (const auto& t : std::get<ScatterWrite>(request).targets) out.push_back(t.dst);
+  return out;
+}
+
+const LocalMr* SourceOf(const Request& request) {
+  if (auto* r = std::get_if<SingleWrite>(&request)) return &r->src;
+  if (auto* r = std::get_if<PagedWrite>(&request)) return &r->src;
+  if (auto* r = std::get_if<ScatterWrite>(&request)) return &r->src;
+  return nullptr;
+}
+
+}  // namespace
+
+Result<uint64_t> TransferEngine::ExpectedImmCount(const Request& request) const {
+  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
+  return CountImms(writes);
+}
+
+Status TransferEngine::Submit(Request request, Completion completion) {
+  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
+  auto r = std::make_unique<RequestState>();
+  if (const LocalMr* src = SourceOf(request)) r->src = *src;
+  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost &&
+      !group_->domains()[0]->info().hmem) {
+    return Unimplemented("source region is device memory but provider " + provider() +
+                         " has no FI_HMEM support");
+  }
+  r->works.resize(writes.size());
+  r->dsts = DestinationsOf(request);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    const PlannedWrite& pw = writes[i];
+    const Peer& peer = *pw.dst->peer();
+    if (peer.resolver() != this)
+      return InvalidArgument("destination region was imported by another engine; "
+                             "Import() its descriptor on this one");
+    Work& w = r->works[i];
+    w.req = r.get();
+    w.domain = pw.domain;
+    w.op.length = pw.length;
+    if (r->src && pw.length > 0) {
+      w.op.local = r->src->data() + pw.src_offset;
+      w.op.local_desc = r->src->registration(pw.domain).desc;
+    }
+    w.op.peer = peer.via(pw.domain);
+    const auto& key = pw.dst->key_for(pw.domain);
+    w.op.remote_addr = key.remote_base + pw.dst_offset;
+    w.op.rkey = key.rkey;
+    w.op.has_imm = pw.has_imm;
+    w.op.imm = pw.imm;
+  }
+  r->completion = std::move(completion);
+  r->deadline = std::chrono::steady_clock::now() + options_.request_timeout;
+  group_->Enqueue(r.release());
+  return Status::Ok();
+}
+
+Status TransferEngine::ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback) {
+  std::vector<ImmCounter::Callback> ready;
+  TE_RETURN_IF_ERROR(group_->imm_counter().Expect(imm, count, std::move(callback), &ready));
+  group_->callbacks().Post(&ready);
+  return Status::Ok();
+}
+
+Status TransferEngine::WaitImm(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout) {
+  if (options_.progress == ProgressMode::kManual) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!group_->imm_counter().TryConsume(imm, count)) {
+      if (std::chrono::steady_clock::now() >= deadline)
+        return Timeout("waited for " + std::to_string(count) + " arrivals of imm " +
+                       std::to_string(imm) + "; " +
+                       std::to_string(group_->imm_counter().Available(imm)) +
+                       " arrived within the timeout");
+      Progress();
+    }
+    return Status::Ok();
+  }
+  return group_->imm_counter().Wait(imm, count, timeout);
+}
+
+bool TransferEngine::TryConsumeImm(uint32_t imm, uint64_t count) {
+  return group_->imm_counter().TryConsume(imm, count);
+}
+
+uint64_t TransferEngine::ImmAvailable(uint32_t imm) const {
+  return group_->imm_counter().Available(imm);
+}
+
+size_t TransferEngine::max_message_bytes() const {
+  return options_.fabric.max_message_bytes - group_->message_header_bytes();
+}
+
+Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data,
+                            Completion completion) {
+  if (!peer) return InvalidArgument("Send to a null peer");
+  if (peer->resolver() != this)
+    return InvalidArgument("peer was connected by another engine; Connect() it on this one");
+  if (data.size() > max_message_bytes())
+    return InvalidArgument("control message of " + std::to_string(data.size()) +
+                           " bytes exceeds max_message_bytes " +
+                           std::to_string(max_message_bytes()));
+  auto r = std::make_unique<RequestState>();
+  r->works.resize(1);
+  Work& w = r->works[0];
+  w.req = r.get();
+  w.domain = 0;
+  w.is_send = true;
+  w.send_peer = peer->via(0);
+  const auto& addr = group_->local_address();
+  w.message.resize(6 + addr.size() + data.size());
+  const uint32_t magic = DomainGroup::kMessageMagic;
+  const uint16_t addr_len = uint16_t(addr.size());
+  std::memcpy(w.message.data(), &magic, 4);
+  std::memcpy(w.message.data() + 4, &addr_len, 2);
+  std::memcpy(w.message.data() + 6, addr.data(), addr.size());
+  if (!data.empty()) std::memcpy(w.message.data() + 6 + addr.size(), data.data(), data.size());
+  r->peer = peer;
+  r->completion = std::move(completion);
+  r->deadline = std::chrono::steady_clock::now() + options_.request_timeout;
+  group_->Enqueue(r.release());
+  return Status::Ok();
+}
+
+void TransferEngine::SetRecvHandler(RecvHandler handler) { group_->SetRecvHandler(std::move(handler)); }
+
+bool TransferEngine::Progress() {
+  if (options_.progress != ProgressMode::kManual) {
+    LOG(DFATAL) << "TransferEngine::Progress() called in kThread mode";
+    return false;
+  }
+  return group_->Progress();
+}
+
+EngineStats TransferEngine::stats() const { return group_->stats(); }
+
+}  // namespace te

@@ -1,0 +1,133 @@
+// TransferEngine: one-sided WriteImm transfers over a group of NICs.
+//
+//   te::EngineOptions opts;                       // provider "tcp" on lo by default
+//   auto engine = te::TransferEngine::Create(opts).value();
+//   auto mr = engine->RegisterMemory(buf, len).value();
+//   std::string hex = engine->Describe(*mr).ToHex();     // send to a peer
+//   ...
+//   auto dst = engine->Import(te::MrDescriptor::FromHex(peer_hex).value()).value();
+//   engine->Submit(te::SingleWrite{mr, 0, len, dst, 0, /*imm=*/7},
+//                  {.on_done = [] {...}, .on_error = [](const te::Status&) {...}});
+//   // on the peer:
+//   peer_engine->ExpectImm(7, peer_engine->... count, [] { /* data is there */ });
+//
+// Guarantees:
+//  - A request accepted by Submit completes exactly once: on_done after every
+//    write of it completed on every domain, or on_error once with the first
+//    error. A request refused by Submit (bad bounds, bad arguments) reports
+//    nothing and was never posted.
+//  - A write outside the bounds of the remote descriptor is refused at
+//    Submit with an error naming offset, length and region size.
+//  - Back-pressure never drops work: it waits in order and is posted as
+//    completions free slots.
+//  - A request not finished within EngineOptions::request_timeout fails with
+//    kTimeout (dead peer, dead NIC); nothing hangs.
+//  - No order between writes is assumed, on any provider.
+//
+// Threads: every method is safe to call from any thread. Callbacks run on
+// one callback thread (kThread mode) or inside Progress() (kManual mode).
+// Destroying the engine fails the requests still in flight with kCancelled
+// (their callbacks run before the destructor returns).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+
+#include "base/status.h"
+#include "transfer/completion.h"
+#include "transfer/engine_options.h"
+#include "transfer/imm_counter.h"
+#include "transfer/memory_region.h"
+#include "transfer/mr_descriptor.h"
+#include "transfer/remote_region.h"
+#include "transfer/requests.h"
+
+namespace te {
+
+class DomainGroup;
+
+// Per-engine counters, read at any time.
+struct EngineStats {
+  uint64_t requests_submitted = 0;
+  uint64_t requests_done = 0;
+  uint64_t requests_failed = 0;
+  uint64_t writes_posted = 0;
+  uint64_t bytes_written = 0;
+  uint64_t imms_received = 0;
+  uint64_t messages_received = 0;
+  uint64_t messages_dropped = 0;
+};
+
+class TransferEngine {
+ public:
+  // Receives a control message; `data` is valid only during the call.
+  using RecvHandler = std::function<void(const EngineAddress& from, std::span<const uint8_t> data)>;
+
+  static Result<std::unique_ptr<TransferEngine>> Create(const EngineOptions& options);
+  ~TransferEngine();
+  TransferEngine(const TransferEngine&) = delete;
+  TransferEngine& operator=(const TransferEngine&) = delete;
+
+  const EngineOptions& options() const { return options_; }
+  // This engine's address; give it to peers (EngineAddress::ToHex).
+  const EngineAddress& address() const { return address_; }
+  size_t domain_count() const;
+  // Provider actually opened, e.g. "tcp;ofi_rxm".
+  const std::string& provider() const { return address_.provider; }
+
+  // ---- Memory ----
+  Result<LocalMr> RegisterMemory(void* data, size_t length, Memory memory = Memory::Host());
+  // What a peer needs to write into `region`.
+  MrDescriptor Describe(const MemoryRegion& region) const;
+
+  // ---- Peers ----
+  // Resolves a peer engine (cached: the same address gives the same Peer).
+  Result<PeerRef> Connect(const EngineAddress& address);
+  // Resolves a descriptor a peer sent; connects to its owner.
+  Result<RemoteMr> Import(const MrDescriptor& descriptor);
+
+  // ---- Requests ----
+  Status Submit(Request request, Completion completion);
+  // How many immediates `request` delivers (see requests.h); validates it.
+  Result<uint64_t> ExpectedImmCount(const Request& request) const;
+
+  // ---- Receiving ----
+  // Fires `callback` once `count` arrivals of `imm` are available, consuming
+  // them. Arrivals before the call count.
+  Status ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback);
+  // Blocking and polling forms of the same.
+  Status WaitImm(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout);
+  bool TryConsumeImm(uint32_t imm, uint64_t count);
+  uint64_t ImmAvailable(uint32_t imm) const;
+
+  // ---- Control plane ----
+  // Two-sided message of at most max_message_bytes() to `peer`. Completes
+  // like a request (delivered to the peer's provider, not its handler).
+  Status Send(const PeerRef& peer, std::span<const uint8_t> data, Completion completion);
+  size_t max_message_bytes() const;
+  // Messages that arrived before a handler was set are delivered to it.
+  void SetRecvHandler(RecvHandler handler);
+
+  // ---- Progress ----
+  // kManual mode: posts, polls and runs ready callbacks once; returns true
+  // if anything happened. Not to be called in kThread mode.
+  bool Progress();
+
+  EngineStats stats() const;
+
+ private:
+  TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group,
+                 EngineAddress address);
+
+  struct PeerCache;
+
+  EngineOptions options_;
+  std::unique_ptr<DomainGroup> group_;
+  EngineAddress address_;
+  std::unique_ptr<PeerCache> peer_cache_;
+};
+
+}  // namespace te
