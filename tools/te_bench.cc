@@ -220,7 +220,6 @@ int RunListener(int address_fd) {
 
   te::RemoteMr initiator;
   te::PeerRef peer;
-  std::thread raw_thread;
   std::atomic<int> pongs_left{0};
   std::function<void()> pong;  // re-arming responder for the imm case
   pong = [&] {
@@ -234,7 +233,6 @@ int RunListener(int address_fd) {
     std::string cmd;
     in >> cmd;
     if (!peer) peer = Must(engine->Connect(msg.first), "connecting back to the initiator");
-    auto join_raw = [&] { if (raw_thread.joinable()) raw_thread.join(); };
     if (cmd == "HELLO") {
       std::string desc_hex, raw_hex;
       uint64_t raw_key = 0, raw_base = 0;
@@ -258,16 +256,17 @@ int RunListener(int address_fd) {
       Must(engine->ExpectImm(kPingImm, 1, pong), "arming the responder");
       SendText(engine.get(), peer, "OK");
     } else if (cmd == "RAWSERVE" || cmd == "RAWPONG") {
+      // The raw loop runs on this thread while the engine stays quiet, so the
+      // baseline does not share the cores with engine polling.
       uint64_t n;
       in >> n;
-      join_raw();
-      const bool serve = cmd == "RAWSERVE";
-      raw_thread = std::thread([&raw, n, serve] {
-        auto t = std::chrono::milliseconds(FLAGS_timeout_ms);
-        te::Status st = serve ? raw->Serve(n, kRawDataImm, kRawAckImm, t) : raw->Pong(int(n), kRawPingImm, t);
-        if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
-      });
       SendText(engine.get(), peer, "OK");
+      WaitUntil(engine.get(), [&] { return engine->stats().requests_done + engine->stats().requests_failed ==
+                                           engine->stats().requests_submitted; }, Clock::now() + 5s);
+      auto t = std::chrono::milliseconds(FLAGS_timeout_ms);
+      te::Status st = cmd == "RAWSERVE" ? raw->Serve(n, kRawDataImm, kRawAckImm, t)
+                                        : raw->Pong(int(n), kRawPingImm, t);
+      if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
     } else if (cmd == "ZERO") {
       memset(region.data(), 0, region.size());
       SendText(engine.get(), peer, "OK");
@@ -277,7 +276,6 @@ int RunListener(int address_fd) {
       len = std::min<uint64_t>(len, region.size());
       SendText(engine.get(), peer, "CRC " + std::to_string(te::Crc32c(region.data(), len)));
     } else if (cmd == "BYE") {
-      join_raw();
       SendText(engine.get(), peer, "OK");
       // Let the reply leave before the engine goes.
       auto until = Clock::now() + 200ms;

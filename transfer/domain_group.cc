@@ -76,7 +76,7 @@ DomainGroup::~DomainGroup() {
   for (RequestList* list : {&live_, &zombies_}) {
     while (RequestState* r = list->head) {
       if (!r->failed) Fail(r, Cancelled("engine shut down with the request in flight"));
-      list->Remove(r);
+      r->list->Remove(r);  // Fail may have moved it to the zombie list
       delete r;
     }
   }
@@ -115,9 +115,11 @@ void DomainGroup::WorkerLoop() {
         sched_yield();
         continue;
       }
+      const auto idle = Clock::now() - last_active;
+      const auto nap = idle < options_.idle_deep ? options_.idle_sleep : options_.idle_sleep_max;
       uint32_t seen = wake_word_.load();
       sleeping_.store(true);
-      if (submissions_.LooksEmpty() && !stop_.load()) FutexWait(&wake_word_, seen, options_.idle_sleep);
+      if (submissions_.LooksEmpty() && !stop_.load()) FutexWait(&wake_word_, seen, nap);
       sleeping_.store(false);
     }
   }

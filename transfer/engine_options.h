@@ -41,10 +41,16 @@ struct EngineOptions {
   // writes are not cut into pieces that cost more in operations than they
   // gain in parallelism.
   size_t min_shard_bytes = 64 * 1024;
-  // Idle worker: spin this long after the last event, then sleep in short
-  // slices (the provider still needs polling to make progress).
+  // Idle worker: spin this long after the last event, then poll every
+  // idle_sleep; after idle_deep of silence, every idle_sleep_max. Providers
+  // with manual progress (tcp, efa) need the polls, and each poll of tcp
+  // costs system calls, so a long-idle engine backs off. A message arriving
+  // at a long-idle engine waits up to idle_sleep_max: set it equal to
+  // idle_sleep where that first-message latency matters.
   std::chrono::microseconds idle_spin{2000};
   std::chrono::microseconds idle_sleep{50};
+  std::chrono::microseconds idle_sleep_max{1000};
+  std::chrono::milliseconds idle_deep{100};
   // Control messages received before a handler is set are kept up to this
   // many; later ones are dropped with a warning.
   size_t recv_backlog = 1024;

@@ -1,0 +1,294 @@
+// Two engines in one process over a real provider (tcp on loopback, shm):
+// every request kind, byte-exact, with 1, 2 and 4 domains per group.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "integration/test_support.h"
+
+namespace te::testing {
+namespace {
+
+struct Param {
+  std::string provider;
+  int domains;
+};
+
+class EngineTest : public ::testing::TestWithParam<Param> {
+ protected:
+  void SetUp() override {
+    auto a = TransferEngine::Create(Options(GetParam().provider, GetParam().domains));
+    if (!a.ok() && GetParam().provider == "shm") GTEST_SKIP() << "shm unavailable: " << a.status().ToString();
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    sender_ = std::move(a).value();
+    auto b = TransferEngine::Create(Options(GetParam().provider, GetParam().domains));
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    receiver_ = std::move(b).value();
+    src_buf_.resize(kBytes);
+    dst_buf_.assign(kBytes, 0);
+    FillPattern(src_buf_.data(), kBytes, 1);
+    src_ = sender_->RegisterMemory(src_buf_.data(), kBytes).value();
+    auto dst_local = receiver_->RegisterMemory(dst_buf_.data(), kBytes);
+    ASSERT_TRUE(dst_local.ok());
+    dst_local_ = dst_local.value();
+    // The descriptor travels as bytes, as between real processes.
+    auto desc = MrDescriptor::Deserialize(receiver_->Describe(*dst_local_).Serialize());
+    ASSERT_TRUE(desc.ok());
+    auto dst = sender_->Import(desc.value());
+    ASSERT_TRUE(dst.ok()) << dst.status().ToString();
+    dst_ = dst.value();
+  }
+
+  static constexpr size_t kBytes = 8 << 20;
+  std::unique_ptr<TransferEngine> sender_, receiver_;
+  std::vector<uint8_t> src_buf_, dst_buf_;
+  LocalMr src_, dst_local_;
+  RemoteMr dst_;
+};
+
+TEST_P(EngineTest, SingleWritesLandByteExactAndNotifyPerDomain) {
+  CompletionCounter done;
+  std::vector<std::pair<uint64_t, uint64_t>> cases = {{0, 1}, {4096, 4096}, {12345, 100003},
+                                                      {1 << 20, 3 << 20}, {0, 0}};
+  uint64_t imms = 0;
+  for (auto [off, len] : cases) {
+    SingleWrite w{src_, off, len, dst_, off + 7, 0xAB};
+    imms += sender_->ExpectedImmCount(w).value();
+    ASSERT_TRUE(sender_->Submit(w, {.counter = &done}).ok());
+  }
+  WaitDone(done, cases.size());
+  EXPECT_EQ(imms, cases.size() * GetParam().domains);
+  ASSERT_TRUE(receiver_->WaitImm(0xAB, imms, 10s).ok());
+  for (auto [off, len] : cases)
+    ASSERT_EQ(0, memcmp(dst_buf_.data() + off + 7, src_buf_.data() + off, len)) << "write at " << off;
+  EXPECT_EQ(dst_buf_[6], 0);  // nothing before the first write
+}
+
+TEST_P(EngineTest, PagedWriteWithRandomPagesIsByteExact) {
+  constexpr uint32_t kPages = 256, kPage = 4096, kStride = kPage + 128;
+  std::vector<uint32_t> src_pages(kPages), dst_pages(kPages);
+  std::iota(src_pages.begin(), src_pages.end(), 0);
+  std::iota(dst_pages.begin(), dst_pages.end(), 0);
+  std::mt19937 rng(7);
+  std::shuffle(src_pages.begin(), src_pages.end(), rng);
+  std::shuffle(dst_pages.begin(), dst_pages.end(), rng);
+  PagedWrite p{src_, src_pages, kStride, 64, dst_, dst_pages, kStride, 32, kPage, 0x77};
+  EXPECT_EQ(sender_->ExpectedImmCount(p).value(), kPages);
+  CompletionCounter done;
+  ASSERT_TRUE(sender_->Submit(p, {.counter = &done}).ok());
+  WaitDone(done, 1);
+  ASSERT_TRUE(receiver_->WaitImm(0x77, kPages, 10s).ok());
+  for (uint32_t i = 0; i < kPages; ++i)
+    ASSERT_EQ(0, memcmp(dst_buf_.data() + 32 + dst_pages[i] * kStride,
+                        src_buf_.data() + 64 + src_pages[i] * kStride, kPage))
+        << "page " << i;
+  // The 128-byte gaps between pages stay untouched.
+  EXPECT_EQ(dst_buf_[32 + kPage + 5], 0);
+}
+
+TEST_P(EngineTest, ThousandsOfConcurrentRequestsEachCompleteExactlyOnce) {
+  constexpr int kRequests = 3000, kLen = 2048;
+  std::vector<std::atomic<int>> done(kRequests);
+  std::atomic<int> errors{0};
+  for (int i = 0; i < kRequests; ++i) {
+    SingleWrite w{src_, uint64_t(i) * kLen, kLen, dst_, uint64_t(i) * kLen, uint32_t(1000 + i % 10)};
+    ASSERT_TRUE(sender_->Submit(w, {.on_done = [&done, i] { done[i]++; },
+                                    .on_error = [&](const Status&) { errors++; }})
+                    .ok());
+  }
+  const uint64_t per = sender_->ExpectedImmCount(SingleWrite{src_, 0, kLen, dst_, 0, 1}).value();
+  for (int k = 0; k < 10; ++k) ASSERT_TRUE(receiver_->WaitImm(1000 + k, per * kRequests / 10, 20s).ok());
+  // Completions may trail the immediates a little.
+  for (int spin = 0; spin < 2000; ++spin) {
+    if (sender_->stats().requests_done == kRequests) break;
+    std::this_thread::sleep_for(5ms);
+  }
+  std::this_thread::sleep_for(20ms);  // a duplicate callback would show up here
+  for (int i = 0; i < kRequests; ++i) ASSERT_EQ(done[i].load(), 1) << "request " << i;
+  EXPECT_EQ(errors.load(), 0);
+  ASSERT_EQ(0, memcmp(dst_buf_.data(), src_buf_.data(), size_t(kRequests) * kLen));
+}
+
+TEST_P(EngineTest, ScatterBarrierAndImmOnlyNotifyEveryPeer) {
+  // A second receiver to scatter to.
+  auto other = TransferEngine::Create(Options(GetParam().provider, GetParam().domains)).value();
+  std::vector<uint8_t> other_buf(1 << 20, 0);
+  auto other_mr = other->RegisterMemory(other_buf.data(), other_buf.size()).value();
+  auto other_dst = sender_->Import(other->Describe(*other_mr)).value();
+
+  ScatterWrite s{src_, {{dst_, 0, 100, 5000}, {other_dst, 8192, 0, 7000}, {dst_, 20000, 9000, 1}}, 0x51};
+  CompletionCounter done;
+  ASSERT_TRUE(sender_->Submit(s, {.counter = &done}).ok());
+  ASSERT_TRUE(sender_->Submit(Barrier{{dst_, other_dst}, 0x52}, {.counter = &done}).ok());
+  ASSERT_TRUE(sender_->Submit(ImmOnly{other_dst, 0x53}, {.counter = &done}).ok());
+  WaitDone(done, 3);
+  ASSERT_TRUE(receiver_->WaitImm(0x51, 2, 10s).ok());
+  ASSERT_TRUE(other->WaitImm(0x51, 1, 10s).ok());
+  ASSERT_TRUE(receiver_->WaitImm(0x52, 1, 10s).ok());
+  ASSERT_TRUE(other->WaitImm(0x52, 1, 10s).ok());
+  ASSERT_TRUE(other->WaitImm(0x53, 1, 10s).ok());
+  EXPECT_EQ(0, memcmp(dst_buf_.data() + 100, src_buf_.data(), 5000));
+  EXPECT_EQ(0, memcmp(other_buf.data(), src_buf_.data() + 8192, 7000));
+  EXPECT_EQ(dst_buf_[9000], src_buf_[20000]);
+  EXPECT_FALSE(receiver_->TryConsumeImm(0x53, 1));  // ImmOnly went to the other peer only
+}
+
+TEST_P(EngineTest, ExpectImmCallbackRunsOffTheWorkerOnce) {
+  std::atomic<int> fired{0};
+  ASSERT_TRUE(receiver_->ExpectImm(0x99, 3, [&] { fired++; }).ok());
+  CompletionCounter done;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x99}, {.counter = &done}).ok());
+  WaitDone(done, 3);
+  for (int i = 0; i < 400 && fired == 0; ++i) std::this_thread::sleep_for(5ms);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(fired.load(), 1);
+}
+
+TEST_P(EngineTest, OutOfBoundsWriteIsRefusedAtSubmitAndNeverPosted) {
+  const uint64_t posted_before = sender_->stats().writes_posted;
+  SingleWrite w{src_, 0, 4096, dst_, kBytes - 100, 1};
+  Status s = sender_->Submit(w, {});
+  EXPECT_EQ(s.code(), StatusCode::kOutOfRange);
+  EXPECT_NE(s.message().find("exceeds dst region size " + std::to_string(kBytes)), std::string::npos)
+      << s.message();
+  std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(sender_->stats().writes_posted, posted_before);
+  EXPECT_EQ(sender_->stats().requests_submitted, 0u);
+}
+
+TEST_P(EngineTest, ControlMessagesCarryTheSenderAddress) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::string> got;
+  EngineAddress from;
+  // Sent before the handler exists: kept in the backlog, not lost.
+  auto peer = sender_->Connect(receiver_->address()).value();
+  std::string first = "hello before the handler";
+  CompletionCounter sent;
+  ASSERT_TRUE(sender_->Send(peer, std::span((const uint8_t*)first.data(), first.size()), {.counter = &sent}).ok());
+  WaitDone(sent, 1);
+  std::this_thread::sleep_for(50ms);
+  receiver_->SetRecvHandler([&](const EngineAddress& f, std::span<const uint8_t> d) {
+    std::lock_guard<std::mutex> l(mu);
+    got.emplace_back(d.begin(), d.end());
+    from = f;
+    cv.notify_all();
+  });
+  std::string second(receiver_->max_message_bytes(), 'x');
+  ASSERT_TRUE(sender_->Send(peer, std::span((const uint8_t*)second.data(), second.size()), {.counter = &sent}).ok());
+  WaitDone(sent, 2);
+  std::unique_lock<std::mutex> l(mu);
+  ASSERT_TRUE(cv.wait_for(l, 10s, [&] { return got.size() == 2; }));
+  EXPECT_TRUE(std::find(got.begin(), got.end(), first) != got.end());
+  EXPECT_TRUE(std::find(got.begin(), got.end(), second) != got.end());
+  EXPECT_EQ(from, sender_->address());
+  std::string too_big(sender_->max_message_bytes() + 1, 'y');
+  EXPECT_EQ(sender_->Send(peer, std::span((const uint8_t*)too_big.data(), too_big.size()), {}).code(),
+            StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
+                         ::testing::Values(Param{"tcp", 1}, Param{"tcp", 2}, Param{"tcp", 4},
+                                           Param{"shm", 1}, Param{"shm", 2}),
+                         [](const auto& info) {
+                           return info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
+                         });
+
+TEST(EngineFailure, DeadPeerTurnsIntoErrorsWithinTheTimeout) {
+  auto o = Options("tcp");
+  o.request_timeout = 1500ms;
+  auto sender = TransferEngine::Create(o).value();
+  std::vector<uint8_t> src(1 << 20, 1), dst(1 << 20);
+  auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
+  MrDescriptor desc;
+  {
+    auto receiver = TransferEngine::Create(o).value();
+    auto mr = receiver->RegisterMemory(dst.data(), dst.size()).value();
+    desc = receiver->Describe(*mr);
+  }  // the receiver is gone: its port is closed
+  auto remote = sender->Import(desc).value();
+  CompletionCounter c;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 20; ++i)
+    ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 65536, remote, 0, 1}, {.counter = &c}).ok());
+  ASSERT_TRUE(c.WaitFinished(20, 10s)) << "requests to a dead peer hung";
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(c.failed(), 20u);
+  EXPECT_LT(took, 5s);
+  const Status e = c.first_error();
+  EXPECT_TRUE(e.code() == StatusCode::kTimeout || e.code() == StatusCode::kIoError) << e.ToString();
+}
+
+TEST(EngineFailure, ShutdownWithRequestsInFlightFailsThemOnce) {
+  auto o = Options("tcp");
+  std::vector<uint8_t> src(4 << 20, 1), dst(4 << 20);
+  std::atomic<int> done{0}, failed{0};
+  {
+    auto receiver = TransferEngine::Create(o).value();
+    auto dst_mr = receiver->RegisterMemory(dst.data(), dst.size()).value();
+    auto sender = TransferEngine::Create(o).value();
+    auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
+    auto remote = sender->Import(receiver->Describe(*dst_mr)).value();
+    for (int i = 0; i < 500; ++i)
+      ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 4 << 20, remote, 0, 1},
+                                 {.on_done = [&] { done++; }, .on_error = [&](const Status& s) {
+                                    EXPECT_EQ(s.code(), StatusCode::kCancelled) << s.ToString();
+                                    failed++;
+                                  }})
+                      .ok());
+  }  // both engines destroyed with writes in flight
+  EXPECT_EQ(done + failed, 500);
+  EXPECT_GT(failed.load(), 0);
+}
+
+TEST(EngineFailure, BadOptionsAndDescriptorsGetClearErrors) {
+  auto o = Options("tcp");
+  o.domains = 0;
+  auto bad = TransferEngine::Create(o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("domains = 0"), std::string::npos);
+  auto none = TransferEngine::Create(Options("no-such-provider"));
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("no-such-provider"), std::string::npos);
+
+  auto e = TransferEngine::Create(Options("tcp")).value();
+  MrDescriptor d;
+  d.owner.provider = "shm";
+  d.owner.domains = {{1, 2, 3}};
+  d.keys = {{1, 0}};
+  d.length = 4096;
+  auto imp = e->Import(d);
+  ASSERT_FALSE(imp.ok());
+  EXPECT_NE(imp.status().message().find("'shm'"), std::string::npos) << imp.status().ToString();
+  d.owner.provider = e->provider();
+  d.keys.clear();
+  EXPECT_FALSE(e->Import(d).ok());
+}
+
+TEST(EngineManualProgress, RoundTripWithoutThreads) {
+  auto o = Options("tcp");
+  o.progress = ProgressMode::kManual;
+  auto a = TransferEngine::Create(o).value();
+  auto b = TransferEngine::Create(o).value();
+  std::vector<uint8_t> buf(4096, 0), src(4096);
+  FillPattern(src.data(), src.size(), 3);
+  auto mr = b->RegisterMemory(buf.data(), buf.size()).value();
+  auto smr = a->RegisterMemory(src.data(), src.size()).value();
+  auto dst = a->Import(b->Describe(*mr)).value();
+  bool done = false;
+  ASSERT_TRUE(a->Submit(SingleWrite{smr, 0, 4096, dst, 0, 5}, {.on_done = [&] { done = true; }}).ok());
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while ((!done || b->ImmAvailable(5) == 0) && std::chrono::steady_clock::now() < deadline) {
+    a->Progress();
+    b->Progress();
+  }
+  EXPECT_TRUE(done);
+  EXPECT_TRUE(b->TryConsumeImm(5, 1));
+  EXPECT_EQ(0, memcmp(buf.data(), src.data(), 4096));
+}
+
+}  // namespace
+}  // namespace te::testing

@@ -1,0 +1,124 @@
+// A receiver engine in a child process, driven over pipes: the multi-process
+// integration tests write into it from the parent and ask it what landed.
+// The pipes are the test's own control channel, independent of the engine.
+#pragma once
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <sstream>
+#include <string>
+
+#include "base/crc32c.h"
+#include "transfer/transfer_engine.h"
+
+namespace te::testing {
+
+class PeerProcess {
+ public:
+  // Forks a child with an engine of `options` and a registered region of
+  // `bytes`; returns once the child printed its descriptor.
+  PeerProcess(const EngineOptions& options, size_t bytes) {
+    int to_child[2], from_child[2];
+    if (pipe(to_child) || pipe(from_child)) abort();
+    pid_ = fork();
+    if (pid_ == 0) {
+      close(to_child[1]);
+      close(from_child[0]);
+      _exit(Serve(options, bytes, fdopen(to_child[0], "r"), fdopen(from_child[1], "w")));
+    }
+    close(to_child[0]);
+    close(from_child[1]);
+    to_ = fdopen(to_child[1], "w");
+    from_ = fdopen(from_child[0], "r");
+    descriptor_hex_ = ReadLine();
+  }
+
+  ~PeerProcess() {
+    if (pid_ > 0) {
+      Command("EXIT");
+      waitpid(pid_, nullptr, 0);
+    }
+    if (to_) fclose(to_);
+    if (from_) fclose(from_);
+  }
+
+  const std::string& descriptor_hex() const { return descriptor_hex_; }
+
+  // CRC-32C of the child's region bytes [offset, offset + len).
+  uint32_t Crc(uint64_t offset, uint64_t len) {
+    return uint32_t(std::stoul(Command("CRC " + std::to_string(offset) + " " + std::to_string(len))));
+  }
+  // Waits in the child for `count` arrivals of `imm`; returns "OK" or the error.
+  std::string WaitImm(uint32_t imm, uint64_t count, int timeout_ms) {
+    return Command("WAIT " + std::to_string(imm) + " " + std::to_string(count) + " " +
+                   std::to_string(timeout_ms));
+  }
+
+  void Kill() {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  std::string Command(const std::string& cmd) {
+    fprintf(to_, "%s\n", cmd.c_str());
+    fflush(to_);
+    return ReadLine();
+  }
+  std::string ReadLine() {
+    char buf[8192];
+    if (!fgets(buf, sizeof buf, from_)) return "EOF";
+    std::string s(buf);
+    if (!s.empty() && s.back() == '\n') s.pop_back();
+    return s;
+  }
+
+  static int Serve(const EngineOptions& options, size_t bytes, FILE* in, FILE* out) {
+    auto engine = TransferEngine::Create(options);
+    if (!engine.ok()) {
+      fprintf(out, "ERROR %s\n", engine.status().ToString().c_str());
+      fflush(out);
+      return 1;
+    }
+    std::vector<uint8_t> region(bytes, 0);
+    auto mr = (*engine)->RegisterMemory(region.data(), region.size());
+    if (!mr.ok()) return 1;
+    fprintf(out, "%s\n", (*engine)->Describe(**mr).ToHex().c_str());
+    fflush(out);
+    char line[512];
+    while (fgets(line, sizeof line, in)) {
+      std::istringstream cmd(line);
+      std::string op;
+      cmd >> op;
+      if (op == "CRC") {
+        uint64_t off, len;
+        cmd >> off >> len;
+        fprintf(out, "%u\n", Crc32c(region.data() + off, len));
+      } else if (op == "WAIT") {
+        uint32_t imm;
+        uint64_t count;
+        int ms;
+        cmd >> imm >> count >> ms;
+        Status s = (*engine)->WaitImm(imm, count, std::chrono::milliseconds(ms));
+        fprintf(out, "%s\n", s.ok() ? "OK" : s.ToString().c_str());
+      } else if (op == "EXIT") {
+        fprintf(out, "BYE\n");
+        fflush(out);
+        return 0;
+      }
+      fflush(out);
+    }
+    return 0;
+  }
+
+  pid_t pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+  std::string descriptor_hex_;
+};
+
+}  // namespace te::testing
