@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the build and tests need from Debian's archive (run as root).
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+PKGS=(build-essential cmake ninja-build pkg-config git
+      libfabric-dev libfabric-bin libibverbs-dev rdma-core
+      libgflags-dev libgoogle-glog-dev libgtest-dev libgmock-dev iproute2)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing ${missing[*]}; run as root to install them" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# README command 2: install what is missing, build, run every test.
+#   scripts/test.sh                      release build, whole suite
+#   scripts/test.sh --sanitize=address   ASan + UBSan build, unit + engine tests
+#   scripts/test.sh --sanitize=thread    TSan build, unit + engine tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SAN=""
+for arg in "$@"; do
+  case "$arg" in
+    --sanitize=address|--sanitize=thread) SAN="${arg#--sanitize=}" ;;
+    *) echo "test.sh: unknown argument '$arg' (use --sanitize=address or --sanitize=thread)" >&2; exit 2 ;;
+  esac
+done
+bash scripts/install-deps.sh
+JOBS=$(nproc)
+if [ -z "$SAN" ]; then
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build -j "$JOBS"
+  ctest --test-dir build --output-on-failure --timeout 300
+else
+  DIR=build-$SAN
+  cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" >/dev/null
+  cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
+  export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp"
+  ctest --test-dir "$DIR" --output-on-failure --timeout 600 -L 'unit|engine'
+fi
