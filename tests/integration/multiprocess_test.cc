@@ -45,6 +45,9 @@ TEST(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
   auto o = Options("tcp");
   o.request_timeout = 2000ms;
   PeerProcess peer(o, 64 << 20);
+  // Forked before this process starts engine threads (fork after threads is
+  // undefined for the child, and TSan refuses it).
+  PeerProcess fresh(o, 1 << 20);
   auto engine = TransferEngine::Create(o).value();
   std::vector<uint8_t> src(64 << 20, 3);
   auto mr = engine->RegisterMemory(src.data(), src.size()).value();
@@ -65,7 +68,6 @@ TEST(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
   EXPECT_GT(c.failed(), 0u);
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(12));
   // The engine stays usable: a fresh target works.
-  PeerProcess fresh(o, 1 << 20);
   auto dst2 = engine->Import(MrDescriptor::FromHex(fresh.descriptor_hex()).value()).value();
   CompletionCounter ok;
   ASSERT_TRUE(engine->Submit(SingleWrite{mr, 0, 4096, dst2, 0, 1}, {.counter = &ok}).ok());
