@@ -364,9 +364,15 @@ class Initiator {
       }
       for (uint32_t d = done.load(); !pred(); d = done.load()) done.wait(d);
     };
+    auto check_failed = [&] {
+      if (failed.load() == 0) return;
+      std::lock_guard<std::mutex> l(err_mu);
+      Die("a request failed: " + first_error.ToString());
+    };
     const auto start = Clock::now();
     for (size_t i = 0; i < n; ++i) {
       wait_for([&] { return i - done.load(std::memory_order_acquire) < window_reqs; });
+      check_failed();  // a dead listener stops the run at once
       t_submit[i] = Clock::now();
       te::Completion c;
       c.on_done = [&, i] {
@@ -386,7 +392,7 @@ class Initiator {
       Must(engine_->Submit(requests[i], std::move(c)), "submitting");
     }
     wait_for([&] { return done.load() == n; });
-    if (failed) Die("a request failed: " + first_error.ToString());
+    check_failed();
     Must(engine_->WaitImm(kAckImm, 1, std::chrono::milliseconds(FLAGS_timeout_ms)), "waiting for the ack");
     CaseResult r;
     r.seconds = std::chrono::duration<double>(Clock::now() - start).count();

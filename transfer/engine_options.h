@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstddef>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "nic/fabric/fabric_options.h"
 
@@ -26,6 +28,12 @@ struct EngineOptions {
   int domains = 1;
   // libfabric domain names, one per domain; empty uses fabric.domain for all.
   std::vector<std::string> domain_names;
+
+  // Serve this GPU: its NICs (nearest PCIe switch, nic/topology/topology.h)
+  // become the domains and the worker is pinned to its first core, unless
+  // domain_names / worker_cpu say otherwise.
+  std::optional<int> gpu;
+  std::string sysfs_root = "/sys";
 
   ProgressMode progress = ProgressMode::kThread;
   // Pin the worker thread to this CPU (kThread mode).

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "nic/fabric/fabric_domain.h"
+#include "nic/topology/topology.h"
 #include "transfer/domain_group.h"
 #include "transfer/request_plan.h"
 
@@ -36,7 +37,28 @@ struct TransferEngine::PeerCache {
 
 // ---- TransferEngine ----
 
-Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptions& options) {
+Result<EngineOptions> TransferEngine::ResolveOptions(const EngineOptions& requested) {
+  EngineOptions o = requested;
+  if (!o.gpu) return o;
+  TE_ASSIGN_OR_RETURN(nic::Topology topo, nic::DiscoverTopology(o.sysfs_root));
+  const nic::GpuPlacement* p = topo.PlacementFor(*o.gpu);
+  if (p == nullptr)
+    return NotFound("gpu " + std::to_string(*o.gpu) + " not found: sysfs root " + o.sysfs_root +
+                    " lists " + std::to_string(topo.gpus.size()) + " GPUs");
+  if (o.domain_names.empty()) {
+    if (p->nics.empty())
+      return NotFound("gpu " + std::to_string(*o.gpu) + " has no RDMA NIC near it; "
+                      "name the domains explicitly (domain_names)");
+    for (const auto& n : p->nics)
+      o.domain_names.push_back(nic::FabricDomainName(o.fabric.provider, n));
+    o.domains = int(o.domain_names.size());
+  }
+  if (!o.worker_cpu && !p->cpus.empty()) o.worker_cpu = p->cpus.front();
+  return o;
+}
+
+Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptions& requested) {
+  TE_ASSIGN_OR_RETURN(EngineOptions options, ResolveOptions(requested));
   if (options.domains < 1 || options.domains > 64)
     return InvalidArgument("domains = " + std::to_string(options.domains) +
                            "; valid range is 1..64");

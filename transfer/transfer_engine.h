@@ -67,6 +67,9 @@ class TransferEngine {
   using RecvHandler = std::function<void(const EngineAddress& from, std::span<const uint8_t> data)>;
 
   static Result<std::unique_ptr<TransferEngine>> Create(const EngineOptions& options);
+  // The options Create() actually uses: with `gpu` set, fills domains,
+  // domain_names and worker_cpu from the topology where not given.
+  static Result<EngineOptions> ResolveOptions(const EngineOptions& options);
   ~TransferEngine();
   TransferEngine(const TransferEngine&) = delete;
   TransferEngine& operator=(const TransferEngine&) = delete;

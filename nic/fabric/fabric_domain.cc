@@ -268,10 +268,10 @@ class FabricDomain final : public Domain {
 
   void HandleEntry(const fi_cq_data_entry& e, CompletionHandler& handler) {
     if (e.flags & FI_REMOTE_CQ_DATA) {
+      // op_context is undefined here (shm leaves provider data in it). We do
+      // not accept FI_RX_CQ_DATA mode, so a remote write never consumes one
+      // of our receives.
       handler.OnImm(static_cast<uint32_t>(e.data));
-      // Under FI_RX_CQ_DATA the write consumed one of our receives.
-      if (e.op_context && static_cast<CtxHeader*>(e.op_context)->kind == CtxKind::kRecv)
-        Repost(static_cast<RecvCtx*>(e.op_context)->index, handler);
       return;
     }
     if (e.op_context == nullptr) return;  // remote write without data: nothing to do
