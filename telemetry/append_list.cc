@@ -53,7 +53,8 @@ Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_
     return InvalidArgument("lists region of " + std::to_string(lists_region.size()) +
                            " bytes; geometry needs " + std::to_string(g.region_bytes()));
   ListRead out;
-  for (uint32_t n = 0; n < g.ring_records; ++n) {
+  // At most one ring of records plus one restart after a lap.
+  for (uint64_t n = 0; n <= uint64_t(g.ring_records); ++n) {
     const uint8_t* rec = lists_region.data() + g.RecordOffset(list, ring, *cursor);
     uint64_t tag;
     uint32_t crc, len;
@@ -64,13 +65,22 @@ Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_
     const uint64_t seq = tag - 1;
     if (len > g.record_bytes || RecordCrc(seq, len, rec + 16) != crc) break;  // torn or landing
     if (seq > *cursor) {
-      // The writer lapped us: everything between is gone. Restart at the
-      // oldest record the ring can still hold.
-      const uint64_t oldest = seq >= g.ring_records - 1 ? seq - (g.ring_records - 1) : 0;
-      const uint64_t restart = std::max(oldest, *cursor);
-      out.lost += restart - *cursor;
-      *cursor = restart;
-      if (seq != *cursor) continue;
+      // The writer lapped us: restart at the oldest intact record the ring
+      // still holds (a scan of the ring, paid only when lapped).
+      uint64_t oldest = seq;
+      for (uint32_t k = 0; k < g.ring_records; ++k) {
+        const uint8_t* r2 = lists_region.data() + g.RecordOffset(list, ring, k);
+        uint64_t t2;
+        uint32_t c2, l2;
+        std::memcpy(&t2, r2, 8);
+        std::memcpy(&c2, r2 + 8, 4);
+        std::memcpy(&l2, r2 + 12, 4);
+        if (t2 == 0 || t2 - 1 < *cursor || l2 > g.record_bytes) continue;
+        if (RecordCrc(t2 - 1, l2, r2 + 16) == c2) oldest = std::min(oldest, t2 - 1);
+      }
+      out.lost += oldest - *cursor;
+      *cursor = oldest;
+      if (seq != oldest) continue;
     }
     out.records.emplace_back(rec + 16, rec + 16 + len);
     ++*cursor;
