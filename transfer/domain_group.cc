@@ -58,6 +58,7 @@ DomainGroup::DomainGroup(const EngineOptions& options,
     max_inflight_.push_back(limit);
   }
   next_timeout_check_ = Clock::now();
+  stats_.domains = std::make_unique<AtomicDomainStats[]>(domains_.size());
 }
 
 void DomainGroup::Start() {
@@ -191,6 +192,8 @@ bool DomainGroup::PostPending(size_t d) {
     if (!w->is_send) {
       stats_.writes.fetch_add(1, std::memory_order_relaxed);
       stats_.bytes.fetch_add(w->op.length, std::memory_order_relaxed);
+      stats_.domains[d].writes.fetch_add(1, std::memory_order_relaxed);
+      stats_.domains[d].bytes.fetch_add(w->op.length, std::memory_order_relaxed);
     }
   }
   return posted;
@@ -211,6 +214,7 @@ void DomainGroup::OnSendError(void* context, const Status& status) {
 
 void DomainGroup::CompleteWork(Work* w, const Status& status) {
   RequestState* r = w->req;
+  if (!status.ok()) stats_.domains[w->domain].errors.fetch_add(1, std::memory_order_relaxed);
   if (!status.ok() && !r->failed) Fail(r, status);
   if (--r->outstanding == 0) Finish(r);
 }
@@ -232,6 +236,10 @@ void DomainGroup::Fail(RequestState* r, const Status& status) {
 void DomainGroup::Finish(RequestState* r) {
   if (!r->failed) {
     stats_.done.fetch_add(1, std::memory_order_relaxed);
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - r->submitted).count();
+    int b = 0;
+    while (b < kLatencyBuckets - 1 && (uint64_t(1) << b) <= uint64_t(us)) ++b;
+    stats_.latency[b].fetch_add(1, std::memory_order_relaxed);
     if (r->completion.counter) r->completion.counter->MarkDone();
     if (r->completion.on_done) ready_.push_back(std::move(r->completion.on_done));
   }
@@ -325,6 +333,22 @@ EngineStats DomainGroup::stats() const {
   s.imms_received = stats_.imms.load();
   s.messages_received = stats_.messages.load();
   s.messages_dropped = stats_.dropped.load();
+  for (size_t d = 0; d < domains_.size(); ++d)
+    s.domains.push_back({stats_.domains[d].writes.load(), stats_.domains[d].bytes.load(),
+                         stats_.domains[d].errors.load()});
+  uint64_t hist[kLatencyBuckets], total = 0;
+  for (int b = 0; b < kLatencyBuckets; ++b) total += hist[b] = stats_.latency[b].load();
+  auto percentile = [&](double p) -> uint64_t {
+    if (total == 0) return 0;
+    uint64_t seen = 0;
+    for (int b = 0; b < kLatencyBuckets; ++b) {
+      seen += hist[b];
+      if (double(seen) >= p * double(total)) return uint64_t(1) << b;
+    }
+    return uint64_t(1) << (kLatencyBuckets - 1);
+  };
+  s.latency_p50_us = percentile(0.5);
+  s.latency_p99_us = percentile(0.99);
   return s;
 }
 

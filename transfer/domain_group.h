@@ -45,6 +45,7 @@ struct RequestState : MpscNode {
   uint32_t outstanding = 0;        // works not yet back (queued or posted)
   bool failed = false;             // on_error already reported
   Completion completion;
+  std::chrono::steady_clock::time_point submitted;
   std::chrono::steady_clock::time_point deadline;
   // Keep what the writes point at alive until they are back.
   LocalMr src;
@@ -136,9 +137,15 @@ class DomainGroup final : private nic::CompletionHandler {
   std::shared_ptr<TransferEngine::RecvHandler> recv_handler_;
   std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> recv_backlog_;
 
+  struct AtomicDomainStats {
+    std::atomic<uint64_t> writes{0}, bytes{0}, errors{0};
+  };
+  static constexpr int kLatencyBuckets = 40;  // bucket b: latency < 2^b us
   struct AtomicStats {
     std::atomic<uint64_t> submitted{0}, done{0}, failed{0}, writes{0}, bytes{0}, imms{0},
         messages{0}, dropped{0};
+    std::atomic<uint64_t> latency[kLatencyBuckets] = {};
+    std::unique_ptr<AtomicDomainStats[]> domains;
   };
   mutable AtomicStats stats_;
   friend class TransferEngine;

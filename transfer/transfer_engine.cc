@@ -232,7 +232,8 @@ Status TransferEngine::Submit(Request request, Completion completion) {
     w.op.imm = pw.imm;
   }
   r->completion = std::move(completion);
-  r->deadline = std::chrono::steady_clock::now() + options_.request_timeout;
+  r->submitted = std::chrono::steady_clock::now();
+  r->deadline = r->submitted + options_.request_timeout;
   group_->Enqueue(r.release());
   return Status::Ok();
 }
@@ -298,7 +299,8 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data,
   if (!data.empty()) std::memcpy(w.message.data() + 6 + addr.size(), data.data(), data.size());
   r->peer = peer;
   r->completion = std::move(completion);
-  r->deadline = std::chrono::steady_clock::now() + options_.request_timeout;
+  r->submitted = std::chrono::steady_clock::now();
+  r->deadline = r->submitted + options_.request_timeout;
   group_->Enqueue(r.release());
   return Status::Ok();
 }

@@ -35,6 +35,7 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "base/status.h"
 #include "transfer/completion.h"
@@ -49,6 +50,13 @@ namespace te {
 
 class DomainGroup;
 
+// Per-domain (per-NIC) counters.
+struct DomainStats {
+  uint64_t writes_posted = 0;
+  uint64_t bytes_written = 0;
+  uint64_t errors = 0;  // writes and sends that completed with an error
+};
+
 // Per-engine counters, read at any time.
 struct EngineStats {
   uint64_t requests_submitted = 0;
@@ -59,6 +67,11 @@ struct EngineStats {
   uint64_t imms_received = 0;
   uint64_t messages_received = 0;
   uint64_t messages_dropped = 0;
+  std::vector<DomainStats> domains;
+  // Submit-to-completion time of successful requests, from a histogram with
+  // power-of-two microsecond buckets: each figure is its bucket's upper bound.
+  uint64_t latency_p50_us = 0;
+  uint64_t latency_p99_us = 0;
 };
 
 class TransferEngine {
