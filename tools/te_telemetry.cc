@@ -5,6 +5,7 @@
 //   te-telemetry query --flow=17            # reads the region file; the collector does nothing
 //   te-telemetry stats --keys=200000        # measured query success against the formula
 //   te-telemetry bench --reporters=1,2,4    # one-sided vs two-sided collector, same run
+//   te-telemetry math --keys=1000000        # memory per key for a target success
 //
 // Flow records: 13-byte 5-tuple keys, 5-hop path traces (20-byte values).
 #include <gflags/gflags.h>
@@ -361,14 +362,30 @@ int RunBench() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage("te-telemetry collector|report|query|stats|bench [flags]");
+  gflags::SetUsageMessage("te-telemetry collector|report|query|stats|bench|math [flags]");
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
-  if (argc < 2) Die("name a command: collector, report, query, stats or bench");
+  if (argc < 2) Die("name a command: collector, report, query, stats, bench or math");
   const std::string cmd = argv[1];
   if (cmd == "collector") return RunCollector();
   if (cmd == "bench") return RunBench();
+  if (cmd == "math") {
+    // Memory per key for 99.9% (and 99%) query success, N = 1..8, from the
+    // formula that the unit tests hold measured stores to.
+    const size_t slot = Layout().store.slot_bytes();
+    if (!FLAGS_json) printf("keys %llu, slot %zu bytes (4-byte checksum + %zu-byte path trace)\n%-3s %14s %14s %12s\n",
+                            (unsigned long long)FLAGS_keys, slot, tl::kPathValueBytes, "N", "bytes/key@99%",
+                            "bytes/key@99.9%", "slots/key");
+    for (uint32_t n = 1; n <= 8; ++n) {
+      const double b99 = tl::BytesPerKeyForTarget(FLAGS_keys, n, 0.99, slot);
+      const double b999 = tl::BytesPerKeyForTarget(FLAGS_keys, n, 0.999, slot);
+      if (FLAGS_json) printf("{\"hashes\":%u,\"keys\":%llu,\"slot_bytes\":%zu,\"bytes_per_key_99\":%.1f,\"bytes_per_key_999\":%.1f}\n",
+                             n, (unsigned long long)FLAGS_keys, slot, b99, b999);
+      else printf("%-3u %14.1f %14.1f %12.2f\n", n, b99, b999, b999 / slot);
+    }
+    return 0;
+  }
   if (cmd == "report") {
     const uint32_t n = uint32_t(std::stoul(FLAGS_reporters));
     tl::CollectorInfo info;
@@ -413,5 +430,5 @@ int main(int argc, char** argv) {
                 s.measured, s.expected, bpk, info.store.hashes);
     return s.wrong ? 2 : 0;
   }
-  Die("unknown command '" + cmd + "': use collector, report, query, stats or bench");
+  Die("unknown command '" + cmd + "': use collector, report, query, stats, bench or math");
 }

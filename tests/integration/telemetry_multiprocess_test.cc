@@ -68,8 +68,9 @@ class TelemetryProcesses : public ::testing::Test {
   }
 
   // Forks a reporter that writes flows [lo, hi) with `version`, appends one
-  // record per flow to list 0, and exits; endless=true keeps rewriting.
-  pid_t SpawnReporter(uint32_t ring, uint64_t lo, uint64_t hi, bool endless) {
+  // record per flow to list 0, and exits; endless=true keeps rewriting, and
+  // writes one byte to `ready_fd` once its first round has fully landed.
+  pid_t SpawnReporter(uint32_t ring, uint64_t lo, uint64_t hi, bool endless, int ready_fd = -1) {
     pid_t pid = fork();
     if (pid != 0) return pid;
     auto engine = TransferEngine::Create(Tcp());
@@ -86,6 +87,10 @@ class TelemetryProcesses : public ::testing::Test {
         if (!(*rep)->KeyWrite(FlowKey(5, f), PathTrace(5, f, version)).ok()) _exit(4);
         const uint64_t rec[2] = {f, version};
         if (!(*rep)->Append(0, std::span((const uint8_t*)rec, sizeof rec)).ok()) _exit(5);
+      }
+      if (version == 1 && ready_fd >= 0) {
+        if (!(*rep)->Drain().ok()) _exit(6);
+        (void)!write(ready_fd, "r", 1);
       }
     } while (endless);
     _exit((*rep)->Drain().ok() ? 0 : 6);
@@ -133,7 +138,9 @@ TEST_F(TelemetryProcesses, ManyReportersAtOnceLandWithoutCoordination) {
     for (size_t i = 0; i < list->records.size(); ++i) {
       uint64_t rec[2];
       memcpy(rec, list->records[i].data(), sizeof rec);
-      if (i) EXPECT_EQ(rec[0], prev + 1);
+      if (i) {
+        EXPECT_EQ(rec[0], prev + 1);
+      }
       prev = rec[0];
     }
   }
@@ -141,8 +148,15 @@ TEST_F(TelemetryProcesses, ManyReportersAtOnceLandWithoutCoordination) {
 
 TEST_F(TelemetryProcesses, ReporterKilledMidWriteNeverYieldsAWrongValue) {
   constexpr uint64_t kFlows = 2000;
-  pid_t p = SpawnReporter(0, 0, kFlows, /*endless=*/true);
-  std::this_thread::sleep_for(700ms);
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  pid_t p = SpawnReporter(0, 0, kFlows, /*endless=*/true, ready[1]);
+  close(ready[1]);
+  // Every flow has landed once; the kill then hits later rounds mid-stream.
+  char b = 0;
+  ASSERT_EQ(read(ready[0], &b, 1), 1) << "reporter died before its first round landed";
+  close(ready[0]);
+  std::this_thread::sleep_for(50ms);
   kill(p, SIGKILL);
   waitpid(p, nullptr, 0);
   std::this_thread::sleep_for(100ms);  // writes already sent finish landing

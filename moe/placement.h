@@ -1,0 +1,73 @@
+// Expert placement for MoE expert parallelism.
+//
+// Affinity: P(expert j at layer l+1 | expert i at layer l), estimated from a
+// routing trace. Placement: each layer's experts on ranks, an equal number
+// per rank, ranks grouped into nodes, chosen so that a token's consecutive
+// experts stay on the ranks it is already on as often as possible, under a
+// per-rank load cap. Replication: EPLB-style extra slots for hot experts.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "base/status.h"
+#include "moe/routing_trace.h"
+
+namespace te::moe {
+
+// Token counts from a trace: pair[l][i * E + j] = tokens with expert i at
+// layer l and expert j at layer l+1 (over all top-k pairs); load[l][e] =
+// tokens routed to expert e at layer l.
+struct ExpertAffinity {
+  uint32_t layers = 0, experts = 0;
+  std::vector<std::vector<uint32_t>> pair;   // layers - 1 entries
+  std::vector<std::vector<uint64_t>> load;   // layers entries
+
+  static ExpertAffinity FromTrace(const RoutingTrace& trace);
+  // P(j at l+1 | i at l); 0 when i never appears at layer l.
+  double Conditional(uint32_t layer, uint32_t i, uint32_t j) const;
+};
+
+struct Placement {
+  uint32_t layers = 0, experts = 0, ranks = 0;
+  std::vector<std::vector<uint32_t>> rank_of;  // [layer][expert]
+  // Every expert on a rank in range; each rank holds experts / ranks.
+  Status Validate() const;
+};
+
+Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes);
+Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks);
+Placement RandomPlacement(uint32_t layers, uint32_t experts, uint32_t ranks, uint64_t seed);
+
+struct PlacementOptions {
+  uint32_t nodes = 1;           // ranks are split evenly into nodes
+  double load_slack = 0.25;     // a rank's load stays <= (1 + slack) x mean, where feasible
+  int refine_sweeps = 2;        // passes that look at both neighbouring layers
+};
+Result<Placement> AffinityPlacement(const ExpertAffinity& affinity, uint32_t ranks,
+                                    const PlacementOptions& options);
+
+struct PlacementStats {
+  // Per token, summed over layer transitions: experts at layer l+1 on a rank
+  // (node) that holds none of the token's experts at layer l.
+  double cross_rank_hops_per_token = 0;
+  double cross_node_hops_per_token = 0;
+  double max_load_imbalance = 0;  // max over layers of (max rank load / mean)
+};
+PlacementStats Evaluate(const RoutingTrace& trace, const Placement& placement, uint32_t nodes);
+
+// EPLB-style: `slots_per_rank` * ranks slots (>= experts) for one layer; the
+// extra slots go one by one to the expert with the highest load per replica,
+// and replicas are packed heaviest first onto the least-loaded rank with a
+// free slot that does not hold the expert yet.
+struct Replication {
+  std::vector<std::vector<uint32_t>> experts_on_rank;  // replicas per rank
+  std::vector<uint32_t> replicas;                       // per expert
+  double imbalance = 0;                                 // max rank load / mean
+};
+Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks,
+                                        uint32_t slots_per_rank);
+// max rank load / mean for one layer of a placement.
+double LoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32_t>& rank_of, uint32_t ranks);
+
+}  // namespace te::moe

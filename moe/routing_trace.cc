@@ -1,0 +1,143 @@
+#include "moe/routing_trace.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "base/crc32c.h"
+
+namespace te::moe {
+namespace {
+constexpr char kMagic[8] = {'T', 'E', 'M', 'O', 'E', 'T', 'R', '1'};
+constexpr size_t kHeader = 8 + 16;
+}  // namespace
+
+Status RoutingTrace::Validate() const {
+  if (tokens == 0 || layers == 0 || topk == 0 || experts == 0)
+    return InvalidArgument("trace shape " + std::to_string(tokens) + " tokens x " +
+                           std::to_string(layers) + " layers x top-" + std::to_string(topk) +
+                           " over " + std::to_string(experts) + " experts has a zero");
+  if (experts > 32767) return InvalidArgument("experts = " + std::to_string(experts) + "; at most 32767");
+  if (topk > experts)
+    return InvalidArgument("top-" + std::to_string(topk) + " exceeds " + std::to_string(experts) + " experts");
+  if (ids.size() != size_t(tokens) * layers * topk)
+    return InvalidArgument("trace holds " + std::to_string(ids.size()) + " ids; shape needs " +
+                           std::to_string(size_t(tokens) * layers * topk));
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] < -1 || ids[i] >= int(experts))
+      return InvalidArgument("expert id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                             " outside [-1, " + std::to_string(experts) + ")");
+  return Status::Ok();
+}
+
+std::vector<uint8_t> SerializeTrace(const RoutingTrace& t) {
+  std::vector<uint8_t> out(kHeader + t.ids.size() * 2 + 4);
+  std::memcpy(out.data(), kMagic, 8);
+  const uint32_t dims[4] = {t.tokens, t.layers, t.topk, t.experts};
+  std::memcpy(out.data() + 8, dims, 16);
+  std::memcpy(out.data() + kHeader, t.ids.data(), t.ids.size() * 2);
+  const uint32_t crc = Crc32c(out.data(), out.size() - 4);
+  std::memcpy(out.data() + out.size() - 4, &crc, 4);
+  return out;
+}
+
+Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& b) {
+  if (b.size() < kHeader + 4)
+    return InvalidArgument("trace of " + std::to_string(b.size()) + " bytes is truncated (header needs " +
+                           std::to_string(kHeader + 4) + ")");
+  if (std::memcmp(b.data(), kMagic, 8) != 0) return InvalidArgument("not a routing trace (bad magic)");
+  RoutingTrace t;
+  uint32_t dims[4];
+  std::memcpy(dims, b.data() + 8, 16);
+  t.tokens = dims[0];
+  t.layers = dims[1];
+  t.topk = dims[2];
+  t.experts = dims[3];
+  const unsigned __int128 n = (unsigned __int128)t.tokens * t.layers * t.topk;
+  if (b.size() != kHeader + n * 2 + 4)
+    return InvalidArgument("trace file is " + std::to_string(b.size()) + " bytes; its header (" +
+                           std::to_string(t.tokens) + " x " + std::to_string(t.layers) + " x " +
+                           std::to_string(t.topk) + ") needs " + std::to_string(uint64_t(kHeader + n * 2 + 4)));
+  uint32_t crc;
+  std::memcpy(&crc, b.data() + b.size() - 4, 4);
+  if (Crc32c(b.data(), b.size() - 4) != crc) return InvalidArgument("trace checksum mismatch: corrupted");
+  t.ids.resize(size_t(n));
+  std::memcpy(t.ids.data(), b.data() + kHeader, size_t(n) * 2);
+  TE_RETURN_IF_ERROR(t.Validate());
+  return t;
+}
+
+Status WriteTrace(const RoutingTrace& t, const std::string& path) {
+  TE_RETURN_IF_ERROR(t.Validate());
+  const auto bytes = SerializeTrace(t);
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  if (!out) return IoError("cannot write trace to '" + path + "'");
+  return Status::Ok();
+}
+
+Result<RoutingTrace> ReadTrace(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot open trace '" + path + "'");
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
+  auto t = ParseTrace(bytes);
+  if (!t.ok()) return t.status().WithContext("reading '" + path + "'");
+  return t;
+}
+
+Result<RoutingTrace> GenerateTrace(const TraceOptions& o) {
+  if (o.affinity < 0 || o.affinity > 1)
+    return InvalidArgument("affinity " + std::to_string(o.affinity) + " outside [0, 1]");
+  if (o.skew < 0) return InvalidArgument("skew " + std::to_string(o.skew) + " is negative");
+  RoutingTrace t;
+  t.tokens = o.tokens;
+  t.layers = o.layers;
+  t.topk = o.topk;
+  t.experts = o.experts;
+  t.ids.assign(size_t(o.tokens) * o.layers * o.topk, -1);
+  TE_RETURN_IF_ERROR(t.Validate());
+  std::mt19937_64 rng(o.seed);
+  // Per layer: a popularity order (Zipf over a random permutation) and, for
+  // each expert, its planted successor at the next layer (a permutation, so
+  // successors spread over all experts).
+  std::vector<std::discrete_distribution<int>> popularity;
+  std::vector<std::vector<int>> successor(o.layers);
+  for (uint32_t l = 0; l < o.layers; ++l) {
+    std::vector<int> perm(o.experts);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<double> w(o.experts);
+    for (uint32_t r = 0; r < o.experts; ++r) w[perm[r]] = 1.0 / std::pow(double(r + 1), o.skew);
+    popularity.emplace_back(w.begin(), w.end());
+    successor[l].resize(o.experts);
+    std::iota(successor[l].begin(), successor[l].end(), 0);
+    std::shuffle(successor[l].begin(), successor[l].end(), rng);
+  }
+  // Tokens come from their own stream, so two sample seeds give two
+  // independent traces of the same model.
+  rng.seed(o.seed * 0x9E3779B97F4A7C15ull + o.sample_seed + 1);
+  std::uniform_real_distribution<double> coin(0, 1);
+  std::vector<int> chosen;
+  for (uint32_t tok = 0; tok < o.tokens; ++tok) {
+    for (uint32_t l = 0; l < o.layers; ++l) {
+      chosen.clear();
+      for (uint32_t k = 0; k < o.topk; ++k) {
+        int e = -1;
+        if (l > 0 && coin(rng) < o.affinity) {
+          const int prev = t.at(tok, l - 1, k);
+          e = successor[l - 1][prev];
+          if (std::find(chosen.begin(), chosen.end(), e) != chosen.end()) e = -1;
+        }
+        while (e < 0 || std::find(chosen.begin(), chosen.end(), e) != chosen.end()) e = popularity[l](rng);
+        chosen.push_back(e);
+        t.at(tok, l, k) = int16_t(e);
+      }
+    }
+  }
+  return t;
+}
+
+}  // namespace te::moe

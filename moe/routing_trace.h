@@ -1,0 +1,50 @@
+// RoutingTrace: which experts every token chose at every layer
+// (tokens x layers x top-k expert ids, -1 = no expert), a file format for it,
+// and a generator of synthetic traces with planted inter-layer affinity and
+// expert popularity skew.
+//
+// File: "TEMOETR1" | u32 tokens | u32 layers | u32 topk | u32 experts |
+//       tokens*layers*topk x i16 ids (token-major, then layer, then k) |
+//       u32 crc32c of everything before it. Little-endian.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace te::moe {
+
+struct RoutingTrace {
+  uint32_t tokens = 0, layers = 0, topk = 0, experts = 0;
+  std::vector<int16_t> ids;  // size tokens * layers * topk
+
+  int16_t at(uint32_t token, uint32_t layer, uint32_t k) const {
+    return ids[(size_t(token) * layers + layer) * topk + k];
+  }
+  int16_t& at(uint32_t token, uint32_t layer, uint32_t k) {
+    return ids[(size_t(token) * layers + layer) * topk + k];
+  }
+  // Shapes consistent and every id in [-1, experts).
+  Status Validate() const;
+};
+
+Status WriteTrace(const RoutingTrace& trace, const std::string& path);
+Result<RoutingTrace> ReadTrace(const std::string& path);
+Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& bytes);
+std::vector<uint8_t> SerializeTrace(const RoutingTrace& trace);
+
+struct TraceOptions {
+  uint32_t tokens = 4096, layers = 8, topk = 8, experts = 64;
+  // Probability that a token's k-th expert at layer l+1 is the planted
+  // successor of its k-th expert at layer l (else drawn by popularity).
+  double affinity = 0.8;
+  // Zipf exponent of expert popularity within a layer (0 = uniform).
+  double skew = 0.5;
+  uint64_t seed = 1;         // the model: popularity orders and planted successors
+  uint64_t sample_seed = 0;  // which tokens are drawn from it (held-out traces)
+};
+Result<RoutingTrace> GenerateTrace(const TraceOptions& options);
+
+}  // namespace te::moe
