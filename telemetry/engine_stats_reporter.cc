@@ -1,5 +1,6 @@
 #include "telemetry/engine_stats_reporter.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace te::telemetry {
@@ -7,23 +8,34 @@ namespace {
 
 // Record layout (little-endian u64 words):
 //   version(1), time_ns, submitted, done, failed, writes, bytes, imms,
-//   p50_us, p99_us, n_domains, then n x (writes, bytes, errors)
-constexpr uint64_t kSampleVersion = 1;
-constexpr size_t kHeaderWords = 11;
+//   p50_us, p99_us, n_domains, n_peers, then n_domains x (writes, bytes,
+//   errors), then n_peers x (peer_id, writes, bytes, errors)
+constexpr uint64_t kSampleVersion = 2;
+constexpr size_t kHeaderWords = 12;
 
 }  // namespace
 
-size_t EngineSampleBytes(size_t domains) { return 8 * (kHeaderWords + 3 * domains); }
+size_t EngineSampleBytes(size_t domains, size_t peers) {
+  return 8 * (kHeaderWords + 3 * domains + 4 * std::min(peers, kMaxSamplePeers));
+}
 
 std::vector<uint8_t> EncodeEngineSample(const EngineSample& s) {
   const auto& t = s.stats;
   std::vector<uint64_t> w = {kSampleVersion, s.time_ns, t.requests_submitted, t.requests_done,
                              t.requests_failed, t.writes_posted, t.bytes_written, t.imms_received,
-                             t.latency_p50_us, t.latency_p99_us, t.domains.size()};
+                             t.latency_p50_us, t.latency_p99_us, t.domains.size(),
+                             std::min(t.peers.size(), kMaxSamplePeers)};
   for (const auto& d : t.domains) {
     w.push_back(d.writes_posted);
     w.push_back(d.bytes_written);
     w.push_back(d.errors);
+  }
+  for (size_t i = 0; i < std::min(t.peers.size(), kMaxSamplePeers); ++i) {
+    const auto& p = t.peers[i];  // busiest first
+    w.push_back(p.peer_id);
+    w.push_back(p.writes_posted);
+    w.push_back(p.bytes_written);
+    w.push_back(p.errors);
   }
   std::vector<uint8_t> out(w.size() * 8);
   std::memcpy(out.data(), w.data(), out.size());
@@ -37,10 +49,11 @@ Result<EngineSample> DecodeEngineSample(std::span<const uint8_t> rec) {
   std::vector<uint64_t> w(rec.size() / 8);
   std::memcpy(w.data(), rec.data(), rec.size());
   if (w[0] != kSampleVersion)
-    return InvalidArgument("engine sample version " + std::to_string(w[0]) + "; this build reads 1");
-  if (w.size() != kHeaderWords + 3 * w[10])
-    return InvalidArgument("engine sample names " + std::to_string(w[10]) + " domains but holds " +
-                           std::to_string(w.size()) + " words");
+    return InvalidArgument("engine sample version " + std::to_string(w[0]) + "; this build reads " +
+                           std::to_string(kSampleVersion));
+  if (w[10] > 64 || w[11] > kMaxSamplePeers || w.size() != kHeaderWords + 3 * w[10] + 4 * w[11])
+    return InvalidArgument("engine sample names " + std::to_string(w[10]) + " domains and " +
+                           std::to_string(w[11]) + " peers but holds " + std::to_string(w.size()) + " words");
   EngineSample s;
   s.time_ns = w[1];
   auto& t = s.stats;
@@ -54,6 +67,9 @@ Result<EngineSample> DecodeEngineSample(std::span<const uint8_t> rec) {
   t.latency_p99_us = w[9];
   for (size_t d = 0; d < w[10]; ++d)
     t.domains.push_back({w[kHeaderWords + 3 * d], w[kHeaderWords + 3 * d + 1], w[kHeaderWords + 3 * d + 2]});
+  const size_t p0 = kHeaderWords + 3 * w[10];
+  for (size_t p = 0; p < w[11]; ++p)
+    t.peers.push_back({w[p0 + 4 * p], w[p0 + 4 * p + 1], w[p0 + 4 * p + 2], w[p0 + 4 * p + 3]});
   return s;
 }
 

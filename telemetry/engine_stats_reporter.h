@@ -4,7 +4,8 @@
 // record to an append list through a Reporter: engine-wide counters, request
 // latency percentiles, and per-domain (per-NIC) writes, bytes and errors.
 // The collector runs nothing to ingest them; readers follow the ring and
-// decode samples with DecodeEngineSample. The observed engine may be the one
+// decode samples with DecodeEngineSample. Per-peer counters are included
+// for the kMaxSamplePeers busiest peers. The observed engine may be the one
 // that carries the writes.
 #pragma once
 
@@ -24,8 +25,11 @@ struct EngineSample {
   EngineStats stats;
 };
 
-// Bytes a sample of an engine with `domains` domains takes in a record.
-size_t EngineSampleBytes(size_t domains);
+// A sample carries at most this many peers (the busiest by bytes).
+inline constexpr size_t kMaxSamplePeers = 16;
+// Bytes a sample with `domains` domains and `peers` peers takes in a record;
+// size the collector's record_bytes with EngineSampleBytes(domains, kMaxSamplePeers).
+size_t EngineSampleBytes(size_t domains, size_t peers = kMaxSamplePeers);
 std::vector<uint8_t> EncodeEngineSample(const EngineSample& sample);
 Result<EngineSample> DecodeEngineSample(std::span<const uint8_t> record);
 

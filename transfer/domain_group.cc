@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace te {
@@ -154,6 +155,10 @@ bool DomainGroup::ProgressOnce() {
     CheckTimeouts(now);
     next_timeout_check_ = now + kTimeoutCheckInterval;
   }
+  if (peer_stats_dirty_ && now >= next_peer_snapshot_) {
+    PublishPeerStats();
+    next_peer_snapshot_ = now + std::chrono::milliseconds(10);
+  }
   FlushReady();
   return active;
 }
@@ -189,6 +194,10 @@ bool DomainGroup::PostPending(size_t d) {
       continue;
     }
     ++inflight_[d];
+    PeerStats& ps = peer_stats_[w->peer_id];
+    ps.writes_posted += !w->is_send;
+    ps.bytes_written += w->is_send ? 0 : w->op.length;
+    peer_stats_dirty_ = true;
     if (!w->is_send) {
       stats_.writes.fetch_add(1, std::memory_order_relaxed);
       stats_.bytes.fetch_add(w->op.length, std::memory_order_relaxed);
@@ -214,7 +223,11 @@ void DomainGroup::OnSendError(void* context, const Status& status) {
 
 void DomainGroup::CompleteWork(Work* w, const Status& status) {
   RequestState* r = w->req;
-  if (!status.ok()) stats_.domains[w->domain].errors.fetch_add(1, std::memory_order_relaxed);
+  if (!status.ok()) {
+    stats_.domains[w->domain].errors.fetch_add(1, std::memory_order_relaxed);
+    peer_stats_[w->peer_id].errors++;
+    peer_stats_dirty_ = true;
+  }
   if (!status.ok() && !r->failed) Fail(r, status);
   if (--r->outstanding == 0) Finish(r);
 }
@@ -256,6 +269,21 @@ void DomainGroup::CheckTimeouts(Clock::time_point now) {
                     std::to_string(r->outstanding) + " of " + std::to_string(r->works.size()) +
                     " operations outstanding (peer unreachable or dead?)"));
   }
+}
+
+void DomainGroup::PublishPeerStats() {
+  std::vector<PeerStats> snap;
+  snap.reserve(peer_stats_.size());
+  for (const auto& [id, ps] : peer_stats_) {
+    snap.push_back(ps);
+    snap.back().peer_id = id;
+  }
+  std::sort(snap.begin(), snap.end(), [](const PeerStats& a, const PeerStats& b) {
+    return a.bytes_written > b.bytes_written;
+  });
+  std::lock_guard<std::mutex> lock(peer_snapshot_mu_);
+  peer_snapshot_ = std::move(snap);
+  peer_stats_dirty_ = false;
 }
 
 void DomainGroup::OnImm(uint32_t imm) { imm_batch_.push_back(imm); }
@@ -347,6 +375,10 @@ EngineStats DomainGroup::stats() const {
     }
     return uint64_t(1) << (kLatencyBuckets - 1);
   };
+  {
+    std::lock_guard<std::mutex> lock(peer_snapshot_mu_);
+    s.peers = peer_snapshot_;
+  }
   s.latency_p50_us = percentile(0.5);
   s.latency_p99_us = percentile(0.99);
   return s;

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "nic/domain.h"
@@ -37,6 +38,7 @@ struct Work {
   bool is_send = false;
   nic::WriteOp op;                 // writes
   nic::PeerAddr send_peer = 0;     // sends
+  uint64_t peer_id = 0;            // Peer::id(), for per-peer statistics
   std::vector<uint8_t> message;    // sends: header + payload
 };
 
@@ -129,6 +131,14 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<uint32_t> imm_batch_;
   std::vector<ImmCounter::Callback> ready_;
   std::chrono::steady_clock::time_point next_timeout_check_;
+
+  // Per-peer counters: owned by the worker, published as a snapshot.
+  std::unordered_map<uint64_t, PeerStats> peer_stats_;
+  std::chrono::steady_clock::time_point next_peer_snapshot_;
+  bool peer_stats_dirty_ = false;
+  mutable std::mutex peer_snapshot_mu_;
+  std::vector<PeerStats> peer_snapshot_;
+  void PublishPeerStats();
 
   ImmCounter imm_counter_;
   CallbackExecutor callbacks_;

@@ -15,10 +15,12 @@ namespace te {
 
 class Peer {
  public:
-  Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver)
-      : address_(std::move(address)), via_domain_(std::move(via_domain)), resolver_(resolver) {}
+  Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver);
 
   const EngineAddress& address() const { return address_; }
+  // A stable 64-bit name for the peer (a hash of its address), the same in
+  // every process: what per-peer statistics are keyed by.
+  uint64_t id() const { return id_; }
   size_t remote_domains() const { return address_.domains.size(); }
   // Local domain d reaches remote domain d % remote_domains() through this
   // address-vector entry.
@@ -31,6 +33,7 @@ class Peer {
   EngineAddress address_;
   std::vector<nic::PeerAddr> via_domain_;
   const void* resolver_;
+  uint64_t id_;
 };
 using PeerRef = std::shared_ptr<const Peer>;
 

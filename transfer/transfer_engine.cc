@@ -6,6 +6,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "base/crc32c.h"
 #include "nic/fabric/fabric_domain.h"
 #include "nic/topology/topology.h"
 #include "transfer/domain_group.h"
@@ -26,6 +27,16 @@ MemoryRegion::~MemoryRegion() {
     Status st = domains_[i]->Deregister(regs_[i]);
     if (!st.ok()) LOG(WARNING) << "deregistering a region: " << st.ToString();
   }
+}
+
+// ---- Peer ----
+
+Peer::Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver)
+    : address_(std::move(address)), via_domain_(std::move(via_domain)), resolver_(resolver) {
+  const auto bytes = address_.Serialize();
+  const uint32_t lo = Crc32c(bytes.data(), bytes.size());
+  const uint32_t hi = Crc32c(bytes.data(), bytes.size(), 0x9E3779B9u);
+  id_ = uint64_t(hi) << 32 | lo;
 }
 
 // ---- Peer cache ----
@@ -225,6 +236,7 @@ Status TransferEngine::Submit(Request request, Completion completion) {
       w.op.local_desc = r->src->registration(pw.domain).desc;
     }
     w.op.peer = peer.via(pw.domain);
+    w.peer_id = peer.id();
     const auto& key = pw.dst->key_for(pw.domain);
     w.op.remote_addr = key.remote_base + pw.dst_offset;
     w.op.rkey = key.rkey;
@@ -289,6 +301,7 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data,
   w.domain = 0;
   w.is_send = true;
   w.send_peer = peer->via(0);
+  w.peer_id = peer->id();
   const auto& addr = group_->local_address();
   w.message.resize(6 + addr.size() + data.size());
   const uint32_t magic = DomainGroup::kMessageMagic;

@@ -57,6 +57,14 @@ struct DomainStats {
   uint64_t errors = 0;  // writes and sends that completed with an error
 };
 
+// Per-peer counters (writes and control messages to that peer).
+struct PeerStats {
+  uint64_t peer_id = 0;  // Peer::id()
+  uint64_t writes_posted = 0;
+  uint64_t bytes_written = 0;
+  uint64_t errors = 0;
+};
+
 // Per-engine counters, read at any time.
 struct EngineStats {
   uint64_t requests_submitted = 0;
@@ -68,6 +76,8 @@ struct EngineStats {
   uint64_t messages_received = 0;
   uint64_t messages_dropped = 0;
   std::vector<DomainStats> domains;
+  // Per peer, as of the worker's last snapshot (taken every 10 ms).
+  std::vector<PeerStats> peers;
   // Submit-to-completion time of successful requests, from a histogram with
   // power-of-two microsecond buckets: each figure is its bucket's upper bound.
   uint64_t latency_p50_us = 0;

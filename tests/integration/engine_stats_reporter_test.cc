@@ -19,7 +19,7 @@ TEST(EngineStatsReporter, EngineReportsItsOwnHealthIntoACollector) {
 
   CollectorInfo layout;
   layout.store = {1024, 20, 2, 1};
-  layout.lists = {1, 2, 64, uint32_t(EngineSampleBytes(2))};
+  layout.lists = {1, 2, 64, uint32_t(EngineSampleBytes(2, kMaxSamplePeers))};
   auto collector = Collector::Create(collector_engine.get(), layout).value();
 
   // Traffic to observe: 10 writes of 1 MiB, sharded over the 2 domains.
@@ -65,6 +65,13 @@ TEST(EngineStatsReporter, EngineReportsItsOwnHealthIntoACollector) {
   EXPECT_GE(last.stats.domains[1].bytes_written, 10u * (512 << 10));
   EXPECT_EQ(last.stats.domains[0].errors, 0u);
   EXPECT_GT(last.stats.latency_p50_us, 0u);
+  // One peer (the collector's engine) took all of it, named by its id.
+  ASSERT_EQ(last.stats.peers.size(), 1u);
+  EXPECT_EQ(last.stats.peers[0].peer_id, remote->peer()->id());
+  // The peer snapshot trails the live domain counters by up to 10 ms.
+  EXPECT_GE(last.stats.peers[0].bytes_written, 10u << 20);
+  EXPECT_LE(last.stats.peers[0].bytes_written,
+            last.stats.domains[0].bytes_written + last.stats.domains[1].bytes_written);
   EXPECT_GE(last.stats.latency_p99_us, last.stats.latency_p50_us);
   // No ring other than this reporter's was touched.
   uint64_t other = 0;
