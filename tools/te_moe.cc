@@ -25,7 +25,9 @@ DEFINE_uint32(experts, 64, "gen: experts per layer");
 DEFINE_uint32(topk, 8, "gen: experts per token");
 DEFINE_double(affinity, 0.8, "gen: probability a token follows its expert's planted successor");
 DEFINE_double(skew, 0.5, "gen: Zipf exponent of expert popularity");
-DEFINE_uint64(seed, 1, "gen: seed; place: seed of the random baseline");
+DEFINE_uint64(seed, 1, "gen: seed of the model (popularity, planted successors); place: seed of the random baseline");
+DEFINE_uint64(sample_seed, 0, "gen: which tokens are drawn from the model (another value gives a held-out trace)");
+DEFINE_string(eval_trace, "", "place: judge placements on this (held-out) trace instead of --trace");
 DEFINE_uint32(ranks, 8, "place: EP ranks");
 DEFINE_uint32(nodes, 1, "place: nodes the ranks are split into");
 DEFINE_double(load_slack, 0.25, "place: rank load cap is (1 + slack) x mean, where feasible");
@@ -42,7 +44,7 @@ namespace {
 
 int Gen() {
   if (FLAGS_out.empty()) Die("gen needs --out=FILE");
-  te::moe::TraceOptions o{FLAGS_tokens, FLAGS_layers, FLAGS_topk, FLAGS_experts, FLAGS_affinity, FLAGS_skew, FLAGS_seed};
+  te::moe::TraceOptions o{FLAGS_tokens, FLAGS_layers, FLAGS_topk, FLAGS_experts, FLAGS_affinity, FLAGS_skew, FLAGS_seed, FLAGS_sample_seed};
   auto t = te::moe::GenerateTrace(o);
   if (!t.ok()) Die(t.status().ToString());
   auto st = te::moe::WriteTrace(t.value(), FLAGS_out);
@@ -57,6 +59,17 @@ int Place() {
   auto trace = te::moe::ReadTrace(FLAGS_trace);
   if (!trace.ok()) Die(trace.status().ToString());
   const auto& t = trace.value();
+  te::moe::RoutingTrace eval_trace;
+  if (!FLAGS_eval_trace.empty()) {
+    auto e = te::moe::ReadTrace(FLAGS_eval_trace);
+    if (!e.ok()) Die(e.status().ToString());
+    eval_trace = std::move(e).value();
+    if (eval_trace.layers != t.layers || eval_trace.experts != t.experts)
+      Die("--eval_trace has " + std::to_string(eval_trace.layers) + " layers x " +
+          std::to_string(eval_trace.experts) + " experts; --trace has " + std::to_string(t.layers) + " x " +
+          std::to_string(t.experts));
+  }
+  const auto& judged = FLAGS_eval_trace.empty() ? t : eval_trace;
   if (auto st = te::moe::CheckShape(t.experts, FLAGS_ranks, FLAGS_nodes); !st.ok()) Die(st.ToString());
   const auto t0 = std::chrono::steady_clock::now();
   const auto affinity = te::moe::ExpertAffinity::FromTrace(t);
@@ -72,13 +85,14 @@ int Place() {
     te::moe::PlacementStats s;
   };
   std::vector<Row> rows = {
-      {"round-robin", Evaluate(t, te::moe::RoundRobinPlacement(t.layers, t.experts, FLAGS_ranks), FLAGS_nodes)},
-      {"random", Evaluate(t, te::moe::RandomPlacement(t.layers, t.experts, FLAGS_ranks, FLAGS_seed), FLAGS_nodes)},
-      {"affinity", Evaluate(t, placed.value(), FLAGS_nodes)}};
+      {"round-robin", Evaluate(judged, te::moe::RoundRobinPlacement(t.layers, t.experts, FLAGS_ranks), FLAGS_nodes)},
+      {"random", Evaluate(judged, te::moe::RandomPlacement(t.layers, t.experts, FLAGS_ranks, FLAGS_seed), FLAGS_nodes)},
+      {"affinity", Evaluate(judged, placed.value(), FLAGS_nodes)}};
   const double base = rows[0].s.cross_rank_hops_per_token;
   if (!FLAGS_json) {
-    printf("trace: %u tokens x %u layers x top-%u of %u experts; %u ranks in %u node(s); solved in %.2f s\n",
-           t.tokens, t.layers, t.topk, t.experts, FLAGS_ranks, FLAGS_nodes, solve_s);
+    printf("trace: %u tokens x %u layers x top-%u of %u experts; %u ranks in %u node(s); solved in %.2f s%s\n",
+           t.tokens, t.layers, t.topk, t.experts, FLAGS_ranks, FLAGS_nodes, solve_s,
+           FLAGS_eval_trace.empty() ? "" : "; judged on the held-out --eval_trace");
     printf("%-12s %18s %18s %14s %16s\n", "placement", "cross-rank/token", "cross-node/token", "vs round-robin",
            "load imbalance");
   }
