@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "base/crc32c.h"
+#include "tools/exit_on_error.h"
 #include "nic/fabric/raw_write_loop.h"
 #include "transfer/transfer_engine.h"
 
@@ -64,19 +65,10 @@ constexpr uint32_t kRawDataImm = 0x200, kRawAckImm = 0x201, kRawPingImm = 0x202;
 constexpr size_t kPagesInRegion = 1024;
 constexpr size_t kPageSlack = 128;
 
-[[noreturn]] void Die(const std::string& what) {
-  fprintf(stderr, "te-bench: %s\n", what.c_str());
-  exit(1);
-}
-
+[[noreturn]] void Die(const std::string& what) { te::tools::Die("te-bench", what); }
 template <typename T>
-T Must(te::Result<T> r, const char* what) {
-  if (!r.ok()) Die(std::string(what) + ": " + r.status().ToString());
-  return std::move(r).value();
-}
-void Must(const te::Status& s, const char* what) {
-  if (!s.ok()) Die(std::string(what) + ": " + s.ToString());
-}
+T Must(te::Result<T> r, const char* step) { return te::tools::Must("te-bench", std::move(r), step); }
+void Must(const te::Status& s, const char* step) { te::tools::Must("te-bench", s, step); }
 
 uint64_t ParseSize(const std::string& s) {
   char* end = nullptr;

@@ -28,6 +28,7 @@
 #include "telemetry/collector.h"
 #include "telemetry/flow_records.h"
 #include "telemetry/reporter.h"
+#include "tools/exit_on_error.h"
 
 DEFINE_string(provider, "tcp", "libfabric provider");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
@@ -52,18 +53,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 namespace tl = te::telemetry;
 
-[[noreturn]] void Die(const std::string& s) {
-  fprintf(stderr, "te-telemetry: %s\n", s.c_str());
-  exit(1);
-}
+[[noreturn]] void Die(const std::string& what) { te::tools::Die("te-telemetry", what); }
 template <typename T>
-T Must(te::Result<T> r, const char* what) {
-  if (!r.ok()) Die(std::string(what) + ": " + r.status().ToString());
-  return std::move(r).value();
-}
-void Must(const te::Status& s, const char* what) {
-  if (!s.ok()) Die(std::string(what) + ": " + s.ToString());
-}
+T Must(te::Result<T> r, const char* step) { return te::tools::Must("te-telemetry", std::move(r), step); }
+void Must(const te::Status& s, const char* step) { te::tools::Must("te-telemetry", s, step); }
 
 te::EngineOptions Engine() {
   te::EngineOptions o;
