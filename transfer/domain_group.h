@@ -74,7 +74,6 @@ class DomainGroup final : private nic::CompletionHandler {
   void Start();  // starts the worker (kThread mode)
 
   const std::vector<std::shared_ptr<nic::Domain>>& domains() const { return domains_; }
-  size_t max_inflight(size_t d) const { return max_inflight_[d]; }
 
   // Hands a fully planned request to the worker.
   void Enqueue(RequestState* request);
@@ -158,7 +157,6 @@ class DomainGroup final : private nic::CompletionHandler {
     std::unique_ptr<AtomicDomainStats[]> domains;
   };
   mutable AtomicStats stats_;
-  friend class TransferEngine;
 };
 
 }  // namespace te

@@ -1,7 +1,5 @@
 #include "nic/fabric/fabric_domain.h"
 
-#include <rdma/fi_cm.h>
-
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -186,7 +184,8 @@ class FabricDomain final : public Domain {
     fi_cq_data_entry entries[kBatch];
     int total = 0;
     while (total < max) {
-      ssize_t n = fi_cq_read(res_->cq, entries, std::min(kBatch, max - total));
+      const int asked = std::min(kBatch, max - total);
+      ssize_t n = fi_cq_read(res_->cq, entries, asked);
       if (n == -FI_EAGAIN) break;
       if (n == -FI_EAVAIL) {
         HandleError(handler);
@@ -199,7 +198,7 @@ class FabricDomain final : public Domain {
       }
       for (ssize_t i = 0; i < n; ++i) HandleEntry(entries[i], handler);
       total += int(n);
-      if (n < std::min(kBatch, max - total + int(n))) break;
+      if (n < asked) break;  // the CQ is drained
     }
     return total;
   }
