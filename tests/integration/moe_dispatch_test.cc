@@ -1,0 +1,231 @@
+// MoE dispatch/combine over the transfer engine: EP ranks as threads of one
+// process, each with its own engine, checked bit for bit against the
+// reference over several layers (so both buffer parities are reused).
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "integration/moe_group.h"
+#include "integration/test_support.h"
+
+namespace te::testing {
+namespace {
+
+using moe::EpConfig;
+using moe::EpDispatcher;
+using moe::ExpertMap;
+
+EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) {
+  EpConfig c;
+  c.ranks = ranks;
+  c.experts = 16;
+  c.topk = 4;
+  c.hidden = 256;
+  c.max_tokens = 48;
+  c.payload = payload;
+  c.timeout = std::chrono::milliseconds(5000);
+  return c;
+}
+
+struct Group {
+  std::vector<std::unique_ptr<TransferEngine>> engines;
+  std::vector<std::unique_ptr<EpDispatcher>> ranks;
+};
+
+Group MakeGroup(EpConfig shape, const EngineOptions& options) {
+  Group g;
+  std::vector<std::string> infos;
+  for (uint32_t r = 0; r < shape.ranks; ++r) {
+    auto e = TransferEngine::Create(options);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (!e.ok()) return {};
+    g.engines.push_back(std::move(e).value());
+    shape.rank = r;
+    auto d = EpDispatcher::Create(g.engines.back().get(), shape);
+    EXPECT_TRUE(d.ok()) << d.status().ToString();
+    if (!d.ok()) return {};
+    g.ranks.push_back(std::move(d).value());
+    infos.push_back(g.ranks.back()->LocalInfo());
+  }
+  for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
+  return g;
+}
+
+// Every rank runs `layers` layers on its own thread; all must match the reference.
+void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens,
+              uint32_t layers, uint64_t seed = 7) {
+  ASSERT_FALSE(g.ranks.empty());
+  std::vector<std::string> errors(g.ranks.size());
+  std::vector<std::thread> threads;
+  for (size_t r = 0; r < g.ranks.size(); ++r)
+    threads.emplace_back([&, r] { errors[r] = RunRank(*g.ranks[r], map, routing, tokens, seed, layers); });
+  for (auto& t : threads) t.join();
+  for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+TEST(MoeDispatch, RandomRoutingBf16Tcp4Ranks) {
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kRandom, {48, 48, 48, 48}, 5);
+}
+
+TEST(MoeDispatch, RandomRoutingFp8Tcp4Ranks) {
+  Group g = MakeGroup(Shape(4, moe::Payload::kFp8E4M3), Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kRandom, {40, 17, 48, 1}, 4);
+}
+
+TEST(MoeDispatch, ShmTwoDomainsThreeRanks) {
+  EpConfig shape = Shape(3);
+  shape.experts = 15;
+  Group g = MakeGroup(shape, Options("shm", 2));
+  RunGroup(g, ExpertMap::Contiguous(15, 3).value(), Routing::kRandom, {30, 48, 12}, 4);
+}
+
+TEST(MoeDispatch, ManualProgressTcp3Ranks) {
+  EngineOptions o = Options("tcp");
+  o.progress = ProgressMode::kManual;
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  Group g = MakeGroup(shape, o);
+  RunGroup(g, ExpertMap::Contiguous(12, 3).value(), Routing::kRandom, {48, 48, 48}, 4);
+}
+
+// Every token to expert 0: rank 0 takes all of them, far beyond its private
+// slots, through the shared overflow region.
+TEST(MoeDispatch, SkewedRoutingGoesThroughOverflow) {
+  EpConfig shape = Shape(4);
+  shape.private_tokens = 5;
+  Group g = MakeGroup(shape, Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kSkewed, {48, 48, 48, 48}, 4);
+  for (auto& d : g.ranks) EXPECT_EQ(d->overflow_records_sent(), 4u * (48 - 5)) << "rank " << d->config().rank;
+}
+
+TEST(MoeDispatch, RandomRoutingWithTinyPrivateSlots) {
+  EpConfig shape = Shape(4);
+  shape.private_tokens = 1;
+  Group g = MakeGroup(shape, Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kRandom, {48, 48, 48, 48}, 3);
+  uint64_t overflow = 0;
+  for (auto& d : g.ranks) overflow += d->overflow_records_sent();
+  EXPECT_GT(overflow, 0u);
+}
+
+TEST(MoeDispatch, EmptyRanksAndZeroTokens) {
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(16, 4).value();
+  RunGroup(g, map, Routing::kRandom, {0, 48, 0, 3}, 3, 11);
+  RunGroup(g, map, Routing::kRandom, {0, 0, 0, 0}, 2, 12);
+  RunGroup(g, map, Routing::kNone, {48, 48, 48, 48}, 2, 13);
+}
+
+TEST(MoeDispatch, AllExpertsLocal) {
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kLocal, {48, 20, 48, 7}, 3);
+}
+
+// A placement that leaves rank 2 without experts and gives rank 0 eight.
+TEST(MoeDispatch, UnevenPlacementWithAnExpertlessRank) {
+  std::vector<uint32_t> rank_of(16);
+  for (uint32_t e = 0; e < 16; ++e) rank_of[e] = e < 8 ? 0 : (e % 2 ? 1 : 3);
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  RunGroup(g, ExpertMap::FromRanks(rank_of, 4).value(), Routing::kRandom, {48, 48, 48, 48}, 3);
+}
+
+// Too little overflow for a skewed layer: every rank fails alike with
+// kUnavailable, nobody hangs, and later calls are refused.
+TEST(MoeDispatch, OverflowTooSmallFailsOnEveryRank) {
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  shape.private_tokens = 4;
+  shape.overflow_tokens = 10;
+  Group g = MakeGroup(shape, Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
+  std::vector<Status> results(3);
+  std::vector<std::thread> threads;
+  for (uint32_t r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kSkewed, 48, 1, 0, r);
+      moe::DispatchResult out;
+      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
+    });
+  for (auto& t : threads) t.join();
+  for (uint32_t r = 0; r < 3; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::kUnavailable) << results[r].ToString();
+    EXPECT_NE(results[r].message().find("overflow region holds 10"), std::string::npos) << results[r].ToString();
+  }
+  BatchData b = MakeBatch(g.ranks[0]->config(), map, Routing::kRandom, 4, 1, 1, 0);
+  moe::DispatchResult out;
+  EXPECT_EQ(g.ranks[0]->Dispatch(b.view(), map, &out).code(), StatusCode::kUnavailable);
+}
+
+// A rank that never dispatches: the others fail with kTimeout naming the
+// count rows they waited for, within the configured timeout.
+TEST(MoeDispatch, SilentPeerTimesOut) {
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  shape.timeout = std::chrono::milliseconds(400);
+  Group g = MakeGroup(shape, Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
+  std::vector<Status> results(2);
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kRandom, 16, 1, 0, r);
+      moe::DispatchResult out;
+      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::kTimeout) << results[r].ToString();
+    EXPECT_NE(results[r].message().find("count rows"), std::string::npos) << results[r].ToString();
+  }
+}
+
+TEST(MoeDispatch, BadInputIsRefusedWithAClearError) {
+  Group g = MakeGroup(Shape(2), Options("tcp"));
+  EpDispatcher& d = *g.ranks[0];
+  const ExpertMap map = ExpertMap::Contiguous(16, 2).value();
+  BatchData b = MakeBatch(d.config(), map, Routing::kRandom, 4, 1, 0, 0);
+  moe::DispatchResult out;
+
+  b.idx[5] = 16;
+  Status s = d.Dispatch(b.view(), map, &out);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("topk_idx[1][1] = 16, outside [-1, 16)"), std::string::npos) << s.ToString();
+
+  b.idx[5] = b.idx[4] = 3;
+  s = d.Dispatch(b.view(), map, &out);
+  EXPECT_NE(s.message().find("names expert 3 twice"), std::string::npos) << s.ToString();
+
+  BatchData big = MakeBatch(d.config(), map, Routing::kRandom, 49, 1, 0, 0);
+  s = d.Dispatch(big.view(), map, &out);
+  EXPECT_NE(s.message().find("tokens 49 exceeds max_tokens 48"), std::string::npos) << s.ToString();
+
+  s = d.Dispatch(b.view(), ExpertMap::Contiguous(16, 4).value(), &out);
+  EXPECT_NE(s.message().find("expert map has 16 experts on 4 ranks"), std::string::npos) << s.ToString();
+
+  s = d.Combine({}, out, nullptr);
+  EXPECT_NE(s.message().find("Combine without a pending Dispatch"), std::string::npos) << s.ToString();
+
+  EpConfig bad = Shape(2, moe::Payload::kFp8E4M3);
+  bad.hidden = 200;
+  auto created = EpDispatcher::Create(g.engines[0].get(), bad);
+  ASSERT_FALSE(created.ok());
+  EXPECT_NE(created.status().message().find("multiple of 128"), std::string::npos);
+
+  // A group whose ranks disagree on the shape does not connect.
+  EpConfig other = Shape(2);
+  other.rank = 1;
+  other.hidden = 512;
+  auto d1 = EpDispatcher::Create(g.engines[1].get(), other);
+  ASSERT_TRUE(d1.ok());
+  s = d.Connect({d.LocalInfo(), (*d1)->LocalInfo()});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("rank 1 has shape"), std::string::npos) << s.ToString();
+  s = d.Connect({(*d1)->LocalInfo(), d.LocalInfo()});
+  EXPECT_NE(s.message().find("infos[0] comes from rank 1"), std::string::npos) << s.ToString();
+}
+
+}  // namespace
+}  // namespace te::testing

@@ -1,0 +1,164 @@
+// Helpers for the MoE dispatch/combine tests: routing scenarios, batches
+// generated from a seed (so every process can rebuild every rank's inputs),
+// and one rank's check of a layer against the reference.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "moe/dispatch_reference.h"
+#include "moe/ep_dispatcher.h"
+#include "moe/numeric_formats.h"
+#include "moe/synthetic_expert.h"
+
+namespace te::testing {
+
+enum class Routing {
+  kRandom,      // top-k distinct experts, uniform, some slots -1
+  kSkewed,      // every token to expert 0 only
+  kLocal,       // every token's experts on its own rank
+  kNone,        // no token has an expert
+};
+
+struct BatchData {
+  std::vector<uint8_t> data;
+  std::vector<float> scales;
+  std::vector<int32_t> idx;
+  std::vector<float> weights;
+  uint32_t tokens = 0;
+  moe::TokenBatch view() const {
+    return {tokens, data.data(), scales.empty() ? nullptr : scales.data(), idx.data(), weights.data()};
+  }
+};
+
+// Rank `rank`'s batch of layer `layer`: a function of (seed, layer, rank) only.
+inline BatchData MakeBatch(const moe::EpConfig& c, const moe::ExpertMap& map, Routing routing, uint32_t tokens,
+                           uint64_t seed, uint32_t layer, uint32_t rank) {
+  std::mt19937_64 rng(seed * 1000003 + layer * 1009 + rank);
+  BatchData b;
+  b.tokens = tokens;
+  b.data.resize(size_t(tokens) * c.token_bytes());
+  if (c.payload == moe::Payload::kBf16) {
+    for (size_t i = 0; i < size_t(tokens) * c.hidden; ++i) {
+      uint16_t v = moe::FloatToBf16(float(int(rng() % 2001) - 1000) / 256.0f);
+      std::memcpy(&b.data[i * 2], &v, 2);
+    }
+  } else {
+    for (auto& x : b.data) x = moe::FloatToFp8E4M3(float(int(rng() % 801) - 400) / 64.0f);
+    b.scales.resize(size_t(tokens) * c.scale_count());
+    for (auto& s : b.scales) s = float(1 + rng() % 16) / 8.0f;
+  }
+  b.idx.assign(size_t(tokens) * c.topk, -1);
+  b.weights.assign(size_t(tokens) * c.topk, 0.0f);
+  const auto& local = map.local_experts(rank);
+  for (uint32_t t = 0; t < tokens; ++t) {
+    int32_t* idx = &b.idx[size_t(t) * c.topk];
+    if (routing == Routing::kSkewed) {
+      idx[0] = 0;
+    } else if (routing == Routing::kLocal) {
+      for (uint32_t k = 0; k < c.topk && k < local.size(); ++k) idx[k] = int32_t(local[(t + k) % local.size()]);
+    } else if (routing == Routing::kRandom) {
+      for (uint32_t k = 0; k < c.topk; ++k) {
+        if (rng() % 8 == 0) continue;  // some empty slots
+        int32_t e;
+        bool dup;
+        do {
+          e = int32_t(rng() % c.experts);
+          dup = false;
+          for (uint32_t j = 0; j < k; ++j) dup |= idx[j] == e;
+        } while (dup);
+        idx[k] = e;
+      }
+    }
+    for (uint32_t k = 0; k < c.topk; ++k) b.weights[size_t(t) * c.topk + k] = float(1 + rng() % 64) / 64.0f;
+  }
+  return b;
+}
+
+// The reference's view of one layer: every rank's inputs, dispatch results,
+// synthetic outputs and combined results.
+struct ReferenceLayer {
+  std::vector<BatchData> batches;
+  std::vector<std::vector<moe::ExpertTokens>> dispatched;
+  std::vector<std::vector<std::vector<uint16_t>>> outputs;
+  std::vector<std::vector<uint16_t>> combined;
+};
+
+inline ReferenceLayer RunReference(const moe::EpConfig& c, const moe::ExpertMap& map, Routing routing,
+                                   const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layer) {
+  ReferenceLayer ref;
+  std::vector<moe::TokenBatch> views;
+  for (uint32_t r = 0; r < c.ranks; ++r) ref.batches.push_back(MakeBatch(c, map, routing, tokens[r], seed, layer, r));
+  for (auto& b : ref.batches) views.push_back(b.view());
+  auto d = moe::ReferenceDispatch(c, map, views);
+  EXPECT_TRUE(d.ok()) << d.status().ToString();
+  ref.dispatched = std::move(d).value();
+  std::vector<moe::ExpertOutputs> outs(c.ranks);
+  ref.outputs.resize(c.ranks);
+  for (uint32_t r = 0; r < c.ranks; ++r) {
+    ref.outputs[r].resize(ref.dispatched[r].size());
+    for (size_t i = 0; i < ref.dispatched[r].size(); ++i) {
+      moe::SyntheticExpert(c, ref.dispatched[r][i], &ref.outputs[r][i]);
+      outs[r].push_back(ref.outputs[r][i].data());
+    }
+  }
+  auto comb = moe::ReferenceCombine(c, map, views, ref.dispatched, outs);
+  EXPECT_TRUE(comb.ok()) << comb.status().ToString();
+  ref.combined = std::move(comb).value();
+  return ref;
+}
+
+// Bit-for-bit comparison of one rank's dispatch result with the reference;
+// returns a description of the first difference, empty when equal.
+inline std::string CompareDispatch(const std::vector<moe::ExpertTokens>& ref, const moe::DispatchResult& got) {
+  if (ref.size() != got.experts.size())
+    return "local experts: " + std::to_string(got.experts.size()) + " vs " + std::to_string(ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const auto &a = ref[i], &b = got.experts[i];
+    const std::string e = "expert " + std::to_string(a.expert) + ": ";
+    if (a.expert != b.expert) return e + "id " + std::to_string(b.expert);
+    if (a.count != b.count) return e + "count " + std::to_string(b.count) + " vs " + std::to_string(a.count);
+    if (a.src_rank != b.src_rank || a.src_token != b.src_token) return e + "sources differ";
+    if (a.data != b.data) return e + "token bytes differ";
+    if (a.scales != b.scales) return e + "scales differ";
+    if (a.weights != b.weights) return e + "weights differ";
+  }
+  return "";
+}
+
+// One rank's part of `layers` layers: dispatch, synthetic experts, combine,
+// each compared with the reference. Returns "" or the first failure.
+inline std::string RunRank(moe::EpDispatcher& d, const moe::ExpertMap& map, Routing routing,
+                           const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layers) {
+  const moe::EpConfig& c = d.config();
+  moe::DispatchResult result;
+  for (uint32_t l = 0; l < layers; ++l) {
+    ReferenceLayer ref = RunReference(c, map, routing, tokens, seed, l);
+    Status s = d.Dispatch(ref.batches[c.rank].view(), map, &result);
+    if (!s.ok()) return "layer " + std::to_string(l) + " dispatch: " + s.ToString();
+    std::string diff = CompareDispatch(ref.dispatched[c.rank], result);
+    if (!diff.empty()) return "layer " + std::to_string(l) + " dispatch: " + diff;
+    std::vector<std::vector<uint16_t>> outs(result.experts.size());
+    moe::ExpertOutputs views;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      moe::SyntheticExpert(c, result.experts[i], &outs[i]);
+      views.push_back(outs[i].data());
+    }
+    std::vector<uint16_t> combined(tokens[c.rank] * size_t(c.hidden), 0xffff);
+    s = d.Combine(views, result, combined.data());
+    if (!s.ok()) return "layer " + std::to_string(l) + " combine: " + s.ToString();
+    if (combined != ref.combined[c.rank]) {
+      size_t i = 0;
+      while (combined[i] == ref.combined[c.rank][i]) ++i;
+      return "layer " + std::to_string(l) + " combine differs at token " + std::to_string(i / c.hidden) +
+             " element " + std::to_string(i % c.hidden);
+    }
+  }
+  return "";
+}
+
+}  // namespace te::testing
