@@ -1,0 +1,189 @@
+// Unit layer of MoE dispatch/combine: number formats, expert maps, the
+// reference on a hand-worked case, and the record format with memcpy as the
+// transport.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "moe/dispatch_records.h"
+#include "moe/dispatch_reference.h"
+#include "moe/numeric_formats.h"
+
+namespace te::moe {
+namespace {
+
+TEST(NumericFormats, Bf16RoundsToNearestEven) {
+  EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(Bf16ToFloat(0x3f80), 1.0f);
+  // 1 + 2^-8 lies halfway between 1.0 and 1 + 2^-7: ties go to the even 1.0.
+  EXPECT_EQ(FloatToBf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);
+  // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 (odd) and 1 + 2^-6: goes up.
+  EXPECT_EQ(FloatToBf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);
+  EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(NAN))));
+  EXPECT_EQ(FloatToBf16(-2.5f), 0xc020);
+}
+
+TEST(NumericFormats, Fp8E4M3EveryCodeRoundTrips) {
+  for (int v = 0; v < 256; ++v) {
+    if ((v & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(Fp8E4M3ToFloat(uint8_t(v))));
+      continue;
+    }
+    EXPECT_EQ(FloatToFp8E4M3(Fp8E4M3ToFloat(uint8_t(v))), v) << "code " << v << " = " << Fp8E4M3ToFloat(uint8_t(v));
+  }
+  EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);
+  EXPECT_EQ(FloatToFp8E4M3(1000.0f), 0x7e);   // saturates
+  EXPECT_EQ(FloatToFp8E4M3(-1000.0f), 0xfe);
+  EXPECT_EQ(FloatToFp8E4M3(NAN), 0x7f);
+  EXPECT_EQ(Fp8E4M3ToFloat(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
+  EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);  // halfway 1.0 / 1.125: even (1.0)
+  EXPECT_EQ(FloatToFp8E4M3(1.1f), 0x39);     // nearest 1.125
+}
+
+TEST(ExpertMap, ContiguousAndFromRanks) {
+  auto m = ExpertMap::Contiguous(16, 4);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->rank_of(5), 1u);
+  EXPECT_EQ(m->local_index(5), 1u);
+  EXPECT_EQ(m->local_experts(3), (std::vector<uint32_t>{12, 13, 14, 15}));
+  EXPECT_FALSE(ExpertMap::Contiguous(10, 4).ok());
+  auto bad = ExpertMap::FromRanks({0, 1, 4}, 4);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("expert 2 on rank 4, outside [0, 4)"), std::string::npos);
+  auto other = ExpertMap::FromRanks({1, 0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 2, 2, 1, 0}, 4);
+  ASSERT_TRUE(other.ok());
+  EXPECT_NE(other->fingerprint(), m->fingerprint());
+  EXPECT_EQ(other->local_experts(0), (std::vector<uint32_t>{1, 2, 3, 15}));
+}
+
+TEST(EpConfig, ValidateNamesTheBadField) {
+  EpConfig c;
+  c.ranks = 4;
+  c.rank = 4;
+  c.experts = 16;
+  c.topk = 4;
+  c.hidden = 256;
+  c.max_tokens = 8;
+  EXPECT_NE(c.Validate().message().find("rank 4 outside [0, 4)"), std::string::npos);
+  c.rank = 0;
+  c.topk = 17;
+  EXPECT_NE(c.Validate().message().find("topk 17"), std::string::npos);
+  c.topk = 4;
+  c.private_tokens = 9;
+  EXPECT_NE(c.Validate().message().find("private_tokens 9 exceeds max_tokens 8"), std::string::npos);
+  c.private_tokens = 0;
+  EXPECT_TRUE(c.Validate().ok());
+  EXPECT_EQ(c.private_slot_tokens(), 4u);
+  EXPECT_EQ(c.overflow_slot_tokens(), 4u * (8 - 4));
+}
+
+// Two ranks, four experts (0, 1 on rank 0; 2, 3 on rank 1), top-2, hidden 2.
+TEST(Reference, HandWorkedCase) {
+  EpConfig c;
+  c.ranks = 2;
+  c.experts = 4;
+  c.topk = 2;
+  c.hidden = 2;
+  c.max_tokens = 2;
+  const ExpertMap map = ExpertMap::Contiguous(4, 2).value();
+  auto bf = [](float a, float b) {
+    std::vector<uint8_t> v(4);
+    uint16_t x = FloatToBf16(a), y = FloatToBf16(b);
+    std::memcpy(&v[0], &x, 2);
+    std::memcpy(&v[2], &y, 2);
+    return v;
+  };
+  // Rank 0: token 0 -> experts 1 (w .5) and 2 (w .25). Rank 1: token 0 -> 3 (w 1), token 1 -> none.
+  std::vector<uint8_t> d0 = bf(1, 2), d1 = bf(3, 4);
+  d1.insert(d1.end(), {0, 0, 0, 0});
+  std::vector<int32_t> i0{1, 2}, i1{3, -1, -1, -1};
+  std::vector<float> w0{0.5f, 0.25f}, w1{1, 0, 0, 0};
+  std::vector<TokenBatch> batches{{1, d0.data(), nullptr, i0.data(), w0.data()},
+                                  {2, d1.data(), nullptr, i1.data(), w1.data()}};
+  auto d = ReferenceDispatch(c, map, batches);
+  ASSERT_TRUE(d.ok());
+  ASSERT_EQ((*d)[0].size(), 2u);
+  EXPECT_EQ((*d)[0][0].count, 0u);             // expert 0
+  EXPECT_EQ((*d)[0][1].count, 1u);             // expert 1: rank 0's token 0
+  EXPECT_EQ((*d)[0][1].weights, std::vector<float>{0.5f});
+  EXPECT_EQ((*d)[1][0].count, 1u);             // expert 2: rank 0's token 0
+  EXPECT_EQ((*d)[1][1].count, 1u);             // expert 3: rank 1's token 0
+  EXPECT_EQ((*d)[1][1].src_rank, std::vector<uint32_t>{1});
+  EXPECT_EQ((*d)[1][1].data, bf(3, 4));
+  // Expert outputs: expert 1 gives (10, 20), expert 2 (100, 200), expert 3 (7, 8).
+  std::vector<uint16_t> o1{FloatToBf16(10), FloatToBf16(20)}, o2{FloatToBf16(100), FloatToBf16(200)},
+      o3{FloatToBf16(7), FloatToBf16(8)};
+  std::vector<ExpertOutputs> outs{{nullptr, o1.data()}, {o2.data(), o3.data()}};
+  auto comb = ReferenceCombine(c, map, batches, *d, outs);
+  ASSERT_TRUE(comb.ok());
+  // Rank 0 token 0: 0.5 * (10, 20) + 0.25 * (100, 200) = (30, 60).
+  EXPECT_EQ((*comb)[0], (std::vector<uint16_t>{FloatToBf16(30), FloatToBf16(60)}));
+  // Rank 1: token 0 = (7, 8), token 1 (no expert) = zeros.
+  EXPECT_EQ((*comb)[1], (std::vector<uint16_t>{FloatToBf16(7), FloatToBf16(8), 0, 0}));
+}
+
+// Pack every rank, move records with memcpy, unpack in source order: the
+// same lists as the reference.
+TEST(DispatchRecords, MemcpyTransportMatchesReference) {
+  EpConfig c;
+  c.ranks = 3;
+  c.experts = 9;
+  c.topk = 3;
+  c.hidden = 128;
+  c.max_tokens = 20;
+  c.payload = Payload::kFp8E4M3;
+  const ExpertMap map = ExpertMap::FromRanks({2, 0, 1, 1, 0, 2, 2, 0, 1}, 3).value();
+  std::vector<std::vector<uint8_t>> data(3);
+  std::vector<std::vector<float>> scales(3), weights(3);
+  std::vector<std::vector<int32_t>> idx(3);
+  std::vector<TokenBatch> batches;
+  for (uint32_t r = 0; r < 3; ++r) {
+    const uint32_t T = 20 - 7 * r;
+    data[r].resize(T * 128);
+    for (size_t i = 0; i < data[r].size(); ++i) data[r][i] = uint8_t(i * 7 + r);
+    scales[r].assign(T, 0.5f + r);
+    for (uint32_t t = 0; t < T; ++t)
+      for (int32_t k = 0; k < 3; ++k) {
+        idx[r].push_back(((t + r) % 4 == 0 && k == 2) ? -1 : int32_t((t * 2 + k * 3 + r) % 9));
+        weights[r].push_back(0.1f * float(k + 1));
+      }
+    batches.push_back({T, data[r].data(), scales[r].data(), idx[r].data(), weights[r].data()});
+    ASSERT_TRUE(ValidateBatch(c, map, batches.back()).ok());
+  }
+  auto ref = ReferenceDispatch(c, map, batches);
+  ASSERT_TRUE(ref.ok());
+
+  const size_t rec = RecordBytes(c);
+  EXPECT_EQ(rec % 64, 0u);
+  std::vector<std::vector<uint8_t>> staging(3, std::vector<uint8_t>(20 * 3 * rec));
+  std::vector<SendPlan> plans(3);
+  std::vector<DispatchHandle> send_handles(3);
+  for (uint32_t r = 0; r < 3; ++r) PackRecords(c, map, batches[r], staging[r].data(), &plans[r], &send_handles[r]);
+  for (uint32_t d = 0; d < 3; ++d) {
+    EpConfig cd = c;
+    cd.rank = d;
+    DispatchResult out;
+    ResetResult(cd, map, &out);
+    for (uint32_t s = 0; s < 3; ++s)
+      ASSERT_TRUE(UnpackRecords(cd, s, staging[s].data() + plans[s].rank_offset[d] * rec, plans[s].per_rank[d], &out)
+                      .ok());
+    ASSERT_EQ(out.experts.size(), (*ref)[d].size());
+    for (size_t i = 0; i < out.experts.size(); ++i) {
+      EXPECT_EQ(out.experts[i].src_token, (*ref)[d][i].src_token) << "rank " << d << " expert " << i;
+      EXPECT_EQ(out.experts[i].data, (*ref)[d][i].data);
+      EXPECT_EQ(out.experts[i].scales, (*ref)[d][i].scales);
+      EXPECT_EQ(out.experts[i].weights, (*ref)[d][i].weights);
+    }
+  }
+  // A record naming a local expert the receiver does not have is refused.
+  EpConfig c0 = c;
+  DispatchResult out;
+  ResetResult(c0, ExpertMap::FromRanks({1, 1, 1, 1, 1, 1, 1, 1, 0}, 3).value(), &out);  // rank 0: one expert
+  Status s = UnpackRecords(c0, 1, staging[1].data() + plans[1].rank_offset[0] * rec, plans[1].per_rank[0], &out);
+  EXPECT_EQ(s.code(), StatusCode::kInternal);
+  EXPECT_NE(s.message().find("disagree on the expert map"), std::string::npos) << s.ToString();
+}
+
+}  // namespace
+}  // namespace te::moe
