@@ -2,7 +2,7 @@
 # Installs what the build and tests need from Debian's archive (run as root).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
-PKGS=(build-essential cmake ninja-build pkg-config git
+PKGS=(build-essential cmake ninja-build pkg-config git libopenmpi-dev openmpi-bin
       libfabric-dev libfabric-bin libibverbs-dev rdma-core
       libgflags-dev libgoogle-glog-dev libgtest-dev libgmock-dev iproute2)
 missing=()

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #include "moe/placement.h"
 #include "moe/routing_trace.h"
@@ -135,12 +136,24 @@ int Place() {
 
 }  // namespace
 
+#ifdef TE_HAVE_MPI
+int Bench(int argc, char** argv);  // te_moe_bench.cc
+#else
+int Bench(int, char**) { Die("bench needs MPI: install libopenmpi-dev (scripts/install-deps.sh) and rebuild"); }
+#endif
+
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage("te-moe gen|place [flags]");
+  gflags::SetUsageMessage("te-moe gen|place|bench [flags]");
+  const std::vector<std::string> original(argv, argv + argc);
   gflags::ParseCommandLineFlags(&argc, &argv, true);
-  if (argc < 2) Die("name a command: gen or place");
+  if (argc < 2) Die("name a command: gen, place or bench");
   const std::string cmd = argv[1];
   if (cmd == "gen") return Gen();
   if (cmd == "place") return Place();
-  Die("unknown command '" + cmd + "': use gen or place");
+  if (cmd == "bench") {
+    std::vector<char*> args;
+    for (const auto& a : original) args.push_back(const_cast<char*>(a.c_str()));
+    return Bench(int(args.size()), args.data());
+  }
+  Die("unknown command '" + cmd + "': use gen, place or bench");
 }

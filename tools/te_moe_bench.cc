@@ -1,0 +1,447 @@
+// te-moe bench: MoE dispatch/combine latency over the transfer engine
+// against the same dispatch/combine built on MPI_Alltoallv, in the same run.
+//
+//   te-moe bench --ep=2,4,8 [--shapes=large,small] [--payloads=bf16,fp8]
+//   te-moe bench --ep=4 --trace=t.bin --placement=p.csv   # routing from a trace
+//
+// Without MPI around it, `bench` starts itself under mpirun once per EP size
+// (one process per rank, on this host). Each rank runs one engine (provider
+// --provider, loopback by default) and one EpDispatcher. Both paths pack,
+// unpack and reduce with the same code (moe/dispatch_records.h); only the
+// transport differs: one-sided writes with immediates, or MPI_Alltoall of the
+// counts then MPI_Alltoallv of the records. Iterations alternate between the
+// two paths; each phase starts after an MPI barrier and its time is the
+// slowest rank's. The first pass over every layer checks that both paths
+// give the same expert inputs and the same combined bytes.
+#include <gflags/gflags.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moe/dispatch_records.h"
+#include "moe/ep_dispatcher.h"
+#include "moe/numeric_formats.h"
+#include "moe/placement.h"
+#include "moe/routing_trace.h"
+#include "moe/synthetic_expert.h"
+#include "tools/exit_on_error.h"
+#include "transfer/transfer_engine.h"
+
+DEFINE_string(ep, "2,4", "bench: EP sizes (processes) to run, comma-separated");
+DEFINE_string(shapes, "large,small",
+              "bench: large = 7168 hidden, 256 experts, top-8; small = 2048 hidden, 64 experts, top-4");
+DEFINE_string(payloads, "bf16,fp8", "bench: dispatch payloads");
+DEFINE_uint32(bench_tokens, 128, "bench: tokens per rank per layer");
+DEFINE_uint32(private_tokens, 0, "bench: private receive slot per source in tokens; 0 = all of them (no overflow)");
+DEFINE_uint32(iters, 50, "bench: timed iterations per case and path");
+DEFINE_uint32(warmup, 5, "bench: untimed iterations first (the first pass also verifies)");
+DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo)");
+DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
+DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen); tokens follow their top-1 expert's rank");
+DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
+DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
+DEFINE_string(mpi_btl, "",
+              "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
+DECLARE_bool(json);
+
+namespace {
+
+constexpr const char* kTool = "te-moe";
+using te::tools::Die;
+using te::tools::Must;
+namespace moe = te::moe;
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+struct Shape {
+  std::string name;
+  uint32_t hidden, experts, topk;
+};
+
+Shape ShapeNamed(const std::string& name) {
+  if (name == "large") return {name, 7168, 256, 8};
+  if (name == "small") return {name, 2048, 64, 4};
+  Die(kTool, "unknown shape '" + name + "': use large or small");
+}
+
+// ---- The baseline: the same dispatch/combine over MPI_Alltoallv ----
+struct MpiPath {
+  moe::EpConfig c;
+  std::vector<uint8_t> staging, recv;
+  std::vector<uint16_t> partials, back;
+  moe::SendPlan plan;
+  std::vector<int> scount, sdispl, rcount, rdispl;
+
+  explicit MpiPath(const moe::EpConfig& config) : c(config) {
+    const size_t rec = moe::RecordBytes(c);
+    staging.resize(size_t(c.max_tokens) * std::min(c.topk, c.ranks) * rec);
+    recv.resize(size_t(c.ranks) * c.max_tokens * rec);
+    partials.resize(size_t(c.ranks) * c.max_tokens * c.hidden);
+    back.resize(size_t(c.max_tokens) * std::min(c.topk, c.ranks) * c.hidden);
+    scount.resize(c.ranks), sdispl.resize(c.ranks), rcount.resize(c.ranks), rdispl.resize(c.ranks);
+  }
+  // counts (elements of `unit` bytes) -> byte counts and displacements
+  static void Layout(const std::vector<uint32_t>& n, size_t unit, std::vector<int>* count, std::vector<int>* displ) {
+    int at = 0;
+    for (size_t r = 0; r < n.size(); ++r) {
+      (*count)[r] = int(n[r] * unit);
+      (*displ)[r] = at;
+      at += (*count)[r];
+    }
+  }
+  te::Status Dispatch(const moe::TokenBatch& b, const moe::ExpertMap& map, moe::DispatchResult* out) {
+    TE_RETURN_IF_ERROR(moe::ValidateBatch(c, map, b));
+    const size_t rec = moe::RecordBytes(c);
+    moe::ResetResult(c, map, out);
+    moe::PackRecords(c, map, b, staging.data(), &plan, &out->handle);
+    std::vector<uint32_t> incoming(c.ranks);
+    MPI_Alltoall(plan.per_rank.data(), 1, MPI_UINT32_T, incoming.data(), 1, MPI_UINT32_T, MPI_COMM_WORLD);
+    Layout(plan.per_rank, rec, &scount, &sdispl);
+    Layout(incoming, rec, &rcount, &rdispl);
+    MPI_Alltoallv(staging.data(), scount.data(), sdispl.data(), MPI_BYTE, recv.data(), rcount.data(), rdispl.data(),
+                  MPI_BYTE, MPI_COMM_WORLD);
+    for (uint32_t s = 0; s < c.ranks; ++s)
+      TE_RETURN_IF_ERROR(moe::UnpackRecords(c, s, recv.data() + rdispl[s], incoming[s], out));
+    return te::Status::Ok();
+  }
+  te::Status Combine(const moe::ExpertOutputs& outputs, const moe::DispatchResult& d, uint16_t* out) {
+    TE_RETURN_IF_ERROR(moe::ValidateOutputs(d, outputs));
+    const auto& h = d.handle;
+    uint32_t rows = 0;
+    for (uint32_t n : h.recv_from) rows += n;
+    moe::ReduceRows(c, h, outputs, 0, rows, partials.data());
+    const size_t row = size_t(c.hidden) * 2;
+    Layout(h.recv_from, row, &scount, &sdispl);
+    Layout(h.sent_to, row, &rcount, &rdispl);
+    MPI_Alltoallv(partials.data(), scount.data(), sdispl.data(), MPI_BYTE, back.data(), rcount.data(), rdispl.data(),
+                  MPI_BYTE, MPI_COMM_WORLD);
+    moe::SumPartials(c, h, back.data(), out);
+    return te::Status::Ok();
+  }
+};
+
+// ---- Inputs ----
+struct Layer {
+  moe::ExpertMap map;
+  std::vector<uint8_t> data;
+  std::vector<float> scales, weights;
+  std::vector<int32_t> idx;
+  uint32_t tokens = 0;
+  std::vector<std::vector<uint16_t>> outputs;  // synthetic expert outputs, per local expert
+  moe::TokenBatch view() const {
+    return {tokens, data.data(), scales.empty() ? nullptr : scales.data(), idx.data(), weights.data()};
+  }
+};
+
+void FillTokens(const moe::EpConfig& c, std::mt19937_64& rng, Layer* l) {
+  l->data.resize(size_t(l->tokens) * c.token_bytes());
+  if (c.payload == moe::Payload::kBf16) {
+    for (size_t i = 0; i < size_t(l->tokens) * c.hidden; ++i) {
+      uint16_t v = moe::FloatToBf16(float(int(rng() % 2001) - 1000) / 256.0f);
+      memcpy(&l->data[i * 2], &v, 2);
+    }
+  } else {
+    for (auto& x : l->data) x = moe::FloatToFp8E4M3(float(int(rng() % 801) - 400) / 64.0f);
+    l->scales.resize(size_t(l->tokens) * c.scale_count());
+    for (auto& s : l->scales) s = float(1 + rng() % 16) / 8.0f;
+  }
+  l->weights.resize(size_t(l->tokens) * c.topk);
+  for (auto& w : l->weights) w = float(1 + rng() % 64) / 64.0f;
+}
+
+// Uniform routing: top-k distinct experts per token, experts contiguous on ranks.
+std::vector<Layer> RandomLayers(const moe::EpConfig& c, uint32_t count) {
+  std::vector<Layer> layers;
+  for (uint32_t l = 0; l < count; ++l) {
+    std::mt19937_64 rng(1000 * l + c.rank + 1);
+    Layer x{Must(kTool, moe::ExpertMap::Contiguous(c.experts, c.ranks), "expert map")};
+    x.tokens = c.max_tokens;
+    FillTokens(c, rng, &x);
+    std::vector<uint32_t> perm(c.experts);
+    for (uint32_t t = 0; t < x.tokens; ++t) {
+      for (uint32_t e = 0; e < c.experts; ++e) perm[e] = e;
+      for (uint32_t k = 0; k < c.topk; ++k) {
+        std::swap(perm[k], perm[k + rng() % (c.experts - k)]);
+        x.idx.push_back(int32_t(perm[k]));
+      }
+    }
+    layers.push_back(std::move(x));
+  }
+  return layers;
+}
+
+// Trace routing: bench_tokens x ranks trace tokens; a token starts on rank
+// t % ranks and at each layer moves to the rank of its top-1 expert there
+// (its activations stay with the expert that computed them).
+std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& t,
+                               const std::vector<std::vector<uint32_t>>& rank_of) {
+  const uint32_t used = std::min(t.tokens, FLAGS_bench_tokens * c.ranks);
+  std::vector<uint32_t> home(used);
+  for (uint32_t i = 0; i < used; ++i) home[i] = i % c.ranks;
+  std::vector<Layer> layers;
+  for (uint32_t l = 0; l < t.layers; ++l) {
+    std::mt19937_64 rng(1000 * l + c.rank + 1);
+    Layer x{Must(kTool, moe::ExpertMap::FromRanks(rank_of[l], c.ranks), "expert map")};
+    for (uint32_t i = 0; i < used; ++i) {
+      if (home[i] == c.rank)
+        for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(t.at(i, l, k));
+      if (t.at(i, l, 0) >= 0) home[i] = rank_of[l][t.at(i, l, 0)];
+    }
+    x.tokens = uint32_t(x.idx.size() / c.topk);
+    FillTokens(c, rng, &x);
+    layers.push_back(std::move(x));
+  }
+  return layers;
+}
+
+std::vector<std::string> AllGather(const std::string& mine, int ranks) {
+  int len = int(mine.size());
+  std::vector<int> lens(ranks), displ(ranks);
+  MPI_Allgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  int total = 0;
+  for (int r = 0; r < ranks; ++r) displ[r] = total, total += lens[r];
+  std::string all(total, '\0');
+  MPI_Allgatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), displ.data(), MPI_CHAR, MPI_COMM_WORLD);
+  std::vector<std::string> out;
+  for (int r = 0; r < ranks; ++r) out.push_back(all.substr(displ[r], lens[r]));
+  return out;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(p * double(v.size())))];
+}
+
+// The btl list mpirun was given (it exports MCA settings to the ranks).
+std::string MpiTransport() {
+  const char* btl = getenv("OMPI_MCA_btl");
+  return btl ? btl : "default";
+}
+
+struct Timing {
+  std::vector<double> dispatch_us, combine_us;
+};
+
+// Runs one case on every rank; rank 0 prints its rows.
+void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing_name,
+             const moe::RoutingTrace* trace, const std::vector<std::vector<uint32_t>>* rank_of, int rank, int ranks) {
+  moe::EpConfig c;
+  c.ranks = ranks;
+  c.rank = rank;
+  c.experts = trace ? trace->experts : shape.experts;
+  c.topk = trace ? trace->topk : shape.topk;
+  c.hidden = shape.hidden;
+  c.payload = payload;
+  // Trace routing moves tokens between ranks: size for all of them landing on one.
+  c.max_tokens = trace ? FLAGS_bench_tokens * ranks : FLAGS_bench_tokens;
+  c.private_tokens = std::min(c.max_tokens, FLAGS_private_tokens ? FLAGS_private_tokens : FLAGS_bench_tokens);
+  auto d = Must(kTool, moe::EpDispatcher::Create(engine, c), "dispatcher");
+  Must(kTool, d->Connect(AllGather(d->LocalInfo(), ranks)), "connect the group");
+  MpiPath mpi(c);
+
+  std::vector<Layer> layers = trace ? TraceLayers(c, *trace, *rank_of) : RandomLayers(c, 4);
+  moe::DispatchResult te_result, mpi_result;
+  std::vector<uint16_t> te_out, mpi_out;
+  Timing te_t, mpi_t;
+  uint64_t mismatches = 0, cross_bytes = 0, passes = 0;
+  const size_t rec = moe::RecordBytes(c);
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
+  auto slowest = [](double v) {
+    double m;
+    MPI_Allreduce(&v, &m, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    return m;
+  };
+
+  const uint32_t total = FLAGS_warmup + FLAGS_iters;
+  const uint32_t first_pass = std::max<uint32_t>(uint32_t(layers.size()), FLAGS_warmup);
+  for (uint32_t i = 0; i < first_pass + FLAGS_iters; ++i) {
+    Layer& L = layers[i % layers.size()];
+    const bool timed = i >= first_pass;
+    // Engine path.
+    MPI_Barrier(MPI_COMM_WORLD);
+    auto t0 = now();
+    Must(kTool, d->Dispatch(L.view(), L.map, &te_result), "dispatch");
+    auto t1 = now();
+    if (L.outputs.empty()) {  // the experts: computed once per layer, outside the timing
+      L.outputs.resize(te_result.experts.size());
+      for (size_t e = 0; e < L.outputs.size(); ++e) moe::SyntheticExpert(c, te_result.experts[e], &L.outputs[e]);
+    }
+    moe::ExpertOutputs outs;
+    for (auto& o : L.outputs) outs.push_back(o.data());
+    te_out.assign(size_t(L.tokens) * c.hidden, 0);
+    MPI_Barrier(MPI_COMM_WORLD);
+    auto t2 = now();
+    Must(kTool, d->Combine(outs, te_result, te_out.data()), "combine");
+    auto t3 = now();
+    const double te_d = slowest(us(t0, t1)), te_c = slowest(us(t2, t3));
+    // MPI path.
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = now();
+    Must(kTool, mpi.Dispatch(L.view(), L.map, &mpi_result), "MPI dispatch");
+    t1 = now();
+    mpi_out.assign(size_t(L.tokens) * c.hidden, 0);
+    MPI_Barrier(MPI_COMM_WORLD);
+    t2 = now();
+    Must(kTool, mpi.Combine(outs, mpi_result, mpi_out.data()), "MPI combine");
+    t3 = now();
+    const double mpi_d = slowest(us(t0, t1)), mpi_c = slowest(us(t2, t3));
+    if (i < layers.size()) {  // first pass: both paths agree, and what crosses ranks
+      for (size_t e = 0; e < te_result.experts.size(); ++e)
+        mismatches += te_result.experts[e].data != mpi_result.experts[e].data ||
+                      te_result.experts[e].src_token != mpi_result.experts[e].src_token;
+      mismatches += te_out != mpi_out;
+      for (int r = 0; r < ranks; ++r)
+        if (r != rank)
+          cross_bytes += te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
+      ++passes;
+    }
+    if (timed) {
+      te_t.dispatch_us.push_back(te_d), te_t.combine_us.push_back(te_c);
+      mpi_t.dispatch_us.push_back(mpi_d), mpi_t.combine_us.push_back(mpi_c);
+    }
+    if (rank == 0 && !FLAGS_json && total > 0 && (i + 1) % 50 == 0)
+      fprintf(stderr, "  ep %d %s %s %s: %u/%u\r", ranks, shape.name.c_str(), moe::PayloadName(payload),
+              routing_name.c_str(), i + 1, first_pass + FLAGS_iters);
+  }
+  uint64_t all_mismatches = 0, all_cross = 0;
+  MPI_Reduce(&mismatches, &all_mismatches, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  MPI_Reduce(&cross_bytes, &all_cross, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  if (rank != 0) return;
+  const double cross_per_layer = double(all_cross) / double(std::max<uint64_t>(passes, 1));
+  const double te_d50 = Percentile(te_t.dispatch_us, .5), te_c50 = Percentile(te_t.combine_us, .5);
+  const double mpi_d50 = Percentile(mpi_t.dispatch_us, .5), mpi_c50 = Percentile(mpi_t.combine_us, .5);
+  if (FLAGS_json) {
+    printf("{\"ep\":%d,\"shape\":\"%s\",\"hidden\":%u,\"experts\":%u,\"topk\":%u,\"tokens_per_rank\":%u,"
+           "\"payload\":\"%s\",\"routing\":\"%s\",\"provider\":\"%s\",\"mpi_btl\":\"%s\",\"progress\":\"%s\",\"iters\":%u,"
+           "\"te_dispatch_p50_us\":%.1f,\"te_dispatch_p99_us\":%.1f,\"te_combine_p50_us\":%.1f,"
+           "\"te_combine_p99_us\":%.1f,\"mpi_dispatch_p50_us\":%.1f,\"mpi_dispatch_p99_us\":%.1f,"
+           "\"mpi_combine_p50_us\":%.1f,\"mpi_combine_p99_us\":%.1f,\"cross_rank_bytes_per_layer\":%.0f,"
+           "\"verified\":%s}\n",
+           ranks, shape.name.c_str(), c.hidden, c.experts, c.topk, FLAGS_bench_tokens, moe::PayloadName(payload),
+           routing_name.c_str(), engine->provider().c_str(), MpiTransport().c_str(), FLAGS_progress.c_str(), FLAGS_iters, te_d50,
+           Percentile(te_t.dispatch_us, .99), te_c50, Percentile(te_t.combine_us, .99), mpi_d50,
+           Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer,
+           all_mismatches == 0 ? "true" : "false");
+  } else {
+    printf("%3d %-6s %-5s %-12s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %s\n", ranks,
+           shape.name.c_str(), moe::PayloadName(payload), routing_name.c_str(), te_d50,
+           Percentile(te_t.dispatch_us, .99), mpi_d50, Percentile(mpi_t.dispatch_us, .99), te_d50 / mpi_d50, te_c50,
+           Percentile(te_t.combine_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), te_c50 / mpi_c50,
+           cross_per_layer / 1e6, all_mismatches == 0 ? "ok" : "MISMATCH");
+  }
+  fflush(stdout);
+  if (all_mismatches) Die(kTool, "engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
+}
+
+std::vector<std::vector<uint32_t>> ReadPlacementCsv(const std::string& path, const moe::RoutingTrace& t,
+                                                    uint32_t ranks) {
+  std::ifstream in(path);
+  if (!in) Die(kTool, "cannot read --placement " + path);
+  std::vector<std::vector<uint32_t>> rank_of(t.layers, std::vector<uint32_t>(t.experts, UINT32_MAX));
+  std::string line;
+  std::getline(in, line);  // header
+  while (std::getline(in, line)) {
+    uint32_t l, e, r;
+    if (sscanf(line.c_str(), "%u,%u,%u", &l, &e, &r) != 3 || l >= t.layers || e >= t.experts || r >= ranks)
+      Die(kTool, "--placement line '" + line + "' is not layer,expert,rank within the trace and --ep");
+    rank_of[l][e] = r;
+  }
+  for (uint32_t l = 0; l < t.layers; ++l)
+    for (uint32_t e = 0; e < t.experts; ++e)
+      if (rank_of[l][e] == UINT32_MAX)
+        Die(kTool, "--placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
+  return rank_of;
+}
+
+int Worker() {
+  MPI_Init(nullptr, nullptr);
+  int rank, ranks;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  te::EngineOptions o;
+  o.fabric.provider = FLAGS_provider;
+  if (FLAGS_progress == "manual") o.progress = te::ProgressMode::kManual;
+  else if (FLAGS_progress != "thread") Die(kTool, "--progress must be manual or thread, not " + FLAGS_progress);
+  auto engine = Must(kTool, te::TransferEngine::Create(o), "engine");
+
+  if (rank == 0 && !FLAGS_json) {
+    printf("EP %d, engine on %s, %s progress, MPI on %s, %u tokens per rank; latency in us (p50, p99 of the slowest rank per "
+           "iteration, %u iterations)\n",
+           ranks, engine->provider().c_str(), FLAGS_progress.c_str(), MpiTransport().c_str(), FLAGS_bench_tokens,
+           FLAGS_iters);
+    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %s\n", "ep", "shape", "load",
+           "routing", "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99",
+           "ratio", "MB x-rank", "check");
+    printf("%35s%s%s\n", "", "dispatch -------------------------------------------  ",
+           "combine --------------------------------------------");
+  }
+  for (const std::string& p : Split(FLAGS_payloads)) {
+    if (p != "bf16" && p != "fp8") Die(kTool, "unknown payload '" + p + "': use bf16 or fp8");
+    const moe::Payload payload = p == "bf16" ? moe::Payload::kBf16 : moe::Payload::kFp8E4M3;
+    if (FLAGS_bench_trace.empty()) {
+      for (const std::string& s : Split(FLAGS_shapes))
+        RunCase(engine.get(), ShapeNamed(s), payload, "uniform", nullptr, nullptr, rank, ranks);
+      continue;
+    }
+    auto trace = Must(kTool, moe::ReadTrace(FLAGS_bench_trace), "read --bench_trace");
+    if (trace.experts % ranks) Die(kTool, "trace experts must be a multiple of the EP size");
+    Shape shape = ShapeNamed(Split(FLAGS_shapes).at(0));
+    auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
+    RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr.rank_of, rank, ranks);
+    if (!FLAGS_placement.empty()) {
+      auto placed = ReadPlacementCsv(FLAGS_placement, trace, ranks);
+      RunCase(engine.get(), shape, payload, "placement", &trace, &placed, rank, ranks);
+    }
+  }
+  engine.reset();
+  MPI_Finalize();
+  return 0;
+}
+
+// Not under MPI: run this very command under mpirun once per EP size.
+int Launch(int argc, char** argv) {
+  char exe[4096];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n <= 0) Die(kTool, "cannot find this executable (/proc/self/exe)");
+  exe[n] = 0;
+  std::string passthrough;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]).rfind("--ep=", 0) != 0) passthrough += " '" + std::string(argv[i]) + "'";
+  for (const std::string& ep : Split(FLAGS_ep)) {
+    if (ep.find_first_not_of("0123456789") != std::string::npos || std::stoi(ep) < 2 || std::stoi(ep) > 64)
+      Die(kTool, "--ep entry '" + ep + "' must be a number in [2, 64]");
+    // Oversubscribed hosts (more ranks than cores): ranks yield when idle.
+    std::string btl = FLAGS_mpi_btl;
+    if (btl.empty()) btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
+    const std::string cmd = FLAGS_mpirun + " --allow-run-as-root --oversubscribe --bind-to none -n " + ep +
+                            " --mca btl " + btl + " --mca mpi_yield_when_idle 1 '" + exe + "'" + passthrough +
+                            " --ep=" + ep;
+    if (int rc = system(cmd.c_str()); rc != 0) Die(kTool, "'" + cmd + "' failed (status " + std::to_string(rc) + ")");
+  }
+  return 0;
+}
+
+}  // namespace
+
+int Bench(int argc, char** argv) {
+  if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE")) return Worker();
+  return Launch(argc, argv);
+}
