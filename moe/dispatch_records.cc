@@ -25,6 +25,8 @@ size_t EntriesBytes(const EpConfig& c) { return sizeof(RecordHeader) + size_t(c.
 
 }  // namespace
 
+size_t RecordPayloadOffset(const EpConfig& c) { return EntriesBytes(c); }
+
 size_t RecordBytes(const EpConfig& c) {
   size_t raw = EntriesBytes(c) + c.token_bytes() + c.scale_count() * sizeof(float);
   return (raw + 63) & ~size_t(63);
@@ -59,7 +61,7 @@ Status ValidateBatch(const EpConfig& c, const ExpertMap& map, const TokenBatch& 
 }
 
 void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, uint8_t* staging, SendPlan* plan,
-                 DispatchHandle* h) {
+                 DispatchHandle* h, bool copy_payload, std::vector<uint32_t>* row_token) {
   const uint32_t R = c.ranks, K = c.topk;
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
@@ -86,6 +88,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   h->sent_to = plan->per_rank;
   h->token_row_begin.assign(1, 0);
   h->token_rows.clear();
+  if (row_token) row_token->assign(plan->rank_offset[R], 0);
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
     const float* w = b.topk_weights + size_t(t) * K;
@@ -101,8 +104,11 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
         std::memcpy(&entries[hdr.entries++], &e, sizeof e);
       }
       std::memcpy(p, &hdr, sizeof hdr);
-      std::memcpy(p + eb, b.data + size_t(t) * tb, tb);
-      if (sb) std::memcpy(p + eb + tb, b.scales + size_t(t) * c.scale_count(), sb);
+      if (copy_payload) {
+        std::memcpy(p + eb, b.data + size_t(t) * tb, tb);
+        if (sb) std::memcpy(p + eb + tb, b.scales + size_t(t) * c.scale_count(), sb);
+      }
+      if (row_token) (*row_token)[row] = t;
       h->token_rows.push_back(row);
     }
     h->token_row_begin.push_back(uint32_t(h->token_rows.size()));
@@ -128,13 +134,15 @@ void ResetResult(const EpConfig& c, const ExpertMap& map, DispatchResult* out) {
   h.entries.clear();
 }
 
-Status UnpackRecords(const EpConfig& c, uint32_t source, const uint8_t* records, uint32_t n, DispatchResult* out) {
+Status UnpackRecords(const EpConfig& c, uint32_t source, const uint8_t* records, uint32_t n, DispatchResult* out,
+                     bool copy_payload, std::vector<const uint8_t*>* row_records) {
   const size_t rec = RecordBytes(c), eb = EntriesBytes(c), tb = c.token_bytes(), sc = c.scale_count();
   DispatchHandle& h = out->handle;
   for (uint32_t i = 0; i < n; ++i) {
     const uint8_t* p = records + size_t(i) * rec;
     RecordHeader hdr;
     std::memcpy(&hdr, p, sizeof hdr);
+    if (row_records) row_records->push_back(p);
     if (hdr.entries == 0 || hdr.entries > c.topk)
       return Internal("record " + std::to_string(i) + " from rank " + std::to_string(source) + " has " +
                       std::to_string(hdr.entries) + " experts, outside [1, " + std::to_string(c.topk) + "]");
@@ -147,8 +155,8 @@ Status UnpackRecords(const EpConfig& c, uint32_t source, const uint8_t* records,
                         ": the ranks disagree on the expert map");
       ExpertTokens& x = out->experts[e.local_expert];
       h.entries.push_back({e.local_expert, x.count, e.weight});
-      x.data.insert(x.data.end(), p + eb, p + eb + tb);
-      if (sc) {
+      if (copy_payload) x.data.insert(x.data.end(), p + eb, p + eb + tb);
+      if (sc && copy_payload) {
         const float* s = reinterpret_cast<const float*>(p + eb + tb);  // 4-aligned: eb, tb multiples of 4
         x.scales.insert(x.scales.end(), s, s + sc);
       }

@@ -35,9 +35,16 @@ struct SendPlan {
 
 // Packs a validated batch into `staging` (room for max_tokens x min(topk,
 // ranks) records), grouped by destination rank in token order; fills the plan
-// and the handle's sent_to / token_row_begin / token_rows.
+// and the handle's sent_to / token_row_begin / token_rows. Without
+// copy_payload only headers and expert entries are written (batch.data and
+// scales are not read): a device kernel copies the payloads, using
+// `row_token` (source token of every staging row) when given.
 void PackRecords(const EpConfig& config, const ExpertMap& map, const TokenBatch& batch, uint8_t* staging,
-                 SendPlan* plan, DispatchHandle* handle);
+                 SendPlan* plan, DispatchHandle* handle, bool copy_payload = true,
+                 std::vector<uint32_t>* row_token = nullptr);
+
+// Where a record's payload starts (token bytes, then fp8 scales).
+size_t RecordPayloadOffset(const EpConfig& config);
 
 // Prepares `out` for a dispatch on this rank: one ExpertTokens per local
 // expert, emptied (their capacity is kept).
@@ -45,8 +52,11 @@ void ResetResult(const EpConfig& config, const ExpertMap& map, DispatchResult* o
 
 // Appends `n` records from `source` to the local experts and to the handle's
 // rows. Records that name a local expert out of range fail with kInternal.
+// Without copy_payload the experts get counts, weights and sources but no
+// data; `row_records` (when given) collects each row's record address.
 Status UnpackRecords(const EpConfig& config, uint32_t source, const uint8_t* records, uint32_t n,
-                     DispatchResult* out);
+                     DispatchResult* out, bool copy_payload = true,
+                     std::vector<const uint8_t*>* row_records = nullptr);
 
 // Partial sums of received rows (outputs validated) [first, first + n): dst gets n rows of
 // hidden bf16.

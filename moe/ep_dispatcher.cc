@@ -190,33 +190,58 @@ Status EpDispatcher::WaitSends(CompletionCounter& counter, uint64_t submitted, c
   return Status::Ok();
 }
 
+Status EpDispatcher::CheckCallable(bool dispatch) const {
+  if (!connected_) return InvalidArgument("Dispatch/Combine before Connect");
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (dispatch && combine_pending_)
+    return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
+  if (!dispatch && !combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
+  return Status::Ok();
+}
+
+Status EpDispatcher::PrepareDispatch() {
+  TE_RETURN_IF_ERROR(CheckCallable(true));
+  // The staging still feeds the previous dispatch's writes until they finish.
+  if (Status s = WaitSends(dispatch_sends_, dispatch_submitted_, "previous dispatch's writes"); !s.ok()) return Fail(s);
+  return Status::Ok();
+}
+
 Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, DispatchResult* out) {
+  TE_RETURN_IF_ERROR(CheckCallable(true));
+  if (!out) return InvalidArgument("Dispatch needs a result to fill");
+  TE_RETURN_IF_ERROR(ValidateBatch(config_, map, batch));
+  TE_RETURN_IF_ERROR(PrepareDispatch());
+  ResetResult(config_, map, out);
+  PackRecords(config_, map, batch, send_records(), &plan_, &out->handle);
+  return Exchange(plan_, map, batch.tokens, out, /*copy_payload=*/true, nullptr);
+}
+
+Status EpDispatcher::DispatchPacked(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
+                                    std::vector<const uint8_t*>* row_records) {
+  TE_RETURN_IF_ERROR(CheckCallable(true));
+  if (!out) return InvalidArgument("DispatchPacked needs a result to fill");
+  if (plan.per_rank.size() != config_.ranks || plan.per_expert.size() != config_.experts)
+    return InvalidArgument("DispatchPacked: plan is not one of this group (PackRecords fills it)");
+  return Exchange(plan, map, tokens, out, /*copy_payload=*/false, row_records);
+}
+
+Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
+                              bool copy_payload, std::vector<const uint8_t*>* row_records) {
   const EpConfig& c = config_;
   const Layout& L = *layout_;
-  if (!connected_) return InvalidArgument("Dispatch before Connect");
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (combine_pending_) return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
-  if (!out) return InvalidArgument("Dispatch needs a result to fill");
-  TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
-  // The staging still feeds the previous dispatch's writes until they finish.
-  if (Status s = WaitSends(dispatch_sends_, dispatch_submitted_, "previous dispatch's writes"); !s.ok())
-    return Fail(s);
-
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t((seq_ + 1) & 1);
   const uint64_t C = L.private_records;
   ++seq_;
   uint8_t* recv = memory_[0];
   uint8_t* send = memory_[1];
-  ResetResult(c, map, out);
   DispatchHandle& h = out->handle;
   h.seq = seq_;
-  PackRecords(c, map, batch, send + L.send_records_off, &plan_, &h);
 
   // 1. Count row, to everyone.
-  CountRowHeader head{seq_, map.fingerprint(), batch.tokens};
+  CountRowHeader head{seq_, map.fingerprint(), tokens};
   std::memcpy(send + L.send_row_off, &head, sizeof head);
-  std::memcpy(send + L.send_row_off + sizeof head, plan_.per_rank.data(), 4 * R);
-  std::memcpy(send + L.send_row_off + sizeof head + 4 * R, plan_.per_expert.data(), 4 * c.experts);
+  std::memcpy(send + L.send_row_off + sizeof head, plan.per_rank.data(), 4 * R);
+  std::memcpy(send + L.send_row_off + sizeof head + 4 * R, plan.per_expert.data(), 4 * c.experts);
   std::memcpy(recv + L.Counts(b, p), send + L.send_row_off, L.row_bytes);
   const Completion sent{.counter = &dispatch_sends_};
   if (R > 1) {
@@ -230,9 +255,9 @@ Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, Dis
   // 2. Private slots, at once.
   ScatterWrite priv{send_mr_, {}, c.imm_base + kDataImm + b};
   for (uint32_t d = 0; d < R; ++d) {
-    const uint64_t n = std::min<uint64_t>(plan_.per_rank[d], C);
+    const uint64_t n = std::min<uint64_t>(plan.per_rank[d], C);
     if (n == 0) continue;
-    const size_t src = L.send_records_off + size_t(plan_.rank_offset[d]) * L.record;
+    const size_t src = L.send_records_off + size_t(plan.rank_offset[d]) * L.record;
     if (d == p) std::memcpy(recv + L.Private(b, p), send + src, n * L.record);
     else priv.targets.push_back({peers_[d], src, L.Private(b, p), n * L.record});
   }
@@ -275,7 +300,7 @@ Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, Dis
   for (uint32_t d = 0; d < R; ++d) {
     const uint64_t n = overflow(p, d);
     if (n == 0) continue;
-    const size_t src = L.send_records_off + (plan_.rank_offset[d] + C) * L.record;
+    const size_t src = L.send_records_off + (plan.rank_offset[d] + C) * L.record;
     if (d == p) std::memcpy(recv + L.Overflow(b, overflow_offset_[d]), send + src, n * L.record);
     else over.targets.push_back({peers_[d], src, L.Overflow(b, overflow_offset_[d]), n * L.record});
     overflow_sent_ += n;
@@ -293,9 +318,13 @@ Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, Dis
   uint64_t overflow_at = 0;
   for (uint32_t s = 0; s < R; ++s) {
     const uint64_t n = N(s, p), in_private = std::min(n, C);
-    if (Status st = UnpackRecords(c, s, recv + L.Private(b, s), uint32_t(in_private), out); !st.ok()) return Fail(st);
+    if (Status st = UnpackRecords(c, s, recv + L.Private(b, s), uint32_t(in_private), out, copy_payload, row_records);
+        !st.ok())
+      return Fail(st);
     if (n > C)
-      if (Status st = UnpackRecords(c, s, recv + L.Overflow(b, overflow_at), uint32_t(n - C), out); !st.ok())
+      if (Status st = UnpackRecords(c, s, recv + L.Overflow(b, overflow_at), uint32_t(n - C), out, copy_payload,
+                                    row_records);
+          !st.ok())
         return Fail(st);
     overflow_at += overflow(s, p);
   }
@@ -308,16 +337,30 @@ Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, Dis
 }
 
 Status EpDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out) {
+  TE_RETURN_IF_ERROR(CheckCallable(false));
+  TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
+  if (!out && dispatched.handle.tokens > 0)
+    return InvalidArgument("Combine needs an output for " + std::to_string(dispatched.handle.tokens) + " tokens");
+  auto rows = ReturnPartials(dispatched.handle, &outputs);
+  if (!rows.ok()) return rows.status();
+  SumPartials(config_, dispatched.handle, *rows, out);
+  combine_pending_ = false;
+  return Status::Ok();
+}
+
+Result<const uint16_t*> EpDispatcher::CombinePacked(const DispatchResult& dispatched) {
+  TE_RETURN_IF_ERROR(CheckCallable(false));
+  auto rows = ReturnPartials(dispatched.handle, nullptr);
+  if (rows.ok()) combine_pending_ = false;
+  return rows;
+}
+
+Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, const ExpertOutputs* outputs) {
   const EpConfig& c = config_;
   const Layout& L = *layout_;
-  const DispatchHandle& h = dispatched.handle;
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (!combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
   if (h.seq != seq_)
     return InvalidArgument("Combine got the handle of dispatch " + std::to_string(h.seq) + "; the pending one is " +
                            std::to_string(seq_));
-  TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
-  if (!out && h.tokens > 0) return InvalidArgument("Combine needs an output for " + std::to_string(h.tokens) + " tokens");
   if (Status s = WaitSends(combine_sends_, combine_submitted_, "previous combine's writes"); !s.ok()) return Fail(s);
 
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
@@ -331,7 +374,7 @@ Status EpDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult&
     const uint64_t n = N(s, p);
     if (n == 0) continue;
     const size_t src = L.send_partials_off + first * L.hidden_bytes;
-    ReduceRows(c, h, outputs, uint32_t(first), uint32_t(n), reinterpret_cast<uint16_t*>(send + src));
+    if (outputs) ReduceRows(c, h, *outputs, uint32_t(first), uint32_t(n), reinterpret_cast<uint16_t*>(send + src));
     uint64_t at = 0;  // rows of s's combine region before ours
     for (uint32_t r = 0; r < p; ++r) at += N(s, r);
     if (s == p) {
@@ -348,11 +391,17 @@ Status EpDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult&
   for (uint32_t r = 0; r < R; ++r)
     if (r != p && N(p, r) > 0) ++expected;
   if (Status s = WaitImms(c.imm_base + kCombineImm + b, expected, "combine rows from peers"); !s.ok()) return Fail(s);
-  SumPartials(c, h, reinterpret_cast<const uint16_t*>(recv + L.Combine(b, 0)), out);
   if (engine_->options().progress == ProgressMode::kManual)
     if (Status s = WaitSends(combine_sends_, combine_submitted_, "combine writes"); !s.ok()) return Fail(s);
-  combine_pending_ = false;
-  return Status::Ok();
+  return reinterpret_cast<const uint16_t*>(recv + L.Combine(b, 0));
+}
+
+uint8_t* EpDispatcher::send_records() const { return memory_[1] + layout_->send_records_off; }
+uint16_t* EpDispatcher::send_partials() const {
+  return reinterpret_cast<uint16_t*>(memory_[1] + layout_->send_partials_off);
+}
+std::vector<EpDispatcher::HostBuffer> EpDispatcher::host_buffers() const {
+  return {{memory_[0], layout_->recv_bytes}, {memory_[1], layout_->send_bytes}};
 }
 
 }  // namespace te::moe

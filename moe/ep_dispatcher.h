@@ -75,6 +75,30 @@ class EpDispatcher {
   // hidden] bf16 for this rank's tokens of the matching dispatch.
   Status Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out);
 
+  // ---- Device-side packing (moe/cuda/cuda_ep_dispatcher.h) ----
+  // The same protocol with payloads moved by kernels instead of the host:
+  //  1. PrepareDispatch() waits until the send staging is free;
+  //  2. the caller fills send_records() as PackRecords lays them out
+  //     (headers by PackRecords without payloads, payloads by a kernel) and
+  //     the result's handle (ResetResult, PackRecords);
+  //  3. DispatchPacked() runs the exchange; payloads stay in the receive
+  //     region, `row_records` gives each received row's record.
+  // CombinePacked() sends partial rows the caller already wrote into
+  // send_partials() (received-row order) and returns the rows that came back
+  // (indexed by the handle's token_rows); valid until the next Dispatch.
+  Status PrepareDispatch();
+  Status DispatchPacked(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
+                        std::vector<const uint8_t*>* row_records);
+  Result<const uint16_t*> CombinePacked(const DispatchResult& dispatched);
+  uint8_t* send_records() const;
+  uint16_t* send_partials() const;
+  // The registered host memory (receive, send), e.g. to map it into a GPU.
+  struct HostBuffer {
+    uint8_t* data;
+    size_t bytes;
+  };
+  std::vector<HostBuffer> host_buffers() const;
+
   const EpConfig& config() const { return config_; }
   // Registered bytes: receive (both parities) and send.
   size_t buffer_bytes() const;
@@ -85,6 +109,10 @@ class EpDispatcher {
   struct Layout;
   EpDispatcher(TransferEngine* engine, const EpConfig& config);
   Status Init();
+  Status CheckCallable(bool dispatch) const;
+  Status Exchange(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
+                  bool copy_payload, std::vector<const uint8_t*>* row_records);
+  Result<const uint16_t*> ReturnPartials(const DispatchHandle& h, const ExpertOutputs* outputs);
   Status WaitImms(uint32_t imm, uint64_t count, const char* what);
   Status WaitSends(CompletionCounter& counter, uint64_t submitted, const char* what);
   Status Fail(Status s);
