@@ -182,6 +182,61 @@ TEST(MoeDispatch, SilentPeerTimesOut) {
   }
 }
 
+// The packed entry points the CUDA path drives (PrepareDispatch,
+// DispatchPacked, CombinePacked), with the kernels' copies done by memcpy
+// here: the protocol side of the device path, checked on every run.
+std::string RunPackedRank(EpDispatcher& d, const ExpertMap& map, const std::vector<uint32_t>& tokens, uint32_t layers) {
+  const EpConfig& c = d.config();
+  for (uint32_t l = 0; l < layers; ++l) {
+    ReferenceLayer ref = RunReference(c, map, Routing::kRandom, tokens, 3, l);
+    const BatchData& b = ref.batches[c.rank];
+    if (Status s = d.PrepareDispatch(); !s.ok()) return s.ToString();
+    moe::DispatchResult out;
+    moe::SendPlan plan;
+    std::vector<uint32_t> row_token;
+    moe::ResetResult(c, map, &out);
+    moe::PackRecords(c, map, b.view(), d.send_records(), &plan, &out.handle, /*copy_payload=*/false, &row_token);
+    const size_t rec = moe::RecordBytes(c), off = moe::RecordPayloadOffset(c);
+    for (size_t r = 0; r < row_token.size(); ++r)  // the gather kernel's work
+      std::memcpy(d.send_records() + r * rec + off, b.data.data() + row_token[r] * c.token_bytes(), c.token_bytes());
+    std::vector<const uint8_t*> rows;
+    if (Status s = d.DispatchPacked(plan, map, b.tokens, &out, &rows); !s.ok()) return s.ToString();
+    // The scatter kernel's work: payloads from the receive region.
+    for (size_t q = 0; q < rows.size(); ++q)
+      for (uint32_t i = out.handle.row_begin[q]; i < out.handle.row_begin[q + 1]; ++i) {
+        auto& x = out.experts[out.handle.entries[i].local_expert];
+        x.data.insert(x.data.end(), rows[q] + off, rows[q] + off + c.token_bytes());
+      }
+    std::string diff = CompareDispatch(ref.dispatched[c.rank], out);
+    if (!diff.empty()) return "layer " + std::to_string(l) + " dispatch: " + diff;
+    moe::ExpertOutputs outs;
+    for (auto& o : ref.outputs[c.rank]) outs.push_back(o.data());
+    uint32_t received = 0;
+    for (uint32_t n : out.handle.recv_from) received += n;
+    moe::ReduceRows(c, out.handle, outs, 0, received, d.send_partials());  // the reduce kernel's work
+    auto back = d.CombinePacked(out);
+    if (!back.ok()) return back.status().ToString();
+    std::vector<uint16_t> combined(b.tokens * size_t(c.hidden));
+    moe::SumPartials(c, out.handle, *back, combined.data());
+    if (combined != ref.combined[c.rank]) return "layer " + std::to_string(l) + ": combined output differs";
+  }
+  return "";
+}
+
+TEST(MoeDispatch, PackedEntryPointsOfTheDevicePath) {
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  shape.private_tokens = 6;
+  Group g = MakeGroup(shape, Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> threads;
+  for (uint32_t r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] { errors[r] = RunPackedRank(*g.ranks[r], map, {48, 30, 0}, 4); });
+  for (auto& t : threads) t.join();
+  for (uint32_t r = 0; r < 3; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
 TEST(MoeDispatch, BadInputIsRefusedWithAClearError) {
   Group g = MakeGroup(Shape(2), Options("tcp"));
   EpDispatcher& d = *g.ranks[0];
