@@ -1,0 +1,49 @@
+// ModelSpec: the parameters a weight update moves (name, dtype, shape), from
+// a JSON description or a built-in preset.
+//
+// JSON: {"params": [{"name": "layers.0.attn.q", "dtype": "bf16",
+//                    "shape": [4096, 4096]}, ...]}
+// dtypes: bf16, fp16, fp32, fp8 (one byte, e4m3), int8.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace te::weightsync {
+
+enum class DType : uint8_t { kBf16, kFp16, kFp32, kFp8, kInt8 };
+size_t DTypeBytes(DType d);
+const char* DTypeName(DType d);
+Result<DType> ParseDType(const std::string& name);
+
+struct ParamSpec {
+  std::string name;
+  DType dtype = DType::kBf16;
+  std::vector<uint64_t> shape;
+  uint64_t elements() const;
+  uint64_t bytes() const { return elements() * DTypeBytes(dtype); }
+};
+
+struct ModelSpec {
+  std::vector<ParamSpec> params;
+  uint64_t bytes() const;
+  // Names unique and present, shapes of 1 to 8 positive dimensions.
+  Status Validate() const;
+};
+
+Result<ModelSpec> ParseModelJson(const std::string& text);
+Result<ModelSpec> ReadModelJson(const std::string& path);
+std::string ModelToJson(const ModelSpec& model);
+
+// Built-in shapes:
+//   "moe" — a DeepSeek-like MoE parameter list (attention, router, stacked
+//           experts per layer, shared expert, embeddings), scaled to about
+//           `target_bytes` by the number of layers;
+//   "dense" — a Llama-like dense list, scaled the same way;
+//   "tiny" — a few odd-shaped tensors for tests.
+Result<ModelSpec> ModelPreset(const std::string& name, uint64_t target_bytes);
+
+}  // namespace te::weightsync
