@@ -263,7 +263,10 @@ Result<ModelSpec> ModelPreset(const std::string& name, uint64_t target_bytes) {
   // One layer of each shape, then layers until the target size.
   const bool moe = name == "moe";
   if (!moe && name != "dense") return InvalidArgument("preset '" + name + "' is not one of moe, dense, tiny");
-  const uint64_t H = moe ? 2048 : 4096, F = moe ? 1024 : 11008, E = 64, V = 32000;
+  // Dimensions grow with the target, so small targets still get several layers.
+  const int tier = target_bytes >= (2ull << 30) ? 2 : target_bytes >= (256ull << 20) ? 1 : 0;
+  const uint64_t H = (moe ? 512 : 1024) << tier, F = moe ? H / 2 : H * 11 / 4, E = moe ? 8u << tier : 0,
+                 V = tier == 0 ? 4096 : 32000;
   auto layer_bytes = [&] {
     uint64_t attn = 4 * H * H * 2;
     return moe ? attn + E * H * 4 + 3 * E * F * H * 2 + 3 * F * H * 2 + 2 * H * 4 : attn + 3 * F * H * 2 + 2 * H * 4;

@@ -41,7 +41,8 @@ std::string ModelToJson(const ModelSpec& model);
 // Built-in shapes:
 //   "moe" — a DeepSeek-like MoE parameter list (attention, router, stacked
 //           experts per layer, shared expert, embeddings), scaled to about
-//           `target_bytes` by the number of layers;
+//           `target_bytes`: hidden size and experts grow in three tiers
+//           (below 256 MiB, below 2 GiB, above), then layers fill the rest;
 //   "dense" — a Llama-like dense list, scaled the same way;
 //   "tiny" — a few odd-shaped tensors for tests.
 Result<ModelSpec> ModelPreset(const std::string& name, uint64_t target_bytes);

@@ -1,0 +1,337 @@
+// Weight updates over the engine (tcp on loopback): sources and receivers
+// as threads of one process, and as processes for the kill tests. Every
+// receiver byte is checked against the version's pattern.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "integration/test_support.h"
+#include "integration/weightsync_pattern.h"
+#include "weightsync/weight_pusher.h"
+#include "weightsync/weight_receiver.h"
+
+namespace te::testing {
+namespace {
+
+using namespace weightsync;
+
+EngineOptions FastFail() {
+  EngineOptions o = Options("tcp");
+  o.request_timeout = std::chrono::milliseconds(2000);
+  return o;
+}
+
+struct Source {
+  std::unique_ptr<TransferEngine> engine;
+  std::vector<uint8_t> region;
+  std::unique_ptr<WeightPusher> pusher;
+};
+struct Receiver {
+  std::unique_ptr<TransferEngine> engine;
+  std::unique_ptr<WeightsMemory> memory;
+  std::unique_ptr<WeightReceiver> receiver;
+};
+
+Receiver MakeReceiver(const ShardLayout& dst, uint32_t rank, uint32_t sources, std::chrono::milliseconds timeout) {
+  Receiver r;
+  r.engine = TransferEngine::Create(FastFail()).value();
+  r.memory = WeightsMemory::Create("", dst.RegionBytes(rank)).value();
+  ReceiverOptions o;
+  o.timeout = timeout;
+  o.on_version = [rank](uint64_t v, const Status& s) { if (!s.ok()) fprintf(stderr, "receiver %u version %lu: %s\n", rank, (unsigned long)v, s.ToString().c_str()); };
+  r.receiver = WeightReceiver::Create(r.engine.get(), dst, rank, sources, r.memory.get(), o).value();
+  return r;
+}
+
+struct Group {
+  ShardLayout src, dst;
+  Schedule schedule;
+  std::vector<Source> sources;
+  std::vector<Receiver> receivers;
+};
+
+PusherOptions Quick() {
+  PusherOptions po;
+  po.ready_timeout = std::chrono::milliseconds(1000);
+  return po;
+}
+
+std::unique_ptr<Group> MakeGroup(const ModelSpec& model, const std::string& sk, uint32_t S, const std::string& dk,
+                                 uint32_t D, PusherOptions po = Quick()) {
+  auto src = ShardLayout::Named(model, S, sk).value();
+  auto dst = ShardLayout::Named(model, D, dk).value();
+  ScheduleOptions so;
+  so.max_transfer_bytes = std::min<uint64_t>(po.bucket_bytes, 1 << 20);
+  auto g = std::make_unique<Group>(Group{src, dst, Schedule::Build(src, dst, so).value(), {}, {}});
+  EXPECT_TRUE(g->schedule.Verify(src, dst).ok());
+  for (uint32_t d = 0; d < D; ++d) g->receivers.push_back(MakeReceiver(dst, d, S, std::chrono::milliseconds(3000)));
+  for (uint32_t s = 0; s < S; ++s) {
+    Source x;
+    x.engine = TransferEngine::Create(FastFail()).value();
+    x.region.assign(src.RegionBytes(s), 0);
+    x.pusher = WeightPusher::Create(x.engine.get(), g->schedule, src, s, x.region.data(), po).value();
+    for (uint32_t d = 0; d < D; ++d) EXPECT_TRUE(x.pusher->SetReceiver(d, g->receivers[d].receiver->Info()).ok());
+    g->sources.push_back(std::move(x));
+  }
+  return g;
+}
+
+// All sources push `version` in parallel; returns the reports.
+std::vector<PushReport> PushAll(Group& g, uint64_t version) {
+  std::vector<PushReport> reports(g.sources.size());
+  std::vector<std::thread> threads;
+  for (size_t s = 0; s < g.sources.size(); ++s) {
+    FillShards(g.src, uint32_t(s), version, g.sources[s].region.data());
+    threads.emplace_back([&, s] {
+      auto r = g.sources[s].pusher->Push(version);
+      EXPECT_TRUE(r.ok()) << r.status().ToString();
+      if (r.ok()) reports[s] = *r;
+    });
+  }
+  for (auto& t : threads) t.join();
+  return reports;
+}
+
+bool WaitPublished(const WeightsMemory& m, uint64_t v, std::chrono::seconds t = std::chrono::seconds(10)) {
+  const auto end = std::chrono::steady_clock::now() + t;
+  while (m.published() < v && std::chrono::steady_clock::now() < end) usleep(1000);
+  return m.published() >= v;
+}
+
+void ExpectVersion(Group& g, uint32_t d, uint64_t v) {
+  ASSERT_TRUE(WaitPublished(*g.receivers[d].memory, v)) << "receiver " << d << " at "
+                                                         << g.receivers[d].memory->published();
+  EXPECT_EQ(CountWrong(g.dst, d, v, g.receivers[d].memory->slot(v)), 0u) << "receiver " << d << " version " << v;
+}
+
+TEST(WeightSync, FsdpToTensorParallelEveryByte) {
+  auto g = MakeGroup(ModelPreset("moe", 24 << 20).value(), "fsdp", 2, "tp", 3);
+  for (uint64_t v = 1; v <= 3; ++v) {
+    for (const auto& r : PushAll(*g, v)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
+    for (uint32_t d = 0; d < 3; ++d) ExpectVersion(*g, d, v);
+  }
+}
+
+TEST(WeightSync, UnevenLayoutsAndTinyBuckets) {
+  PusherOptions po = Quick();
+  po.bucket_bytes = 4096;
+  po.staging_bytes = 3 * 4096;  // the watermark forces reuse of staging
+  for (auto [sk, S, dk, D] : std::vector<std::tuple<std::string, uint32_t, std::string, uint32_t>>{
+           {"tp", 3, "fsdp", 2}, {"replicated", 2, "tp", 4}, {"fsdp", 4, "replicated", 1}}) {
+    auto g = MakeGroup(ModelPreset("tiny", 0).value(), sk, S, dk, D, po);
+    for (uint64_t v = 1; v <= 2; ++v) {
+      PushAll(*g, v);
+      for (uint32_t d = 0; d < D; ++d) ExpectVersion(*g, d, v);
+    }
+  }
+}
+
+// Readers never see a mix of versions while updates land.
+TEST(WeightSync, ConcurrentReadersNeverSeeMixedVersions) {
+  auto g = MakeGroup(ModelPreset("moe", 4 << 20).value(), "fsdp", 2, "tp", 1);
+  PushAll(*g, 1);
+  ASSERT_TRUE(WaitPublished(*g->receivers[0].memory, 1));
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> reads{0}, torn{0}, newest{0};
+  std::thread reader([&] {
+    while (!stop) {
+      uint64_t seen = 0, wrong = 0;
+      Status s = g->receivers[0].memory->Read([&](uint64_t v, const uint8_t* slot) {
+        seen = v;
+        wrong = CountWrong(g->dst, 0, v, slot);
+      });
+      if (!s.ok()) continue;
+      // A read that Read() accepted must be clean; one it retried may not be.
+      if (wrong) ++torn;
+      ++reads;
+      newest = std::max<uint64_t>(newest, seen);
+    }
+  });
+  for (uint64_t v = 2; v <= 12; ++v) {
+    PushAll(*g, v);
+    ASSERT_TRUE(WaitPublished(*g->receivers[0].memory, v));
+  }
+  usleep(100 * 1000);  // the reader sees the last version too
+  stop = true;
+  reader.join();
+  EXPECT_EQ(torn.load(), 0u) << "of " << reads.load() << " reads";
+  EXPECT_GE(reads.load(), 10u);
+  EXPECT_EQ(newest.load(), 12u);
+}
+
+// An absent receiver is reported missed; the others complete; once it is
+// there (a restart, new engine, empty memory), the next push brings it up.
+TEST(WeightSync, AbsentReceiverIsReportedAndCatchesUpAfterRestart) {
+  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2);
+  g->receivers[1] = Receiver{};  // down
+  for (auto& s : g->sources) ASSERT_TRUE(s.pusher->SetReceiver(1, "").ok());
+  for (const auto& r : PushAll(*g, 1)) {
+    ASSERT_EQ(r.missed.count(1), 1u);
+    EXPECT_NE(r.missed.at(1).find("absent"), std::string::npos);
+    EXPECT_EQ(r.missed.count(0), 0u);
+  }
+  ExpectVersion(*g, 0, 1);
+  g->receivers[1] = MakeReceiver(g->dst, 1, 2, std::chrono::milliseconds(3000));
+  for (auto& s : g->sources) ASSERT_TRUE(s.pusher->SetReceiver(1, g->receivers[1].receiver->Info()).ok());
+  for (const auto& r : PushAll(*g, 2)) EXPECT_TRUE(r.missed.empty());
+  ExpectVersion(*g, 0, 2);
+  ExpectVersion(*g, 1, 2);
+  // A version at or below what a receiver published is refused, by name.
+  auto again = g->sources[0].pusher->Push(2);
+  ASSERT_TRUE(again.ok());
+  EXPECT_NE(again->missed.at(0).find("REFUSED"), std::string::npos) << again->missed.at(0);
+}
+
+// A source that never begins: receivers fail the version within their
+// timeout and keep the previous one readable.
+TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {
+  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2);
+  PushAll(*g, 1);
+  ExpectVersion(*g, 0, 1);
+  ExpectVersion(*g, 1, 1);
+  FillShards(g->src, 0, 2, g->sources[0].region.data());
+  auto r = g->sources[0].pusher->Push(2);  // source 1 stays silent
+  ASSERT_TRUE(r.ok());
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (g->receivers[0].memory->header()->failed.load() != 2 && std::chrono::steady_clock::now() < end) usleep(1000);
+  for (uint32_t d = 0; d < 2; ++d) {
+    EXPECT_EQ(g->receivers[d].memory->header()->failed.load(), 2u);
+    EXPECT_EQ(g->receivers[d].memory->published(), 1u);
+    EXPECT_EQ(CountWrong(g->dst, d, 1, g->receivers[d].memory->slot(1)), 0u);
+  }
+  // The next complete version goes through.
+  PushAll(*g, 3);
+  ExpectVersion(*g, 0, 3);
+  ExpectVersion(*g, 1, 3);
+}
+
+// ---- Processes: SIGKILL of a receiver, and of a source mid-update ----
+
+struct Child {
+  pid_t pid;
+  FILE* to;
+  FILE* from;
+};
+
+std::string Line(FILE* f) {
+  char buf[8192];
+  if (!fgets(buf, sizeof buf, f)) return "EOF";
+  std::string s(buf);
+  if (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
+template <typename Fn>
+Child Fork(Fn body) {
+  int a[2], b[2];
+  if (pipe(a) || pipe(b)) abort();
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(a[1]);
+    close(b[0]);
+    _exit(body(fdopen(a[0], "r"), fdopen(b[1], "w")));
+  }
+  close(a[0]);
+  close(b[1]);
+  return {pid, fdopen(a[1], "w"), fdopen(b[0], "r")};
+}
+
+TEST(WeightSyncProcesses, KilledReceiverDoesNotStopTheOthers) {
+  const ModelSpec model = ModelPreset("moe", 16 << 20).value();
+  auto dst = ShardLayout::Named(model, 2, "tp").value();
+  // Receiver 1 in a child, forked before this process starts any thread.
+  Child child = Fork([&](FILE* in, FILE* out) {
+    Receiver r = MakeReceiver(dst, 1, 1, std::chrono::milliseconds(3000));
+    fprintf(out, "%s\n", r.receiver->Info().c_str());
+    fflush(out);
+    Line(in);  // parked until killed
+    return 0;
+  });
+  const std::string info = Line(child.from);
+  auto src = ShardLayout::Named(model, 1, "fsdp").value();
+  auto schedule = Schedule::Build(src, dst).value();
+  Receiver r0 = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(3000));
+  auto engine = TransferEngine::Create(FastFail()).value();
+  std::vector<uint8_t> region(src.RegionBytes(0));
+  auto pusher = WeightPusher::Create(engine.get(), schedule, src, 0, region.data(), Quick()).value();
+  ASSERT_TRUE(pusher->SetReceiver(0, r0.receiver->Info()).ok());
+  ASSERT_TRUE(pusher->SetReceiver(1, info).ok());
+  FillShards(src, 0, 1, region.data());
+  auto rep = pusher->Push(1);
+  ASSERT_TRUE(rep.ok());
+  EXPECT_TRUE(rep->missed.empty());
+  kill(child.pid, SIGKILL);
+  waitpid(child.pid, nullptr, 0);
+  FillShards(src, 0, 2, region.data());
+  const auto start = std::chrono::steady_clock::now();
+  rep = pusher->Push(2);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+  EXPECT_EQ(rep->missed.count(1), 1u);
+  EXPECT_EQ(rep->missed.count(0), 0u);
+  ASSERT_TRUE(WaitPublished(*r0.memory, 2));
+  EXPECT_EQ(CountWrong(dst, 0, 2, r0.memory->slot(2)), 0u);
+  fclose(child.to);
+  fclose(child.from);
+}
+
+TEST(WeightSyncProcesses, KilledSourceFailsTheUpdateAndKeepsThePreviousVersion) {
+  const ModelSpec model = ModelPreset("moe", 64 << 20).value();
+  auto src = ShardLayout::Named(model, 1, "fsdp").value();
+  auto dst = ShardLayout::Named(model, 1, "tp").value();
+  Child child = Fork([&](FILE* in, FILE* out) {
+    ScheduleOptions so;
+    so.max_transfer_bytes = 1 << 20;
+    auto schedule = Schedule::Build(src, dst, so).value();
+    auto engine = TransferEngine::Create(FastFail()).value();
+    std::vector<uint8_t> region(src.RegionBytes(0));
+    PusherOptions po = Quick();
+    po.bucket_bytes = 1 << 20;
+    po.staging_bytes = 2 << 20;
+    auto pusher = WeightPusher::Create(engine.get(), schedule, src, 0, region.data(), po).value();
+    if (!pusher->SetReceiver(0, Line(in)).ok()) return 1;
+    for (uint64_t v = 1;; ++v) {
+      Line(in);  // "push"
+      FillShards(src, 0, v, region.data());
+      fprintf(out, "pushing %lu\n", (unsigned long)v);
+      fflush(out);
+      auto r = pusher->Push(v);
+      fprintf(out, "%s\n", r.ok() && r->missed.empty() ? "OK" : "FAIL");
+      fflush(out);
+    }
+  });
+  Receiver r = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(1500));
+  fprintf(child.to, "%s\npush\n", r.receiver->Info().c_str());
+  fflush(child.to);
+  EXPECT_EQ(Line(child.from), "pushing 1");
+  EXPECT_EQ(Line(child.from), "OK");
+  ASSERT_TRUE(WaitPublished(*r.memory, 1));
+  fprintf(child.to, "push\n");
+  fflush(child.to);
+  EXPECT_EQ(Line(child.from), "pushing 2");
+  usleep(5 * 1000);  // mid-update
+  kill(child.pid, SIGKILL);
+  waitpid(child.pid, nullptr, 0);
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  while (r.memory->header()->failed.load() != 2 && r.memory->published() != 2 && std::chrono::steady_clock::now() < end)
+    usleep(1000);
+  if (r.memory->published() == 2) {
+    GTEST_SKIP() << "the update finished before the kill landed; nothing to test this time";
+  }
+  EXPECT_EQ(r.memory->header()->failed.load(), 2u);
+  EXPECT_EQ(r.memory->published(), 1u);
+  Status read = r.memory->Read([&](uint64_t v, const uint8_t* slot) {
+    EXPECT_EQ(v, 1u);
+    EXPECT_EQ(CountWrong(dst, 0, 1, slot), 0u);
+  });
+  EXPECT_TRUE(read.ok()) << read.ToString();
+  fclose(child.to);
+  fclose(child.from);
+}
+
+}  // namespace
+}  // namespace te::testing

@@ -1,0 +1,170 @@
+#include "weightsync/weight_pusher.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+namespace te::weightsync {
+
+Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engine, const Schedule& schedule,
+                                                           const ShardLayout& src, uint32_t rank,
+                                                           const uint8_t* region, const PusherOptions& options) {
+  if (!engine || !region) return InvalidArgument("WeightPusher needs an engine and a region");
+  if (rank >= src.ranks())
+    return InvalidArgument("source rank " + std::to_string(rank) + " outside [0, " + std::to_string(src.ranks()) + ")");
+  if (options.bucket_bytes == 0 || options.staging_bytes < options.bucket_bytes)
+    return InvalidArgument("staging_bytes " + std::to_string(options.staging_bytes) + " must hold at least one bucket of " +
+                           std::to_string(options.bucket_bytes));
+  uint32_t receivers = 0;
+  for (const Transfer& t : schedule.transfers()) {
+    receivers = std::max(receivers, t.dst_rank + 1);
+    if (t.length > options.bucket_bytes)
+      return InvalidArgument("a transfer of " + std::to_string(t.length) + " bytes exceeds bucket_bytes " +
+                             std::to_string(options.bucket_bytes) + " (ScheduleOptions::max_transfer_bytes)");
+  }
+  std::unique_ptr<WeightPusher> p(new WeightPusher(engine, schedule, rank, region, options));
+  p->receivers_ = receivers;
+  p->slots_.resize(receivers);
+  p->slot_bytes_.resize(receivers);
+  const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
+  p->staging_ = static_cast<uint8_t*>(std::aligned_alloc(4096, (staging + 4095) & ~uint64_t(4095)));
+  if (!p->staging_) return Unavailable("cannot allocate " + std::to_string(staging) + " bytes of staging");
+  TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_, staging));
+  WeightPusher* self = p.get();
+  // "tews1 READY <version> <rank>" or "tews1 REFUSED <version> <rank> <published>"
+  engine->SetRecvHandler([self](const EngineAddress&, std::span<const uint8_t> data) {
+    std::istringstream in(std::string(data.begin(), data.end()));
+    std::string magic, verb;
+    uint64_t version = 0;
+    uint32_t rank = 0;
+    in >> magic >> verb >> version >> rank;
+    if (magic != "tews1" || !in) return;
+    std::lock_guard<std::mutex> lock(self->mu_);
+    if (version != self->asking_) return;  // a late answer to an older version
+    self->answers_[rank] = std::string(data.begin(), data.end());
+    self->cv_.notify_all();
+  });
+  return p;
+}
+
+WeightPusher::~WeightPusher() {
+  engine_->SetRecvHandler(nullptr);
+  staging_mr_.reset();
+  std::free(staging_);
+}
+
+Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
+  if (rank >= receivers_)
+    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(receivers_) + ")");
+  if (info.empty()) {
+    slots_[rank].reset();
+    return Status::Ok();
+  }
+  std::istringstream in(info);
+  std::string magic, hex;
+  uint32_t r = 0;
+  uint64_t slot = 0;
+  in >> magic >> r >> slot >> hex;
+  if (magic != "tews1" || !in) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " is malformed");
+  if (r != rank) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " comes from rank " + std::to_string(r));
+  TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
+  if (d.length < 2 * slot)
+    return InvalidArgument("receiver " + std::to_string(rank) + " registered " + std::to_string(d.length) +
+                           " bytes for two slots of " + std::to_string(slot));
+  TE_ASSIGN_OR_RETURN(slots_[rank], engine_->Import(d));
+  slot_bytes_[rank] = slot;
+  return Status::Ok();
+}
+
+Result<PushReport> WeightPusher::Push(uint64_t version) {
+  if (version == 0) return InvalidArgument("versions start at 1");
+  const auto start = std::chrono::steady_clock::now();
+  PushReport report;
+  report.version = version;
+  const uint32_t imm = options_.imm_base | uint32_t(version & 0xffff);
+
+  // 1. BEGIN to every receiver, READY back.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    answers_.clear();
+    asking_ = version;
+  }
+  std::vector<bool> live(receivers_, false);
+  for (uint32_t d = 0; d < receivers_; ++d) {
+    if (!slots_[d]) {
+      report.missed[d] = "absent (no receiver info)";
+      continue;
+    }
+    const std::string msg = "tews1 BEGIN " + std::to_string(version) + " " +
+                            std::to_string(schedule_.count(rank_, d)) + " " + std::to_string(rank_);
+    std::vector<uint8_t> bytes(msg.begin(), msg.end());
+    if (Status s = engine_->Send(slots_[d]->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, options_.ready_timeout, [&] {
+      for (uint32_t d = 0; d < receivers_; ++d)
+        if (slots_[d] && !report.missed.count(d) && !answers_.count(d)) return false;
+      return true;
+    });
+    for (uint32_t d = 0; d < receivers_; ++d) {
+      if (!slots_[d] || report.missed.count(d)) continue;
+      auto a = answers_.find(d);
+      if (a == answers_.end()) report.missed[d] = "no READY within " + std::to_string(options_.ready_timeout.count()) + " ms";
+      else if (a->second.find(" READY ") == std::string::npos) report.missed[d] = "refused: " + a->second;
+      else live[d] = true;
+    }
+  }
+
+  // 2. Buckets through the staging ring. One counter per receiver, so a
+  // failed write is charged to the receiver it went to.
+  const uint64_t B = options_.bucket_bytes, ring = staging_mr_->length() / B;
+  std::vector<CompletionCounter> done(receivers_);
+  std::vector<uint64_t> submitted(receivers_, 0);
+  std::vector<std::vector<uint64_t>> submitted_by_bucket;  // [bucket][receiver], cumulative
+  auto wait_until = [&](const std::vector<uint64_t>& upto) {
+    for (uint32_t d = 0; d < receivers_; ++d)
+      if (!done[d].WaitFinished(upto[d], std::chrono::seconds(120))) return false;
+    return true;
+  };
+  const auto& mine = schedule_.from(rank_);
+  size_t i = 0;
+  for (uint64_t bucket = 0; i < mine.size(); ++bucket) {
+    if (bucket >= ring && !wait_until(submitted_by_bucket[bucket - ring]))  // its memory must be free
+      return Timeout("push " + std::to_string(version) + ": staging not released in time");
+    uint8_t* base = staging_ + (bucket % ring) * B;
+    const uint64_t base_off = (bucket % ring) * B;
+    std::map<uint32_t, std::vector<ScatterTarget>> targets;
+    uint64_t used = 0;
+    for (; i < mine.size() && used + schedule_.transfers()[mine[i]].length <= B; ++i) {
+      const Transfer& t = schedule_.transfers()[mine[i]];
+      if (!live[t.dst_rank]) continue;
+      for (uint64_t k = 0; k < t.length / t.src_piece; ++k)  // the gather
+        std::memcpy(base + used + k * t.src_piece, region_ + t.src_offset + k * t.src_stride, t.src_piece);
+      targets[t.dst_rank].push_back(
+          {slots_[t.dst_rank], base_off + used, (version % 2) * slot_bytes_[t.dst_rank] + t.dst_offset, t.length});
+      used += t.length;
+    }
+    for (auto& [d, list] : targets) {
+      report.writes += list.size();
+      if (Status s = engine_->Submit(ScatterWrite{staging_mr_, std::move(list), imm}, {.counter = &done[d]}); !s.ok()) {
+        report.missed[d] = s.ToString();
+        live[d] = false;
+        continue;
+      }
+      ++submitted[d];
+    }
+    submitted_by_bucket.push_back(submitted);
+  }
+  if (!wait_until(submitted)) return Timeout("push " + std::to_string(version) + ": writes did not finish");
+  for (uint32_t d = 0; d < receivers_; ++d)
+    if (live[d] && done[d].failed() > 0) report.missed[d] = done[d].first_error().ToString();
+  for (size_t k : mine) {
+    const Transfer& t = schedule_.transfers()[k];
+    if (live[t.dst_rank] && !report.missed.count(t.dst_rank)) report.bytes += t.length;
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace te::weightsync

@@ -1,0 +1,88 @@
+// WeightPusher: the trainer side of a weight update, one per source rank.
+//
+// Push(v) walks this rank's transfers of the Schedule in order: it gathers
+// them into buckets of registered staging memory and writes each bucket
+// with one ScatterWrite per receiver. The immediate is tagged with v. The
+// next bucket is gathered while earlier ones are on the wire, and staging
+// never exceeds `staging_bytes` (the watermark): a bucket waits for the
+// oldest one to complete before it reuses its memory. Before any write,
+// every receiver is told how many writes to expect (BEGIN) and must answer
+// READY (weight_receiver.h).
+//
+// A receiver that is absent, does not answer, refuses, or fails a write is
+// reported in PushReport::missed with the reason. The others go on. It
+// catches up on a later version: every version writes every byte.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "transfer/transfer_engine.h"
+#include "weightsync/schedule.h"
+#include "weightsync/shard_layout.h"
+
+namespace te::weightsync {
+
+struct PusherOptions {
+  uint64_t staging_bytes = 256 << 20;  // watermark: registered staging in use at once
+  uint64_t bucket_bytes = 16 << 20;    // one gather + one write per receiver; >= the schedule's transfers
+  uint32_t imm_base = 0x57530000;      // as the receivers' ReceiverOptions::imm_base
+  // How long receivers get to answer BEGIN; keep it below the receivers'
+  // ReceiverOptions::timeout. Writes time out through the engine's
+  // request_timeout.
+  std::chrono::milliseconds ready_timeout{2000};
+};
+
+struct PushReport {
+  uint64_t version = 0;
+  uint64_t bytes = 0;       // written to receivers that completed
+  uint64_t writes = 0;
+  double seconds = 0;
+  std::map<uint32_t, std::string> missed;  // receiver rank -> why
+};
+
+class WeightPusher {
+ public:
+  // `region` is this source rank's shards laid out as `src` says; the
+  // pusher reads it during Push only. Takes over the engine's receive handler.
+  static Result<std::unique_ptr<WeightPusher>> Create(TransferEngine* engine, const Schedule& schedule,
+                                                      const ShardLayout& src, uint32_t rank, const uint8_t* region,
+                                                      const PusherOptions& options = {});
+  ~WeightPusher();
+
+  // Receiver `rank`'s WeightReceiver::Info(); empty marks it absent.
+  // Re-setting it (a restarted receiver) takes effect at the next Push.
+  Status SetReceiver(uint32_t rank, const std::string& info);
+
+  Result<PushReport> Push(uint64_t version);
+
+ private:
+  WeightPusher(TransferEngine* engine, const Schedule& schedule, uint32_t rank, const uint8_t* region,
+               const PusherOptions& options)
+      : engine_(engine), schedule_(schedule), rank_(rank), region_(region), options_(options) {}
+
+  TransferEngine* engine_;
+  Schedule schedule_;
+  uint32_t rank_;
+  const uint8_t* region_;
+  PusherOptions options_;
+  uint32_t receivers_ = 0;
+  std::vector<RemoteMr> slots_;          // per receiver: both slots
+  std::vector<uint64_t> slot_bytes_;
+  uint8_t* staging_ = nullptr;
+  LocalMr staging_mr_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  // Receiver rank -> its answer to the current version's BEGIN.
+  std::map<uint32_t, std::string> answers_;
+  uint64_t asking_ = 0;  // the version being begun
+};
+
+}  // namespace te::weightsync

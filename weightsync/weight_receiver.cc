@@ -1,0 +1,144 @@
+#include "weightsync/weight_receiver.h"
+
+#include <cstdio>
+#include <sstream>
+
+namespace te::weightsync {
+
+Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* engine, const ShardLayout& dst,
+                                                               uint32_t rank, uint32_t sources,
+                                                               WeightsMemory* memory, const ReceiverOptions& options) {
+  if (!engine || !memory) return InvalidArgument("WeightReceiver needs an engine and memory");
+  if (rank >= dst.ranks())
+    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(dst.ranks()) + ")");
+  if (sources == 0) return InvalidArgument("a weight update needs at least one source");
+  if (memory->slot_bytes() < dst.RegionBytes(rank))
+    return InvalidArgument("weights memory slot of " + std::to_string(memory->slot_bytes()) + " bytes is smaller than rank " +
+                           std::to_string(rank) + "'s " + std::to_string(dst.RegionBytes(rank)) + " bytes of shards");
+  std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, memory, options));
+  TE_ASSIGN_OR_RETURN(r->mr_, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
+  WeightReceiver* self = r.get();
+  engine->SetRecvHandler([self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); });
+  r->thread_ = std::thread([self] { self->Run(); });
+  return r;
+}
+
+WeightReceiver::~WeightReceiver() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  engine_->SetRecvHandler(nullptr);
+}
+
+std::string WeightReceiver::Info() const {
+  return "tews1 " + std::to_string(rank_) + " " + std::to_string(memory_->slot_bytes()) + " " +
+         engine_->Describe(*mr_).ToHex();
+}
+
+// "tews1 BEGIN <version> <writes> <source rank>"  ->  "tews1 READY <version> <rank>"
+//                                                  or "tews1 REFUSED <version> <rank> <published>"
+void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
+  std::istringstream in(std::string(data.begin(), data.end()));
+  std::string magic, verb;
+  uint64_t version = 0, writes = 0;
+  uint32_t source = 0;
+  in >> magic >> verb >> version >> writes >> source;
+  if (magic != "tews1" || verb != "BEGIN" || !in || source >= (1u << 20)) {
+    fprintf(stderr, "weightsync receiver %u: ignoring a malformed control message\n", rank_);
+    return;
+  }
+  WeightsHeader* h = memory_->header();
+  std::string reply;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (version <= h->published.load()) {
+      reply = "tews1 REFUSED " + std::to_string(version) + " " + std::to_string(rank_) + " " +
+              std::to_string(h->published.load());
+    } else {
+      // Raise `begun` before anyone may write: readers of slot v % 2 retry.
+      uint64_t b = h->begun.load();
+      while (b < version && !h->begun.compare_exchange_weak(b, version, std::memory_order_release)) {
+      }
+      Pending& p = pending_[version];
+      if (p.sources.empty()) p.first_begin = std::chrono::steady_clock::now();
+      if (p.sources.insert(source).second) p.expected += writes;
+      reply = "tews1 READY " + std::to_string(version) + " " + std::to_string(rank_);
+    }
+  }
+  cv_.notify_all();
+  auto peer = engine_->Connect(from);
+  if (!peer.ok()) return;
+  std::vector<uint8_t> bytes(reply.begin(), reply.end());
+  (void)engine_->Send(*peer, bytes, {});
+}
+
+// Waits for `expected` immediates of `version`. The timeout is on progress
+// (no new write for that long), not on the whole update, which may take
+// longer than the timeout when the model is large.
+Status WeightReceiver::AwaitWrites(uint64_t version, uint64_t expected) {
+  const uint32_t imm = options_.imm_base | uint32_t(version & 0xffff);
+  uint64_t seen = engine_->ImmAvailable(imm);
+  auto last_progress = std::chrono::steady_clock::now();
+  while (true) {
+    const Status s = engine_->WaitImm(imm, expected, std::chrono::milliseconds(5));
+    if (s.ok()) return s;
+    if (s.code() != StatusCode::kTimeout) return s.WithContext("version " + std::to_string(version));
+    const uint64_t now_seen = engine_->ImmAvailable(imm);
+    if (now_seen != seen) {
+      seen = now_seen;
+      last_progress = std::chrono::steady_clock::now();
+    } else if (std::chrono::steady_clock::now() - last_progress > options_.timeout) {
+      return Timeout("version " + std::to_string(version) + ": " + std::to_string(seen) + " of " +
+                     std::to_string(expected) + " writes arrived, none in the last " +
+                     std::to_string(options_.timeout.count()) + " ms");
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return Cancelled("receiver shutting down");
+  }
+}
+
+void WeightReceiver::Run() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    if (pending_.empty()) {
+      cv_.wait_for(lock, std::chrono::milliseconds(100));
+      continue;
+    }
+    auto it = pending_.begin();
+    const uint64_t version = it->first;
+    Status result;
+    if (it->second.sources.size() < sources_) {
+      // Wait for the other sources' BEGIN, up to the timeout.
+      if (std::chrono::steady_clock::now() - it->second.first_begin < options_.timeout) {
+        cv_.wait_for(lock, std::chrono::milliseconds(20));
+        continue;
+      }
+      result = Timeout("version " + std::to_string(version) + ": " + std::to_string(it->second.sources.size()) +
+                       " of " + std::to_string(sources_) + " sources began within " +
+                       std::to_string(options_.timeout.count()) + " ms");
+    } else {
+      const uint64_t expected = it->second.expected;
+      lock.unlock();
+      result = AwaitWrites(version, expected);
+      lock.lock();
+    }
+    WeightsHeader* h = memory_->header();
+    if (result.ok()) {
+      h->published.store(version, std::memory_order_release);
+      h->updates.fetch_add(1);
+    } else {
+      h->failed.store(version);
+    }
+    pending_.erase(version);
+    if (options_.on_version) {
+      lock.unlock();
+      options_.on_version(version, result);
+      lock.lock();
+    }
+  }
+}
+
+}  // namespace te::weightsync

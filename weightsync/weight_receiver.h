@@ -1,0 +1,85 @@
+// WeightReceiver: the inference side of a weight update. Owns nothing but
+// the protocol: the weights live in a WeightsMemory (both slots registered
+// with the engine), which the inference engine maps and reads.
+//
+// Protocol for version v (all control messages are engine Send/Recv):
+//  1. Every source sends "BEGIN v n": n = the writes it will make here.
+//  2. On the first BEGIN of v the receiver raises header.begun to v (so
+//     readers of slot v % 2 retry from now on), then answers READY; a source
+//     writes only after READY.
+//  3. With every source's BEGIN in, the receiver waits for sum(n) immediates
+//     tagged with v. Then it publishes v. Nothing else is sent: the
+//     immediates are the completion.
+// A source that does not BEGIN within `timeout` of the first, or writes that
+// stop arriving for `timeout` (a dead source), fail version v here: header.failed = v, and the previous
+// version stays published and readable. A later version starts afresh, so a
+// receiver that was down simply catches up on the next update.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+
+#include "base/status.h"
+#include "transfer/transfer_engine.h"
+#include "weightsync/shard_layout.h"
+#include "weightsync/weights_memory.h"
+
+namespace te::weightsync {
+
+struct ReceiverOptions {
+  uint32_t imm_base = 0x57530000;  // immediates: imm_base | (version & 0xffff)
+  // Longer than the sources' PusherOptions::ready_timeout, so that a source
+  // waiting on a dead receiver's READY does not fail the live ones.
+  std::chrono::milliseconds timeout{10000};
+  // Called on the receiver's thread after each version: OK, or why it failed.
+  std::function<void(uint64_t version, const Status& status)> on_version;
+};
+
+class WeightReceiver {
+ public:
+  // `memory` must hold the rank's region (slot_bytes >= dst.RegionBytes(rank))
+  // and outlive the receiver. Takes over the engine's receive handler.
+  static Result<std::unique_ptr<WeightReceiver>> Create(TransferEngine* engine, const ShardLayout& dst,
+                                                        uint32_t rank, uint32_t sources, WeightsMemory* memory,
+                                                        const ReceiverOptions& options = {});
+  ~WeightReceiver();
+
+  // What sources need (one line): rank, slot size, descriptor of both slots.
+  std::string Info() const;
+  uint64_t published() const { return memory_->published(); }
+
+ private:
+  WeightReceiver(TransferEngine* engine, uint32_t rank, uint32_t sources, WeightsMemory* memory,
+                 const ReceiverOptions& options)
+      : engine_(engine), rank_(rank), sources_(sources), memory_(memory), options_(options) {}
+  void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
+  void Run();
+  Status AwaitWrites(uint64_t version, uint64_t expected);
+
+  TransferEngine* engine_;
+  uint32_t rank_, sources_;
+  WeightsMemory* memory_;
+  ReceiverOptions options_;
+  LocalMr mr_;
+
+  struct Pending {
+    std::set<uint32_t> sources;
+    uint64_t expected = 0;
+    std::chrono::steady_clock::time_point first_begin;
+  };
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<uint64_t, Pending> pending_;  // by version
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace te::weightsync
