@@ -34,6 +34,7 @@
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
 #include "tools/exit_on_error.h"
+#include "tools/mpi_launch.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_string(ep, "2,4", "bench: EP sizes (processes) to run, comma-separated");
@@ -418,23 +419,12 @@ int Worker() {
 
 // Not under MPI: run this very command under mpirun once per EP size.
 int Launch(int argc, char** argv) {
-  char exe[4096];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n <= 0) Die(kTool, "cannot find this executable (/proc/self/exe)");
-  exe[n] = 0;
-  std::string passthrough;
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]).rfind("--ep=", 0) != 0) passthrough += " '" + std::string(argv[i]) + "'";
   for (const std::string& ep : Split(FLAGS_ep)) {
     if (ep.find_first_not_of("0123456789") != std::string::npos || std::stoi(ep) < 2 || std::stoi(ep) > 64)
       Die(kTool, "--ep entry '" + ep + "' must be a number in [2, 64]");
-    // Oversubscribed hosts (more ranks than cores): ranks yield when idle.
     std::string btl = FLAGS_mpi_btl;
     if (btl.empty()) btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
-    const std::string cmd = FLAGS_mpirun + " --allow-run-as-root --oversubscribe --bind-to none -n " + ep +
-                            " --mca btl " + btl + " --mca mpi_yield_when_idle 1 '" + exe + "'" + passthrough +
-                            " --ep=" + ep;
-    if (int rc = system(cmd.c_str()); rc != 0) Die(kTool, "'" + cmd + "' failed (status " + std::to_string(rc) + ")");
+    te::tools::RunUnderMpirun(kTool, FLAGS_mpirun, std::stoi(ep), btl, argc, argv, {"ep"}, "--ep=" + ep);
   }
   return 0;
 }
@@ -442,6 +432,6 @@ int Launch(int argc, char** argv) {
 }  // namespace
 
 int Bench(int argc, char** argv) {
-  if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE")) return Worker();
+  if (te::tools::UnderMpi()) return Worker();
   return Launch(argc, argv);
 }

@@ -4,14 +4,12 @@
 
 #include <cstring>
 
-#include "integration/weightsync_pattern.h"
+#include "weightsync/synthetic_weights.h"
 #include "weightsync/schedule.h"
 
 namespace te::weightsync {
 namespace {
 
-using te::testing::CountWrong;
-using te::testing::FillShards;
 
 // Moves the bytes the way the pusher does: gather pieces, write contiguous.
 void Apply(const Schedule& s, const std::vector<std::vector<uint8_t>>& src, std::vector<std::vector<uint8_t>>* dst) {

@@ -1,6 +1,7 @@
-// Test pattern for weight updates: every byte of every parameter is a
-// function of (parameter, element of the full tensor, byte, version), so a
-// byte from the wrong parameter, element, shard or version is caught.
+// Synthetic weights for tests and benchmarks: every byte of every parameter
+// is a function of (parameter, element of the full tensor, byte, version),
+// so a byte from the wrong parameter, element, shard or version is caught.
+// Not model weights: a checkable pattern.
 #pragma once
 
 #include <cstdint>
@@ -8,7 +9,7 @@
 
 #include "weightsync/shard_layout.h"
 
-namespace te::testing {
+namespace te::weightsync {
 
 inline uint8_t PatternByte(size_t param, uint64_t element, uint32_t byte, uint64_t version) {
   uint64_t x = (param + 1) * 0x9e3779b97f4a7c15ull ^ (element * 0xc2b2ae3d27d4eb4full) ^ (byte + 1) * 0x165667b1ull ^
@@ -20,13 +21,13 @@ inline uint8_t PatternByte(size_t param, uint64_t element, uint32_t byte, uint64
 // Calls fn(byte offset in the rank's region, full-tensor element index) for
 // every element of every shard rank `rank` holds.
 template <typename Fn>
-void ForEachElement(const weightsync::ShardLayout& layout, uint32_t rank, Fn fn) {
+void ForEachElement(const ShardLayout& layout, uint32_t rank, Fn fn) {
   const auto& model = layout.model();
   for (size_t p = 0; p < model.params.size(); ++p) {
-    const weightsync::Box b = layout.ShardBox(p, rank);
+    const Box b = layout.ShardBox(p, rank);
     if (b.empty()) continue;
     const auto& shape = model.params[p].shape;
-    const uint64_t es = weightsync::DTypeBytes(model.params[p].dtype);
+    const uint64_t es = DTypeBytes(model.params[p].dtype);
     std::vector<uint64_t> c = b.begin;
     uint64_t off = layout.ParamOffset(p, rank);
     while (true) {
@@ -44,14 +45,14 @@ void ForEachElement(const weightsync::ShardLayout& layout, uint32_t rank, Fn fn)
   }
 }
 
-inline void FillShards(const weightsync::ShardLayout& layout, uint32_t rank, uint64_t version, uint8_t* region) {
+inline void FillShards(const ShardLayout& layout, uint32_t rank, uint64_t version, uint8_t* region) {
   ForEachElement(layout, rank, [&](size_t p, uint64_t off, uint64_t g, uint64_t es) {
     for (uint32_t b = 0; b < es; ++b) region[off + b] = PatternByte(p, g, b, version);
   });
 }
 
 // Number of bytes of `rank`'s shards that do not hold `version`'s pattern.
-inline uint64_t CountWrong(const weightsync::ShardLayout& layout, uint32_t rank, uint64_t version,
+inline uint64_t CountWrong(const ShardLayout& layout, uint32_t rank, uint64_t version,
                            const uint8_t* region) {
   uint64_t wrong = 0;
   ForEachElement(layout, rank, [&](size_t p, uint64_t off, uint64_t g, uint64_t es) {
@@ -60,4 +61,4 @@ inline uint64_t CountWrong(const weightsync::ShardLayout& layout, uint32_t rank,
   return wrong;
 }
 
-}  // namespace te::testing
+}  // namespace te::weightsync

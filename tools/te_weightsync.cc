@@ -1,0 +1,284 @@
+// te-weightsync: RL weight updates from trainer ranks into inference memory.
+//
+//   te-weightsync serve   --rendezvous=DIR --rank=0 --ranks=2 --sources=2 [--shm=PATH]
+//   te-weightsync push    --rendezvous=DIR --rank=0 --sources=2 --ranks=2 [--versions=3]
+//   te-weightsync status  --rendezvous=DIR
+//   te-weightsync schedule [--sources=8 --src_layout=fsdp --ranks=4 --layout=tp] [--print=20]
+//   te-weightsync bench   --sources=1,2,4 --receivers=2 [--model_bytes=1G]
+//
+// serve: an inference-side receiver. Owns the weights in a shared-memory
+//   file (two version slots and a header, weightsync/weights_memory.h) that
+//   the inference engine maps; announces itself in the rendezvous directory
+//   and prints every version it completes or fails.
+// push: a trainer-side source. Holds its shards of the model (synthetic
+//   weights, weightsync/synthetic_weights.h) and pushes versions on the
+//   static schedule to every receiver in the rendezvous.
+// The model is --model (a preset: moe, dense, tiny) scaled to --model_bytes,
+// or --model_json=FILE. Ranks come from --rank or $RANK; --sources/--ranks
+// default to $WORLD_SIZE. The rendezvous is a directory every rank can see
+// (this host, or a shared filesystem); $MASTER_ADDR is not used.
+#include <gflags/gflags.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tools/exit_on_error.h"
+#include "transfer/transfer_engine.h"
+#include "weightsync/schedule.h"
+#include "weightsync/synthetic_weights.h"
+#include "weightsync/weight_pusher.h"
+#include "weightsync/weight_receiver.h"
+
+DEFINE_string(rendezvous, "/tmp/te-weightsync", "directory where receivers announce themselves");
+DEFINE_int32(rank, -1, "this process's rank on its side (default $RANK)");
+DEFINE_int32(sources, -1, "trainer (source) ranks (default $WORLD_SIZE)");
+DEFINE_int32(ranks, -1, "inference (receiver) ranks (default $WORLD_SIZE)");
+DEFINE_string(src_layout, "fsdp", "how sources hold the model: fsdp, tp, replicated");
+DEFINE_string(layout, "tp", "how receivers hold the model: tp, fsdp, replicated");
+DEFINE_string(model, "moe", "preset: moe, dense, tiny");
+DEFINE_string(model_bytes, "256M", "preset size (K, M, G suffixes)");
+DEFINE_string(model_json, "", "model description file (JSON parameter list) instead of a preset");
+DEFINE_string(shm, "", "serve: weights file (default /dev/shm/te-weights-<rank>)");
+DEFINE_uint64(versions, 3, "push: versions to push");
+DEFINE_uint64(first_version, 1, "push: first version number");
+DEFINE_uint64(interval_ms, 0, "push: pause between versions");
+DEFINE_uint64(bucket_mb, 16, "push: bucket size (MiB)");
+DEFINE_uint64(staging_mb, 256, "push: staging watermark (MiB)");
+DEFINE_int32(timeout_ms, 10000, "receiver progress timeout; sources wait a fifth of it for READY");
+DEFINE_string(provider, "tcp", "engine provider (tcp = tcp;ofi_rxm on lo)");
+DEFINE_int32(print, 0, "schedule: print this many transfers");
+DEFINE_bool(json, false, "print JSON lines");
+DEFINE_uint64(serve_seconds, 0, "serve: exit after this long (0 = until SIGINT/SIGTERM)");
+
+namespace {
+
+constexpr const char* kTool = "te-weightsync";
+using te::tools::Die;
+using te::tools::Must;
+using namespace te::weightsync;
+
+volatile sig_atomic_t g_stop = 0;
+
+uint64_t ParseBytes(const std::string& s) {
+  char* end = nullptr;
+  double v = strtod(s.c_str(), &end);
+  const std::string unit = end ? end : "";
+  const uint64_t m = unit == "K" ? 1ull << 10 : unit == "M" ? 1ull << 20 : unit == "G" ? 1ull << 30 : 1;
+  if (v <= 0 || (!unit.empty() && m == 1)) Die(kTool, "size '" + s + "' is not a number with K, M or G");
+  return uint64_t(v * double(m));
+}
+
+int FromEnv(int flag, const char* var, const char* what) {
+  if (flag >= 0) return flag;
+  const char* v = getenv(var);
+  if (!v) Die(kTool, std::string("give --") + what + " or set $" + var);
+  return atoi(v);
+}
+
+ModelSpec Model() {
+  if (!FLAGS_model_json.empty()) return Must(kTool, ReadModelJson(FLAGS_model_json), "read --model_json");
+  return Must(kTool, ModelPreset(FLAGS_model, ParseBytes(FLAGS_model_bytes)), "--model");
+}
+
+std::unique_ptr<te::TransferEngine> Engine() {
+  te::EngineOptions o;
+  o.fabric.provider = FLAGS_provider;
+  o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
+  return Must(kTool, te::TransferEngine::Create(o), "engine");
+}
+
+std::string ReceiverFile(int rank) { return FLAGS_rendezvous + "/receiver-" + std::to_string(rank); }
+
+void WriteAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp" + std::to_string(getpid());
+  std::ofstream(tmp) << text;
+  if (rename(tmp.c_str(), path.c_str()) != 0) Die(kTool, "cannot write " + path);
+}
+
+int Serve() {
+  const int rank = FromEnv(FLAGS_rank, "RANK", "rank");
+  const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
+  const int sources = FromEnv(FLAGS_sources, "WORLD_SIZE", "sources");
+  const ModelSpec model = Model();
+  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  if (rank < 0 || rank >= ranks) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --ranks)");
+  const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
+  auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
+  auto engine = Engine();
+  ReceiverOptions ro;
+  ro.timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
+  const auto started = std::chrono::steady_clock::now();
+  ro.on_version = [&](uint64_t v, const te::Status& s) {
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    if (FLAGS_json)
+      printf("{\"rank\":%d,\"version\":%lu,\"ok\":%s,\"at_s\":%.3f,\"error\":\"%s\"}\n", rank, (unsigned long)v,
+             s.ok() ? "true" : "false", t, s.ok() ? "" : s.message().c_str());
+    else if (s.ok())
+      printf("receiver %d: version %lu complete (%.3f s)\n", rank, (unsigned long)v, t);
+    else
+      printf("receiver %d: version %lu FAILED: %s; version %lu stays readable\n", rank, (unsigned long)v,
+             s.ToString().c_str(), (unsigned long)memory->published());
+    fflush(stdout);
+  };
+  auto receiver = Must(kTool, WeightReceiver::Create(engine.get(), dst, rank, sources, memory.get(), ro), "receiver");
+  std::filesystem::create_directories(FLAGS_rendezvous);
+  WriteAtomically(ReceiverFile(rank), receiver->Info() + "\n" + shm + "\n");
+  if (!FLAGS_json)
+    printf("receiver %d of %d: %s of %s, %.1f MiB per slot in %s; waiting for %d source(s)\n", rank, ranks,
+           dst.Describe().c_str(), FLAGS_model_json.empty() ? FLAGS_model.c_str() : FLAGS_model_json.c_str(),
+           double(dst.RegionBytes(rank)) / (1 << 20), shm.c_str(), sources);
+  fflush(stdout);
+  signal(SIGINT, [](int) { g_stop = 1; });
+  signal(SIGTERM, [](int) { g_stop = 1; });
+  while (!g_stop) {
+    if (FLAGS_serve_seconds && std::chrono::steady_clock::now() - started > std::chrono::seconds(FLAGS_serve_seconds))
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  unlink(ReceiverFile(rank).c_str());
+  return 0;
+}
+
+int Push() {
+  const int rank = FromEnv(FLAGS_rank, "RANK", "rank");
+  const int sources = FromEnv(FLAGS_sources, "WORLD_SIZE", "sources");
+  const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
+  const ModelSpec model = Model();
+  const ShardLayout src = Must(kTool, ShardLayout::Named(model, sources, FLAGS_src_layout), "--src_layout");
+  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  if (rank < 0 || rank >= sources) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --sources)");
+  ScheduleOptions so;
+  so.max_transfer_bytes = std::min<uint64_t>(4 << 20, FLAGS_bucket_mb << 20);
+  const Schedule schedule = Must(kTool, Schedule::Build(src, dst, so), "schedule");
+  Must(kTool, schedule.Verify(src, dst), "schedule check");
+  std::vector<uint8_t> region(src.RegionBytes(rank));
+  auto engine = Engine();
+  PusherOptions po;
+  po.bucket_bytes = FLAGS_bucket_mb << 20;
+  po.staging_bytes = FLAGS_staging_mb << 20;
+  po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 5);
+  auto pusher = Must(kTool, WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
+  for (uint64_t v = FLAGS_first_version; v < FLAGS_first_version + FLAGS_versions; ++v) {
+    // Receivers may come and go: read the rendezvous before every version.
+    for (int d = 0; d < ranks; ++d) {
+      std::ifstream in(ReceiverFile(d));
+      std::string info;
+      std::getline(in, info);
+      if (te::Status s = pusher->SetReceiver(d, info); !s.ok()) {
+        fprintf(stderr, "%s: receiver %d: %s\n", kTool, d, s.ToString().c_str());
+        (void)pusher->SetReceiver(d, "");
+      }
+    }
+    FillShards(src, rank, v, region.data());
+    auto r = Must(kTool, pusher->Push(v), "push");
+    if (FLAGS_json) {
+      printf("{\"source\":%d,\"version\":%lu,\"bytes\":%lu,\"writes\":%lu,\"seconds\":%.4f,\"missed\":[", rank,
+             (unsigned long)v, (unsigned long)r.bytes, (unsigned long)r.writes, r.seconds);
+      bool first = true;
+      for (const auto& [d, why] : r.missed) printf("%s%u", first ? "" : ",", d), first = false;
+      printf("]}\n");
+    } else {
+      printf("source %d: version %lu: %.1f MiB in %lu writes, %.3f s, %.2f GB/s", rank, (unsigned long)v,
+             double(r.bytes) / (1 << 20), (unsigned long)r.writes, r.seconds, double(r.bytes) / r.seconds / 1e9);
+      for (const auto& [d, why] : r.missed) printf("\n  receiver %u missed version %lu: %s", d, (unsigned long)v, why.c_str());
+      printf("\n");
+    }
+    fflush(stdout);
+    if (FLAGS_interval_ms) std::this_thread::sleep_for(std::chrono::milliseconds(FLAGS_interval_ms));
+  }
+  return 0;
+}
+
+int StatusCmd() {
+  std::vector<std::string> files;
+  if (std::filesystem::exists(FLAGS_rendezvous))
+    for (const auto& e : std::filesystem::directory_iterator(FLAGS_rendezvous))
+      if (e.path().filename().string().rfind("receiver-", 0) == 0 && e.path().extension() != ".tmp")
+        files.push_back(e.path().string());
+  std::sort(files.begin(), files.end());
+  if (files.empty()) {
+    printf("no receivers in %s\n", FLAGS_rendezvous.c_str());
+    return 0;
+  }
+  if (!FLAGS_json) printf("%-8s %10s %10s %10s %8s  %s\n", "receiver", "published", "begun", "failed", "updates", "weights");
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    std::string info, shm;
+    std::getline(in, info);
+    std::getline(in, shm);
+    std::istringstream parse(info);
+    std::string magic;
+    int rank = -1;
+    parse >> magic >> rank;
+    auto m = WeightsMemory::Open(shm);
+    if (!m.ok()) {
+      printf("%-8d %s\n", rank, m.status().ToString().c_str());
+      continue;
+    }
+    const WeightsHeader* h = (*m)->header();
+    if (FLAGS_json)
+      printf("{\"receiver\":%d,\"published\":%lu,\"begun\":%lu,\"failed\":%lu,\"updates\":%lu,\"weights\":\"%s\"}\n", rank,
+             (unsigned long)h->published.load(), (unsigned long)h->begun.load(), (unsigned long)h->failed.load(),
+             (unsigned long)h->updates.load(), shm.c_str());
+    else
+      printf("%-8d %10lu %10lu %10lu %8lu  %s\n", rank, (unsigned long)h->published.load(),
+             (unsigned long)h->begun.load(), (unsigned long)h->failed.load(), (unsigned long)h->updates.load(),
+             shm.c_str());
+  }
+  return 0;
+}
+
+int ScheduleCmd() {
+  const ModelSpec model = Model();
+  const int S = FLAGS_sources > 0 ? FLAGS_sources : 8, D = FLAGS_ranks > 0 ? FLAGS_ranks : 4;
+  const ShardLayout src = Must(kTool, ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
+  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, D, FLAGS_layout), "--layout");
+  const auto t0 = std::chrono::steady_clock::now();
+  const Schedule s = Must(kTool, Schedule::Build(src, dst), "schedule");
+  const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const te::Status check = s.Verify(src, dst);
+  printf("model: %zu parameters, %.1f MiB; %s -> %s; built in %.3f s; check: %s\n", model.params.size(),
+         double(model.bytes()) / (1 << 20), src.Describe().c_str(), dst.Describe().c_str(), build_s,
+         check.ok() ? "every destination byte written exactly once" : check.ToString().c_str());
+  printf("%s", s.Summary().c_str());
+  if (FLAGS_print > 0) s.Print(stdout, size_t(FLAGS_print));
+  return check.ok() ? 0 : 1;
+}
+
+}  // namespace
+
+// For te_weightsync_bench.cc: the model and engine the flags describe.
+te::weightsync::ModelSpec WeightsyncModelFromFlags() { return Model(); }
+std::unique_ptr<te::TransferEngine> WeightsyncEngineFromFlags() { return Engine(); }
+
+#ifdef TE_HAVE_MPI
+int Bench(int argc, char** argv);  // te_weightsync_bench.cc
+#else
+int Bench(int, char**) { Die(kTool, "bench needs MPI: install libopenmpi-dev (scripts/install-deps.sh) and rebuild"); }
+#endif
+
+int main(int argc, char** argv) {
+  gflags::SetUsageMessage("te-weightsync serve|push|status|schedule|bench [flags]");
+  const std::vector<std::string> original(argv, argv + argc);
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  if (argc < 2) Die(kTool, "name a command: serve, push, status, schedule or bench");
+  const std::string cmd = argv[1];
+  if (cmd == "serve") return Serve();
+  if (cmd == "push") return Push();
+  if (cmd == "status") return StatusCmd();
+  if (cmd == "schedule") return ScheduleCmd();
+  if (cmd == "bench") {
+    std::vector<char*> args;
+    for (const auto& a : original) args.push_back(const_cast<char*>(a.c_str()));
+    return Bench(int(args.size()), args.data());
+  }
+  Die(kTool, "unknown command '" + cmd + "': use serve, push, status, schedule or bench");
+}
