@@ -52,8 +52,10 @@ DEFINE_uint64(first_version, 1, "push: first version number");
 DEFINE_uint64(interval_ms, 0, "push: pause between versions");
 DEFINE_uint64(bucket_mb, 16, "push: bucket size (MiB)");
 DEFINE_uint64(staging_mb, 256, "push: staging watermark (MiB)");
-DEFINE_int32(timeout_ms, 10000, "receiver progress timeout; sources wait a fifth of it for READY");
+DEFINE_int32(timeout_ms, 10000, "receiver progress timeout; sources wait half of it for READY");
 DEFINE_string(provider, "tcp", "engine provider (tcp = tcp;ofi_rxm on lo)");
+DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
+DEFINE_bool(verify, false, "serve: check every completed version against the synthetic weights push sends");
 DEFINE_int32(print, 0, "schedule: print this many transfers");
 DEFINE_bool(json, false, "print JSON lines");
 DEFINE_uint64(serve_seconds, 0, "serve: exit after this long (0 = until SIGINT/SIGTERM)");
@@ -91,6 +93,7 @@ ModelSpec Model() {
 std::unique_ptr<te::TransferEngine> Engine() {
   te::EngineOptions o;
   o.fabric.provider = FLAGS_provider;
+  o.fabric.domain = FLAGS_iface;
   o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
   return Must(kTool, te::TransferEngine::Create(o), "engine");
 }
@@ -111,18 +114,33 @@ int Serve() {
   const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
   if (rank < 0 || rank >= ranks) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --ranks)");
   const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
+  unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
   auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
   auto engine = Engine();
   ReceiverOptions ro;
   ro.timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
   const auto started = std::chrono::steady_clock::now();
-  ro.on_version = [&](uint64_t v, const te::Status& s) {
+  ro.on_version = [&](uint64_t v, const te::Status& st) {
     const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    te::Status s = st;
+    if (s.ok() && FLAGS_verify) {
+      // Read as the inference engine would: a version read while the next
+      // update overtook it is read again.
+      uint64_t wrong = 0, seen = 0;
+      const te::Status r = memory->Read([&](uint64_t pv, const uint8_t* slot) {
+        seen = pv;
+        wrong = CountWrong(dst, rank, pv, slot);
+      });
+      if (!r.ok()) s = r.WithContext("verify");
+      else if (wrong)
+        s = te::Internal(std::to_string(wrong) + " bytes of version " + std::to_string(seen) +
+                         " differ from the synthetic weights (MISMATCH)");
+    }
     if (FLAGS_json)
       printf("{\"rank\":%d,\"version\":%lu,\"ok\":%s,\"at_s\":%.3f,\"error\":\"%s\"}\n", rank, (unsigned long)v,
              s.ok() ? "true" : "false", t, s.ok() ? "" : s.message().c_str());
     else if (s.ok())
-      printf("receiver %d: version %lu complete (%.3f s)\n", rank, (unsigned long)v, t);
+      printf("receiver %d: version %lu complete%s (%.3f s)\n", rank, (unsigned long)v, FLAGS_verify ? ", verified" : "", t);
     else
       printf("receiver %d: version %lu FAILED: %s; version %lu stays readable\n", rank, (unsigned long)v,
              s.ToString().c_str(), (unsigned long)memory->published());
@@ -164,7 +182,7 @@ int Push() {
   PusherOptions po;
   po.bucket_bytes = FLAGS_bucket_mb << 20;
   po.staging_bytes = FLAGS_staging_mb << 20;
-  po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 5);
+  po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
   auto pusher = Must(kTool, WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
   for (uint64_t v = FLAGS_first_version; v < FLAGS_first_version + FLAGS_versions; ++v) {
     // Receivers may come and go: read the rendezvous before every version.

@@ -108,7 +108,7 @@ int Worker() {
     PusherOptions po;
     po.bucket_bytes = FLAGS_bucket_mb << 20;
     po.staging_bytes = FLAGS_staging_mb << 20;
-    po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 5);
+    po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
     pusher = Must(kTool, WeightPusher::Create(engine.get(), schedule, src, w, region.data(), po), "pusher");
     for (int d = 0; d < D; ++d) Must(kTool, pusher->SetReceiver(d, infos[S + d]), "receiver info");
   }

@@ -43,33 +43,45 @@ std::string WeightReceiver::Info() const {
 void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
   std::istringstream in(std::string(data.begin(), data.end()));
   std::string magic, verb;
-  uint64_t version = 0, writes = 0;
-  uint32_t source = 0;
-  in >> magic >> verb >> version >> writes >> source;
-  if (magic != "tews1" || verb != "BEGIN" || !in || source >= (1u << 20)) {
+  Begin begin;
+  in >> magic >> verb >> begin.version >> begin.writes >> begin.source;
+  if (magic != "tews1" || verb != "BEGIN" || !in || begin.source >= (1u << 20)) {
     fprintf(stderr, "weightsync receiver %u: ignoring a malformed control message\n", rank_);
     return;
   }
-  WeightsHeader* h = memory_->header();
+  begin.from = from;
   std::string reply;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (version <= h->published.load()) {
-      reply = "tews1 REFUSED " + std::to_string(version) + " " + std::to_string(rank_) + " " +
-              std::to_string(h->published.load());
-    } else {
-      // Raise `begun` before anyone may write: readers of slot v % 2 retry.
-      uint64_t b = h->begun.load();
-      while (b < version && !h->begun.compare_exchange_weak(b, version, std::memory_order_release)) {
-      }
-      Pending& p = pending_[version];
-      if (p.sources.empty()) p.first_begin = std::chrono::steady_clock::now();
-      if (p.sources.insert(source).second) p.expected += writes;
-      reply = "tews1 READY " + std::to_string(version) + " " + std::to_string(rank_);
-    }
+    // A later version waits until the one in flight is done: it will write
+    // into the slot of the last complete version, which must stay readable
+    // until its successor is complete.
+    if (!pending_.empty() && pending_.begin()->first < begin.version) deferred_.push_back(begin);
+    else reply = AcceptLocked(begin);
   }
   cv_.notify_all();
-  auto peer = engine_->Connect(from);
+  Reply(from, reply);
+}
+
+std::string WeightReceiver::AcceptLocked(const Begin& b) {
+  WeightsHeader* h = memory_->header();
+  const uint64_t published = h->published.load();
+  if (b.version <= published)
+    return "tews1 REFUSED " + std::to_string(b.version) + " " + std::to_string(rank_) + " " +
+           std::to_string(published);
+  // Raise `begun` before anyone may write: readers of slot v % 2 retry.
+  uint64_t begun = h->begun.load();
+  while (begun < b.version && !h->begun.compare_exchange_weak(begun, b.version, std::memory_order_release)) {
+  }
+  Pending& p = pending_[b.version];
+  if (p.sources.empty()) p.first_begin = std::chrono::steady_clock::now();
+  if (p.sources.insert(b.source).second) p.expected += b.writes;
+  return "tews1 READY " + std::to_string(b.version) + " " + std::to_string(rank_);
+}
+
+void WeightReceiver::Reply(const EngineAddress& to, const std::string& reply) {
+  if (reply.empty()) return;
+  auto peer = engine_->Connect(to);
   if (!peer.ok()) return;
   std::vector<uint8_t> bytes(reply.begin(), reply.end());
   (void)engine_->Send(*peer, bytes, {});
@@ -133,11 +145,20 @@ void WeightReceiver::Run() {
       h->failed.store(version);
     }
     pending_.erase(version);
-    if (options_.on_version) {
-      lock.unlock();
-      options_.on_version(version, result);
-      lock.lock();
+    // Deferred BEGINs of later versions may go ahead now.
+    std::vector<std::pair<EngineAddress, std::string>> replies;
+    for (auto d = deferred_.begin(); d != deferred_.end();) {
+      if (pending_.empty() || pending_.begin()->first >= d->version) {
+        replies.emplace_back(d->from, AcceptLocked(*d));
+        d = deferred_.erase(d);
+      } else {
+        ++d;
+      }
     }
+    lock.unlock();
+    for (const auto& [to, reply] : replies) Reply(to, reply);
+    if (options_.on_version) options_.on_version(version, result);
+    lock.lock();
   }
 }
 

@@ -6,7 +6,8 @@
 //  1. Every source sends "BEGIN v n": n = the writes it will make here.
 //  2. On the first BEGIN of v the receiver raises header.begun to v (so
 //     readers of slot v % 2 retry from now on), then answers READY; a source
-//     writes only after READY.
+//     writes only after READY. While an earlier version is still in flight,
+//     the READY waits: v would overwrite the last complete version's slot.
 //  3. With every source's BEGIN in, the receiver waits for sum(n) immediates
 //     tagged with v. Then it publishes v. Nothing else is sent: the
 //     immediates are the completion.
@@ -26,6 +27,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "base/status.h"
 #include "transfer/transfer_engine.h"
@@ -60,7 +62,14 @@ class WeightReceiver {
   WeightReceiver(TransferEngine* engine, uint32_t rank, uint32_t sources, WeightsMemory* memory,
                  const ReceiverOptions& options)
       : engine_(engine), rank_(rank), sources_(sources), memory_(memory), options_(options) {}
+  struct Begin {
+    EngineAddress from;
+    uint64_t version = 0, writes = 0;
+    uint32_t source = 0;
+  };
   void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
+  std::string AcceptLocked(const Begin& begin);  // the reply; records the source
+  void Reply(const EngineAddress& to, const std::string& reply);
   void Run();
   Status AwaitWrites(uint64_t version, uint64_t expected);
 
@@ -78,6 +87,7 @@ class WeightReceiver {
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<uint64_t, Pending> pending_;  // by version
+  std::vector<Begin> deferred_;          // BEGINs of versions after the one in flight
   bool stop_ = false;
   std::thread thread_;
 };
