@@ -4,11 +4,9 @@
 
 namespace te {
 
-void CompletionCounter::MarkDone() {
-  done_.fetch_add(1, std::memory_order_release);
-  seq_.fetch_add(1, std::memory_order_release);
-  seq_.notify_all();
-}
+// The counter increment is the last touch of the counter: once a waiter sees
+// it, the owner may destroy the counter.
+void CompletionCounter::MarkDone() { done_.fetch_add(1, std::memory_order_release); }
 
 void CompletionCounter::MarkFailed(const Status& status) {
   {
@@ -16,8 +14,6 @@ void CompletionCounter::MarkFailed(const Status& status) {
     if (first_error_.ok()) first_error_ = status;
   }
   failed_.fetch_add(1, std::memory_order_release);
-  seq_.fetch_add(1, std::memory_order_release);
-  seq_.notify_all();
 }
 
 bool CompletionCounter::WaitFinished(uint64_t n, std::chrono::nanoseconds timeout) const {

@@ -31,14 +31,14 @@ class CompletionCounter {
   // Returns false on timeout.
   bool WaitFinished(uint64_t n, std::chrono::nanoseconds timeout) const;
 
-  // Engine side.
+  // Engine side. The count is the last thing either touches, so the owner
+  // may destroy the counter as soon as a wait sees its requests finished.
   void MarkDone();
   void MarkFailed(const Status& status);
 
  private:
   std::atomic<uint64_t> done_{0};
   std::atomic<uint64_t> failed_{0};
-  std::atomic<uint32_t> seq_{0};  // bumped on every change; waited on
   mutable std::mutex mu_;
   Status first_error_;
 };

