@@ -20,7 +20,9 @@ if [ -z "$SAN" ]; then
   ctest --test-dir build --output-on-failure --timeout 300
 else
   DIR=build-$SAN
-  cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" >/dev/null
+  # ASan + UBSan at -O1: half the compile time of -O2 for the same checks.
+  OPT=(); [ "$SAN" = address ] && OPT=(-DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g")
+  cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" "${OPT[@]}" >/dev/null
   cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

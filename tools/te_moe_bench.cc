@@ -34,6 +34,7 @@
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
 #include "tools/exit_on_error.h"
+#include "tools/mpi_allgather.h"
 #include "tools/mpi_launch.h"
 #include "transfer/transfer_engine.h"
 
@@ -211,19 +212,6 @@ std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& 
   return layers;
 }
 
-std::vector<std::string> AllGather(const std::string& mine, int ranks) {
-  int len = int(mine.size());
-  std::vector<int> lens(ranks), displ(ranks);
-  MPI_Allgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, MPI_COMM_WORLD);
-  int total = 0;
-  for (int r = 0; r < ranks; ++r) displ[r] = total, total += lens[r];
-  std::string all(total, '\0');
-  MPI_Allgatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), displ.data(), MPI_CHAR, MPI_COMM_WORLD);
-  std::vector<std::string> out;
-  for (int r = 0; r < ranks; ++r) out.push_back(all.substr(displ[r], lens[r]));
-  return out;
-}
-
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -254,7 +242,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   c.max_tokens = trace ? FLAGS_bench_tokens * ranks : FLAGS_bench_tokens;
   c.private_tokens = std::min(c.max_tokens, FLAGS_private_tokens ? FLAGS_private_tokens : FLAGS_bench_tokens);
   auto d = Must(kTool, moe::EpDispatcher::Create(engine, c), "dispatcher");
-  Must(kTool, d->Connect(AllGather(d->LocalInfo(), ranks)), "connect the group");
+  Must(kTool, d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
   MpiPath mpi(c);
 
   std::vector<Layer> layers = trace ? TraceLayers(c, *trace, *rank_of) : RandomLayers(c, 4);

@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "tools/exit_on_error.h"
+#include "tools/mpi_allgather.h"
 #include "tools/mpi_launch.h"
 #include "weightsync/schedule.h"
 #include "weightsync/synthetic_weights.h"
@@ -48,19 +49,6 @@ constexpr const char* kTool = "te-weightsync";
 using te::tools::Die;
 using te::tools::Must;
 using namespace te::weightsync;
-
-std::vector<std::string> AllGather(const std::string& mine, int n) {
-  int len = int(mine.size());
-  std::vector<int> lens(n), displ(n);
-  MPI_Allgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, MPI_COMM_WORLD);
-  int total = 0;
-  for (int r = 0; r < n; ++r) displ[r] = total, total += lens[r];
-  std::string all(total, '\0');
-  MPI_Allgatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), displ.data(), MPI_CHAR, MPI_COMM_WORLD);
-  std::vector<std::string> out;
-  for (int r = 0; r < n; ++r) out.push_back(all.substr(displ[r], lens[r]));
-  return out;
-}
 
 double Slowest(double v) {
   double m;
@@ -102,7 +90,7 @@ int Worker() {
     receiver = Must(kTool, WeightReceiver::Create(engine.get(), dst, w - S, S, memory.get(), ro), "receiver");
     info = receiver->Info();
   }
-  const std::vector<std::string> infos = AllGather(info, n);
+  const std::vector<std::string> infos = te::tools::AllGatherStrings(info, n);
   if (source) {
     region.assign(src.RegionBytes(w), 0);
     PusherOptions po;

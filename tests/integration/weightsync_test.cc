@@ -63,14 +63,15 @@ PusherOptions Quick() {
 }
 
 std::unique_ptr<Group> MakeGroup(const ModelSpec& model, const std::string& sk, uint32_t S, const std::string& dk,
-                                 uint32_t D, PusherOptions po = Quick()) {
+                                 uint32_t D, PusherOptions po = Quick(),
+                                 std::chrono::milliseconds receiver_timeout = std::chrono::milliseconds(8000)) {
   auto src = ShardLayout::Named(model, S, sk).value();
   auto dst = ShardLayout::Named(model, D, dk).value();
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(po.bucket_bytes, 1 << 20);
   auto g = std::make_unique<Group>(Group{src, dst, Schedule::Build(src, dst, so).value(), {}, {}});
   EXPECT_TRUE(g->schedule.Verify(src, dst).ok());
-  for (uint32_t d = 0; d < D; ++d) g->receivers.push_back(MakeReceiver(dst, d, S, std::chrono::milliseconds(8000)));
+  for (uint32_t d = 0; d < D; ++d) g->receivers.push_back(MakeReceiver(dst, d, S, receiver_timeout));
   for (uint32_t s = 0; s < S; ++s) {
     Source x;
     x.engine = TransferEngine::Create(FastFail()).value();
@@ -202,7 +203,7 @@ TEST(WeightSync, AbsentReceiverIsReportedAndCatchesUpAfterRestart) {
 // A source that never begins: receivers fail the version within their
 // timeout and keep the previous one readable.
 TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {
-  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2);
+  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2, Quick(), std::chrono::milliseconds(4000));
   PushAll(*g, 1);
   ExpectVersion(*g, 0, 1);
   ExpectVersion(*g, 1, 1);
@@ -295,7 +296,7 @@ TEST(WeightSyncProcesses, KilledReceiverDoesNotStopTheOthers) {
 }
 
 TEST(WeightSyncProcesses, KilledSourceFailsTheUpdateAndKeepsThePreviousVersion) {
-  const ModelSpec model = ModelPreset("moe", 64 << 20).value();
+  const ModelSpec model = ModelPreset("moe", 24 << 20).value();
   auto src = ShardLayout::Named(model, 1, "fsdp").value();
   auto dst = ShardLayout::Named(model, 1, "tp").value();
   Child child = Fork([&](FILE* in, FILE* out) {
