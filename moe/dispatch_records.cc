@@ -66,7 +66,8 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
   // Pass 1: count tokens per destination rank.
-  std::vector<uint8_t> goes(size_t(b.tokens) * R, 0);
+  std::vector<uint8_t>& goes = plan->goes;
+  goes.assign(size_t(b.tokens) * R, 0);
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
     for (uint32_t k = 0; k < K; ++k) {
