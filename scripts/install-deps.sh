@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(build-essential cmake ninja-build pkg-config git libopenmpi-dev openmpi-bin
       libfabric-dev libfabric-bin libibverbs-dev rdma-core
-      libgflags-dev libgoogle-glog-dev libgtest-dev libgmock-dev iproute2)
+      libgflags-dev libgoogle-glog-dev libgtest-dev libgmock-dev iproute2
+      redis-server libhiredis-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -46,9 +46,11 @@ Status ImmCounter::Wait(uint32_t imm, uint64_t count, std::chrono::nanoseconds t
   std::unique_lock<std::mutex> lock(mu_);
   ++blocked_waiters_;
   Entry* e = &entries_[imm];
+  ++e->waiters;
   // unordered_map keeps element addresses stable across rehashing.
   bool ok = cv_.wait_for(lock, timeout, [&] { return e->available >= count; });
   --blocked_waiters_;
+  --e->waiters;
   if (!ok) {
     return Timeout("waited for " + std::to_string(count) + " arrivals of imm " +
                    std::to_string(imm) + "; " + std::to_string(e->available) +
@@ -70,6 +72,20 @@ uint64_t ImmCounter::Available(uint32_t imm) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(imm);
   return it == entries_.end() ? 0 : it->second.available;
+}
+
+uint64_t ImmCounter::Forget(uint32_t imm) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = entries_.find(imm);
+  if (it == entries_.end()) return 0;
+  const uint64_t dropped = it->second.available;
+  if (it->second.waiters > 0) {
+    it->second.available = 0;
+    it->second.expectations.clear();
+  } else {
+    entries_.erase(it);
+  }
+  return dropped;
 }
 
 }  // namespace te

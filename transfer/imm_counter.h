@@ -51,10 +51,17 @@ class ImmCounter {
 
   // Arrivals not yet consumed.
   uint64_t Available(uint32_t imm) const;
+  // Drops everything known about `imm`: its pending expectations (their
+  // callbacks never run) and its unconsumed arrivals, whose number it
+  // returns. For a receiver abandoning an immediate it will not reuse (a
+  // cancelled transfer), so that the table does not grow with such values.
+  // A Wait blocked on `imm` keeps running and sees later arrivals only.
+  uint64_t Forget(uint32_t imm);
 
  private:
   struct Entry {
     uint64_t available = 0;
+    int waiters = 0;  // Wait calls blocked on this entry: it must stay
     std::deque<std::pair<uint64_t, Callback>> expectations;
   };
   void Serve(Entry& e, std::vector<Callback>* ready);

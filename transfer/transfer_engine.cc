@@ -281,6 +281,8 @@ uint64_t TransferEngine::ImmAvailable(uint32_t imm) const {
   return group_->imm_counter().Available(imm);
 }
 
+uint64_t TransferEngine::ForgetImm(uint32_t imm) { return group_->imm_counter().Forget(imm); }
+
 size_t TransferEngine::max_message_bytes() const {
   return options_.fabric.max_message_bytes - group_->message_header_bytes();
 }

@@ -128,6 +128,9 @@ class TransferEngine {
   Status WaitImm(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout);
   bool TryConsumeImm(uint32_t imm, uint64_t count);
   uint64_t ImmAvailable(uint32_t imm) const;
+  // Drops the expectations and unconsumed arrivals of `imm` (see
+  // ImmCounter::Forget); returns how many arrivals were dropped.
+  uint64_t ForgetImm(uint32_t imm);
 
   // ---- Control plane ----
   // Two-sided message of at most max_message_bytes() to `peer`. Completes

@@ -46,6 +46,34 @@ TEST(ImmCounter, FiresExactlyOnceWhenCountReached) {
   EXPECT_EQ(c.Available(1), 10u);
 }
 
+TEST(ImmCounter, ForgetDropsExpectationsAndArrivals) {
+  ImmCounter c;
+  std::vector<ImmCounter::Callback> ready;
+  int fired = 0;
+  ASSERT_TRUE(c.Expect(5, 4, [&] { ++fired; }, &ready).ok());
+  c.Add(5, 3, &ready);
+  EXPECT_EQ(c.Available(5), 3u);
+  EXPECT_EQ(c.Forget(5), 3u);
+  EXPECT_EQ(c.Available(5), 0u);
+  c.Add(5, 1, &ready);  // a straggler after Forget: the old expectation is gone
+  RunAll(ready);
+  EXPECT_EQ(fired, 0);
+  EXPECT_EQ(c.Available(5), 1u);
+  EXPECT_EQ(c.Forget(6), 0u);  // never seen
+}
+
+TEST(ImmCounter, ForgetWhileAWaitIsBlockedKeepsTheWaiterWorking) {
+  ImmCounter c;
+  std::vector<ImmCounter::Callback> ready;
+  c.Add(9, 2, &ready);
+  std::thread waiter([&] { EXPECT_TRUE(c.Wait(9, 1, 10s).ok()); });
+  std::this_thread::sleep_for(20ms);
+  c.Forget(9);  // drops the 2 (or 1, if the waiter already took one)
+  c.Add(9, 1, &ready);
+  waiter.join();
+  EXPECT_LE(c.Available(9), 1u);
+}
+
 TEST(ImmCounter, ShuffledArrivalsOfManyImmediates) {
   ImmCounter c;
   std::vector<ImmCounter::Callback> ready;

@@ -1,0 +1,443 @@
+#include "kvcache/kv_prefiller.h"
+
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <set>
+
+namespace te::kvcache {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+std::string S(uint64_t v) { return std::to_string(v); }
+}  // namespace
+
+struct KvPrefiller::Dest {
+  std::string peer_hex;
+  PeerRef peer;
+  RemoteMr remote;
+  KvLayout layout;
+  uint32_t rank = 0;
+  std::vector<uint32_t> pages;
+  uint32_t imm = 0;
+  uint64_t context_offset = 0, context_bytes = 0;
+  PageRuns runs;
+  bool context_source = false;
+  std::vector<bool> layer_sent;
+  bool context_sent = false;
+  uint64_t outstanding = 0;  // writes submitted, not completed
+  uint64_t delivered = 0;    // immediates of writes that completed
+  enum class State { kActive, kCancelling, kFailing, kDone } state = State::kActive;
+  std::string why;  // kFailing: the reason sent in FAILED
+};
+
+struct KvPrefiller::Request {
+  std::vector<uint32_t> pages;
+  bool started = false;
+  std::vector<bool> layer_done;
+  bool finished = false;
+  Clock::time_point finished_at;
+  int64_t context_slot = -1;
+  uint64_t context_len = 0;
+  std::map<std::string, std::unique_ptr<Dest>> dests;  // by "<address hex>/<rank>"
+  int64_t expected_dests = -1;                          // known from the first PULL
+  Status status;                                        // first failure, reported by on_sent
+  bool aborted = false;
+};
+
+uint64_t KvPrefiller::MemoryBytes(const KvLayout& layout, const PrefillerOptions& options) {
+  return layout.region_bytes() + uint64_t(options.context_slots) * options.context_bytes;
+}
+
+KvPrefiller::KvPrefiller(TransferEngine* engine, const KvLayout& layout, uint32_t rank, uint8_t* memory,
+                         const PrefillerOptions& options)
+    : engine_(engine), layout_(layout), rank_(rank), memory_(memory), options_(options) {}
+
+Result<std::unique_ptr<KvPrefiller>> KvPrefiller::Create(TransferEngine* engine, const KvLayout& layout,
+                                                         uint32_t rank, uint8_t* memory,
+                                                         const PrefillerOptions& options) {
+  if (!engine || !memory) return InvalidArgument("KvPrefiller needs an engine and memory");
+  if (engine->options().progress != ProgressMode::kThread)
+    return InvalidArgument("KvPrefiller needs an engine in ProgressMode::kThread");
+  TE_RETURN_IF_ERROR(layout.Validate().WithContext("prefill layout"));
+  if (rank >= layout.tp)
+    return InvalidArgument("prefill rank " + S(rank) + " outside [0, " + S(layout.tp) + ")");
+  if (options.context_slots == 0 || options.context_bytes == 0)
+    return InvalidArgument("PrefillerOptions: context_slots and context_bytes must be at least 1");
+  std::unique_ptr<KvPrefiller> p(new KvPrefiller(engine, layout, rank, memory, options));
+  TE_ASSIGN_OR_RETURN(p->mr_, engine->RegisterMemory(memory, MemoryBytes(layout, options)));
+  for (uint32_t i = options.context_slots; i-- > 0;) p->free_context_slots_.push_back(i);
+  KvPrefiller* self = p.get();
+  engine->SetRecvHandler([self](const EngineAddress& from, std::span<const uint8_t> d) { self->OnMessage(from, d); });
+  p->thread_ = std::thread([self] { self->Run(); });
+  return p;
+}
+
+KvPrefiller::~KvPrefiller() {
+  engine_->SetRecvHandler(nullptr);
+  std::unique_lock<std::mutex> lock(mu_);
+  stop_ = true;
+  cv_.notify_all();
+  // Writes in flight call back into this object; the engine finishes or
+  // fails each within its request timeout.
+  auto outstanding = [&] {
+    uint64_t n = 0;
+    for (auto& [id, r] : requests_)
+      for (auto& [k, d] : r->dests) n += d->outstanding;
+    return n;
+  };
+  cv_.wait(lock, [&] { return outstanding() == 0; });
+  lock.unlock();
+  if (thread_.joinable()) thread_.join();
+}
+
+Status KvPrefiller::Start(uint64_t id, std::vector<uint32_t> pages) {
+  if (pages.empty()) return InvalidArgument("request " + S(id) + ": Start with no pages");
+  for (uint32_t p : pages)
+    if (p >= layout_.pages)
+      return InvalidArgument("request " + S(id) + ": page " + S(p) + " outside [0, " + S(layout_.pages) + ")");
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& slot = requests_[id];
+  if (!slot) slot = std::make_unique<Request>();
+  Request& r = *slot;
+  if (r.started) return InvalidArgument("request " + S(id) + " was already started");
+  r.pages = std::move(pages);
+  r.started = true;
+  r.layer_done.assign(layout_.layers, false);
+  PumpLocked(id, r);
+  return Status::Ok();
+}
+
+Status KvPrefiller::LayerDone(uint64_t id, uint32_t layer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end() || !it->second->started)
+    return NotFound("request " + S(id) + " is not started on this prefill rank");
+  if (layer >= layout_.layers)
+    return InvalidArgument("request " + S(id) + ": layer " + S(layer) + " outside [0, " + S(layout_.layers) + ")");
+  it->second->layer_done[layer] = true;
+  PumpLocked(id, *it->second);
+  return Status::Ok();
+}
+
+Status KvPrefiller::Finish(uint64_t id, std::span<const uint8_t> context) {
+  if (context.size() > options_.context_bytes)
+    return InvalidArgument("request " + S(id) + ": context of " + S(context.size()) + " bytes exceeds context_bytes " +
+                           S(options_.context_bytes));
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end() || !it->second->started)
+    return NotFound("request " + S(id) + " is not started on this prefill rank");
+  Request& r = *it->second;
+  if (r.finished) return InvalidArgument("request " + S(id) + " was already finished");
+  for (uint32_t l = 0; l < layout_.layers; ++l)
+    if (!r.layer_done[l]) return InvalidArgument("request " + S(id) + ": Finish before layer " + S(l) + " is done");
+  if (free_context_slots_.empty())
+    return Unavailable("all " + S(options_.context_slots) + " context slots are in use; raise context_slots");
+  r.context_slot = free_context_slots_.back();
+  free_context_slots_.pop_back();
+  r.context_len = context.size();
+  if (!context.empty())
+    std::memcpy(memory_ + layout_.region_bytes() + uint64_t(r.context_slot) * options_.context_bytes, context.data(),
+                context.size());
+  r.finished = true;
+  r.finished_at = Clock::now();
+  PumpLocked(id, r);
+  return Status::Ok();
+}
+
+Status KvPrefiller::Abort(uint64_t id, const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return NotFound("request " + S(id) + " is not on this prefill rank");
+  Request& r = *it->second;
+  r.aborted = true;
+  if (r.status.ok()) r.status = Cancelled("request " + S(id) + " aborted: " + why);
+  for (auto& [k, d] : r.dests) FailDestLocked(*d, "prefill aborted the request: " + why);
+  PumpLocked(id, r);
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+void KvPrefiller::FailDestLocked(Dest& d, const std::string& why) {
+  if (d.state == Dest::State::kActive || d.state == Dest::State::kCancelling) {
+    d.state = Dest::State::kFailing;
+    d.why = why;
+  }
+}
+
+void KvPrefiller::SendLocked(const PeerRef& peer, const KvMessage& m) {
+  auto bytes = m.Encode();
+  // Best effort: a decoder that cannot hear is dead, and its side times out.
+  (void)engine_->Send(peer, bytes, {});
+}
+
+void KvPrefiller::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
+  auto m = KvMessage::Decode(data);
+  if (!m.ok()) {
+    fprintf(stderr, "kv prefill rank %u: ignoring a message: %s\n", rank_, m.status().ToString().c_str());
+    return;
+  }
+  const std::string hex = from.ToHex();
+  if (m->kind == KvMessage::Kind::kPull) return OnPull(from, std::move(m).value());
+  std::lock_guard<std::mutex> lock(mu_);
+  last_heard_[hex] = Clock::now();
+  if (m->kind != KvMessage::Kind::kCancel) return;
+  auto it = requests_.find(m->request);
+  if (it == requests_.end()) return;  // already retired: its CANCELLED/FAILED or data went out
+  auto d = it->second->dests.find(hex + "/" + S(m->rank));
+  if (d == it->second->dests.end()) return;
+  if (d->second->state == Dest::State::kActive) d->second->state = Dest::State::kCancelling;
+  PumpLocked(m->request, *it->second);
+  cv_.notify_all();
+}
+
+void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
+  auto dest = std::make_unique<Dest>();
+  dest->peer_hex = from.ToHex();
+  std::string refuse;
+  auto peer = engine_->Connect(from);
+  if (!peer.ok()) {
+    fprintf(stderr, "kv prefill rank %u: cannot reach a decoder: %s\n", rank_, peer.status().ToString().c_str());
+    return;
+  }
+  dest->peer = *peer;
+  dest->layout = m.layout;
+  dest->rank = m.rank;
+  dest->pages = std::move(m.pages);
+  dest->imm = m.imm;
+  dest->context_offset = m.context_offset;
+  dest->context_bytes = m.context_bytes;
+  auto runs = PlanPageRuns(layout_, rank_, m.layout, m.rank);
+  auto desc = MrDescriptor::FromHex(m.descriptor_hex);
+  if (!runs.ok()) refuse = runs.status().message();
+  else if (runs->runs() == 0) refuse = "decode rank " + S(m.rank) + " needs nothing from prefill rank " + S(rank_);
+  else if (!desc.ok()) refuse = desc.status().message();
+  if (refuse.empty()) {
+    dest->runs = *runs;
+    auto remote = engine_->Import(*desc);
+    if (!remote.ok()) refuse = remote.status().message();
+    else dest->remote = *remote;
+  }
+  if (refuse.empty() && dest->remote->length() < m.layout.region_bytes())
+    refuse = "decode cache descriptor of " + S(dest->remote->length()) + " bytes is smaller than its layout's " +
+             S(m.layout.region_bytes());
+  if (refuse.empty() && dest->context_offset + dest->context_bytes > dest->remote->length())
+    refuse = "context slot [" + S(dest->context_offset) + ", +" + S(dest->context_bytes) +
+             ") outside the decode region of " + S(dest->remote->length()) + " bytes";
+  for (uint32_t p : dest->pages)
+    if (refuse.empty() && p >= m.layout.pages)
+      refuse = "decode page " + S(p) + " outside [0, " + S(m.layout.pages) + ")";
+  std::lock_guard<std::mutex> lock(mu_);
+  last_heard_[dest->peer_hex] = Clock::now();
+  auto& slot = requests_[m.request];
+  if (!slot) {
+    if (refuse.empty() && retired_.count(m.request)) refuse = "request " + S(m.request) + " already left this rank";
+    slot = std::make_unique<Request>();
+  }
+  Request& r = *slot;
+  if (refuse.empty() && r.started && r.pages.size() != dest->pages.size())
+    refuse = "decode rank " + S(m.rank) + " gave " + S(dest->pages.size()) + " pages for a request of " +
+             S(r.pages.size());
+  if (!refuse.empty()) {
+    KvMessage f;
+    f.kind = KvMessage::Kind::kFailed;
+    f.request = m.request;
+    f.rank = rank_;
+    f.reason = refuse;
+    SendLocked(dest->peer, f);
+    if (!r.started && r.dests.empty()) requests_.erase(m.request);
+    return;
+  }
+  dest->context_source = ContextSource(layout_, m.layout, m.rank) == rank_;
+  dest->layer_sent.assign(layout_.layers, false);
+  r.expected_dests = int64_t(TargetRanks(layout_, m.layout, rank_).size());
+  const std::string key = dest->peer_hex + "/" + S(m.rank);
+  if (r.dests.count(key)) return;  // a duplicate PULL
+  r.dests[key] = std::move(dest);
+  PumpLocked(m.request, r);
+}
+
+void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, uint32_t layer) {
+  uint64_t imms = 0, bytes = 0;
+  te::Request request;
+  if (context) {
+    if (r.context_len > d.context_bytes) {
+      FailDestLocked(d, "context of " + S(r.context_len) + " bytes exceeds the decoder's slot of " +
+                            S(d.context_bytes));
+      return;
+    }
+    if (r.context_len == 0) {
+      request = ImmOnly{d.remote, d.imm};
+    } else {
+      ScatterWrite w;
+      w.src = mr_;
+      w.targets.push_back({d.remote, layout_.region_bytes() + uint64_t(r.context_slot) * options_.context_bytes,
+                           d.context_offset, r.context_len});
+      w.imm = d.imm;
+      request = std::move(w);
+    }
+    imms = 1;
+    bytes = r.context_len;
+    d.context_sent = true;
+  } else {
+    LayerWrites lw;
+    BuildLayerWrites(d.runs, layout_, d.layout, layer, r.pages, d.pages, &lw);
+    d.layer_sent[layer] = true;
+    PagedWrite p;
+    p.src = mr_;
+    p.src_pages = std::move(lw.src_units);
+    p.src_stride = lw.unit_bytes;
+    p.dst = d.remote;
+    p.dst_pages = std::move(lw.dst_units);
+    p.dst_stride = lw.unit_bytes;
+    p.page_length = lw.run_bytes;
+    p.imm = d.imm;
+    imms = p.src_pages.size();
+    bytes = imms * lw.run_bytes;
+    request = std::move(p);
+  }
+  Dest* dp = &d;
+  Status s = engine_->Submit(
+      std::move(request),
+      {.on_done =
+           [this, id, dp, imms, bytes] {
+             std::lock_guard<std::mutex> lock(mu_);
+             --dp->outstanding;
+             dp->delivered += imms;
+             stats_.writes++;
+             stats_.bytes += bytes;
+             auto it = requests_.find(id);
+             if (it != requests_.end()) PumpLocked(id, *it->second);
+             cv_.notify_all();
+           },
+       .on_error =
+           [this, id, dp](const Status& e) {
+             std::lock_guard<std::mutex> lock(mu_);
+             --dp->outstanding;
+             FailDestLocked(*dp, "write failed: " + e.ToString());
+             auto it = requests_.find(id);
+             if (it != requests_.end()) PumpLocked(id, *it->second);
+             cv_.notify_all();
+           }});
+  if (!s.ok()) FailDestLocked(d, "write refused: " + s.ToString());
+  else ++d.outstanding;
+}
+
+void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
+  bool all_done = true;
+  for (auto& [key, dp] : r.dests) {
+    Dest& d = *dp;
+    if (d.state == Dest::State::kActive && r.started) {
+      for (uint32_t l = 0; l < layout_.layers && d.state == Dest::State::kActive; ++l)
+        if (r.layer_done[l] && !d.layer_sent[l]) SubmitLocked(id, r, d, false, l);
+      if (r.finished && d.context_source && !d.context_sent && d.state == Dest::State::kActive)
+        SubmitLocked(id, r, d, true, 0);
+      if (d.state == Dest::State::kActive && r.finished && d.outstanding == 0 &&
+          (d.context_sent || !d.context_source))
+        d.state = Dest::State::kDone;
+    }
+    if (d.outstanding == 0 && d.state == Dest::State::kCancelling) {
+      KvMessage m;
+      m.kind = KvMessage::Kind::kCancelled;
+      m.request = id;
+      m.rank = rank_;
+      m.delivered = d.delivered;
+      SendLocked(d.peer, m);
+      d.state = Dest::State::kDone;
+      if (r.status.ok()) r.status = Cancelled("decode rank " + S(d.rank) + " cancelled request " + S(id));
+    }
+    if (d.outstanding == 0 && d.state == Dest::State::kFailing) {
+      KvMessage m;
+      m.kind = KvMessage::Kind::kFailed;
+      m.request = id;
+      m.rank = rank_;
+      m.reason = d.why;
+      m.delivered = d.delivered;
+      SendLocked(d.peer, m);
+      d.state = Dest::State::kDone;
+      if (r.status.ok()) r.status = Unavailable("request " + S(id) + " to decode rank " + S(d.rank) + ": " + d.why);
+    }
+    all_done = all_done && d.state == Dest::State::kDone;
+  }
+  // Retire once every decode rank that will ask has been served (or the
+  // request was aborted and nothing is in flight).
+  const bool everyone = r.expected_dests >= 0 && int64_t(r.dests.size()) == r.expected_dests;
+  if (!all_done || !(r.aborted || (r.finished && everyone))) return;
+  if (r.context_slot >= 0) free_context_slots_.push_back(uint32_t(r.context_slot));
+  if (r.status.ok()) stats_.requests_sent++;
+  else stats_.requests_failed++;
+  sent_.emplace_back(id, r.status);
+  retired_.insert(id);
+  retired_order_.push_back(id);
+  if (retired_order_.size() > 4096) {
+    retired_.erase(retired_order_.front());
+    retired_order_.pop_front();
+  }
+  requests_.erase(id);  // r is gone from here on
+  cv_.notify_all();
+}
+
+void KvPrefiller::Run() {
+  auto next_beat = Clock::now();
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    cv_.wait_until(lock, next_beat, [&] { return stop_ || !sent_.empty(); });
+    if (!sent_.empty()) {
+      auto due = std::move(sent_);
+      sent_.clear();
+      lock.unlock();
+      if (options_.on_sent)
+        for (auto& [id, s] : due) options_.on_sent(id, s);
+      lock.lock();
+      continue;
+    }
+    if (Clock::now() < next_beat) continue;
+    next_beat = Clock::now() + options_.heartbeat_interval;
+    // Heartbeats to every decoder with work here; silent ones are dropped.
+    std::set<std::string> beaten;
+    std::vector<uint64_t> touched;
+    const auto now = Clock::now();
+    for (auto& [id, r] : requests_) {
+      bool touch = false;
+      for (auto& [key, d] : r->dests) {
+        if (d->state == Dest::State::kDone) continue;
+        if (beaten.insert(d->peer_hex).second) {
+          KvMessage hb;
+          hb.rank = rank_;
+          SendLocked(d->peer, hb);
+        }
+        auto heard = last_heard_.find(d->peer_hex);
+        if (heard == last_heard_.end() || now - heard->second > options_.peer_timeout) {
+          FailDestLocked(*d, "decoder silent for more than " + S(options_.peer_timeout.count()) + " ms");
+          touch = true;
+        }
+      }
+      // A finished request some decode rank never asked for.
+      if (r->finished && now - r->finished_at > options_.peer_timeout &&
+          int64_t(r->dests.size()) != r->expected_dests && !r->aborted) {
+        r->aborted = true;
+        if (r->status.ok()) r->status = Timeout("request " + S(id) + ": not every decode rank asked within " +
+                                                S(options_.peer_timeout.count()) + " ms of the last layer");
+        touch = true;
+      }
+      if (touch) touched.push_back(id);
+    }
+    for (uint64_t id : touched) {
+      auto it = requests_.find(id);
+      if (it != requests_.end()) PumpLocked(id, *it->second);
+    }
+  }
+}
+
+PrefillerStats KvPrefiller::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+size_t KvPrefiller::active_requests() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return requests_.size();
+}
+
+}  // namespace te::kvcache
