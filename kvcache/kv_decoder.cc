@@ -1,5 +1,6 @@
 #include "kvcache/kv_decoder.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <set>
 
@@ -92,9 +93,11 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   Request r;
   r.expected = expected;
   r.on_ready = std::move(on_ready);
-  for (uint32_t s : source_ranks) {
+  std::vector<std::pair<uint32_t, PeerRef>> idle;
+  for (uint32_t s = 0; s < prefill.layout.tp; ++s) {
     TE_ASSIGN_OR_RETURN(auto peer, engine_->Connect(prefill.ranks[s]));
-    r.sources[s] = Source{peer, prefill.ranks[s].ToHex()};
+    if (std::find(source_ranks.begin(), source_ranks.end(), s) == source_ranks.end()) idle.emplace_back(s, peer);
+    else r.sources[s] = Source{peer, prefill.ranks[s].ToHex()};
   }
   KvMessage pull;
   pull.kind = KvMessage::Kind::kPull;
@@ -104,6 +107,8 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   pull.layout = layout_;
   pull.descriptor_hex = descriptor_hex_;
   pull.pages = std::move(pages);
+  pull.source_layout = prefill.layout;
+  pull.source_rank = source_ranks.empty() ? 0 : source_ranks.back();  // the longest PULL, for the size check
 
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) return Cancelled("decoder is shutting down");
@@ -128,7 +133,15 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   const auto now = Clock::now();
   for (auto& [s, src] : r.sources) {
     last_heard_[src.peer_hex] = now;  // a fresh start for a peer not heard from lately
-    (void)engine_->Send(src.peer, bytes, {});
+    pull.source_rank = s;
+    (void)engine_->Send(src.peer, pull.Encode(), {});
+  }
+  // The other prefill ranks hear that this rank needs nothing from them, so
+  // they know when the request is served everywhere.
+  pull.pages.clear();
+  for (auto& [s, peer] : idle) {
+    pull.source_rank = s;
+    (void)engine_->Send(peer, pull.Encode(), {});
   }
   requests_.emplace(id, std::move(r));
   Status s = engine_->ExpectImm(imm(tag), expected, [this, id, tag] { OnArrived(id, tag); });

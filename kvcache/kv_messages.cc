@@ -24,7 +24,7 @@ std::vector<uint8_t> KvMessage::Encode() const {
   switch (kind) {
     case Kind::kPull:
       o << ' ' << imm << ' ' << context_offset << ' ' << context_bytes << ' ' << descriptor_hex << ' '
-        << pages.size() << ' ' << layout.Serialize();
+        << pages.size() << ' ' << source_rank << ' ' << layout.Serialize() << ' ' << source_layout.Serialize();
       break;
     case Kind::kCancelled: o << ' ' << delivered; break;
     case Kind::kFailed: o << ' ' << delivered << ' ' << reason; break;
@@ -54,11 +54,17 @@ Result<KvMessage> KvMessage::Decode(std::span<const uint8_t> data) {
   if (kind == "PULL") {
     m.kind = Kind::kPull;
     uint64_t n = 0;
-    in >> m.imm >> m.context_offset >> m.context_bytes >> m.descriptor_hex >> n;
+    in >> m.imm >> m.context_offset >> m.context_bytes >> m.descriptor_hex >> n >> m.source_rank;
+    std::string layouts[2];
+    for (auto& l : layouts)
+      for (int i = 0; i < 10; ++i) {
+        std::string field;
+        in >> field;
+        l += (i ? " " : "") + field;
+      }
     if (!in) return InvalidArgument("KV PULL header is malformed");
-    std::string rest;
-    std::getline(in, rest);
-    TE_ASSIGN_OR_RETURN(m.layout, KvLayout::Parse(rest));
+    TE_ASSIGN_OR_RETURN(m.layout, KvLayout::Parse(layouts[0]));
+    TE_ASSIGN_OR_RETURN(m.source_layout, KvLayout::Parse(layouts[1]));
     if (data.size() - nl - 1 != n * 4)
       return InvalidArgument("KV PULL announces " + std::to_string(n) + " pages but carries " +
                              std::to_string(data.size() - nl - 1) + " bytes of them");

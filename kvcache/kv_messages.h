@@ -3,7 +3,10 @@
 //
 //   decoder -> prefiller  PULL       request id, immediate, decode rank, where
 //                                    the context goes, the decode layout, the
-//                                    descriptor of the decode cache, the pages
+//                                    descriptor of the decode cache, the pages,
+//                                    and the prefill rank and layout the
+//                                    decoder assumed (its immediate count
+//                                    depends on them: a mismatch is FAILED)
 //   decoder -> prefiller  CANCEL     request id, decode rank
 //   prefiller -> decoder  CANCELLED  request id, prefill rank, immediates it
 //                                    delivered (none follow)
@@ -31,13 +34,17 @@ struct KvMessage {
   enum class Kind { kPull, kCancel, kCancelled, kFailed, kHeartbeat };
   Kind kind = Kind::kHeartbeat;
   uint64_t request = 0;
-  uint32_t rank = 0;  // sender's rank in its instance
+  // Sender's rank in its instance; a prefiller answers with the rank the
+  // PULL addressed (source_rank), so a misdirected PULL is still matched.
+  uint32_t rank = 0;
   // PULL
   uint32_t imm = 0;
   uint64_t context_offset = 0, context_bytes = 0;
   KvLayout layout;
   std::string descriptor_hex;
   std::vector<uint32_t> pages;
+  uint32_t source_rank = 0;
+  KvLayout source_layout;
   // CANCELLED, FAILED
   uint64_t delivered = 0;
   // FAILED

@@ -195,6 +195,10 @@ void KvPrefiller::OnMessage(const EngineAddress& from, std::span<const uint8_t> 
 void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   auto dest = std::make_unique<Dest>();
   dest->peer_hex = from.ToHex();
+  // Every decode rank PULLs from every prefill rank; one that needs nothing
+  // from this rank sends no pages, so that this rank knows when a request
+  // has been served everywhere.
+  const bool idle = m.pages.empty();
   std::string refuse;
   auto peer = engine_->Connect(from);
   if (!peer.ok()) {
@@ -210,8 +214,13 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   dest->context_bytes = m.context_bytes;
   auto runs = PlanPageRuns(layout_, rank_, m.layout, m.rank);
   auto desc = MrDescriptor::FromHex(m.descriptor_hex);
-  if (!runs.ok()) refuse = runs.status().message();
-  else if (runs->runs() == 0) refuse = "decode rank " + S(m.rank) + " needs nothing from prefill rank " + S(rank_);
+  if (m.source_rank != rank_ || m.source_layout.Serialize() != layout_.Serialize())
+    refuse = "decoder assumed prefill rank " + S(m.source_rank) + " with layout " + m.source_layout.Describe() +
+             "; this is rank " + S(rank_) + " with layout " + layout_.Describe();
+  else if (!runs.ok()) refuse = runs.status().message();
+  else if (idle != (runs->runs() == 0))
+    refuse = "decode rank " + S(m.rank) + (idle ? " sent no pages but needs heads of" : " asked for pages but needs nothing from") +
+             " prefill rank " + S(rank_);
   else if (!desc.ok()) refuse = desc.status().message();
   if (refuse.empty()) {
     dest->runs = *runs;
@@ -236,14 +245,14 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
     slot = std::make_unique<Request>();
   }
   Request& r = *slot;
-  if (refuse.empty() && r.started && r.pages.size() != dest->pages.size())
+  if (refuse.empty() && !idle && r.started && r.pages.size() != dest->pages.size())
     refuse = "decode rank " + S(m.rank) + " gave " + S(dest->pages.size()) + " pages for a request of " +
              S(r.pages.size());
   if (!refuse.empty()) {
     KvMessage f;
     f.kind = KvMessage::Kind::kFailed;
     f.request = m.request;
-    f.rank = rank_;
+    f.rank = m.source_rank;
     f.reason = refuse;
     SendLocked(dest->peer, f);
     if (!r.started && r.dests.empty()) requests_.erase(m.request);
@@ -251,7 +260,8 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   }
   dest->context_source = ContextSource(layout_, m.layout, m.rank) == rank_;
   dest->layer_sent.assign(layout_.layers, false);
-  r.expected_dests = int64_t(TargetRanks(layout_, m.layout, rank_).size());
+  if (idle) dest->state = Dest::State::kDone;
+  r.expected_dests = int64_t(m.layout.tp);
   const std::string key = dest->peer_hex + "/" + S(m.rank);
   if (r.dests.count(key)) return;  // a duplicate PULL
   r.dests[key] = std::move(dest);
@@ -360,10 +370,11 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
     }
     all_done = all_done && d.state == Dest::State::kDone;
   }
-  // Retire once every decode rank that will ask has been served (or the
-  // request was aborted and nothing is in flight).
+  // Retire once every decode rank has asked and is served, cancelled or
+  // failed (a served one needs Finish first), or once the request was
+  // aborted; either way with nothing in flight.
   const bool everyone = r.expected_dests >= 0 && int64_t(r.dests.size()) == r.expected_dests;
-  if (!all_done || !(r.aborted || (r.finished && everyone))) return;
+  if (!all_done || !(r.aborted || everyone)) return;
   if (r.context_slot >= 0) free_context_slots_.push_back(uint32_t(r.context_slot));
   if (r.status.ok()) stats_.requests_sent++;
   else stats_.requests_failed++;

@@ -179,12 +179,16 @@ TEST(KvMessages, PullRoundTripsAndTruncationIsRefused) {
   m.layout = Small(2, KvOrder::kHND);
   m.descriptor_hex = "abcd";
   m.pages = {3, 0, 70000, 12};
+  m.source_rank = 3;
+  m.source_layout = Small(4, KvOrder::kNHD, false);
   auto bytes = m.Encode();
   auto back = KvMessage::Decode(bytes);
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(back->pages, m.pages);
   EXPECT_EQ(back->imm, m.imm);
   EXPECT_EQ(back->layout.Serialize(), m.layout.Serialize());
+  EXPECT_EQ(back->source_layout.Serialize(), m.source_layout.Serialize());
+  EXPECT_EQ(back->source_rank, 3u);
   bytes.pop_back();
   EXPECT_FALSE(KvMessage::Decode(bytes).ok());
   KvMessage f;
