@@ -176,18 +176,37 @@ void DomainGroup::Accept(RequestState* r) {
 bool DomainGroup::PostPending(size_t d) {
   bool posted = false;
   auto& queue = pending_[d];
-  while (!queue.empty() && inflight_[d] < max_inflight_[d]) {
-    Work* w = queue.front();
+  // Back-pressure from one peer (an unreachable peer whose connection is
+  // still being attempted keeps answering EAGAIN) must not hold up work for
+  // the others: that peer's work waits in place, keeping its own order, and
+  // work behind it for other peers goes ahead. Nothing assumes an order
+  // between writes. A few blocked peers in a row mean the domain itself is
+  // full, so the scan stops there.
+  constexpr size_t kMaxBlockedPeers = 4, kMaxScan = 256;
+  uint64_t blocked[kMaxBlockedPeers];
+  size_t nblocked = 0;
+  size_t i = 0;
+  while (i < queue.size() && i < kMaxScan && inflight_[d] < max_inflight_[d]) {
+    Work* w = queue[i];
     if (w->req->failed) {  // timed out or failed elsewhere: do not post the rest
-      queue.pop_front();
+      queue.erase(queue.begin() + i);
       CompleteWork(w, Status::Ok());
+      continue;
+    }
+    if (std::find(blocked, blocked + nblocked, w->peer_id) != blocked + nblocked) {
+      ++i;
       continue;
     }
     w->op.context = w;
     Status st = w->is_send ? domains_[d]->PostSend(w->send_peer, w->message, w)
                            : domains_[d]->PostWrite(w->op);
-    if (st.code() == StatusCode::kUnavailable) break;  // back-pressure: poll, retry later
-    queue.pop_front();
+    if (st.code() == StatusCode::kUnavailable) {  // back-pressure: poll, retry later
+      if (nblocked == kMaxBlockedPeers) break;
+      blocked[nblocked++] = w->peer_id;
+      ++i;
+      continue;
+    }
+    queue.erase(queue.begin() + i);
     posted = true;
     if (!st.ok()) {
       CompleteWork(w, st.WithContext("posting on domain " + std::to_string(d)));

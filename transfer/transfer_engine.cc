@@ -33,10 +33,11 @@ MemoryRegion::~MemoryRegion() {
 
 Peer::Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver)
     : address_(std::move(address)), via_domain_(std::move(via_domain)), resolver_(resolver) {
-  const auto bytes = address_.Serialize();
-  const uint32_t lo = Crc32c(bytes.data(), bytes.size());
-  const uint32_t hi = Crc32c(bytes.data(), bytes.size(), 0x9E3779B9u);
-  id_ = uint64_t(hi) << 32 | lo;
+  // FNV-1a, not a CRC: the serialized address ends with its own CRC, and a
+  // CRC over data followed by its CRC is the same constant for every peer.
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (uint8_t b : address_.Serialize()) h = (h ^ b) * 0x100000001b3ull;
+  id_ = h;
 }
 
 // ---- Peer cache ----

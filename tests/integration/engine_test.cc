@@ -222,6 +222,40 @@ TEST(EngineFailure, DeadPeerTurnsIntoErrorsWithinTheTimeout) {
   EXPECT_TRUE(e.code() == StatusCode::kTimeout || e.code() == StatusCode::kIoError) << e.ToString();
 }
 
+// Work for a dead peer waits (and then fails) on its own: writes and
+// messages to a live peer queued behind it go ahead at once.
+TEST(EngineFailure, DeadPeerDoesNotHoldUpLivePeers) {
+  auto o = Options("tcp");
+  o.request_timeout = 4000ms;
+  auto sender = TransferEngine::Create(o).value();
+  auto live = TransferEngine::Create(o).value();
+  std::vector<uint8_t> src(1 << 16, 7), dst(1 << 16), dead_dst(1 << 16);
+  auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
+  auto live_mr = live->RegisterMemory(dst.data(), dst.size()).value();
+  auto to_live = sender->Import(live->Describe(*live_mr)).value();
+  MrDescriptor dead_desc;
+  {
+    auto dead = TransferEngine::Create(o).value();
+    dead_desc = dead->Describe(*dead->RegisterMemory(dead_dst.data(), dead_dst.size()).value());
+  }
+  auto to_dead = sender->Import(dead_desc).value();
+  EXPECT_NE(to_dead->peer()->id(), to_live->peer()->id());  // per-peer ids are distinct
+  CompletionCounter dead_c, live_c;
+  const uint8_t msg[4] = {1, 2, 3, 4};
+  for (int round = 0; round < 5; ++round) {
+    ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 4096, to_dead, 0, 3}, {.counter = &dead_c}).ok());
+    ASSERT_TRUE(sender->Send(to_dead->peer(), msg, {.counter = &dead_c}).ok());
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 4096, to_live, 0, 9}, {.counter = &live_c}).ok());
+    ASSERT_TRUE(live->WaitImm(9, 1, 3s).ok()) << "a write to a live peer waited behind a dead one";
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 1s) << "round " << round;
+  }
+  ASSERT_TRUE(live_c.WaitFinished(5, 5s));
+  EXPECT_EQ(live_c.failed(), 0u);
+  ASSERT_TRUE(dead_c.WaitFinished(10, 15s));
+  EXPECT_EQ(dead_c.failed(), 10u);
+}
+
 TEST(EngineFailure, ShutdownWithRequestsInFlightFailsThemOnce) {
   auto o = Options("tcp");
   std::vector<uint8_t> src(4 << 20, 1), dst(4 << 20);
