@@ -131,10 +131,22 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   tags_[r.tag] = id;
   const uint32_t tag = r.tag;
   const auto now = Clock::now();
+  r.created = now;
   for (auto& [s, src] : r.sources) {
-    last_heard_[src.peer_hex] = now;  // a fresh start for a peer not heard from lately
     pull.source_rank = s;
-    (void)engine_->Send(src.peer, pull.Encode(), {});
+    // A PULL that cannot be delivered fails the request at once, rather
+    // than after the first-contact grace.
+    (void)engine_->Send(src.peer, pull.Encode(), {.on_error = [this, id, tag, s = s](const Status& e) {
+                          std::lock_guard<std::mutex> lock(mu_);
+                          auto it = requests_.find(id);
+                          if (it == requests_.end() || it->second.tag != tag) return;
+                          auto& src = it->second.sources[s];
+                          src.confirmed = src.silent = true;
+                          StopLocked(id, it->second,
+                                     Unavailable("cannot reach prefill rank " + S(s) + " for request " + S(id) + ": " +
+                                                 e.ToString()));
+                          SweepLocked();
+                        }});
   }
   // The other prefill ranks hear that this rank needs nothing from them, so
   // they know when the request is served everywhere.
@@ -276,8 +288,14 @@ void KvDecoder::Run() {
       for (auto& [rank, s] : r.sources) {
         if (s.confirmed) continue;
         if (beaten.insert(s.peer_hex).second) (void)engine_->Send(s.peer, hb_bytes, {});
+        // Alive: heard from lately; or, not heard from since this request
+        // began, still within the first-contact grace (a first connection
+        // can be slow to set up; an unreachable one fails the PULL).
         auto heard = last_heard_.find(s.peer_hex);
+        const bool heard_since = heard != last_heard_.end() && heard->second >= r.created;
         if (heard != last_heard_.end() && now - heard->second <= options_.peer_timeout) continue;
+        if (!heard_since && now - r.created <= std::max(options_.peer_timeout, engine_->options().request_timeout))
+          continue;
         s.confirmed = s.silent = true;
         StopLocked(id, r,
                    Unavailable("prefill rank " + S(rank) + " silent for more than " +

@@ -18,8 +18,9 @@
 // reused. (If all data had landed first, on_ready reports OK instead.)
 //
 // Failure: heartbeats go to every prefill rank a request waits on. A source
-// that fails the request (FAILED) or stays silent for `peer_timeout` fails
-// it: the other sources are told to stop, and on_ready reports the error
+// that fails the request (FAILED), cannot be reached with the PULL, or stays
+// silent for `peer_timeout` fails it (a source never heard from gets the
+// engine's request_timeout instead, since a first connection can be slow): the other sources are told to stop, and on_ready reports the error
 // once they confirmed (or are silent too). A prefill rank that is alive but
 // unreachable for peer_timeout could still be writing when on_ready reports
 // its silence: that is the limit of any timeout-based detector.
@@ -101,7 +102,7 @@ class KvDecoder {
     std::map<uint32_t, Source> sources;  // by prefill rank
     bool stopping = false;               // cancelled or failed: waiting for sources
     Status outcome;                      // what on_ready reports when stopping
-    std::chrono::steady_clock::time_point stop_since;
+    std::chrono::steady_clock::time_point created, stop_since;
     ReadyCallback on_ready;
   };
   KvDecoder(TransferEngine* engine, const KvLayout& layout, uint32_t rank, uint8_t* memory,

@@ -1,5 +1,6 @@
 #include "kvcache/kv_prefiller.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -43,6 +44,7 @@ struct KvPrefiller::Request {
   int64_t expected_dests = -1;                          // known from the first PULL
   Status status;                                        // first failure, reported by on_sent
   bool aborted = false;
+  bool announced = false;  // on_pull ran
 };
 
 uint64_t KvPrefiller::MemoryBytes(const KvLayout& layout, const PrefillerOptions& options) {
@@ -237,7 +239,17 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   for (uint32_t p : dest->pages)
     if (refuse.empty() && p >= m.layout.pages)
       refuse = "decode page " + S(p) + " outside [0, " + S(m.layout.pages) + ")";
-  std::lock_guard<std::mutex> lock(mu_);
+  const size_t npages = dest->pages.size();
+  bool announce = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    announce = AcceptPullLocked(m, std::move(dest), refuse);
+  }
+  if (announce && options_.on_pull) options_.on_pull(m.request, npages);
+}
+
+bool KvPrefiller::AcceptPullLocked(const KvMessage& m, std::unique_ptr<Dest> dest, std::string refuse) {
+  const bool idle = dest->pages.empty();
   last_heard_[dest->peer_hex] = Clock::now();
   auto& slot = requests_[m.request];
   if (!slot) {
@@ -256,16 +268,24 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
     f.reason = refuse;
     SendLocked(dest->peer, f);
     if (!r.started && r.dests.empty()) requests_.erase(m.request);
-    return;
+    return false;
   }
+  bool announce = false;
+  if (!idle && !r.started && !r.announced) r.announced = announce = true;
   dest->context_source = ContextSource(layout_, m.layout, m.rank) == rank_;
   dest->layer_sent.assign(layout_.layers, false);
   if (idle) dest->state = Dest::State::kDone;
   r.expected_dests = int64_t(m.layout.tp);
   const std::string key = dest->peer_hex + "/" + S(m.rank);
-  if (r.dests.count(key)) return;  // a duplicate PULL
+  if (r.dests.count(key)) return false;  // a duplicate PULL
+  // An immediate heartbeat: the decoder knows from now on that this rank is
+  // alive, and times its silence from here.
+  KvMessage hb;
+  hb.rank = rank_;
+  SendLocked(dest->peer, hb);
   r.dests[key] = std::move(dest);
   PumpLocked(m.request, r);
+  return announce;
 }
 
 void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, uint32_t layer) {
@@ -418,18 +438,22 @@ void KvPrefiller::Run() {
           hb.rank = rank_;
           SendLocked(d->peer, hb);
         }
+        // Only a decoder still owed data is watched: once everything is
+        // submitted, the writes themselves complete or fail (engine timeout).
+        const bool owed = !r->finished || std::find(d->layer_sent.begin(), d->layer_sent.end(), false) !=
+                                              d->layer_sent.end() || (d->context_source && !d->context_sent);
         auto heard = last_heard_.find(d->peer_hex);
-        if (heard == last_heard_.end() || now - heard->second > options_.peer_timeout) {
+        if (owed && (heard == last_heard_.end() || now - heard->second > options_.peer_timeout)) {
           FailDestLocked(*d, "decoder silent for more than " + S(options_.peer_timeout.count()) + " ms");
           touch = true;
         }
       }
       // A finished request some decode rank never asked for.
-      if (r->finished && now - r->finished_at > options_.peer_timeout &&
+      if (r->finished && now - r->finished_at > options_.pull_timeout &&
           int64_t(r->dests.size()) != r->expected_dests && !r->aborted) {
         r->aborted = true;
         if (r->status.ok()) r->status = Timeout("request " + S(id) + ": not every decode rank asked within " +
-                                                S(options_.peer_timeout.count()) + " ms of the last layer");
+                                                S(options_.pull_timeout.count()) + " ms of the last layer");
         touch = true;
       }
       if (touch) touched.push_back(id);

@@ -59,9 +59,16 @@ struct PrefillerOptions {
   uint64_t context_bytes = 16384;
   std::chrono::milliseconds heartbeat_interval{100};
   std::chrono::milliseconds peer_timeout{2000};
+  // How long a finished request waits for decode ranks that have not asked
+  // for it yet; then it is dropped (on_sent reports kTimeout).
+  std::chrono::milliseconds pull_timeout{10000};
   // The request's pages may be reused: OK when every decode rank got it,
   // else why not (cancelled, a dead decoder).
   std::function<void(uint64_t request, const Status& status)> on_sent;
+  // A decode rank asked for a request this rank has not started (pull-driven
+  // serving: the prefill engine may Start it now). Runs on the engine's
+  // callback thread, outside the prefiller's lock, once per request.
+  std::function<void(uint64_t request, size_t pages)> on_pull;
 };
 
 struct PrefillerStats {
@@ -99,6 +106,9 @@ class KvPrefiller {
               const PrefillerOptions& options);
   void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
   void OnPull(const EngineAddress& from, KvMessage m);
+  // Records a checked PULL (or answers FAILED when `refuse` says why not);
+  // true when the request is new here and on_pull should hear of it.
+  bool AcceptPullLocked(const KvMessage& m, std::unique_ptr<Dest> dest, std::string refuse);
   // Submits what is ready, sends final messages, retires finished requests.
   void PumpLocked(uint64_t id, Request& r);
   // Submits layer `layer` (or the context) of request `id` to `d`.

@@ -211,7 +211,7 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
   add_decode("d1");
 
   const uint64_t kRequests = 48;
-  std::atomic<uint64_t> next{1}, done{0}, retries{0};
+  std::atomic<uint64_t> next{1}, done{0}, retries{0}, allowed{8};
   std::vector<Status> final_status(kRequests + 1, Internal("never finished"));
   std::vector<std::string> served_by(kRequests + 1);
 
@@ -286,25 +286,32 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
     drivers.emplace_back([&] {
       KvRouter router(registry_.get(), 20ms);
       for (uint64_t id; (id = next++) <= kRequests;) {
+        while (id > allowed) std::this_thread::sleep_for(2ms);  // the next phase has not begun
         run_one(id, router);
         ++done;
       }
     });
-  auto wait_done = [&](uint64_t n) {
+  // Phases: each event happens while the last requests of the phase before
+  // are still in flight, and then lets the next phase's requests start.
+  auto phase = [&](uint64_t end_of_phase) {
     const auto deadline = std::chrono::steady_clock::now() + 60s;
-    while (done < n && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(5ms);
+    while (done + 2 < end_of_phase && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(2ms);
   };
-  wait_done(8);
+  phase(8);
   add_prefill("p2");  // join
   add_decode("d2");
-  wait_done(16);
+  allowed = 16;
+  phase(16);
   EXPECT_TRUE(prefills["p1"]->Leave().ok());  // graceful leave: drains first
   prefills["p1"]->Crash();                    // then its process ends
   add_prefill("p3");
-  wait_done(28);
+  allowed = 28;
+  phase(28);
   prefills["p2"]->Crash();  // no goodbye: the TTL and heartbeats find out
-  wait_done(40);
+  allowed = 40;
+  phase(40);
   decodes["d1"]->Crash();
+  allowed = kRequests;
   for (auto& t : drivers) t.join();
 
   std::set<std::string> prefill_names;

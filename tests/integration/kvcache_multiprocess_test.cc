@@ -104,7 +104,7 @@ TEST(KvMultiProcess, KilledPrefillerFailsTheRequestOnTheDecoder) {
 
 TEST(KvMultiProcess, KilledDecoderMakesThePrefillerDropTheRequest) {
   Child decode([](FILE* in, FILE* out) {
-    DecodeInstance d(TestLayout(2));
+    DecodeInstance d(TestLayout(1));
     auto info = kvcache::KvInstanceInfo::Parse(Child::ReadLine(in));
     if (!info.ok()) return;
     d.Receive(2, *info, {4, 5});
@@ -118,6 +118,9 @@ TEST(KvMultiProcess, KilledDecoderMakesThePrefillerDropTheRequest) {
   prefill.Start(2, {30, 31});
   prefill.Layer(2, 0);
   prefill.Layer(2, 1);
+  // Writes completed: the decoder's PULL had arrived before the kill.
+  for (int i = 0; i < 1000 && prefill.ranks[0]->stats().writes == 0; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_GT(prefill.ranks[0]->stats().writes, 0u);
   decode.Kill();
   const auto t0 = std::chrono::steady_clock::now();
   for (uint32_t l = 2; l < 6; ++l) {

@@ -149,6 +149,9 @@ TEST(KvTransfer, PrefillerShutdownFailsItsRequestsOnTheDecoder) {
   decode.Receive(11, prefill->Info(), {5, 6, 7});
   prefill->Start(11, {1, 2, 3});
   prefill->Layer(11, 0);
+  // Layer 0 landing means the prefiller had the PULL (and said it is alive).
+  for (int i = 0; i < 1000 && decode.engines[0]->ImmAvailable(0x4B000001) == 0; ++i) std::this_thread::sleep_for(10ms);
+  ASSERT_GT(decode.engines[0]->ImmAvailable(0x4B000001), 0u);
   const auto t0 = std::chrono::steady_clock::now();
   prefill.reset();  // its engine goes with it: silence from now on
   ASSERT_TRUE(decode.WaitAll(1));
@@ -188,15 +191,16 @@ TEST(KvTransfer, BadInputIsRefusedWithNamedErrors) {
   auto other = info;
   other.layout.layers = 7;
   EXPECT_NE(d.Receive(1, other, {1}, noop).message().find("layers: 7 vs 6"), std::string::npos);
-  std::vector<uint32_t> many(64);
-  std::iota(many.begin(), many.end(), 0);
-  auto tiny = TestLayout(1);
+  auto tiny = TestLayout(1);  // many small pages: a PULL too big for one message
+  tiny.layers = 1;
+  tiny.page_tokens = 1;
+  tiny.head_dim = 8;
   tiny.pages = 40000;
   DecodeInstance big(tiny);
   std::vector<uint32_t> huge(20000);
   std::iota(huge.begin(), huge.end(), 0);
   auto big_info = info;
-  big_info.layout.pages = 40000;
+  big_info.layout = tiny;
   EXPECT_NE(big.ranks[0]->Receive(1, big_info, huge, noop).message().find("-byte PULL"), std::string::npos);
   ASSERT_TRUE(d.Receive(2, info, {1}, noop).ok());
   EXPECT_NE(d.Receive(2, info, {2}, noop).message().find("already in flight"), std::string::npos);
