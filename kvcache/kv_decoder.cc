@@ -285,6 +285,13 @@ void KvDecoder::Run() {
     hb.rank = rank_;
     const auto hb_bytes = hb.Encode();
     for (auto& [id, r] : requests_) {
+      // Data landing proves its senders alive, even when their heartbeats
+      // queue behind a long backlog of writes.
+      const uint64_t arrived = engine_->ImmAvailable(imm(r.tag));
+      if (arrived != r.arrived) {
+        r.arrived = arrived;
+        for (auto& [rank, s] : r.sources) last_heard_[s.peer_hex] = now;
+      }
       for (auto& [rank, s] : r.sources) {
         if (s.confirmed) continue;
         if (beaten.insert(s.peer_hex).second) (void)engine_->Send(s.peer, hb_bytes, {});

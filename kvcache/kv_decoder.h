@@ -99,6 +99,7 @@ class KvDecoder {
     uint32_t tag = 0;
     uint32_t context_slot = 0;
     uint64_t expected = 0;
+    uint64_t arrived = 0;  // immediates seen at the last heartbeat round
     std::map<uint32_t, Source> sources;  // by prefill rank
     bool stopping = false;               // cancelled or failed: waiting for sources
     Status outcome;                      // what on_ready reports when stopping

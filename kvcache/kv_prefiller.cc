@@ -335,6 +335,7 @@ void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, u
              std::lock_guard<std::mutex> lock(mu_);
              --dp->outstanding;
              dp->delivered += imms;
+             last_heard_[dp->peer_hex] = Clock::now();  // a completed write: the decoder is alive
              stats_.writes++;
              stats_.bytes += bytes;
              auto it = requests_.find(id);

@@ -212,41 +212,58 @@ double Median(std::vector<double> v) {
 
 // Bare PagedWrites of `units` runs of `run_bytes` from prefill rank 0 to
 // decode rank 0, 64 runs per request, all in flight at once: te-bench's paged
-// case on the same engines. Returns GB/s.
-double PagedBaseline(Prefill& p, Decode& d, uint64_t run_bytes, uint64_t units, int reps) {
-  auto src = ExitOnError(p.engines[0]->RegisterMemory(p.memory[0].data(), p.memory[0].size()), "baseline src");
-  auto dst_mr = ExitOnError(d.engines[0]->RegisterMemory(d.memory[0].data(), d.memory[0].size()), "baseline dst");
-  auto dst = ExitOnError(p.engines[0]->Import(d.engines[0]->Describe(*dst_mr)), "baseline import");
-  const uint64_t slots_src = p.memory[0].size() / run_bytes, slots_dst = d.memory[0].size() / run_bytes;
-  const uint64_t n = std::min({units, slots_src, slots_dst});
-  std::vector<double> rates;
-  for (int rep = 0; rep < reps; ++rep) {
-    const uint32_t imm = 0x42410000 + rep;
+// case on the same engines. Run() once per KV request, alternating with them,
+// so that both see the same machine.
+class PagedBaseline {
+ public:
+  PagedBaseline(Prefill& p, Decode& d, uint64_t run_bytes, uint64_t units) : p_(p), d_(d), run_bytes_(run_bytes) {
+    src_ = ExitOnError(p.engines[0]->RegisterMemory(p.memory[0].data(), p.memory[0].size()), "baseline src");
+    auto dst_mr = ExitOnError(d.engines[0]->RegisterMemory(d.memory[0].data(), d.memory[0].size()), "baseline dst");
+    dst_ = ExitOnError(p.engines[0]->Import(d.engines[0]->Describe(*dst_mr)), "baseline import");
+    dst_mr_ = dst_mr;
+    n_ = std::min({units, p.memory[0].size() / run_bytes, d.memory[0].size() / run_bytes});
+  }
+  // GB/s of one pass.
+  double Run() {
+    const uint32_t imm = 0x42410000 + uint32_t(rep_++ & 0xffff);
     te::CompletionCounter done;
+    // Completion by callback, as the decoder does (a blocking WaitImm would
+    // wake this thread on every arrival batch).
+    Waiter arrived;
+    arrived.left = 1;
+    ExitOnError(d_.engines[0]->ExpectImm(imm, n_, [&] { arrived.Callback()(0, te::Status::Ok(), {}); }),
+                "baseline expect");
     const auto t0 = Clock::now();
     uint64_t requests = 0;
-    for (uint64_t first = 0; first < n; first += 64) {
+    for (uint64_t first = 0; first < n_; first += 64) {
       te::PagedWrite w;
-      w.src = src;
-      w.dst = dst;
-      w.page_length = run_bytes;
-      w.src_stride = w.dst_stride = run_bytes;
-      for (uint64_t i = first; i < std::min(n, first + 64); ++i) {
+      w.src = src_;
+      w.dst = dst_;
+      w.page_length = run_bytes_;
+      w.src_stride = w.dst_stride = run_bytes_;
+      for (uint64_t i = first; i < std::min(n_, first + 64); ++i) {
         w.src_pages.push_back(uint32_t(i));
         w.dst_pages.push_back(uint32_t(i));
       }
       w.imm = imm;
-      ExitOnError(p.engines[0]->Submit(std::move(w), {.counter = &done}), "baseline submit");
+      ExitOnError(p_.engines[0]->Submit(std::move(w), {.counter = &done}), "baseline submit");
       ++requests;
     }
-    ExitOnError(d.engines[0]->WaitImm(imm, n, std::chrono::seconds(60)), "baseline writes");
-    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (!arrived.Wait(std::chrono::seconds(60))) Die("baseline writes did not all arrive within 60 s");
+    const double s = std::chrono::duration<double>(arrived.ready - t0).count();
     if (!done.WaitFinished(requests, std::chrono::seconds(60)) || done.failed())
       Die("baseline paged writes failed: " + done.first_error().ToString());
-    rates.push_back(double(n * run_bytes) / s / 1e9);
+    return double(n_ * run_bytes_) / s / 1e9;
   }
-  return Median(rates);
-}
+
+ private:
+  Prefill& p_;
+  Decode& d_;
+  uint64_t run_bytes_, n_ = 0;
+  uint32_t rep_ = 0;
+  te::LocalMr src_, dst_mr_;
+  te::RemoteMr dst_;
+};
 
 int Loopback() {
   const KvLayout probe = Layout(FLAGS_prefill_tp, 1);
@@ -282,11 +299,13 @@ int Loopback() {
            FLAGS_preset.c_str(), src_layout.Describe().c_str(), FLAGS_prefill_tp, FLAGS_decode_tp, FLAGS_tokens, pages,
            bytes / 1048576.0, FLAGS_layer_ms, prefill.engines[0]->provider().c_str());
 
-  std::vector<double> ready_stream, ready_bulk, rate_bulk;
+  std::vector<double> ready_stream, ready_bulk, rate_bulk, rate_paged;
+  PagedBaseline baseline(prefill, decode, run_bytes0, units0);
   uint64_t wrong = 0;
   uint64_t id = 1;
   const auto layer_time = std::chrono::microseconds(int64_t(FLAGS_layer_ms * 1000));
   for (int i = 0; i < FLAGS_requests; ++i) {
+    rate_paged.push_back(baseline.Run());
     for (int bulk = 0; bulk < 2; ++bulk, ++id) {
       if (FLAGS_verify)
         for (auto& m : decode.memory) std::fill(m.begin(), m.begin() + dst_layout.region_bytes(), 0);
@@ -321,7 +340,7 @@ int Loopback() {
     }
   }
   if (!FLAGS_json) fprintf(stderr, "\n");
-  const double paged = PagedBaseline(prefill, decode, run_bytes0, units0, std::max(3, FLAGS_requests));
+  const double paged = Median(rate_paged);
   // Bulk moves every rank pair at once; the baseline one pair. Compare per
   // pair when several ranks share the one loopback.
   const double bulk_rate = Median(rate_bulk);

@@ -50,6 +50,7 @@ DomainGroup::DomainGroup(const EngineOptions& options,
     : options_(options),
       domains_(std::move(domains)),
       pending_(domains_.size()),
+      pending_messages_(domains_.size()),
       inflight_(domains_.size(), 0),
       callbacks_(options.progress == ProgressMode::kThread) {
   for (const auto& d : domains_) {
@@ -170,12 +171,18 @@ void DomainGroup::FlushReady() {
 void DomainGroup::Accept(RequestState* r) {
   r->outstanding = static_cast<uint32_t>(r->works.size());
   live_.PushBack(r);
-  for (Work& w : r->works) pending_[w.domain].push_back(&w);
+  for (Work& w : r->works) (w.is_send ? pending_messages_ : pending_)[w.domain].push_back(&w);
 }
 
 bool DomainGroup::PostPending(size_t d) {
+  // Control messages first: a heartbeat must not wait behind a peer's
+  // backlog of queued writes. Nothing orders messages with writes.
+  bool posted = PostQueue(d, pending_messages_[d]);
+  return PostQueue(d, pending_[d]) || posted;
+}
+
+bool DomainGroup::PostQueue(size_t d, std::deque<Work*>& queue) {
   bool posted = false;
-  auto& queue = pending_[d];
   // Back-pressure from one peer (an unreachable peer whose connection is
   // still being attempted keeps answering EAGAIN) must not hold up work for
   // the others: that peer's work waits in place, keeping its own order, and

@@ -97,6 +97,7 @@ class DomainGroup final : private nic::CompletionHandler {
   void WorkerLoop();
   void Accept(RequestState* r);
   bool PostPending(size_t d);
+  bool PostQueue(size_t d, std::deque<Work*>& queue);
   void CompleteWork(Work* w, const Status& status);
   void Fail(RequestState* r, const Status& status);
   void Finish(RequestState* r);
@@ -123,7 +124,8 @@ class DomainGroup final : private nic::CompletionHandler {
   std::thread worker_;
 
   // Worker-only state.
-  std::vector<std::deque<Work*>> pending_;
+  std::vector<std::deque<Work*>> pending_;           // writes, per domain
+  std::vector<std::deque<Work*>> pending_messages_;  // control messages, posted first
   std::vector<size_t> inflight_;
   RequestList live_;     // in submission order = deadline order
   RequestList zombies_;  // failed, waiting for posted writes to come back
