@@ -135,6 +135,9 @@ class TransferEngine {
   // ---- Control plane ----
   // Two-sided message of at most max_message_bytes() to `peer`. Completes
   // like a request (delivered to the peer's provider, not its handler).
+  // Messages are posted ahead of queued writes: a message may overtake
+  // writes submitted before it, so never infer from a message that earlier
+  // writes have landed (count their immediates).
   Status Send(const PeerRef& peer, std::span<const uint8_t> data, Completion completion);
   size_t max_message_bytes() const;
   // Messages that arrived before a handler was set are delivered to it.
