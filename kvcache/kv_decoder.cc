@@ -46,6 +46,7 @@ Result<std::unique_ptr<KvDecoder>> KvDecoder::Create(TransferEngine* engine, con
 }
 
 KvDecoder::~KvDecoder() {
+  guard_.Close();  // engine callbacks still queued find the decoder gone
   engine_->SetRecvHandler(nullptr);
   std::vector<std::pair<Request, uint64_t>> left;
   {
@@ -136,16 +137,9 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
     pull.source_rank = s;
     // A PULL that cannot be delivered fails the request at once, rather
     // than after the first-contact grace.
-    (void)engine_->Send(src.peer, pull.Encode(), {.on_error = [this, id, tag, s = s](const Status& e) {
-                          std::lock_guard<std::mutex> lock(mu_);
-                          auto it = requests_.find(id);
-                          if (it == requests_.end() || it->second.tag != tag) return;
-                          auto& src = it->second.sources[s];
-                          src.confirmed = src.silent = true;
-                          StopLocked(id, it->second,
-                                     Unavailable("cannot reach prefill rank " + S(s) + " for request " + S(id) + ": " +
-                                                 e.ToString()));
-                          SweepLocked();
+    (void)engine_->Send(src.peer, pull.Encode(),
+                        {.on_error = [this, t = guard_.token(), id, tag, s = s](const Status& e) {
+                          CallbackGuard::Run(t, [&] { OnPullFailed(id, tag, s, e); });
                         }});
   }
   // The other prefill ranks hear that this rank needs nothing from them, so
@@ -156,9 +150,22 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
     (void)engine_->Send(peer, pull.Encode(), {});
   }
   requests_.emplace(id, std::move(r));
-  Status s = engine_->ExpectImm(imm(tag), expected, [this, id, tag] { OnArrived(id, tag); });
+  Status s = engine_->ExpectImm(imm(tag), expected, [this, t = guard_.token(), id, tag] {
+    CallbackGuard::Run(t, [&] { OnArrived(id, tag); });
+  });
   if (!s.ok()) StopLocked(id, requests_.at(id), s);
   return Status::Ok();
+}
+
+void KvDecoder::OnPullFailed(uint64_t id, uint32_t tag, uint32_t source, const Status& e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = requests_.find(id);
+  if (it == requests_.end() || it->second.tag != tag) return;
+  auto& src = it->second.sources[source];
+  src.confirmed = src.silent = true;
+  StopLocked(id, it->second,
+             Unavailable("cannot reach prefill rank " + S(source) + " for request " + S(id) + ": " + e.ToString()));
+  SweepLocked();
 }
 
 void KvDecoder::OnArrived(uint64_t id, uint32_t tag) {

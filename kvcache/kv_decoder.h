@@ -29,7 +29,7 @@
 // ProgressMode::kThread. `on_ready` runs exactly once per accepted Receive,
 // on the engine's callback thread (success) or the decoder's own thread
 // (everything else), outside the decoder's lock. `context` is valid only
-// during the call.
+// during the call. on_ready may call the decoder, but must not destroy it.
 #pragma once
 
 #include <chrono>
@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/callback_guard.h"
 #include "base/status.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
@@ -111,6 +112,7 @@ class KvDecoder {
   uint32_t imm(uint32_t tag) const { return options_.imm_base | tag; }
   void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
   void OnArrived(uint64_t id, uint32_t tag);
+  void OnPullFailed(uint64_t id, uint32_t tag, uint32_t source, const Status& e);
   // Starts stopping `r`: CANCEL to every source not yet confirmed.
   void StopLocked(uint64_t id, Request& r, Status outcome);
   // Retires stopping requests whose sources are all confirmed and whose
@@ -138,6 +140,7 @@ class KvDecoder {
   DecoderStats stats_;
   bool stop_ = false;
   std::thread thread_;
+  CallbackGuard guard_;  // for engine callbacks that capture `this`
 };
 
 }  // namespace te::kvcache

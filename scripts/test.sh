@@ -23,7 +23,7 @@ else
   # ASan + UBSan at -O1: half the compile time of -O2 for the same checks.
   OPT=(); [ "$SAN" = address ] && OPT=(-DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g")
   cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" "${OPT[@]}" >/dev/null
-  cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests te_kvcache_tests
+  cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests te_kvcache_tests te_verbs_tests
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"

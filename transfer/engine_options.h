@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "nic/fabric/fabric_options.h"
+#include "nic/verbs/verbs_domain.h"
 
 namespace te {
 
@@ -22,7 +23,10 @@ enum class ProgressMode {
 
 struct EngineOptions {
   // Provider, interface and control-message buffers of every domain.
+  // fabric.provider "verbs-native" opens libibverbs RC domains (nic/verbs)
+  // with `verbs`; fabric.domain / domain_names then name devices (mlx5_0).
   nic::FabricOptions fabric;
+  nic::VerbsOptions verbs;
   // Domains (NICs) in the group. With tcp or shm these are independent
   // endpoints; with EFA or ConnectX give one per NIC of the GPU.
   int domains = 1;

@@ -8,6 +8,7 @@
 
 #include "base/crc32c.h"
 #include "nic/fabric/fabric_domain.h"
+#include "nic/verbs/verbs_domain.h"
 #include "nic/topology/topology.h"
 #include "transfer/domain_group.h"
 #include "transfer/request_plan.h"
@@ -85,7 +86,15 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
   for (int i = 0; i < options.domains; ++i) {
     nic::FabricOptions f = options.fabric;
     if (!options.domain_names.empty()) f.domain = options.domain_names[i];
-    auto d = nic::OpenFabricDomain(f);
+    Result<std::unique_ptr<nic::Domain>> d = Unavailable("");
+    if (f.provider == "verbs-native") {
+      nic::VerbsOptions v = options.verbs;
+      if (!f.domain.empty()) v.device = f.domain;
+      v.max_message_bytes = f.max_message_bytes;
+      d = nic::OpenVerbsDomain(v);
+    } else {
+      d = nic::OpenFabricDomain(f);
+    }
     if (!d.ok()) return d.status().WithContext("opening domain " + std::to_string(i));
     domains.push_back(std::move(d).value());
     const auto& info = domains.back()->info();

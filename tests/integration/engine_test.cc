@@ -190,6 +190,15 @@ TEST_P(EngineTest, ControlMessagesCarryTheSenderAddress) {
             StatusCode::kInvalidArgument);
 }
 
+#ifdef TE_ENGINE_TESTS_ON_VERBS_NATIVE
+// Built into te_verbs_tests: the same tests over the native verbs backend on
+// the software RC NIC (tests/soft_rc), and nothing that needs libfabric.
+INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
+                         ::testing::Values(Param{"verbs-native", 1}, Param{"verbs-native", 2}),
+                         [](const auto& info) {
+                           return std::string("verbs_native_") + std::to_string(info.param.domains) + "domains";
+                         });
+#else
 INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
                          ::testing::Values(Param{"tcp", 1}, Param{"tcp", 2}, Param{"tcp", 4},
                                            Param{"shm", 1}, Param{"shm", 2}),
@@ -197,6 +206,9 @@ INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
                            return info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
                          });
 
+#endif  // TE_ENGINE_TESTS_ON_VERBS_NATIVE
+
+#ifndef TE_ENGINE_TESTS_ON_VERBS_NATIVE
 TEST(EngineFailure, DeadPeerTurnsIntoErrorsWithinTheTimeout) {
   auto o = Options("tcp");
   o.request_timeout = 1500ms;
@@ -323,6 +335,8 @@ TEST(EngineManualProgress, RoundTripWithoutThreads) {
   EXPECT_TRUE(b->TryConsumeImm(5, 1));
   EXPECT_EQ(0, memcmp(buf.data(), src.data(), 4096));
 }
+
+#endif  // !TE_ENGINE_TESTS_ON_VERBS_NATIVE
 
 }  // namespace
 }  // namespace te::testing

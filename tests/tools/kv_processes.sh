@@ -4,17 +4,35 @@
 # `te-kv decode` that routes requests over them with every page verified.
 # Then one prefill instance is SIGKILLed without leaving; a second decode
 # run must still get every request, retrying what was routed to the dead
-# one until its registry entry expires.
+# one until its registry entry expires. With --netns the prefill instances
+# run in one network namespace and the decode in another, joined by a veth
+# pair (the registry's unix socket is reachable from both); exits 77
+# (skipped) where namespaces cannot be made.
 set -u
-TOOL=${1:?usage: kv_processes.sh path/to/te-kv}
+TOOL=${1:?usage: kv_processes.sh path/to/te-kv [--netns]}
+MODE=${2:-loopback}
 DIR=$(mktemp -d)
 PIDS=()
+RUN_P=(); RUN_D=(); IF_P=(); IF_D=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
+  [ -n "${NSA:-}" ] && ip netns del "$NSA" 2>/dev/null
+  [ -n "${NSB:-}" ] && ip netns del "$NSB" 2>/dev/null
   rm -rf "$DIR"
 }
 trap cleanup EXIT
+if [ "$MODE" = "--netns" ]; then
+  NSA=te-ka-$$; NSB=te-kb-$$; VA=tka$$; VB=tkb$$
+  if ! ip netns add "$NSA" 2>/dev/null; then NSA=; echo "SKIP: cannot create network namespaces here"; exit 77; fi
+  ip netns add "$NSB" || exit 77
+  ip link add "$VA" type veth peer name "$VB" || { echo "SKIP: cannot create a veth pair"; exit 77; }
+  ip link set "$VA" netns "$NSA"; ip link set "$VB" netns "$NSB"
+  ip -n "$NSA" addr add 10.79.0.1/24 dev "$VA"; ip -n "$NSB" addr add 10.79.0.2/24 dev "$VB"
+  for ns in "$NSA" "$NSB"; do ip -n "$ns" link set lo up; done
+  ip -n "$NSA" link set "$VA" up; ip -n "$NSB" link set "$VB" up
+  RUN_P=(ip netns exec "$NSA"); RUN_D=(ip netns exec "$NSB"); IF_P=(--iface="$VA"); IF_D=(--iface="$VB")
+fi
 command -v redis-server >/dev/null || { echo "FAIL: redis-server not found; scripts/install-deps.sh installs it"; exit 1; }
 redis-server --port 0 --unixsocket "$DIR/redis.sock" --save "" --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
 PIDS+=($!)
@@ -23,7 +41,7 @@ for _ in $(seq 100); do [ -S "$DIR/redis.sock" ] && break; sleep 0.05; done
 REG=(--registry="unix:$DIR/redis.sock" --preset=deepseek --tokens=256 --layer_ms=1 --peer_timeout_ms=1000)
 
 for name in p0 p1; do
-  "$TOOL" prefill "${REG[@]}" --name=$name --serve_seconds=60 --verify >"$DIR/$name.log" 2>&1 &
+  "${RUN_P[@]}" "$TOOL" prefill "${REG[@]}" "${IF_P[@]}" --name=$name --serve_seconds=60 --verify >"$DIR/$name.log" 2>&1 &
   PIDS+=($!); eval "PID_$name=$!"
 done
 # Both registered?
@@ -41,10 +59,10 @@ print(f"  decode: {d['ready']} requests ready, {d['retried']} retried, "
       f"KV ready {d['ready_after_last_layer_ms_p50']:.2f} ms p50 after the last layer, verified")
 PY
 }
-"$TOOL" decode "${REG[@]}" --name=d0 --requests=8 --verify --json >"$DIR/d0.log" 2>&1 || { cat "$DIR/d0.log"; exit 1; }
+"${RUN_D[@]}" "$TOOL" decode "${REG[@]}" "${IF_D[@]}" --name=d0 --requests=8 --verify --json >"$DIR/d0.log" 2>&1 || { cat "$DIR/d0.log"; exit 1; }
 check "$DIR/d0.log" 8
 
 kill -9 "$PID_p0"  # no goodbye: the registry entry lives until its TTL
-"$TOOL" decode "${REG[@]}" --name=d1 --requests=8 --verify --json >"$DIR/d1.log" 2>&1 || { cat "$DIR/d1.log"; exit 1; }
+"${RUN_D[@]}" "$TOOL" decode "${REG[@]}" "${IF_D[@]}" --name=d1 --requests=8 --verify --json >"$DIR/d1.log" 2>&1 || { cat "$DIR/d1.log"; exit 1; }
 check "$DIR/d1.log" 8
-echo "PASS: te-kv prefill/decode processes through the Redis registry, a prefill killed between runs"
+echo "PASS ($MODE): te-kv prefill/decode processes through the Redis registry, a prefill killed between runs"
