@@ -61,6 +61,7 @@ DEFINE_string(registry, "", "prefill/decode: Redis registry, unix:/path or host:
 DEFINE_string(name, "", "prefill/decode: this instance's name in the registry");
 DEFINE_int32(serve_seconds, 60, "prefill: how long to serve");
 DEFINE_int32(peer_timeout_ms, 2000, "heartbeat silence that fails a peer's requests");
+DEFINE_int32(request_timeout_ms, 10000, "engine request timeout (also the grace for a peer never heard from)");
 DEFINE_bool(json, false, "print JSON lines");
 DEFINE_bool(loopback, false, "same as the loopback command");
 
@@ -91,6 +92,7 @@ te::EngineOptions EngineOpts() {
   te::EngineOptions o;
   o.fabric.provider = FLAGS_provider;
   if (!FLAGS_iface.empty()) o.fabric.domain = FLAGS_iface;
+  o.request_timeout = std::chrono::milliseconds(FLAGS_request_timeout_ms);
   return o;
 }
 
@@ -538,7 +540,7 @@ int RunDecode() {
   else
     printf("te-kv decode '%s': %llu of %d requests ready (%llu retries), KV ready %.2f ms p50 after the last layer%s\n",
            FLAGS_name.c_str(), (unsigned long long)ok, FLAGS_requests, (unsigned long long)retried, Median(after),
-           FLAGS_verify ? (wrong == 0 ? ", every byte verified" : ", WRONG BYTES") : "");
+           FLAGS_verify ? (wrong == 0 ? ", every byte verified" : ", WRONG BYTES (do the prefill instances run with --verify?)") : "");
   return ok == uint64_t(FLAGS_requests) && wrong == 0 ? 0 : 1;
 }
 

@@ -431,6 +431,24 @@ TEST(VerbsDomain, AVanishedPeerIsATransportRetryError) {
       << p.ea.errors[0].second.ToString();
 }
 
+TEST(VerbsDomain, CudaRegistrationFallsBackFromDmabufToPeerMemory) {
+  // No GPU driver here and the software NIC maps no dmabufs: the CUDA path
+  // must fall back to ibv_reg_mr (how nvidia-peermem hosts register). Host
+  // memory stands in for the device buffer; only the fallback is tested.
+  auto d = nic::OpenVerbsDomain({}).value();
+  std::vector<uint8_t> buf(1 << 16);
+  nic::MemoryKind cuda;
+  cuda.type = nic::MemoryKind::Type::kCuda;
+  auto reg = d->Register(buf.data(), buf.size(), cuda);
+  ASSERT_TRUE(reg.ok()) << reg.status().ToString();
+  EXPECT_EQ(reg->remote_base, reinterpret_cast<uint64_t>(buf.data()));
+  EXPECT_TRUE(d->Deregister(*reg).ok());
+  auto none = d->Register(nullptr, 4096, cuda);  // both paths fail: both reasons named
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.status().message().find("dmabuf"), std::string::npos) << none.status().ToString();
+  EXPECT_NE(none.status().message().find("ibv_reg_mr"), std::string::npos) << none.status().ToString();
+}
+
 TEST(VerbsDomain, ControlMessagesAndBadAddresses) {
   DomainPair p;
   const std::string hello = "hello over RC";

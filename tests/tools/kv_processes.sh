@@ -38,7 +38,7 @@ redis-server --port 0 --unixsocket "$DIR/redis.sock" --save "" --appendonly no -
 PIDS+=($!)
 for _ in $(seq 100); do [ -S "$DIR/redis.sock" ] && break; sleep 0.05; done
 [ -S "$DIR/redis.sock" ] || { echo "FAIL: redis-server did not start"; cat "$DIR/redis.log"; exit 1; }
-REG=(--registry="unix:$DIR/redis.sock" --preset=deepseek --tokens=256 --layer_ms=1 --peer_timeout_ms=1000)
+REG=(--registry="unix:$DIR/redis.sock" --preset=deepseek --tokens=256 --layer_ms=1 --peer_timeout_ms=1000 --request_timeout_ms=2000)
 
 for name in p0 p1; do
   "${RUN_P[@]}" "$TOOL" prefill "${REG[@]}" "${IF_P[@]}" --name=$name --serve_seconds=60 --verify >"$DIR/$name.log" 2>&1 &
