@@ -368,26 +368,21 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
           (d.context_sent || !d.context_source))
         d.state = Dest::State::kDone;
     }
-    if (d.outstanding == 0 && d.state == Dest::State::kCancelling) {
+    // Cancelled or failed, with nothing in flight: say how many immediates
+    // were delivered, and nothing more goes to this decode rank.
+    const bool cancelled = d.state == Dest::State::kCancelling;
+    if (d.outstanding == 0 && (cancelled || d.state == Dest::State::kFailing)) {
       KvMessage m;
-      m.kind = KvMessage::Kind::kCancelled;
+      m.kind = cancelled ? KvMessage::Kind::kCancelled : KvMessage::Kind::kFailed;
       m.request = id;
       m.rank = rank_;
       m.delivered = d.delivered;
+      if (!cancelled) m.reason = d.why;
       SendLocked(d.peer, m);
       d.state = Dest::State::kDone;
-      if (r.status.ok()) r.status = Cancelled("decode rank " + S(d.rank) + " cancelled request " + S(id));
-    }
-    if (d.outstanding == 0 && d.state == Dest::State::kFailing) {
-      KvMessage m;
-      m.kind = KvMessage::Kind::kFailed;
-      m.request = id;
-      m.rank = rank_;
-      m.reason = d.why;
-      m.delivered = d.delivered;
-      SendLocked(d.peer, m);
-      d.state = Dest::State::kDone;
-      if (r.status.ok()) r.status = Unavailable("request " + S(id) + " to decode rank " + S(d.rank) + ": " + d.why);
+      if (r.status.ok())
+        r.status = cancelled ? Cancelled("decode rank " + S(d.rank) + " cancelled request " + S(id))
+                             : Unavailable("request " + S(id) + " to decode rank " + S(d.rank) + ": " + d.why);
     }
     all_done = all_done && d.state == Dest::State::kDone;
   }

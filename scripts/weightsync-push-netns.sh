@@ -11,17 +11,13 @@ DIR=$(mktemp -d); RUN_R=(); RUN_S=(); IF_R=(); IF_S=()
 A=te-pa-$$; B=te-pb-$$
 cleanup() {
   [ -n "${SERVES:-}" ] && kill $SERVES 2>/dev/null; wait 2>/dev/null
-  ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
+  del_veth_pair "$A" "$B"
   rm -rf "$DIR" /dev/shm/te-push-$$-*
 }
+. "$(dirname "$0")/../tests/netns/veth_pair.sh"
 trap cleanup EXIT
 if [ "$MODE" = netns ]; then
-  ip netns add "$A" && ip netns add "$B" || { echo "cannot create network namespaces (need root)"; exit 1; }
-  ip link add tpa$$ type veth peer name tpb$$
-  ip link set tpa$$ netns "$A"; ip link set tpb$$ netns "$B"
-  ip -n "$A" addr add 10.79.0.1/24 dev tpa$$; ip -n "$B" addr add 10.79.0.2/24 dev tpb$$
-  for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-  ip -n "$A" link set tpa$$ up; ip -n "$B" link set tpb$$ up
+  make_veth_pair "$A" "$B" tpa$$ tpb$$ 10.79.0 || { echo "cannot create network namespaces (need root)"; exit 1; }
   RUN_R=(ip netns exec "$A"); RUN_S=(ip netns exec "$B"); IF_R=(--iface=tpa$$); IF_S=(--iface=tpb$$)
 fi
 C=(--rendezvous="$DIR" --model=moe --model_bytes=512M --sources=2 --ranks=2)

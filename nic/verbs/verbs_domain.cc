@@ -175,8 +175,7 @@ class VerbsDomain final : public Domain {
   void OnHandshake(const Handshake& h);
   OpCtx* NewCtx(OpKind kind, void* user, PeerAddr peer, ibv_qp* qp, int buffer);
   void FreeCtx(OpCtx* c);
-  Status PostSrqRecv(int buffer);
-  Status PostUdRecv(int buffer);
+  Status PostReceive(OpKind kind, int buffer);
   void QpOpDone(ibv_qp* qp);
 
   VerbsOptions options_;
@@ -301,7 +300,7 @@ Status VerbsDomain::Open() {
   TE_RETURN_IF_ERROR(make_slab(ud_send_, kUdDepth, kUdBuffer));
   for (int i = int(options_.send_depth); i-- > 0;) free_send_.push_back(i);
   for (int i = int(kUdDepth); i-- > 0;) free_ud_send_.push_back(i);
-  for (uint32_t i = 0; i < options_.recv_depth; ++i) TE_RETURN_IF_ERROR(PostSrqRecv(int(i)));
+  for (uint32_t i = 0; i < options_.recv_depth; ++i) TE_RETURN_IF_ERROR(PostReceive(OpKind::kRecv, int(i)));
 
   ibv_qp_init_attr qa{};
   qa.send_cq = qa.recv_cq = cq_;
@@ -317,7 +316,7 @@ Status VerbsDomain::Open() {
   a.qkey = kQkey;
   if (ibv_modify_qp(ud_, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_QKEY))
     return IoError(where + ": UD QP to INIT failed");
-  for (uint32_t i = 0; i < kUdDepth; ++i) TE_RETURN_IF_ERROR(PostUdRecv(int(i)));
+  for (uint32_t i = 0; i < kUdDepth; ++i) TE_RETURN_IF_ERROR(PostReceive(OpKind::kUdRecv, int(i)));
   a = {};
   a.qp_state = IBV_QPS_RTR;
   if (ibv_modify_qp(ud_, &a, IBV_QP_STATE)) return IoError(where + ": UD QP to RTR failed");
@@ -351,27 +350,21 @@ OpCtx* VerbsDomain::NewCtx(OpKind kind, void* user, PeerAddr peer, ibv_qp* qp, i
 
 void VerbsDomain::FreeCtx(OpCtx* c) { ctx_pool_.push_back(c); }
 
-Status VerbsDomain::PostSrqRecv(int buffer) {
-  ibv_sge sge{reinterpret_cast<uint64_t>(recv_.at(buffer)), uint32_t(recv_.size), recv_.mr->lkey};
+// Receives go to the SRQ (control messages and immediates) or to the UD
+// QP (handshakes); `slab` holds the buffers.
+Status VerbsDomain::PostReceive(OpKind kind, int buffer) {
+  Slab& slab = kind == OpKind::kRecv ? recv_ : ud_recv_;
+  ibv_sge sge{reinterpret_cast<uint64_t>(slab.at(buffer)), uint32_t(slab.size), slab.mr->lkey};
   ibv_recv_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(NewCtx(OpKind::kRecv, nullptr, 0, nullptr, buffer));
+  wr.wr_id = reinterpret_cast<uint64_t>(NewCtx(kind, nullptr, 0, nullptr, buffer));
   wr.sg_list = &sge;
   wr.num_sge = 1;
   ibv_recv_wr* bad = nullptr;
-  if (int rc = ibv_post_srq_recv(srq_, &wr, &bad))
+  const int rc = kind == OpKind::kRecv ? ibv_post_srq_recv(srq_, &wr, &bad) : ibv_post_recv(ud_, &wr, &bad);
+  if (rc) {
+    FreeCtx(reinterpret_cast<OpCtx*>(wr.wr_id));
     return IoError("verbs-native: posting a receive failed: " + std::string(strerror(rc)));
-  return Status::Ok();
-}
-
-Status VerbsDomain::PostUdRecv(int buffer) {
-  ibv_sge sge{reinterpret_cast<uint64_t>(ud_recv_.at(buffer)), uint32_t(ud_recv_.size), ud_recv_.mr->lkey};
-  ibv_recv_wr wr{};
-  wr.wr_id = reinterpret_cast<uint64_t>(NewCtx(OpKind::kUdRecv, nullptr, 0, nullptr, buffer));
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  ibv_recv_wr* bad = nullptr;
-  if (int rc = ibv_post_recv(ud_, &wr, &bad))
-    return IoError("verbs-native: posting a UD receive failed: " + std::string(strerror(rc)));
+  }
   return Status::Ok();
 }
 
@@ -663,7 +656,7 @@ int VerbsDomain::Poll(CompletionHandler& handler, int max) {
           if (wc.opcode == IBV_WC_RECV_RDMA_WITH_IMM) handler.OnImm(ntohl(wc.imm_data));
           else handler.OnRecv({recv_.at(b), wc.byte_len});
           lock.lock();
-          if (Status s = PostSrqRecv(b); !s.ok()) {
+          if (Status s = PostReceive(OpKind::kRecv, b); !s.ok()) {
             lock.unlock();
             handler.OnDomainError(s);
           }
@@ -676,7 +669,7 @@ int VerbsDomain::Poll(CompletionHandler& handler, int max) {
           if (wc.status == IBV_WC_SUCCESS && wc.byte_len > 40 &&
               Handshake::Parse({ud_recv_.at(b) + 40, wc.byte_len - 40}, &h))
             OnHandshake(h);
-          if (wc.status != IBV_WC_WR_FLUSH_ERR) (void)PostUdRecv(b);
+          if (wc.status != IBV_WC_WR_FLUSH_ERR) (void)PostReceive(OpKind::kUdRecv, b);
           break;
         }
         case OpKind::kUdSend:

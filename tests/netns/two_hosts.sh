@@ -7,19 +7,14 @@ set -u
 BENCH=${1:?usage: two_hosts.sh path/to/te-bench}
 A=te-a-$$; B=te-b-$$
 VA=tea$$; VB=teb$$
+. "$(dirname "$0")/veth_pair.sh"
 cleanup() {
   [ -n "${LPID:-}" ] && kill "$LPID" 2>/dev/null
-  ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
+  del_veth_pair "$A" "$B"
   rm -f "${OUT:-}"
 }
 trap cleanup EXIT
-if ! ip netns add "$A" 2>/dev/null; then echo "SKIP: cannot create network namespaces here (need root and iproute2)"; exit 77; fi
-ip netns add "$B" || exit 77
-ip link add "$VA" type veth peer name "$VB" || { echo "SKIP: cannot create a veth pair"; exit 77; }
-ip link set "$VA" netns "$A"; ip link set "$VB" netns "$B"
-ip -n "$A" addr add 10.77.0.1/24 dev "$VA"; ip -n "$B" addr add 10.77.0.2/24 dev "$VB"
-for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
-ip -n "$A" link set "$VA" up; ip -n "$B" link set "$VB" up
+make_veth_pair "$A" "$B" "$VA" "$VB" 10.77.0 || exit $?
 
 OUT=$(mktemp)
 ARGS=(--provider=tcp --sizes=64K,4M --page_sizes=4K --bytes_per_case=33554432 --rtt_iters=200)

@@ -17,20 +17,14 @@ RUN_P=(); RUN_D=(); IF_P=(); IF_D=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  [ -n "${NSA:-}" ] && ip netns del "$NSA" 2>/dev/null
-  [ -n "${NSB:-}" ] && ip netns del "$NSB" 2>/dev/null
+  del_veth_pair "${NSA:-}" "${NSB:-}"
   rm -rf "$DIR"
 }
+. "$(dirname "$0")/../netns/veth_pair.sh"
 trap cleanup EXIT
 if [ "$MODE" = "--netns" ]; then
   NSA=te-ka-$$; NSB=te-kb-$$; VA=tka$$; VB=tkb$$
-  if ! ip netns add "$NSA" 2>/dev/null; then NSA=; echo "SKIP: cannot create network namespaces here"; exit 77; fi
-  ip netns add "$NSB" || exit 77
-  ip link add "$VA" type veth peer name "$VB" || { echo "SKIP: cannot create a veth pair"; exit 77; }
-  ip link set "$VA" netns "$NSA"; ip link set "$VB" netns "$NSB"
-  ip -n "$NSA" addr add 10.79.0.1/24 dev "$VA"; ip -n "$NSB" addr add 10.79.0.2/24 dev "$VB"
-  for ns in "$NSA" "$NSB"; do ip -n "$ns" link set lo up; done
-  ip -n "$NSA" link set "$VA" up; ip -n "$NSB" link set "$VB" up
+  make_veth_pair "$NSA" "$NSB" "$VA" "$VB" 10.79.0 || exit $?
   RUN_P=(ip netns exec "$NSA"); RUN_D=(ip netns exec "$NSB"); IF_P=(--iface="$VA"); IF_D=(--iface="$VB")
 fi
 command -v redis-server >/dev/null || { echo "FAIL: redis-server not found; scripts/install-deps.sh installs it"; exit 1; }

@@ -15,20 +15,14 @@ RUN_R=(); RUN_S=(); IF_R=(); IF_S=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  [ -n "${NSA:-}" ] && ip netns del "$NSA" 2>/dev/null
-  [ -n "${NSB:-}" ] && ip netns del "$NSB" 2>/dev/null
+  del_veth_pair "${NSA:-}" "${NSB:-}"
   rm -rf "$DIR" /dev/shm/te-ws-$$-*
 }
+. "$(dirname "$0")/../netns/veth_pair.sh"
 trap cleanup EXIT
 if [ "$MODE" = "--netns" ]; then
   NSA=te-wa-$$; NSB=te-wb-$$; VA=twa$$; VB=twb$$
-  if ! ip netns add "$NSA" 2>/dev/null; then NSA=; echo "SKIP: cannot create network namespaces here"; exit 77; fi
-  ip netns add "$NSB" || exit 77
-  ip link add "$VA" type veth peer name "$VB" || { echo "SKIP: cannot create a veth pair"; exit 77; }
-  ip link set "$VA" netns "$NSA"; ip link set "$VB" netns "$NSB"
-  ip -n "$NSA" addr add 10.78.0.1/24 dev "$VA"; ip -n "$NSB" addr add 10.78.0.2/24 dev "$VB"
-  for ns in "$NSA" "$NSB"; do ip -n "$ns" link set lo up; done
-  ip -n "$NSA" link set "$VA" up; ip -n "$NSB" link set "$VB" up
+  make_veth_pair "$NSA" "$NSB" "$VA" "$VB" 10.78.0 || exit $?
   RUN_R=(ip netns exec "$NSA"); RUN_S=(ip netns exec "$NSB"); IF_R=(--iface="$VA"); IF_S=(--iface="$VB")
 fi
 COMMON=(--rendezvous="$DIR" --model=moe --model_bytes=24M --sources=2 --ranks=2 --timeout_ms=3000)
