@@ -99,6 +99,8 @@ Status KvPrefiller::Start(uint64_t id, std::vector<uint32_t> pages) {
     if (p >= layout_.pages)
       return InvalidArgument("request " + S(id) + ": page " + S(p) + " outside [0, " + S(layout_.pages) + ")");
   std::lock_guard<std::mutex> lock(mu_);
+  if (!requests_.count(id) && retired_.count(id))
+    return Cancelled("request " + S(id) + " already ended here: its decode ranks cancelled or failed it");
   auto& slot = requests_[id];
   if (!slot) slot = std::make_unique<Request>();
   Request& r = *slot;
@@ -386,11 +388,13 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
     }
     all_done = all_done && d.state == Dest::State::kDone;
   }
-  // Retire once every decode rank has asked and is served, cancelled or
-  // failed (a served one needs Finish first), or once the request was
-  // aborted; either way with nothing in flight.
+  // Retire once every decode rank has asked and is done, with nothing in
+  // flight: after Finish when all went well (so the prefill engine's calls
+  // stay valid to the end, also on a rank that serves nobody), at once when
+  // a decode rank cancelled or failed (LayerDone then says kNotFound: stop),
+  // or when the request was aborted.
   const bool everyone = r.expected_dests >= 0 && int64_t(r.dests.size()) == r.expected_dests;
-  if (!all_done || !(r.aborted || everyone)) return;
+  if (!all_done || !(r.aborted || (everyone && (r.finished || !r.status.ok())))) return;
   if (r.context_slot >= 0) free_context_slots_.push_back(uint32_t(r.context_slot));
   if (r.status.ok()) stats_.requests_sent++;
   else stats_.requests_failed++;

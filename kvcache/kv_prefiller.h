@@ -13,7 +13,11 @@
 // write of it completed, or it was cancelled or dropped.
 //
 // Decode ranks PULL (see kv_messages.h) before, during or after the
-// compute; whatever layers are done when a PULL arrives go at once.
+// compute; whatever layers are done when a PULL arrives go at once. A
+// request stays here until Finish (or Abort) even when every write is out,
+// so the engine's calls stay valid; if its decode ranks cancel or fail it,
+// it goes at once and later calls answer kNotFound (Start: kCancelled),
+// which tells the engine to stop computing it.
 // One PagedWrite per layer per decode rank, and nothing is sent to say
 // "done": the decoder counts immediates (kv_plan.h says how many).
 //

@@ -118,7 +118,10 @@ struct Prefill {
   // Only rank 0 gets o's callbacks: every rank sees the same requests.
   Prefill(const KvLayout& l, te::kvcache::PrefillerOptions o) : layout(l) {
     for (uint32_t r = 0; r < l.tp; ++r) {
-      if (r == 1) o.on_pull = nullptr, o.on_sent = nullptr;
+      if (r == 1) {
+        o.on_pull = nullptr;
+        o.on_sent = nullptr;
+      }
       engines.push_back(ExitOnError(te::TransferEngine::Create(EngineOpts()), "prefill engine"));
       memory.emplace_back(KvPrefiller::MemoryBytes(l, o));
       ranks.push_back(ExitOnError(KvPrefiller::Create(engines.back().get(), l, r, memory.back().data(), o), "prefiller"));

@@ -132,6 +132,38 @@ TEST(KvTransfer, CancelMidStreamStopsWritesBeforeThePagesAreReturned) {
   EXPECT_EQ(decode.Wrong(8, dst[0]), 0u);
 }
 
+TEST(KvTransfer, IdlePrefillRankKeepsTheRequestUntilFinish) {
+  // MLA, prefill tp 2 -> decode tp 1: prefill rank 1 serves nobody. Its PULL
+  // arrives before the prefill starts; its engine calls must still succeed.
+  PrefillInstance prefill(TestLayout(2, KvOrder::kNHD, true));
+  DecodeInstance decode(TestLayout(1, KvOrder::kNHD, true));
+  decode.Receive(31, prefill.Info(), {3, 4});
+  std::this_thread::sleep_for(300ms);
+  prefill.RunAll(31, {7, 8});  // asserts every Start/LayerDone/Finish is OK
+  ASSERT_TRUE(decode.WaitAll(1));
+  EXPECT_TRUE(decode.ready[0]->Get(31).ok()) << decode.ready[0]->Get(31).ToString();
+  EXPECT_EQ(decode.Wrong(31, {3, 4}), 0u);
+  for (auto& sent : prefill.sent_by_rank) {
+    ASSERT_TRUE(sent->WaitCount(1));
+    EXPECT_TRUE(sent->Get(31).ok()) << sent->Get(31).ToString();
+    EXPECT_EQ(sent->Calls(31), 1);
+  }
+  for (auto& p : prefill.ranks) EXPECT_EQ(p->active_requests(), 0u);  // retired at Finish, not before
+}
+
+TEST(KvTransfer, StartAfterTheDecoderCancelledIsRefused) {
+  PrefillInstance prefill(TestLayout(1));
+  DecodeInstance decode(TestLayout(1));
+  decode.Receive(32, prefill.Info(), {1});
+  std::this_thread::sleep_for(200ms);  // the PULL is there
+  ASSERT_TRUE(decode.ranks[0]->Cancel(32).ok());
+  ASSERT_TRUE(decode.WaitAll(1));
+  EXPECT_EQ(decode.ready[0]->Get(32).code(), StatusCode::kCancelled);
+  ASSERT_TRUE(prefill.sent.WaitCount(1));  // retired without ever starting
+  EXPECT_EQ(prefill.ranks[0]->Start(32, {2}).code(), StatusCode::kCancelled);
+  EXPECT_EQ(prefill.ranks[0]->active_requests(), 0u);
+}
+
 TEST(KvTransfer, CancelAfterEverythingLandedReportsReady) {
   PrefillInstance prefill(TestLayout(1));
   DecodeInstance decode(TestLayout(1));
