@@ -108,6 +108,20 @@ class Domain {
   // (back-pressure): poll and post again; nothing was posted.
   virtual Status PostWrite(const WriteOp& op) = 0;
 
+  // Posts `ops` in order; *posted says how many went (always a prefix).
+  // Providers that can chain work requests post a run to one peer in one
+  // call (verbs: one ibv_post_send). Errors as PostWrite, for the first op
+  // that did not go; kUnavailable when back-pressure stopped the run.
+  virtual Status PostWrites(std::span<const WriteOp> ops, size_t* posted) {
+    *posted = 0;
+    for (const WriteOp& op : ops) {
+      Status s = PostWrite(op);
+      if (!s.ok()) return s;
+      ++*posted;
+    }
+    return Status::Ok();
+  }
+
   // Posts a control message (copied; the caller's buffer is free on return).
   // kUnavailable on back-pressure, as for PostWrite.
   virtual Status PostSend(PeerAddr peer, std::span<const uint8_t> data, void* context) = 0;

@@ -98,6 +98,7 @@ class DomainGroup final : private nic::CompletionHandler {
   void Accept(RequestState* r);
   bool PostPending(size_t d);
   bool PostQueue(size_t d, std::deque<Work*>& queue);
+  void Posted(size_t d, Work* w);  // counts a work the domain accepted
   void CompleteWork(Work* w, const Status& status);
   void Fail(RequestState* r, const Status& status);
   void Finish(RequestState* r);
@@ -124,6 +125,9 @@ class DomainGroup final : private nic::CompletionHandler {
   std::thread worker_;
 
   // Worker-only state.
+  static constexpr size_t kMaxChain = 32;          // writes posted in one call
+  std::vector<nic::WriteOp> chain_ops_;             // scratch of PostQueue
+  std::vector<Work*> chain_works_;
   std::vector<std::deque<Work*>> pending_;           // writes, per domain
   std::vector<std::deque<Work*>> pending_messages_;  // control messages, posted first
   std::vector<size_t> inflight_;

@@ -149,7 +149,11 @@ class VerbsDomain final : public Domain {
   Result<PeerAddr> AddPeer(std::span<const uint8_t> address) override;
   Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override;
   Status Deregister(const LocalRegistration& reg) override;
-  Status PostWrite(const WriteOp& op) override;
+  Status PostWrite(const WriteOp& op) override {
+    size_t posted = 0;
+    return PostWrites({&op, 1}, &posted);
+  }
+  Status PostWrites(std::span<const WriteOp> ops, size_t* posted) override;
   Status PostSend(PeerAddr peer, std::span<const uint8_t> data, void* context) override;
   int Poll(CompletionHandler& handler, int max) override;
 
@@ -197,6 +201,8 @@ class VerbsDomain final : public Domain {
   std::map<ibv_qp*, uint32_t> qp_outstanding_;  // work posted on each QP, retired ones included
   std::vector<ibv_qp*> retired_;                // in error: destroyed once their work is back
   std::vector<OpCtx*> ctx_pool_;
+  std::vector<ibv_send_wr> chain_wr_;  // scratch of PostWrites
+  std::vector<ibv_sge> chain_sge_;
 };
 
 VerbsDomain::~VerbsDomain() {
@@ -569,30 +575,45 @@ Status VerbsDomain::Deregister(const LocalRegistration& reg) {
   return Status::Ok();
 }
 
-Status VerbsDomain::PostWrite(const WriteOp& op) {
+// Each run of writes to one peer is one chain of work requests, posted with
+// one ibv_post_send (one doorbell).
+Status VerbsDomain::PostWrites(std::span<const WriteOp> ops, size_t* posted) {
+  *posted = 0;
   std::lock_guard<std::mutex> lock(mu_);
-  if (op.peer >= peers_.size()) return InvalidArgument("verbs-native: unknown peer " + S(op.peer));
-  Peer& p = peers_[op.peer];
-  TE_RETURN_IF_ERROR(ReadyLocked(p));
-  ibv_sge sge{reinterpret_cast<uint64_t>(op.local), uint32_t(op.length),
-              op.local_desc ? static_cast<ibv_mr*>(op.local_desc)->lkey : 0};
-  ibv_send_wr wr{};
-  OpCtx* c = NewCtx(OpKind::kWrite, op.context, op.peer, p.qp, -1);
-  wr.wr_id = reinterpret_cast<uint64_t>(c);
-  wr.sg_list = op.length ? &sge : nullptr;
-  wr.num_sge = op.length ? 1 : 0;
-  wr.opcode = op.has_imm ? IBV_WR_RDMA_WRITE_WITH_IMM : IBV_WR_RDMA_WRITE;
-  wr.send_flags = IBV_SEND_SIGNALED;
-  wr.imm_data = htonl(op.imm);
-  wr.wr.rdma.remote_addr = op.remote_addr;
-  wr.wr.rdma.rkey = uint32_t(op.rkey);
-  ibv_send_wr* bad = nullptr;
-  if (int rc = ibv_post_send(p.qp, &wr, &bad)) {
-    FreeCtx(c);
+  while (*posted < ops.size()) {
+    const WriteOp& first = ops[*posted];
+    if (first.peer >= peers_.size()) return InvalidArgument("verbs-native: unknown peer " + S(first.peer));
+    Peer& p = peers_[first.peer];
+    TE_RETURN_IF_ERROR(ReadyLocked(p));
+    size_t n = 0;
+    while (*posted + n < ops.size() && ops[*posted + n].peer == first.peer) ++n;
+    chain_sge_.resize(n);
+    chain_wr_.assign(n, ibv_send_wr{});
+    for (size_t k = 0; k < n; ++k) {
+      const WriteOp& op = ops[*posted + k];
+      chain_sge_[k] = {reinterpret_cast<uint64_t>(op.local), uint32_t(op.length),
+                       op.local_desc ? static_cast<ibv_mr*>(op.local_desc)->lkey : 0};
+      ibv_send_wr& wr = chain_wr_[k];
+      wr.wr_id = reinterpret_cast<uint64_t>(NewCtx(OpKind::kWrite, op.context, op.peer, p.qp, -1));
+      wr.sg_list = op.length ? &chain_sge_[k] : nullptr;
+      wr.num_sge = op.length ? 1 : 0;
+      wr.opcode = op.has_imm ? IBV_WR_RDMA_WRITE_WITH_IMM : IBV_WR_RDMA_WRITE;
+      wr.send_flags = IBV_SEND_SIGNALED;
+      wr.imm_data = htonl(op.imm);
+      wr.wr.rdma.remote_addr = op.remote_addr;
+      wr.wr.rdma.rkey = uint32_t(op.rkey);
+      wr.next = k + 1 < n ? &chain_wr_[k + 1] : nullptr;
+    }
+    ibv_send_wr* bad = nullptr;
+    const int rc = ibv_post_send(p.qp, chain_wr_.data(), &bad);
+    // Everything before `bad` went; `bad` and after did not.
+    const size_t went = rc ? size_t(bad - chain_wr_.data()) : n;
+    for (size_t k = went; k < n; ++k) FreeCtx(reinterpret_cast<OpCtx*>(chain_wr_[k].wr_id));
+    qp_outstanding_[p.qp] += uint32_t(went);
+    *posted += went;
     if (rc == ENOMEM) return Unavailable("send queue full");
-    return IoError("verbs-native: ibv_post_send to peer " + p.addr.Name() + " failed: " + strerror(rc));
+    if (rc) return IoError("verbs-native: ibv_post_send to peer " + p.addr.Name() + " failed: " + strerror(rc));
   }
-  ++qp_outstanding_[p.qp];
   return Status::Ok();
 }
 

@@ -13,6 +13,12 @@
 #include <vector>
 
 #include "nic/verbs/verbs_domain.h"
+#include "transfer/transfer_engine.h"
+
+namespace softrc {
+uint64_t PostSendCalls();
+uint64_t PostedSendWrs();
+}  // namespace softrc
 
 namespace te::testing {
 namespace {
@@ -447,6 +453,39 @@ TEST(VerbsDomain, CudaRegistrationFallsBackFromDmabufToPeerMemory) {
   ASSERT_FALSE(none.ok());
   EXPECT_NE(none.status().message().find("dmabuf"), std::string::npos) << none.status().ToString();
   EXPECT_NE(none.status().message().find("ibv_reg_mr"), std::string::npos) << none.status().ToString();
+}
+
+TEST(VerbsDomain, PagedWritesGoAsChainsOfWorkRequests) {
+  EngineOptions eo;
+  eo.fabric.provider = "verbs-native";
+  auto sender = TransferEngine::Create(eo).value();
+  auto receiver = TransferEngine::Create(eo).value();
+  std::vector<uint8_t> src(256 * 4096, 5), dst(256 * 4096, 0);
+  auto smr = sender->RegisterMemory(src.data(), src.size()).value();
+  auto dmr = receiver->RegisterMemory(dst.data(), dst.size()).value();
+  auto remote = sender->Import(receiver->Describe(*dmr)).value();
+  PagedWrite w;
+  w.src = smr;
+  w.dst = remote;
+  w.page_length = 4096;
+  w.src_stride = w.dst_stride = 4096;
+  for (uint32_t i = 0; i < 256; ++i) {
+    w.src_pages.push_back(i);
+    w.dst_pages.push_back(255 - i);
+  }
+  w.imm = 9;
+  CompletionCounter warm, done;  // the first request also connects
+  ASSERT_TRUE(sender->Submit(SingleWrite{smr, 0, 8, remote, 0, 8}, {.counter = &warm}).ok());
+  ASSERT_TRUE(warm.WaitFinished(1, 10s));
+  const uint64_t calls = softrc::PostSendCalls(), wrs = softrc::PostedSendWrs();
+  ASSERT_TRUE(sender->Submit(w, {.counter = &done}).ok());
+  ASSERT_TRUE(done.WaitFinished(1, 10s));
+  ASSERT_EQ(done.failed(), 0u);
+  ASSERT_TRUE(receiver->WaitImm(9, 256, 10s).ok());
+  EXPECT_EQ(dst, src);
+  const uint64_t c = softrc::PostSendCalls() - calls, n = softrc::PostedSendWrs() - wrs;
+  EXPECT_EQ(n, 256u);
+  EXPECT_LE(c * 4, n) << c << " ibv_post_send calls for " << n << " work requests";
 }
 
 TEST(VerbsDomain, ControlMessagesAndBadAddresses) {

@@ -466,9 +466,12 @@ int PollCq(ibv_cq* cq, int n, ibv_wc* wc) {
   return i;
 }
 
+std::atomic<uint64_t> g_post_send_calls{0}, g_posted_send_wrs{0};
+
 int PostSend(ibv_qp* qp, ibv_send_wr* wr, ibv_send_wr** bad) {
   std::lock_guard<std::mutex> lock(F().mu);
   SoftQp* q = reinterpret_cast<SoftQp*>(qp);
+  ++g_post_send_calls;
   for (; wr; wr = wr->next) {
     if (q->qp.state != IBV_QPS_RTS && q->qp.state != IBV_QPS_ERR) {
       *bad = wr;
@@ -491,6 +494,7 @@ int PostSend(ibv_qp* qp, ibv_send_wr* wr, ibv_send_wr** bad) {
       }
     }
     ++q->sq_used;
+    ++g_posted_send_wrs;
     q->sq.push_back(std::move(w));
     if (q->qp.state == IBV_QPS_ERR) FlushLocked(q);  // completes in error at once
   }
@@ -766,9 +770,7 @@ int ibv_destroy_ah(ibv_ah* ah) {
 // ---- Test hooks (tests/soft_rc/soft_rc.h) ----
 
 namespace softrc {
-// Completions waiting in a CQ (tests check interleaving and overflow).
-size_t PendingCompletions(ibv_cq* cq) {
-  std::lock_guard<std::mutex> lock(F().mu);
-  return reinterpret_cast<SoftCq*>(cq)->entries.size();
-}
+// ibv_post_send calls, and the work requests they carried (chains).
+uint64_t PostSendCalls() { return g_post_send_calls.load(); }
+uint64_t PostedSendWrs() { return g_posted_send_wrs.load(); }
 }  // namespace softrc
