@@ -200,7 +200,8 @@ class VerbsDomain final : public Domain {
   std::map<std::string, PeerAddr> by_address_;  // by address bytes
   std::map<ibv_qp*, uint32_t> qp_outstanding_;  // work posted on each QP, retired ones included
   std::vector<ibv_qp*> retired_;                // in error: destroyed once their work is back
-  std::vector<OpCtx*> ctx_pool_;
+  std::vector<std::unique_ptr<OpCtx>> all_ctx_;
+  std::vector<OpCtx*> ctx_pool_;  // free ones
   std::vector<ibv_send_wr> chain_wr_;  // scratch of PostWrites
   std::vector<ibv_sge> chain_sge_;
 };
@@ -218,7 +219,6 @@ VerbsDomain::~VerbsDomain() {
     if (s->mr) ibv_dereg_mr(s->mr);
   if (pd_) ibv_dealloc_pd(pd_);
   if (ctx_) ibv_close_device(ctx_);
-  for (OpCtx* c : ctx_pool_) delete c;
 }
 
 Status VerbsDomain::Open() {
@@ -345,7 +345,10 @@ Status VerbsDomain::Open() {
 OpCtx* VerbsDomain::NewCtx(OpKind kind, void* user, PeerAddr peer, ibv_qp* qp, int buffer) {
   OpCtx* c;
   if (ctx_pool_.empty()) {
-    c = new OpCtx;
+    // Owned by all_ctx_: contexts of receives still posted when the domain
+    // closes never come back through the CQ.
+    all_ctx_.push_back(std::make_unique<OpCtx>());
+    c = all_ctx_.back().get();
   } else {
     c = ctx_pool_.back();
     ctx_pool_.pop_back();

@@ -310,6 +310,10 @@ struct DomainPair {
     src_reg = a->Register(src.data(), src.size(), {}).value();
     dst_reg = b->Register(dst.data(), dst.size(), {}).value();
   }
+  ~DomainPair() {
+    if (a) (void)a->Deregister(src_reg);
+    if (b) (void)b->Deregister(dst_reg);
+  }
   void PollBoth() {
     a->Poll(ea, 64);
     b->Poll(eb, 64);
@@ -425,6 +429,7 @@ TEST(VerbsDomain, AVanishedPeerIsATransportRetryError) {
   int first = 0, second = 0;
   ASSERT_TRUE(p.Post(p.Op(0, 64, 1, &first)).ok());
   ASSERT_TRUE(p.PollUntil([&] { return p.ea.done.size() == 1; }));
+  ASSERT_TRUE(p.b->Deregister(p.dst_reg).ok());
   p.b.reset();  // its QPs are gone: nothing answers any more
   ASSERT_TRUE(p.a->PostWrite(p.Op(0, 64, 2, &second)).ok());
   for (int i = 0; i < 40000 && p.ea.errors.empty(); ++i) {
