@@ -24,6 +24,12 @@ enum class StatusCode {
   kIoError,           // the NIC or provider reported a failure
   kUnimplemented,     // the provider or build lacks the capability
   kInternal,          // an invariant of this library broke: a bug
+  // A request was withdrawn before any of its operations was posted:
+  // nothing of it reached the peer, so it is safe to submit again.
+  kNotPosted,
+  // A bound on queued work was reached; nothing was accepted. Submit again
+  // once earlier requests finish.
+  kResourceExhausted,
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -60,6 +66,8 @@ inline Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::mo
 inline Status IoError(std::string m) { return {StatusCode::kIoError, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {StatusCode::kUnimplemented, std::move(m)}; }
 inline Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+inline Status NotPosted(std::string m) { return {StatusCode::kNotPosted, std::move(m)}; }
+inline Status ResourceExhausted(std::string m) { return {StatusCode::kResourceExhausted, std::move(m)}; }
 
 // Either a value or a non-OK Status.
 template <typename T>

@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "base/checked_math.h"
+
 namespace te::kvcache {
 
 namespace {
@@ -27,6 +29,13 @@ Status KvLayout::Validate() const {
   if (!mla && kv_heads % tp != 0)
     return InvalidArgument("KvLayout: kv_heads " + S(kv_heads) + " does not divide by tp " + S(tp) +
                            "; every rank must hold the same number of heads");
+  // Sizes are products of peer-supplied fields: check the product before
+  // any accessor computes it in 64 bits (it could wrap to 0).
+  auto region = CheckedProduct("KvLayout region (layers x tensors x pages x page_tokens x local_heads x "
+                               "head_dim x dtype_bytes)",
+                               {layers, tensors(), pages, page_tokens, local_heads(), head_dim, dtype_bytes},
+                               kMaxRegionBytes);
+  if (!region.ok()) return region.status();
   // Transfers address the region in units of one head (PagedWrite indices
   // are 32-bit), which bounds the region.
   if (region_bytes() / head_bytes() >= (uint64_t(1) << 32))

@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "base/checked_math.h"
+
 namespace te::kvcache {
 
 namespace {
@@ -65,9 +67,13 @@ Result<KvMessage> KvMessage::Decode(std::span<const uint8_t> data) {
     if (!in) return InvalidArgument("KV PULL header is malformed");
     TE_ASSIGN_OR_RETURN(m.layout, KvLayout::Parse(layouts[0]));
     TE_ASSIGN_OR_RETURN(m.source_layout, KvLayout::Parse(layouts[1]));
-    if (data.size() - nl - 1 != n * 4)
+    // n comes from the peer: n * 4 must not wrap (2^62 pages would pass a
+    // wrapped check and then fail the allocation).
+    const uint64_t carried = data.size() - nl - 1;
+    uint64_t announced = 0;
+    if (!CheckedMul(n, 4, &announced) || announced != carried)
       return InvalidArgument("KV PULL announces " + std::to_string(n) + " pages but carries " +
-                             std::to_string(data.size() - nl - 1) + " bytes of them");
+                             std::to_string(carried) + " bytes of them (4 per page)");
     m.pages.resize(n);
     const uint8_t* p = data.data() + nl + 1;
     for (uint64_t i = 0; i < n; ++i)

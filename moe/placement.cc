@@ -5,7 +5,15 @@
 #include <queue>
 #include <random>
 
+#include "base/checked_math.h"
+
 namespace te::moe {
+
+Status ExpertAffinity::CheckSize(uint32_t layers, uint32_t experts) {
+  auto bytes = CheckedProduct("affinity tables ((layers - 1) x experts x experts x 4 bytes)",
+                              {layers > 0 ? layers - 1 : 0u, experts, experts, sizeof(uint32_t)}, kMaxTableBytes);
+  return bytes.ok() ? Status::Ok() : bytes.status();
+}
 
 ExpertAffinity ExpertAffinity::FromTrace(const RoutingTrace& t) {
   ExpertAffinity a;

@@ -23,6 +23,11 @@ struct ExpertAffinity {
   std::vector<std::vector<uint32_t>> pair;   // layers - 1 entries
   std::vector<std::vector<uint64_t>> load;   // layers entries
 
+  // The tables are dense: (layers - 1) x experts^2 counters. A trace may
+  // declare up to 32767 experts, which would need gigabytes per layer, so
+  // callers check the size first; FromTrace on a refused shape is a bug.
+  static constexpr uint64_t kMaxTableBytes = uint64_t(1) << 30;
+  static Status CheckSize(uint32_t layers, uint32_t experts);
   static ExpertAffinity FromTrace(const RoutingTrace& trace);
   // P(j at l+1 | i at l); 0 when i never appears at layer l.
   double Conditional(uint32_t layer, uint32_t i, uint32_t j) const;

@@ -100,12 +100,17 @@ class Domain {
   // Resolves a peer's address bytes (from its address()). Idempotent: the
   // same bytes give the same PeerAddr.
   virtual Result<PeerAddr> AddPeer(std::span<const uint8_t> address) = 0;
+  // Forgets a peer AddPeer resolved, freeing its slot in the provider's
+  // peer table. The caller guarantees nothing is queued or posted to it.
+  // Domains without a bounded table may keep the entry.
+  virtual Status RemovePeer(PeerAddr peer) { return Status::Ok(); }
 
   virtual Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) = 0;
   virtual Status Deregister(const LocalRegistration& reg) = 0;
 
   // Posts one write. kUnavailable means the send queue is full right now
-  // (back-pressure): poll and post again; nothing was posted.
+  // (back-pressure): poll and post again; nothing was posted. kNotPosted
+  // means the peer is known dead: nothing was posted, and nothing will be.
   virtual Status PostWrite(const WriteOp& op) = 0;
 
   // Posts `ops` in order; *posted says how many went (always a prefix).

@@ -1,7 +1,9 @@
 #include "telemetry/append_list.h"
 
+
 #include <cstring>
 
+#include "base/checked_math.h"
 #include "base/crc32c.h"
 
 namespace te::telemetry {
@@ -23,6 +25,10 @@ Status ListGeometry::Validate() const {
   if (record_bytes == 0 || record_bytes > 65536)
     return InvalidArgument("record_bytes = " + std::to_string(record_bytes) +
                            "; valid range is 1..65536");
+  // The counts come from a file or a peer: the region size must not wrap.
+  auto bytes = CheckedProduct("append lists region (lists x rings x records x slot bytes)",
+                              {lists, rings, ring_records, record_slot_bytes()}, kMaxRegionBytes);
+  if (!bytes.ok()) return bytes.status();
   return Status::Ok();
 }
 

@@ -1,9 +1,11 @@
 #include "telemetry/key_write_store.h"
 
+
 #include <cmath>
 #include <cstring>
 #include <map>
 
+#include "base/checked_math.h"
 #include "base/crc32c.h"
 
 namespace te::telemetry {
@@ -44,6 +46,9 @@ Status StoreGeometry::Validate() const {
   if (value_bytes == 0 || value_bytes > 4096)
     return InvalidArgument("value_bytes = " + std::to_string(value_bytes) +
                            "; valid range is 1..4096");
+  // slots comes from a file or a peer: the region size must not wrap.
+  auto bytes = CheckedProduct("store region (slots x slot bytes)", {slots, slot_bytes()}, kMaxRegionBytes);
+  if (!bytes.ok()) return bytes.status();
   return Status::Ok();
 }
 

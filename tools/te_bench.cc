@@ -11,10 +11,12 @@
 // written, and the listener's CRC-32C must equal the one computed locally.
 #include <gflags/gflags.h>
 #include <glog/logging.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -82,8 +84,11 @@ uint64_t ParseSize(const std::string& s) {
       default: Die("bad size '" + s + "': use a number with optional K, M or G");
     }
   }
-  if (v <= 0) Die("bad size '" + s + "': must be positive");
-  return uint64_t(v * mult);
+  // Checked before the conversion: 99999999999G must not wrap to 0 B.
+  constexpr uint64_t kMaxSize = uint64_t(16) << 30;
+  if (!(v * double(mult) >= 1)) Die("bad size '" + s + "': must be at least 1 byte");
+  if (v * double(mult) > double(kMaxSize)) Die("bad size '" + s + "': at most 16G");
+  return uint64_t(v * double(mult));
 }
 
 std::vector<std::string> Split(const std::string& s, char sep) {
@@ -662,6 +667,9 @@ int RunLoopback(const char* argv0) {
   if (child < 0) Die("fork failed");
   if (child == 0) {
     close(fds[0]);
+    // The listener never outlives the initiator, whatever ends it.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() == 1) _exit(1);
     _exit(RunListener(fds[1]));
   }
   close(fds[1]);
@@ -695,9 +703,26 @@ int main(int argc, char** argv) {
   google::InitGoogleLogging(argv[0]);
   const int modes = int(FLAGS_listen) + int(FLAGS_loopback) + int(!FLAGS_connect.empty());
   if (modes != 1) Die("choose exactly one of --listen, --connect <hex>, --loopback");
+  // Every flag is checked here, before --loopback forks a listener, so a bad
+  // flag never leaves a process behind.
   if (FLAGS_window < 1) Die("--window must be at least 1");
   if (FLAGS_pages_per_request < 1 || size_t(FLAGS_pages_per_request) > kPagesInRegion)
     Die("--pages_per_request must be in 1.." + std::to_string(kPagesInRegion));
+  if (FLAGS_iters < 0) Die("--iters is " + std::to_string(FLAGS_iters) + "; use 0 (automatic) or a positive count");
+  if (FLAGS_bytes_per_case < 1) Die("--bytes_per_case must be positive");
+  if (FLAGS_rtt_iters < 1) Die("--rtt_iters must be at least 1");
+  if (FLAGS_warmup < 0) Die("--warmup must not be negative");
+  if (FLAGS_repeat < 1) Die("--repeat must be at least 1");
+  if (FLAGS_timeout_ms < 1) Die("--timeout_ms must be at least 1");
+  if (FLAGS_domains < 1 || FLAGS_domains > 64) Die("--domains must be in 1..64");
+  if (FLAGS_progress != "thread" && FLAGS_progress != "manual")
+    Die("--progress is '" + FLAGS_progress + "'; valid: thread, manual");
+  for (const auto& k : Split(FLAGS_cases, ','))
+    if (k != "single" && k != "paged" && k != "imm") Die("--cases names '" + k + "'; valid: single, paged, imm");
+  if (Split(FLAGS_cases, ',').empty()) Die("--cases selects nothing; use single, paged and/or imm");
+  for (const auto& s : Split(FLAGS_sizes, ',')) ParseSize(s);
+  for (const auto& s : Split(FLAGS_page_sizes, ',')) ParseSize(s);
+  (void)RegionBytes();
   if (FLAGS_listen) return RunListener(STDOUT_FILENO);
   if (FLAGS_loopback) return RunLoopback(argv[0]);
   return RunInitiator(FLAGS_connect);

@@ -72,6 +72,7 @@ int Place() {
   }
   const auto& judged = FLAGS_eval_trace.empty() ? t : eval_trace;
   if (auto st = te::moe::CheckShape(t.experts, FLAGS_ranks, FLAGS_nodes); !st.ok()) Die(st.ToString());
+  if (auto st = te::moe::ExpertAffinity::CheckSize(t.layers, t.experts); !st.ok()) Die(st.ToString());
   const auto t0 = std::chrono::steady_clock::now();
   const auto affinity = te::moe::ExpertAffinity::FromTrace(t);
   te::moe::PlacementOptions po;

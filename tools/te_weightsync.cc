@@ -114,9 +114,24 @@ int Serve() {
   const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
   if (rank < 0 || rank >= ranks) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --ranks)");
   const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
+  // Everything that can fail without side effects goes first: no exception
+  // escapes, and a failed start leaves no weights file behind.
+  std::error_code ec;
+  std::filesystem::create_directories(FLAGS_rendezvous, ec);
+  if (ec || access(FLAGS_rendezvous.c_str(), W_OK) != 0)
+    Die(kTool, "--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" +
+                   (ec ? " (" + ec.message() + ")" : ""));
   unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
-  auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
   auto engine = Engine();
+  auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
+  auto must = [&](auto result, const char* step) {
+    if (!result.ok()) {
+      memory.reset();
+      unlink(shm.c_str());
+      Die(kTool, std::string(step) + ": " + result.status().ToString());
+    }
+    return std::move(result).value();
+  };
   ReceiverOptions ro;
   ro.timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
   const auto started = std::chrono::steady_clock::now();
@@ -146,8 +161,7 @@ int Serve() {
              s.ToString().c_str(), (unsigned long)memory->published());
     fflush(stdout);
   };
-  auto receiver = Must(kTool, WeightReceiver::Create(engine.get(), dst, rank, sources, memory.get(), ro), "receiver");
-  std::filesystem::create_directories(FLAGS_rendezvous);
+  auto receiver = must(WeightReceiver::Create(engine.get(), dst, rank, sources, memory.get(), ro), "receiver");
   WriteAtomically(ReceiverFile(rank), receiver->Info() + "\n" + shm + "\n");
   if (!FLAGS_json)
     printf("receiver %d of %d: %s of %s, %.1f MiB per slot in %s; waiting for %d source(s)\n", rank, ranks,
@@ -217,10 +231,12 @@ int Push() {
 
 int StatusCmd() {
   std::vector<std::string> files;
-  if (std::filesystem::exists(FLAGS_rendezvous))
-    for (const auto& e : std::filesystem::directory_iterator(FLAGS_rendezvous))
-      if (e.path().filename().string().rfind("receiver-", 0) == 0 && e.path().extension() != ".tmp")
-        files.push_back(e.path().string());
+  std::error_code ec;  // the non-throwing forms: an unreadable directory is an error, not an abort
+  for (std::filesystem::directory_iterator it(FLAGS_rendezvous, ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().filename().string().rfind("receiver-", 0) == 0 && it->path().extension() != ".tmp")
+      files.push_back(it->path().string());
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    Die(kTool, "cannot read --rendezvous=" + FLAGS_rendezvous + ": " + ec.message());
   std::sort(files.begin(), files.end());
   if (files.empty()) {
     printf("no receivers in %s\n", FLAGS_rendezvous.c_str());

@@ -76,7 +76,7 @@ DomainGroup::~DomainGroup() {
   // The worker is gone: this thread owns the request state now. Everything
   // still queued or in flight fails with kCancelled, exactly once.
   while (MpscNode* n = submissions_.Pop()) Accept(static_cast<RequestState*>(n));
-  for (RequestList* list : {&live_, &zombies_}) {
+  for (RequestList* list : {&queued_, &live_, &zombies_}) {
     while (RequestState* r = list->head) {
       if (!r->failed) Fail(r, Cancelled("engine shut down with the request in flight"));
       r->list->Remove(r);  // Fail may have moved it to the zombie list
@@ -85,6 +85,18 @@ DomainGroup::~DomainGroup() {
   }
   FlushReady();
   callbacks_.Shutdown();
+}
+
+Status DomainGroup::Admit(size_t operations) {
+  const size_t limit = options_.max_queued_operations;
+  size_t cur = admitted_ops_.load(std::memory_order_relaxed);
+  do {
+    if (operations > limit || cur > limit - operations)
+      return ResourceExhausted("request of " + std::to_string(operations) + " operations refused: " +
+                               std::to_string(cur) + " are queued or in flight and max_queued_operations is " +
+                               std::to_string(limit) + "; submit again as earlier requests finish");
+  } while (!admitted_ops_.compare_exchange_weak(cur, cur + operations, std::memory_order_relaxed));
+  return Status::Ok();
 }
 
 void DomainGroup::Enqueue(RequestState* request) {
@@ -136,6 +148,7 @@ bool DomainGroup::Progress() {
 
 bool DomainGroup::ProgressOnce() {
   bool active = false;
+  now_ = Clock::now();
   for (int i = 0; i < kIntakeBatch; ++i) {
     MpscNode* n = submissions_.Pop();
     if (!n) break;
@@ -151,7 +164,7 @@ bool DomainGroup::ProgressOnce() {
     imm_counter_.Add(imm_batch_, &ready_);
     imm_batch_.clear();
   }
-  const auto now = Clock::now();
+  const auto now = now_;
   if (now >= next_timeout_check_) {
     CheckTimeouts(now);
     next_timeout_check_ = now + kTimeoutCheckInterval;
@@ -170,7 +183,7 @@ void DomainGroup::FlushReady() {
 
 void DomainGroup::Accept(RequestState* r) {
   r->outstanding = static_cast<uint32_t>(r->works.size());
-  live_.PushBack(r);
+  queued_.PushBack(r);
   for (Work& w : r->works) (w.is_send ? pending_messages_ : pending_)[w.domain].push_back(&w);
 }
 
@@ -245,6 +258,14 @@ bool DomainGroup::PostQueue(size_t d, std::deque<Work*>& queue) {
 
 void DomainGroup::Posted(size_t d, Work* w) {
   ++inflight_[d];
+  RequestState* r = w->req;
+  if (r->posted++ == 0 && r->list == &queued_) {
+    // The in-flight clock starts now: time spent queued behind
+    // back-pressure does not count against a healthy peer.
+    queued_.Remove(r);
+    r->deadline = now_ + options_.request_timeout;
+    live_.PushBack(r);
+  }
   PeerStats& ps = peer_stats_[w->peer_id];
   ps.writes_posted += !w->is_send;
   ps.bytes_written += w->is_send ? 0 : w->op.length;
@@ -281,7 +302,14 @@ void DomainGroup::CompleteWork(Work* w, const Status& status) {
   if (--r->outstanding == 0) Finish(r);
 }
 
-void DomainGroup::Fail(RequestState* r, const Status& status) {
+void DomainGroup::Fail(RequestState* r, const Status& given) {
+  // "Never posted" is a promise about the whole request: once any of its
+  // operations went out, the outcome is unknown.
+  const Status status = given.code() == StatusCode::kNotPosted && r->posted > 0
+                            ? IoError(given.message() + "; " + std::to_string(r->posted) + " of the request's " +
+                                      std::to_string(r->works.size()) +
+                                      " operations were already posted: outcome unknown")
+                            : given;
   r->failed = true;
   stats_.failed.fetch_add(1, std::memory_order_relaxed);
   if (r->completion.counter) r->completion.counter->MarkFailed(status);
@@ -289,8 +317,8 @@ void DomainGroup::Fail(RequestState* r, const Status& status) {
     ready_.push_back([cb = std::move(r->completion.on_error), status] { cb(status); });
   }
   r->completion.on_done = nullptr;
-  if (r->list == &live_) {
-    live_.Remove(r);
+  if (r->list == &live_ || r->list == &queued_) {
+    r->list->Remove(r);
     zombies_.PushBack(r);
   }
 }
@@ -306,17 +334,27 @@ void DomainGroup::Finish(RequestState* r) {
     if (r->completion.on_done) ready_.push_back(std::move(r->completion.on_done));
   }
   if (r->list) r->list->Remove(r);
+  admitted_ops_.fetch_sub(r->works.size(), std::memory_order_relaxed);
   delete r;
 }
 
 void DomainGroup::CheckTimeouts(Clock::time_point now) {
-  // Deadlines grow in submission order, so only the head can be due.
+  // Each list is in deadline order, so only its head can be due.
+  const auto ms = std::to_string(options_.request_timeout.count());
+  while (RequestState* r = queued_.head) {
+    if (r->deadline > now) break;
+    // Its works are still in the pending queues; PostQueue drops works of a
+    // failed request instead of posting them.
+    Fail(r, NotPosted("request withdrawn after waiting " + ms + " ms in the queue: none of its " +
+                      std::to_string(r->works.size()) +
+                      " operations was posted, nothing reached the peer (safe to submit again)"));
+  }
   while (RequestState* r = live_.head) {
     if (r->deadline > now) break;
-    const auto ms = options_.request_timeout.count();
-    Fail(r, Timeout("request not finished after " + std::to_string(ms) + " ms: " +
-                    std::to_string(r->outstanding) + " of " + std::to_string(r->works.size()) +
-                    " operations outstanding (peer unreachable or dead?)"));
+    Fail(r, Timeout("request not finished " + ms + " ms after its first operation was posted: " +
+                    std::to_string(r->posted) + " of " + std::to_string(r->works.size()) +
+                    " operations posted, " + std::to_string(r->outstanding) +
+                    " outstanding; outcome unknown (peer unreachable or dead?)"));
   }
 }
 

@@ -45,15 +45,19 @@ struct Work {
 struct RequestState : MpscNode {
   std::vector<Work> works;
   uint32_t outstanding = 0;        // works not yet back (queued or posted)
+  uint32_t posted = 0;             // works the domains accepted
   bool failed = false;             // on_error already reported
   Completion completion;
   std::chrono::steady_clock::time_point submitted;
+  // Until the first work is posted: submitted + request_timeout, after which
+  // the request is withdrawn (kNotPosted). From then on: first post +
+  // request_timeout, after which the outcome is unknown (kTimeout).
   std::chrono::steady_clock::time_point deadline;
   // Keep what the writes point at alive until they are back.
   LocalMr src;
   std::vector<RemoteMr> dsts;
   PeerRef peer;
-  // Intrusive list links (live or zombie list), worker only.
+  // Intrusive list links (queued, live or zombie list), worker only.
   RequestState* prev = nullptr;
   RequestState* next = nullptr;
   struct RequestList* list = nullptr;
@@ -75,7 +79,11 @@ class DomainGroup final : private nic::CompletionHandler {
 
   const std::vector<std::shared_ptr<nic::Domain>>& domains() const { return domains_; }
 
-  // Hands a fully planned request to the worker.
+  // Reserves room for `operations` more queued or in-flight operations;
+  // kResourceExhausted when EngineOptions::max_queued_operations would be
+  // exceeded. Every reservation is released when its request finishes.
+  Status Admit(size_t operations);
+  // Hands a fully planned (and admitted) request to the worker.
   void Enqueue(RequestState* request);
 
   ImmCounter& imm_counter() { return imm_counter_; }
@@ -131,8 +139,13 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<std::deque<Work*>> pending_;           // writes, per domain
   std::vector<std::deque<Work*>> pending_messages_;  // control messages, posted first
   std::vector<size_t> inflight_;
-  RequestList live_;     // in submission order = deadline order
+  // Every list is in deadline order: queued_ by submission, live_ by first
+  // post, and deadlines add the same timeout to both.
+  RequestList queued_;   // accepted, nothing posted yet
+  RequestList live_;     // at least one work posted
   RequestList zombies_;  // failed, waiting for posted writes to come back
+  std::chrono::steady_clock::time_point now_;  // as of this progress pass
+  std::atomic<size_t> admitted_ops_{0};
   std::vector<uint32_t> imm_batch_;
   std::vector<ImmCounter::Callback> ready_;
   std::chrono::steady_clock::time_point next_timeout_check_;

@@ -43,9 +43,19 @@ struct EngineOptions {
   // Pin the worker thread to this CPU (kThread mode).
   std::optional<int> worker_cpu;
 
-  // A request not finished after this long fails with kTimeout: a dead peer
-  // or NIC turns into errors, never a hang.
+  // The clock of a request, in two parts:
+  //  - queued: a request none of whose operations could be posted this long
+  //    after Submit (back-pressure, a peer that never accepts) is withdrawn
+  //    with kNotPosted: nothing reached the peer, submitting again is safe;
+  //  - in flight: a request not finished this long after its first
+  //    operation was posted fails with kTimeout: outcome unknown (its data
+  //    and immediate may or may not have landed).
+  // A dead peer or NIC turns into errors, never a hang.
   std::chrono::milliseconds request_timeout{10000};
+  // Operations (writes and messages) accepted but not finished, over all
+  // requests. Submit and Send beyond it return kResourceExhausted and accept
+  // nothing; each queued operation costs about 300 bytes.
+  size_t max_queued_operations = size_t(1) << 18;
   // Operations outstanding per domain; 0 means the provider's send queue
   // depth, capped at 1024. Work beyond it waits in order, never dropped.
   size_t max_inflight_per_domain = 0;

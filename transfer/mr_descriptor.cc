@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "base/checked_math.h"
 #include "base/crc32c.h"
 
 namespace te {
@@ -223,11 +224,24 @@ Result<MrDescriptor> MrDescriptor::Deserialize(std::span<const uint8_t> bytes) {
     if (!r.U64(&k.rkey) || !r.U64(&k.remote_base))
       return InvalidArgument("memory descriptor truncated in its keys");
   TE_RETURN_IF_ERROR(ExpectOnlyCrcLeft(r, "memory descriptor"));
-  if (d.length == 0) return InvalidArgument("memory descriptor has length 0");
-  for (const auto& k : d.keys)
-    if (k.remote_base + d.length < k.remote_base)
-      return InvalidArgument("memory descriptor base + length overflows 64 bits");
+  TE_RETURN_IF_ERROR(d.Validate());
   return d;
+}
+
+Status MrDescriptor::Validate() const {
+  TE_RETURN_IF_ERROR(owner.Validate().WithContext("memory descriptor owner"));
+  if (keys.size() != owner.domains.size())
+    return InvalidArgument("memory descriptor has " + std::to_string(keys.size()) + " keys for " +
+                           std::to_string(owner.domains.size()) + " owner domains; one per domain expected");
+  if (length == 0) return InvalidArgument("memory descriptor has length 0");
+  for (size_t i = 0; i < keys.size(); ++i) {
+    uint64_t end;
+    if (!CheckedAdd(keys[i].remote_base, length, &end))
+      return InvalidArgument("memory descriptor key " + std::to_string(i) + ": base " +
+                             std::to_string(keys[i].remote_base) + " + length " + std::to_string(length) +
+                             " overflows 64 bits");
+  }
+  return Status::Ok();
 }
 
 Result<MrDescriptor> MrDescriptor::FromHex(const std::string& hex) {

@@ -47,6 +47,11 @@ struct MrDescriptor {
   std::vector<DomainKey> keys;  // one per owner domain
   uint64_t length = 0;          // writable bytes: offsets [0, length)
 
+  // What Deserialize checks beyond the encoding, for descriptors built in
+  // memory: a valid owner address, one key per owner domain, length > 0,
+  // and base + length within 64 bits for every key.
+  Status Validate() const;
+
   std::vector<uint8_t> Serialize() const;
   std::string ToHex() const;
   static Result<MrDescriptor> Deserialize(std::span<const uint8_t> bytes);

@@ -80,6 +80,8 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
                            " names for " + std::to_string(options.domains) + " domains");
   if (options.request_timeout.count() <= 0)
     return InvalidArgument("request_timeout must be positive");
+  if (options.max_queued_operations == 0)
+    return InvalidArgument("max_queued_operations must be at least 1");
 
   std::vector<std::shared_ptr<nic::Domain>> domains;
   EngineAddress address;
@@ -159,24 +161,59 @@ Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
   PeerCache& cache = *peer_cache_;
   std::lock_guard<std::mutex> lock(cache.mu);
   if (auto it = cache.peers.find(key); it != cache.peers.end()) return it->second;
-  std::vector<nic::PeerAddr> via;
   const auto& domains = group_->domains();
-  for (size_t d = 0; d < domains.size(); ++d) {
-    auto p = domains[d]->AddPeer(address.domains[d % address.domains.size()]);
-    if (!p.ok()) return p.status().WithContext("resolving peer on domain " + std::to_string(d));
-    via.push_back(p.value());
+  // Resolves on every domain, or on none.
+  auto resolve = [&]() -> Result<std::vector<nic::PeerAddr>> {
+    std::vector<nic::PeerAddr> via;
+    for (size_t d = 0; d < domains.size(); ++d) {
+      auto p = domains[d]->AddPeer(address.domains[d % address.domains.size()]);
+      if (!p.ok()) {
+        for (size_t j = 0; j < via.size(); ++j) (void)domains[j]->RemovePeer(via[j]);  // best effort
+        return p.status().WithContext("resolving peer on domain " + std::to_string(d));
+      }
+      via.push_back(p.value());
+    }
+    return via;
+  };
+  auto via = resolve();
+  if (!via.ok() && via.status().code() == StatusCode::kResourceExhausted) {
+    // A provider's peer table is bounded (shm: 256). Peers nobody holds any
+    // more (no descriptor, request or PeerRef outside this cache) are
+    // forgotten to make room: a process that met many short-lived peers, or
+    // was sent many addresses, does not run out.
+    const size_t evicted = EvictUnusedPeersLocked();
+    if (evicted > 0) via = resolve();
+    if (!via.ok())
+      return via.status().WithContext(std::to_string(cache.peers.size()) + " peers in use, " +
+                                      std::to_string(evicted) + " unused ones evicted");
   }
-  auto peer = std::make_shared<const Peer>(address, std::move(via), this);
+  if (!via.ok()) return via.status();
+  auto peer = std::make_shared<const Peer>(address, std::move(via).value(), this);
   cache.peers.emplace(std::move(key), peer);
   return PeerRef(peer);
 }
 
+size_t TransferEngine::EvictUnusedPeersLocked() {
+  const auto& domains = group_->domains();
+  size_t evicted = 0;
+  for (auto it = peer_cache_->peers.begin(); it != peer_cache_->peers.end();) {
+    // Only the cache holds it: nothing queued or in flight names it, and
+    // nobody can submit to it without connecting again.
+    if (it->second.use_count() == 1) {
+      for (size_t d = 0; d < domains.size(); ++d) (void)domains[d]->RemovePeer(it->second->via(d));
+      it = peer_cache_->peers.erase(it);
+      ++evicted;
+    } else {
+      ++it;
+    }
+  }
+  return evicted;
+}
+
 Result<RemoteMr> TransferEngine::Import(const MrDescriptor& descriptor) {
-  if (descriptor.keys.size() != descriptor.owner.domains.size())
-    return InvalidArgument("descriptor has " + std::to_string(descriptor.keys.size()) +
-                           " keys for " + std::to_string(descriptor.owner.domains.size()) +
-                           " domains");
-  if (descriptor.length == 0) return InvalidArgument("descriptor has length 0");
+  // The same checks as MrDescriptor::Deserialize: a descriptor built in
+  // memory is as untrusted as one read off the wire.
+  TE_RETURN_IF_ERROR(descriptor.Validate().WithContext("Import"));
   TE_ASSIGN_OR_RETURN(PeerRef peer, Connect(descriptor.owner));
   return RemoteMr(std::make_shared<const RemoteRegion>(descriptor, std::move(peer)));
 }
@@ -206,6 +243,22 @@ std::vector<RemoteMr> DestinationsOf(const Request& request) {
   return out;
 }
 
+// A RemoteRegion can be built by hand (its constructor is public): only one
+// this engine imported is safe to post to.
+Status CheckDestination(const RemoteMr& dst, const TransferEngine* engine) {
+  if (!dst) return InvalidArgument("request names a null destination region");
+  if (!dst->peer()) return InvalidArgument("destination region has no peer; Import() its descriptor");
+  if (dst->peer()->resolver() != engine)
+    return InvalidArgument("destination region was imported by another engine (or built by hand); "
+                           "Import() its descriptor on this one");
+  TE_RETURN_IF_ERROR(dst->descriptor().Validate().WithContext("destination region"));
+  if (dst->descriptor().keys.size() != dst->peer()->remote_domains())
+    return InvalidArgument("destination region has " + std::to_string(dst->descriptor().keys.size()) +
+                           " keys for a peer of " + std::to_string(dst->peer()->remote_domains()) +
+                           " domains; Import() its descriptor");
+  return Status::Ok();
+}
+
 const LocalMr* SourceOf(const Request& request) {
   if (auto* r = std::get_if<SingleWrite>(&request)) return &r->src;
   if (auto* r = std::get_if<PagedWrite>(&request)) return &r->src;
@@ -231,12 +284,10 @@ Status TransferEngine::Submit(Request request, Completion completion) {
   }
   r->works.resize(writes.size());
   r->dsts = DestinationsOf(request);
+  for (const RemoteMr& dst : r->dsts) TE_RETURN_IF_ERROR(CheckDestination(dst, this));
   for (size_t i = 0; i < writes.size(); ++i) {
     const PlannedWrite& pw = writes[i];
     const Peer& peer = *pw.dst->peer();
-    if (peer.resolver() != this)
-      return InvalidArgument("destination region was imported by another engine; "
-                             "Import() its descriptor on this one");
     Work& w = r->works[i];
     w.req = r.get();
     w.domain = pw.domain;
@@ -253,6 +304,7 @@ Status TransferEngine::Submit(Request request, Completion completion) {
     w.op.has_imm = pw.has_imm;
     w.op.imm = pw.imm;
   }
+  TE_RETURN_IF_ERROR(group_->Admit(r->works.size()));
   r->completion = std::move(completion);
   r->submitted = std::chrono::steady_clock::now();
   r->deadline = r->submitted + options_.request_timeout;
@@ -323,6 +375,7 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data,
   std::memcpy(w.message.data() + 6, addr.data(), addr.size());
   if (!data.empty()) std::memcpy(w.message.data() + 6 + addr.size(), data.data(), data.size());
   r->peer = peer;
+  TE_RETURN_IF_ERROR(group_->Admit(1));
   r->completion = std::move(completion);
   r->submitted = std::chrono::steady_clock::now();
   r->deadline = r->submitted + options_.request_timeout;

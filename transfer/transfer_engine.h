@@ -20,8 +20,20 @@
 //    Submit with an error naming offset, length and region size.
 //  - Back-pressure never drops work: it waits in order and is posted as
 //    completions free slots.
-//  - A request not finished within EngineOptions::request_timeout fails with
-//    kTimeout (dead peer, dead NIC); nothing hangs.
+//  - Every error of a request says what the peer may have seen: kNotPosted
+//    means none of its operations was posted (withdrawn from the queue after
+//    request_timeout, or a peer known dead): safe to submit again. kTimeout
+//    (not finished request_timeout after its first post), kIoError and
+//    kCancelled (engine shut down) mean the outcome is unknown: some data and
+//    immediates may have landed. Nothing hangs: a dead peer or NIC turns
+//    into one of these within request_timeout.
+//  - A local completion (on_done) means the provider finished the write on
+//    this side. It is not proof of delivery: on some providers a write with a
+//    stale or wrong key completes locally and lands nowhere
+//    (docs/RELIABILITY.md). Receivers learn of data only by counting
+//    immediates, and the data planes never treat on_done as delivery.
+//  - Submit never queues without bound: beyond
+//    EngineOptions::max_queued_operations it returns kResourceExhausted.
 //  - No order between writes is assumed, on any provider.
 //
 // Threads: every method is safe to call from any thread. Callbacks run on
@@ -111,6 +123,9 @@ class TransferEngine {
 
   // ---- Peers ----
   // Resolves a peer engine (cached: the same address gives the same Peer).
+  // A provider's peer table may be bounded (shm: 256 peers): when it is
+  // full, peers no PeerRef, RemoteMr or request holds are forgotten to make
+  // room; kResourceExhausted when all of them are in use.
   Result<PeerRef> Connect(const EngineAddress& address);
   // Resolves a descriptor a peer sent; connects to its owner.
   Result<RemoteMr> Import(const MrDescriptor& descriptor);
@@ -155,6 +170,8 @@ class TransferEngine {
                  EngineAddress address);
 
   struct PeerCache;
+  // Forgets cached peers nobody else holds; the cache's lock is held.
+  size_t EvictUnusedPeersLocked();
 
   EngineOptions options_;
   std::unique_ptr<DomainGroup> group_;

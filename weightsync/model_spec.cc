@@ -5,6 +5,8 @@
 #include <set>
 #include <sstream>
 
+#include "base/checked_math.h"
+
 namespace te::weightsync {
 
 size_t DTypeBytes(DType d) {
@@ -50,6 +52,7 @@ uint64_t ModelSpec::bytes() const {
 Status ModelSpec::Validate() const {
   if (params.empty()) return InvalidArgument("model has no parameters");
   std::set<std::string> names;
+  uint64_t total = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const ParamSpec& p = params[i];
     if (p.name.empty()) return InvalidArgument("parameter " + std::to_string(i) + " has no name");
@@ -61,6 +64,16 @@ Status ModelSpec::Validate() const {
       if (p.shape[d] == 0 || p.shape[d] > (uint64_t(1) << 40))
         return InvalidArgument("parameter '" + p.name + "' dimension " + std::to_string(d) + " is " +
                                std::to_string(p.shape[d]) + ", outside [1, 2^40]");
+    // Shapes come from files: elements x dtype must not wrap, and neither
+    // may the model's total (a 1T-parameter fp32 model is 4 TiB).
+    uint64_t bytes = DTypeBytes(p.dtype);
+    for (uint64_t dim : p.shape)
+      if (!CheckedMul(bytes, dim, &bytes) || bytes > kMaxModelBytes)
+        return InvalidArgument("parameter '" + p.name + "' holds more than " + std::to_string(kMaxModelBytes) +
+                               " bytes (or its size overflows 64 bits)");
+    if (!CheckedAdd(total, bytes, &total) || total > kMaxModelBytes)
+      return InvalidArgument("model of more than " + std::to_string(kMaxModelBytes) + " bytes at parameter '" +
+                             p.name + "'; the limit is 16 TiB");
   }
   return Status::Ok();
 }

@@ -30,9 +30,13 @@ struct ParamSpec {
 struct ModelSpec {
   std::vector<ParamSpec> params;
   uint64_t bytes() const;
-  // Names unique and present, shapes of 1 to 8 positive dimensions.
+  // Names unique and present, shapes of 1 to 8 positive dimensions, every
+  // size and the total at most kMaxModelBytes.
   Status Validate() const;
 };
+
+// The largest model a spec may describe: 16 TiB.
+inline constexpr uint64_t kMaxModelBytes = uint64_t(1) << 44;
 
 Result<ModelSpec> ParseModelJson(const std::string& text);
 Result<ModelSpec> ReadModelJson(const std::string& path);

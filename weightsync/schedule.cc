@@ -38,6 +38,10 @@ Result<Schedule> Schedule::Build(const ShardLayout& src, const ShardLayout& dst,
   s.dst_ranks_ = dst.ranks();
   s.by_source_.resize(src.ranks());
   std::vector<uint64_t> load(src.ranks(), 0);
+  // Every piece of every row costs a step and possibly a Transfer (56 B):
+  // 2^26 of them is about a second and at most 3.5 GiB of plan.
+  constexpr uint64_t kMaxPieces = uint64_t(1) << 26;
+  uint64_t pieces = 0;
 
   for (size_t p = 0; p < model.params.size(); ++p) {
     const uint64_t es = DTypeBytes(model.params[p].dtype);
@@ -80,6 +84,12 @@ Result<Schedule> Schedule::Build(const ShardLayout& src, const ShardLayout& dst,
           const uint64_t so = Offset(S, sstride, c) * es, dof = Offset(D, dstride, c) * es;
           // Cut the segment into pieces of at most max_elems.
           for (uint64_t at = 0; at < seg; at += max_elems) {
+            // Layouts come from files and peers: a shape that shards into
+            // billions of tiny rows is refused, not walked for hours.
+            if (++pieces > kMaxPieces)
+              return InvalidArgument("schedule of parameter '" + model.params[p].name + "' needs more than " +
+                                     std::to_string(kMaxPieces) +
+                                     " contiguous pieces; the layouts cut it into rows too small to transfer");
             const uint64_t n = std::min(max_elems, seg - at) * es;
             const uint64_t piece_src = so + at * es, piece_dst = dst.ParamOffset(p, d) + dof + at * es;
             const bool extends = open && cur.dst_offset + cur.length == piece_dst && cur.src_piece == n &&

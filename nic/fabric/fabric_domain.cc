@@ -1,8 +1,17 @@
 #include "nic/fabric/fabric_domain.h"
 
+#include <poll.h>
+#include <sys/random.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <mutex>
+#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -38,6 +47,40 @@ struct BufferSlab {
   uint8_t* at(int i) { return bytes.data() + size_t(i) * buffer_size; }
 };
 
+// Unpredictable registration keys of the width the provider accepts
+// (mr_key_size bytes), never 0. Drawn from the kernel's CSPRNG once, then
+// from a generator seeded by it (registration is not a hot path, but a
+// system call per key is needless).
+class RandomKeys {
+ public:
+  RandomKeys() = default;
+  explicit RandomKeys(size_t key_bytes) {
+    mask_ = key_bytes >= 8 || key_bytes == 0 ? ~uint64_t(0) : (uint64_t(1) << (8 * key_bytes)) - 1;
+    uint64_t seed[2] = {0, 0};
+    if (getrandom(seed, sizeof(seed), 0) != ssize_t(sizeof(seed)))
+      seed[0] = uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) ^ uint64_t(getpid()) << 32;
+    std::lock_guard<std::mutex> lock(mu_);
+    rng_.seed(seed[0] ^ (seed[1] << 1));
+  }
+  RandomKeys& operator=(RandomKeys&& o) noexcept {
+    mask_ = o.mask_;
+    rng_ = o.rng_;
+    return *this;
+  }
+  uint64_t Next() {
+    std::lock_guard<std::mutex> lock(mu_);
+    uint64_t k;
+    do k = rng_() & mask_;
+    while (k == 0);
+    return k;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t mask_ = ~uint64_t(0);
+  std::mt19937_64 rng_;
+};
+
 class FabricDomain final : public Domain {
  public:
   explicit FabricDomain(std::unique_ptr<FabricResources> res, const FabricOptions& options)
@@ -51,6 +94,9 @@ class FabricDomain final : public Domain {
     }
     for (BufferSlab* s : {&recv_slab_, &send_slab_, &notify_slab_})
       if (s->mr) fi_close(&s->mr->fid);
+    if (peer_pidfd_)
+      for (size_t i = 0; i < kTrackedPeers; ++i)
+        if (int fd = peer_pidfd_[i].load(); fd >= 0) close(fd);
   }
 
   Status Init() {
@@ -64,6 +110,10 @@ class FabricDomain final : public Domain {
     info_.provider_keys = mode & FI_MR_PROV_KEY;
     info_.local_descriptors = mode & FI_MR_LOCAL;
     info_.hmem = res_->info->caps & FI_HMEM;
+    keys_ = RandomKeys(res_->info->domain_attr->mr_key_size);
+    is_shm_ = info_.provider == "shm";
+    peer_pidfd_ = std::make_unique<std::atomic<int>[]>(kTrackedPeers);
+    for (size_t i = 0; i < kTrackedPeers; ++i) peer_pidfd_[i].store(-1);
     if (options_.max_message_bytes == 0 || options_.recv_buffers == 0 ||
         options_.send_buffers == 0) {
       return InvalidArgument("recv_buffers, send_buffers and max_message_bytes must be > 0");
@@ -102,11 +152,49 @@ class FabricDomain final : public Domain {
     std::string key(reinterpret_cast<const char*>(address.data()), address.size());
     std::lock_guard<std::mutex> lock(av_mu_);
     if (auto it = peers_.find(key); it != peers_.end()) return it->second;
+    // shm: an engine's address names its process. A peer that is not
+    // running is refused here (a stale address), and a pidfd tells the
+    // worker, before every post, whether it still runs: libfabric's shm
+    // provider spins forever on the queue lock of a process that died
+    // holding it, so the only safe post to a dead peer is none.
+    int pidfd = -1;
+    if (is_shm_) {
+      if (auto pid = ShmOwnerPid(key)) {
+        pidfd = int(syscall(SYS_pidfd_open, *pid, 0));
+        if (pidfd < 0 && errno == ESRCH)
+          return NotFound("shm peer process " + std::to_string(*pid) + " is not running (stale address)");
+      }
+    }
     fi_addr_t addr = FI_ADDR_UNSPEC;
     int ret = fi_av_insert(res_->av, address.data(), 1, &addr, 0, nullptr);
-    if (ret != 1) return IoError(FiErrorString("fi_av_insert", ret));
+    if (ret != 1) {
+      if (pidfd >= 0) close(pidfd);
+      return ResourceExhausted(FiErrorString("fi_av_insert", ret) + ": the provider's peer table holds " +
+                               std::to_string(peers_.size()) + " peers and took no more");
+    }
     peers_.emplace(std::move(key), addr);
+    if (addr < kTrackedPeers) {
+      const int old = peer_pidfd_[addr].exchange(pidfd);
+      if (old >= 0) close(old);
+    } else if (pidfd >= 0) {
+      close(pidfd);
+    }
     return PeerAddr(addr);
+  }
+
+  Status RemovePeer(PeerAddr peer) override {
+    std::lock_guard<std::mutex> lock(av_mu_);
+    auto it = std::find_if(peers_.begin(), peers_.end(), [&](const auto& e) { return e.second == peer; });
+    if (it == peers_.end()) return NotFound("peer " + std::to_string(peer) + " is not in the address vector");
+    fi_addr_t addr = peer;
+    int ret = fi_av_remove(res_->av, &addr, 1, 0);
+    if (ret != 0) return IoError(FiErrorString("fi_av_remove", ret));
+    peers_.erase(it);
+    if (peer < kTrackedPeers) {
+      const int old = peer_pidfd_[peer].exchange(-1);
+      if (old >= 0) close(old);
+    }
+    return Status::Ok();
   }
 
   Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override {
@@ -116,7 +204,7 @@ class FabricDomain final : public Domain {
                              std::to_string(length) + ": need a non-null pointer and length > 0");
     }
     fid_mr* mr = nullptr;
-    TE_RETURN_IF_ERROR(RegisterRaw(ptr, length, kind, &mr));
+    TE_RETURN_IF_ERROR(RegisterRaw(ptr, length, kind, kRemoteWritable, &mr));
     LocalRegistration reg;
     reg.mr = mr;
     reg.desc = fi_mr_desc(mr);
@@ -137,6 +225,7 @@ class FabricDomain final : public Domain {
   }
 
   Status PostWrite(const WriteOp& op) override {
+    TE_RETURN_IF_ERROR(CheckPeerAlive(op.peer));
     const void* local = op.local;
     void* desc = op.local_desc;
     if (op.length == 0) {
@@ -163,6 +252,7 @@ class FabricDomain final : public Domain {
                              " bytes exceeds max_message_bytes " +
                              std::to_string(options_.max_message_bytes));
     }
+    TE_RETURN_IF_ERROR(CheckPeerAlive(peer));
     if (free_send_.empty()) return Unavailable("all control send buffers in use");
     int b = free_send_.back();
     std::memcpy(send_slab_.at(b), data.data(), data.size());
@@ -204,13 +294,18 @@ class FabricDomain final : public Domain {
   }
 
  private:
-  Status RegisterRaw(void* ptr, size_t length, MemoryKind kind, fid_mr** out) {
+  // Access of a registration: user regions are written by peers; the
+  // engine's own control buffers are only sent from and received into, so a
+  // peer can never write into them with a guessed key.
+  static constexpr uint64_t kRemoteWritable = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+  static constexpr uint64_t kLocalOnly = FI_WRITE | FI_SEND | FI_RECV;
+
+  Status RegisterRaw(void* ptr, size_t length, MemoryKind kind, uint64_t access, fid_mr** out) {
     iovec iov{ptr, length};
     fi_mr_attr attr{};
     attr.mr_iov = &iov;
     attr.iov_count = 1;
-    attr.access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
-    attr.requested_key = next_key_.fetch_add(1);
+    attr.access = access;
     if (kind.type == MemoryKind::Type::kCuda) {
       if (!info_.hmem) {
         return Unimplemented("provider " + info_.provider +
@@ -220,7 +315,15 @@ class FabricDomain final : public Domain {
       attr.iface = FI_HMEM_CUDA;
       attr.device.cuda = kind.device;
     }
-    int ret = fi_mr_regattr(res_->domain, &attr, 0, out);
+    // Where the engine picks keys (no FI_MR_PROV_KEY), they are random, not
+    // 1, 2, 3...: a peer that was never given a region cannot guess its key.
+    // A collision with a live key (-FI_ENOKEY) draws again.
+    int ret = 0;
+    for (int attempt = 0; attempt < 8; ++attempt) {
+      attr.requested_key = info_.provider_keys ? 0 : keys_.Next();
+      ret = fi_mr_regattr(res_->domain, &attr, 0, out);
+      if (ret != -FI_ENOKEY) break;
+    }
     if (ret != 0) return IoError(FiErrorString("fi_mr_regattr", ret));
     if (res_->mr_mode() & FI_MR_ENDPOINT) {
       if ((ret = fi_mr_bind(*out, &res_->ep->fid, 0)) != 0 || (ret = fi_mr_enable(*out)) != 0) {
@@ -231,10 +334,23 @@ class FabricDomain final : public Domain {
     return Status::Ok();
   }
 
+  // kNotPosted when an shm peer's process has exited (its pidfd turned
+  // readable); OK for live and untracked peers.
+  Status CheckPeerAlive(PeerAddr peer) const {
+    if (!is_shm_ || peer >= kTrackedPeers) return Status::Ok();
+    const int fd = peer_pidfd_[peer].load(std::memory_order_relaxed);
+    if (fd < 0) return Status::Ok();
+    pollfd p{fd, POLLIN, 0};
+    if (poll(&p, 1, 0) <= 0) return Status::Ok();
+    return NotPosted("shm peer " + std::to_string(peer) +
+                     ": its process has exited; nothing was posted to it");
+  }
+
   Status MakeSlab(BufferSlab* slab, size_t count, size_t size) {
     slab->buffer_size = size;
     slab->bytes.assign(count * size, 0);
-    TE_RETURN_IF_ERROR(RegisterRaw(slab->bytes.data(), slab->bytes.size(), MemoryKind{}, &slab->mr));
+    TE_RETURN_IF_ERROR(
+        RegisterRaw(slab->bytes.data(), slab->bytes.size(), MemoryKind{}, kLocalOnly, &slab->mr));
     slab->desc = fi_mr_desc(slab->mr);
     return Status::Ok();
   }
@@ -317,10 +433,14 @@ class FabricDomain final : public Domain {
   FabricOptions options_;
   DomainInfo info_;
   std::vector<uint8_t> address_;
-  std::atomic<uint64_t> next_key_{1};
+  RandomKeys keys_;
 
   std::mutex av_mu_;
   std::unordered_map<std::string, fi_addr_t> peers_;
+  // shm: a pidfd per peer (by address-vector index), -1 when untracked.
+  static constexpr size_t kTrackedPeers = 4096;
+  bool is_shm_ = false;
+  std::unique_ptr<std::atomic<int>[]> peer_pidfd_;
 
   // Posting thread only (see nic/domain.h).
   std::vector<std::unique_ptr<OpCtx>> ctx_storage_;

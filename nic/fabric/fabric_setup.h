@@ -2,6 +2,7 @@
 // FabricDomain and the raw baseline loop. Internal to nic/fabric.
 #pragma once
 
+#include <netinet/in.h>
 #include <rdma/fabric.h>
 #include <rdma/fi_cm.h>
 #include <rdma/fi_domain.h>
@@ -9,7 +10,11 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 
+#include <sys/types.h>
+
 #include <memory>
+#include <optional>
+#include <string_view>
 #include <string>
 #include <vector>
 
@@ -42,6 +47,20 @@ struct FabricResources {
 // FI_THREAD_DOMAIN (one thread drives everything, as a bare loop does).
 Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options,
                                                     bool thread_safe, size_t cq_size);
+
+// shm endpoints are named "te.<pid>.<n>" (address "fi_shm://te.<pid>.<n>").
+inline constexpr const char* kShmAddressPrefix = "fi_shm://";
+std::string ShmRegionName(pid_t pid, uint32_t n);
+// The pid in an engine's shm region name or address; nullopt for any other.
+std::optional<pid_t> ShmOwnerPid(std::string_view name);
+// Unlinks regions in `dir` named by engines whose process no longer exists
+// (killed processes cannot remove their own); returns how many.
+int RemoveStaleShmRegions(const std::string& dir);
+
+// The IPv4 address of network interface `iface` (port 0); NotFound names
+// the interfaces there are.
+Result<sockaddr_in> InterfaceAddress(const std::string& iface);
+std::string FormatIPv4(in_addr a);
 
 // "fi_writedata: Resource temporarily unavailable (-11)"
 std::string FiErrorString(const char* call, ssize_t ret);

@@ -119,7 +119,7 @@ TEST(KvMultiProcess, KilledDecoderMakesThePrefillerDropTheRequest) {
   prefill.Layer(2, 0);
   prefill.Layer(2, 1);
   // Writes completed: the decoder's PULL had arrived before the kill.
-  for (int i = 0; i < 1000 && prefill.ranks[0]->stats().writes == 0; ++i) std::this_thread::sleep_for(10ms);
+  WaitUntil([&] { return prefill.ranks[0]->stats().writes > 0; }, 20s);
   ASSERT_GT(prefill.ranks[0]->stats().writes, 0u);
   decode.Kill();
   const auto t0 = std::chrono::steady_clock::now();

@@ -182,7 +182,7 @@ TEST(KvTransfer, PrefillerShutdownFailsItsRequestsOnTheDecoder) {
   prefill->Start(11, {1, 2, 3});
   prefill->Layer(11, 0);
   // Layer 0 landing means the prefiller had the PULL (and said it is alive).
-  for (int i = 0; i < 1000 && decode.engines[0]->ImmAvailable(0x4B000001) == 0; ++i) std::this_thread::sleep_for(10ms);
+  WaitUntil([&] { return decode.engines[0]->ImmAvailable(0x4B000001) > 0; }, 20s);
   ASSERT_GT(decode.engines[0]->ImmAvailable(0x4B000001), 0u);
   const auto t0 = std::chrono::steady_clock::now();
   prefill.reset();  // its engine goes with it: silence from now on

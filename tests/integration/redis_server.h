@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "kvcache/kv_registry.h"
+#include "support/wait_until.h"
 
 extern char** environ;
 
@@ -39,11 +40,8 @@ class RedisServer {
       error_ = "redis-server not found on PATH; scripts/install-deps.sh installs it";
       return;
     }
-    for (int i = 0; i < 200; ++i) {  // up to 10 s for the socket to answer
-      if (kvcache::KvRegistry::Connect(address()).ok()) return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    error_ = "redis-server did not answer on " + socket_ + " within 10 s";
+    if (WaitUntil([&] { return kvcache::KvRegistry::Connect(address()).ok(); }, std::chrono::seconds(20))) return;
+    error_ = "redis-server did not answer on " + socket_ + " within 20 s";
   }
   ~RedisServer() {
     if (pid_ > 0) {

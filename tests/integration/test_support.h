@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "support/wait_until.h"
 #include "transfer/transfer_engine.h"
 
 namespace te::testing {

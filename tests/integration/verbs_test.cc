@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nic/verbs/verbs_domain.h"
+#include "support/wait_until.h"
 #include "transfer/transfer_engine.h"
 
 namespace softrc {
@@ -333,22 +334,16 @@ struct DomainPair {
   }
   // Posts like the engine does: back-pressure (connecting) means poll and retry.
   Status Post(const nic::WriteOp& op) {
-    for (int i = 0; i < 5000; ++i) {
-      Status s = a->PostWrite(op);
-      if (s.code() != StatusCode::kUnavailable) return s;
-      PollBoth();
-      std::this_thread::sleep_for(100us);
-    }
-    return Timeout("never connected");
+    Status s;
+    const bool went = WaitUntil([&] { return (s = a->PostWrite(op)).code() != StatusCode::kUnavailable; },
+                                kDeadline, [&] { PollBoth(); });
+    return went ? s : Timeout("never connected");
   }
   template <typename Pred>
   bool PollUntil(Pred p) {
-    for (int i = 0; i < 20000 && !p(); ++i) {
-      PollBoth();
-      std::this_thread::sleep_for(50us);
-    }
-    return p();
+    return WaitUntil(p, kDeadline, [&] { PollBoth(); });
   }
+  static constexpr std::chrono::milliseconds kDeadline{20000};
 };
 
 TEST(VerbsDomain, OpensRoceAndInfinibandPortsAndNamesBadDevices) {
@@ -409,16 +404,10 @@ TEST(VerbsDomain, RnrRetryExceededWhenTheReceiverPostsNoReceives) {
   DomainPair p(oa, ob);
   int first = 0, second = 0;
   ASSERT_TRUE(p.Post(p.Op(0, 8, 1, &first)).ok());  // connects (polls both), then takes the one receive
-  for (int i = 0; i < 2000 && p.ea.done.empty(); ++i) {
-    p.a->Poll(p.ea, 64);
-    std::this_thread::sleep_for(50us);
-  }
+  WaitUntil([&] { return !p.ea.done.empty(); }, 20s, [&] { p.a->Poll(p.ea, 64); });
   ASSERT_EQ(p.ea.done.size(), 1u);
   ASSERT_TRUE(p.a->PostWrite(p.Op(0, 8, 2, &second)).ok());
-  for (int i = 0; i < 20000 && p.ea.errors.empty(); ++i) {
-    p.a->Poll(p.ea, 64);
-    std::this_thread::sleep_for(50us);
-  }
+  WaitUntil([&] { return !p.ea.errors.empty(); }, 20s, [&] { p.a->Poll(p.ea, 64); });
   ASSERT_EQ(p.ea.errors.size(), 1u);
   EXPECT_NE(p.ea.errors[0].second.message().find("RNR retry counter exceeded"), std::string::npos)
       << p.ea.errors[0].second.ToString();
@@ -432,10 +421,7 @@ TEST(VerbsDomain, AVanishedPeerIsATransportRetryError) {
   ASSERT_TRUE(p.b->Deregister(p.dst_reg).ok());
   p.b.reset();  // its QPs are gone: nothing answers any more
   ASSERT_TRUE(p.a->PostWrite(p.Op(0, 64, 2, &second)).ok());
-  for (int i = 0; i < 40000 && p.ea.errors.empty(); ++i) {
-    p.a->Poll(p.ea, 64);
-    std::this_thread::sleep_for(50us);
-  }
+  WaitUntil([&] { return !p.ea.errors.empty(); }, 20s, [&] { p.a->Poll(p.ea, 64); });
   ASSERT_EQ(p.ea.errors.size(), 1u);
   EXPECT_EQ(p.ea.errors[0].first, &second);
   EXPECT_NE(p.ea.errors[0].second.message().find("transport retry counter exceeded"), std::string::npos)
@@ -498,11 +484,14 @@ TEST(VerbsDomain, ControlMessagesAndBadAddresses) {
   const std::string hello = "hello over RC";
   const auto b_to_a = p.b->AddPeer(p.a->address()).value();
   Status s;
-  for (int i = 0; i < 5000; ++i) {
-    s = p.b->PostSend(b_to_a, {reinterpret_cast<const uint8_t*>(hello.data()), hello.size()}, nullptr);
-    if (s.code() != StatusCode::kUnavailable) break;
-    p.PollBoth();
-  }
+  // Connecting answers kUnavailable until the handshake is done; how long
+  // that takes depends on the machine's load, so wait by the clock.
+  WaitUntil(
+      [&] {
+        s = p.b->PostSend(b_to_a, {reinterpret_cast<const uint8_t*>(hello.data()), hello.size()}, nullptr);
+        return s.code() != StatusCode::kUnavailable;
+      },
+      20s, [&] { p.PollBoth(); });
   ASSERT_TRUE(s.ok()) << s.ToString();
   ASSERT_TRUE(p.PollUntil([&] { return !p.ea.messages.empty(); }));
   EXPECT_EQ(p.ea.messages[0], hello);

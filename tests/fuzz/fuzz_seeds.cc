@@ -1,0 +1,103 @@
+// Valid inputs of every fuzz target, encoded by the code under test.
+#include <string>
+
+#include "fuzz/fuzz_targets.h"
+#include "kvcache/kv_layout.h"
+#include "kvcache/kv_messages.h"
+#include "moe/routing_trace.h"
+#include "telemetry/collector.h"
+#include "telemetry/engine_stats_reporter.h"
+#include "transfer/mr_descriptor.h"
+#include "weightsync/model_spec.h"
+
+namespace te::fuzz {
+namespace {
+
+std::vector<uint8_t> Bytes(const std::string& s) { return {s.begin(), s.end()}; }
+
+EngineAddress Address() {
+  EngineAddress a;
+  a.provider = "tcp;ofi_rxm";
+  a.domains = {std::vector<uint8_t>(16, 0x7f), std::vector<uint8_t>(16, 0x01)};
+  return a;
+}
+
+MrDescriptor Descriptor() {
+  MrDescriptor d;
+  d.owner = Address();
+  d.length = 1 << 20;
+  d.keys = {{0x1234567890abcdefull, 0x7f0000000000ull}, {42, 0}};
+  return d;
+}
+
+kvcache::KvLayout Layout(const char* preset, uint32_t pages) {
+  kvcache::KvLayout l = kvcache::KvLayout::Preset(preset).value();
+  l.pages = pages;
+  return l;
+}
+
+}  // namespace
+
+std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
+  if (target == "descriptor") return {Descriptor().Serialize(), Address().Serialize(), Bytes(Descriptor().ToHex())};
+  if (target == "kv_message") {
+    kvcache::KvMessage pull;
+    pull.kind = kvcache::KvMessage::Kind::kPull;
+    pull.request = 7;
+    pull.imm = 0x4b000001;
+    pull.context_bytes = 64;
+    pull.layout = Layout("llama70b", 64);
+    pull.source_layout = Layout("llama70b", 64);
+    pull.descriptor_hex = Descriptor().ToHex();
+    pull.pages = {1, 2, 3, 60};
+    kvcache::KvMessage failed;
+    failed.kind = kvcache::KvMessage::Kind::kFailed;
+    failed.delivered = 3;
+    failed.reason = "prefill rank died";
+    kvcache::KvMessage cancelled;
+    cancelled.kind = kvcache::KvMessage::Kind::kCancelled;
+    kvcache::KvMessage empty = pull;  // no pages: a count of 2^62 carries 0 bytes too
+    empty.pages.clear();
+    return {pull.Encode(), empty.Encode(), failed.Encode(), cancelled.Encode(), kvcache::KvMessage{}.Encode()};
+  }
+  if (target == "kv_layout") return {Bytes(Layout("llama70b", 128).Serialize()), Bytes(Layout("deepseek", 9).Serialize())};
+  if (target == "kv_instance") {
+    kvcache::KvInstanceInfo i;
+    i.role = "prefill";
+    i.name = "p0";
+    i.layout = Layout("deepseek", 16);
+    i.ranks = {Address()};
+    return {Bytes(i.Serialize())};
+  }
+  if (target == "collector_info") {
+    telemetry::CollectorInfo c;
+    c.store = {4096, 16, 4, 99};
+    c.lists = {2, 2, 64, 32};
+    std::vector<std::vector<uint8_t>> out = {Bytes(c.Serialize())};
+    c.region = Descriptor();
+    c.region.length = c.region_bytes();
+    out.push_back(Bytes(c.Serialize()));
+    return out;
+  }
+  if (target == "engine_sample") {
+    telemetry::EngineSample s;
+    s.stats.requests_done = 5;
+    s.stats.domains.resize(2);
+    s.stats.peers.resize(1);
+    return {telemetry::EncodeEngineSample(s)};
+  }
+  if (target == "model_json")
+    return {Bytes(weightsync::ModelToJson(weightsync::ModelPreset("tiny", 0).value())),
+            Bytes(R"({"params": [{"name": "w", "dtype": "bf16", "shape": [128, 64]}]})")};
+  if (target == "routing_trace") {
+    moe::TraceOptions o;
+    o.tokens = 4;
+    o.layers = 3;
+    o.topk = 2;
+    o.experts = 8;
+    return {moe::SerializeTrace(moe::GenerateTrace(o).value())};
+  }
+  return {};
+}
+
+}  // namespace te::fuzz

@@ -1,0 +1,116 @@
+// Fuzz targets: every parser of bytes that come from a peer or a file.
+//
+// A target takes arbitrary bytes and must return: an error for bad input,
+// never an exception, an abort, a hang or a huge allocation. What it
+// accepts it must also be able to use (sizes computed, re-encoded), so an
+// overflow the parser let through shows up here under ASan/UBSan.
+#include "fuzz/fuzz_targets.h"
+
+#include <chrono>
+#include <string>
+
+#include "base/checked_math.h"
+#include "kvcache/kv_layout.h"
+#include "kvcache/kv_messages.h"
+#include "moe/placement.h"
+#include "moe/routing_trace.h"
+#include "telemetry/collector.h"
+#include "telemetry/engine_stats_reporter.h"
+#include "transfer/mr_descriptor.h"
+#include "weightsync/model_spec.h"
+#include "weightsync/schedule.h"
+#include "weightsync/shard_layout.h"
+
+namespace te::fuzz {
+namespace {
+
+std::string Text(std::span<const uint8_t> b) { return std::string(b.begin(), b.end()); }
+
+// A failed expectation in a target is a finding: abort so the driver (and
+// libFuzzer, if built) report the input.
+void Expect(bool ok, const char* what) {
+  if (!ok) {
+    fprintf(stderr, "fuzz target invariant broken: %s\n", what);
+    abort();
+  }
+}
+
+void Descriptor(std::span<const uint8_t> b) {
+  auto d = MrDescriptor::Deserialize(b);
+  if (d.ok()) {
+    Expect(d->Validate().ok(), "an accepted descriptor validates");
+    Expect(MrDescriptor::Deserialize(d->Serialize()).ok(), "an accepted descriptor re-encodes");
+  }
+  auto a = EngineAddress::Deserialize(b);
+  if (a.ok()) Expect(a->Validate().ok(), "an accepted address validates");
+  (void)MrDescriptor::FromHex(Text(b));
+}
+
+void KvMessageTarget(std::span<const uint8_t> b) {
+  auto m = kvcache::KvMessage::Decode(b);
+  if (!m.ok()) return;
+  auto again = kvcache::KvMessage::Decode(m->Encode());
+  Expect(again.ok(), "an accepted KV message re-encodes");
+  Expect(again->pages == m->pages, "KV message pages survive a round trip");
+}
+
+void KvLayoutTarget(std::span<const uint8_t> b) {
+  auto l = kvcache::KvLayout::Parse(Text(b));
+  if (!l.ok()) return;
+  Expect(l->region_bytes() > 0 && l->region_bytes() <= kMaxRegionBytes, "an accepted layout has a sane size");
+  Expect(l->page_bytes() > 0, "an accepted layout has pages");
+}
+
+void KvInstanceTarget(std::span<const uint8_t> b) {
+  auto i = kvcache::KvInstanceInfo::Parse(Text(b));
+  if (i.ok()) Expect(i->ranks.size() == i->layout.tp, "an accepted instance lists tp ranks");
+}
+
+void CollectorInfoTarget(std::span<const uint8_t> b) {
+  auto c = telemetry::CollectorInfo::Parse(Text(b));
+  if (!c.ok()) return;
+  Expect(c->region_bytes() > 0 && c->region_bytes() <= 2 * kMaxRegionBytes + 64,
+         "an accepted collector geometry has a sane size");
+}
+
+void EngineSampleTarget(std::span<const uint8_t> b) { (void)telemetry::DecodeEngineSample(b); }
+
+void ModelJsonTarget(std::span<const uint8_t> b) {
+  auto m = weightsync::ParseModelJson(Text(b));
+  if (!m.ok()) return;
+  Expect(m->bytes() <= weightsync::kMaxModelBytes, "an accepted model has a bounded size");
+  // What te-weightsync schedule does next: an accepted model must plan in
+  // bounded time and memory, or be refused.
+  auto src = weightsync::ShardLayout::Named(m.value(), 2, "fsdp");
+  auto dst = weightsync::ShardLayout::Named(m.value(), 3, "tp");
+  if (src.ok() && dst.ok()) {
+    weightsync::ScheduleOptions so;
+    so.max_transfer_bytes = 1 << 20;
+    (void)weightsync::Schedule::Build(src.value(), dst.value(), so);
+  }
+}
+
+void TraceTarget(std::span<const uint8_t> b) {
+  auto t = moe::ParseTrace(std::vector<uint8_t>(b.begin(), b.end()));
+  if (!t.ok()) return;
+  // What te-moe place does next.
+  if (moe::ExpertAffinity::CheckSize(t->layers, t->experts).ok()) (void)moe::ExpertAffinity::FromTrace(t.value());
+}
+
+}  // namespace
+
+const std::vector<Target>& Targets() {
+  static const std::vector<Target> kTargets = {
+      {"descriptor", Descriptor, Crc::kTrailingCrc32c},
+      {"kv_message", KvMessageTarget, Crc::kNone},
+      {"kv_layout", KvLayoutTarget, Crc::kNone},
+      {"kv_instance", KvInstanceTarget, Crc::kNone},
+      {"collector_info", CollectorInfoTarget, Crc::kNone},
+      {"engine_sample", EngineSampleTarget, Crc::kNone},
+      {"model_json", ModelJsonTarget, Crc::kNone},
+      {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
+  };
+  return kTargets;
+}
+
+}  // namespace te::fuzz

@@ -1,0 +1,32 @@
+// The fuzz targets (one per parser of peer or file bytes) and their seeds.
+// Run by tests/fuzz/fuzz_test.cc (a seeded mutation driver in GoogleTest,
+// bounded in time, run in CI under ASan/UBSan) and, when built with clang,
+// by libFuzzer through tests/fuzz/libfuzzer_main.cc.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace te::fuzz {
+
+// Formats that end in a CRC-32C of everything before it: the driver fixes
+// the CRC of half its mutants so they reach the parser's deeper checks.
+enum class Crc { kNone, kTrailingCrc32c };
+
+struct Target {
+  const char* name;
+  void (*run)(std::span<const uint8_t> bytes);
+  Crc crc;
+};
+
+const std::vector<Target>& Targets();
+inline void PrintTo(const Target& t, std::ostream* os) { *os << t.name; }
+
+// Valid encodings made by the code itself: the starting points of every
+// run, next to the files in tests/fuzz/corpus/<target>/.
+std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target);
+
+}  // namespace te::fuzz
