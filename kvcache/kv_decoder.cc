@@ -1,5 +1,7 @@
 #include "kvcache/kv_decoder.h"
 
+#include <glog/logging.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <set>
@@ -247,7 +249,9 @@ void KvDecoder::SweepLocked() {
 void KvDecoder::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
   auto m = KvMessage::Decode(data);
   if (!m.ok()) {
-    fprintf(stderr, "kv decode rank %u: ignoring a message: %s\n", rank_, m.status().ToString().c_str());
+    // Rate-limited: a peer sending garbage must not flood the log.
+    LOG_EVERY_N(WARNING, 100) << "kv decode rank " << rank_ << ": ignoring a message (" << google::COUNTER
+                              << " so far): " << m.status().ToString();
     return;
   }
   const std::string hex = from.ToHex();

@@ -1,10 +1,14 @@
 #include "kvcache/kv_prefiller.h"
 
+#include <glog/logging.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <set>
+
+#include "base/checked_math.h"
 
 namespace te::kvcache {
 
@@ -179,7 +183,9 @@ void KvPrefiller::SendLocked(const PeerRef& peer, const KvMessage& m) {
 void KvPrefiller::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
   auto m = KvMessage::Decode(data);
   if (!m.ok()) {
-    fprintf(stderr, "kv prefill rank %u: ignoring a message: %s\n", rank_, m.status().ToString().c_str());
+    // Rate-limited: a peer sending garbage must not flood the log.
+    LOG_EVERY_N(WARNING, 100) << "kv prefill rank " << rank_ << ": ignoring a message (" << google::COUNTER
+                              << " so far): " << m.status().ToString();
     return;
   }
   const std::string hex = from.ToHex();
@@ -206,7 +212,7 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   std::string refuse;
   auto peer = engine_->Connect(from);
   if (!peer.ok()) {
-    fprintf(stderr, "kv prefill rank %u: cannot reach a decoder: %s\n", rank_, peer.status().ToString().c_str());
+    LOG_EVERY_N(WARNING, 100) << "kv prefill rank " << rank_ << ": cannot reach a decoder: " << peer.status().ToString();
     return;
   }
   dest->peer = *peer;
@@ -226,6 +232,10 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
     refuse = "decode rank " + S(m.rank) + (idle ? " sent no pages but needs heads of" : " asked for pages but needs nothing from") +
              " prefill rank " + S(rank_);
   else if (!desc.ok()) refuse = desc.status().message();
+  else if (!(desc->owner == from))
+    // A PULL names the sender's own cache: a descriptor of anyone else's
+    // memory would make this rank write KV data where the sender chose.
+    refuse = "the PULL's descriptor belongs to another engine than the decoder that sent it";
   if (refuse.empty()) {
     dest->runs = *runs;
     auto remote = engine_->Import(*desc);
@@ -235,7 +245,7 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   if (refuse.empty() && dest->remote->length() < m.layout.region_bytes())
     refuse = "decode cache descriptor of " + S(dest->remote->length()) + " bytes is smaller than its layout's " +
              S(m.layout.region_bytes());
-  if (refuse.empty() && dest->context_offset + dest->context_bytes > dest->remote->length())
+  if (refuse.empty() && !RangeWithin(dest->context_offset, dest->context_bytes, dest->remote->length()))
     refuse = "context slot [" + S(dest->context_offset) + ", +" + S(dest->context_bytes) +
              ") outside the decode region of " + S(dest->remote->length()) + " bytes";
   for (uint32_t p : dest->pages)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run every test.
 #   scripts/test.sh                      release build, whole suite
-#   scripts/test.sh --sanitize=address   ASan + UBSan build, unit + engine tests
+#   scripts/test.sh --sanitize=address   ASan + UBSan build, unit + engine tests + fuzz targets
 #   scripts/test.sh --sanitize=thread    TSan build, unit + engine tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ else
   # ASan + UBSan at -O1: half the compile time of -O2 for the same checks.
   OPT=(); [ "$SAN" = address ] && OPT=(-DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g")
   cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" "${OPT[@]}" >/dev/null
-  cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests te_kvcache_tests te_verbs_tests
+  cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests te_kvcache_tests te_verbs_tests te_fuzz_tests
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
@@ -34,5 +34,8 @@ else
   # thread interaction their smaller siblings do not; the release and ASan
   # runs keep them.
   SKIP=(); [ "$SAN" = thread ] && SKIP=(-E 'tcp_4domains|LargeRegionCrossesProcesses|GqaNhdTp4to2|GqaHndTp2to4|UnevenLayoutsAndTinyBuckets|FsdpToTensorParallelEveryByte|FourRanksBf16AndFp8')
-  ctest --test-dir "$DIR" --output-on-failure --timeout 600 -L 'unit|engine' "${SKIP[@]}"
+  # The fuzz targets run under ASan/UBSan (they are single-threaded: TSan
+  # would add nothing).
+  LABELS='unit|engine'; [ "$SAN" = address ] && LABELS='unit|engine|fuzz'
+  ctest --test-dir "$DIR" --output-on-failure --timeout 600 -L "$LABELS" "${SKIP[@]}"
 fi
