@@ -206,6 +206,54 @@ TEST(Trust, DeadShmPeerIsNeverPostedTo) {
   EXPECT_FALSE(stale.ok());
 }
 
+// libfabric 1.17 shm: a write of more than 4 KiB with a bad key is reported
+// done, and completions of later writes of more than 4 KiB from the same
+// endpoint, to any peer, may never come back (docs/RELIABILITY.md). Pinned
+// here is the guard: those requests end within the timeout (done or
+// kTimeout: outcome unknown) instead of hanging, and their data and
+// immediates still land.
+TEST(Trust, ShmBadKeyNeverHangsLaterWrites) {
+  auto o = Options("shm");
+  o.request_timeout = 1500ms;
+  PeerProcess peer(o, 1 << 20);
+  auto engine = TransferEngine::Create(o).value();
+  auto live = TransferEngine::Create(o).value();
+  std::vector<uint8_t> src(1 << 20, 4), live_dst(1 << 20);
+  auto src_mr = engine->RegisterMemory(src.data(), src.size()).value();
+  auto live_mr = live->RegisterMemory(live_dst.data(), live_dst.size()).value();
+  auto to_live = engine->Import(live->Describe(*live_mr)).value();
+  const MrDescriptor d = MrDescriptor::FromHex(peer.descriptor_hex()).value();
+  auto good = engine->Import(d).value();
+  MrDescriptor forged = d;
+  forged.keys[0].rkey ^= 0x5a5a;
+  CompletionCounter bad;
+  ASSERT_TRUE(engine->Submit(SingleWrite{src_mr, 0, 65536, engine->Import(forged).value(), 0, 1}, {.counter = &bad}).ok());
+  ASSERT_TRUE(bad.WaitFinished(1, 10s)) << "a write with a bad key hung";
+  for (uint32_t i = 0; i < 3; ++i) {
+    CompletionCounter c;
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(engine->Submit(SingleWrite{src_mr, 0, 65536, good, 0, 10 + i}, {.counter = &c}).ok());
+    ASSERT_TRUE(c.WaitFinished(1, 10s)) << "write " << i << " to the peer hung";
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+    if (c.failed()) {
+      EXPECT_EQ(c.first_error().code(), StatusCode::kTimeout) << c.first_error().ToString();
+    }
+    EXPECT_EQ(peer.WaitImm(10 + i, 1, 5000), "OK") << "write " << i << "'s immediate never arrived";
+  }
+  EXPECT_EQ(peer.Crc(0, 65536), Crc32c(src.data(), 65536));
+  CompletionCounter ok;
+  ASSERT_TRUE(engine->Submit(SingleWrite{src_mr, 0, 65536, to_live, 0, 7}, {.counter = &ok}).ok());
+  ASSERT_TRUE(ok.WaitFinished(1, 10s)) << "a write to another peer hung";
+  if (ok.failed()) {
+    EXPECT_EQ(ok.first_error().code(), StatusCode::kTimeout) << ok.first_error().ToString();
+  }
+  EXPECT_TRUE(live->WaitImm(7, 1, 5s).ok());
+  // Writes that fit the provider's inject buffer (4 KiB) are unaffected.
+  CompletionCounter small;
+  ASSERT_TRUE(engine->Submit(SingleWrite{src_mr, 0, 4096, to_live, 0, 8}, {.counter = &small}).ok());
+  WaitDone(small, 1);
+}
+
 TEST(Trust, StaleShmRegionsOfDeadProcessesAreRemoved) {
   // A pid that is surely not running: a child that has exited and been
   // reaped.
