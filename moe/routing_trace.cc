@@ -64,6 +64,8 @@ Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& b) {
   uint32_t crc;
   std::memcpy(&crc, b.data() + b.size() - 4, 4);
   if (Crc32c(b.data(), b.size() - 4) != crc) return InvalidArgument("trace checksum mismatch: corrupted");
+  if (n == 0) return InvalidArgument("trace shape " + std::to_string(t.tokens) + " x " + std::to_string(t.layers) +
+                                     " x " + std::to_string(t.topk) + " holds no ids");
   t.ids.resize(size_t(n));
   std::memcpy(t.ids.data(), b.data() + kHeader, size_t(n) * 2);
   TE_RETURN_IF_ERROR(t.Validate());
