@@ -32,8 +32,10 @@ else
   # copy, the larger KV tensor-parallel pairings, the two largest weight-sync
   # layouts and the 4-process MoE run take three minutes and exercise no
   # thread interaction their smaller siblings do not; the release and ASan
-  # runs keep them.
-  SKIP=(); [ "$SAN" = thread ] && SKIP=(-E 'tcp_4domains|LargeRegionCrossesProcesses|GqaNhdTp4to2|GqaHndTp2to4|UnevenLayoutsAndTinyBuckets|FsdpToTensorParallelEveryByte|FourRanksBf16AndFp8')
+  # runs keep them. So do the 300-engine peer-table test and the chaos test
+  # (under TSan its receivers' restarts take the whole run: a few writes in
+  # 30 s, none of the interleavings it exists for).
+  SKIP=(); [ "$SAN" = thread ] && SKIP=(-E 'tcp_4domains|LargeRegionCrossesProcesses|GqaNhdTp4to2|GqaHndTp2to4|UnevenLayoutsAndTinyBuckets|FsdpToTensorParallelEveryByte|FourRanksBf16AndFp8|PeerTableMakesRoomForNewPeers|Chaos\.')
   # The fuzz targets run under ASan/UBSan (they are single-threaded: TSan
   # would add nothing).
   LABELS='unit|engine'; [ "$SAN" = address ] && LABELS='unit|engine|fuzz'

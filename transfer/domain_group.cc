@@ -340,18 +340,18 @@ void DomainGroup::Finish(RequestState* r) {
 
 void DomainGroup::CheckTimeouts(Clock::time_point now) {
   // Each list is in deadline order, so only its head can be due.
-  const auto ms = std::to_string(options_.request_timeout.count());
+  auto ms = [&] { return std::to_string(options_.request_timeout.count()); };
   while (RequestState* r = queued_.head) {
     if (r->deadline > now) break;
     // Its works are still in the pending queues; PostQueue drops works of a
     // failed request instead of posting them.
-    Fail(r, NotPosted("request withdrawn after waiting " + ms + " ms in the queue: none of its " +
+    Fail(r, NotPosted("request withdrawn after waiting " + ms() + " ms in the queue: none of its " +
                       std::to_string(r->works.size()) +
                       " operations was posted, nothing reached the peer (safe to submit again)"));
   }
   while (RequestState* r = live_.head) {
     if (r->deadline > now) break;
-    Fail(r, Timeout("request not finished " + ms + " ms after its first operation was posted: " +
+    Fail(r, Timeout("request not finished " + ms() + " ms after its first operation was posted: " +
                     std::to_string(r->posted) + " of " + std::to_string(r->works.size()) +
                     " operations posted, " + std::to_string(r->outstanding) +
                     " outstanding; outcome unknown (peer unreachable or dead?)"));

@@ -8,10 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <chrono>
 #include <cstring>
 #include <mutex>
-#include <random>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -48,37 +46,27 @@ struct BufferSlab {
 };
 
 // Unpredictable registration keys of the width the provider accepts
-// (mr_key_size bytes), never 0. Drawn from the kernel's CSPRNG once, then
-// from a generator seeded by it (registration is not a hot path, but a
-// system call per key is needless).
+// (mr_key_size bytes), never 0, straight from the kernel's CSPRNG: a peer
+// sees the keys of the regions it is given, and a seeded generator's later
+// outputs follow from enough earlier ones. Registration is rare enough that
+// a system call per key costs nothing.
 class RandomKeys {
  public:
-  RandomKeys() = default;
-  explicit RandomKeys(size_t key_bytes) {
+  void SetWidth(size_t key_bytes) {
     mask_ = key_bytes >= 8 || key_bytes == 0 ? ~uint64_t(0) : (uint64_t(1) << (8 * key_bytes)) - 1;
-    uint64_t seed[2] = {0, 0};
-    if (getrandom(seed, sizeof(seed), 0) != ssize_t(sizeof(seed)))
-      seed[0] = uint64_t(std::chrono::steady_clock::now().time_since_epoch().count()) ^ uint64_t(getpid()) << 32;
-    std::lock_guard<std::mutex> lock(mu_);
-    rng_.seed(seed[0] ^ (seed[1] << 1));
   }
-  RandomKeys& operator=(RandomKeys&& o) noexcept {
-    mask_ = o.mask_;
-    rng_ = o.rng_;
-    return *this;
-  }
-  uint64_t Next() {
-    std::lock_guard<std::mutex> lock(mu_);
-    uint64_t k;
-    do k = rng_() & mask_;
-    while (k == 0);
-    return k;
+  Result<uint64_t> Next() const {
+    for (int attempt = 0; attempt < 16; ++attempt) {
+      uint64_t k = 0;
+      if (getrandom(&k, sizeof(k), 0) != ssize_t(sizeof(k)))
+        return IoError(std::string("getrandom: ") + strerror(errno));
+      if ((k &= mask_) != 0) return k;
+    }
+    return Internal("getrandom returned zero keys 16 times");
   }
 
  private:
-  std::mutex mu_;
   uint64_t mask_ = ~uint64_t(0);
-  std::mt19937_64 rng_;
 };
 
 class FabricDomain final : public Domain {
@@ -110,7 +98,7 @@ class FabricDomain final : public Domain {
     info_.provider_keys = mode & FI_MR_PROV_KEY;
     info_.local_descriptors = mode & FI_MR_LOCAL;
     info_.hmem = res_->info->caps & FI_HMEM;
-    keys_ = RandomKeys(res_->info->domain_attr->mr_key_size);
+    keys_.SetWidth(res_->info->domain_attr->mr_key_size);
     is_shm_ = info_.provider == "shm";
     peer_pidfd_ = std::make_unique<std::atomic<int>[]>(kTrackedPeers);
     for (size_t i = 0; i < kTrackedPeers; ++i) peer_pidfd_[i].store(-1);
@@ -320,7 +308,9 @@ class FabricDomain final : public Domain {
     // A collision with a live key (-FI_ENOKEY) draws again.
     int ret = 0;
     for (int attempt = 0; attempt < 8; ++attempt) {
-      attr.requested_key = info_.provider_keys ? 0 : keys_.Next();
+      if (!info_.provider_keys) {
+        TE_ASSIGN_OR_RETURN(attr.requested_key, keys_.Next());
+      }
       ret = fi_mr_regattr(res_->domain, &attr, 0, out);
       if (ret != -FI_ENOKEY) break;
     }

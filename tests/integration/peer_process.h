@@ -20,14 +20,26 @@ class PeerProcess {
  public:
   // Forks a child with an engine of `options` and a registered region of
   // `bytes`; returns once the child printed its descriptor.
+  // The child execs this test binary afresh (ServeIfChild below takes over
+  // before main): forking a process that already runs engine threads and
+  // using libfabric in the copy is not safe (a lock held by another thread
+  // at fork time stays held in the child), and TSan refuses it.
   PeerProcess(const EngineOptions& options, size_t bytes) {
     int to_child[2], from_child[2];
     if (pipe(to_child) || pipe(from_child)) abort();
+    const std::string spec = options.fabric.provider + " " + std::to_string(options.domains) + " " +
+                             std::to_string(options.request_timeout.count()) + " " + std::to_string(bytes) + " " +
+                             std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
+                             (options.fabric.domain.empty() ? "-" : options.fabric.domain);
     pid_ = fork();
     if (pid_ == 0) {
       close(to_child[1]);
       close(from_child[0]);
-      _exit(Serve(options, bytes, fdopen(to_child[0], "r"), fdopen(from_child[1], "w")));
+      setenv(kChildEnv, spec.c_str(), 1);
+      char name[] = "te-peer-process";
+      char* argv[] = {name, nullptr};
+      execv("/proc/self/exe", argv);
+      _exit(127);
     }
     close(to_child[0]);
     close(from_child[1]);
@@ -77,6 +89,30 @@ class PeerProcess {
     return s;
   }
 
+
+ public:
+  // In a child started by the constructor: serve, then exit. Runs during
+  // static initialization (kServedAsChild), before gtest's main.
+  static bool ServeIfChild() {
+    const char* spec = getenv(kChildEnv);
+    if (spec == nullptr) return false;
+    std::istringstream in(spec);
+    EngineOptions o;
+    int64_t timeout_ms = 0;
+    size_t bytes = 0;
+    int fd_in = -1, fd_out = -1;
+    std::string iface;
+    in >> o.fabric.provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface;
+    if (!in) _exit(126);
+    unsetenv(kChildEnv);
+    o.request_timeout = std::chrono::milliseconds(timeout_ms);
+    if (iface != "-") o.fabric.domain = iface;
+    _exit(Serve(o, bytes, fdopen(fd_in, "r"), fdopen(fd_out, "w")));
+  }
+
+ private:
+  static constexpr const char* kChildEnv = "TE_TEST_PEER_PROCESS";
+
   static int Serve(const EngineOptions& options, size_t bytes, FILE* in, FILE* out) {
     auto engine = TransferEngine::Create(options);
     if (!engine.ok()) {
@@ -120,5 +156,9 @@ class PeerProcess {
   FILE* from_ = nullptr;
   std::string descriptor_hex_;
 };
+
+// Every test binary that includes this header serves as a peer process when
+// started by PeerProcess.
+inline const bool kServedAsChild = PeerProcess::ServeIfChild();
 
 }  // namespace te::testing
