@@ -4,6 +4,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "base/checked_math.h"
+
 namespace te::weightsync {
 
 Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engine, const Schedule& schedule,
@@ -68,7 +70,8 @@ Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
   if (magic != "tews1" || !in) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " is malformed");
   if (r != rank) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " comes from rank " + std::to_string(r));
   TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
-  if (d.length < 2 * slot)
+  uint64_t two_slots = 0;
+  if (!CheckedMul(slot, 2, &two_slots) || d.length < two_slots)
     return InvalidArgument("receiver " + std::to_string(rank) + " registered " + std::to_string(d.length) +
                            " bytes for two slots of " + std::to_string(slot));
   TE_ASSIGN_OR_RETURN(slots_[rank], engine_->Import(d));

@@ -93,8 +93,11 @@ void ModelJsonTarget(std::span<const uint8_t> b) {
 void TraceTarget(std::span<const uint8_t> b) {
   auto t = moe::ParseTrace(std::vector<uint8_t>(b.begin(), b.end()));
   if (!t.ok()) return;
-  // What te-moe place does next.
-  if (moe::ExpertAffinity::CheckSize(t->layers, t->experts).ok()) (void)moe::ExpertAffinity::FromTrace(t.value());
+  // What te-moe place does next (tables kept small here for throughput;
+  // CheckSize's own limit is a unit test).
+  if (moe::ExpertAffinity::CheckSize(t->layers, t->experts).ok() &&
+      uint64_t(t->layers) * t->experts * t->experts <= (uint64_t(1) << 22))
+    (void)moe::ExpertAffinity::FromTrace(t.value());
 }
 
 }  // namespace
