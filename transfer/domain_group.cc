@@ -52,6 +52,7 @@ DomainGroup::DomainGroup(const EngineOptions& options,
       pending_(domains_.size()),
       pending_messages_(domains_.size()),
       inflight_(domains_.size(), 0),
+      imm_counter_(options.max_imm_values),
       callbacks_(options.progress == ProgressMode::kThread) {
   for (const auto& d : domains_) {
     size_t depth = d->info().tx_depth ? d->info().tx_depth : 1024;
@@ -163,6 +164,12 @@ bool DomainGroup::ProgressOnce() {
     stats_.imms.fetch_add(imm_batch_.size(), std::memory_order_relaxed);
     imm_counter_.Add(imm_batch_, &ready_);
     imm_batch_.clear();
+    if (const uint64_t dropped = imm_counter_.dropped(); dropped != imms_dropped_seen_) {
+      LOG(WARNING) << (dropped - imms_dropped_seen_) << " immediates dropped: "
+                   << options_.max_imm_values << " distinct values are already tracked (max_imm_values); "
+                   << "a peer is sending values nobody expects";
+      imms_dropped_seen_ = dropped;
+    }
   }
   const auto now = now_;
   if (now >= next_timeout_check_) {
@@ -384,18 +391,32 @@ void DomainGroup::OnRecv(std::span<const uint8_t> data) {
   }
   if (data.size() < 6 || magic != kMessageMagic || data.size() < 6u + addr_len) {
     stats_.dropped.fetch_add(1, std::memory_order_relaxed);
-    LOG(WARNING) << "dropped a malformed control message of " << data.size() << " bytes";
+    LOG_EVERY_N(WARNING, 100) << "dropped a malformed control message of " << data.size() << " bytes ("
+                              << google::COUNTER << " so far)";
     return;
   }
   auto from = EngineAddress::Deserialize(data.subspan(6, addr_len));
   if (!from.ok()) {
     stats_.dropped.fetch_add(1, std::memory_order_relaxed);
-    LOG(WARNING) << "dropped a control message with a bad sender address: " << from.status().ToString();
+    LOG_EVERY_N(WARNING, 100) << "dropped a control message with a bad sender address ("
+                              << google::COUNTER << " so far): " << from.status().ToString();
     return;
   }
+  // Messages wait on the callback thread for the handler: a peer sending
+  // faster than the handler keeps up must not grow that queue without bound.
+  const size_t bytes = data.size();
+  if (pending_message_bytes_.load(std::memory_order_relaxed) + bytes > options_.max_pending_message_bytes) {
+    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+    LOG_EVERY_N(WARNING, 100) << "dropped a control message: " << options_.max_pending_message_bytes
+                              << " bytes of messages already wait for the receive handler ("
+                              << google::COUNTER << " dropped so far)";
+    return;
+  }
+  pending_message_bytes_.fetch_add(bytes, std::memory_order_relaxed);
   stats_.messages.fetch_add(1, std::memory_order_relaxed);
   std::vector<uint8_t> payload(data.begin() + 6 + addr_len, data.end());
-  ready_.push_back([this, from = std::move(from).value(), payload = std::move(payload)]() mutable {
+  ready_.push_back([this, bytes, from = std::move(from).value(), payload = std::move(payload)]() mutable {
+    pending_message_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
     DeliverMessage(std::move(from), std::move(payload));
   });
 }
@@ -446,6 +467,7 @@ EngineStats DomainGroup::stats() const {
   s.writes_posted = stats_.writes.load();
   s.bytes_written = stats_.bytes.load();
   s.imms_received = stats_.imms.load();
+  s.imms_dropped = imm_counter_.dropped();
   s.messages_received = stats_.messages.load();
   s.messages_dropped = stats_.dropped.load();
   for (size_t d = 0; d < domains_.size(); ++d)

@@ -146,7 +146,9 @@ class DomainGroup final : private nic::CompletionHandler {
   RequestList zombies_;  // failed, waiting for posted writes to come back
   std::chrono::steady_clock::time_point now_;  // as of this progress pass
   std::atomic<size_t> admitted_ops_{0};
+  std::atomic<size_t> pending_message_bytes_{0};  // received, not yet handed to the handler
   std::vector<uint32_t> imm_batch_;
+  uint64_t imms_dropped_seen_ = 0;
   std::vector<ImmCounter::Callback> ready_;
   std::chrono::steady_clock::time_point next_timeout_check_;
 

@@ -56,6 +56,11 @@ struct EngineOptions {
   // requests. Submit and Send beyond it return kResourceExhausted and accept
   // nothing; each queued operation costs about 300 bytes.
   size_t max_queued_operations = size_t(1) << 18;
+  // Distinct immediate values tracked at once (arrivals not yet consumed,
+  // expectations, waiters; about 100 bytes each). Peers choose the values:
+  // arrivals of a new value beyond this are dropped and counted
+  // (EngineStats::imms_dropped) rather than grow the table without bound.
+  size_t max_imm_values = size_t(1) << 16;
   // Operations outstanding per domain; 0 means the provider's send queue
   // depth, capped at 1024. Work beyond it waits in order, never dropped.
   size_t max_inflight_per_domain = 0;
@@ -76,6 +81,10 @@ struct EngineOptions {
   // Control messages received before a handler is set are kept up to this
   // many; later ones are dropped with a warning.
   size_t recv_backlog = 1024;
+  // Received control messages waiting for the receive handler (the handler
+  // is slower than the peers sending) are kept up to this many bytes; later
+  // ones are dropped with a warning (EngineStats::messages_dropped).
+  size_t max_pending_message_bytes = size_t(256) << 20;
 };
 
 }  // namespace te

@@ -3,29 +3,52 @@
 namespace te {
 
 void ImmCounter::Serve(Entry& e, std::vector<Callback>* ready) {
-  while (!e.expectations.empty() && e.available >= e.expectations.front().first) {
-    e.available -= e.expectations.front().first;
-    ready->push_back(std::move(e.expectations.front().second));
-    e.expectations.pop_front();
+  size_t served = 0;
+  while (served < e.expectations.size() && e.available >= e.expectations[served].first) {
+    e.available -= e.expectations[served].first;
+    ready->push_back(std::move(e.expectations[served].second));
+    ++served;
   }
+  e.expectations.erase(e.expectations.begin(), e.expectations.begin() + served);
+}
+
+ImmCounter::Map::iterator ImmCounter::FindOrTrack(uint32_t imm) {
+  auto it = entries_.find(imm);
+  if (it != entries_.end() || entries_.size() >= max_values_) return it;
+  return entries_.emplace(imm, Entry{}).first;
+}
+
+void ImmCounter::EraseIfIdle(Map::iterator it) {
+  if (it->second.idle()) entries_.erase(it);
 }
 
 void ImmCounter::Add(std::span<const uint32_t> imms, std::vector<Callback>* ready) {
   if (imms.empty()) return;
   std::lock_guard<std::mutex> lock(mu_);
   for (uint32_t imm : imms) {
-    Entry& e = entries_[imm];
-    ++e.available;
-    Serve(e, ready);
+    auto it = FindOrTrack(imm);
+    if (it == entries_.end()) {
+      dropped_.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    ++it->second.available;
+    Serve(it->second, ready);
+    EraseIfIdle(it);
   }
   if (blocked_waiters_ > 0) cv_.notify_all();
 }
 
 void ImmCounter::Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready) {
+  if (count == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = entries_[imm];
-  e.available += count;
-  Serve(e, ready);
+  auto it = FindOrTrack(imm);
+  if (it == entries_.end()) {
+    dropped_.fetch_add(count, std::memory_order_relaxed);
+    return;
+  }
+  it->second.available += count;
+  Serve(it->second, ready);
+  EraseIfIdle(it);
   if (blocked_waiters_ > 0) cv_.notify_all();
 }
 
@@ -36,27 +59,32 @@ Status ImmCounter::Expect(uint32_t imm, uint64_t count, Callback callback,
   if (!callback) return InvalidArgument("expectation for imm " + std::to_string(imm) +
                                         " has no callback");
   std::lock_guard<std::mutex> lock(mu_);
-  Entry& e = entries_[imm];
-  e.expectations.emplace_back(count, std::move(callback));
-  Serve(e, ready);
+  auto it = entries_.try_emplace(imm).first;  // the caller's own expectations are not capped
+  it->second.expectations.emplace_back(count, std::move(callback));
+  Serve(it->second, ready);
+  EraseIfIdle(it);
   return Status::Ok();
 }
 
 Status ImmCounter::Wait(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
   ++blocked_waiters_;
-  Entry* e = &entries_[imm];
+  // unordered_map keeps element addresses and iterators stable across
+  // rehashing, and an entry with a waiter is never erased.
+  auto it = entries_.try_emplace(imm).first;
+  Entry* e = &it->second;
   ++e->waiters;
-  // unordered_map keeps element addresses stable across rehashing.
   bool ok = cv_.wait_for(lock, timeout, [&] { return e->available >= count; });
   --blocked_waiters_;
   --e->waiters;
+  const uint64_t seen = e->available;
+  if (ok) e->available -= count;
+  EraseIfIdle(it);
   if (!ok) {
     return Timeout("waited for " + std::to_string(count) + " arrivals of imm " +
-                   std::to_string(imm) + "; " + std::to_string(e->available) +
+                   std::to_string(imm) + "; " + std::to_string(seen) +
                    " arrived within the timeout");
   }
-  e->available -= count;
   return Status::Ok();
 }
 
@@ -65,6 +93,7 @@ bool ImmCounter::TryConsume(uint32_t imm, uint64_t count) {
   auto it = entries_.find(imm);
   if (it == entries_.end() || it->second.available < count) return false;
   it->second.available -= count;
+  EraseIfIdle(it);
   return true;
 }
 
@@ -72,6 +101,13 @@ uint64_t ImmCounter::Available(uint32_t imm) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.find(imm);
   return it == entries_.end() ? 0 : it->second.available;
+}
+
+uint64_t ImmCounter::dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+size_t ImmCounter::tracked() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return entries_.size();
 }
 
 uint64_t ImmCounter::Forget(uint32_t imm) {

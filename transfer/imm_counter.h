@@ -7,7 +7,8 @@
 //
 // Counts are consumed: Expect(imm, n, cb) fires once when n arrivals are
 // available and takes them; Wait and TryConsume do the same for blocking and
-// polling callers. Arrivals before any expectation are kept, never lost.
+// polling callers. Arrivals before any expectation are kept, never lost,
+// up to max_values distinct values tracked at once (see the constructor).
 // Expectations on one immediate are served in the order registered. Use one
 // style (callbacks, or Wait/TryConsume) per immediate value.
 //
@@ -15,10 +16,10 @@
 // back to the caller (the engine runs them on its callback thread).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <mutex>
 #include <span>
@@ -32,6 +33,13 @@ namespace te {
 class ImmCounter {
  public:
   using Callback = std::function<void()>;
+
+  // Immediates come from peers: a peer could send every one of 2^32 values
+  // once. At most `max_values` distinct values are tracked at a time (an
+  // entry lives while it has unconsumed arrivals, expectations or waiters);
+  // arrivals of a new value beyond that are dropped and counted (dropped()).
+  explicit ImmCounter(size_t max_values = kDefaultMaxValues) : max_values_(max_values) {}
+  static constexpr size_t kDefaultMaxValues = size_t(1) << 16;
 
   // Records arrivals; expectations they satisfy move their callbacks into
   // `ready`.
@@ -57,19 +65,35 @@ class ImmCounter {
   // cancelled transfer), so that the table does not grow with such values.
   // A Wait blocked on `imm` keeps running and sees later arrivals only.
   uint64_t Forget(uint32_t imm);
+  // Arrivals dropped because max_values distinct values were tracked.
+  uint64_t dropped() const;
+  // Distinct values tracked now.
+  size_t tracked() const;
 
  private:
   struct Entry {
     uint64_t available = 0;
     int waiters = 0;  // Wait calls blocked on this entry: it must stay
-    std::deque<std::pair<uint64_t, Callback>> expectations;
+    // Usually zero or one: a vector costs no allocation until used (a
+    // deque allocates 512 bytes up front).
+    std::vector<std::pair<uint64_t, Callback>> expectations;
+    bool idle() const { return available == 0 && waiters == 0 && expectations.empty(); }
   };
+  using Map = std::unordered_map<uint32_t, Entry>;
   void Serve(Entry& e, std::vector<Callback>* ready);
+  // Erases `it` if nothing refers to it any more, so the table holds only
+  // live values.
+  void EraseIfIdle(Map::iterator it);
+  // The entry of an arriving value, made if fewer than max_values_ are
+  // tracked; end() when the arrival must be dropped.
+  Map::iterator FindOrTrack(uint32_t imm);
 
+  const size_t max_values_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   int blocked_waiters_ = 0;
-  std::unordered_map<uint32_t, Entry> entries_;
+  std::atomic<uint64_t> dropped_{0};  // written under mu_, read without it
+  Map entries_;
 };
 
 }  // namespace te

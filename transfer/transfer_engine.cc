@@ -259,6 +259,15 @@ Status CheckDestination(const RemoteMr& dst, const TransferEngine* engine) {
   return Status::Ok();
 }
 
+// A lower bound on the operations a request plans into (one per page,
+// target or peer).
+size_t MinOperations(const Request& request) {
+  if (auto* r = std::get_if<PagedWrite>(&request)) return r->src_pages.size();
+  if (auto* r = std::get_if<ScatterWrite>(&request)) return r->targets.size();
+  if (auto* r = std::get_if<Barrier>(&request)) return r->peers.size();
+  return 1;
+}
+
 const LocalMr* SourceOf(const Request& request) {
   if (auto* r = std::get_if<SingleWrite>(&request)) return &r->src;
   if (auto* r = std::get_if<PagedWrite>(&request)) return &r->src;
@@ -274,6 +283,12 @@ Result<uint64_t> TransferEngine::ExpectedImmCount(const Request& request) const 
 }
 
 Status TransferEngine::Submit(Request request, Completion completion) {
+  // A request larger than the whole queue bound is refused before planning
+  // allocates its operations.
+  if (const size_t n = MinOperations(request); n > options_.max_queued_operations)
+    return ResourceExhausted("request of at least " + std::to_string(n) +
+                             " operations exceeds max_queued_operations " +
+                             std::to_string(options_.max_queued_operations) + "; split it");
   TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
   auto r = std::make_unique<RequestState>();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;

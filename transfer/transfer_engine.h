@@ -85,6 +85,7 @@ struct EngineStats {
   uint64_t writes_posted = 0;
   uint64_t bytes_written = 0;
   uint64_t imms_received = 0;
+  uint64_t imms_dropped = 0;  // beyond EngineOptions::max_imm_values distinct values
   uint64_t messages_received = 0;
   uint64_t messages_dropped = 0;
   std::vector<DomainStats> domains;

@@ -114,9 +114,46 @@ TEST(Trust, SubmitIsBounded) {
   for (int i = 0; i < 8; ++i) ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 64, remote, 0, 1}, {.counter = &c}).ok());
   Status s = sender->Submit(SingleWrite{src_mr, 0, 64, remote, 0, 1}, {.counter = &c});
   EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
+  // A single request larger than the bound is refused before it is planned.
+  std::vector<uint32_t> pages(9, 0);
+  PagedWrite paged;
+  paged.src = src_mr;
+  paged.src_pages = paged.dst_pages = pages;
+  paged.src_stride = paged.dst_stride = paged.page_length = 64;
+  paged.dst = remote;
+  Status big = sender->Submit(paged, {});
+  EXPECT_EQ(big.code(), StatusCode::kResourceExhausted) << big.ToString();
   ASSERT_TRUE(c.WaitFinished(8, 20s));
   // Finished requests give their room back.
   EXPECT_TRUE(WaitUntil([&] { return sender->Submit(ImmOnly{remote, 2}, {.counter = &c}).ok(); }, 10s));
+}
+
+// A peer sending faster than the receive handler runs: what waits for the
+// handler is bounded in bytes, the rest is dropped and counted.
+TEST(Trust, SlowReceiveHandlerBoundsWaitingMessages) {
+  auto o = Options("tcp");
+  o.max_pending_message_bytes = 16 << 10;
+  auto receiver = TransferEngine::Create(o).value();
+  auto sender = TransferEngine::Create(Options("tcp")).value();
+  std::atomic<bool> release{false};
+  std::atomic<int> handled{0};
+  receiver->SetRecvHandler([&](const EngineAddress&, std::span<const uint8_t>) {
+    while (!release.load()) std::this_thread::sleep_for(1ms);
+    handled++;
+  });
+  auto peer = sender->Connect(receiver->address()).value();
+  const std::vector<uint8_t> msg(1024, 0x42);
+  CompletionCounter sent;
+  constexpr int kMessages = 200;
+  for (int i = 0; i < kMessages; ++i) ASSERT_TRUE(sender->Send(peer, msg, {.counter = &sent}).ok());
+  ASSERT_TRUE(sent.WaitFinished(kMessages, 20s));
+  ASSERT_TRUE(WaitUntil([&] { return receiver->stats().messages_dropped > 0; }, 20s)) << "nothing was dropped";
+  release = true;
+  ASSERT_TRUE(WaitUntil(
+      [&] { return uint64_t(handled.load()) + receiver->stats().messages_dropped == uint64_t(kMessages); }, 20s))
+      << handled.load() << " handled, " << receiver->stats().messages_dropped << " dropped";
+  EXPECT_GT(handled.load(), 0);
+  EXPECT_LE(handled.load(), 1 + (16 << 10) / 1024) << "more messages waited than the bound allows";
 }
 
 // Requests queued behind back-pressure to a healthy peer: each either
@@ -124,11 +161,11 @@ TEST(Trust, SubmitIsBounded) {
 // ever arrives. Nothing posted times out against a peer that answers.
 TEST(Trust, QueuedRequestsAreWithdrawnUnpostedNotTimedOut) {
   auto o = Options("tcp");
-  o.request_timeout = 150ms;
+  o.request_timeout = 300ms;
   o.max_inflight_per_domain = 2;
   auto receiver = TransferEngine::Create(o).value();
   auto sender = TransferEngine::Create(o).value();
-  constexpr int kRequests = 4000;  // 1 GiB: longer in the queue than the timeout
+  constexpr int kRequests = 6000;  // 1.5 GiB: far longer in the queue than the timeout
   constexpr size_t kLen = 256 << 10;
   std::vector<uint8_t> src(kLen, 1), dst(kLen);
   auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();

@@ -139,5 +139,32 @@ TEST(ImmCounter, RejectsZeroCountAndMissingCallback) {
   EXPECT_EQ(c.Expect(1, 1, nullptr, &ready).code(), StatusCode::kInvalidArgument);
 }
 
+
+// Peers choose immediate values: a flood of distinct ones is bounded, and
+// values whose arrivals were consumed leave the table.
+TEST(ImmCounter, DistinctValuesAreBoundedAndConsumedOnesLeave) {
+  ImmCounter c(/*max_values=*/100);
+  std::vector<ImmCounter::Callback> ready;
+  std::vector<uint32_t> flood(10000);
+  for (uint32_t i = 0; i < flood.size(); ++i) flood[i] = 1000000 + i;
+  c.Add(flood, &ready);
+  EXPECT_EQ(c.tracked(), 100u);
+  EXPECT_EQ(c.dropped(), 9900u);
+  // Consuming them empties the table, and new values are taken again.
+  for (uint32_t i = 0; i < 100; ++i) ASSERT_TRUE(c.TryConsume(1000000 + i, 1));
+  EXPECT_EQ(c.tracked(), 0u);
+  int fired = 0;
+  ASSERT_TRUE(c.Expect(7, 2, [&] { ++fired; }, &ready).ok());
+  c.Add(7, 2, &ready);
+  for (auto& cb : ready) cb();
+  EXPECT_EQ(fired, 1);
+  EXPECT_EQ(c.tracked(), 0u) << "a served expectation left its entry behind";
+  // The caller's own expectations and waits are never refused by the cap.
+  for (uint32_t i = 0; i < 150; ++i) ASSERT_TRUE(c.Expect(5000 + i, 1, [] {}, &ready).ok());
+  EXPECT_EQ(c.tracked(), 150u);
+  c.Add(5000, 1, &ready);  // an expected value is served even above the cap
+  EXPECT_EQ(c.tracked(), 149u);
+}
+
 }  // namespace
 }  // namespace te
