@@ -52,7 +52,9 @@ TEST(Chaos, KilledPeersMalformedMessagesAndVerifiedTraffic) {
   const char* env = std::getenv("TE_CHAOS_SECONDS");
   const auto run_for = std::chrono::duration<double>(env ? std::max(1.0, atof(env)) : 20.0);
   const size_t fds_before = OpenFds();
-  const size_t shm_before = CountDir("/dev/shm", "te.");
+  // shm regions of this process (other tests may run beside this one).
+  const std::string my_regions = "te." + std::to_string(getpid()) + ".";
+  const size_t shm_before = CountDir("/dev/shm", my_regions.c_str());
   uint64_t kills = 0, writes_verified = 0, bytes_verified = 0, kv_verified = 0, junk_sent = 0;
   {
     auto o = Options("tcp");
@@ -184,7 +186,7 @@ TEST(Chaos, KilledPeersMalformedMessagesAndVerifiedTraffic) {
   // Everything above is destroyed: nothing it opened stays open.
   EXPECT_TRUE(WaitUntil([&] { return OpenFds() <= fds_before; }, 5s))
       << OpenFds() << " fds open, " << fds_before << " before";
-  EXPECT_LE(CountDir("/dev/shm", "te."), shm_before);
+  EXPECT_LE(CountDir("/dev/shm", my_regions.c_str()), shm_before);
 }
 
 }  // namespace
