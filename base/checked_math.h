@@ -12,9 +12,12 @@
 //   TE_ASSIGN_OR_RETURN(uint64_t total, CheckedProduct("region", {a, b, c}, kMaxRegionBytes));
 #pragma once
 
+#include <charconv>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "base/status.h"
 
@@ -55,6 +58,17 @@ inline Result<uint64_t> CheckedProduct(const std::string& what,
 // True when [offset, offset + length) lies inside [0, size).
 inline bool RangeWithin(uint64_t offset, uint64_t length, uint64_t size) {
   return offset <= size && length <= size - offset;
+}
+
+// A decimal number of at most 64 bits, the whole of `text` (no sign, no
+// spaces); nullopt otherwise. For flags and files: std::stoul throws on
+// bad input, and an exception must not escape a tool or a parser.
+inline std::optional<uint64_t> ParseUint64(std::string_view text) {
+  uint64_t v = 0;
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || ptr != end) return std::nullopt;
+  return v;
 }
 
 // The largest region any parser accepts: 64 TiB, far beyond one host's

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "base/checked_math.h"
 #include "moe/dispatch_records.h"
 #include "moe/ep_dispatcher.h"
 #include "moe/numeric_formats.h"
@@ -407,11 +408,11 @@ int Worker() {
 // Not under MPI: run this very command under mpirun once per EP size.
 int Launch(int argc, char** argv) {
   for (const std::string& ep : Split(FLAGS_ep)) {
-    if (ep.find_first_not_of("0123456789") != std::string::npos || std::stoi(ep) < 2 || std::stoi(ep) > 64)
-      Die(kTool, "--ep entry '" + ep + "' must be a number in [2, 64]");
+    const auto n = te::ParseUint64(ep);  // 99999999999 must be refused, not thrown
+    if (!n || *n < 2 || *n > 64) Die(kTool, "--ep entry '" + ep + "' must be a number in [2, 64]");
     std::string btl = FLAGS_mpi_btl;
     if (btl.empty()) btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
-    te::tools::RunUnderMpirun(kTool, FLAGS_mpirun, std::stoi(ep), btl, argc, argv, {"ep"}, "--ep=" + ep);
+    te::tools::RunUnderMpirun(kTool, FLAGS_mpirun, int(*n), btl, argc, argv, {"ep"}, "--ep=" + ep);
   }
   return 0;
 }

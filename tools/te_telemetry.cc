@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "base/checked_math.h"
 #include "telemetry/collector.h"
 #include "telemetry/flow_records.h"
 #include "telemetry/reporter.h"
@@ -72,6 +73,13 @@ tl::CollectorInfo Layout() {
   return c;
 }
 
+// A --reporters value: 1..256 processes.
+uint32_t ReporterCount(const std::string& s) {
+  const auto n = te::ParseUint64(s);
+  if (!n || *n < 1 || *n > 256) Die("--reporters value '" + s + "' is not a count in 1..256");
+  return uint32_t(*n);
+}
+
 double CpuSeconds(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string s((std::istreambuf_iterator<char>(in)), {});
@@ -80,8 +88,8 @@ double CpuSeconds(pid_t pid) {
   std::string tok;
   unsigned long long ut = 0, st = 0;
   for (int i = 3; i <= 15 && f >> tok; ++i) {
-    if (i == 14) ut = std::stoull(tok);
-    if (i == 15) st = std::stoull(tok);
+    if (i == 14) ut = te::ParseUint64(tok).value_or(0);
+    if (i == 15) st = te::ParseUint64(tok).value_or(0);
   }
   return double(ut + st) / double(sysconf(_SC_CLK_TCK));
 }
@@ -303,7 +311,7 @@ void Stop(Child& c) {
 int RunBench() {
   std::vector<uint32_t> counts;
   std::stringstream ss(FLAGS_reporters);
-  for (std::string s; std::getline(ss, s, ',');) counts.push_back(uint32_t(std::stoul(s)));
+  for (std::string s; std::getline(ss, s, ',');) counts.push_back(ReporterCount(s));
   if (!FLAGS_json)
     printf("%-9s %14s %12s %9s %9s %14s %12s  %s\n", "reporters", "reports/s", "collector_cpu",
            "success", "formula", "base_reports/s", "base_cpu", "ratio");
@@ -327,7 +335,7 @@ int RunBench() {
     const auto t0 = Clock::now();
     ReportResult two = ReportMany(r, nullptr, addr);
     // Ingested means inserted by the collector, not merely sent.
-    while (std::stoull(Ask(base, "COUNT")) < two.reports) {
+    while (te::ParseUint64(Ask(base, "COUNT")).value_or(0) < two.reports) {
       if (Clock::now() - t0 > std::chrono::seconds(120)) Die("baseline collector never ingested everything");
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -380,7 +388,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (cmd == "report") {
-    const uint32_t n = uint32_t(std::stoul(FLAGS_reporters));
+    const uint32_t n = ReporterCount(FLAGS_reporters);
     tl::CollectorInfo info;
     if (FLAGS_baseline_address.empty()) info = ReadInfo();
     ReportResult r = ReportMany(n, FLAGS_baseline_address.empty() ? &info : nullptr, FLAGS_baseline_address);

@@ -20,6 +20,7 @@
 #include <sstream>
 #include <thread>
 
+#include "base/checked_math.h"
 #include "tools/exit_on_error.h"
 #include "tools/mpi_allgather.h"
 #include "tools/mpi_launch.h"
@@ -178,9 +179,9 @@ std::vector<int> Counts(const std::string& s) {
   std::string item;
   while (std::getline(in, item, ','))
     if (!item.empty()) {
-      if (item.find_first_not_of("0123456789") != std::string::npos || std::stoi(item) < 1 || std::stoi(item) > 32)
-        Die(kTool, "--bench_sources entry '" + item + "' must be a number in [1, 32]");
-      out.push_back(std::stoi(item));
+      const auto n = te::ParseUint64(item);  // 99999999999 must be refused, not thrown
+      if (!n || *n < 1 || *n > 32) Die(kTool, "--bench_sources entry '" + item + "' must be a number in [1, 32]");
+      out.push_back(int(*n));
     }
   return out;
 }

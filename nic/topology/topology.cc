@@ -7,6 +7,8 @@
 #include <regex>
 #include <sstream>
 
+#include "base/checked_math.h"
+
 namespace te::nic {
 namespace fs = std::filesystem;
 
@@ -86,7 +88,12 @@ Result<std::vector<int>> ParseCpuList(const std::string& list) {
     std::smatch m;
     if (!std::regex_match(part, m, kRange))
       return InvalidArgument("cpu list part '" + part + "' is not N or N-M");
-    int lo = std::stoi(m[1]), hi = m[2].matched ? std::stoi(m[2]) : lo;
+    // Digits only, but as many as the file holds: parse without throwing.
+    const auto first = ParseUint64(m[1].str());
+    const auto last = m[2].matched ? ParseUint64(m[2].str()) : first;
+    if (!first || !last || *first > (1u << 20) || *last > (1u << 20))
+      return InvalidArgument("cpu list part '" + part + "' names a cpu beyond 2^20");
+    const int lo = int(*first), hi = int(*last);
     if (hi < lo || hi - lo > 65536)
       return InvalidArgument("cpu range '" + part + "' is reversed or too large");
     for (int c = lo; c <= hi; ++c) out.push_back(c);

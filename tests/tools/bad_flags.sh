@@ -3,8 +3,11 @@
 # nothing behind: no process (te-bench --loopback forks a listener), no
 # /dev/shm file (te-weightsync serve maps one), no uncaught exception.
 set -u
-BENCH=${1:?usage: bad_flags.sh te-bench te-weightsync}
-WSYNC=${2:?usage: bad_flags.sh te-bench te-weightsync}
+USAGE="usage: bad_flags.sh te-bench te-weightsync te-telemetry te-moe"
+BENCH=${1:?$USAGE}
+WSYNC=${2:?$USAGE}
+TELEM=${3:?$USAGE}
+MOE=${4:?$USAGE}
 fail=0
 expect_refused() {  # expect_refused <what the message must contain> <command...>
   local want=$1; shift
@@ -31,4 +34,8 @@ SHM=/dev/shm/te-weights-badflags-$$
 expect_refused "rendezvous" "$WSYNC" serve --rendezvous=/proc/nonexistent/dir --rank=0 --ranks=1 --sources=1 \
   --model=tiny --shm="$SHM"
 if [ -e "$SHM" ]; then echo "FAIL: a failed serve left $SHM"; rm -f "$SHM"; fail=1; fi
+expect_refused "reporters" "$TELEM" bench --reporters=abc
+expect_refused "reporters" "$TELEM" report --reporters=99999999999999999999
+expect_refused "ep" "$MOE" bench --ep=99999999999
+expect_refused "bench_sources" "$WSYNC" bench --bench_sources=99999999999
 exit $fail

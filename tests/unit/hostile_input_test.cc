@@ -31,6 +31,11 @@ TEST(CheckedMath, RefusesWrapsAndNamesTheFactors) {
   EXPECT_NE(p.status().message().find("1099511627776 x 1099511627776"), std::string::npos) << p.status().ToString();
   EXPECT_EQ(CheckedProduct("region", {2, 3, 7}).value(), 42u);
   EXPECT_FALSE(CheckedProduct("region", {1 << 20, 1 << 20}, 1 << 30).ok());
+  EXPECT_EQ(ParseUint64("18446744073709551615").value_or(0), ~uint64_t(0));
+  EXPECT_FALSE(ParseUint64("18446744073709551616").has_value());
+  EXPECT_FALSE(ParseUint64("-1").has_value());
+  EXPECT_FALSE(ParseUint64("12x").has_value());
+  EXPECT_FALSE(ParseUint64("").has_value());
 }
 
 TEST(HostileInput, KvPullAnnouncingTwoToTheSixtyTwoPages) {

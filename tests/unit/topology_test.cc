@@ -104,6 +104,10 @@ TEST(Topology, CpuListsParseAndRejectGarbage) {
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("'x'"), std::string::npos);
   EXPECT_FALSE(nic::ParseCpuList("5-2").ok());
+  // A sysfs file is input too: a number too large for any cpu is an error,
+  // not an exception.
+  EXPECT_FALSE(nic::ParseCpuList("0-99999999999999999999").ok());
+  EXPECT_FALSE(nic::ParseCpuList("4294967296").ok());
 }
 
 TEST(Topology, EngineOptionsForAGpuPickItsNicsAndCores) {
