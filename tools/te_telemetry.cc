@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -297,7 +298,18 @@ std::string Ask(Child& c, const char* cmd) {
   fprintf(c.in, "%s\n", cmd);
   fflush(c.in);
   char buf[256];
-  return fgets(buf, sizeof buf, c.out) ? std::string(buf) : "";
+  std::string line = fgets(buf, sizeof buf, c.out) ? std::string(buf) : "";
+  while (!line.empty() && isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
+  return line;
+}
+
+// The baseline collector's COUNT answer; a child that answers anything else
+// is broken.
+uint64_t AskCount(Child& c) {
+  const std::string answer = Ask(c, "COUNT");
+  const auto n = te::ParseUint64(answer);
+  if (!n) Die("baseline collector answered '" + answer + "' to COUNT");
+  return *n;
 }
 
 void Stop(Child& c) {
@@ -335,7 +347,7 @@ int RunBench() {
     const auto t0 = Clock::now();
     ReportResult two = ReportMany(r, nullptr, addr);
     // Ingested means inserted by the collector, not merely sent.
-    while (te::ParseUint64(Ask(base, "COUNT")).value_or(0) < two.reports) {
+    while (AskCount(base) < two.reports) {
       if (Clock::now() - t0 > std::chrono::seconds(120)) Die("baseline collector never ingested everything");
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
