@@ -59,9 +59,10 @@ TEST(Chaos, KilledPeersMalformedMessagesAndVerifiedTraffic) {
   {
     auto o = Options("tcp");
     o.request_timeout = 2000ms;
+    // Declared before the engines, so it outlives writes that ended in error.
+    std::vector<uint8_t> src(size_t(kSlots) * kSlot);
     auto engine = TransferEngine::Create(o).value();
     auto attacker = TransferEngine::Create(o).value();
-    std::vector<uint8_t> src(size_t(kSlots) * kSlot);
     for (uint32_t s = 0; s < kSlots; ++s) FillPattern(src.data() + size_t(s) * kSlot, kSlot, 0xC0 + s);
     auto src_mr = engine->RegisterMemory(src.data(), src.size()).value();
 

@@ -45,9 +45,9 @@ TEST(Trust, GuessedKeysReachNoOtherRegion) {
     SCOPED_TRACE(provider);
     auto o = Options(provider);
     o.request_timeout = 1000ms;  // forged writes may end by timeout (tcp drops the connection)
+    std::vector<uint8_t> given(1 << 16, 0), secret(1 << 16, 0), src(1 << 16, 0xAB);
     auto receiver = TransferEngine::Create(o).value();
     auto sender = TransferEngine::Create(o).value();
-    std::vector<uint8_t> given(1 << 16, 0), secret(1 << 16, 0), src(1 << 16, 0xAB);
     auto given_mr = receiver->RegisterMemory(given.data(), given.size()).value();
     auto secret_mr = receiver->RegisterMemory(secret.data(), secret.size()).value();
     const MrDescriptor d = receiver->Describe(*given_mr);
@@ -73,9 +73,9 @@ TEST(Trust, GuessedKeysReachNoOtherRegion) {
 }
 
 TEST(Trust, DescriptorsBuiltByHandAreCheckedLikeDecodedOnes) {
+  std::vector<uint8_t> dst(4096), src(4096);
   auto receiver = TransferEngine::Create(Options("shm")).value();
   auto sender = TransferEngine::Create(Options("shm")).value();
-  std::vector<uint8_t> dst(4096), src(4096);
   auto dst_mr = receiver->RegisterMemory(dst.data(), dst.size()).value();
   auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
   MrDescriptor wrap = receiver->Describe(*dst_mr);
@@ -101,8 +101,8 @@ TEST(Trust, SubmitIsBounded) {
   auto o = Options("tcp");
   o.max_queued_operations = 8;
   o.request_timeout = 500ms;
-  auto sender = TransferEngine::Create(o).value();
   std::vector<uint8_t> src(4096), dst(4096);
+  auto sender = TransferEngine::Create(o).value();
   auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
   MrDescriptor dead;
   {
@@ -170,11 +170,11 @@ TEST(Trust, QueuedRequestsAreWithdrawnUnpostedNotTimedOut) {
   auto o = Options("tcp");
   o.request_timeout = 300ms;
   o.max_inflight_per_domain = 2;
-  auto receiver = TransferEngine::Create(o).value();
-  auto sender = TransferEngine::Create(o).value();
   constexpr int kRequests = 6000;  // 1.5 GiB: far longer in the queue than the timeout
   constexpr size_t kLen = 256 << 10;
   std::vector<uint8_t> src(kLen, 1), dst(kLen);
+  auto receiver = TransferEngine::Create(o).value();
+  auto sender = TransferEngine::Create(o).value();
   auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
   auto dst_mr = receiver->RegisterMemory(dst.data(), dst.size()).value();
   auto remote = sender->Import(receiver->Describe(*dst_mr)).value();
@@ -222,10 +222,11 @@ TEST(Trust, QueuedRequestsAreWithdrawnUnpostedNotTimedOut) {
 TEST(Trust, DeadShmPeerIsNeverPostedTo) {
   auto o = Options("shm");
   o.request_timeout = 3000ms;
+  // Buffers outlive the engines: a write that ended in error may still land.
+  std::vector<uint8_t> src(1 << 20, 3), live_dst(1 << 20);
   PeerProcess peer(o, 1 << 20);
   auto engine = TransferEngine::Create(o).value();
   auto live = TransferEngine::Create(o).value();
-  std::vector<uint8_t> src(1 << 20, 3), live_dst(1 << 20);
   auto src_mr = engine->RegisterMemory(src.data(), src.size()).value();
   auto to_peer = engine->Import(MrDescriptor::FromHex(peer.descriptor_hex()).value()).value();
   auto live_mr = live->RegisterMemory(live_dst.data(), live_dst.size()).value();
@@ -261,10 +262,11 @@ TEST(Trust, DeadShmPeerIsNeverPostedTo) {
 TEST(Trust, ShmBadKeyNeverHangsLaterWrites) {
   auto o = Options("shm");
   o.request_timeout = 1500ms;
+  // Buffers outlive the engines: a write that ended in error may still land.
+  std::vector<uint8_t> src(1 << 20, 4), live_dst(1 << 20);
   PeerProcess peer(o, 1 << 20);
   auto engine = TransferEngine::Create(o).value();
   auto live = TransferEngine::Create(o).value();
-  std::vector<uint8_t> src(1 << 20, 4), live_dst(1 << 20);
   auto src_mr = engine->RegisterMemory(src.data(), src.size()).value();
   auto live_mr = live->RegisterMemory(live_dst.data(), live_dst.size()).value();
   auto to_live = engine->Import(live->Describe(*live_mr)).value();
@@ -322,8 +324,8 @@ TEST(Trust, StaleShmRegionsOfDeadProcessesAreRemoved) {
 // does not fill the table for good.
 TEST(Trust, PeerTableMakesRoomForNewPeers) {
   auto o = Options("shm");
-  auto sender = TransferEngine::Create(o).value();
   std::vector<uint8_t> src(4096, 9), dst(4096);
+  auto sender = TransferEngine::Create(o).value();
   auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
   for (int i = 0; i < 300; ++i) {
     auto peer = TransferEngine::Create(o).value();
