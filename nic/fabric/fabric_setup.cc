@@ -1,5 +1,7 @@
 #include "nic/fabric/fabric_setup.h"
 
+#include "nic/fabric/provider_signals.h"
+
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <signal.h>
@@ -157,6 +159,7 @@ Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options
 
   if (prov == "shm") RemoveStaleShmRegions("/dev/shm");
   auto res = std::make_unique<FabricResources>();
+  ReleaseSignalsTakenByProviders();  // Ctrl-C stays the application's (provider_signals.h)
   int ret = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &res->info);
   fi_freeinfo(hints);
   if (ret != 0 || res->info == nullptr) {

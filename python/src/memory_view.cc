@@ -1,6 +1,7 @@
 #include "memory_view.h"
 
 #include <dlpack/dlpack.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>

@@ -50,6 +50,27 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     check_compatible,
 )
 
+
+
+def _take_back_signals() -> None:
+    # Importing the extension loads libfabric, whose psm provider library
+    # replaces the SIGINT handler with one that exits the process (see
+    # nic/fabric/provider_signals.h). Re-installing Python's own handler
+    # brings KeyboardInterrupt back; faulthandler is re-armed likewise.
+    import faulthandler
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    if faulthandler.is_enabled():
+        faulthandler.enable()
+
+
+_take_back_signals()
+
 __all__ = [
     "Barrier", "Engine", "EngineOptions", "Handle", "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout",
     "KvPrefiller", "KvRegistration", "KvRegistry", "PagedWrite", "Peer", "Region", "RegistryEntry",
