@@ -8,9 +8,9 @@ Each case runs the same workload as te-bench's (same sizes, window of 64
 writes outstanding, 64 pages per PagedWrite with random page indices and a
 stride of page + 128 B, all single writes at offset 0, bytes per case capped
 the same way), between this process and a target process, timed until the
-target has counted every immediate. te-bench runs right after each Python
-case (its own process pair), so both see the same machine state; each side
-reports the median of --repeat runs.
+target has counted every immediate. Python runs and te-bench runs (its own
+process pair, one run each) alternate, --repeat times per case, so both see
+the same machine state; each side reports its median.
 """
 
 from __future__ import annotations
@@ -189,49 +189,40 @@ class Bench:
         return self.ask("read", 0, size)[1] == self.src_buf[:size].tobytes()
 
     def call_overhead(self) -> Dict[str, float]:
-        """Microseconds one Python call takes to submit (returning a handle),
-        for a 4 KiB write and for a 64-page PagedWrite of 4 KiB pages."""
+        """Microseconds one Python call takes to submit and return a Handle,
+        for a 4 KiB write and for a 64-page PagedWrite of 4 KiB pages: the
+        median over calls made one at a time (each waited for before the
+        next), so that the figure is the call's own cost, not time spent
+        preempted by the engine's threads on a busy machine."""
         e, src, dst = self.engine, self.src, self.dst
         out = {}
-        n = 2000
         per = e.expected_imm_count(te.SingleWrite(src, dst, 4096, imm=DATA_IMM))
-        calls = 0.0
+        times: List[float] = []
 
         def singles():
-            nonlocal calls
-            hs = []
-            for _ in range(n):
+            for _ in range(1000):
                 t = time.perf_counter()
-                hs.append(e.write(src, dst, 4096, imm=DATA_IMM))
-                calls += time.perf_counter() - t
-                if len(hs) >= 256:
-                    e.wait_all(hs, self.args.timeout)
-                    hs = []
-            e.wait_all(hs, self.args.timeout)
+                h = e.write(src, dst, 4096, imm=DATA_IMM)
+                times.append(time.perf_counter() - t)
+                h.wait(self.args.timeout)
 
-        self.timed(singles, n * per)
-        out["single_4k_us"] = calls / n * 1e6
+        self.timed(singles, 1000 * per)
+        out["single_4k_us"] = statistics.median(times) * 1e6
         rng = np.random.default_rng(1)
         reqs = [(rng.permutation(PAGES_IN_REGION)[:64].astype(np.uint32),
                  rng.permutation(PAGES_IN_REGION)[:64].astype(np.uint32)) for _ in range(200)]
         stride = 4096 + PAGE_SLACK
-        calls = 0.0
+        times = []
 
         def pages():
-            nonlocal calls
-            hs = []
             for sp, dp in reqs:
                 t = time.perf_counter()
-                hs.append(e.write_paged(src, sp, dst, dp, 4096, src_stride=stride, dst_stride=stride,
-                                        imm=DATA_IMM))
-                calls += time.perf_counter() - t
-                if len(hs) >= 4:
-                    e.wait_all(hs, self.args.timeout)
-                    hs = []
-            e.wait_all(hs, self.args.timeout)
+                h = e.write_paged(src, sp, dst, dp, 4096, src_stride=stride, dst_stride=stride, imm=DATA_IMM)
+                times.append(time.perf_counter() - t)
+                h.wait(self.args.timeout)
 
         self.timed(pages, len(reqs) * 64)
-        out["paged_64x4k_us"] = calls / len(reqs) * 1e6
+        out["paged_64x4k_us"] = statistics.median(times) * 1e6
         return out
 
 
@@ -250,9 +241,10 @@ def find_te_bench(given: str) -> Optional[str]:
 
 def run_cpp(path: str, args: argparse.Namespace, case: str, size: int) -> Optional[dict]:
     cmd = [path, "--loopback", "--json", f"--provider={args.provider}", f"--window={args.window}",
-           f"--repeat={args.repeat}", f"--bytes_per_case={args.bytes_per_case}",
+           "--repeat=1", f"--bytes_per_case={args.bytes_per_case}",
            f"--pages_per_request={args.pages_per_request}"]
-    cmd += [f"--cases={case}", f"--sizes={size}", f"--page_sizes={size}"]
+    # Only the case's own size: te-bench sizes its region for the largest.
+    cmd += [f"--cases={case}", f"--sizes={size}" if case == "single" else f"--page_sizes={size}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * 10 + 120)
     if out.returncode != 0:
         sys.stderr.write(f"te-bench failed ({out.returncode}): {out.stderr[-2000:]}\n")
@@ -310,25 +302,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{'case':<13}{'size':>6}{'python':>12}{'c++':>12}{'ratio':>8}  unit   verified")
         for i, (case, size, batched) in enumerate(plan):
             sys.stderr.write(f"[{i + 1}/{len(plan)}] {case} {human(size)} ...\n")
+            metric = "mops" if case == "paged" else "gbps"
             if case == "paged":
                 ppr = args.pages_per_request
                 nreq = max(1, bench.ops_for(size) // ppr)
                 reqs = [(rng.permutation(PAGES_IN_REGION)[:ppr].astype(np.uint32),
                          rng.permutation(PAGES_IN_REGION)[:ppr].astype(np.uint32)) for _ in range(nreq)]
                 bench.paged(size, reqs[:max(1, 50 // ppr)])  # warm-up, as te-bench
-                secs = statistics.median(bench.paged(size, reqs) for _ in range(args.repeat))
-                value, unit, metric = nreq * ppr / secs / 1e6, "Mop/s", "mops"
-                verified = bench.verify_paged(size, reqs[0][0], reqs[0][1])
+                run_py = lambda: nreq * ppr / bench.paged(size, reqs) / 1e6  # noqa: E731
+                unit = "Mop/s"
             else:
                 n = bench.ops_for(size)
                 bench.single(size, 50, batched)
-                secs = statistics.median(bench.single(size, n, batched) for _ in range(args.repeat))
-                value, unit, metric = n * size / secs / 1e9, "GB/s", "gbps"
-                verified = bench.verify_single(size)
-            ref = None
-            if cpp:
-                row = run_cpp(cpp, args, "paged" if case == "paged" else "single", size)
-                ref = row.get(metric) if row else None
+                run_py = lambda: n * size / bench.single(size, n, batched) / 1e9  # noqa: E731
+                unit = "GB/s"
+            # Python and C++ runs alternate, so that both see the same drift of
+            # a shared machine; each side reports its median.
+            py_vals, cpp_vals = [], []
+            for _ in range(args.repeat):
+                py_vals.append(run_py())
+                if cpp:
+                    row = run_cpp(cpp, args, "paged" if case == "paged" else "single", size)
+                    if row and row.get(metric):
+                        cpp_vals.append(row[metric])
+            value = statistics.median(py_vals)
+            ref = statistics.median(cpp_vals) if cpp_vals else None
+            verified = (bench.verify_paged(size, reqs[0][0], reqs[0][1]) if case == "paged"
+                        else bench.verify_single(size))
             ratio = value / ref if ref else None
             rec = {"case": case, "size": size, "provider": bench.engine.provider, "python": round(value, 4),
                    "cpp": ref, "ratio": None if ratio is None else round(ratio, 3), "unit": unit,
