@@ -126,16 +126,19 @@ class PyEngine : public std::enable_shared_from_this<PyEngine> {
   std::optional<Message> Recv(std::optional<double> timeout);
   uint64_t messages_dropped() const;
 
-  // A data plane takes over the receive handler; close() waits for none.
+  // A data plane (KvPrefiller, KvDecoder) takes over the receive handler and
+  // holds the engine open; when the last one closes, recv() gets it back.
   void AttachPlane() { planes_.fetch_add(1); }
-  void DetachPlane() { planes_.fetch_sub(1); }
+  void DetachPlane();
 
  private:
   void OnMessage(const te::EngineAddress& from, std::span<const uint8_t> data);
   void SignalLocked();
   // Waits for `done()` with the GIL released, in slices, checking signals.
+  // With `spin`, first polls `done()` for a short while (it must then be
+  // safe to call without the mutex).
   template <typename Pred>
-  bool WaitFor(Pred done, std::optional<double> timeout);
+  bool WaitFor(Pred done, std::optional<double> timeout, bool spin);
 
   std::unique_ptr<te::TransferEngine> engine_;
   bool manual_ = false;
