@@ -41,8 +41,7 @@ inline bool CheckedAdd(uint64_t a, uint64_t b, uint64_t* out) {
 
 // The product of `factors`, refused when it overflows or exceeds `limit`.
 // The message names `what`, every factor and the limit.
-inline Result<uint64_t> CheckedProduct(const std::string& what,
-                                       std::initializer_list<uint64_t> factors,
+inline Result<uint64_t> CheckedProduct(const std::string& what, std::initializer_list<uint64_t> factors,
                                        uint64_t limit = ~uint64_t(0)) {
   uint64_t p = 1;
   bool fits = true;

@@ -15,15 +15,15 @@ namespace te {
 
 enum class StatusCode {
   kOk = 0,
-  kInvalidArgument,   // caller passed something malformed or out of range
-  kOutOfRange,        // an offset/length outside a region's bounds
+  kInvalidArgument,  // caller passed something malformed or out of range
+  kOutOfRange,       // an offset/length outside a region's bounds
   kNotFound,
-  kUnavailable,       // transient: resource exhausted, try again
-  kTimeout,           // a deadline passed (dead peer, lost notification)
-  kCancelled,         // the engine shut down before the work finished
-  kIoError,           // the NIC or provider reported a failure
-  kUnimplemented,     // the provider or build lacks the capability
-  kInternal,          // an invariant of this library broke: a bug
+  kUnavailable,    // transient: resource exhausted, try again
+  kTimeout,        // a deadline passed (dead peer, lost notification)
+  kCancelled,      // the engine shut down before the work finished
+  kIoError,        // the NIC or provider reported a failure
+  kUnimplemented,  // the provider or build lacks the capability
+  kInternal,       // an invariant of this library broke: a bug
   // A request was withdrawn before any of its operations was posted:
   // nothing of it reached the peer, so it is safe to submit again.
   kNotPosted,
@@ -37,8 +37,7 @@ const char* StatusCodeName(StatusCode code);
 class [[nodiscard]] Status {
  public:
   Status() = default;  // OK
-  Status(StatusCode code, std::string message)
-      : code_(code), message_(std::move(message)) {}
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
 
   static Status Ok() { return Status(); }
 
@@ -73,7 +72,7 @@ inline Status ResourceExhausted(std::string m) { return {StatusCode::kResourceEx
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT
     assert(!std::get<Status>(v_).ok() && "Result built from an OK Status");
   }
@@ -98,17 +97,16 @@ class [[nodiscard]] Result {
 }  // namespace te
 
 // Returns early from the enclosing function when `expr` is not OK.
-#define TE_RETURN_IF_ERROR(expr)            \
-  do {                                      \
-    ::te::Status te_status_ = (expr);       \
+#define TE_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::te::Status te_status_ = (expr);        \
     if (!te_status_.ok()) return te_status_; \
   } while (0)
 
 #define TE_CONCAT_INNER(a, b) a##b
 #define TE_CONCAT(a, b) TE_CONCAT_INNER(a, b)
 // TE_ASSIGN_OR_RETURN(auto x, MakeX()): binds the value or returns the error.
-#define TE_ASSIGN_OR_RETURN(lhs, rexpr) \
-  TE_ASSIGN_OR_RETURN_IMPL(TE_CONCAT(te_result_, __LINE__), lhs, rexpr)
+#define TE_ASSIGN_OR_RETURN(lhs, rexpr) TE_ASSIGN_OR_RETURN_IMPL(TE_CONCAT(te_result_, __LINE__), lhs, rexpr)
 #define TE_ASSIGN_OR_RETURN_IMPL(tmp, lhs, rexpr) \
   auto tmp = (rexpr);                             \
   if (!tmp.ok()) return tmp.status();             \

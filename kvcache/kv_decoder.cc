@@ -99,8 +99,10 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   std::vector<std::pair<uint32_t, PeerRef>> idle;
   for (uint32_t s = 0; s < prefill.layout.tp; ++s) {
     TE_ASSIGN_OR_RETURN(auto peer, engine_->Connect(prefill.ranks[s]));
-    if (std::find(source_ranks.begin(), source_ranks.end(), s) == source_ranks.end()) idle.emplace_back(s, peer);
-    else r.sources[s] = Source{peer, prefill.ranks[s].ToHex()};
+    if (std::find(source_ranks.begin(), source_ranks.end(), s) == source_ranks.end())
+      idle.emplace_back(s, peer);
+    else
+      r.sources[s] = Source{peer, prefill.ranks[s].ToHex()};
   }
   KvMessage pull;
   pull.kind = KvMessage::Kind::kPull;
@@ -152,9 +154,8 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
     (void)engine_->Send(peer, pull.Encode(), {});
   }
   requests_.emplace(id, std::move(r));
-  Status s = engine_->ExpectImm(imm(tag), expected, [this, t = guard_.token(), id, tag] {
-    CallbackGuard::Run(t, [&] { OnArrived(id, tag); });
-  });
+  Status s = engine_->ExpectImm(
+      imm(tag), expected, [this, t = guard_.token(), id, tag] { CallbackGuard::Run(t, [&] { OnArrived(id, tag); }); });
   if (!s.ok()) StopLocked(id, requests_.at(id), s);
   return Status::Ok();
 }
@@ -225,7 +226,8 @@ void KvDecoder::SweepLocked() {
       }
       // Every write a source reported delivered must have landed before the
       // pages are handed back; a silent source reports nothing.
-      if (all && (silent || engine_->ImmAvailable(imm(r.tag)) >= delivered)) release = true;
+      if (all && (silent || engine_->ImmAvailable(imm(r.tag)) >= delivered))
+        release = true;
       else if (all && now - r.stop_since > options_.peer_timeout) {
         r.outcome = r.outcome.WithContext("only " + S(engine_->ImmAvailable(imm(r.tag))) + " of " + S(delivered) +
                                           " delivered writes landed within the timeout");
@@ -238,8 +240,10 @@ void KvDecoder::SweepLocked() {
     }
     engine_->ForgetImm(imm(r.tag));
     tags_.erase(r.tag);
-    if (r.outcome.code() == StatusCode::kCancelled) stats_.requests_cancelled++;
-    else stats_.requests_failed++;
+    if (r.outcome.code() == StatusCode::kCancelled)
+      stats_.requests_cancelled++;
+    else
+      stats_.requests_failed++;
     due_.emplace_back(std::move(r), it->first);
     it = requests_.erase(it);
   }
@@ -316,8 +320,8 @@ void KvDecoder::Run() {
           continue;
         s.confirmed = s.silent = true;
         StopLocked(id, r,
-                   Unavailable("prefill rank " + S(rank) + " silent for more than " +
-                               S(options_.peer_timeout.count()) + " ms; request " + S(id) + " failed"));
+                   Unavailable("prefill rank " + S(rank) + " silent for more than " + S(options_.peer_timeout.count()) +
+                               " ms; request " + S(id) + " failed"));
       }
     }
     SweepLocked();

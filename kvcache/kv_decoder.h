@@ -20,10 +20,10 @@
 // Failure: heartbeats go to every prefill rank a request waits on. A source
 // that fails the request (FAILED), cannot be reached with the PULL, or stays
 // silent for `peer_timeout` fails it (a source never heard from gets the
-// engine's request_timeout instead, since a first connection can be slow): the other sources are told to stop, and on_ready reports the error
-// once they confirmed (or are silent too). A prefill rank that is alive but
-// unreachable for peer_timeout could still be writing when on_ready reports
-// its silence: that is the limit of any timeout-based detector.
+// engine's request_timeout instead, since a first connection can be slow): the other sources are told to stop, and
+// on_ready reports the error once they confirmed (or are silent too). A prefill rank that is alive but unreachable for
+// peer_timeout could still be writing when on_ready reports its silence: that is the limit of any timeout-based
+// detector.
 //
 // Threads: public methods are safe from any thread; the engine must run in
 // ProgressMode::kThread. `on_ready` runs exactly once per accepted Receive,
@@ -100,7 +100,7 @@ class KvDecoder {
     uint32_t tag = 0;
     uint32_t context_slot = 0;
     uint64_t expected = 0;
-    uint64_t arrived = 0;  // immediates seen at the last heartbeat round
+    uint64_t arrived = 0;                // immediates seen at the last heartbeat round
     std::map<uint32_t, Source> sources;  // by prefill rank
     bool stopping = false;               // cancelled or failed: waiting for sources
     Status outcome;                      // what on_ready reports when stopping

@@ -31,10 +31,10 @@ Status KvLayout::Validate() const {
                            "; every rank must hold the same number of heads");
   // Sizes are products of peer-supplied fields: check the product before
   // any accessor computes it in 64 bits (it could wrap to 0).
-  auto region = CheckedProduct("KvLayout region (layers x tensors x pages x page_tokens x local_heads x "
-                               "head_dim x dtype_bytes)",
-                               {layers, tensors(), pages, page_tokens, local_heads(), head_dim, dtype_bytes},
-                               kMaxRegionBytes);
+  auto region = CheckedProduct(
+      "KvLayout region (layers x tensors x pages x page_tokens x local_heads x "
+      "head_dim x dtype_bytes)",
+      {layers, tensors(), pages, page_tokens, local_heads(), head_dim, dtype_bytes}, kMaxRegionBytes);
   if (!region.ok()) return region.status();
   // Transfers address the region in units of one head (PagedWrite indices
   // are 32-bit), which bounds the region.
@@ -54,8 +54,10 @@ uint64_t KvLayout::Offset(uint32_t layer, uint32_t tensor, uint32_t page, uint32
 std::string KvLayout::Describe() const {
   std::ostringstream o;
   o << layers << "L x " << page_tokens << "tok x ";
-  if (mla) o << "MLA " << head_dim << "d";
-  else o << kv_heads << "h x " << head_dim << "d";
+  if (mla)
+    o << "MLA " << head_dim << "d";
+  else
+    o << kv_heads << "h x " << head_dim << "d";
   o << " x " << dtype_bytes << "B " << (order == KvOrder::kNHD ? "NHD" : "HND") << " tp" << tp << ", " << pages
     << " pages";
   return o.str();

@@ -10,11 +10,16 @@ namespace {
 constexpr const char* kMagic = "tekv1";
 const char* KindName(KvMessage::Kind k) {
   switch (k) {
-    case KvMessage::Kind::kPull: return "PULL";
-    case KvMessage::Kind::kCancel: return "CANCEL";
-    case KvMessage::Kind::kCancelled: return "CANCELLED";
-    case KvMessage::Kind::kFailed: return "FAILED";
-    case KvMessage::Kind::kHeartbeat: return "HB";
+    case KvMessage::Kind::kPull:
+      return "PULL";
+    case KvMessage::Kind::kCancel:
+      return "CANCEL";
+    case KvMessage::Kind::kCancelled:
+      return "CANCELLED";
+    case KvMessage::Kind::kFailed:
+      return "FAILED";
+    case KvMessage::Kind::kHeartbeat:
+      return "HB";
   }
   return "?";
 }
@@ -25,12 +30,17 @@ std::vector<uint8_t> KvMessage::Encode() const {
   o << kMagic << ' ' << KindName(kind) << ' ' << request << ' ' << rank;
   switch (kind) {
     case Kind::kPull:
-      o << ' ' << imm << ' ' << context_offset << ' ' << context_bytes << ' ' << descriptor_hex << ' '
-        << pages.size() << ' ' << source_rank << ' ' << layout.Serialize() << ' ' << source_layout.Serialize();
+      o << ' ' << imm << ' ' << context_offset << ' ' << context_bytes << ' ' << descriptor_hex << ' ' << pages.size()
+        << ' ' << source_rank << ' ' << layout.Serialize() << ' ' << source_layout.Serialize();
       break;
-    case Kind::kCancelled: o << ' ' << delivered; break;
-    case Kind::kFailed: o << ' ' << delivered << ' ' << reason; break;
-    default: break;
+    case Kind::kCancelled:
+      o << ' ' << delivered;
+      break;
+    case Kind::kFailed:
+      o << ' ' << delivered << ' ' << reason;
+      break;
+    default:
+      break;
   }
   o << '\n';
   std::string head = o.str();
@@ -46,8 +56,8 @@ std::vector<uint8_t> KvMessage::Encode() const {
 Result<KvMessage> KvMessage::Decode(std::span<const uint8_t> data) {
   size_t nl = 0;
   while (nl < data.size() && data[nl] != '\n') ++nl;
-  if (nl == data.size()) return InvalidArgument("KV control message of " + std::to_string(data.size()) +
-                                                " bytes has no header line");
+  if (nl == data.size())
+    return InvalidArgument("KV control message of " + std::to_string(data.size()) + " bytes has no header line");
   std::istringstream in(std::string(data.begin(), data.begin() + nl));
   std::string magic, kind;
   KvMessage m;
@@ -124,8 +134,8 @@ Result<KvInstanceInfo> KvInstanceInfo::Parse(const std::string& text) {
   std::getline(in, rest);
   TE_ASSIGN_OR_RETURN(info.layout, KvLayout::Parse(rest));
   if (info.layout.tp != n)
-    return InvalidArgument("KV instance '" + info.name + "' lists " + std::to_string(n) + " ranks but its layout has tp " +
-                           std::to_string(info.layout.tp));
+    return InvalidArgument("KV instance '" + info.name + "' lists " + std::to_string(n) +
+                           " ranks but its layout has tp " + std::to_string(info.layout.tp));
   return info;
 }
 

@@ -45,8 +45,8 @@ struct KvPrefiller::Request {
   int64_t context_slot = -1;
   uint64_t context_len = 0;
   std::map<std::string, std::unique_ptr<Dest>> dests;  // by "<address hex>/<rank>"
-  int64_t expected_dests = -1;                          // known from the first PULL
-  Status status;                                        // first failure, reported by on_sent
+  int64_t expected_dests = -1;                         // known from the first PULL
+  Status status;                                       // first failure, reported by on_sent
   bool aborted = false;
   bool announced = false;  // on_pull ran
 };
@@ -59,15 +59,13 @@ KvPrefiller::KvPrefiller(TransferEngine* engine, const KvLayout& layout, uint32_
                          const PrefillerOptions& options)
     : engine_(engine), layout_(layout), rank_(rank), memory_(memory), options_(options) {}
 
-Result<std::unique_ptr<KvPrefiller>> KvPrefiller::Create(TransferEngine* engine, const KvLayout& layout,
-                                                         uint32_t rank, uint8_t* memory,
-                                                         const PrefillerOptions& options) {
+Result<std::unique_ptr<KvPrefiller>> KvPrefiller::Create(TransferEngine* engine, const KvLayout& layout, uint32_t rank,
+                                                         uint8_t* memory, const PrefillerOptions& options) {
   if (!engine || !memory) return InvalidArgument("KvPrefiller needs an engine and memory");
   if (engine->options().progress != ProgressMode::kThread)
     return InvalidArgument("KvPrefiller needs an engine in ProgressMode::kThread");
   TE_RETURN_IF_ERROR(layout.Validate().WithContext("prefill layout"));
-  if (rank >= layout.tp)
-    return InvalidArgument("prefill rank " + S(rank) + " outside [0, " + S(layout.tp) + ")");
+  if (rank >= layout.tp) return InvalidArgument("prefill rank " + S(rank) + " outside [0, " + S(layout.tp) + ")");
   if (options.context_slots == 0 || options.context_bytes == 0)
     return InvalidArgument("PrefillerOptions: context_slots and context_bytes must be at least 1");
   std::unique_ptr<KvPrefiller> p(new KvPrefiller(engine, layout, rank, memory, options));
@@ -212,7 +210,8 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   std::string refuse;
   auto peer = engine_->Connect(from);
   if (!peer.ok()) {
-    LOG_EVERY_N(WARNING, 100) << "kv prefill rank " << rank_ << ": cannot reach a decoder: " << peer.status().ToString();
+    LOG_EVERY_N(WARNING, 100) << "kv prefill rank " << rank_
+                              << ": cannot reach a decoder: " << peer.status().ToString();
     return;
   }
   dest->peer = *peer;
@@ -227,11 +226,14 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   if (m.source_rank != rank_ || m.source_layout.Serialize() != layout_.Serialize())
     refuse = "decoder assumed prefill rank " + S(m.source_rank) + " with layout " + m.source_layout.Describe() +
              "; this is rank " + S(rank_) + " with layout " + layout_.Describe();
-  else if (!runs.ok()) refuse = runs.status().message();
+  else if (!runs.ok())
+    refuse = runs.status().message();
   else if (idle != (runs->runs() == 0))
-    refuse = "decode rank " + S(m.rank) + (idle ? " sent no pages but needs heads of" : " asked for pages but needs nothing from") +
+    refuse = "decode rank " + S(m.rank) +
+             (idle ? " sent no pages but needs heads of" : " asked for pages but needs nothing from") +
              " prefill rank " + S(rank_);
-  else if (!desc.ok()) refuse = desc.status().message();
+  else if (!desc.ok())
+    refuse = desc.status().message();
   else if (!(desc->owner == from))
     // A PULL names the sender's own cache: a descriptor of anyone else's
     // memory would make this rank write KV data where the sender chose.
@@ -239,8 +241,10 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   if (refuse.empty()) {
     dest->runs = *runs;
     auto remote = engine_->Import(*desc);
-    if (!remote.ok()) refuse = remote.status().message();
-    else dest->remote = *remote;
+    if (!remote.ok())
+      refuse = remote.status().message();
+    else
+      dest->remote = *remote;
   }
   if (refuse.empty() && dest->remote->length() < m.layout.region_bytes())
     refuse = "decode cache descriptor of " + S(dest->remote->length()) + " bytes is smaller than its layout's " +
@@ -270,8 +274,8 @@ bool KvPrefiller::AcceptPullLocked(const KvMessage& m, std::unique_ptr<Dest> des
   }
   Request& r = *slot;
   if (refuse.empty() && !idle && r.started && r.pages.size() != dest->pages.size())
-    refuse = "decode rank " + S(m.rank) + " gave " + S(dest->pages.size()) + " pages for a request of " +
-             S(r.pages.size());
+    refuse =
+        "decode rank " + S(m.rank) + " gave " + S(dest->pages.size()) + " pages for a request of " + S(r.pages.size());
   if (!refuse.empty()) {
     KvMessage f;
     f.kind = KvMessage::Kind::kFailed;
@@ -305,8 +309,8 @@ void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, u
   te::Request request;
   if (context) {
     if (r.context_len > d.context_bytes) {
-      FailDestLocked(d, "context of " + S(r.context_len) + " bytes exceeds the decoder's slot of " +
-                            S(d.context_bytes));
+      FailDestLocked(d,
+                     "context of " + S(r.context_len) + " bytes exceeds the decoder's slot of " + S(d.context_bytes));
       return;
     }
     if (r.context_len == 0) {
@@ -340,31 +344,32 @@ void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, u
     request = std::move(p);
   }
   Dest* dp = &d;
-  Status s = engine_->Submit(
-      std::move(request),
-      {.on_done =
-           [this, id, dp, imms, bytes] {
-             std::lock_guard<std::mutex> lock(mu_);
-             --dp->outstanding;
-             dp->delivered += imms;
-             last_heard_[dp->peer_hex] = Clock::now();  // a completed write: the decoder is alive
-             stats_.writes++;
-             stats_.bytes += bytes;
-             auto it = requests_.find(id);
-             if (it != requests_.end()) PumpLocked(id, *it->second);
-             cv_.notify_all();
-           },
-       .on_error =
-           [this, id, dp](const Status& e) {
-             std::lock_guard<std::mutex> lock(mu_);
-             --dp->outstanding;
-             FailDestLocked(*dp, "write failed: " + e.ToString());
-             auto it = requests_.find(id);
-             if (it != requests_.end()) PumpLocked(id, *it->second);
-             cv_.notify_all();
-           }});
-  if (!s.ok()) FailDestLocked(d, "write refused: " + s.ToString());
-  else ++d.outstanding;
+  Status s = engine_->Submit(std::move(request), {.on_done =
+                                                      [this, id, dp, imms, bytes] {
+                                                        std::lock_guard<std::mutex> lock(mu_);
+                                                        --dp->outstanding;
+                                                        dp->delivered += imms;
+                                                        last_heard_[dp->peer_hex] =
+                                                            Clock::now();  // a completed write: the decoder is alive
+                                                        stats_.writes++;
+                                                        stats_.bytes += bytes;
+                                                        auto it = requests_.find(id);
+                                                        if (it != requests_.end()) PumpLocked(id, *it->second);
+                                                        cv_.notify_all();
+                                                      },
+                                                  .on_error =
+                                                      [this, id, dp](const Status& e) {
+                                                        std::lock_guard<std::mutex> lock(mu_);
+                                                        --dp->outstanding;
+                                                        FailDestLocked(*dp, "write failed: " + e.ToString());
+                                                        auto it = requests_.find(id);
+                                                        if (it != requests_.end()) PumpLocked(id, *it->second);
+                                                        cv_.notify_all();
+                                                      }});
+  if (!s.ok())
+    FailDestLocked(d, "write refused: " + s.ToString());
+  else
+    ++d.outstanding;
 }
 
 void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
@@ -376,8 +381,7 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
         if (r.layer_done[l] && !d.layer_sent[l]) SubmitLocked(id, r, d, false, l);
       if (r.finished && d.context_source && !d.context_sent && d.state == Dest::State::kActive)
         SubmitLocked(id, r, d, true, 0);
-      if (d.state == Dest::State::kActive && r.finished && d.outstanding == 0 &&
-          (d.context_sent || !d.context_source))
+      if (d.state == Dest::State::kActive && r.finished && d.outstanding == 0 && (d.context_sent || !d.context_source))
         d.state = Dest::State::kDone;
     }
     // Cancelled or failed, with nothing in flight: say how many immediates
@@ -406,8 +410,10 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
   const bool everyone = r.expected_dests >= 0 && int64_t(r.dests.size()) == r.expected_dests;
   if (!all_done || !(r.aborted || (everyone && (r.finished || !r.status.ok())))) return;
   if (r.context_slot >= 0) free_context_slots_.push_back(uint32_t(r.context_slot));
-  if (r.status.ok()) stats_.requests_sent++;
-  else stats_.requests_failed++;
+  if (r.status.ok())
+    stats_.requests_sent++;
+  else
+    stats_.requests_failed++;
   sent_.emplace_back(id, r.status);
   retired_.insert(id);
   retired_order_.push_back(id);
@@ -450,8 +456,9 @@ void KvPrefiller::Run() {
         }
         // Only a decoder still owed data is watched: once everything is
         // submitted, the writes themselves complete or fail (engine timeout).
-        const bool owed = !r->finished || std::find(d->layer_sent.begin(), d->layer_sent.end(), false) !=
-                                              d->layer_sent.end() || (d->context_source && !d->context_sent);
+        const bool owed = !r->finished ||
+                          std::find(d->layer_sent.begin(), d->layer_sent.end(), false) != d->layer_sent.end() ||
+                          (d->context_source && !d->context_sent);
         auto heard = last_heard_.find(d->peer_hex);
         if (owed && (heard == last_heard_.end() || now - heard->second > options_.peer_timeout)) {
           FailDestLocked(*d, "decoder silent for more than " + S(options_.peer_timeout.count()) + " ms");
@@ -462,8 +469,9 @@ void KvPrefiller::Run() {
       if (r->finished && now - r->finished_at > options_.pull_timeout &&
           int64_t(r->dests.size()) != r->expected_dests && !r->aborted) {
         r->aborted = true;
-        if (r->status.ok()) r->status = Timeout("request " + S(id) + ": not every decode rank asked within " +
-                                                S(options_.pull_timeout.count()) + " ms of the last layer");
+        if (r->status.ok())
+          r->status = Timeout("request " + S(id) + ": not every decode rank asked within " +
+                              S(options_.pull_timeout.count()) + " ms of the last layer");
         touch = true;
       }
       if (touch) touched.push_back(id);

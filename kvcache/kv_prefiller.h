@@ -133,7 +133,7 @@ class KvPrefiller {
   std::map<uint64_t, std::unique_ptr<Request>> requests_;
   std::vector<uint32_t> free_context_slots_;
   std::map<std::string, std::chrono::steady_clock::time_point> last_heard_;  // by address hex
-  std::vector<std::pair<uint64_t, Status>> sent_;  // on_sent calls due
+  std::vector<std::pair<uint64_t, Status>> sent_;                            // on_sent calls due
   // Recently retired requests, so that a late PULL gets FAILED, not silence.
   std::set<uint64_t> retired_;
   std::deque<uint64_t> retired_order_;

@@ -103,11 +103,12 @@ Status KvRegistry::CommandLocked(const std::vector<std::string>& args, const std
 Status KvRegistry::Put(const RegistryEntry& entry, std::chrono::milliseconds ttl) {
   if (entry.info.name.empty() || entry.info.name.find_first_of(" :*") != std::string::npos)
     return InvalidArgument("instance name '" + entry.info.name + "' must be non-empty without spaces, ':' or '*'");
-  if (ttl.count() <= 0) return InvalidArgument("registry TTL must be positive, got " + std::to_string(ttl.count()) + " ms");
+  if (ttl.count() <= 0)
+    return InvalidArgument("registry TTL must be positive, got " + std::to_string(ttl.count()) + " ms");
   std::lock_guard<std::mutex> lock(mu_);
-  return CommandLocked({"SET", prefix_ + ":" + entry.info.role + ":" + entry.info.name, Value(entry), "PX",
-                        std::to_string(ttl.count())},
-                       nullptr);
+  return CommandLocked(
+      {"SET", prefix_ + ":" + entry.info.role + ":" + entry.info.name, Value(entry), "PX", std::to_string(ttl.count())},
+      nullptr);
 }
 
 Status KvRegistry::Remove(const std::string& role, const std::string& name) {
@@ -122,17 +123,16 @@ Result<std::vector<RegistryEntry>> KvRegistry::List(const std::string& role) {
   std::vector<std::string> keys;
   std::string cursor = "0";
   do {  // SCAN, not KEYS: it never blocks Redis for long
-    TE_RETURN_IF_ERROR(CommandLocked({"SCAN", cursor, "MATCH", prefix_ + ":" + role + ":*", "COUNT", "1000"},
-                                     [&](void* p) -> Status {
-                                       auto* r = static_cast<redisReply*>(p);
-                                       if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
-                                         return IoError("unexpected SCAN reply from the Redis registry");
-                                       cursor.assign(r->element[0]->str, r->element[0]->len);
-                                       for (size_t i = 0; i < r->element[1]->elements; ++i)
-                                         keys.emplace_back(r->element[1]->element[i]->str,
-                                                           r->element[1]->element[i]->len);
-                                       return Status::Ok();
-                                     }));
+    TE_RETURN_IF_ERROR(
+        CommandLocked({"SCAN", cursor, "MATCH", prefix_ + ":" + role + ":*", "COUNT", "1000"}, [&](void* p) -> Status {
+          auto* r = static_cast<redisReply*>(p);
+          if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+            return IoError("unexpected SCAN reply from the Redis registry");
+          cursor.assign(r->element[0]->str, r->element[0]->len);
+          for (size_t i = 0; i < r->element[1]->elements; ++i)
+            keys.emplace_back(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
+          return Status::Ok();
+        }));
   } while (cursor != "0");
   std::sort(keys.begin(), keys.end());
   keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
@@ -202,8 +202,8 @@ Status KvRegistration::Leave(std::chrono::milliseconds drain_timeout) {
   const uint32_t left = load_();
   TE_RETURN_IF_ERROR(registry_->Remove(entry_.info.role, entry_.info.name));
   if (left > 0)
-    return Timeout("instance '" + entry_.info.name + "' left with " + std::to_string(left) + " requests after draining for " +
-                   std::to_string(drain_timeout.count()) + " ms");
+    return Timeout("instance '" + entry_.info.name + "' left with " + std::to_string(left) +
+                   " requests after draining for " + std::to_string(drain_timeout.count()) + " ms");
   return Status::Ok();
 }
 

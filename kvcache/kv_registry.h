@@ -39,8 +39,9 @@ struct RegistryEntry {
 class KvRegistry {
  public:
   // `address`: "host:port" or "unix:/path/to/socket".
-  static Result<std::unique_ptr<KvRegistry>> Connect(const std::string& address, const std::string& prefix = "tekv",
-                                                     std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
+  static Result<std::unique_ptr<KvRegistry>> Connect(
+      const std::string& address, const std::string& prefix = "tekv",
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
   ~KvRegistry();
 
   // Writes (or refreshes) `entry`, expiring after `ttl` unless refreshed.

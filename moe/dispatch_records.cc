@@ -35,8 +35,8 @@ size_t RecordBytes(const EpConfig& c) {
 Status ValidateBatch(const EpConfig& c, const ExpertMap& map, const TokenBatch& b) {
   if (map.experts() != c.experts || map.ranks() != c.ranks)
     return InvalidArgument("expert map has " + std::to_string(map.experts()) + " experts on " +
-                           std::to_string(map.ranks()) + " ranks; the group has " + std::to_string(c.experts) +
-                           " on " + std::to_string(c.ranks));
+                           std::to_string(map.ranks()) + " ranks; the group has " + std::to_string(c.experts) + " on " +
+                           std::to_string(c.ranks));
   if (b.tokens > c.max_tokens)
     return InvalidArgument("tokens " + std::to_string(b.tokens) + " exceeds max_tokens " +
                            std::to_string(c.max_tokens));
@@ -49,8 +49,8 @@ Status ValidateBatch(const EpConfig& c, const ExpertMap& map, const TokenBatch& 
     const int32_t* idx = b.topk_idx + size_t(t) * c.topk;
     for (uint32_t k = 0; k < c.topk; ++k) {
       if (idx[k] < -1 || idx[k] >= int32_t(c.experts))
-        return InvalidArgument("topk_idx[" + std::to_string(t) + "][" + std::to_string(k) + "] = " +
-                               std::to_string(idx[k]) + ", outside [-1, " + std::to_string(c.experts) + ")");
+        return InvalidArgument("topk_idx[" + std::to_string(t) + "][" + std::to_string(k) +
+                               "] = " + std::to_string(idx[k]) + ", outside [-1, " + std::to_string(c.experts) + ")");
       for (uint32_t j = 0; j < k; ++j)
         if (idx[k] >= 0 && idx[j] == idx[k])
           return InvalidArgument("topk_idx[" + std::to_string(t) + "] names expert " + std::to_string(idx[k]) +
@@ -82,8 +82,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   for (uint32_t r = 0; r < R; ++r) plan->rank_offset[r + 1] = plan->rank_offset[r] + plan->per_rank[r];
 
   // Pass 2: write records; token t's combine rows follow the same grouping.
-  const size_t rec = RecordBytes(c), eb = EntriesBytes(c), tb = c.token_bytes(),
-               sb = c.scale_count() * sizeof(float);
+  const size_t rec = RecordBytes(c), eb = EntriesBytes(c), tb = c.token_bytes(), sb = c.scale_count() * sizeof(float);
   std::vector<uint32_t> next(plan->rank_offset.begin(), plan->rank_offset.end() - 1);
   h->tokens = b.tokens;
   h->sent_to = plan->per_rank;
@@ -184,8 +183,8 @@ Status ValidateOutputs(const DispatchResult& d, const ExpertOutputs& outputs) {
   return Status::Ok();
 }
 
-void ReduceRows(const EpConfig& c, const DispatchHandle& h, const ExpertOutputs& outputs, uint32_t first,
-                uint32_t n, uint16_t* dst) {
+void ReduceRows(const EpConfig& c, const DispatchHandle& h, const ExpertOutputs& outputs, uint32_t first, uint32_t n,
+                uint16_t* dst) {
   const uint32_t H = c.hidden;
   std::vector<float> acc(H);
   for (uint32_t q = first; q < first + n; ++q) {

@@ -55,14 +55,13 @@ void ResetResult(const EpConfig& config, const ExpertMap& map, DispatchResult* o
 // rows. Records that name a local expert out of range fail with kInternal.
 // Without copy_payload the experts get counts, weights and sources but no
 // data; `row_records` (when given) collects each row's record address.
-Status UnpackRecords(const EpConfig& config, uint32_t source, const uint8_t* records, uint32_t n,
-                     DispatchResult* out, bool copy_payload = true,
-                     std::vector<const uint8_t*>* row_records = nullptr);
+Status UnpackRecords(const EpConfig& config, uint32_t source, const uint8_t* records, uint32_t n, DispatchResult* out,
+                     bool copy_payload = true, std::vector<const uint8_t*>* row_records = nullptr);
 
 // Partial sums of received rows (outputs validated) [first, first + n): dst gets n rows of
 // hidden bf16.
-void ReduceRows(const EpConfig& config, const DispatchHandle& handle, const ExpertOutputs& outputs,
-                uint32_t first, uint32_t n, uint16_t* dst);
+void ReduceRows(const EpConfig& config, const DispatchHandle& handle, const ExpertOutputs& outputs, uint32_t first,
+                uint32_t n, uint16_t* dst);
 
 // Checks outputs against a dispatch result: one per local expert, present
 // where the expert received tokens.

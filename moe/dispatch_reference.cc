@@ -10,8 +10,8 @@ namespace te::moe {
 Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig& shape, const ExpertMap& map,
                                                                  const std::vector<TokenBatch>& batches) {
   if (batches.size() != shape.ranks)
-    return InvalidArgument("reference dispatch needs one batch per rank: " + std::to_string(batches.size()) +
-                           " for " + std::to_string(shape.ranks) + " ranks");
+    return InvalidArgument("reference dispatch needs one batch per rank: " + std::to_string(batches.size()) + " for " +
+                           std::to_string(shape.ranks) + " ranks");
   const size_t tb = shape.token_bytes(), sc = shape.scale_count();
   std::vector<std::vector<ExpertTokens>> out(shape.ranks);
   for (uint32_t r = 0; r < shape.ranks; ++r) {
@@ -39,9 +39,10 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
   return out;
 }
 
-Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(
-    const EpConfig& shape, const ExpertMap& map, const std::vector<TokenBatch>& batches,
-    const std::vector<std::vector<ExpertTokens>>& dispatched, const std::vector<ExpertOutputs>& outputs) {
+Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shape, const ExpertMap& map,
+                                                            const std::vector<TokenBatch>& batches,
+                                                            const std::vector<std::vector<ExpertTokens>>& dispatched,
+                                                            const std::vector<ExpertOutputs>& outputs) {
   const uint32_t R = shape.ranks, K = shape.topk, H = shape.hidden;
   if (batches.size() != R || dispatched.size() != R || outputs.size() != R)
     return InvalidArgument("reference combine needs batches, dispatch results and outputs for every rank");
@@ -66,8 +67,8 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(
           if (e < 0 || map.rank_of(e) != r) continue;
           auto it = position[e].find({s, t});
           if (it == position[e].end())
-            return Internal("token " + std::to_string(t) + " of rank " + std::to_string(s) +
-                            " missing from expert " + std::to_string(e));
+            return Internal("token " + std::to_string(t) + " of rank " + std::to_string(s) + " missing from expert " +
+                            std::to_string(e));
           const uint16_t* y = outputs[r][map.local_index(e)] + size_t(it->second) * H;
           const float w = b.topk_weights[size_t(t) * K + k];
           for (uint32_t j = 0; j < H; ++j) partial[j] += w * Bf16ToFloat(y[j]);

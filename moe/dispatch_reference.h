@@ -21,8 +21,9 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
 
 // outputs[r][i]: rank r's local expert i output [count, hidden] bf16.
 // Returns each rank's combined [tokens, hidden] bf16.
-Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(
-    const EpConfig& shape, const ExpertMap& map, const std::vector<TokenBatch>& batches,
-    const std::vector<std::vector<ExpertTokens>>& dispatched, const std::vector<ExpertOutputs>& outputs);
+Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shape, const ExpertMap& map,
+                                                            const std::vector<TokenBatch>& batches,
+                                                            const std::vector<std::vector<ExpertTokens>>& dispatched,
+                                                            const std::vector<ExpertOutputs>& outputs);
 
 }  // namespace te::moe

@@ -25,19 +25,19 @@ namespace te::moe {
 // Caller-owned inputs of one dispatch; nothing is kept after the call.
 struct TokenBatch {
   uint32_t tokens = 0;
-  const uint8_t* data = nullptr;          // [tokens, token_bytes]: bf16 or fp8
-  const float* scales = nullptr;          // fp8 only: [tokens, hidden / 128]
-  const int32_t* topk_idx = nullptr;      // [tokens, topk], -1 = no expert
-  const float* topk_weights = nullptr;    // [tokens, topk]
+  const uint8_t* data = nullptr;        // [tokens, token_bytes]: bf16 or fp8
+  const float* scales = nullptr;        // fp8 only: [tokens, hidden / 128]
+  const int32_t* topk_idx = nullptr;    // [tokens, topk], -1 = no expert
+  const float* topk_weights = nullptr;  // [tokens, topk]
 };
 
 // The tokens one local expert received.
 struct ExpertTokens {
   uint32_t expert = 0;  // global id
   uint32_t count = 0;
-  std::vector<uint8_t> data;     // [count, token_bytes]
-  std::vector<float> scales;     // fp8: [count, hidden / 128]
-  std::vector<float> weights;    // [count]: this expert's router weight for the token
+  std::vector<uint8_t> data;   // [count, token_bytes]
+  std::vector<float> scales;   // fp8: [count, hidden / 128]
+  std::vector<float> weights;  // [count]: this expert's router weight for the token
   std::vector<uint32_t> src_rank, src_token;
 };
 
@@ -49,8 +49,8 @@ struct RowEntry {
 };
 
 struct DispatchHandle {
-  uint64_t seq = 0;       // which dispatch of the group this is
-  uint32_t tokens = 0;    // T at this rank
+  uint64_t seq = 0;                 // which dispatch of the group this is
+  uint32_t tokens = 0;              // T at this rank
   std::vector<uint32_t> sent_to;    // [R] tokens this rank sent to each rank
   std::vector<uint32_t> recv_from;  // [R] tokens received from each rank
   // Received rows, source-major: row q's experts are

@@ -40,8 +40,7 @@ struct EpDispatcher::Layout {
     private_records = c.private_slot_tokens();
     overflow_records = c.overflow_slot_tokens();
     send_records = uint64_t(c.max_tokens) * std::min(c.topk, c.ranks);
-    partial_rows = std::min<uint64_t>(uint64_t(c.ranks) * c.max_tokens,
-                                      c.ranks * private_records + overflow_records);
+    partial_rows = std::min<uint64_t>(uint64_t(c.ranks) * c.max_tokens, c.ranks * private_records + overflow_records);
     counts_off = 0;
     private_off = Align(counts_off + c.ranks * row_bytes, 4096);
     overflow_off = Align(private_off + c.ranks * private_records * record, 4096);
@@ -133,8 +132,7 @@ Status EpDispatcher::Connect(const std::vector<std::string>& infos) {
     std::string hex;
     const std::string shape = shape_of(infos[r], &rank, &hex);
     if (shape.empty()) return InvalidArgument("info of rank " + std::to_string(r) + " is malformed");
-    if (rank != r)
-      return InvalidArgument("infos[" + std::to_string(r) + "] comes from rank " + std::to_string(rank));
+    if (rank != r) return InvalidArgument("infos[" + std::to_string(r) + "] comes from rank " + std::to_string(rank));
     if (shape != my_shape)
       return InvalidArgument("rank " + std::to_string(r) + " has shape [" + shape + "], this rank [" + my_shape +
                              "] (ranks experts topk hidden max_tokens payload private overflow imm_base bytes)");
@@ -163,8 +161,8 @@ Status EpDispatcher::WaitImms(uint32_t imm, uint64_t count, const char* what) {
     if (engine_->Progress()) continue;
     if (std::chrono::steady_clock::now() > deadline)
       return Timeout("dispatch " + std::to_string(seq_) + ": " + what + ": " +
-                     std::to_string(engine_->ImmAvailable(imm)) + " of " + std::to_string(count) +
-                     " arrived in " + std::to_string(config_.timeout.count()) + " ms");
+                     std::to_string(engine_->ImmAvailable(imm)) + " of " + std::to_string(count) + " arrived in " +
+                     std::to_string(config_.timeout.count()) + " ms");
     sched_yield();  // oversubscribed hosts: let the peers run
   }
   return Status::Ok();
@@ -258,8 +256,10 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
     const uint64_t n = std::min<uint64_t>(plan.per_rank[d], C);
     if (n == 0) continue;
     const size_t src = L.send_records_off + size_t(plan.rank_offset[d]) * L.record;
-    if (d == p) std::memcpy(recv + L.Private(b, p), send + src, n * L.record);
-    else priv.targets.push_back({peers_[d], src, L.Private(b, p), n * L.record});
+    if (d == p)
+      std::memcpy(recv + L.Private(b, p), send + src, n * L.record);
+    else
+      priv.targets.push_back({peers_[d], src, L.Private(b, p), n * L.record});
   }
   if (!priv.targets.empty()) {
     if (Status s = engine_->Submit(std::move(priv), sent); !s.ok()) return Fail(s.WithContext("dispatch data"));
@@ -301,8 +301,10 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
     const uint64_t n = overflow(p, d);
     if (n == 0) continue;
     const size_t src = L.send_records_off + (plan.rank_offset[d] + C) * L.record;
-    if (d == p) std::memcpy(recv + L.Overflow(b, overflow_offset_[d]), send + src, n * L.record);
-    else over.targets.push_back({peers_[d], src, L.Overflow(b, overflow_offset_[d]), n * L.record});
+    if (d == p)
+      std::memcpy(recv + L.Overflow(b, overflow_offset_[d]), send + src, n * L.record);
+    else
+      over.targets.push_back({peers_[d], src, L.Overflow(b, overflow_offset_[d]), n * L.record});
     overflow_sent_ += n;
   }
   if (!over.targets.empty()) {
@@ -322,8 +324,8 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
         !st.ok())
       return Fail(st);
     if (n > C)
-      if (Status st = UnpackRecords(c, s, recv + L.Overflow(b, overflow_at), uint32_t(n - C), out, copy_payload,
-                                    row_records);
+      if (Status st =
+              UnpackRecords(c, s, recv + L.Overflow(b, overflow_at), uint32_t(n - C), out, copy_payload, row_records);
           !st.ok())
         return Fail(st);
     overflow_at += overflow(s, p);
@@ -380,8 +382,8 @@ Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, co
     if (s == p) {
       std::memcpy(recv + L.Combine(b, at), send + src, n * L.hidden_bytes);
     } else {
-      ScatterWrite back{send_mr_, {{peers_[s], src, L.Combine(b, at), n * L.hidden_bytes}},
-                        c.imm_base + kCombineImm + b};
+      ScatterWrite back{
+          send_mr_, {{peers_[s], src, L.Combine(b, at), n * L.hidden_bytes}}, c.imm_base + kCombineImm + b};
       if (Status st = engine_->Submit(std::move(back), sent); !st.ok()) return Fail(st.WithContext("combine"));
       ++combine_submitted_;
     }

@@ -110,8 +110,8 @@ class EpDispatcher {
   EpDispatcher(TransferEngine* engine, const EpConfig& config);
   Status Init();
   Status CheckCallable(bool dispatch) const;
-  Status Exchange(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
-                  bool copy_payload, std::vector<const uint8_t*>* row_records);
+  Status Exchange(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out, bool copy_payload,
+                  std::vector<const uint8_t*>* row_records);
   Result<const uint16_t*> ReturnPartials(const DispatchHandle& h, const ExpertOutputs* outputs);
   Status WaitImms(uint32_t imm, uint64_t count, const char* what);
   Status WaitSends(CompletionCounter& counter, uint64_t submitted, const char* what);
@@ -122,10 +122,10 @@ class EpDispatcher {
   std::unique_ptr<Layout> layout_;
   std::vector<uint8_t*> memory_;  // [recv, send], page-aligned
   LocalMr recv_mr_, send_mr_;
-  std::vector<RemoteMr> peers_;   // recv region of each rank (null for self)
+  std::vector<RemoteMr> peers_;  // recv region of each rank (null for self)
   bool connected_ = false;
-  Status failed_;                 // the first failure; sticky
-  uint64_t seq_ = 0;              // dispatches started
+  Status failed_;     // the first failure; sticky
+  uint64_t seq_ = 0;  // dispatches started
   bool combine_pending_ = false;
   CompletionCounter dispatch_sends_, combine_sends_;
   uint64_t dispatch_submitted_ = 0, combine_submitted_ = 0;

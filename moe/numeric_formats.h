@@ -24,7 +24,7 @@ inline uint16_t FloatToBf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);                                          // nearest even
+  bits += 0x7fffu + ((bits >> 16) & 1u);                                         // nearest even
   return uint16_t(bits >> 16);
 }
 
@@ -32,8 +32,10 @@ inline float Fp8E4M3ToFloat(uint8_t v) {
   const int sign = v >> 7, exp = (v >> 3) & 0xf, man = v & 7;
   float mag;
   if (exp == 0xf && man == 7) return NAN;
-  if (exp == 0) mag = std::ldexp(float(man), -9);  // subnormal: man/8 * 2^-6
-  else mag = std::ldexp(1.0f + float(man) / 8.0f, exp - 7);
+  if (exp == 0)
+    mag = std::ldexp(float(man), -9);  // subnormal: man/8 * 2^-6
+  else
+    mag = std::ldexp(1.0f + float(man) / 8.0f, exp - 7);
   return sign ? -mag : mag;
 }
 

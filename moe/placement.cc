@@ -46,11 +46,11 @@ double ExpertAffinity::Conditional(uint32_t layer, uint32_t i, uint32_t j) const
 
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes) {
   if (ranks == 0 || experts % ranks != 0)
-    return InvalidArgument(std::to_string(experts) + " experts do not split evenly over " +
-                           std::to_string(ranks) + " ranks");
+    return InvalidArgument(std::to_string(experts) + " experts do not split evenly over " + std::to_string(ranks) +
+                           " ranks");
   if (nodes == 0 || ranks % nodes != 0)
-    return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " +
-                           std::to_string(nodes) + " nodes");
+    return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
+                           " nodes");
   return Status::Ok();
 }
 
@@ -66,9 +66,8 @@ Status Placement::Validate() const {
     }
     for (uint32_t r = 0; r < ranks; ++r)
       if (per[r] != experts / ranks)
-        return InvalidArgument("layer " + std::to_string(l) + " puts " + std::to_string(per[r]) +
-                               " experts on rank " + std::to_string(r) + "; expected " +
-                               std::to_string(experts / ranks));
+        return InvalidArgument("layer " + std::to_string(l) + " puts " + std::to_string(per[r]) + " experts on rank " +
+                               std::to_string(r) + "; expected " + std::to_string(experts / ranks));
   }
   return Status::Ok();
 }
@@ -131,8 +130,8 @@ void Score(const ExpertAffinity& a, const Placement& p, uint32_t l, uint32_t nod
 
 // Pairwise swaps between ranks while they gain and keep loads under the cap
 // (or do not make the heavier rank worse).
-void SwapSearch(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R,
-                double cap, std::vector<uint32_t>* rank_of) {
+void SwapSearch(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R, double cap,
+                std::vector<uint32_t>* rank_of) {
   const uint32_t E = uint32_t(rank_of->size());
   std::vector<uint64_t> per(R, 0);
   for (uint32_t e = 0; e < E; ++e) per[(*rank_of)[e]] += load[e];
@@ -142,8 +141,8 @@ void SwapSearch(const std::vector<double>& score, const std::vector<uint64_t>& l
       for (uint32_t b = a + 1; b < E; ++b) {
         const uint32_t ra = (*rank_of)[a], rb = (*rank_of)[b];
         if (ra == rb) continue;
-        const double gain = score[size_t(a) * R + rb] + score[size_t(b) * R + ra] -
-                            score[size_t(a) * R + ra] - score[size_t(b) * R + rb];
+        const double gain = score[size_t(a) * R + rb] + score[size_t(b) * R + ra] - score[size_t(a) * R + ra] -
+                            score[size_t(b) * R + rb];
         if (gain <= 1e-9) continue;
         const uint64_t na = per[ra] - load[a] + load[b], nb = per[rb] - load[b] + load[a];
         const uint64_t worst_now = std::max(per[ra], per[rb]), worst_new = std::max(na, nb);
@@ -160,8 +159,8 @@ void SwapSearch(const std::vector<double>& score, const std::vector<uint64_t>& l
 }
 
 // Greedy capacity-constrained assignment of every expert of layer l.
-void GreedyLayer(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R,
-                 double cap, std::vector<uint32_t>* rank_of) {
+void GreedyLayer(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R, double cap,
+                 std::vector<uint32_t>* rank_of) {
   const uint32_t E = uint32_t(rank_of->size()), slots = E / R;
   std::vector<std::pair<double, uint32_t>> cand;  // (score, j * R + r)
   cand.reserve(size_t(E) * R);
@@ -257,8 +256,7 @@ PlacementStats Evaluate(const RoutingTrace& t, const Placement& p, uint32_t node
   return s;
 }
 
-Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks,
-                                        uint32_t slots_per_rank) {
+Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks, uint32_t slots_per_rank) {
   const uint32_t E = uint32_t(load.size());
   if (ranks == 0 || uint64_t(ranks) * slots_per_rank < E)
     return InvalidArgument(std::to_string(ranks) + " ranks x " + std::to_string(slots_per_rank) +

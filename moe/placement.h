@@ -20,8 +20,8 @@ namespace te::moe {
 // tokens routed to expert e at layer l.
 struct ExpertAffinity {
   uint32_t layers = 0, experts = 0;
-  std::vector<std::vector<uint32_t>> pair;   // layers - 1 entries
-  std::vector<std::vector<uint64_t>> load;   // layers entries
+  std::vector<std::vector<uint32_t>> pair;  // layers - 1 entries
+  std::vector<std::vector<uint64_t>> load;  // layers entries
 
   // The tables are dense: (layers - 1) x experts^2 counters. A trace may
   // declare up to 32767 experts, which would need gigabytes per layer, so
@@ -45,12 +45,11 @@ Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks)
 Placement RandomPlacement(uint32_t layers, uint32_t experts, uint32_t ranks, uint64_t seed);
 
 struct PlacementOptions {
-  uint32_t nodes = 1;           // ranks are split evenly into nodes
-  double load_slack = 0.25;     // a rank's load stays <= (1 + slack) x mean, where feasible
-  int refine_sweeps = 2;        // passes that look at both neighbouring layers
+  uint32_t nodes = 1;        // ranks are split evenly into nodes
+  double load_slack = 0.25;  // a rank's load stays <= (1 + slack) x mean, where feasible
+  int refine_sweeps = 2;     // passes that look at both neighbouring layers
 };
-Result<Placement> AffinityPlacement(const ExpertAffinity& affinity, uint32_t ranks,
-                                    const PlacementOptions& options);
+Result<Placement> AffinityPlacement(const ExpertAffinity& affinity, uint32_t ranks, const PlacementOptions& options);
 
 struct PlacementStats {
   // Per token, summed over layer transitions: experts at layer l+1 on a rank
@@ -67,11 +66,10 @@ PlacementStats Evaluate(const RoutingTrace& trace, const Placement& placement, u
 // free slot that does not hold the expert yet.
 struct Replication {
   std::vector<std::vector<uint32_t>> experts_on_rank;  // replicas per rank
-  std::vector<uint32_t> replicas;                       // per expert
-  double imbalance = 0;                                 // max rank load / mean
+  std::vector<uint32_t> replicas;                      // per expert
+  double imbalance = 0;                                // max rank load / mean
 };
-Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks,
-                                        uint32_t slots_per_rank);
+Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks, uint32_t slots_per_rank);
 // max rank load / mean for one layer of a placement.
 double LoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32_t>& rank_of, uint32_t ranks);
 

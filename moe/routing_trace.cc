@@ -17,9 +17,9 @@ constexpr size_t kHeader = 8 + 16;
 
 Status RoutingTrace::Validate() const {
   if (tokens == 0 || layers == 0 || topk == 0 || experts == 0)
-    return InvalidArgument("trace shape " + std::to_string(tokens) + " tokens x " +
-                           std::to_string(layers) + " layers x top-" + std::to_string(topk) +
-                           " over " + std::to_string(experts) + " experts has a zero");
+    return InvalidArgument("trace shape " + std::to_string(tokens) + " tokens x " + std::to_string(layers) +
+                           " layers x top-" + std::to_string(topk) + " over " + std::to_string(experts) +
+                           " experts has a zero");
   if (experts > 32767) return InvalidArgument("experts = " + std::to_string(experts) + "; at most 32767");
   if (topk > experts)
     return InvalidArgument("top-" + std::to_string(topk) + " exceeds " + std::to_string(experts) + " experts");
@@ -64,8 +64,9 @@ Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& b) {
   uint32_t crc;
   std::memcpy(&crc, b.data() + b.size() - 4, 4);
   if (Crc32c(b.data(), b.size() - 4) != crc) return InvalidArgument("trace checksum mismatch: corrupted");
-  if (n == 0) return InvalidArgument("trace shape " + std::to_string(t.tokens) + " x " + std::to_string(t.layers) +
-                                     " x " + std::to_string(t.topk) + " holds no ids");
+  if (n == 0)
+    return InvalidArgument("trace shape " + std::to_string(t.tokens) + " x " + std::to_string(t.layers) + " x " +
+                           std::to_string(t.topk) + " holds no ids");
   t.ids.resize(size_t(n));
   std::memcpy(t.ids.data(), b.data() + kHeader, size_t(n) * 2);
   TE_RETURN_IF_ERROR(t.Validate());

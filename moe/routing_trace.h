@@ -23,9 +23,7 @@ struct RoutingTrace {
   int16_t at(uint32_t token, uint32_t layer, uint32_t k) const {
     return ids[(size_t(token) * layers + layer) * topk + k];
   }
-  int16_t& at(uint32_t token, uint32_t layer, uint32_t k) {
-    return ids[(size_t(token) * layers + layer) * topk + k];
-  }
+  int16_t& at(uint32_t token, uint32_t layer, uint32_t k) { return ids[(size_t(token) * layers + layer) * topk + k]; }
   // Shapes consistent and every id in [-1, experts).
   Status Validate() const;
 };

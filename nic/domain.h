@@ -77,11 +77,11 @@ class CompletionHandler {
 
 // Facts about the opened domain that the engine plans with.
 struct DomainInfo {
-  std::string provider;       // e.g. "tcp;ofi_rxm"
-  std::string domain_name;    // e.g. "lo"
-  size_t max_write_bytes = 0; // largest single write the provider accepts
-  size_t max_message_bytes = 0;  // largest control message payload
-  size_t tx_depth = 0;        // how many operations may be outstanding
+  std::string provider;             // e.g. "tcp;ofi_rxm"
+  std::string domain_name;          // e.g. "lo"
+  size_t max_write_bytes = 0;       // largest single write the provider accepts
+  size_t max_message_bytes = 0;     // largest control message payload
+  size_t tx_depth = 0;              // how many operations may be outstanding
   bool virtual_addressing = false;  // FI_MR_VIRT_ADDR
   bool provider_keys = false;       // FI_MR_PROV_KEY
   bool local_descriptors = false;   // FI_MR_LOCAL

@@ -7,7 +7,7 @@ PKGS=(build-essential cmake ninja-build pkg-config git libopenmpi-dev openmpi-bi
       libgflags-dev libgoogle-glog-dev libgtest-dev libgmock-dev iproute2
       redis-server libhiredis-dev
       python3-dev python3-pybind11 pybind11-dev python3-numpy python3-pytest libdlpack-dev
-      python3-pip python3-venv python3-setuptools)
+      python3-pip python3-venv python3-setuptools clang-format)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

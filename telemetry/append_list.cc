@@ -1,6 +1,5 @@
 #include "telemetry/append_list.h"
 
-
 #include <cstring>
 
 #include "base/checked_math.h"
@@ -19,12 +18,10 @@ uint32_t RecordCrc(uint64_t seq, uint32_t len, const uint8_t* payload) {
 
 Status ListGeometry::Validate() const {
   if (lists == 0 || rings == 0 || ring_records == 0)
-    return InvalidArgument("append lists need lists, rings and ring_records > 0 (got " +
-                           std::to_string(lists) + ", " + std::to_string(rings) + ", " +
-                           std::to_string(ring_records) + ")");
+    return InvalidArgument("append lists need lists, rings and ring_records > 0 (got " + std::to_string(lists) + ", " +
+                           std::to_string(rings) + ", " + std::to_string(ring_records) + ")");
   if (record_bytes == 0 || record_bytes > 65536)
-    return InvalidArgument("record_bytes = " + std::to_string(record_bytes) +
-                           "; valid range is 1..65536");
+    return InvalidArgument("record_bytes = " + std::to_string(record_bytes) + "; valid range is 1..65536");
   // The counts come from a file or a peer: the region size must not wrap.
   auto bytes = CheckedProduct("append lists region (lists x rings x records x slot bytes)",
                               {lists, rings, ring_records, record_slot_bytes()}, kMaxRegionBytes);
@@ -32,11 +29,10 @@ Status ListGeometry::Validate() const {
   return Status::Ok();
 }
 
-Status EncodeRecord(const ListGeometry& g, uint64_t seq, std::span<const uint8_t> payload,
-                    std::vector<uint8_t>* out) {
+Status EncodeRecord(const ListGeometry& g, uint64_t seq, std::span<const uint8_t> payload, std::vector<uint8_t>* out) {
   if (payload.size() > g.record_bytes)
-    return InvalidArgument("record of " + std::to_string(payload.size()) +
-                           " bytes exceeds record_bytes " + std::to_string(g.record_bytes));
+    return InvalidArgument("record of " + std::to_string(payload.size()) + " bytes exceeds record_bytes " +
+                           std::to_string(g.record_bytes));
   out->assign(16 + payload.size(), 0);
   const uint64_t tag = seq + 1;
   const uint32_t len = uint32_t(payload.size());
@@ -48,16 +44,15 @@ Status EncodeRecord(const ListGeometry& g, uint64_t seq, std::span<const uint8_t
   return Status::Ok();
 }
 
-Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_region,
-                          uint32_t list, uint32_t ring, uint64_t* cursor) {
+Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_region, uint32_t list, uint32_t ring,
+                          uint64_t* cursor) {
   TE_RETURN_IF_ERROR(g.Validate());
   if (list >= g.lists || ring >= g.rings)
-    return OutOfRange("ring (" + std::to_string(list) + ", " + std::to_string(ring) +
-                      ") outside " + std::to_string(g.lists) + " lists x " +
-                      std::to_string(g.rings) + " rings");
+    return OutOfRange("ring (" + std::to_string(list) + ", " + std::to_string(ring) + ") outside " +
+                      std::to_string(g.lists) + " lists x " + std::to_string(g.rings) + " rings");
   if (lists_region.size() < g.region_bytes())
-    return InvalidArgument("lists region of " + std::to_string(lists_region.size()) +
-                           " bytes; geometry needs " + std::to_string(g.region_bytes()));
+    return InvalidArgument("lists region of " + std::to_string(lists_region.size()) + " bytes; geometry needs " +
+                           std::to_string(g.region_bytes()));
   ListRead out;
   // At most one ring of records plus one restart after a lap.
   for (uint64_t n = 0; n <= uint64_t(g.ring_records); ++n) {

@@ -21,9 +21,9 @@ namespace te::telemetry {
 
 struct ListGeometry {
   uint32_t lists = 0;
-  uint32_t rings = 0;          // per list: reporters that may append to it
-  uint32_t ring_records = 0;   // record slots per ring
-  uint32_t record_bytes = 0;   // largest payload
+  uint32_t rings = 0;         // per list: reporters that may append to it
+  uint32_t ring_records = 0;  // record slots per ring
+  uint32_t record_bytes = 0;  // largest payload
 
   Status Validate() const;
   size_t record_slot_bytes() const { return 16 + ((size_t(record_bytes) + 7) & ~size_t(7)); }
@@ -36,8 +36,7 @@ struct ListGeometry {
 };
 
 // The bytes a reporter writes for record `seq`.
-Status EncodeRecord(const ListGeometry& g, uint64_t seq, std::span<const uint8_t> payload,
-                    std::vector<uint8_t>* out);
+Status EncodeRecord(const ListGeometry& g, uint64_t seq, std::span<const uint8_t> payload, std::vector<uint8_t>* out);
 
 struct ListRead {
   std::vector<std::vector<uint8_t>> records;  // in sequence order
@@ -46,7 +45,7 @@ struct ListRead {
 
 // Reads ring (list, ring) from `*cursor` on, advancing it. `lists_region`
 // starts at the first list.
-Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_region,
-                          uint32_t list, uint32_t ring, uint64_t* cursor);
+Result<ListRead> ReadRing(const ListGeometry& g, std::span<const uint8_t> lists_region, uint32_t list, uint32_t ring,
+                          uint64_t* cursor);
 
 }  // namespace te::telemetry

@@ -14,16 +14,16 @@ Status CollectorInfo::Validate() const {
   TE_RETURN_IF_ERROR(store.Validate().WithContext("key-write store"));
   TE_RETURN_IF_ERROR(lists.Validate().WithContext("append lists"));
   if (region.length != 0 && region.length < region_bytes())
-    return InvalidArgument("collector region is " + std::to_string(region.length) +
-                           " bytes; the geometry needs " + std::to_string(region_bytes()));
+    return InvalidArgument("collector region is " + std::to_string(region.length) + " bytes; the geometry needs " +
+                           std::to_string(region_bytes()));
   return Status::Ok();
 }
 
 std::string CollectorInfo::Serialize() const {
   std::ostringstream o;
-  o << "tetel1 " << store.slots << " " << store.value_bytes << " " << store.hashes << " "
-    << store.seed << " " << lists.lists << " " << lists.rings << " " << lists.ring_records << " "
-    << lists.record_bytes << " " << (region.length ? region.ToHex() : "-");
+  o << "tetel1 " << store.slots << " " << store.value_bytes << " " << store.hashes << " " << store.seed << " "
+    << lists.lists << " " << lists.rings << " " << lists.ring_records << " " << lists.record_bytes << " "
+    << (region.length ? region.ToHex() : "-");
   return o.str();
 }
 
@@ -31,8 +31,8 @@ Result<CollectorInfo> CollectorInfo::Parse(const std::string& text) {
   std::istringstream in(text);
   std::string tag, hex;
   CollectorInfo c;
-  in >> tag >> c.store.slots >> c.store.value_bytes >> c.store.hashes >> c.store.seed >>
-      c.lists.lists >> c.lists.rings >> c.lists.ring_records >> c.lists.record_bytes >> hex;
+  in >> tag >> c.store.slots >> c.store.value_bytes >> c.store.hashes >> c.store.seed >> c.lists.lists >>
+      c.lists.rings >> c.lists.ring_records >> c.lists.record_bytes >> hex;
   if (tag != "tetel1") return InvalidArgument("collector info does not start with 'tetel1'");
   if (!in) return InvalidArgument("collector info is truncated: expected 9 fields after 'tetel1'");
   if (hex != "-") {
@@ -85,8 +85,7 @@ Result<ListRead> Collector::ReadList(uint32_t list, uint32_t ring, uint64_t* cur
   return ReadRing(info_.lists, region().subspan(info_.lists_offset()), list, ring, cursor);
 }
 
-Result<std::unique_ptr<RegionView>> RegionView::Open(const std::string& region_file,
-                                                     const CollectorInfo& info) {
+Result<std::unique_ptr<RegionView>> RegionView::Open(const std::string& region_file, const CollectorInfo& info) {
   TE_RETURN_IF_ERROR(info.Validate());
   int fd = open(region_file.c_str(), O_RDONLY);
   if (fd < 0) return NotFound("cannot open region file '" + region_file + "': " + strerror(errno));
@@ -115,8 +114,7 @@ Result<QueryResult> RegionView::Query(std::span<const uint8_t> key) const {
 }
 
 Result<ListRead> RegionView::ReadList(uint32_t list, uint32_t ring, uint64_t* cursor) const {
-  return ReadRing(info_.lists, {base_ + info_.lists_offset(), info_.lists.region_bytes()}, list,
-                  ring, cursor);
+  return ReadRing(info_.lists, {base_ + info_.lists_offset(), info_.lists.region_bytes()}, list, ring, cursor);
 }
 
 }  // namespace te::telemetry

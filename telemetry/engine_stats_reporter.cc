@@ -21,10 +21,10 @@ size_t EngineSampleBytes(size_t domains, size_t peers) {
 
 std::vector<uint8_t> EncodeEngineSample(const EngineSample& s) {
   const auto& t = s.stats;
-  std::vector<uint64_t> w = {kSampleVersion, s.time_ns, t.requests_submitted, t.requests_done,
-                             t.requests_failed, t.writes_posted, t.bytes_written, t.imms_received,
-                             t.latency_p50_us, t.latency_p99_us, t.domains.size(),
-                             std::min(t.peers.size(), kMaxSamplePeers)};
+  std::vector<uint64_t> w = {kSampleVersion,   s.time_ns,         t.requests_submitted,
+                             t.requests_done,  t.requests_failed, t.writes_posted,
+                             t.bytes_written,  t.imms_received,   t.latency_p50_us,
+                             t.latency_p99_us, t.domains.size(),  std::min(t.peers.size(), kMaxSamplePeers)};
   for (const auto& d : t.domains) {
     w.push_back(d.writes_posted);
     w.push_back(d.bytes_written);
@@ -52,8 +52,8 @@ Result<EngineSample> DecodeEngineSample(std::span<const uint8_t> rec) {
     return InvalidArgument("engine sample version " + std::to_string(w[0]) + "; this build reads " +
                            std::to_string(kSampleVersion));
   if (w[10] > 64 || w[11] > kMaxSamplePeers || w.size() != kHeaderWords + 3 * w[10] + 4 * w[11])
-    return InvalidArgument("engine sample names " + std::to_string(w[10]) + " domains and " +
-                           std::to_string(w[11]) + " peers but holds " + std::to_string(w.size()) + " words");
+    return InvalidArgument("engine sample names " + std::to_string(w[10]) + " domains and " + std::to_string(w[11]) +
+                           " peers but holds " + std::to_string(w.size()) + " words");
   EngineSample s;
   s.time_ns = w[1];
   auto& t = s.stats;
@@ -73,9 +73,10 @@ Result<EngineSample> DecodeEngineSample(std::span<const uint8_t> rec) {
   return s;
 }
 
-Result<std::unique_ptr<EngineStatsReporter>> EngineStatsReporter::Start(
-    const TransferEngine* observed, std::unique_ptr<Reporter> reporter, uint32_t list,
-    std::chrono::milliseconds period) {
+Result<std::unique_ptr<EngineStatsReporter>> EngineStatsReporter::Start(const TransferEngine* observed,
+                                                                        std::unique_ptr<Reporter> reporter,
+                                                                        uint32_t list,
+                                                                        std::chrono::milliseconds period) {
   if (!observed || !reporter) return InvalidArgument("EngineStatsReporter needs an engine and a reporter");
   if (period.count() <= 0) return InvalidArgument("sampling period must be positive");
   std::unique_ptr<EngineStatsReporter> r(new EngineStatsReporter());
@@ -107,8 +108,9 @@ Status EngineStatsReporter::status() const {
 
 Status EngineStatsReporter::SampleOnce() {
   EngineSample s;
-  s.time_ns = uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                           std::chrono::steady_clock::now().time_since_epoch()).count());
+  s.time_ns =
+      uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+                   .count());
   s.stats = observed_->stats();
   const auto bytes = EncodeEngineSample(s);
   TE_RETURN_IF_ERROR(reporter_->Append(list_, bytes));

@@ -37,8 +37,7 @@ class EngineStatsReporter {
  public:
   // `reporter` is owned and used only by the sampling thread.
   static Result<std::unique_ptr<EngineStatsReporter>> Start(const TransferEngine* observed,
-                                                            std::unique_ptr<Reporter> reporter,
-                                                            uint32_t list,
+                                                            std::unique_ptr<Reporter> reporter, uint32_t list,
                                                             std::chrono::milliseconds period);
   ~EngineStatsReporter();  // takes a last sample, drains, stops
 

@@ -24,9 +24,9 @@ inline uint64_t FlowMix(uint64_t x) {
 inline std::array<uint8_t, kFlowKeyBytes> FlowKey(uint64_t seed, uint64_t flow) {
   std::array<uint8_t, kFlowKeyBytes> k{};
   const uint64_t a = FlowMix(seed ^ (flow * 2 + 1)), b = FlowMix(a);
-  std::memcpy(k.data(), &a, 8);   // both addresses
+  std::memcpy(k.data(), &a, 8);      // both addresses
   std::memcpy(k.data() + 8, &b, 4);  // both ports
-  k[12] = (flow & 1) ? 6 : 17;    // tcp or udp
+  k[12] = (flow & 1) ? 6 : 17;       // tcp or udp
   return k;
 }
 

@@ -1,6 +1,5 @@
 #include "telemetry/key_write_store.h"
 
-
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -32,8 +31,8 @@ uint32_t SlotChecksum(std::span<const uint8_t> key, const uint8_t* value, size_t
 
 Status CheckKey(std::span<const uint8_t> key) {
   if (key.empty() || key.size() > kMaxKeyBytes)
-    return InvalidArgument("key of " + std::to_string(key.size()) +
-                           " bytes; valid range is 1.." + std::to_string(kMaxKeyBytes));
+    return InvalidArgument("key of " + std::to_string(key.size()) + " bytes; valid range is 1.." +
+                           std::to_string(kMaxKeyBytes));
   return Status::Ok();
 }
 
@@ -44,8 +43,7 @@ Status StoreGeometry::Validate() const {
   if (hashes == 0 || hashes > 16)
     return InvalidArgument("hashes = " + std::to_string(hashes) + "; valid range is 1..16");
   if (value_bytes == 0 || value_bytes > 4096)
-    return InvalidArgument("value_bytes = " + std::to_string(value_bytes) +
-                           "; valid range is 1..4096");
+    return InvalidArgument("value_bytes = " + std::to_string(value_bytes) + "; valid range is 1..4096");
   // slots comes from a file or a peer: the region size must not wrap.
   auto bytes = CheckedProduct("store region (slots x slot bytes)", {slots, slot_bytes()}, kMaxRegionBytes);
   if (!bytes.ok()) return bytes.status();
@@ -56,12 +54,11 @@ uint64_t SlotOf(const StoreGeometry& g, std::span<const uint8_t> key, uint32_t i
   return Mix64(HashKey(key, g.seed) + (uint64_t(i) + 1) * 0x9E3779B97F4A7C15ull) % g.slots;
 }
 
-Status EncodeSlot(const StoreGeometry& g, std::span<const uint8_t> key,
-                  std::span<const uint8_t> value, std::vector<uint8_t>* slot) {
+Status EncodeSlot(const StoreGeometry& g, std::span<const uint8_t> key, std::span<const uint8_t> value,
+                  std::vector<uint8_t>* slot) {
   TE_RETURN_IF_ERROR(CheckKey(key));
   if (value.size() != g.value_bytes)
-    return InvalidArgument("value of " + std::to_string(value.size()) +
-                           " bytes; this store holds values of exactly " +
+    return InvalidArgument("value of " + std::to_string(value.size()) + " bytes; this store holds values of exactly " +
                            std::to_string(g.value_bytes));
   slot->assign(g.slot_bytes(), 0);
   std::memcpy(slot->data() + 4, value.data(), value.size());
@@ -70,8 +67,8 @@ Status EncodeSlot(const StoreGeometry& g, std::span<const uint8_t> key,
   return Status::Ok();
 }
 
-Status WriteLocal(const StoreGeometry& g, std::span<uint8_t> region,
-                  std::span<const uint8_t> key, std::span<const uint8_t> value) {
+Status WriteLocal(const StoreGeometry& g, std::span<uint8_t> region, std::span<const uint8_t> key,
+                  std::span<const uint8_t> value) {
   if (region.size() < g.region_bytes())
     return InvalidArgument("region of " + std::to_string(region.size()) + " bytes; store needs " +
                            std::to_string(g.region_bytes()));
@@ -82,8 +79,7 @@ Status WriteLocal(const StoreGeometry& g, std::span<uint8_t> region,
   return Status::Ok();
 }
 
-Result<QueryResult> Query(const StoreGeometry& g, std::span<const uint8_t> region,
-                          std::span<const uint8_t> key) {
+Result<QueryResult> Query(const StoreGeometry& g, std::span<const uint8_t> region, std::span<const uint8_t> key) {
   TE_RETURN_IF_ERROR(g.Validate());
   TE_RETURN_IF_ERROR(CheckKey(key));
   if (region.size() < g.region_bytes())
@@ -140,7 +136,10 @@ uint64_t SlotsForTarget(uint64_t keys, uint32_t hashes, double target) {
   while (ExpectedSuccess(hi, keys, hashes) < target) hi *= 2;
   while (lo < hi) {
     const uint64_t mid = lo + (hi - lo) / 2;
-    if (ExpectedSuccess(mid, keys, hashes) >= target) hi = mid; else lo = mid + 1;
+    if (ExpectedSuccess(mid, keys, hashes) >= target)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   return lo;
 }

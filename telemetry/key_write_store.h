@@ -42,8 +42,8 @@ inline constexpr size_t kMaxKeyBytes = 256;
 uint64_t SlotOf(const StoreGeometry& g, std::span<const uint8_t> key, uint32_t i);
 
 // The bytes a writer puts into each of the key's slots.
-Status EncodeSlot(const StoreGeometry& g, std::span<const uint8_t> key,
-                  std::span<const uint8_t> value, std::vector<uint8_t>* slot);
+Status EncodeSlot(const StoreGeometry& g, std::span<const uint8_t> key, std::span<const uint8_t> value,
+                  std::vector<uint8_t>* slot);
 
 struct QueryResult {
   bool found = false;
@@ -53,13 +53,12 @@ struct QueryResult {
 };
 
 // Reads a store laid out in `region` (at least g.region_bytes()).
-Result<QueryResult> Query(const StoreGeometry& g, std::span<const uint8_t> region,
-                          std::span<const uint8_t> key);
+Result<QueryResult> Query(const StoreGeometry& g, std::span<const uint8_t> region, std::span<const uint8_t> key);
 
 // Writes a key into a store in local memory: the same bytes a reporter's
 // one-sided writes put there. For tests and for the formula's measurements.
-Status WriteLocal(const StoreGeometry& g, std::span<uint8_t> region,
-                  std::span<const uint8_t> key, std::span<const uint8_t> value);
+Status WriteLocal(const StoreGeometry& g, std::span<uint8_t> region, std::span<const uint8_t> key,
+                  std::span<const uint8_t> value);
 
 // ---- The math ----
 // Keys are written once each, one after another, into an empty store; a key

@@ -54,8 +54,7 @@ Status Reporter::KeyWrite(std::span<const uint8_t> key, std::span<const uint8_t>
   for (uint32_t i = 0; i < g.hashes; ++i) {
     const size_t src = (slice_ * options_.writes_per_batch + batch_.targets.size()) * write_bytes_;
     std::memcpy(staging_.data() + src, scratch_.data(), scratch_.size());
-    batch_.targets.push_back({dst_, src, info_.store_offset() + SlotOf(g, key, i) * g.slot_bytes(),
-                              scratch_.size()});
+    batch_.targets.push_back({dst_, src, info_.store_offset() + SlotOf(g, key, i) * g.slot_bytes(), scratch_.size()});
   }
   ++stats_.key_writes;
   return Status::Ok();
@@ -63,16 +62,15 @@ Status Reporter::KeyWrite(std::span<const uint8_t> key, std::span<const uint8_t>
 
 Status Reporter::Append(uint32_t list, std::span<const uint8_t> record) {
   if (list >= info_.lists.lists)
-    return OutOfRange("list " + std::to_string(list) + " outside the collector's " +
-                      std::to_string(info_.lists.lists) + " lists");
+    return OutOfRange("list " + std::to_string(list) + " outside the collector's " + std::to_string(info_.lists.lists) +
+                      " lists");
   const uint64_t seq = next_seq_[list];
   TE_RETURN_IF_ERROR(EncodeRecord(info_.lists, seq, record, &scratch_));
   TE_RETURN_IF_ERROR(Reserve(1));
   const size_t src = (slice_ * options_.writes_per_batch + batch_.targets.size()) * write_bytes_;
   std::memcpy(staging_.data() + src, scratch_.data(), scratch_.size());
-  batch_.targets.push_back({dst_, src,
-                            info_.lists_offset() + info_.lists.RecordOffset(list, options_.ring, seq),
-                            scratch_.size()});
+  batch_.targets.push_back(
+      {dst_, src, info_.lists_offset() + info_.lists.RecordOffset(list, options_.ring, seq), scratch_.size()});
   next_seq_[list] = seq + 1;
   ++stats_.appends;
   return Status::Ok();

@@ -24,9 +24,9 @@ struct ReporterOptions {
 };
 
 struct ReporterStats {
-  uint64_t key_writes = 0;   // KeyWrite calls
-  uint64_t appends = 0;      // Append calls
-  uint64_t writes = 0;       // one-sided writes issued
+  uint64_t key_writes = 0;  // KeyWrite calls
+  uint64_t appends = 0;     // Append calls
+  uint64_t writes = 0;      // one-sided writes issued
   uint64_t batches = 0;
   uint64_t failed_batches = 0;
 };

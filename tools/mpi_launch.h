@@ -18,9 +18,8 @@ inline bool UnderMpi() { return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SI
 // Runs this executable with argv (minus any --<override_flag>=...) plus
 // `extra` under `mpirun -n <processes>`. Root and more ranks than cores are
 // allowed; ranks yield when idle. Exits on failure.
-inline void RunUnderMpirun(const char* tool, const std::string& mpirun, int processes, const std::string& btl,
-                           int argc, char** argv, const std::vector<std::string>& drop_flags,
-                           const std::string& extra) {
+inline void RunUnderMpirun(const char* tool, const std::string& mpirun, int processes, const std::string& btl, int argc,
+                           char** argv, const std::vector<std::string>& drop_flags, const std::string& extra) {
   char exe[4096];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
   if (n <= 0) Die(tool, "cannot find this executable (/proc/self/exe)");

@@ -16,10 +16,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <csignal>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "base/crc32c.h"
-#include "tools/exit_on_error.h"
 #include "nic/fabric/raw_write_loop.h"
+#include "tools/exit_on_error.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_bool(listen, false, "Serve as the target and print the address line");
@@ -69,7 +69,9 @@ constexpr size_t kPageSlack = 128;
 
 [[noreturn]] void Die(const std::string& what) { te::tools::Die("te-bench", what); }
 template <typename T>
-T Must(te::Result<T> r, const char* step) { return te::tools::Must("te-bench", std::move(r), step); }
+T Must(te::Result<T> r, const char* step) {
+  return te::tools::Must("te-bench", std::move(r), step);
+}
 void Must(const te::Status& s, const char* step) { te::tools::Must("te-bench", s, step); }
 
 uint64_t ParseSize(const std::string& s) {
@@ -78,10 +80,17 @@ uint64_t ParseSize(const std::string& s) {
   uint64_t mult = 1;
   if (end && *end) {
     switch (toupper(*end)) {
-      case 'K': mult = 1ull << 10; break;
-      case 'M': mult = 1ull << 20; break;
-      case 'G': mult = 1ull << 30; break;
-      default: Die("bad size '" + s + "': use a number with optional K, M or G");
+      case 'K':
+        mult = 1ull << 10;
+        break;
+      case 'M':
+        mult = 1ull << 20;
+        break;
+      case 'G':
+        mult = 1ull << 30;
+        break;
+      default:
+        Die("bad size '" + s + "': use a number with optional K, M or G");
     }
   }
   // Checked before the conversion: 99999999999G must not wrap to 0 B.
@@ -101,9 +110,12 @@ std::vector<std::string> Split(const std::string& s, char sep) {
 
 std::string HumanSize(uint64_t b) {
   char buf[32];
-  if (b >= (1ull << 20) && b % (1ull << 20) == 0) snprintf(buf, sizeof buf, "%llu MiB", (unsigned long long)(b >> 20));
-  else if (b >= 1024 && b % 1024 == 0) snprintf(buf, sizeof buf, "%llu KiB", (unsigned long long)(b >> 10));
-  else snprintf(buf, sizeof buf, "%llu B", (unsigned long long)b);
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0)
+    snprintf(buf, sizeof buf, "%llu MiB", (unsigned long long)(b >> 20));
+  else if (b >= 1024 && b % 1024 == 0)
+    snprintf(buf, sizeof buf, "%llu KiB", (unsigned long long)(b >> 10));
+  else
+    snprintf(buf, sizeof buf, "%llu B", (unsigned long long)b);
   return buf;
 }
 
@@ -136,8 +148,10 @@ te::EngineOptions MakeEngineOptions() {
   o.fabric.domain = FLAGS_iface;
   o.domains = FLAGS_domains;
   o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
-  if (FLAGS_progress == "manual") o.progress = te::ProgressMode::kManual;
-  else if (FLAGS_progress != "thread") Die("--progress must be 'thread' or 'manual', not '" + FLAGS_progress + "'");
+  if (FLAGS_progress == "manual")
+    o.progress = te::ProgressMode::kManual;
+  else if (FLAGS_progress != "thread")
+    Die("--progress must be 'thread' or 'manual', not '" + FLAGS_progress + "'");
   return o;
 }
 
@@ -192,8 +206,10 @@ bool WaitUntil(te::TransferEngine* engine, Pred pred, Clock::time_point deadline
   int spins = 0;
   while (!pred()) {
     if (Clock::now() >= deadline) return false;
-    if (engine->options().progress == te::ProgressMode::kManual) engine->Progress();
-    else if (++spins > 100) std::this_thread::yield();
+    if (engine->options().progress == te::ProgressMode::kManual)
+      engine->Progress();
+    else if (++spins > 100)
+      std::this_thread::yield();
   }
   return true;
 }
@@ -237,15 +253,19 @@ int RunListener(int address_fd) {
       in >> desc_hex >> raw_hex >> raw_key >> raw_base;
       initiator = Must(engine->Import(Must(te::MrDescriptor::FromHex(desc_hex), "initiator descriptor")),
                        "importing the initiator's region");
-      if (raw_hex != "-") Must(raw->Connect(Must(te::FromHex(raw_hex), "raw address"), raw_key, raw_base), "raw connect");
-      SendText(engine.get(), peer, "OK " + te::ToHex(raw->address()) + " " + std::to_string(raw->rkey()) +
-                                       " " + std::to_string(raw->remote_base()));
+      if (raw_hex != "-")
+        Must(raw->Connect(Must(te::FromHex(raw_hex), "raw address"), raw_key, raw_base), "raw connect");
+      SendText(engine.get(), peer,
+               "OK " + te::ToHex(raw->address()) + " " + std::to_string(raw->rkey()) + " " +
+                   std::to_string(raw->remote_base()));
     } else if (cmd == "EXPECT") {
       uint64_t count;
       in >> count;
-      Must(engine->ExpectImm(kDataImm, count, [&] {
-        Must(engine->Submit(te::ImmOnly{initiator, kAckImm}, {}), "acknowledging");
-      }), "expecting");
+      Must(engine->ExpectImm(kDataImm, count,
+                             [&] {
+                               Must(engine->Submit(te::ImmOnly{initiator, kAckImm}, {}), "acknowledging");
+                             }),
+           "expecting");
       SendText(engine.get(), peer, "OK");
     } else if (cmd == "PONG") {
       int iters;
@@ -259,11 +279,15 @@ int RunListener(int address_fd) {
       uint64_t n;
       in >> n;
       SendText(engine.get(), peer, "OK");
-      WaitUntil(engine.get(), [&] { return engine->stats().requests_done + engine->stats().requests_failed ==
-                                           engine->stats().requests_submitted; }, Clock::now() + 5s);
+      WaitUntil(
+          engine.get(),
+          [&] {
+            return engine->stats().requests_done + engine->stats().requests_failed ==
+                   engine->stats().requests_submitted;
+          },
+          Clock::now() + 5s);
       auto t = std::chrono::milliseconds(FLAGS_timeout_ms);
-      te::Status st = cmd == "RAWSERVE" ? raw->Serve(n, kRawDataImm, kRawAckImm, t)
-                                        : raw->Pong(int(n), kRawPingImm, t);
+      te::Status st = cmd == "RAWSERVE" ? raw->Serve(n, kRawDataImm, kRawAckImm, t) : raw->Pong(int(n), kRawPingImm, t);
       if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
     } else if (cmd == "ZERO") {
       memset(region.data(), 0, region.size());
@@ -277,7 +301,8 @@ int RunListener(int address_fd) {
       SendText(engine.get(), peer, "OK");
       // Let the reply leave before the engine goes.
       auto until = Clock::now() + 200ms;
-      WaitUntil(engine.get(), [] { return false; }, until);
+      WaitUntil(
+          engine.get(), [] { return false; }, until);
       return 0;
     } else {
       LOG(WARNING) << "unknown command '" << cmd << "'";
@@ -315,8 +340,8 @@ class Initiator {
     if (FLAGS_raw) {
       raw_ = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
       FillPattern(raw_->buffer(), raw_->buffer_bytes());
-      raw_info = te::ToHex(raw_->address()) + " " + std::to_string(raw_->rkey()) + " " +
-                 std::to_string(raw_->remote_base());
+      raw_info =
+          te::ToHex(raw_->address()) + " " + std::to_string(raw_->rkey()) + " " + std::to_string(raw_->remote_base());
     }
     std::istringstream reply(Rpc("HELLO " + engine_->Describe(*mr_).ToHex() + " " + raw_info));
     std::string ok, raw_hex;
@@ -403,15 +428,15 @@ class Initiator {
   // Both engines stay idle while the raw loop runs; waiting past their
   // idle_deep lets their workers back off so the baseline has the cores.
   void QuietEngines() {
-    if (FLAGS_progress == "thread")
-      std::this_thread::sleep_for(engine_->options().idle_deep + 50ms);
+    if (FLAGS_progress == "thread") std::this_thread::sleep_for(engine_->options().idle_deep + 50ms);
   }
 
   CaseResult RunRaw(const std::vector<te::nic::RawWriteLoop::Op>& ops, size_t batch) {
     if (Rpc("RAWSERVE " + std::to_string(ops.size())) != "OK") Die("RAWSERVE refused");
     QuietEngines();
-    auto stats = Must(raw_->RunWrites(ops, FLAGS_window, batch, kRawDataImm, kRawAckImm,
-                                      std::chrono::milliseconds(FLAGS_timeout_ms)), "raw loop");
+    auto stats = Must(
+        raw_->RunWrites(ops, FLAGS_window, batch, kRawDataImm, kRawAckImm, std::chrono::milliseconds(FLAGS_timeout_ms)),
+        "raw loop");
     CaseResult r;
     r.seconds = stats.seconds;
     r.ops = ops.size();
@@ -489,33 +514,34 @@ struct Row {
 };
 
 void PrintHeader(bool raw) {
-  printf("%-7s %9s %4s %7s %8s %8s %8s %9s %9s", "case", "size", "dom", "ops", "GB/s", "Gbit/s",
-         "Mop/s", "p50_us", "p99_us");
+  printf("%-7s %9s %4s %7s %8s %8s %8s %9s %9s", "case", "size", "dom", "ops", "GB/s", "Gbit/s", "Mop/s", "p50_us",
+         "p99_us");
   if (raw) printf(" %9s %9s %9s %7s", "raw_GB/s", "raw_Mop/s", "raw_p50", "ratio");
   printf("  %s\n", "verified");
 }
 
 void PrintRow(const Row& r, const std::string& provider) {
   if (FLAGS_json) {
-    printf("{\"case\":\"%s\",\"size\":%llu,\"provider\":\"%s\",\"domains\":%d,\"progress\":\"%s\","
-           "\"ops\":%llu,\"gbps\":%.4f,\"gbit\":%.3f,\"mops\":%.4f,\"p50_us\":%.2f,\"p99_us\":%.2f",
-           r.kind.c_str(), (unsigned long long)r.size, provider.c_str(), FLAGS_domains,
-           FLAGS_progress.c_str(), (unsigned long long)r.eng.ops, r.eng.gbps(), r.eng.gbps() * 8,
-           r.eng.mops(), Percentile(r.eng.lat_us, 0.5), Percentile(r.eng.lat_us, 0.99));
+    printf(
+        "{\"case\":\"%s\",\"size\":%llu,\"provider\":\"%s\",\"domains\":%d,\"progress\":\"%s\","
+        "\"ops\":%llu,\"gbps\":%.4f,\"gbit\":%.3f,\"mops\":%.4f,\"p50_us\":%.2f,\"p99_us\":%.2f",
+        r.kind.c_str(), (unsigned long long)r.size, provider.c_str(), FLAGS_domains, FLAGS_progress.c_str(),
+        (unsigned long long)r.eng.ops, r.eng.gbps(), r.eng.gbps() * 8, r.eng.mops(), Percentile(r.eng.lat_us, 0.5),
+        Percentile(r.eng.lat_us, 0.99));
     if (r.has_raw)
-      printf(",\"raw_gbps\":%.4f,\"raw_mops\":%.4f,\"raw_p50_us\":%.2f,\"raw_p99_us\":%.2f,"
-             "\"ratio\":%.3f,\"ratio_of\":\"%s\"",
-             r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5),
-             Percentile(r.raw.lat_us, 0.99), r.ratio(), r.metric.c_str());
+      printf(
+          ",\"raw_gbps\":%.4f,\"raw_mops\":%.4f,\"raw_p50_us\":%.2f,\"raw_p99_us\":%.2f,"
+          "\"ratio\":%.3f,\"ratio_of\":\"%s\"",
+          r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5), Percentile(r.raw.lat_us, 0.99), r.ratio(),
+          r.metric.c_str());
     printf(",\"verified\":%s}\n", r.verify_ran ? (r.verified ? "true" : "false") : "null");
   } else {
-    printf("%-7s %9s %4d %7llu %8.3f %8.2f %8.4f %9.1f %9.1f", r.kind.c_str(),
-           HumanSize(r.size).c_str(), FLAGS_domains, (unsigned long long)r.eng.ops, r.eng.gbps(),
-           r.eng.gbps() * 8, r.eng.mops(), Percentile(r.eng.lat_us, 0.5),
+    printf("%-7s %9s %4d %7llu %8.3f %8.2f %8.4f %9.1f %9.1f", r.kind.c_str(), HumanSize(r.size).c_str(), FLAGS_domains,
+           (unsigned long long)r.eng.ops, r.eng.gbps(), r.eng.gbps() * 8, r.eng.mops(), Percentile(r.eng.lat_us, 0.5),
            Percentile(r.eng.lat_us, 0.99));
     if (r.has_raw)
-      printf(" %9.3f %9.4f %9.1f %6.3f%s", r.raw.gbps(), r.raw.mops(),
-             Percentile(r.raw.lat_us, 0.5), r.ratio(), r.metric == "p50" ? "x" : " ");
+      printf(" %9.3f %9.4f %9.1f %6.3f%s", r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5), r.ratio(),
+             r.metric == "p50" ? "x" : " ");
     printf("  %s\n", r.verify_ran ? (r.verified ? "yes" : "MISMATCH") : "-");
   }
   fflush(stdout);
@@ -538,9 +564,8 @@ void Repeat(Row* row, EngineFn engine_run, RawFn raw_run) {
     if (row->has_raw) raw.push_back(raw_run());
   }
   auto median = [&](std::vector<CaseResult>& v) {
-    std::sort(v.begin(), v.end(), [&](const CaseResult& a, const CaseResult& b) {
-      return Merit(a, row->metric) < Merit(b, row->metric);
-    });
+    std::sort(v.begin(), v.end(),
+              [&](const CaseResult& a, const CaseResult& b) { return Merit(a, row->metric) < Merit(b, row->metric); });
     return v[v.size() / 2];
   };
   row->eng = median(eng);
@@ -559,14 +584,16 @@ int RunInitiator(const std::string& hex) {
   const auto kinds = Split(FLAGS_cases, ',');
   auto has = [&](const char* k) { return std::find(kinds.begin(), kinds.end(), k) != kinds.end(); };
   std::vector<std::pair<std::string, uint64_t>> plan;
-  if (has("single")) for (auto& s : Split(FLAGS_sizes, ',')) plan.emplace_back("single", ParseSize(s));
-  if (has("paged")) for (auto& s : Split(FLAGS_page_sizes, ',')) plan.emplace_back("paged", ParseSize(s));
+  if (has("single"))
+    for (auto& s : Split(FLAGS_sizes, ',')) plan.emplace_back("single", ParseSize(s));
+  if (has("paged"))
+    for (auto& s : Split(FLAGS_page_sizes, ',')) plan.emplace_back("paged", ParseSize(s));
   if (has("imm")) plan.emplace_back("imm_rtt", 0);
   if (plan.empty()) Die("--cases selects nothing; use single, paged and/or imm");
   if (!FLAGS_json) {
     printf("te-bench: provider %s, %d domain(s), window %d, progress %s, median of %d run(s)%s\n",
-           engine->provider().c_str(), FLAGS_domains, FLAGS_window, FLAGS_progress.c_str(),
-           std::max(1, FLAGS_repeat), raw ? ", raw baseline interleaved in the same run" : "");
+           engine->provider().c_str(), FLAGS_domains, FLAGS_window, FLAGS_progress.c_str(), std::max(1, FLAGS_repeat),
+           raw ? ", raw baseline interleaved in the same run" : "");
     PrintHeader(raw);
   }
   std::mt19937 rng(42);
@@ -585,15 +612,18 @@ int RunInitiator(const std::string& hex) {
       const uint64_t writes = Must(engine->ExpectedImmCount(w), "planning");
       std::vector<te::Request> warm(FLAGS_warmup, w), reqs(n, w);
       std::vector<te::nic::RawWriteLoop::Op> ops(n, {0, 0, size});
-      Repeat(&row, [&] {
-        if (FLAGS_warmup > 0) ini.RunEngine(warm, writes, size);
-        auto r = ini.RunEngine(reqs, writes, size);
-        r.ops = n;  // one write per request from the user's view
-        return r;
-      }, [&] {
-        if (FLAGS_warmup > 0) ini.RunRaw({size_t(FLAGS_warmup), {0, 0, size}}, 1);
-        return ini.RunRaw(ops, 1);
-      });
+      Repeat(
+          &row,
+          [&] {
+            if (FLAGS_warmup > 0) ini.RunEngine(warm, writes, size);
+            auto r = ini.RunEngine(reqs, writes, size);
+            r.ops = n;  // one write per request from the user's view
+            return r;
+          },
+          [&] {
+            if (FLAGS_warmup > 0) ini.RunRaw({size_t(FLAGS_warmup), {0, 0, size}}, 1);
+            return ini.RunRaw(ops, 1);
+          });
       if (FLAGS_verify) {
         std::vector<uint8_t> expect(ini.src().begin(), ini.src().begin() + size);
         row.verify_ran = true;
@@ -623,13 +653,16 @@ int RunInitiator(const std::string& hex) {
         reqs.push_back(std::move(p));
       }
       const size_t warm_n = std::min<size_t>(reqs.size(), std::max(1, FLAGS_warmup / int(ppr)));
-      Repeat(&row, [&] {
-        ini.RunEngine({reqs.begin(), reqs.begin() + warm_n}, ppr, ppr * size);
-        return ini.RunEngine(reqs, ppr, ppr * size);
-      }, [&] {
-        ini.RunRaw({ops.begin(), ops.begin() + warm_n * ppr}, ppr);
-        return ini.RunRaw(ops, ppr);
-      });
+      Repeat(
+          &row,
+          [&] {
+            ini.RunEngine({reqs.begin(), reqs.begin() + warm_n}, ppr, ppr * size);
+            return ini.RunEngine(reqs, ppr, ppr * size);
+          },
+          [&] {
+            ini.RunRaw({ops.begin(), ops.begin() + warm_n * ppr}, ppr);
+            return ini.RunRaw(ops, ppr);
+          });
       if (FLAGS_verify) {
         const auto& p = std::get<te::PagedWrite>(reqs[0]);
         uint64_t end = 0;
@@ -642,13 +675,16 @@ int RunInitiator(const std::string& hex) {
       }
     } else {
       row.metric = "p50";
-      Repeat(&row, [&] {
-        if (FLAGS_warmup > 0) ini.EngineRtt(FLAGS_warmup);
-        return ini.EngineRtt(FLAGS_rtt_iters);
-      }, [&] {
-        if (FLAGS_warmup > 0) ini.RawRtt(FLAGS_warmup);
-        return ini.RawRtt(FLAGS_rtt_iters);
-      });
+      Repeat(
+          &row,
+          [&] {
+            if (FLAGS_warmup > 0) ini.EngineRtt(FLAGS_warmup);
+            return ini.EngineRtt(FLAGS_rtt_iters);
+          },
+          [&] {
+            if (FLAGS_warmup > 0) ini.RawRtt(FLAGS_warmup);
+            return ini.RawRtt(FLAGS_rtt_iters);
+          });
     }
     all_verified &= !row.verify_ran || row.verified;
     PrintRow(row, engine->provider());
@@ -696,8 +732,7 @@ int RunLoopback(const char* argv0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage(
-      "te-bench --loopback | --listen | --connect <descriptor hex>  [--raw] [--json]");
+  gflags::SetUsageMessage("te-bench --loopback | --listen | --connect <descriptor hex>  [--raw] [--json]");
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);

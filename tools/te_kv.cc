@@ -31,8 +31,8 @@
 #include <cstring>
 #include <deque>
 #include <map>
-#include <set>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -124,7 +124,8 @@ struct Prefill {
       }
       engines.push_back(ExitOnError(te::TransferEngine::Create(EngineOpts()), "prefill engine"));
       memory.emplace_back(KvPrefiller::MemoryBytes(l, o));
-      ranks.push_back(ExitOnError(KvPrefiller::Create(engines.back().get(), l, r, memory.back().data(), o), "prefiller"));
+      ranks.push_back(
+          ExitOnError(KvPrefiller::Create(engines.back().get(), l, r, memory.back().data(), o), "prefiller"));
     }
   }
   ~Prefill() {
@@ -178,7 +179,8 @@ struct Decode {
   }
   uint64_t Wrong(const std::vector<uint32_t>& pages, uint64_t salt) {
     uint64_t w = 0;
-    for (uint32_t r = 0; r < layout.tp; ++r) w += te::kvcache::CountWrongKvHeads(layout, r, pages, salt, memory[r].data());
+    for (uint32_t r = 0; r < layout.tp; ++r)
+      w += te::kvcache::CountWrongKvHeads(layout, r, pages, salt, memory[r].data());
     return w;
   }
 };
@@ -300,10 +302,11 @@ int Loopback() {
       }
     }
   if (!FLAGS_json)
-    printf("te-kv loopback: %s, %s, prefill tp %d -> decode tp %d, %d tokens = %u pages, %.1f MiB per request, "
-           "%.1f ms compute per layer, %s\n",
-           FLAGS_preset.c_str(), src_layout.Describe().c_str(), FLAGS_prefill_tp, FLAGS_decode_tp, FLAGS_tokens, pages,
-           bytes / 1048576.0, FLAGS_layer_ms, prefill.engines[0]->provider().c_str());
+    printf(
+        "te-kv loopback: %s, %s, prefill tp %d -> decode tp %d, %d tokens = %u pages, %.1f MiB per request, "
+        "%.1f ms compute per layer, %s\n",
+        FLAGS_preset.c_str(), src_layout.Describe().c_str(), FLAGS_prefill_tp, FLAGS_decode_tp, FLAGS_tokens, pages,
+        bytes / 1048576.0, FLAGS_layer_ms, prefill.engines[0]->provider().c_str());
 
   std::vector<double> ready_stream, ready_bulk, rate_bulk, rate_paged;
   struct Row {
@@ -362,15 +365,17 @@ int Loopback() {
     for (const Row& r : rows)
       printf("{\"tool\":\"te-kv\",\"request\":%d,\"mode\":\"%s\",\"ready_after_last_layer_ms\":%.3f,\"gbps\":%.3f}\n",
              r.request, r.mode, r.after_ms, r.gbps);
-    printf("{\"tool\":\"te-kv\",\"mode\":\"loopback\",\"preset\":\"%s\",\"layout\":\"%s\",\"prefill_tp\":%d,"
-           "\"decode_tp\":%d,\"tokens\":%d,\"pages\":%u,\"bytes_per_request\":%llu,\"layer_ms\":%.3f,"
-           "\"requests\":%d,\"streamed_ready_after_last_layer_ms_p50\":%.3f,"
-           "\"bulk_ready_after_last_layer_ms_p50\":%.3f,\"one_layer_transfer_ms\":%.3f,\"bulk_gbps\":%.3f,"
-           "\"paged_baseline_gbps\":%.3f,\"run_bytes\":%llu,\"bulk_vs_paged\":%.3f,\"verified\":%s,\"wrong_heads\":%llu}\n",
-           FLAGS_preset.c_str(), src_layout.Describe().c_str(), FLAGS_prefill_tp, FLAGS_decode_tp, FLAGS_tokens, pages,
-           (unsigned long long)bytes, FLAGS_layer_ms, FLAGS_requests, Median(ready_stream), Median(ready_bulk),
-           layer_transfer_ms, bulk_rate, paged, (unsigned long long)run_bytes0, bulk_rate / paged,
-           FLAGS_verify ? (wrong == 0 ? "true" : "false") : "null", (unsigned long long)wrong);
+    printf(
+        "{\"tool\":\"te-kv\",\"mode\":\"loopback\",\"preset\":\"%s\",\"layout\":\"%s\",\"prefill_tp\":%d,"
+        "\"decode_tp\":%d,\"tokens\":%d,\"pages\":%u,\"bytes_per_request\":%llu,\"layer_ms\":%.3f,"
+        "\"requests\":%d,\"streamed_ready_after_last_layer_ms_p50\":%.3f,"
+        "\"bulk_ready_after_last_layer_ms_p50\":%.3f,\"one_layer_transfer_ms\":%.3f,\"bulk_gbps\":%.3f,"
+        "\"paged_baseline_gbps\":%.3f,\"run_bytes\":%llu,\"bulk_vs_paged\":%.3f,\"verified\":%s,\"wrong_heads\":%llu}"
+        "\n",
+        FLAGS_preset.c_str(), src_layout.Describe().c_str(), FLAGS_prefill_tp, FLAGS_decode_tp, FLAGS_tokens, pages,
+        (unsigned long long)bytes, FLAGS_layer_ms, FLAGS_requests, Median(ready_stream), Median(ready_bulk),
+        layer_transfer_ms, bulk_rate, paged, (unsigned long long)run_bytes0, bulk_rate / paged,
+        FLAGS_verify ? (wrong == 0 ? "true" : "false") : "null", (unsigned long long)wrong);
   } else {
     printf("\n  %-8s %-10s %26s %10s\n", "request", "mode", "KV ready after last layer", "GB/s");
     for (const Row& r : rows)
@@ -383,7 +388,8 @@ int Loopback() {
            layer_transfer_ms, Median(ready_stream) / layer_transfer_ms);
     printf("  baseline: bare PagedWrite, %llu-byte runs, 64 per request: %.2f GB/s; bulk / baseline = %.2f\n",
            (unsigned long long)run_bytes0, paged, bulk_rate / paged);
-    if (FLAGS_verify) printf("  verified: %s (%llu wrong heads)\n", wrong == 0 ? "yes" : "NO", (unsigned long long)wrong);
+    if (FLAGS_verify)
+      printf("  verified: %s (%llu wrong heads)\n", wrong == 0 ? "yes" : "NO", (unsigned long long)wrong);
   }
   return FLAGS_verify && wrong ? 1 : 0;
 }
@@ -431,10 +437,10 @@ int ServePrefill() {
   te::kvcache::RegistryEntry entry;
   entry.info = prefill->Info(FLAGS_name);
   entry.capacity = slots;
-  auto registration = ExitOnError(
-      te::kvcache::KvRegistration::Start(registry.get(), entry,
-                                         [&] { return uint32_t(prefill->ranks[0]->active_requests()); }),
-      "register");
+  auto registration =
+      ExitOnError(te::kvcache::KvRegistration::Start(registry.get(), entry,
+                                                     [&] { return uint32_t(prefill->ranks[0]->active_requests()); }),
+                  "register");
   fprintf(stderr, "te-kv prefill '%s': %s, %u slots of %u pages, serving for %d s\n", FLAGS_name.c_str(),
           layout.Describe().c_str(), slots, per, FLAGS_serve_seconds);
   const auto layer_time = std::chrono::microseconds(int64_t(FLAGS_layer_ms * 1000));
@@ -447,7 +453,8 @@ int ServePrefill() {
     work.pop_front();
     if (n == 0 || n > per) {
       lock.unlock();
-      for (auto& p : prefill->ranks) (void)p->Abort(id, "asked for " + std::to_string(n) + " pages; slots hold " + std::to_string(per));
+      for (auto& p : prefill->ranks)
+        (void)p->Abort(id, "asked for " + std::to_string(n) + " pages; slots hold " + std::to_string(per));
       continue;
     }
     const uint32_t slot = free_slots.back();
@@ -487,8 +494,8 @@ int RunDecode() {
   for (auto& e : decode.engines) entry.info.ranks.push_back(e->address());
   entry.capacity = 1;
   std::atomic<uint32_t> load{0};
-  auto registration = ExitOnError(
-      te::kvcache::KvRegistration::Start(registry.get(), entry, [&] { return load.load(); }), "register");
+  auto registration =
+      ExitOnError(te::kvcache::KvRegistration::Start(registry.get(), entry, [&] { return load.load(); }), "register");
   te::kvcache::KvRouter router(registry.get());
   std::vector<uint32_t> pages(per);
   for (uint32_t i = 0; i < per; ++i) pages[i] = per - 1 - i;
@@ -525,8 +532,11 @@ int RunDecode() {
       }
       done = true;
       ++ok;
-      const double ms = double(int64_t(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                                    w.ready.time_since_epoch()).count()) - w.context_ns)) / 1e6;
+      const double ms =
+          double(int64_t(
+              uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(w.ready.time_since_epoch()).count()) -
+              w.context_ns)) /
+          1e6;
       after.push_back(ms);
       if (FLAGS_verify) wrong += decode.Wrong(pages, id);
       if (!FLAGS_json)
@@ -536,14 +546,17 @@ int RunDecode() {
   }
   (void)registration->Leave(std::chrono::seconds(5));
   if (FLAGS_json)
-    printf("{\"tool\":\"te-kv\",\"mode\":\"decode\",\"name\":\"%s\",\"requests\":%d,\"ready\":%llu,\"retried\":%llu,"
-           "\"ready_after_last_layer_ms_p50\":%.3f,\"verified\":%s,\"wrong_heads\":%llu}\n",
-           FLAGS_name.c_str(), FLAGS_requests, (unsigned long long)ok, (unsigned long long)retried, Median(after),
-           FLAGS_verify ? (wrong == 0 ? "true" : "false") : "null", (unsigned long long)wrong);
+    printf(
+        "{\"tool\":\"te-kv\",\"mode\":\"decode\",\"name\":\"%s\",\"requests\":%d,\"ready\":%llu,\"retried\":%llu,"
+        "\"ready_after_last_layer_ms_p50\":%.3f,\"verified\":%s,\"wrong_heads\":%llu}\n",
+        FLAGS_name.c_str(), FLAGS_requests, (unsigned long long)ok, (unsigned long long)retried, Median(after),
+        FLAGS_verify ? (wrong == 0 ? "true" : "false") : "null", (unsigned long long)wrong);
   else
     printf("te-kv decode '%s': %llu of %d requests ready (%llu retries), KV ready %.2f ms p50 after the last layer%s\n",
            FLAGS_name.c_str(), (unsigned long long)ok, FLAGS_requests, (unsigned long long)retried, Median(after),
-           FLAGS_verify ? (wrong == 0 ? ", every byte verified" : ", WRONG BYTES (do the prefill instances run with --verify?)") : "");
+           FLAGS_verify
+               ? (wrong == 0 ? ", every byte verified" : ", WRONG BYTES (do the prefill instances run with --verify?)")
+               : "");
   return ok == uint64_t(FLAGS_requests) && wrong == 0 ? 0 : 1;
 }
 

@@ -45,7 +45,8 @@ namespace {
 
 int Gen() {
   if (FLAGS_out.empty()) Die("gen needs --out=FILE");
-  te::moe::TraceOptions o{FLAGS_tokens, FLAGS_layers, FLAGS_topk, FLAGS_experts, FLAGS_affinity, FLAGS_skew, FLAGS_seed, FLAGS_sample_seed};
+  te::moe::TraceOptions o{FLAGS_tokens,   FLAGS_layers, FLAGS_topk, FLAGS_experts,
+                          FLAGS_affinity, FLAGS_skew,   FLAGS_seed, FLAGS_sample_seed};
   auto t = te::moe::GenerateTrace(o);
   if (!t.ok()) Die(t.status().ToString());
   auto st = te::moe::WriteTrace(t.value(), FLAGS_out);
@@ -66,9 +67,8 @@ int Place() {
     if (!e.ok()) Die(e.status().ToString());
     eval_trace = std::move(e).value();
     if (eval_trace.layers != t.layers || eval_trace.experts != t.experts)
-      Die("--eval_trace has " + std::to_string(eval_trace.layers) + " layers x " +
-          std::to_string(eval_trace.experts) + " experts; --trace has " + std::to_string(t.layers) + " x " +
-          std::to_string(t.experts));
+      Die("--eval_trace has " + std::to_string(eval_trace.layers) + " layers x " + std::to_string(eval_trace.experts) +
+          " experts; --trace has " + std::to_string(t.layers) + " x " + std::to_string(t.experts));
   }
   const auto& judged = FLAGS_eval_trace.empty() ? t : eval_trace;
   if (auto st = te::moe::CheckShape(t.experts, FLAGS_ranks, FLAGS_nodes); !st.ok()) Die(st.ToString());
@@ -101,11 +101,12 @@ int Place() {
   for (const auto& r : rows) {
     const double reduction = base > 0 ? 1.0 - r.s.cross_rank_hops_per_token / base : 0;
     if (FLAGS_json)
-      printf("{\"placement\":\"%s\",\"ranks\":%u,\"nodes\":%u,\"cross_rank_hops_per_token\":%.3f,"
-             "\"cross_node_hops_per_token\":%.3f,\"reduction_vs_round_robin\":%.4f,\"max_load_imbalance\":%.3f,"
-             "\"solve_seconds\":%.3f}\n",
-             r.name, FLAGS_ranks, FLAGS_nodes, r.s.cross_rank_hops_per_token, r.s.cross_node_hops_per_token,
-             reduction, r.s.max_load_imbalance, solve_s);
+      printf(
+          "{\"placement\":\"%s\",\"ranks\":%u,\"nodes\":%u,\"cross_rank_hops_per_token\":%.3f,"
+          "\"cross_node_hops_per_token\":%.3f,\"reduction_vs_round_robin\":%.4f,\"max_load_imbalance\":%.3f,"
+          "\"solve_seconds\":%.3f}\n",
+          r.name, FLAGS_ranks, FLAGS_nodes, r.s.cross_rank_hops_per_token, r.s.cross_node_hops_per_token, reduction,
+          r.s.max_load_imbalance, solve_s);
     else
       printf("%-12s %18.2f %18.2f %13.1f%% %16.3f\n", r.name, r.s.cross_rank_hops_per_token,
              r.s.cross_node_hops_per_token, 100 * reduction, r.s.max_load_imbalance);
@@ -114,14 +115,14 @@ int Place() {
     double before = 0, after = 0;
     for (uint32_t l = 0; l < t.layers; ++l) {
       before = std::max(before, te::moe::LoadImbalance(affinity.load[l], placed->rank_of[l], FLAGS_ranks));
-      auto rep = te::moe::ReplicateHotExperts(affinity.load[l], FLAGS_ranks,
-                                              t.experts / FLAGS_ranks + FLAGS_extra_slots);
+      auto rep =
+          te::moe::ReplicateHotExperts(affinity.load[l], FLAGS_ranks, t.experts / FLAGS_ranks + FLAGS_extra_slots);
       if (!rep.ok()) Die(rep.status().ToString());
       after = std::max(after, rep->imbalance);
     }
     if (FLAGS_json)
-      printf("{\"replication_extra_slots\":%u,\"imbalance_before\":%.3f,\"imbalance_after\":%.3f}\n",
-             FLAGS_extra_slots, before, after);
+      printf("{\"replication_extra_slots\":%u,\"imbalance_before\":%.3f,\"imbalance_after\":%.3f}\n", FLAGS_extra_slots,
+             before, after);
     else
       printf("EPLB replication, %u extra slot(s) per rank: worst-layer load imbalance %.3f -> %.3f\n",
              FLAGS_extra_slots, before, after);

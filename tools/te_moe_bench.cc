@@ -318,17 +318,18 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   const double te_d50 = Percentile(te_t.dispatch_us, .5), te_c50 = Percentile(te_t.combine_us, .5);
   const double mpi_d50 = Percentile(mpi_t.dispatch_us, .5), mpi_c50 = Percentile(mpi_t.combine_us, .5);
   if (FLAGS_json) {
-    printf("{\"ep\":%d,\"shape\":\"%s\",\"hidden\":%u,\"experts\":%u,\"topk\":%u,\"tokens_per_rank\":%u,"
-           "\"payload\":\"%s\",\"routing\":\"%s\",\"provider\":\"%s\",\"mpi_btl\":\"%s\",\"progress\":\"%s\",\"iters\":%u,"
-           "\"te_dispatch_p50_us\":%.1f,\"te_dispatch_p99_us\":%.1f,\"te_combine_p50_us\":%.1f,"
-           "\"te_combine_p99_us\":%.1f,\"mpi_dispatch_p50_us\":%.1f,\"mpi_dispatch_p99_us\":%.1f,"
-           "\"mpi_combine_p50_us\":%.1f,\"mpi_combine_p99_us\":%.1f,\"cross_rank_bytes_per_layer\":%.0f,"
-           "\"verified\":%s}\n",
-           ranks, shape.name.c_str(), c.hidden, c.experts, c.topk, FLAGS_bench_tokens, moe::PayloadName(payload),
-           routing_name.c_str(), engine->provider().c_str(), MpiTransport().c_str(), FLAGS_progress.c_str(), FLAGS_iters, te_d50,
-           Percentile(te_t.dispatch_us, .99), te_c50, Percentile(te_t.combine_us, .99), mpi_d50,
-           Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer,
-           all_mismatches == 0 ? "true" : "false");
+    printf(
+        "{\"ep\":%d,\"shape\":\"%s\",\"hidden\":%u,\"experts\":%u,\"topk\":%u,\"tokens_per_rank\":%u,"
+        "\"payload\":\"%s\",\"routing\":\"%s\",\"provider\":\"%s\",\"mpi_btl\":\"%s\",\"progress\":\"%s\",\"iters\":%u,"
+        "\"te_dispatch_p50_us\":%.1f,\"te_dispatch_p99_us\":%.1f,\"te_combine_p50_us\":%.1f,"
+        "\"te_combine_p99_us\":%.1f,\"mpi_dispatch_p50_us\":%.1f,\"mpi_dispatch_p99_us\":%.1f,"
+        "\"mpi_combine_p50_us\":%.1f,\"mpi_combine_p99_us\":%.1f,\"cross_rank_bytes_per_layer\":%.0f,"
+        "\"verified\":%s}\n",
+        ranks, shape.name.c_str(), c.hidden, c.experts, c.topk, FLAGS_bench_tokens, moe::PayloadName(payload),
+        routing_name.c_str(), engine->provider().c_str(), MpiTransport().c_str(), FLAGS_progress.c_str(), FLAGS_iters,
+        te_d50, Percentile(te_t.dispatch_us, .99), te_c50, Percentile(te_t.combine_us, .99), mpi_d50,
+        Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer,
+        all_mismatches == 0 ? "true" : "false");
   } else {
     printf("%3d %-6s %-5s %-12s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %s\n", ranks,
            shape.name.c_str(), moe::PayloadName(payload), routing_name.c_str(), te_d50,
@@ -367,18 +368,22 @@ int Worker() {
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
   te::EngineOptions o;
   o.fabric.provider = FLAGS_provider;
-  if (FLAGS_progress == "manual") o.progress = te::ProgressMode::kManual;
-  else if (FLAGS_progress != "thread") Die(kTool, "--progress must be manual or thread, not " + FLAGS_progress);
+  if (FLAGS_progress == "manual")
+    o.progress = te::ProgressMode::kManual;
+  else if (FLAGS_progress != "thread")
+    Die(kTool, "--progress must be manual or thread, not " + FLAGS_progress);
   auto engine = Must(kTool, te::TransferEngine::Create(o), "engine");
 
   if (rank == 0 && !FLAGS_json) {
-    printf("EP %d, engine on %s, %s progress, MPI on %s, %u tokens per rank; latency in us (p50, p99 of the slowest rank per "
-           "iteration, %u iterations)\n",
-           ranks, engine->provider().c_str(), FLAGS_progress.c_str(), MpiTransport().c_str(), FLAGS_bench_tokens,
-           FLAGS_iters);
-    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %s\n", "ep", "shape", "load",
-           "routing", "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99",
-           "ratio", "MB x-rank", "check");
+    printf(
+        "EP %d, engine on %s, %s progress, MPI on %s, %u tokens per rank; latency in us (p50, p99 of the slowest rank "
+        "per "
+        "iteration, %u iterations)\n",
+        ranks, engine->provider().c_str(), FLAGS_progress.c_str(), MpiTransport().c_str(), FLAGS_bench_tokens,
+        FLAGS_iters);
+    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %s\n", "ep", "shape", "load", "routing",
+           "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99", "ratio",
+           "MB x-rank", "check");
     printf("%35s%s%s\n", "", "dispatch -------------------------------------------  ",
            "combine --------------------------------------------");
   }

@@ -57,7 +57,9 @@ namespace tl = te::telemetry;
 
 [[noreturn]] void Die(const std::string& what) { te::tools::Die("te-telemetry", what); }
 template <typename T>
-T Must(te::Result<T> r, const char* step) { return te::tools::Must("te-telemetry", std::move(r), step); }
+T Must(te::Result<T> r, const char* step) {
+  return te::tools::Must("te-telemetry", std::move(r), step);
+}
 void Must(const te::Status& s, const char* step) { te::tools::Must("te-telemetry", s, step); }
 
 te::EngineOptions Engine() {
@@ -142,8 +144,7 @@ struct ReportResult {
   double seconds = 0;
 };
 
-ReportResult ReportOne(uint32_t index, uint32_t count, const tl::CollectorInfo* info,
-                       const std::string& baseline_hex) {
+ReportResult ReportOne(uint32_t index, uint32_t count, const tl::CollectorInfo* info, const std::string& baseline_hex) {
   auto engine = Must(te::TransferEngine::Create(Engine()), "creating the engine");
   const uint64_t lo = FLAGS_keys * index / count, hi = FLAGS_keys * (index + 1) / count;
   ReportResult r;
@@ -245,7 +246,10 @@ StatsResult Stats(const tl::CollectorInfo& info) {
     auto q = Must(view->Query(tl::FlowKey(FLAGS_seed, f)), "query");
     if (!q.found) continue;
     auto want = tl::PathTrace(FLAGS_seed, f);
-    if (q.value == std::vector<uint8_t>(want.begin(), want.end())) ++s.found; else ++s.wrong;
+    if (q.value == std::vector<uint8_t>(want.begin(), want.end()))
+      ++s.found;
+    else
+      ++s.wrong;
     s.conflicts += q.conflict;
   }
   s.measured = s.keys ? double(s.found) / s.keys : 1;
@@ -271,8 +275,11 @@ Child SpawnCollector(bool baseline) {
     dup2(from[1], 1);
     close(to[1]);
     close(from[0]);
-    std::vector<std::string> args = {"/proc/self/exe", "collector", "--provider=" + FLAGS_provider,
-                                     "--iface=" + FLAGS_iface, "--region_file=" + FLAGS_region_file,
+    std::vector<std::string> args = {"/proc/self/exe",
+                                     "collector",
+                                     "--provider=" + FLAGS_provider,
+                                     "--iface=" + FLAGS_iface,
+                                     "--region_file=" + FLAGS_region_file,
                                      "--slots=" + std::to_string(FLAGS_slots),
                                      "--hashes=" + std::to_string(FLAGS_hashes),
                                      "--seed=" + std::to_string(FLAGS_seed),
@@ -325,8 +332,8 @@ int RunBench() {
   std::stringstream ss(FLAGS_reporters);
   for (std::string s; std::getline(ss, s, ',');) counts.push_back(ReporterCount(s));
   if (!FLAGS_json)
-    printf("%-9s %14s %12s %9s %9s %14s %12s  %s\n", "reporters", "reports/s", "collector_cpu",
-           "success", "formula", "base_reports/s", "base_cpu", "ratio");
+    printf("%-9s %14s %12s %9s %9s %14s %12s  %s\n", "reporters", "reports/s", "collector_cpu", "success", "formula",
+           "base_reports/s", "base_cpu", "ratio");
   for (uint32_t r : counts) {
     fprintf(stderr, "[bench] %u reporter(s): one-sided ...\n", r);
     // One-sided: reporters write into the collector's memory.
@@ -356,15 +363,15 @@ int RunBench() {
     Stop(base);
     const double one_rate = one.reports / one.seconds, two_rate = two.reports / two_secs;
     if (FLAGS_json) {
-      printf("{\"reporters\":%u,\"keys\":%llu,\"provider\":\"%s\",\"reports_per_s\":%.0f,"
-             "\"collector_cpu_s\":%.3f,\"success\":%.5f,\"formula\":%.5f,\"wrong\":%llu,"
-             "\"baseline_reports_per_s\":%.0f,\"baseline_cpu_s\":%.3f,\"ratio\":%.3f}\n",
-             r, (unsigned long long)FLAGS_keys, FLAGS_provider.c_str(), one_rate, cpu_one,
-             st.measured, st.expected, (unsigned long long)st.wrong, two_rate, cpu_two, one_rate / two_rate);
+      printf(
+          "{\"reporters\":%u,\"keys\":%llu,\"provider\":\"%s\",\"reports_per_s\":%.0f,"
+          "\"collector_cpu_s\":%.3f,\"success\":%.5f,\"formula\":%.5f,\"wrong\":%llu,"
+          "\"baseline_reports_per_s\":%.0f,\"baseline_cpu_s\":%.3f,\"ratio\":%.3f}\n",
+          r, (unsigned long long)FLAGS_keys, FLAGS_provider.c_str(), one_rate, cpu_one, st.measured, st.expected,
+          (unsigned long long)st.wrong, two_rate, cpu_two, one_rate / two_rate);
     } else {
-      printf("%-9u %14.0f %12.3fs %9.5f %9.5f %14.0f %11.3fs  %.2f%s\n", r, one_rate, cpu_one,
-             st.measured, st.expected, two_rate, cpu_two, one_rate / two_rate,
-             st.wrong ? "  WRONG VALUES" : "");
+      printf("%-9u %14.0f %12.3fs %9.5f %9.5f %14.0f %11.3fs  %.2f%s\n", r, one_rate, cpu_one, st.measured, st.expected,
+             two_rate, cpu_two, one_rate / two_rate, st.wrong ? "  WRONG VALUES" : "");
     }
     fflush(stdout);
     if (st.wrong) return 2;
@@ -387,15 +394,19 @@ int main(int argc, char** argv) {
     // Memory per key for 99.9% (and 99%) query success, N = 1..8, from the
     // formula that the unit tests hold measured stores to.
     const size_t slot = Layout().store.slot_bytes();
-    if (!FLAGS_json) printf("keys %llu, slot %zu bytes (4-byte checksum + %zu-byte path trace)\n%-3s %14s %14s %12s\n",
-                            (unsigned long long)FLAGS_keys, slot, tl::kPathValueBytes, "N", "bytes/key@99%",
-                            "bytes/key@99.9%", "slots/key");
+    if (!FLAGS_json)
+      printf("keys %llu, slot %zu bytes (4-byte checksum + %zu-byte path trace)\n%-3s %14s %14s %12s\n",
+             (unsigned long long)FLAGS_keys, slot, tl::kPathValueBytes, "N", "bytes/key@99%", "bytes/key@99.9%",
+             "slots/key");
     for (uint32_t n = 1; n <= 8; ++n) {
       const double b99 = tl::BytesPerKeyForTarget(FLAGS_keys, n, 0.99, slot);
       const double b999 = tl::BytesPerKeyForTarget(FLAGS_keys, n, 0.999, slot);
-      if (FLAGS_json) printf("{\"hashes\":%u,\"keys\":%llu,\"slot_bytes\":%zu,\"bytes_per_key_99\":%.1f,\"bytes_per_key_999\":%.1f}\n",
-                             n, (unsigned long long)FLAGS_keys, slot, b99, b999);
-      else printf("%-3u %14.1f %14.1f %12.2f\n", n, b99, b999, b999 / slot);
+      if (FLAGS_json)
+        printf(
+            "{\"hashes\":%u,\"keys\":%llu,\"slot_bytes\":%zu,\"bytes_per_key_99\":%.1f,\"bytes_per_key_999\":%.1f}\n",
+            n, (unsigned long long)FLAGS_keys, slot, b99, b999);
+      else
+        printf("%-3u %14.1f %14.1f %12.2f\n", n, b99, b999, b999 / slot);
     }
     return 0;
   }
@@ -404,10 +415,12 @@ int main(int argc, char** argv) {
     tl::CollectorInfo info;
     if (FLAGS_baseline_address.empty()) info = ReadInfo();
     ReportResult r = ReportMany(n, FLAGS_baseline_address.empty() ? &info : nullptr, FLAGS_baseline_address);
-    if (FLAGS_json) printf("{\"reporters\":%u,\"reports\":%llu,\"seconds\":%.4f,\"reports_per_s\":%.0f}\n", n,
-                           (unsigned long long)r.reports, r.seconds, r.reports / r.seconds);
-    else printf("%u reporter(s) wrote %llu reports in %.3f s: %.0f reports/s\n", n,
-                (unsigned long long)r.reports, r.seconds, r.reports / r.seconds);
+    if (FLAGS_json)
+      printf("{\"reporters\":%u,\"reports\":%llu,\"seconds\":%.4f,\"reports_per_s\":%.0f}\n", n,
+             (unsigned long long)r.reports, r.seconds, r.reports / r.seconds);
+    else
+      printf("%u reporter(s) wrote %llu reports in %.3f s: %.0f reports/s\n", n, (unsigned long long)r.reports,
+             r.seconds, r.reports / r.seconds);
     return 0;
   }
   const tl::CollectorInfo info = ReadInfo();
@@ -421,26 +434,33 @@ int main(int argc, char** argv) {
       memcpy(&sw, q.value.data() + 4 * h, 4);
       hops += (h ? "," : "") + std::to_string(sw);
     }
-    if (FLAGS_json) printf("{\"flow\":%llu,\"found\":%s,\"matching_slots\":%u,\"conflict\":%s,\"path\":[%s]}\n",
-                           (unsigned long long)FLAGS_flow, q.found ? "true" : "false", q.matching_slots,
-                           q.conflict ? "true" : "false", hops.c_str());
-    else if (q.found) printf("flow %llu: path %s (%u of %u slots match%s)\n", (unsigned long long)FLAGS_flow,
-                             hops.c_str(), q.matching_slots, info.store.hashes, q.conflict ? ", conflicting" : "");
-    else printf("flow %llu: not found\n", (unsigned long long)FLAGS_flow);
+    if (FLAGS_json)
+      printf("{\"flow\":%llu,\"found\":%s,\"matching_slots\":%u,\"conflict\":%s,\"path\":[%s]}\n",
+             (unsigned long long)FLAGS_flow, q.found ? "true" : "false", q.matching_slots,
+             q.conflict ? "true" : "false", hops.c_str());
+    else if (q.found)
+      printf("flow %llu: path %s (%u of %u slots match%s)\n", (unsigned long long)FLAGS_flow, hops.c_str(),
+             q.matching_slots, info.store.hashes, q.conflict ? ", conflicting" : "");
+    else
+      printf("flow %llu: not found\n", (unsigned long long)FLAGS_flow);
     return q.found ? 0 : 3;
   }
   if (cmd == "stats") {
     StatsResult s = Stats(info);
-    const double bpk = tl::BytesPerKeyForTarget(std::max<uint64_t>(s.keys, 1), info.store.hashes, 0.999,
-                                                info.store.slot_bytes());
-    if (FLAGS_json) printf("{\"keys\":%llu,\"found\":%llu,\"wrong\":%llu,\"conflicts\":%llu,\"measured\":%.5f,"
-                           "\"formula\":%.5f,\"bytes_per_key_999\":%.1f}\n",
-                           (unsigned long long)s.keys, (unsigned long long)s.found, (unsigned long long)s.wrong,
-                           (unsigned long long)s.conflicts, s.measured, s.expected, bpk);
-    else printf("keys %llu  found %llu  wrong %llu  measured %.5f  formula %.5f  "
-                "(99.9%% needs %.0f bytes/key at N=%u)\n",
-                (unsigned long long)s.keys, (unsigned long long)s.found, (unsigned long long)s.wrong,
-                s.measured, s.expected, bpk, info.store.hashes);
+    const double bpk =
+        tl::BytesPerKeyForTarget(std::max<uint64_t>(s.keys, 1), info.store.hashes, 0.999, info.store.slot_bytes());
+    if (FLAGS_json)
+      printf(
+          "{\"keys\":%llu,\"found\":%llu,\"wrong\":%llu,\"conflicts\":%llu,\"measured\":%.5f,"
+          "\"formula\":%.5f,\"bytes_per_key_999\":%.1f}\n",
+          (unsigned long long)s.keys, (unsigned long long)s.found, (unsigned long long)s.wrong,
+          (unsigned long long)s.conflicts, s.measured, s.expected, bpk);
+    else
+      printf(
+          "keys %llu  found %llu  wrong %llu  measured %.5f  formula %.5f  "
+          "(99.9%% needs %.0f bytes/key at N=%u)\n",
+          (unsigned long long)s.keys, (unsigned long long)s.found, (unsigned long long)s.wrong, s.measured, s.expected,
+          bpk, info.store.hashes);
     return s.wrong ? 2 : 0;
   }
   Die("unknown command '" + cmd + "': use collector, report, query, stats, bench or math");

@@ -20,7 +20,9 @@ int main(int argc, char** argv) {
     fprintf(stderr, "te-topo: %s\n", t.status().ToString().c_str());
     return 1;
   }
-  if (FLAGS_json) printf("%s\n", t->ToJson().c_str());
-  else printf("%s", t->ToTable().c_str());
+  if (FLAGS_json)
+    printf("%s\n", t->ToJson().c_str());
+  else
+    printf("%s", t->ToTable().c_str());
   return 0;
 }

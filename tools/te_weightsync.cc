@@ -119,8 +119,8 @@ int Serve() {
   std::error_code ec;
   std::filesystem::create_directories(FLAGS_rendezvous, ec);
   if (ec || access(FLAGS_rendezvous.c_str(), W_OK) != 0)
-    Die(kTool, "--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" +
-                   (ec ? " (" + ec.message() + ")" : ""));
+    Die(kTool,
+        "--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" + (ec ? " (" + ec.message() + ")" : ""));
   unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
   auto engine = Engine();
   auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
@@ -146,7 +146,8 @@ int Serve() {
         seen = pv;
         wrong = CountWrong(dst, rank, pv, slot);
       });
-      if (!r.ok()) s = r.WithContext("verify");
+      if (!r.ok())
+        s = r.WithContext("verify");
       else if (wrong)
         s = te::Internal(std::to_string(wrong) + " bytes of version " + std::to_string(seen) +
                          " differ from the synthetic weights (MISMATCH)");
@@ -155,7 +156,8 @@ int Serve() {
       printf("{\"rank\":%d,\"version\":%lu,\"ok\":%s,\"at_s\":%.3f,\"error\":\"%s\"}\n", rank, (unsigned long)v,
              s.ok() ? "true" : "false", t, s.ok() ? "" : s.message().c_str());
     else if (s.ok())
-      printf("receiver %d: version %lu complete%s (%.3f s)\n", rank, (unsigned long)v, FLAGS_verify ? ", verified" : "", t);
+      printf("receiver %d: version %lu complete%s (%.3f s)\n", rank, (unsigned long)v, FLAGS_verify ? ", verified" : "",
+             t);
     else
       printf("receiver %d: version %lu FAILED: %s; version %lu stays readable\n", rank, (unsigned long)v,
              s.ToString().c_str(), (unsigned long)memory->published());
@@ -220,7 +222,8 @@ int Push() {
     } else {
       printf("source %d: version %lu: %.1f MiB in %lu writes, %.3f s, %.2f GB/s", rank, (unsigned long)v,
              double(r.bytes) / (1 << 20), (unsigned long)r.writes, r.seconds, double(r.bytes) / r.seconds / 1e9);
-      for (const auto& [d, why] : r.missed) printf("\n  receiver %u missed version %lu: %s", d, (unsigned long)v, why.c_str());
+      for (const auto& [d, why] : r.missed)
+        printf("\n  receiver %u missed version %lu: %s", d, (unsigned long)v, why.c_str());
       printf("\n");
     }
     fflush(stdout);
@@ -242,7 +245,8 @@ int StatusCmd() {
     printf("no receivers in %s\n", FLAGS_rendezvous.c_str());
     return 0;
   }
-  if (!FLAGS_json) printf("%-8s %10s %10s %10s %8s  %s\n", "receiver", "published", "begun", "failed", "updates", "weights");
+  if (!FLAGS_json)
+    printf("%-8s %10s %10s %10s %8s  %s\n", "receiver", "published", "begun", "failed", "updates", "weights");
   for (const auto& f : files) {
     std::ifstream in(f);
     std::string info, shm;
@@ -259,8 +263,8 @@ int StatusCmd() {
     }
     const WeightsHeader* h = (*m)->header();
     if (FLAGS_json)
-      printf("{\"receiver\":%d,\"published\":%lu,\"begun\":%lu,\"failed\":%lu,\"updates\":%lu,\"weights\":\"%s\"}\n", rank,
-             (unsigned long)h->published.load(), (unsigned long)h->begun.load(), (unsigned long)h->failed.load(),
+      printf("{\"receiver\":%d,\"published\":%lu,\"begun\":%lu,\"failed\":%lu,\"updates\":%lu,\"weights\":\"%s\"}\n",
+             rank, (unsigned long)h->published.load(), (unsigned long)h->begun.load(), (unsigned long)h->failed.load(),
              (unsigned long)h->updates.load(), shm.c_str());
     else
       printf("%-8d %10lu %10lu %10lu %8lu  %s\n", rank, (unsigned long)h->published.load(),

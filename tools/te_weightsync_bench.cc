@@ -132,7 +132,8 @@ int Worker() {
   std::vector<int> counts(S), displ(S);
   uint64_t total = 0;
   for (int s = 0; s < S; ++s) {
-    if (src.RegionBytes(s) > (1ull << 31) - 1) Die(kTool, "a source shard over 2 GiB: lower --model_bytes for the MPI baseline");
+    if (src.RegionBytes(s) > (1ull << 31) - 1)
+      Die(kTool, "a source shard over 2 GiB: lower --model_bytes for the MPI baseline");
     counts[s] = int(src.RegionBytes(s));
     displ[s] = int(total);
     total += src.RegionBytes(s);
@@ -155,11 +156,12 @@ int Worker() {
     const double te = Median(te_s), mpi = Median(mpi_s);
     const double gbs = double(schedule.total_bytes()) / te / 1e9;
     if (FLAGS_json)
-      printf("{\"sources\":%d,\"receivers\":%d,\"model_bytes\":%lu,\"delivered_bytes\":%lu,\"provider\":\"%s\","
-             "\"te_seconds\":%.4f,\"te_aggregate_gbs\":%.3f,\"mpi_seconds\":%.4f,\"speedup_vs_mpi\":%.3f,"
-             "\"missed\":%lu,\"verified\":%s}\n",
-             S, D, (unsigned long)model.bytes(), (unsigned long)schedule.total_bytes(), engine->provider().c_str(), te,
-             gbs, mpi, mpi / te, (unsigned long)all_missed, all_wrong == 0 && all_missed == 0 ? "true" : "false");
+      printf(
+          "{\"sources\":%d,\"receivers\":%d,\"model_bytes\":%lu,\"delivered_bytes\":%lu,\"provider\":\"%s\","
+          "\"te_seconds\":%.4f,\"te_aggregate_gbs\":%.3f,\"mpi_seconds\":%.4f,\"speedup_vs_mpi\":%.3f,"
+          "\"missed\":%lu,\"verified\":%s}\n",
+          S, D, (unsigned long)model.bytes(), (unsigned long)schedule.total_bytes(), engine->provider().c_str(), te,
+          gbs, mpi, mpi / te, (unsigned long)all_missed, all_wrong == 0 && all_missed == 0 ? "true" : "false");
     else
       printf("%7d %9d %10.1f %12.1f %10.3f %10.2f %10.3f %8.2fx %s\n", S, D, double(model.bytes()) / (1 << 20),
              double(schedule.total_bytes()) / (1 << 20), te, gbs, mpi, mpi / te,

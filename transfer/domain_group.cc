@@ -20,8 +20,7 @@ constexpr int kIntakeBatch = 256;
 
 void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::microseconds t) {
   timespec ts{static_cast<time_t>(t.count() / 1000000), static_cast<long>(t.count() % 1000000) * 1000};
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, &ts,
-          nullptr, 0);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, &ts, nullptr, 0);
 }
 
 void FutexWake(std::atomic<uint32_t>* word) {
@@ -34,19 +33,27 @@ void RequestList::PushBack(RequestState* r) {
   r->list = this;
   r->next = nullptr;
   r->prev = tail;
-  if (tail) tail->next = r; else head = r;
+  if (tail)
+    tail->next = r;
+  else
+    head = r;
   tail = r;
 }
 
 void RequestList::Remove(RequestState* r) {
-  if (r->prev) r->prev->next = r->next; else head = r->next;
-  if (r->next) r->next->prev = r->prev; else tail = r->prev;
+  if (r->prev)
+    r->prev->next = r->next;
+  else
+    head = r->next;
+  if (r->next)
+    r->next->prev = r->prev;
+  else
+    tail = r->prev;
   r->prev = r->next = nullptr;
   r->list = nullptr;
 }
 
-DomainGroup::DomainGroup(const EngineOptions& options,
-                         std::vector<std::shared_ptr<nic::Domain>> domains)
+DomainGroup::DomainGroup(const EngineOptions& options, std::vector<std::shared_ptr<nic::Domain>> domains)
     : options_(options),
       domains_(std::move(domains)),
       pending_(domains_.size()),
@@ -56,8 +63,7 @@ DomainGroup::DomainGroup(const EngineOptions& options,
       callbacks_(options.progress == ProgressMode::kThread) {
   for (const auto& d : domains_) {
     size_t depth = d->info().tx_depth ? d->info().tx_depth : 1024;
-    size_t limit = options_.max_inflight_per_domain ? options_.max_inflight_per_domain
-                                                    : std::min<size_t>(depth, 1024);
+    size_t limit = options_.max_inflight_per_domain ? options_.max_inflight_per_domain : std::min<size_t>(depth, 1024);
     max_inflight_.push_back(limit);
   }
   next_timeout_check_ = Clock::now();
@@ -165,8 +171,8 @@ bool DomainGroup::ProgressOnce() {
     imm_counter_.Add(imm_batch_, &ready_);
     imm_batch_.clear();
     if (const uint64_t dropped = imm_counter_.dropped(); dropped != imms_dropped_seen_) {
-      LOG(WARNING) << (dropped - imms_dropped_seen_) << " immediates dropped: "
-                   << options_.max_imm_values << " distinct values are already tracked (max_imm_values); "
+      LOG(WARNING) << (dropped - imms_dropped_seen_) << " immediates dropped: " << options_.max_imm_values
+                   << " distinct values are already tracked (max_imm_values); "
                    << "a peer is sending values nobody expects";
       imms_dropped_seen_ = dropped;
     }
@@ -294,8 +300,8 @@ void DomainGroup::OnSendDone(void* context) {
 void DomainGroup::OnSendError(void* context, const Status& status) {
   Work* w = static_cast<Work*>(context);
   --inflight_[w->domain];
-  CompleteWork(w, status.WithContext(std::string(w->is_send ? "control message" : "write") +
-                                     " on domain " + std::to_string(w->domain)));
+  CompleteWork(w, status.WithContext(std::string(w->is_send ? "control message" : "write") + " on domain " +
+                                     std::to_string(w->domain)));
 }
 
 void DomainGroup::CompleteWork(Work* w, const Status& status) {
@@ -312,11 +318,11 @@ void DomainGroup::CompleteWork(Work* w, const Status& status) {
 void DomainGroup::Fail(RequestState* r, const Status& given) {
   // "Never posted" is a promise about the whole request: once any of its
   // operations went out, the outcome is unknown.
-  const Status status = given.code() == StatusCode::kNotPosted && r->posted > 0
-                            ? IoError(given.message() + "; " + std::to_string(r->posted) + " of the request's " +
-                                      std::to_string(r->works.size()) +
-                                      " operations were already posted: outcome unknown")
-                            : given;
+  const Status status =
+      given.code() == StatusCode::kNotPosted && r->posted > 0
+          ? IoError(given.message() + "; " + std::to_string(r->posted) + " of the request's " +
+                    std::to_string(r->works.size()) + " operations were already posted: outcome unknown")
+          : given;
   r->failed = true;
   stats_.failed.fetch_add(1, std::memory_order_relaxed);
   if (r->completion.counter) r->completion.counter->MarkFailed(status);
@@ -359,9 +365,8 @@ void DomainGroup::CheckTimeouts(Clock::time_point now) {
   while (RequestState* r = live_.head) {
     if (r->deadline > now) break;
     Fail(r, Timeout("request not finished " + ms() + " ms after its first operation was posted: " +
-                    std::to_string(r->posted) + " of " + std::to_string(r->works.size()) +
-                    " operations posted, " + std::to_string(r->outstanding) +
-                    " outstanding; outcome unknown (peer unreachable or dead?)"));
+                    std::to_string(r->posted) + " of " + std::to_string(r->works.size()) + " operations posted, " +
+                    std::to_string(r->outstanding) + " outstanding; outcome unknown (peer unreachable or dead?)"));
   }
 }
 
@@ -372,9 +377,8 @@ void DomainGroup::PublishPeerStats() {
     snap.push_back(ps);
     snap.back().peer_id = id;
   }
-  std::sort(snap.begin(), snap.end(), [](const PeerStats& a, const PeerStats& b) {
-    return a.bytes_written > b.bytes_written;
-  });
+  std::sort(snap.begin(), snap.end(),
+            [](const PeerStats& a, const PeerStats& b) { return a.bytes_written > b.bytes_written; });
   std::lock_guard<std::mutex> lock(peer_snapshot_mu_);
   peer_snapshot_ = std::move(snap);
   peer_stats_dirty_ = false;
@@ -398,8 +402,8 @@ void DomainGroup::OnRecv(std::span<const uint8_t> data) {
   auto from = EngineAddress::Deserialize(data.subspan(6, addr_len));
   if (!from.ok()) {
     stats_.dropped.fetch_add(1, std::memory_order_relaxed);
-    LOG_EVERY_N(WARNING, 100) << "dropped a control message with a bad sender address ("
-                              << google::COUNTER << " so far): " << from.status().ToString();
+    LOG_EVERY_N(WARNING, 100) << "dropped a control message with a bad sender address (" << google::COUNTER
+                              << " so far): " << from.status().ToString();
     return;
   }
   // Messages wait on the callback thread for the handler: a peer sending
@@ -408,8 +412,8 @@ void DomainGroup::OnRecv(std::span<const uint8_t> data) {
   if (pending_message_bytes_.load(std::memory_order_relaxed) + bytes > options_.max_pending_message_bytes) {
     stats_.dropped.fetch_add(1, std::memory_order_relaxed);
     LOG_EVERY_N(WARNING, 100) << "dropped a control message: " << options_.max_pending_message_bytes
-                              << " bytes of messages already wait for the receive handler ("
-                              << google::COUNTER << " dropped so far)";
+                              << " bytes of messages already wait for the receive handler (" << google::COUNTER
+                              << " dropped so far)";
     return;
   }
   pending_message_bytes_.fetch_add(bytes, std::memory_order_relaxed);
@@ -431,8 +435,8 @@ void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payloa
         recv_backlog_.emplace_back(std::move(from), std::move(payload));
       } else {
         stats_.dropped.fetch_add(1, std::memory_order_relaxed);
-        LOG_EVERY_N(WARNING, 100) << "no receive handler set and the backlog of "
-                                  << options_.recv_backlog << " messages is full; dropping";
+        LOG_EVERY_N(WARNING, 100) << "no receive handler set and the backlog of " << options_.recv_backlog
+                                  << " messages is full; dropping";
       }
       return;
     }
@@ -455,9 +459,7 @@ void DomainGroup::SetRecvHandler(TransferEngine::RecvHandler handler) {
   }
 }
 
-void DomainGroup::OnDomainError(const Status& status) {
-  LOG(WARNING) << "domain error: " << status.ToString();
-}
+void DomainGroup::OnDomainError(const Status& status) { LOG(WARNING) << "domain error: " << status.ToString(); }
 
 EngineStats DomainGroup::stats() const {
   EngineStats s;
@@ -471,8 +473,8 @@ EngineStats DomainGroup::stats() const {
   s.messages_received = stats_.messages.load();
   s.messages_dropped = stats_.dropped.load();
   for (size_t d = 0; d < domains_.size(); ++d)
-    s.domains.push_back({stats_.domains[d].writes.load(), stats_.domains[d].bytes.load(),
-                         stats_.domains[d].errors.load()});
+    s.domains.push_back(
+        {stats_.domains[d].writes.load(), stats_.domains[d].bytes.load(), stats_.domains[d].errors.load()});
   uint64_t hist[kLatencyBuckets], total = 0;
   for (int b = 0; b < kLatencyBuckets; ++b) total += hist[b] = stats_.latency[b].load();
   auto percentile = [&](double p) -> uint64_t {

@@ -36,17 +36,17 @@ struct Work {
   RequestState* req = nullptr;
   uint32_t domain = 0;
   bool is_send = false;
-  nic::WriteOp op;                 // writes
-  nic::PeerAddr send_peer = 0;     // sends
-  uint64_t peer_id = 0;            // Peer::id(), for per-peer statistics
-  std::vector<uint8_t> message;    // sends: header + payload
+  nic::WriteOp op;               // writes
+  nic::PeerAddr send_peer = 0;   // sends
+  uint64_t peer_id = 0;          // Peer::id(), for per-peer statistics
+  std::vector<uint8_t> message;  // sends: header + payload
 };
 
 struct RequestState : MpscNode {
   std::vector<Work> works;
-  uint32_t outstanding = 0;        // works not yet back (queued or posted)
-  uint32_t posted = 0;             // works the domains accepted
-  bool failed = false;             // on_error already reported
+  uint32_t outstanding = 0;  // works not yet back (queued or posted)
+  uint32_t posted = 0;       // works the domains accepted
+  bool failed = false;       // on_error already reported
   Completion completion;
   std::chrono::steady_clock::time_point submitted;
   // Until the first work is posted: submitted + request_timeout, after which
@@ -133,17 +133,17 @@ class DomainGroup final : private nic::CompletionHandler {
   std::thread worker_;
 
   // Worker-only state.
-  static constexpr size_t kMaxChain = 32;          // writes posted in one call
-  std::vector<nic::WriteOp> chain_ops_;             // scratch of PostQueue
+  static constexpr size_t kMaxChain = 32;  // writes posted in one call
+  std::vector<nic::WriteOp> chain_ops_;    // scratch of PostQueue
   std::vector<Work*> chain_works_;
   std::vector<std::deque<Work*>> pending_;           // writes, per domain
   std::vector<std::deque<Work*>> pending_messages_;  // control messages, posted first
   std::vector<size_t> inflight_;
   // Every list is in deadline order: queued_ by submission, live_ by first
   // post, and deadlines add the same timeout to both.
-  RequestList queued_;   // accepted, nothing posted yet
-  RequestList live_;     // at least one work posted
-  RequestList zombies_;  // failed, waiting for posted writes to come back
+  RequestList queued_;                         // accepted, nothing posted yet
+  RequestList live_;                           // at least one work posted
+  RequestList zombies_;                        // failed, waiting for posted writes to come back
   std::chrono::steady_clock::time_point now_;  // as of this progress pass
   std::atomic<size_t> admitted_ops_{0};
   std::atomic<size_t> pending_message_bytes_{0};  // received, not yet handed to the handler
@@ -172,8 +172,7 @@ class DomainGroup final : private nic::CompletionHandler {
   };
   static constexpr int kLatencyBuckets = 40;  // bucket b: latency < 2^b us
   struct AtomicStats {
-    std::atomic<uint64_t> submitted{0}, done{0}, failed{0}, writes{0}, bytes{0}, imms{0},
-        messages{0}, dropped{0};
+    std::atomic<uint64_t> submitted{0}, done{0}, failed{0}, writes{0}, bytes{0}, imms{0}, messages{0}, dropped{0};
     std::atomic<uint64_t> latency[kLatencyBuckets] = {};
     std::unique_ptr<AtomicDomainStats[]> domains;
   };

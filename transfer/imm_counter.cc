@@ -52,12 +52,10 @@ void ImmCounter::Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready)
   if (blocked_waiters_ > 0) cv_.notify_all();
 }
 
-Status ImmCounter::Expect(uint32_t imm, uint64_t count, Callback callback,
-                          std::vector<Callback>* ready) {
-  if (count == 0) return InvalidArgument("expected count for imm " + std::to_string(imm) +
-                                         " is 0; it must be at least 1");
-  if (!callback) return InvalidArgument("expectation for imm " + std::to_string(imm) +
-                                        " has no callback");
+Status ImmCounter::Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready) {
+  if (count == 0)
+    return InvalidArgument("expected count for imm " + std::to_string(imm) + " is 0; it must be at least 1");
+  if (!callback) return InvalidArgument("expectation for imm " + std::to_string(imm) + " has no callback");
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.try_emplace(imm).first;  // the caller's own expectations are not capped
   it->second.expectations.emplace_back(count, std::move(callback));
@@ -81,9 +79,8 @@ Status ImmCounter::Wait(uint32_t imm, uint64_t count, std::chrono::nanoseconds t
   if (ok) e->available -= count;
   EraseIfIdle(it);
   if (!ok) {
-    return Timeout("waited for " + std::to_string(count) + " arrivals of imm " +
-                   std::to_string(imm) + "; " + std::to_string(seen) +
-                   " arrived within the timeout");
+    return Timeout("waited for " + std::to_string(count) + " arrivals of imm " + std::to_string(imm) + "; " +
+                   std::to_string(seen) + " arrived within the timeout");
   }
   return Status::Ok();
 }

@@ -24,8 +24,7 @@ struct Memory {
 
 class MemoryRegion {
  public:
-  MemoryRegion(void* data, size_t length, Memory memory,
-               std::vector<std::shared_ptr<nic::Domain>> domains,
+  MemoryRegion(void* data, size_t length, Memory memory, std::vector<std::shared_ptr<nic::Domain>> domains,
                std::vector<nic::LocalRegistration> registrations);
   ~MemoryRegion();
   MemoryRegion(const MemoryRegion&) = delete;

@@ -48,9 +48,7 @@ class MpscQueue {
   }
 
   // A hint for the consumer's idle check.
-  bool LooksEmpty() const {
-    return tail_ == &stub_ && stub_.mpsc_next.load(std::memory_order_acquire) == nullptr;
-  }
+  bool LooksEmpty() const { return tail_ == &stub_ && stub_.mpsc_next.load(std::memory_order_acquire) == nullptr; }
 
  private:
   std::atomic<MpscNode*> head_;

@@ -13,7 +13,7 @@ namespace {
 // EngineAddress body: u8 provider_len, provider, u8 n_domains,
 //                     n x (u16 len, bytes)
 // MrDescriptor body:  EngineAddress body, u64 length, n x (u64 rkey, u64 base)
-constexpr uint32_t kAddressMagic = 0x41455445;  // "ETEA"
+constexpr uint32_t kAddressMagic = 0x41455445;     // "ETEA"
 constexpr uint32_t kDescriptorMagic = 0x44455445;  // "ETED"
 constexpr uint8_t kVersion = 1;
 constexpr size_t kMaxDomains = 64;
@@ -75,20 +75,19 @@ Status EngineAddress::Validate() const {
   const EngineAddress& a = *this;
   if (a.provider.size() > 255) return InvalidArgument("provider name longer than 255 bytes");
   if (a.domains.empty() || a.domains.size() > kMaxDomains)
-    return InvalidArgument("engine address has " + std::to_string(a.domains.size()) +
-                           " domains; valid range is 1.." + std::to_string(kMaxDomains));
+    return InvalidArgument("engine address has " + std::to_string(a.domains.size()) + " domains; valid range is 1.." +
+                           std::to_string(kMaxDomains));
   for (const auto& d : a.domains)
     if (d.empty() || d.size() > kMaxAddressBytes)
-      return InvalidArgument("domain address of " + std::to_string(d.size()) +
-                             " bytes; valid range is 1.." + std::to_string(kMaxAddressBytes));
+      return InvalidArgument("domain address of " + std::to_string(d.size()) + " bytes; valid range is 1.." +
+                             std::to_string(kMaxAddressBytes));
   return Status::Ok();
 }
 
 namespace {
 
 // Checks magic, version and CRC; leaves the reader after the version byte.
-Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* what,
-                    Reader* r) {
+Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* what, Reader* r) {
   if (bytes.size() < 9)
     return InvalidArgument(std::string(what) + " is " + std::to_string(bytes.size()) +
                            " bytes; truncated (at least 9 expected)");
@@ -98,12 +97,10 @@ Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* 
   uint8_t version = 0;
   r->U32(&got_magic);
   r->U8(&version);
-  if (got_magic != magic)
-    return InvalidArgument(std::string(what) + " has a bad magic number: not a " + what);
+  if (got_magic != magic) return InvalidArgument(std::string(what) + " has a bad magic number: not a " + what);
   if (version != kVersion)
     return InvalidArgument(std::string(what) + " version " + std::to_string(version) +
-                           " is not supported (this build reads version " +
-                           std::to_string(kVersion) + ")");
+                           " is not supported (this build reads version " + std::to_string(kVersion) + ")");
   if (Crc32c(bytes.data(), bytes.size() - 4) != stored_crc)
     return InvalidArgument(std::string(what) + " checksum mismatch: corrupted or truncated");
   return Status::Ok();
@@ -118,16 +115,15 @@ Status ReadAddressBody(Reader& r, EngineAddress* a, const char* what) {
   uint8_t n;
   if (!r.U8(&n)) return truncated();
   if (n == 0 || n > kMaxDomains)
-    return InvalidArgument(std::string(what) + " names " + std::to_string(n) +
-                           " domains; valid range is 1.." + std::to_string(kMaxDomains));
+    return InvalidArgument(std::string(what) + " names " + std::to_string(n) + " domains; valid range is 1.." +
+                           std::to_string(kMaxDomains));
   a->domains.resize(n);
   for (auto& d : a->domains) {
     uint16_t len;
     if (!r.U16(&len)) return truncated();
     if (len == 0 || len > kMaxAddressBytes)
-      return InvalidArgument(std::string(what) + " has a domain address of " +
-                             std::to_string(len) + " bytes; valid range is 1.." +
-                             std::to_string(kMaxAddressBytes));
+      return InvalidArgument(std::string(what) + " has a domain address of " + std::to_string(len) +
+                             " bytes; valid range is 1.." + std::to_string(kMaxAddressBytes));
     d.resize(len);
     if (!r.Raw(d.data(), len)) return truncated();
   }
@@ -155,8 +151,7 @@ std::string ToHex(std::span<const uint8_t> bytes) {
 }
 
 Result<std::vector<uint8_t>> FromHex(const std::string& hex) {
-  if (hex.size() % 2 != 0)
-    return InvalidArgument("hex string has odd length " + std::to_string(hex.size()));
+  if (hex.size() % 2 != 0) return InvalidArgument("hex string has odd length " + std::to_string(hex.size()));
   auto nibble = [](char c) -> int {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -221,8 +216,7 @@ Result<MrDescriptor> MrDescriptor::Deserialize(std::span<const uint8_t> bytes) {
   if (!r.U64(&d.length)) return InvalidArgument("memory descriptor truncated");
   d.keys.resize(d.owner.domains.size());
   for (auto& k : d.keys)
-    if (!r.U64(&k.rkey) || !r.U64(&k.remote_base))
-      return InvalidArgument("memory descriptor truncated in its keys");
+    if (!r.U64(&k.rkey) || !r.U64(&k.remote_base)) return InvalidArgument("memory descriptor truncated in its keys");
   TE_RETURN_IF_ERROR(ExpectOnlyCrcLeft(r, "memory descriptor"));
   TE_RETURN_IF_ERROR(d.Validate());
   return d;

@@ -19,8 +19,8 @@ namespace te {
 
 // How to reach every domain (NIC) of one engine.
 struct EngineAddress {
-  std::string provider;                        // e.g. "tcp;ofi_rxm"
-  std::vector<std::vector<uint8_t>> domains;   // per-domain endpoint address
+  std::string provider;                       // e.g. "tcp;ofi_rxm"
+  std::vector<std::vector<uint8_t>> domains;  // per-domain endpoint address
 
   // Counts and sizes within what Serialize() can encode.
   Status Validate() const;

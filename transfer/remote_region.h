@@ -39,8 +39,7 @@ using PeerRef = std::shared_ptr<const Peer>;
 
 class RemoteRegion {
  public:
-  RemoteRegion(MrDescriptor descriptor, PeerRef peer)
-      : descriptor_(std::move(descriptor)), peer_(std::move(peer)) {}
+  RemoteRegion(MrDescriptor descriptor, PeerRef peer) : descriptor_(std::move(descriptor)), peer_(std::move(peer)) {}
 
   uint64_t length() const { return descriptor_.length; }
   const MrDescriptor& descriptor() const { return descriptor_; }

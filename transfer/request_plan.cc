@@ -9,17 +9,15 @@ namespace {
 // "dst_offset 4096 + length 8192 exceeds dst region size 8192"
 Status CheckRange(const char* what, uint64_t offset, uint64_t length, uint64_t size) {
   if (offset > size || length > size - offset) {
-    return OutOfRange(std::string(what) + "_offset " + std::to_string(offset) + " + length " +
-                      std::to_string(length) + " exceeds " + what + " region size " +
-                      std::to_string(size));
+    return OutOfRange(std::string(what) + "_offset " + std::to_string(offset) + " + length " + std::to_string(length) +
+                      " exceeds " + what + " region size " + std::to_string(size));
   }
   return Status::Ok();
 }
 
 Status CheckImm(bool has_imm, uint64_t length, const char* request) {
   if (!has_imm && length == 0)
-    return InvalidArgument(std::string(request) +
-                           " of length 0 without an imm does nothing; give a length or an imm");
+    return InvalidArgument(std::string(request) + " of length 0 without an imm does nothing; give a length or an imm");
   return Status::Ok();
 }
 
@@ -75,8 +73,8 @@ Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimit
   if (!r.src) return InvalidArgument("PagedWrite has no source region");
   if (!r.dst) return InvalidArgument("PagedWrite has no destination region");
   if (r.src_pages.size() != r.dst_pages.size())
-    return InvalidArgument("PagedWrite has " + std::to_string(r.src_pages.size()) +
-                           " source pages but " + std::to_string(r.dst_pages.size()) +
+    return InvalidArgument("PagedWrite has " + std::to_string(r.src_pages.size()) + " source pages but " +
+                           std::to_string(r.dst_pages.size()) +
                            " destination pages; the lists must be the same length");
   if (r.src_pages.empty()) return InvalidArgument("PagedWrite has no pages");
   if (r.page_length == 0) return InvalidArgument("PagedWrite page_length is 0");
@@ -89,16 +87,13 @@ Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimit
     const unsigned __int128 s = (unsigned __int128)r.src_pages[i] * r.src_stride + r.src_offset;
     const unsigned __int128 d = (unsigned __int128)r.dst_pages[i] * r.dst_stride + r.dst_offset;
     if (s + r.page_length > r.src->length())
-      return OutOfRange("PagedWrite source page " + std::to_string(r.src_pages[i]) + " (entry " +
-                        std::to_string(i) + ") at src_offset " + std::to_string(uint64_t(s)) +
-                        " + page_length " + std::to_string(r.page_length) +
-                        " exceeds src region size " + std::to_string(r.src->length()));
+      return OutOfRange("PagedWrite source page " + std::to_string(r.src_pages[i]) + " (entry " + std::to_string(i) +
+                        ") at src_offset " + std::to_string(uint64_t(s)) + " + page_length " +
+                        std::to_string(r.page_length) + " exceeds src region size " + std::to_string(r.src->length()));
     if (d + r.page_length > r.dst->length())
-      return OutOfRange("PagedWrite destination page " + std::to_string(r.dst_pages[i]) +
-                        " (entry " + std::to_string(i) + ") at dst_offset " +
-                        std::to_string(uint64_t(d)) + " + page_length " +
-                        std::to_string(r.page_length) + " exceeds dst region size " +
-                        std::to_string(r.dst->length()));
+      return OutOfRange("PagedWrite destination page " + std::to_string(r.dst_pages[i]) + " (entry " +
+                        std::to_string(i) + ") at dst_offset " + std::to_string(uint64_t(d)) + " + page_length " +
+                        std::to_string(r.page_length) + " exceeds dst region size " + std::to_string(r.dst->length()));
     PlannedWrite w;
     w.domain = uint32_t(i * l.domains / pages);  // contiguous blocks per domain
     w.dst = r.dst.get();
@@ -119,8 +114,7 @@ Result<std::vector<PlannedWrite>> PlanScatter(const ScatterWrite& r, const PlanL
   out.reserve(r.targets.size());
   for (size_t t = 0; t < r.targets.size(); ++t) {
     const ScatterTarget& tg = r.targets[t];
-    if (!tg.dst) return InvalidArgument("ScatterWrite target " + std::to_string(t) +
-                                        " has no destination region");
+    if (!tg.dst) return InvalidArgument("ScatterWrite target " + std::to_string(t) + " has no destination region");
     Status st = CheckRange("src", tg.src_offset, tg.length, r.src->length());
     if (st.ok()) st = CheckRange("dst", tg.dst_offset, tg.length, tg.dst->length());
     if (st.ok()) st = CheckImm(r.imm.has_value(), tg.length, "ScatterWrite target");

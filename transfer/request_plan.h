@@ -13,16 +13,16 @@
 namespace te {
 
 struct PlanLimits {
-  size_t domains = 1;                  // local domains in the group
-  uint64_t max_write_bytes = ~0ull;    // largest single write on any domain
+  size_t domains = 1;                // local domains in the group
+  uint64_t max_write_bytes = ~0ull;  // largest single write on any domain
   uint64_t min_shard_bytes = 64 * 1024;
 };
 
 // One write, before addresses are resolved.
 struct PlannedWrite {
-  uint32_t domain = 0;                 // local domain that posts it
+  uint32_t domain = 0;  // local domain that posts it
   const RemoteRegion* dst = nullptr;
-  uint64_t src_offset = 0;             // into the request's source region
+  uint64_t src_offset = 0;  // into the request's source region
   uint64_t dst_offset = 0;
   uint64_t length = 0;
   bool has_imm = false;

@@ -64,8 +64,8 @@ Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, 
   std::vector<uint64_t> slot_writes(depth, 0);
   // The engine finishes every request within its request timeout; waiting
   // for that long is what keeps the ring from being reused under a write.
-  const auto wait = std::max(options_.timeout, std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                   engine_->options().request_timeout) * 2);
+  const auto wait = std::max(
+      options_.timeout, std::chrono::duration_cast<std::chrono::milliseconds>(engine_->options().request_timeout) * 2);
   Status failure;
   size_t k = 0;
   for (; k < chunks && failure.ok(); ++k) {
@@ -116,7 +116,8 @@ Status StagedReceiver::Receive(void* dst, const void* staging, size_t length, ui
   bool any = false;
   for (size_t off = 0; off < length; off += options_.chunk_bytes) {
     const size_t n = std::min(options_.chunk_bytes, length - off);
-    TE_ASSIGN_OR_RETURN(last, copies_->Start(static_cast<uint8_t*>(dst) + off, static_cast<const uint8_t*>(staging) + off, n));
+    TE_ASSIGN_OR_RETURN(
+        last, copies_->Start(static_cast<uint8_t*>(dst) + off, static_cast<const uint8_t*>(staging) + off, n));
     any = true;
   }
   return any ? copies_->Wait(last) : Status::Ok();

@@ -28,8 +28,8 @@
 namespace te {
 
 struct StagingOptions {
-  size_t chunk_bytes = 4 << 20;  // bytes per copy and per write
-  int depth = 3;                 // slots in the ring: chunks in flight
+  size_t chunk_bytes = 4 << 20;              // bytes per copy and per write
+  int depth = 3;                             // slots in the ring: chunks in flight
   std::chrono::milliseconds timeout{30000};  // per chunk's write
 };
 

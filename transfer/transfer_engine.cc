@@ -8,8 +8,8 @@
 
 #include "base/crc32c.h"
 #include "nic/fabric/fabric_domain.h"
-#include "nic/verbs/verbs_domain.h"
 #include "nic/topology/topology.h"
+#include "nic/verbs/verbs_domain.h"
 #include "transfer/domain_group.h"
 #include "transfer/request_plan.h"
 
@@ -17,11 +17,9 @@ namespace te {
 
 // ---- MemoryRegion ----
 
-MemoryRegion::MemoryRegion(void* data, size_t length, Memory memory,
-                           std::vector<std::shared_ptr<nic::Domain>> domains,
+MemoryRegion::MemoryRegion(void* data, size_t length, Memory memory, std::vector<std::shared_ptr<nic::Domain>> domains,
                            std::vector<nic::LocalRegistration> registrations)
-    : data_(data), length_(length), memory_(memory), domains_(std::move(domains)),
-      regs_(std::move(registrations)) {}
+    : data_(data), length_(length), memory_(memory), domains_(std::move(domains)), regs_(std::move(registrations)) {}
 
 MemoryRegion::~MemoryRegion() {
   for (size_t i = 0; i < regs_.size(); ++i) {
@@ -56,14 +54,14 @@ Result<EngineOptions> TransferEngine::ResolveOptions(const EngineOptions& reques
   TE_ASSIGN_OR_RETURN(nic::Topology topo, nic::DiscoverTopology(o.sysfs_root));
   const nic::GpuPlacement* p = topo.PlacementFor(*o.gpu);
   if (p == nullptr)
-    return NotFound("gpu " + std::to_string(*o.gpu) + " not found: sysfs root " + o.sysfs_root +
-                    " lists " + std::to_string(topo.gpus.size()) + " GPUs");
+    return NotFound("gpu " + std::to_string(*o.gpu) + " not found: sysfs root " + o.sysfs_root + " lists " +
+                    std::to_string(topo.gpus.size()) + " GPUs");
   if (o.domain_names.empty()) {
     if (p->nics.empty())
-      return NotFound("gpu " + std::to_string(*o.gpu) + " has no RDMA NIC near it; "
+      return NotFound("gpu " + std::to_string(*o.gpu) +
+                      " has no RDMA NIC near it; "
                       "name the domains explicitly (domain_names)");
-    for (const auto& n : p->nics)
-      o.domain_names.push_back(nic::FabricDomainName(o.fabric.provider, n));
+    for (const auto& n : p->nics) o.domain_names.push_back(nic::FabricDomainName(o.fabric.provider, n));
     o.domains = int(o.domain_names.size());
   }
   if (!o.worker_cpu && !p->cpus.empty()) o.worker_cpu = p->cpus.front();
@@ -73,15 +71,12 @@ Result<EngineOptions> TransferEngine::ResolveOptions(const EngineOptions& reques
 Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptions& requested) {
   TE_ASSIGN_OR_RETURN(EngineOptions options, ResolveOptions(requested));
   if (options.domains < 1 || options.domains > 64)
-    return InvalidArgument("domains = " + std::to_string(options.domains) +
-                           "; valid range is 1..64");
+    return InvalidArgument("domains = " + std::to_string(options.domains) + "; valid range is 1..64");
   if (!options.domain_names.empty() && int(options.domain_names.size()) != options.domains)
-    return InvalidArgument("domain_names lists " + std::to_string(options.domain_names.size()) +
-                           " names for " + std::to_string(options.domains) + " domains");
-  if (options.request_timeout.count() <= 0)
-    return InvalidArgument("request_timeout must be positive");
-  if (options.max_queued_operations == 0)
-    return InvalidArgument("max_queued_operations must be at least 1");
+    return InvalidArgument("domain_names lists " + std::to_string(options.domain_names.size()) + " names for " +
+                           std::to_string(options.domains) + " domains");
+  if (options.request_timeout.count() <= 0) return InvalidArgument("request_timeout must be positive");
+  if (options.max_queued_operations == 0) return InvalidArgument("max_queued_operations must be at least 1");
 
   std::vector<std::shared_ptr<nic::Domain>> domains;
   EngineAddress address;
@@ -108,14 +103,12 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
   }
   auto group = std::make_unique<DomainGroup>(options, std::move(domains));
   group->set_local_address(address.Serialize());
-  auto engine = std::unique_ptr<TransferEngine>(
-      new TransferEngine(options, std::move(group), std::move(address)));
+  auto engine = std::unique_ptr<TransferEngine>(new TransferEngine(options, std::move(group), std::move(address)));
   engine->group_->Start();
   return engine;
 }
 
-TransferEngine::TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group,
-                               EngineAddress address)
+TransferEngine::TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group, EngineAddress address)
     : options_(options),
       group_(std::move(group)),
       address_(std::move(address)),
@@ -132,8 +125,8 @@ Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory
     auto reg = domains[i]->Register(data, length, memory.kind);
     if (!reg.ok()) {
       for (size_t j = 0; j < regs.size(); ++j) (void)domains[j]->Deregister(regs[j]);
-      return reg.status().WithContext("registering " + std::to_string(length) +
-                                      " bytes on domain " + std::to_string(i));
+      return reg.status().WithContext("registering " + std::to_string(length) + " bytes on domain " +
+                                      std::to_string(i));
     }
     regs.push_back(reg.value());
   }
@@ -154,8 +147,8 @@ MrDescriptor TransferEngine::Describe(const MemoryRegion& region) const {
 Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
   TE_RETURN_IF_ERROR(address.Validate());
   if (address.provider != address_.provider)
-    return InvalidArgument("peer runs provider '" + address.provider + "' but this engine runs '" +
-                           address_.provider + "'");
+    return InvalidArgument("peer runs provider '" + address.provider + "' but this engine runs '" + address_.provider +
+                           "'");
   const auto bytes = address.Serialize();
   std::string key(bytes.begin(), bytes.end());
   PeerCache& cache = *peer_cache_;
@@ -184,8 +177,8 @@ Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
     const size_t evicted = EvictUnusedPeersLocked();
     if (evicted > 0) via = resolve();
     if (!via.ok())
-      return via.status().WithContext(std::to_string(cache.peers.size()) + " peers in use, " +
-                                      std::to_string(evicted) + " unused ones evicted");
+      return via.status().WithContext(std::to_string(cache.peers.size()) + " peers in use, " + std::to_string(evicted) +
+                                      " unused ones evicted");
   }
   if (!via.ok()) return via.status();
   auto peer = std::make_shared<const Peer>(address, std::move(via).value(), this);
@@ -249,8 +242,9 @@ Status CheckDestination(const RemoteMr& dst, const TransferEngine* engine) {
   if (!dst) return InvalidArgument("request names a null destination region");
   if (!dst->peer()) return InvalidArgument("destination region has no peer; Import() its descriptor");
   if (dst->peer()->resolver() != engine)
-    return InvalidArgument("destination region was imported by another engine (or built by hand); "
-                           "Import() its descriptor on this one");
+    return InvalidArgument(
+        "destination region was imported by another engine (or built by hand); "
+        "Import() its descriptor on this one");
   TE_RETURN_IF_ERROR(dst->descriptor().Validate().WithContext("destination region"));
   if (dst->descriptor().keys.size() != dst->peer()->remote_domains())
     return InvalidArgument("destination region has " + std::to_string(dst->descriptor().keys.size()) +
@@ -286,16 +280,13 @@ Status TransferEngine::Submit(Request request, Completion completion) {
   // A request larger than the whole queue bound is refused before planning
   // allocates its operations.
   if (const size_t n = MinOperations(request); n > options_.max_queued_operations)
-    return ResourceExhausted("request of at least " + std::to_string(n) +
-                             " operations exceeds max_queued_operations " +
+    return ResourceExhausted("request of at least " + std::to_string(n) + " operations exceeds max_queued_operations " +
                              std::to_string(options_.max_queued_operations) + "; split it");
   TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
   auto r = std::make_unique<RequestState>();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;
-  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost &&
-      !group_->domains()[0]->info().hmem) {
-    return Unimplemented("source region is device memory but provider " + provider() +
-                         " has no FI_HMEM support");
+  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost && !group_->domains()[0]->info().hmem) {
+    return Unimplemented("source region is device memory but provider " + provider() + " has no FI_HMEM support");
   }
   r->works.resize(writes.size());
   r->dsts = DestinationsOf(request);
@@ -339,10 +330,8 @@ Status TransferEngine::WaitImm(uint32_t imm, uint64_t count, std::chrono::nanose
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (!group_->imm_counter().TryConsume(imm, count)) {
       if (std::chrono::steady_clock::now() >= deadline)
-        return Timeout("waited for " + std::to_string(count) + " arrivals of imm " +
-                       std::to_string(imm) + "; " +
-                       std::to_string(group_->imm_counter().Available(imm)) +
-                       " arrived within the timeout");
+        return Timeout("waited for " + std::to_string(count) + " arrivals of imm " + std::to_string(imm) + "; " +
+                       std::to_string(group_->imm_counter().Available(imm)) + " arrived within the timeout");
       Progress();
     }
     return Status::Ok();
@@ -354,9 +343,7 @@ bool TransferEngine::TryConsumeImm(uint32_t imm, uint64_t count) {
   return group_->imm_counter().TryConsume(imm, count);
 }
 
-uint64_t TransferEngine::ImmAvailable(uint32_t imm) const {
-  return group_->imm_counter().Available(imm);
-}
+uint64_t TransferEngine::ImmAvailable(uint32_t imm) const { return group_->imm_counter().Available(imm); }
 
 uint64_t TransferEngine::ForgetImm(uint32_t imm) { return group_->imm_counter().Forget(imm); }
 
@@ -364,14 +351,12 @@ size_t TransferEngine::max_message_bytes() const {
   return options_.fabric.max_message_bytes - group_->message_header_bytes();
 }
 
-Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data,
-                            Completion completion) {
+Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, Completion completion) {
   if (!peer) return InvalidArgument("Send to a null peer");
   if (peer->resolver() != this)
     return InvalidArgument("peer was connected by another engine; Connect() it on this one");
   if (data.size() > max_message_bytes())
-    return InvalidArgument("control message of " + std::to_string(data.size()) +
-                           " bytes exceeds max_message_bytes " +
+    return InvalidArgument("control message of " + std::to_string(data.size()) + " bytes exceeds max_message_bytes " +
                            std::to_string(max_message_bytes()));
   auto r = std::make_unique<RequestState>();
   r->works.resize(1);

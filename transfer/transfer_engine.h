@@ -167,8 +167,7 @@ class TransferEngine {
   EngineStats stats() const;
 
  private:
-  TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group,
-                 EngineAddress address);
+  TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group, EngineAddress address);
 
   struct PeerCache;
   // Forgets cached peers nobody else holds; the cache's lock is held.

@@ -12,21 +12,29 @@ namespace te::weightsync {
 size_t DTypeBytes(DType d) {
   switch (d) {
     case DType::kBf16:
-    case DType::kFp16: return 2;
-    case DType::kFp32: return 4;
+    case DType::kFp16:
+      return 2;
+    case DType::kFp32:
+      return 4;
     case DType::kFp8:
-    case DType::kInt8: return 1;
+    case DType::kInt8:
+      return 1;
   }
   return 1;
 }
 
 const char* DTypeName(DType d) {
   switch (d) {
-    case DType::kBf16: return "bf16";
-    case DType::kFp16: return "fp16";
-    case DType::kFp32: return "fp32";
-    case DType::kFp8: return "fp8";
-    case DType::kInt8: return "int8";
+    case DType::kBf16:
+      return "bf16";
+    case DType::kFp16:
+      return "fp16";
+    case DType::kFp32:
+      return "fp32";
+    case DType::kFp8:
+      return "fp8";
+    case DType::kInt8:
+      return "int8";
   }
   return "?";
 }
@@ -72,8 +80,8 @@ Status ModelSpec::Validate() const {
         return InvalidArgument("parameter '" + p.name + "' holds more than " + std::to_string(kMaxModelBytes) +
                                " bytes (or its size overflows 64 bits)");
     if (!CheckedAdd(total, bytes, &total) || total > kMaxModelBytes)
-      return InvalidArgument("model of more than " + std::to_string(kMaxModelBytes) + " bytes at parameter '" +
-                             p.name + "'; the limit is 16 TiB");
+      return InvalidArgument("model of more than " + std::to_string(kMaxModelBytes) + " bytes at parameter '" + p.name +
+                             "'; the limit is 16 TiB");
   }
   return Status::Ok();
 }
@@ -90,14 +98,19 @@ class JsonReader {
     bool first = true;
     while (true) {
       Skip();
-      if (Peek() == '}') { ++i_; break; }
+      if (Peek() == '}') {
+        ++i_;
+        break;
+      }
       if (!first) TE_RETURN_IF_ERROR(Expect(','));
       first = false;
       std::string key;
       TE_RETURN_IF_ERROR(String(&key));
       TE_RETURN_IF_ERROR(Expect(':'));
-      if (key == "params") TE_RETURN_IF_ERROR(Params(m));
-      else TE_RETURN_IF_ERROR(SkipValue());
+      if (key == "params")
+        TE_RETURN_IF_ERROR(Params(m));
+      else
+        TE_RETURN_IF_ERROR(SkipValue());
     }
     Skip();
     if (i_ != s_.size()) return Error("text after the model object");
@@ -123,7 +136,10 @@ class JsonReader {
     bool first = true, have_dtype = false;
     while (true) {
       Skip();
-      if (Peek() == '}') { ++i_; break; }
+      if (Peek() == '}') {
+        ++i_;
+        break;
+      }
       if (!first) TE_RETURN_IF_ERROR(Expect(','));
       first = false;
       std::string key;
@@ -141,13 +157,19 @@ class JsonReader {
       } else if (key == "shape") {
         TE_RETURN_IF_ERROR(Expect('['));
         Skip();
-        if (Peek() == ']') { ++i_; continue; }
+        if (Peek() == ']') {
+          ++i_;
+          continue;
+        }
         while (true) {
           uint64_t v;
           TE_RETURN_IF_ERROR(Number(&v));
           p->shape.push_back(v);
           Skip();
-          if (Peek() == ']') { ++i_; break; }
+          if (Peek() == ']') {
+            ++i_;
+            break;
+          }
           TE_RETURN_IF_ERROR(Expect(','));
         }
       } else {
@@ -193,16 +215,21 @@ class JsonReader {
       for (; i_ < s_.size(); ++i_) {
         char x = s_[i_];
         if (in_string) {
-          if (x == '\\') ++i_;
-          else if (x == '"') in_string = false;
-        } else if (x == '"') in_string = true;
-        else if (x == '{' || x == '[') ++depth;
-        else if ((x == '}' || x == ']') && --depth == 0) return ++i_, Status::Ok();
+          if (x == '\\')
+            ++i_;
+          else if (x == '"')
+            in_string = false;
+        } else if (x == '"')
+          in_string = true;
+        else if (x == '{' || x == '[')
+          ++depth;
+        else if ((x == '}' || x == ']') && --depth == 0)
+          return ++i_, Status::Ok();
       }
       return Error("unterminated value");
     }
-    while (i_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[i_])) || s_[i_] == '.' || s_[i_] == '-' ||
-                              s_[i_] == '+'))
+    while (i_ < s_.size() &&
+           (std::isalnum(static_cast<unsigned char>(s_[i_])) || s_[i_] == '.' || s_[i_] == '-' || s_[i_] == '+'))
       ++i_;
     return Status::Ok();
   }

@@ -92,10 +92,11 @@ Result<Schedule> Schedule::Build(const ShardLayout& src, const ShardLayout& dst,
                                      " contiguous pieces; the layouts cut it into rows too small to transfer");
             const uint64_t n = std::min(max_elems, seg - at) * es;
             const uint64_t piece_src = so + at * es, piece_dst = dst.ParamOffset(p, d) + dof + at * es;
-            const bool extends = open && cur.dst_offset + cur.length == piece_dst && cur.src_piece == n &&
-                                 cur.length + n <= max_elems * es &&
-                                 (cur.length == cur.src_piece ? piece_src > cur.src_offset
-                                                              : piece_src == cur.src_offset + (cur.length / n) * cur.src_stride);
+            const bool extends =
+                open && cur.dst_offset + cur.length == piece_dst && cur.src_piece == n &&
+                cur.length + n <= max_elems * es &&
+                (cur.length == cur.src_piece ? piece_src > cur.src_offset
+                                             : piece_src == cur.src_offset + (cur.length / n) * cur.src_stride);
             if (extends) {
               if (cur.length == cur.src_piece) cur.src_stride = piece_src - cur.src_offset;
               cur.length += n;
@@ -201,8 +202,9 @@ Status Schedule::Verify(const ShardLayout& src, const ShardLayout& dst) const {
                           (i < w.size() && w[i].first < at ? "written twice" : "never written"));
         at = w[i++].second;
       }
-      if (at != end) return Internal("destination rank " + std::to_string(r) + " '" + model.params[p].name +
-                                     "' written past its end");
+      if (at != end)
+        return Internal("destination rank " + std::to_string(r) + " '" + model.params[p].name +
+                        "' written past its end");
     }
     if (i != w.size()) return Internal("destination rank " + std::to_string(r) + " has writes outside its shards");
   }
@@ -219,8 +221,8 @@ std::string Schedule::Summary() const {
 }
 
 void Schedule::Print(FILE* out, size_t limit) const {
-  fprintf(out, "%-6s %-4s %-4s %14s %12s %14s %10s %10s\n", "param", "src", "dst", "dst_offset", "length",
-          "src_offset", "src_piece", "src_stride");
+  fprintf(out, "%-6s %-4s %-4s %14s %12s %14s %10s %10s\n", "param", "src", "dst", "dst_offset", "length", "src_offset",
+          "src_piece", "src_stride");
   for (size_t i = 0; i < transfers_.size() && i < limit; ++i) {
     const Transfer& t = transfers_[i];
     fprintf(out, "%-6u %-4u %-4u %14lu %12lu %14lu %10lu %10lu\n", t.param, t.src_rank, t.dst_rank,

@@ -35,8 +35,8 @@ Result<ShardLayout> ShardLayout::Make(const ModelSpec& model, uint32_t ranks, st
   for (size_t p = 0; p < sharding.size(); ++p) {
     const Sharding& s = sharding[p];
     if (!s.replicated() && size_t(s.dim) >= model.params[p].shape.size())
-      return InvalidArgument("parameter '" + model.params[p].name + "' split along dimension " +
-                             std::to_string(s.dim) + " of " + std::to_string(model.params[p].shape.size()));
+      return InvalidArgument("parameter '" + model.params[p].name + "' split along dimension " + std::to_string(s.dim) +
+                             " of " + std::to_string(model.params[p].shape.size()));
     if (s.parts == 0) return InvalidArgument("parameter '" + model.params[p].name + "' split into 0 parts");
   }
   ShardLayout l;
@@ -65,11 +65,13 @@ Result<ShardLayout> ShardLayout::Named(const ModelSpec& model, uint32_t ranks, c
     if (kind == "fsdp") {
       s[p] = {0, ranks};
     } else if (kind == "tp") {
-      const bool row_parallel = x.name.find("o_proj") != std::string::npos ||
-                                x.name.find("down_proj") != std::string::npos;
+      const bool row_parallel =
+          x.name.find("o_proj") != std::string::npos || x.name.find("down_proj") != std::string::npos;
       if (x.shape.size() == 1 || x.name.find("router") != std::string::npos) continue;
-      if (row_parallel) s[p] = {int(x.shape.size()) - 1, ranks};
-      else s[p] = {x.shape.size() >= 3 ? 1 : 0, ranks};
+      if (row_parallel)
+        s[p] = {int(x.shape.size()) - 1, ranks};
+      else
+        s[p] = {x.shape.size() >= 3 ? 1 : 0, ranks};
     } else {
       return InvalidArgument("layout '" + kind + "' is not one of replicated, fsdp, tp");
     }

@@ -20,7 +20,7 @@
 namespace te::weightsync {
 
 struct Sharding {
-  int dim = -1;        // -1: replicated
+  int dim = -1;  // -1: replicated
   uint32_t parts = 1;
   bool replicated() const { return dim < 0 || parts <= 1; }
 };

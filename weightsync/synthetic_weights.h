@@ -52,8 +52,7 @@ inline void FillShards(const ShardLayout& layout, uint32_t rank, uint64_t versio
 }
 
 // Number of bytes of `rank`'s shards that do not hold `version`'s pattern.
-inline uint64_t CountWrong(const ShardLayout& layout, uint32_t rank, uint64_t version,
-                           const uint8_t* region) {
+inline uint64_t CountWrong(const ShardLayout& layout, uint32_t rank, uint64_t version, const uint8_t* region) {
   uint64_t wrong = 0;
   ForEachElement(layout, rank, [&](size_t p, uint64_t off, uint64_t g, uint64_t es) {
     for (uint32_t b = 0; b < es; ++b) wrong += region[off + b] != PatternByte(p, g, b, version);

@@ -9,14 +9,14 @@
 namespace te::weightsync {
 
 Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engine, const Schedule& schedule,
-                                                           const ShardLayout& src, uint32_t rank,
-                                                           const uint8_t* region, const PusherOptions& options) {
+                                                           const ShardLayout& src, uint32_t rank, const uint8_t* region,
+                                                           const PusherOptions& options) {
   if (!engine || !region) return InvalidArgument("WeightPusher needs an engine and a region");
   if (rank >= src.ranks())
     return InvalidArgument("source rank " + std::to_string(rank) + " outside [0, " + std::to_string(src.ranks()) + ")");
   if (options.bucket_bytes == 0 || options.staging_bytes < options.bucket_bytes)
-    return InvalidArgument("staging_bytes " + std::to_string(options.staging_bytes) + " must hold at least one bucket of " +
-                           std::to_string(options.bucket_bytes));
+    return InvalidArgument("staging_bytes " + std::to_string(options.staging_bytes) +
+                           " must hold at least one bucket of " + std::to_string(options.bucket_bytes));
   uint32_t receivers = 0;
   for (const Transfer& t : schedule.transfers()) {
     receivers = std::max(receivers, t.dst_rank + 1);
@@ -57,7 +57,8 @@ WeightPusher::~WeightPusher() {
 
 Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
   if (rank >= receivers_)
-    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(receivers_) + ")");
+    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(receivers_) +
+                           ")");
   if (info.empty()) {
     slots_[rank].reset();
     return Status::Ok();
@@ -67,8 +68,10 @@ Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
   uint32_t r = 0;
   uint64_t slot = 0;
   in >> magic >> r >> slot >> hex;
-  if (magic != "tews1" || !in) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " is malformed");
-  if (r != rank) return InvalidArgument("receiver info for rank " + std::to_string(rank) + " comes from rank " + std::to_string(r));
+  if (magic != "tews1" || !in)
+    return InvalidArgument("receiver info for rank " + std::to_string(rank) + " is malformed");
+  if (r != rank)
+    return InvalidArgument("receiver info for rank " + std::to_string(rank) + " comes from rank " + std::to_string(r));
   TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
   uint64_t two_slots = 0;
   if (!CheckedMul(slot, 2, &two_slots) || d.length < two_slots)
@@ -98,8 +101,8 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       report.missed[d] = "absent (no receiver info)";
       continue;
     }
-    const std::string msg = "tews1 BEGIN " + std::to_string(version) + " " +
-                            std::to_string(schedule_.count(rank_, d)) + " " + std::to_string(rank_);
+    const std::string msg = "tews1 BEGIN " + std::to_string(version) + " " + std::to_string(schedule_.count(rank_, d)) +
+                            " " + std::to_string(rank_);
     std::vector<uint8_t> bytes(msg.begin(), msg.end());
     if (Status s = engine_->Send(slots_[d]->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
   }
@@ -113,9 +116,12 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
     for (uint32_t d = 0; d < receivers_; ++d) {
       if (!slots_[d] || report.missed.count(d)) continue;
       auto a = answers_.find(d);
-      if (a == answers_.end()) report.missed[d] = "no READY within " + std::to_string(options_.ready_timeout.count()) + " ms";
-      else if (a->second.find(" READY ") == std::string::npos) report.missed[d] = "refused: " + a->second;
-      else live[d] = true;
+      if (a == answers_.end())
+        report.missed[d] = "no READY within " + std::to_string(options_.ready_timeout.count()) + " ms";
+      else if (a->second.find(" READY ") == std::string::npos)
+        report.missed[d] = "refused: " + a->second;
+      else
+        live[d] = true;
     }
   }
 

@@ -41,7 +41,7 @@ struct PusherOptions {
 
 struct PushReport {
   uint64_t version = 0;
-  uint64_t bytes = 0;       // written to receivers that completed
+  uint64_t bytes = 0;  // written to receivers that completed
   uint64_t writes = 0;
   double seconds = 0;
   std::map<uint32_t, std::string> missed;  // receiver rank -> why
@@ -73,7 +73,7 @@ class WeightPusher {
   const uint8_t* region_;
   PusherOptions options_;
   uint32_t receivers_ = 0;
-  std::vector<RemoteMr> slots_;          // per receiver: both slots
+  std::vector<RemoteMr> slots_;  // per receiver: both slots
   std::vector<uint64_t> slot_bytes_;
   uint8_t* staging_ = nullptr;
   LocalMr staging_mr_;

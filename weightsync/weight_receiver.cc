@@ -6,19 +6,22 @@
 namespace te::weightsync {
 
 Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* engine, const ShardLayout& dst,
-                                                               uint32_t rank, uint32_t sources,
-                                                               WeightsMemory* memory, const ReceiverOptions& options) {
+                                                               uint32_t rank, uint32_t sources, WeightsMemory* memory,
+                                                               const ReceiverOptions& options) {
   if (!engine || !memory) return InvalidArgument("WeightReceiver needs an engine and memory");
   if (rank >= dst.ranks())
-    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(dst.ranks()) + ")");
+    return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(dst.ranks()) +
+                           ")");
   if (sources == 0) return InvalidArgument("a weight update needs at least one source");
   if (memory->slot_bytes() < dst.RegionBytes(rank))
-    return InvalidArgument("weights memory slot of " + std::to_string(memory->slot_bytes()) + " bytes is smaller than rank " +
-                           std::to_string(rank) + "'s " + std::to_string(dst.RegionBytes(rank)) + " bytes of shards");
+    return InvalidArgument("weights memory slot of " + std::to_string(memory->slot_bytes()) +
+                           " bytes is smaller than rank " + std::to_string(rank) + "'s " +
+                           std::to_string(dst.RegionBytes(rank)) + " bytes of shards");
   std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, memory, options));
   TE_ASSIGN_OR_RETURN(r->mr_, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
   WeightReceiver* self = r.get();
-  engine->SetRecvHandler([self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); });
+  engine->SetRecvHandler(
+      [self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); });
   r->thread_ = std::thread([self] { self->Run(); });
   return r;
 }
@@ -56,8 +59,10 @@ void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_
     // A later version waits until the one in flight is done: it will write
     // into the slot of the last complete version, which must stay readable
     // until its successor is complete.
-    if (!pending_.empty() && pending_.begin()->first < begin.version) deferred_.push_back(begin);
-    else reply = AcceptLocked(begin);
+    if (!pending_.empty() && pending_.begin()->first < begin.version)
+      deferred_.push_back(begin);
+    else
+      reply = AcceptLocked(begin);
   }
   cv_.notify_all();
   Reply(from, reply);
@@ -67,8 +72,7 @@ std::string WeightReceiver::AcceptLocked(const Begin& b) {
   WeightsHeader* h = memory_->header();
   const uint64_t published = h->published.load();
   if (b.version <= published)
-    return "tews1 REFUSED " + std::to_string(b.version) + " " + std::to_string(rank_) + " " +
-           std::to_string(published);
+    return "tews1 REFUSED " + std::to_string(b.version) + " " + std::to_string(rank_) + " " + std::to_string(published);
   // Raise `begun` before anyone may write: readers of slot v % 2 retry.
   uint64_t begun = h->begun.load();
   while (begun < b.version && !h->begun.compare_exchange_weak(begun, b.version, std::memory_order_release)) {

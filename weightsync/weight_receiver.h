@@ -49,8 +49,8 @@ class WeightReceiver {
  public:
   // `memory` must hold the rank's region (slot_bytes >= dst.RegionBytes(rank))
   // and outlive the receiver. Takes over the engine's receive handler.
-  static Result<std::unique_ptr<WeightReceiver>> Create(TransferEngine* engine, const ShardLayout& dst,
-                                                        uint32_t rank, uint32_t sources, WeightsMemory* memory,
+  static Result<std::unique_ptr<WeightReceiver>> Create(TransferEngine* engine, const ShardLayout& dst, uint32_t rank,
+                                                        uint32_t sources, WeightsMemory* memory,
                                                         const ReceiverOptions& options = {});
   ~WeightReceiver();
 

@@ -22,12 +22,12 @@
 namespace te::weightsync {
 
 struct WeightsHeader {
-  char magic[8];                      // "TEWSHM1"
+  char magic[8];  // "TEWSHM1"
   uint64_t slot_bytes;
-  std::atomic<uint64_t> published;    // last complete version, 0 = none yet
-  std::atomic<uint64_t> begun;        // highest version whose writes may have started
-  std::atomic<uint64_t> failed;       // last version that failed here (0 = none)
-  std::atomic<uint64_t> updates;      // versions completed by this receiver
+  std::atomic<uint64_t> published;  // last complete version, 0 = none yet
+  std::atomic<uint64_t> begun;      // highest version whose writes may have started
+  std::atomic<uint64_t> failed;     // last version that failed here (0 = none)
+  std::atomic<uint64_t> updates;    // versions completed by this receiver
 };
 
 class WeightsMemory {
@@ -41,7 +41,7 @@ class WeightsMemory {
 
   WeightsHeader* header() const { return reinterpret_cast<WeightsHeader*>(base_); }
   uint64_t slot_bytes() const { return header()->slot_bytes; }
-  uint8_t* slots() const { return base_ + kHeaderBytes; }   // both slots, 2 x slot_bytes
+  uint8_t* slots() const { return base_ + kHeaderBytes; }  // both slots, 2 x slot_bytes
   uint8_t* slot(uint64_t version) const { return slots() + (version % 2) * slot_bytes(); }
   uint64_t published() const { return header()->published.load(std::memory_order_acquire); }
 

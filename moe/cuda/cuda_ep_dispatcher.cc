@@ -195,11 +195,11 @@ Status CudaEpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map,
                             &Device<Control>(control_)->timed_out, stream),
       "await kernel");
   if (launched.ok())
-    launched = CudaCheck(cuda::LaunchScatterPayloads(Device<uint8_t>(recv_host), Device<cuda::CopyOp>(ops_),
-                                                     &Device<Control>(control_)->ops, c.token_bytes(),
-                                                     uint32_t(c.scale_count()), expert_data_, expert_scales_,
-                                                     max_ops_, stream),
-                         "unpack kernel");
+    launched =
+        CudaCheck(cuda::LaunchScatterPayloads(
+                      Device<uint8_t>(recv_host), Device<cuda::CopyOp>(ops_), &Device<Control>(control_)->ops,
+                      c.token_bytes(), uint32_t(c.scale_count()), expert_data_, expert_scales_, max_ops_, stream),
+                  "unpack kernel");
   Status proxied = JoinProxy();
   TE_CUDA(cudaStreamSynchronize(stream));
   TE_RETURN_IF_ERROR(proxied);
@@ -239,8 +239,10 @@ Status CudaEpDispatcher::Combine(const uint16_t* expert_outputs, const CudaDispa
     Status s = AwaitPacked(&control_->packed, seq, c.timeout);
     if (s.ok()) {
       auto r = host_->CombinePacked(d.meta);
-      if (r.ok()) back = *r;
-      else s = r.status();
+      if (r.ok())
+        back = *r;
+      else
+        s = r.status();
     }
     StoreRelease(&control_->ready, seq);
     return s;

@@ -52,8 +52,7 @@ class CudaEpDispatcher {
  public:
   // `host` (connected, not used directly while this one is) and `device`;
   // expert_capacity: rows per local expert, 0 = max_tokens x ranks.
-  static Result<std::unique_ptr<CudaEpDispatcher>> Create(EpDispatcher* host, int device,
-                                                          uint32_t expert_capacity = 0);
+  static Result<std::unique_ptr<CudaEpDispatcher>> Create(EpDispatcher* host, int device, uint32_t expert_capacity = 0);
   ~CudaEpDispatcher();
 
   // `batch` pointers are device memory.
@@ -77,19 +76,19 @@ class CudaEpDispatcher {
   std::vector<EpDispatcher::HostBuffer> mapped_;
   // Host-mapped control block: flags, copy-op count, timeout marker.
   struct Control {
-    uint64_t packed;   // GPU -> proxy: payloads for dispatch/combine seq are in the staging
-    uint64_t ready;    // proxy -> GPU: exchange for seq is done
-    uint32_t ops;      // copy ops the unpack kernel runs
+    uint64_t packed;  // GPU -> proxy: payloads for dispatch/combine seq are in the staging
+    uint64_t ready;   // proxy -> GPU: exchange for seq is done
+    uint32_t ops;     // copy ops the unpack kernel runs
     uint32_t timed_out;
   };
   Control* control_ = nullptr;
-  cuda::CopyOp* ops_ = nullptr;   // mapped host, capacity max_ops_
+  cuda::CopyOp* ops_ = nullptr;  // mapped host, capacity max_ops_
   uint32_t max_ops_ = 0;
   uint8_t* expert_data_ = nullptr;
   float* expert_scales_ = nullptr;
-  uint32_t* row_token_ = nullptr;  // device
-  uint32_t* index_ = nullptr;      // device: row_begin / token rows for the combine kernels
-  cuda::RowTerm* terms_ = nullptr; // device
+  uint32_t* row_token_ = nullptr;   // device
+  uint32_t* index_ = nullptr;       // device: row_begin / token rows for the combine kernels
+  cuda::RowTerm* terms_ = nullptr;  // device
   uint64_t seq_ = 0;
   SendPlan plan_;
 

@@ -30,7 +30,8 @@ __global__ void GatherPayloads(const uint8_t* tokens, const float* scales, const
     uint32_t* dst = reinterpret_cast<uint32_t*>(staging + size_t(r) * record + payload_offset);
     for (size_t i = threadIdx.x; i < token_words; i += blockDim.x) dst[i] = src[i];
     float* dst_scales = reinterpret_cast<float*>(dst + token_words);
-    for (uint32_t i = threadIdx.x; i < scale_count; i += blockDim.x) dst_scales[i] = scales[size_t(t) * scale_count + i];
+    for (uint32_t i = threadIdx.x; i < scale_count; i += blockDim.x)
+      dst_scales[i] = scales[size_t(t) * scale_count + i];
   }
 }
 
@@ -66,8 +67,8 @@ __global__ void ScatterPayloads(const uint8_t* recv, const CopyOp* ops, const vo
   }
 }
 
-__global__ void ReducePartials(const uint16_t* outputs, const uint32_t* row_begin, const RowTerm* terms,
-                               uint32_t rows, uint32_t hidden, uint16_t* partials) {
+__global__ void ReducePartials(const uint16_t* outputs, const uint32_t* row_begin, const RowTerm* terms, uint32_t rows,
+                               uint32_t hidden, uint16_t* partials) {
   for (uint32_t q = blockIdx.x; q < rows; q += gridDim.x) {
     for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) {
       float acc = 0.0f;
@@ -94,9 +95,9 @@ uint32_t Blocks(uint64_t n) { return uint32_t(n < kMaxBlocks ? (n ? n : 1) : kMa
 
 }  // namespace
 
-cudaError_t LaunchGatherPayloads(const uint8_t* tokens, const float* scales, const uint32_t* row_token,
-                                 uint32_t rows, uint8_t* staging, size_t record, size_t payload_offset,
-                                 size_t token_bytes, uint32_t scale_count, cudaStream_t stream) {
+cudaError_t LaunchGatherPayloads(const uint8_t* tokens, const float* scales, const uint32_t* row_token, uint32_t rows,
+                                 uint8_t* staging, size_t record, size_t payload_offset, size_t token_bytes,
+                                 uint32_t scale_count, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   GatherPayloads<<<Blocks(rows), kThreads, 0, stream>>>(tokens, scales, row_token, rows, staging, record,
                                                         payload_offset, token_bytes / 4, scale_count);
@@ -117,8 +118,8 @@ cudaError_t LaunchAwaitFlag(const uint64_t* flag, uint64_t value, uint64_t timeo
 cudaError_t LaunchScatterPayloads(const uint8_t* recv, const CopyOp* ops, const uint32_t* count, size_t token_bytes,
                                   uint32_t scale_count, uint8_t* expert_data, float* expert_scales, uint32_t max_ops,
                                   cudaStream_t stream) {
-  ScatterPayloads<<<Blocks(max_ops), kThreads, 0, stream>>>(recv, ops, count, token_bytes / 4, scale_count,
-                                                            expert_data, expert_scales);
+  ScatterPayloads<<<Blocks(max_ops), kThreads, 0, stream>>>(recv, ops, count, token_bytes / 4, scale_count, expert_data,
+                                                            expert_scales);
   return cudaGetLastError();
 }
 

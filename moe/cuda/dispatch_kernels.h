@@ -31,9 +31,9 @@ struct RowTerm {
 // For every staging row r: the payload of token row_token[r] (token bytes,
 // then scales) into the record at staging + r * record + payload_offset.
 // token_bytes must be a multiple of 4.
-cudaError_t LaunchGatherPayloads(const uint8_t* tokens, const float* scales, const uint32_t* row_token,
-                                 uint32_t rows, uint8_t* staging, size_t record, size_t payload_offset,
-                                 size_t token_bytes, uint32_t scale_count, cudaStream_t stream);
+cudaError_t LaunchGatherPayloads(const uint8_t* tokens, const float* scales, const uint32_t* row_token, uint32_t rows,
+                                 uint8_t* staging, size_t record, size_t payload_offset, size_t token_bytes,
+                                 uint32_t scale_count, cudaStream_t stream);
 
 // *flag = value once all earlier work on the stream is visible to the host.
 cudaError_t LaunchRaiseFlag(uint64_t* flag, uint64_t value, cudaStream_t stream);
@@ -45,8 +45,8 @@ cudaError_t LaunchAwaitFlag(const uint64_t* flag, uint64_t value, uint64_t timeo
 
 // ops[0 .. *count): copy token_bytes (and scale_count floats) each.
 cudaError_t LaunchScatterPayloads(const uint8_t* recv, const CopyOp* ops, const uint32_t* count, size_t token_bytes,
-                                  uint32_t scale_count, uint8_t* expert_data, float* expert_scales,
-                                  uint32_t max_ops, cudaStream_t stream);
+                                  uint32_t scale_count, uint8_t* expert_data, float* expert_scales, uint32_t max_ops,
+                                  cudaStream_t stream);
 
 // partial[q] = bf16(sum over terms[row_begin[q] .. row_begin[q + 1]) of
 // weight x output), float accumulation in order, no fused multiply-add: the

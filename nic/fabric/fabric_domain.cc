@@ -102,8 +102,7 @@ class FabricDomain final : public Domain {
     is_shm_ = info_.provider == "shm";
     peer_pidfd_ = std::make_unique<std::atomic<int>[]>(kTrackedPeers);
     for (size_t i = 0; i < kTrackedPeers; ++i) peer_pidfd_[i].store(-1);
-    if (options_.max_message_bytes == 0 || options_.recv_buffers == 0 ||
-        options_.send_buffers == 0) {
+    if (options_.max_message_bytes == 0 || options_.recv_buffers == 0 || options_.send_buffers == 0) {
       return InvalidArgument("recv_buffers, send_buffers and max_message_bytes must be > 0");
     }
     if (options_.max_message_bytes > res_->info->ep_attr->max_msg_size) {
@@ -134,8 +133,7 @@ class FabricDomain final : public Domain {
     // Lengths differ by provider (shm names are strings); libfabric checks
     // the format itself.
     if (address.empty() || address.size() > 1024) {
-      return InvalidArgument("peer address of " + std::to_string(address.size()) +
-                             " bytes; valid range is 1..1024");
+      return InvalidArgument("peer address of " + std::to_string(address.size()) + " bytes; valid range is 1..1024");
     }
     std::string key(reinterpret_cast<const char*>(address.data()), address.size());
     std::lock_guard<std::mutex> lock(av_mu_);
@@ -187,9 +185,8 @@ class FabricDomain final : public Domain {
 
   Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override {
     if (ptr == nullptr || length == 0) {
-      return InvalidArgument("cannot register ptr=" +
-                             std::to_string(reinterpret_cast<uintptr_t>(ptr)) + " length=" +
-                             std::to_string(length) + ": need a non-null pointer and length > 0");
+      return InvalidArgument("cannot register ptr=" + std::to_string(reinterpret_cast<uintptr_t>(ptr)) +
+                             " length=" + std::to_string(length) + ": need a non-null pointer and length > 0");
     }
     fid_mr* mr = nullptr;
     TE_RETURN_IF_ERROR(RegisterRaw(ptr, length, kind, kRemoteWritable, &mr));
@@ -223,11 +220,10 @@ class FabricDomain final : public Domain {
       desc = notify_slab_.desc;
     }
     OpCtx* ctx = AllocCtx(CtxKind::kWrite, op.context);
-    ssize_t ret = op.has_imm
-                      ? fi_writedata(res_->ep, local, op.length, desc, op.imm, op.peer,
-                                     op.remote_addr, op.rkey, &ctx->h.scratch)
-                      : fi_write(res_->ep, local, op.length, desc, op.peer, op.remote_addr,
-                                 op.rkey, &ctx->h.scratch);
+    ssize_t ret =
+        op.has_imm
+            ? fi_writedata(res_->ep, local, op.length, desc, op.imm, op.peer, op.remote_addr, op.rkey, &ctx->h.scratch)
+            : fi_write(res_->ep, local, op.length, desc, op.peer, op.remote_addr, op.rkey, &ctx->h.scratch);
     if (ret == 0) return Status::Ok();
     FreeCtx(ctx);
     if (ret == -FI_EAGAIN) return Unavailable("send queue full");
@@ -236,8 +232,7 @@ class FabricDomain final : public Domain {
 
   Status PostSend(PeerAddr peer, std::span<const uint8_t> data, void* context) override {
     if (data.size() > options_.max_message_bytes) {
-      return InvalidArgument("control message of " + std::to_string(data.size()) +
-                             " bytes exceeds max_message_bytes " +
+      return InvalidArgument("control message of " + std::to_string(data.size()) + " bytes exceeds max_message_bytes " +
                              std::to_string(options_.max_message_bytes));
     }
     TE_RETURN_IF_ERROR(CheckPeerAlive(peer));
@@ -246,8 +241,7 @@ class FabricDomain final : public Domain {
     std::memcpy(send_slab_.at(b), data.data(), data.size());
     OpCtx* ctx = AllocCtx(CtxKind::kSend, context);
     ctx->send_buffer = b;
-    ssize_t ret = fi_send(res_->ep, send_slab_.at(b), data.size(), send_slab_.desc, peer,
-                          &ctx->h.scratch);
+    ssize_t ret = fi_send(res_->ep, send_slab_.at(b), data.size(), send_slab_.desc, peer, &ctx->h.scratch);
     if (ret == 0) {
       free_send_.pop_back();
       return Status::Ok();
@@ -332,15 +326,13 @@ class FabricDomain final : public Domain {
     if (fd < 0) return Status::Ok();
     pollfd p{fd, POLLIN, 0};
     if (poll(&p, 1, 0) <= 0) return Status::Ok();
-    return NotPosted("shm peer " + std::to_string(peer) +
-                     ": its process has exited; nothing was posted to it");
+    return NotPosted("shm peer " + std::to_string(peer) + ": its process has exited; nothing was posted to it");
   }
 
   Status MakeSlab(BufferSlab* slab, size_t count, size_t size) {
     slab->buffer_size = size;
     slab->bytes.assign(count * size, 0);
-    TE_RETURN_IF_ERROR(
-        RegisterRaw(slab->bytes.data(), slab->bytes.size(), MemoryKind{}, kLocalOnly, &slab->mr));
+    TE_RETURN_IF_ERROR(RegisterRaw(slab->bytes.data(), slab->bytes.size(), MemoryKind{}, kLocalOnly, &slab->mr));
     slab->desc = fi_mr_desc(slab->mr);
     return Status::Ok();
   }
@@ -348,8 +340,8 @@ class FabricDomain final : public Domain {
   Status PostRecv(int i) {
     ssize_t ret;
     do {
-      ret = fi_recv(res_->ep, recv_slab_.at(i), recv_slab_.buffer_size, recv_slab_.desc,
-                    FI_ADDR_UNSPEC, &recv_ctx_[i].h.scratch);
+      ret = fi_recv(res_->ep, recv_slab_.at(i), recv_slab_.buffer_size, recv_slab_.desc, FI_ADDR_UNSPEC,
+                    &recv_ctx_[i].h.scratch);
       if (ret == -FI_EAGAIN) fi_cq_read(res_->cq, nullptr, 0);  // drive progress
     } while (ret == -FI_EAGAIN);
     return ret == 0 ? Status::Ok() : IoError(FiErrorString("fi_recv", ret));

@@ -4,10 +4,10 @@
 
 #include <arpa/inet.h>
 #include <dirent.h>
-#include <signal.h>
-#include <unistd.h>
 #include <ifaddrs.h>
 #include <netinet/in.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -25,8 +25,7 @@ std::string ResolveProviderName(const std::string& provider) {
 }
 
 std::string FiErrorString(const char* call, ssize_t ret) {
-  return std::string(call) + ": " + fi_strerror(static_cast<int>(-ret)) + " (" +
-         std::to_string(ret) + ")";
+  return std::string(call) + ": " + fi_strerror(static_cast<int>(-ret)) + " (" + std::to_string(ret) + ")";
 }
 
 FabricResources::~FabricResources() {
@@ -53,9 +52,7 @@ std::string FormatIPv4(in_addr a) {
   return buf;
 }
 
-std::string ShmRegionName(pid_t pid, uint32_t n) {
-  return "te." + std::to_string(pid) + "." + std::to_string(n);
-}
+std::string ShmRegionName(pid_t pid, uint32_t n) { return "te." + std::to_string(pid) + "." + std::to_string(n); }
 
 std::optional<pid_t> ShmOwnerPid(std::string_view name) {
   // "[fi_shm://]te.<pid>.<n>[:<ep>:<n>]": the provider appends its own
@@ -66,8 +63,7 @@ std::optional<pid_t> ShmOwnerPid(std::string_view name) {
   pid_t pid = 0;
   size_t i = 0;
   for (; i < name.size() && i < 9 && name[i] >= '0' && name[i] <= '9'; ++i) pid = pid * 10 + (name[i] - '0');
-  if (i == 0 || i + 1 >= name.size() || name[i] != '.' || name[i + 1] < '0' || name[i + 1] > '9')
-    return std::nullopt;
+  if (i == 0 || i + 1 >= name.size() || name[i] != '.' || name[i + 1] < '0' || name[i + 1] > '9') return std::nullopt;
   if (pid <= 0) return std::nullopt;
   return pid;
 }
@@ -108,8 +104,7 @@ Result<sockaddr_in> InterfaceAddress(const std::string& iface) {
   return NotFound("no network interface '" + iface + "' with an IPv4 address; interfaces here: " + known);
 }
 
-Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options,
-                                                    bool thread_safe, size_t cq_size) {
+Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options, bool thread_safe, size_t cq_size) {
   const std::string prov = ResolveProviderName(options.provider);
   std::string domain_name = options.domain;
   if (domain_name.empty() && prov == "tcp;ofi_rxm") domain_name = "lo";
@@ -136,8 +131,7 @@ Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options
   // Context space for providers that ask for it (EFA asks for FI_CONTEXT2).
   hints->mode = FI_CONTEXT | FI_CONTEXT2;
   // The modes this code handles; the provider answers with what it requires.
-  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED |
-                                FI_MR_PROV_KEY | FI_MR_ENDPOINT;
+  hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
   if (options.want_hmem) hints->domain_attr->mr_mode |= FI_MR_HMEM;
   hints->domain_attr->threading = thread_safe ? FI_THREAD_SAFE : FI_THREAD_DOMAIN;
   hints->domain_attr->resource_mgmt = FI_RM_ENABLED;
@@ -163,24 +157,19 @@ Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options
   int ret = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &res->info);
   fi_freeinfo(hints);
   if (ret != 0 || res->info == nullptr) {
-    return Unavailable("no libfabric provider '" + prov + "'" +
-                       (domain_name.empty() ? "" : " on domain '" + domain_name + "'") +
-                       " offers an RDM endpoint with RMA writes and remote CQ data" +
-                       (options.want_hmem ? " and FI_HMEM" : "") + " (" +
-                       FiErrorString("fi_getinfo", ret) +
-                       "); valid providers include tcp, shm, efa, verbs");
+    return Unavailable(
+        "no libfabric provider '" + prov + "'" + (domain_name.empty() ? "" : " on domain '" + domain_name + "'") +
+        " offers an RDM endpoint with RMA writes and remote CQ data" + (options.want_hmem ? " and FI_HMEM" : "") +
+        " (" + FiErrorString("fi_getinfo", ret) + "); valid providers include tcp, shm, efa, verbs");
   }
   fi_info* info = res->info;
   if (info->domain_attr->cq_data_size < 4) {
-    return Unimplemented("provider " + res->provider() + " carries " +
-                         std::to_string(info->domain_attr->cq_data_size) +
+    return Unimplemented("provider " + res->provider() + " carries " + std::to_string(info->domain_attr->cq_data_size) +
                          " bytes of CQ data; 4 are needed for 32-bit immediates");
   }
 
-  if ((ret = fi_fabric(info->fabric_attr, &res->fabric, nullptr)) != 0)
-    return IoError(FiErrorString("fi_fabric", ret));
-  if ((ret = fi_domain(res->fabric, info, &res->domain, nullptr)) != 0)
-    return IoError(FiErrorString("fi_domain", ret));
+  if ((ret = fi_fabric(info->fabric_attr, &res->fabric, nullptr)) != 0) return IoError(FiErrorString("fi_fabric", ret));
+  if ((ret = fi_domain(res->fabric, info, &res->domain, nullptr)) != 0) return IoError(FiErrorString("fi_domain", ret));
 
   fi_cq_attr cq_attr{};
   cq_attr.format = FI_CQ_FORMAT_DATA;
@@ -190,15 +179,12 @@ Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options
     return IoError(FiErrorString("fi_cq_open", ret));
 
   fi_av_attr av_attr{};
-  av_attr.type = info->domain_attr->av_type != FI_AV_UNSPEC ? info->domain_attr->av_type
-                                                            : FI_AV_TABLE;
+  av_attr.type = info->domain_attr->av_type != FI_AV_UNSPEC ? info->domain_attr->av_type : FI_AV_TABLE;
   if ((ret = fi_av_open(res->domain, &av_attr, &res->av, nullptr)) != 0)
     return IoError(FiErrorString("fi_av_open", ret));
 
-  if ((ret = fi_endpoint(res->domain, info, &res->ep, nullptr)) != 0)
-    return IoError(FiErrorString("fi_endpoint", ret));
-  if ((ret = fi_ep_bind(res->ep, &res->av->fid, 0)) != 0)
-    return IoError(FiErrorString("fi_ep_bind(av)", ret));
+  if ((ret = fi_endpoint(res->domain, info, &res->ep, nullptr)) != 0) return IoError(FiErrorString("fi_endpoint", ret));
+  if ((ret = fi_ep_bind(res->ep, &res->av->fid, 0)) != 0) return IoError(FiErrorString("fi_ep_bind(av)", ret));
   if ((ret = fi_ep_bind(res->ep, &res->cq->fid, FI_TRANSMIT | FI_RECV)) != 0)
     return IoError(FiErrorString("fi_ep_bind(cq)", ret));
   if ((ret = fi_enable(res->ep)) != 0) return IoError(FiErrorString("fi_enable", ret));
@@ -210,8 +196,8 @@ Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options
     if (name.size() < sizeof(bound)) return IoError("tcp endpoint has no IPv4 address");
     std::memcpy(&bound, name.data(), sizeof(bound));
     if (bound.sin_family != AF_INET || bound.sin_addr.s_addr != src.sin_addr.s_addr)
-      return IoError("tcp endpoint bound to " + FormatIPv4(bound.sin_addr) + ", not to interface '" +
-                     domain_name + "' (" + FormatIPv4(src.sin_addr) + ")");
+      return IoError("tcp endpoint bound to " + FormatIPv4(bound.sin_addr) + ", not to interface '" + domain_name +
+                     "' (" + FormatIPv4(src.sin_addr) + ")");
   }
   return res;
 }

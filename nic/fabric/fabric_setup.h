@@ -14,8 +14,8 @@
 
 #include <memory>
 #include <optional>
-#include <string_view>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/status.h"
@@ -45,8 +45,7 @@ struct FabricResources {
 
 // `thread_safe` selects FI_THREAD_SAFE (registration from any thread) over
 // FI_THREAD_DOMAIN (one thread drives everything, as a bare loop does).
-Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options,
-                                                    bool thread_safe, size_t cq_size);
+Result<std::unique_ptr<FabricResources>> OpenFabric(const FabricOptions& options, bool thread_safe, size_t cq_size);
 
 // shm endpoints are named "te.<pid>.<n>" (address "fi_shm://te.<pid>.<n>").
 inline constexpr const char* kShmAddressPrefix = "fi_shm://";

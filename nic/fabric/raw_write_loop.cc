@@ -53,8 +53,8 @@ struct RawWriteLoop::Impl {
 
   // kUnavailable on -FI_EAGAIN: the caller reaps and posts again.
   Status Post(const void* local, size_t len, uint64_t remote_off, uint32_t imm, void* context) {
-    ssize_t ret = fi_writedata(res->ep, len ? local : buf.data(), len, desc, imm, peer,
-                               peer_base + remote_off, peer_key, context);
+    ssize_t ret = fi_writedata(res->ep, len ? local : buf.data(), len, desc, imm, peer, peer_base + remote_off,
+                               peer_key, context);
     if (ret == 0) return Status::Ok();
     if (ret == -FI_EAGAIN) return Unavailable("send queue full");
     return IoError(FiErrorString("fi_writedata", ret));
@@ -82,8 +82,8 @@ struct RawWriteLoop::Impl {
       if (!r.ok()) return r.status();
       if (local_done) *local_done += r.value();
       if (Clock::now() > deadline)
-        return Timeout("raw loop: " + std::to_string(imms_seen) + " of " + std::to_string(count) +
-                       " arrivals of imm " + std::to_string(imm) + " before the timeout");
+        return Timeout("raw loop: " + std::to_string(imms_seen) + " of " + std::to_string(count) + " arrivals of imm " +
+                       std::to_string(imm) + " before the timeout");
     }
     return Status::Ok();
   }
@@ -92,8 +92,7 @@ struct RawWriteLoop::Impl {
 RawWriteLoop::RawWriteLoop(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 RawWriteLoop::~RawWriteLoop() = default;
 
-Result<std::unique_ptr<RawWriteLoop>> RawWriteLoop::Open(const FabricOptions& options,
-                                                         size_t buffer_bytes) {
+Result<std::unique_ptr<RawWriteLoop>> RawWriteLoop::Open(const FabricOptions& options, size_t buffer_bytes) {
   auto impl = std::make_unique<Impl>();
   TE_ASSIGN_OR_RETURN(impl->res, OpenFabric(options, /*thread_safe=*/false, 16384));
   impl->buf.assign(std::max<size_t>(buffer_bytes, 64), 0);
@@ -116,14 +115,12 @@ Result<std::unique_ptr<RawWriteLoop>> RawWriteLoop::Open(const FabricOptions& op
 std::vector<uint8_t> RawWriteLoop::address() const { return impl_->res->address(); }
 uint64_t RawWriteLoop::rkey() const { return fi_mr_key(impl_->mr); }
 uint64_t RawWriteLoop::remote_base() const {
-  return (impl_->res->mr_mode() & FI_MR_VIRT_ADDR) ? reinterpret_cast<uint64_t>(impl_->buf.data())
-                                                   : 0;
+  return (impl_->res->mr_mode() & FI_MR_VIRT_ADDR) ? reinterpret_cast<uint64_t>(impl_->buf.data()) : 0;
 }
 uint8_t* RawWriteLoop::buffer() { return impl_->buf.data(); }
 size_t RawWriteLoop::buffer_bytes() const { return impl_->buf.size(); }
 
-Status RawWriteLoop::Connect(std::span<const uint8_t> peer_address, uint64_t peer_rkey,
-                             uint64_t peer_remote_base) {
+Status RawWriteLoop::Connect(std::span<const uint8_t> peer_address, uint64_t peer_rkey, uint64_t peer_remote_base) {
   int ret = fi_av_insert(impl_->res->av, peer_address.data(), 1, &impl_->peer, 0, nullptr);
   if (ret != 1) return IoError(FiErrorString("fi_av_insert", ret));
   impl_->peer_key = peer_rkey;
@@ -131,18 +128,16 @@ Status RawWriteLoop::Connect(std::span<const uint8_t> peer_address, uint64_t pee
   return Status::Ok();
 }
 
-Result<RawWriteLoop::RunStats> RawWriteLoop::RunWrites(std::span<const Op> ops, size_t window,
-                                                       size_t batch, uint32_t imm,
-                                                       uint32_t ack_imm,
+Result<RawWriteLoop::RunStats> RawWriteLoop::RunWrites(std::span<const Op> ops, size_t window, size_t batch,
+                                                       uint32_t imm, uint32_t ack_imm,
                                                        std::chrono::milliseconds timeout) {
   Impl& m = *impl_;
   window = std::max<size_t>(1, window);
   batch = std::max<size_t>(1, batch);
   for (const Op& op : ops)
     if (op.local_offset + op.length > m.buf.size())
-      return OutOfRange("raw op at local offset " + std::to_string(op.local_offset) +
-                        " + length " + std::to_string(op.length) + " exceeds buffer " +
-                        std::to_string(m.buf.size()));
+      return OutOfRange("raw op at local offset " + std::to_string(op.local_offset) + " + length " +
+                        std::to_string(op.length) + " exceeds buffer " + std::to_string(m.buf.size()));
   m.ctx.assign(window, fi_context2{});
   std::vector<size_t> free_slots;
   for (size_t i = 0; i < window; ++i) free_slots.push_back(i);
@@ -164,8 +159,7 @@ Result<RawWriteLoop::RunStats> RawWriteLoop::RunWrites(std::span<const Op> ops, 
       size_t slot = free_slots.back();
       const Op& op = ops[next];
       if (next % batch == 0) batch_start[next / batch] = Clock::now();
-      Status st = m.Post(m.buf.data() + op.local_offset, op.length, op.remote_offset, imm,
-                         &m.ctx[slot]);
+      Status st = m.Post(m.buf.data() + op.local_offset, op.length, op.remote_offset, imm, &m.ctx[slot]);
       if (st.code() == StatusCode::kUnavailable) break;  // reap, then post again
       TE_RETURN_IF_ERROR(st);
       free_slots.pop_back();
@@ -184,8 +178,8 @@ Result<RawWriteLoop::RunStats> RawWriteLoop::RunWrites(std::span<const Op> ops, 
         ++completed;
       }
     } else if (Clock::now() > deadline) {
-      return Timeout("raw loop: " + std::to_string(completed) + " of " +
-                     std::to_string(ops.size()) + " writes completed before the timeout");
+      return Timeout("raw loop: " + std::to_string(completed) + " of " + std::to_string(ops.size()) +
+                     " writes completed before the timeout");
     }
   }
   TE_RETURN_IF_ERROR(m.WaitImms(ack_imm, 1, deadline, nullptr));
@@ -193,8 +187,7 @@ Result<RawWriteLoop::RunStats> RawWriteLoop::RunWrites(std::span<const Op> ops, 
   return stats;
 }
 
-Status RawWriteLoop::Serve(uint64_t expected, uint32_t imm, uint32_t ack_imm,
-                           std::chrono::milliseconds timeout) {
+Status RawWriteLoop::Serve(uint64_t expected, uint32_t imm, uint32_t ack_imm, std::chrono::milliseconds timeout) {
   Impl& m = *impl_;
   m.imms_seen = 0;
   const auto deadline = Clock::now() + timeout;
@@ -212,8 +205,7 @@ Status RawWriteLoop::Serve(uint64_t expected, uint32_t imm, uint32_t ack_imm,
   return Status::Ok();
 }
 
-Result<std::vector<double>> RawWriteLoop::Ping(int iterations, uint32_t imm,
-                                               std::chrono::milliseconds timeout) {
+Result<std::vector<double>> RawWriteLoop::Ping(int iterations, uint32_t imm, std::chrono::milliseconds timeout) {
   Impl& m = *impl_;
   std::vector<double> rtt;
   rtt.reserve(iterations);

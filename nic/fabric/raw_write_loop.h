@@ -30,8 +30,7 @@ class RawWriteLoop {
     std::vector<double> batch_latency_us;  // first post .. last completion of a batch
   };
 
-  static Result<std::unique_ptr<RawWriteLoop>> Open(const FabricOptions& options,
-                                                    size_t buffer_bytes);
+  static Result<std::unique_ptr<RawWriteLoop>> Open(const FabricOptions& options, size_t buffer_bytes);
   ~RawWriteLoop();
 
   std::vector<uint8_t> address() const;
@@ -40,14 +39,13 @@ class RawWriteLoop {
   uint8_t* buffer();
   size_t buffer_bytes() const;
 
-  Status Connect(std::span<const uint8_t> peer_address, uint64_t peer_rkey,
-                 uint64_t peer_remote_base);
+  Status Connect(std::span<const uint8_t> peer_address, uint64_t peer_rkey, uint64_t peer_remote_base);
 
   // Posts `ops` in order, at most `window` outstanding, each carrying `imm`;
   // `batch` consecutive ops are one latency sample. Then waits for the peer's
   // zero-byte `ack_imm`.
-  Result<RunStats> RunWrites(std::span<const Op> ops, size_t window, size_t batch, uint32_t imm,
-                             uint32_t ack_imm, std::chrono::milliseconds timeout);
+  Result<RunStats> RunWrites(std::span<const Op> ops, size_t window, size_t batch, uint32_t imm, uint32_t ack_imm,
+                             std::chrono::milliseconds timeout);
   // Peer side of RunWrites: waits for `expected` arrivals of `imm`, then
   // writes `ack_imm` back.
   Status Serve(uint64_t expected, uint32_t imm, uint32_t ack_imm, std::chrono::milliseconds timeout);

@@ -70,8 +70,7 @@ std::string CpuRanges(const std::vector<int>& cpus) {
   for (size_t i = 0; i < cpus.size();) {
     size_t j = i;
     while (j + 1 < cpus.size() && cpus[j + 1] == cpus[j] + 1) ++j;
-    s += (s.empty() ? "" : ",") + std::to_string(cpus[i]) +
-         (j > i ? "-" + std::to_string(cpus[j]) : "");
+    s += (s.empty() ? "" : ",") + std::to_string(cpus[i]) + (j > i ? "-" + std::to_string(cpus[j]) : "");
     i = j + 1;
   }
   return s.empty() ? "-" : s;
@@ -86,16 +85,14 @@ Result<std::vector<int>> ParseCpuList(const std::string& list) {
     if (part.empty()) continue;
     static const std::regex kRange("\\s*(\\d+)(?:-(\\d+))?\\s*");
     std::smatch m;
-    if (!std::regex_match(part, m, kRange))
-      return InvalidArgument("cpu list part '" + part + "' is not N or N-M");
+    if (!std::regex_match(part, m, kRange)) return InvalidArgument("cpu list part '" + part + "' is not N or N-M");
     // Digits only, but as many as the file holds: parse without throwing.
     const auto first = ParseUint64(m[1].str());
     const auto last = m[2].matched ? ParseUint64(m[2].str()) : first;
     if (!first || !last || *first > (1u << 20) || *last > (1u << 20))
       return InvalidArgument("cpu list part '" + part + "' names a cpu beyond 2^20");
     const int lo = int(*first), hi = int(*last);
-    if (hi < lo || hi - lo > 65536)
-      return InvalidArgument("cpu range '" + part + "' is reversed or too large");
+    if (hi < lo || hi - lo > 65536) return InvalidArgument("cpu range '" + part + "' is reversed or too large");
     for (int c = lo; c <= hi; ++c) out.push_back(c);
   }
   return out;
@@ -115,8 +112,7 @@ const GpuPlacement* Topology::PlacementFor(int gpu) const {
 Result<Topology> DiscoverTopology(const std::string& sysfs_root) {
   const fs::path root(sysfs_root);
   std::error_code ec;
-  if (!fs::is_directory(root, ec))
-    return NotFound("sysfs root '" + sysfs_root + "' is not a readable directory");
+  if (!fs::is_directory(root, ec)) return NotFound("sysfs root '" + sysfs_root + "' is not a readable directory");
   Topology t;
 
   const fs::path pci_dir = root / "bus/pci/devices";
@@ -167,16 +163,17 @@ Result<Topology> DiscoverTopology(const std::string& sysfs_root) {
       if (n.main_model) deepest = std::max(deepest, CommonDepth(g.pci, n.pci));
     for (const auto& n : t.nics) {
       if (!n.main_model) continue;
-      const bool near = deepest >= 2 ? CommonDepth(g.pci, n.pci) == deepest
-                                     : n.pci.numa_node == g.pci.numa_node;
+      const bool near = deepest >= 2 ? CommonDepth(g.pci, n.pci) == deepest : n.pci.numa_node == g.pci.numa_node;
       if (near) p.nics.push_back(n.name);
     }
     const auto& peers = gpus_on_node[g.pci.numa_node];
     const size_t slot = std::find(peers.begin(), peers.end(), g.index) - peers.begin();
     const auto& cpus = g.pci.local_cpus;
     const size_t share = peers.empty() ? 0 : cpus.size() / peers.size();
-    if (share > 0) p.cpus.assign(cpus.begin() + slot * share, cpus.begin() + (slot + 1) * share);
-    else p.cpus = cpus;
+    if (share > 0)
+      p.cpus.assign(cpus.begin() + slot * share, cpus.begin() + (slot + 1) * share);
+    else
+      p.cpus = cpus;
     t.placements.push_back(std::move(p));
   }
   return t;
@@ -195,9 +192,8 @@ std::string Topology::ToTable() const {
     for (const auto& p : placements) {
       const auto& g = gpus[p.gpu];
       char line[512];
-      snprintf(line, sizeof line, "%-4d %-13s %4d  %-41s %s\n", g.index, g.pci.bdf.c_str(),
-               p.numa_node, p.nics.empty() ? "-" : Join(p.nics, ",").c_str(),
-               CpuRanges(p.cpus).c_str());
+      snprintf(line, sizeof line, "%-4d %-13s %4d  %-41s %s\n", g.index, g.pci.bdf.c_str(), p.numa_node,
+               p.nics.empty() ? "-" : Join(p.nics, ",").c_str(), CpuRanges(p.cpus).c_str());
       o << line;
     }
   }
@@ -205,10 +201,8 @@ std::string Topology::ToTable() const {
     o << "\nnic            kind  pci           numa  model            assigned\n";
     for (const auto& n : nics) {
       char line[256];
-      snprintf(line, sizeof line, "%-15s %-5s %-13s %4d  %-16s %s\n", n.name.c_str(),
-               n.kind.c_str(), n.pci.bdf.c_str(), n.pci.numa_node,
-               (n.pci.vendor + ":" + n.pci.device).c_str(),
-               n.main_model ? "yes" : "no (other model)");
+      snprintf(line, sizeof line, "%-15s %-5s %-13s %4d  %-16s %s\n", n.name.c_str(), n.kind.c_str(), n.pci.bdf.c_str(),
+               n.pci.numa_node, (n.pci.vendor + ":" + n.pci.device).c_str(), n.main_model ? "yes" : "no (other model)");
       o << line;
     }
   }
@@ -230,16 +224,14 @@ std::string Topology::ToJson() const {
   o << "{\"gpus\":[";
   for (size_t i = 0; i < placements.size(); ++i) {
     const auto& p = placements[i];
-    o << (i ? "," : "") << "{\"gpu\":" << p.gpu << ",\"pci\":\"" << gpus[p.gpu].pci.bdf
-      << "\",\"numa\":" << p.numa_node << ",\"nics\":" << str_list(p.nics)
-      << ",\"cpus\":" << int_list(p.cpus) << "}";
+    o << (i ? "," : "") << "{\"gpu\":" << p.gpu << ",\"pci\":\"" << gpus[p.gpu].pci.bdf << "\",\"numa\":" << p.numa_node
+      << ",\"nics\":" << str_list(p.nics) << ",\"cpus\":" << int_list(p.cpus) << "}";
   }
   o << "],\"nics\":[";
   for (size_t i = 0; i < nics.size(); ++i) {
     const auto& n = nics[i];
-    o << (i ? "," : "") << "{\"name\":\"" << n.name << "\",\"kind\":\"" << n.kind
-      << "\",\"pci\":\"" << n.pci.bdf << "\",\"numa\":" << n.pci.numa_node
-      << ",\"model\":\"" << n.pci.vendor << ":" << n.pci.device
+    o << (i ? "," : "") << "{\"name\":\"" << n.name << "\",\"kind\":\"" << n.kind << "\",\"pci\":\"" << n.pci.bdf
+      << "\",\"numa\":" << n.pci.numa_node << ",\"model\":\"" << n.pci.vendor << ":" << n.pci.device
       << "\",\"assigned\":" << (n.main_model ? "true" : "false") << "}";
   }
   o << "]}";

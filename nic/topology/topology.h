@@ -20,10 +20,10 @@
 namespace te::nic {
 
 struct PciFunction {
-  std::string bdf;                     // "0000:1a:00.0"
-  std::vector<std::string> pci_path;   // root complex .. bridges .. bdf
-  std::string vendor, device;          // "0x10de", "0x2330"
-  int numa_node = -1;                  // -1: not reported
+  std::string bdf;                    // "0000:1a:00.0"
+  std::vector<std::string> pci_path;  // root complex .. bridges .. bdf
+  std::string vendor, device;         // "0x10de", "0x2330"
+  int numa_node = -1;                 // -1: not reported
   std::vector<int> local_cpus;
 };
 
@@ -33,8 +33,8 @@ struct Gpu {
 };
 
 struct RdmaNic {
-  std::string name;   // ibverbs device name: "mlx5_0", "rdmap16s27"
-  std::string kind;   // "efa", "mlx5", or the vendor id
+  std::string name;  // ibverbs device name: "mlx5_0", "rdmap16s27"
+  std::string kind;  // "efa", "mlx5", or the vendor id
   PciFunction pci;
   bool main_model = false;  // of the host's most common NIC model
 };
@@ -43,7 +43,7 @@ struct GpuPlacement {
   int gpu = 0;
   std::vector<std::string> nics;  // RdmaNic names, nearest first
   int numa_node = -1;
-  std::vector<int> cpus;          // this GPU's share of its node's cores
+  std::vector<int> cpus;  // this GPU's share of its node's cores
 };
 
 struct Topology {

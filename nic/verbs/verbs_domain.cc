@@ -2,8 +2,8 @@
 
 #include <arpa/inet.h>
 #include <dlfcn.h>
-#include <unistd.h>
 #include <infiniband/verbs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -19,7 +19,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr uint32_t kQkey = 0x11111111;
 constexpr uint32_t kUdDepth = 64;
-constexpr size_t kUdBuffer = 40 + 1024;  // GRH + handshake
+constexpr size_t kUdBuffer = 40 + 1024;           // GRH + handshake
 constexpr uint32_t kAddressMagic = 0x54455642;    // "TEVB"
 constexpr uint32_t kHandshakeMagic = 0x54455648;  // "TEVH"
 
@@ -201,7 +201,7 @@ class VerbsDomain final : public Domain {
   std::map<ibv_qp*, uint32_t> qp_outstanding_;  // work posted on each QP, retired ones included
   std::vector<ibv_qp*> retired_;                // in error: destroyed once their work is back
   std::vector<std::unique_ptr<OpCtx>> all_ctx_;
-  std::vector<OpCtx*> ctx_pool_;  // free ones
+  std::vector<OpCtx*> ctx_pool_;       // free ones
   std::vector<ibv_send_wr> chain_wr_;  // scratch of PostWrites
   std::vector<ibv_sge> chain_sge_;
 };
@@ -520,8 +520,10 @@ void VerbsDomain::SendHandshakeLocked(Peer& p, uint32_t type) {
   wr.wr.ud.remote_qpn = p.addr.ud_qpn;
   wr.wr.ud.remote_qkey = kQkey;
   ibv_send_wr* bad = nullptr;
-  if (ibv_post_send(ud_, &wr, &bad) == 0) free_ud_send_.pop_back();
-  else FreeCtx(reinterpret_cast<OpCtx*>(wr.wr_id));
+  if (ibv_post_send(ud_, &wr, &bad) == 0)
+    free_ud_send_.pop_back();
+  else
+    FreeCtx(reinterpret_cast<OpCtx*>(wr.wr_id));
   p.connect_sent = Clock::now();
 }
 
@@ -563,8 +565,8 @@ Result<LocalRegistration> VerbsDomain::Register(void* ptr, size_t length, Memory
   if (!mr) mr = ibv_reg_mr(pd_, ptr, length, access_);
   if (!mr)
     return IoError("verbs-native: registering " + S(length) + " bytes of " + (cuda ? "CUDA" : "host") +
-                   " memory failed: " + (cuda ? dmabuf_why + "; peer memory: " : "") + "ibv_reg_mr: " +
-                   strerror(errno));
+                   " memory failed: " + (cuda ? dmabuf_why + "; peer memory: " : "") +
+                   "ibv_reg_mr: " + strerror(errno));
   LocalRegistration r;
   r.mr = mr;
   r.desc = mr;
@@ -672,13 +674,15 @@ int VerbsDomain::Poll(CompletionHandler& handler, int max) {
           if (wc.status != IBV_WC_SUCCESS) {
             lock.unlock();
             if (wc.status != IBV_WC_WR_FLUSH_ERR)
-              handler.OnDomainError(IoError("verbs-native: a receive completed with " +
-                                            std::string(ibv_wc_status_str(wc.status))));
+              handler.OnDomainError(
+                  IoError("verbs-native: a receive completed with " + std::string(ibv_wc_status_str(wc.status))));
             break;
           }
           lock.unlock();
-          if (wc.opcode == IBV_WC_RECV_RDMA_WITH_IMM) handler.OnImm(ntohl(wc.imm_data));
-          else handler.OnRecv({recv_.at(b), wc.byte_len});
+          if (wc.opcode == IBV_WC_RECV_RDMA_WITH_IMM)
+            handler.OnImm(ntohl(wc.imm_data));
+          else
+            handler.OnRecv({recv_.at(b), wc.byte_len});
           lock.lock();
           if (Status s = PostReceive(OpKind::kRecv, b); !s.ok()) {
             lock.unlock();
@@ -718,8 +722,10 @@ int VerbsDomain::Poll(CompletionHandler& handler, int max) {
           }
           QpOpDone(qp);
           lock.unlock();
-          if (failure.empty()) handler.OnSendDone(user);
-          else handler.OnSendError(user, IoError(failure));
+          if (failure.empty())
+            handler.OnSendDone(user);
+          else
+            handler.OnSendError(user, IoError(failure));
           break;
         }
       }

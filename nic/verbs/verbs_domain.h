@@ -31,11 +31,11 @@
 namespace te::nic {
 
 struct VerbsOptions {
-  std::string device;   // e.g. "mlx5_0"; empty: the first device
+  std::string device;  // e.g. "mlx5_0"; empty: the first device
   int port = 1;
-  int gid_index = -1;   // -1: RoCE v2 by default on Ethernet; unused on InfiniBand
-  uint32_t send_depth = 256;   // outstanding writes and sends per domain (and per QP)
-  uint32_t recv_depth = 128;   // receives kept posted on the SRQ
+  int gid_index = -1;         // -1: RoCE v2 by default on Ethernet; unused on InfiniBand
+  uint32_t send_depth = 256;  // outstanding writes and sends per domain (and per QP)
+  uint32_t recv_depth = 128;  // receives kept posted on the SRQ
   size_t max_message_bytes = 64 * 1024;
   // RC transport settings (ibv_modify_qp): ack timeout exponent, transport
   // retries, RNR retries (7 = forever), minimum RNR NAK timer.

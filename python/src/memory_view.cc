@@ -155,8 +155,10 @@ MemoryView FromCudaArrayInterface(py::handle obj) {
     // The interface does not say which GPU; torch and CuPy objects do.
     if (py::hasattr(obj, "device")) {
       py::object dev = obj.attr("device");
-      if (py::hasattr(dev, "index") && !dev.attr("index").is_none()) m.device = dev.attr("index").cast<int>();
-      else if (py::hasattr(dev, "id")) m.device = dev.attr("id").cast<int>();
+      if (py::hasattr(dev, "index") && !dev.attr("index").is_none())
+        m.device = dev.attr("index").cast<int>();
+      else if (py::hasattr(dev, "id"))
+        m.device = dev.attr("id").cast<int>();
     }
     m.via = "cuda_array_interface";
     m.owner = py::reinterpret_borrow<py::object>(obj);
@@ -175,10 +177,10 @@ MemoryView ViewOf(py::handle obj, const std::string& via) {
     return FromCudaArrayInterface(obj);
   if (via == "buffer" || (via == "auto" && PyObject_CheckBuffer(obj.ptr()))) return FromBuffer(obj);
   if (via == "dlpack" || (via == "auto" && py::hasattr(obj, "__dlpack__"))) return FromDlpack(obj);
-  if (via != "auto")
-    Throw(te::InvalidArgument("via='" + via + "'; valid: auto, buffer, dlpack, cuda_array_interface"));
-  Refuse(obj, "it exports no memory (no buffer protocol, __dlpack__ or __cuda_array_interface__); "
-              "use register_pointer(ptr, nbytes, device) for raw memory");
+  if (via != "auto") Throw(te::InvalidArgument("via='" + via + "'; valid: auto, buffer, dlpack, cuda_array_interface"));
+  Refuse(obj,
+         "it exports no memory (no buffer protocol, __dlpack__ or __cuda_array_interface__); "
+         "use register_pointer(ptr, nbytes, device) for raw memory");
 }
 
 MemoryView ViewOfPointer(uintptr_t ptr, size_t nbytes, const std::string& device, py::object owner) {

@@ -28,8 +28,8 @@ struct MemoryView {
   size_t nbytes = 0;
   bool cuda = false;  // device memory of GPU `device`
   int device = 0;
-  std::string via;         // "buffer", "dlpack", "cuda_array_interface", "pointer"
-  pybind11::object owner;  // the registered object
+  std::string via;           // "buffer", "dlpack", "cuda_array_interface", "pointer"
+  pybind11::object owner;    // the registered object
   pybind11::object export_;  // a buffer export or a DLPack capsule, released last
 };
 

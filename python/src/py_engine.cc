@@ -28,9 +28,7 @@ constexpr auto kWaitSpin = std::chrono::microseconds(50);
 // dropped (counted): a program that never calls recv() cannot grow it.
 constexpr size_t kMaxInboxBytes = size_t(64) << 20;
 
-py::bytes Bytes(const std::vector<uint8_t>& v) {
-  return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
-}
+py::bytes Bytes(const std::vector<uint8_t>& v) { return py::bytes(reinterpret_cast<const char*>(v.data()), v.size()); }
 
 std::string_view BytesView(const py::bytes& b) {
   char* p = nullptr;
@@ -336,7 +334,9 @@ struct PyHandle {
   std::shared_ptr<HandleState> state;
 };
 
-PyHandle MakeHandle(PyEngine& e, std::shared_ptr<HandleState> h) { return PyHandle{e.shared_from_this(), std::move(h)}; }
+PyHandle MakeHandle(PyEngine& e, std::shared_ptr<HandleState> h) {
+  return PyHandle{e.shared_from_this(), std::move(h)};
+}
 
 void WaitOrRaise(const PyHandle& h, std::optional<double> timeout) {
   if (!h.engine->Wait(*h.state, timeout))
@@ -413,9 +413,12 @@ void BindOptions(py::module_& m) {
           "progress",
           [](const EngineOptions& o) { return o.progress == te::ProgressMode::kManual ? "manual" : "thread"; },
           [](EngineOptions& o, const std::string& v) {
-            if (v == "thread") o.progress = te::ProgressMode::kThread;
-            else if (v == "manual") o.progress = te::ProgressMode::kManual;
-            else Throw(te::InvalidArgument("progress '" + v + "'; valid: thread, manual"));
+            if (v == "thread")
+              o.progress = te::ProgressMode::kThread;
+            else if (v == "manual")
+              o.progress = te::ProgressMode::kManual;
+            else
+              Throw(te::InvalidArgument("progress '" + v + "'; valid: thread, manual"));
           })
       .def_readwrite("worker_cpu", &EngineOptions::worker_cpu)
       .def_readwrite("request_timeout", &EngineOptions::request_timeout)
@@ -431,8 +434,8 @@ void BindOptions(py::module_& m) {
       .def_readwrite("max_pending_message_bytes", &EngineOptions::max_pending_message_bytes)
       .def("__repr__", [](const EngineOptions& o) {
         return "EngineOptions(provider='" + o.fabric.provider + "', interface='" + o.fabric.domain +
-               "', domains=" + std::to_string(o.domains) +
-               ", progress='" + (o.progress == te::ProgressMode::kManual ? "manual" : "thread") + "')";
+               "', domains=" + std::to_string(o.domains) + ", progress='" +
+               (o.progress == te::ProgressMode::kManual ? "manual" : "thread") + "')";
       });
 }
 
@@ -446,27 +449,30 @@ void BindEngine(py::module_& m) {
                        "*_async methods. Dropping a handle never cancels the request nor frees its memory early.")
       .def_property_readonly("id", [](const PyHandle& h) { return h.state->id; })
       .def_property_readonly("kind", [](const PyHandle& h) { return h.state->kind; })
-      .def("done", [](const PyHandle& h) { return h.state->state.load() != HandleState::kPending; },
-           "True once the request finished (successfully or not).")
+      .def(
+          "done", [](const PyHandle& h) { return h.state->state.load() != HandleState::kPending; },
+          "True once the request finished (successfully or not).")
       .def("wait", &WaitOrRaise, py::arg("timeout") = py::none(),
            "Blocks until the request finished; raises TransferError if it failed, TimeoutError if it is "
            "still in flight after `timeout` seconds. Ctrl-C interrupts it. Releases the GIL.")
-      .def("exception",
-           [](const PyHandle& h) -> py::object {
-             if (h.state->state.load() != HandleState::kFailed) return py::none();
-             return ErrorObject(h.state->status);
-           },
-           "The TransferError the request failed with; None while pending or after success.")
-      .def_property_readonly("payload",
-                             [](const PyHandle& h) -> py::object {
-                               if (h.state->state.load() == HandleState::kPending) return py::none();
-                               return py::bytes(h.state->payload);
-                             },
-                             "Bytes the request produced (a KV request's context), once finished.")
+      .def(
+          "exception",
+          [](const PyHandle& h) -> py::object {
+            if (h.state->state.load() != HandleState::kFailed) return py::none();
+            return ErrorObject(h.state->status);
+          },
+          "The TransferError the request failed with; None while pending or after success.")
+      .def_property_readonly(
+          "payload",
+          [](const PyHandle& h) -> py::object {
+            if (h.state->state.load() == HandleState::kPending) return py::none();
+            return py::bytes(h.state->payload);
+          },
+          "Bytes the request produced (a KV request's context), once finished.")
       .def("__repr__", [](const PyHandle& h) {
         static const char* names[] = {"pending", "done", "failed"};
-        return "<Handle " + std::to_string(h.state->id) + " " + h.state->kind + " " +
-               names[h.state->state.load()] + ">";
+        return "<Handle " + std::to_string(h.state->id) + " " + h.state->kind + " " + names[h.state->state.load()] +
+               ">";
       });
 
   py::class_<RegionState, std::shared_ptr<RegionState>>(
@@ -482,15 +488,17 @@ void BindEngine(py::module_& m) {
       .def_property_readonly("via", [](const RegionState& r) { return r.view.via; })
       .def_property_readonly("obj", [](const RegionState& r) { return r.view.owner; })
       .def_property_readonly("registered", [](const RegionState& r) { return bool(r.mr); })
-      .def("descriptor",
-           [](const RegionState& r) {
-             if (!r.mr) Throw(te::InvalidArgument("descriptor(): the region was deregistered"));
-             return Bytes(r.engine->engine()->Describe(*r.mr).Serialize());
-           },
-           "What a peer needs to write here, as bytes (send it any way you like; it pickles).")
-      .def("deregister", [](RegionState& r) { r.engine->Deregister(r); },
-           "Ends the registration and lets go of the object. Raises TransferError while requests using it "
-           "are in flight.")
+      .def(
+          "descriptor",
+          [](const RegionState& r) {
+            if (!r.mr) Throw(te::InvalidArgument("descriptor(): the region was deregistered"));
+            return Bytes(r.engine->engine()->Describe(*r.mr).Serialize());
+          },
+          "What a peer needs to write here, as bytes (send it any way you like; it pickles).")
+      .def(
+          "deregister", [](RegionState& r) { r.engine->Deregister(r); },
+          "Ends the registration and lets go of the object. Raises TransferError while requests using it "
+          "are in flight.")
       .def("__enter__", [](std::shared_ptr<RegionState> r) { return r; })
       .def("__exit__", [](RegionState& r, py::args) { r.engine->Deregister(r); })
       .def("__repr__", [](const RegionState& r) {
@@ -500,7 +508,7 @@ void BindEngine(py::module_& m) {
       });
 
   py::class_<RemoteState, std::shared_ptr<RemoteState>>(m, "RemoteRegion",
-                                                         "A peer's region, from Engine.import_descriptor().")
+                                                        "A peer's region, from Engine.import_descriptor().")
       .def_property_readonly("nbytes", [](const RemoteState& r) { return r.remote->length(); })
       .def_property_readonly("descriptor", [](const RemoteState& r) { return py::bytes(r.descriptor); })
       .def_property_readonly("peer_id", [](const RemoteState& r) { return r.remote->peer()->id(); })
@@ -520,158 +528,170 @@ void BindEngine(py::module_& m) {
       .def_property_readonly("closed", &PyEngine::closed)
       .def("fileno", &PyEngine::fileno,
            "An eventfd that becomes readable when a watched request finishes or a message arrives (asyncio).")
-      .def("address", [](PyEngine& e) { return Bytes(e.engine()->address().Serialize()); },
-           "This engine's address, as bytes for peers' add_peer().")
+      .def(
+          "address", [](PyEngine& e) { return Bytes(e.engine()->address().Serialize()); },
+          "This engine's address, as bytes for peers' add_peer().")
       .def_property_readonly("provider", [](PyEngine& e) { return e.engine()->provider(); })
       .def_property_readonly("domain_count", [](PyEngine& e) { return e.engine()->domain_count(); })
       .def_property_readonly("max_message_bytes", [](PyEngine& e) { return e.engine()->max_message_bytes(); })
-      .def("register",
-           [](PyEngine& e, py::handle obj, const std::string& via) { return e.Register(ViewOf(obj, via)); },
-           py::arg("obj"), py::arg("via") = "auto",
-           "Registers the memory of `obj` without copying: buffer protocol (numpy, bytearray, memoryview, "
-           "mmap), __dlpack__ (torch, JAX, CuPy) or __cuda_array_interface__. Read-only or non-contiguous "
-           "memory is refused.")
-      .def("register_pointer",
-           [](PyEngine& e, uintptr_t ptr, size_t nbytes, const std::string& device, py::object owner) {
-             return e.Register(ViewOfPointer(ptr, nbytes, device, std::move(owner)));
-           },
-           py::arg("ptr"), py::arg("nbytes"), py::arg("device") = "cpu", py::arg("owner") = py::none(),
-           "Registers raw memory; `owner` (if given) is kept alive while registered.")
-      .def("add_peer",
-           [](PyEngine& e, const py::bytes& address) {
-             auto a = BytesView(address);
-             auto addr = Unwrap(te::EngineAddress::Deserialize(
-                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(a.data()), a.size())));
-             te::TransferEngine* t = e.engine();
-             te::Result<te::PeerRef> peer = [&] {
-               py::gil_scoped_release release;
-               return t->Connect(addr);
-             }();
-             auto p = std::make_shared<PeerState>();
-             p->engine = e.shared_from_this();
-             p->peer = Unwrap(std::move(peer));
-             return p;
-           },
-           py::arg("address"), "Resolves a peer from its address() bytes.")
-      .def("import_descriptor",
-           [](PyEngine& e, const py::bytes& descriptor) {
-             auto d = BytesView(descriptor);
-             auto desc = Unwrap(te::MrDescriptor::Deserialize(
-                 std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(d.data()), d.size())));
-             te::TransferEngine* t = e.engine();
-             te::Result<te::RemoteMr> remote = [&] {
-               py::gil_scoped_release release;
-               return t->Import(desc);
-             }();
-             auto r = std::make_shared<RemoteState>();
-             r->engine = e.shared_from_this();
-             r->remote = Unwrap(std::move(remote));
-             r->descriptor = std::string(d);
-             return r;
-           },
-           py::arg("descriptor"), "A peer's region from its Region.descriptor() bytes (checked).")
-      .def("expect_imm",
-           [](PyEngine& e, uint32_t imm, uint64_t count) {
-             te::TransferEngine* t = e.engine();
-             auto h = e.Begin("expect_imm", {});
-             te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
-             if (!s.ok()) {
-               e.Finish(h.get(), s);
-               Throw(s);
-             }
-             return MakeHandle(e, std::move(h));
-           },
-           py::arg("imm"), py::arg("count"),
-           "A handle that finishes once `count` arrivals of `imm` are there, consuming them.")
-      .def("imm_count", [](PyEngine& e, uint32_t imm) { return e.engine()->ImmAvailable(imm); }, py::arg("imm"),
-           "Arrivals of `imm` not yet consumed.")
-      .def("wait_imm",
-           [](PyEngine& e, uint32_t imm, uint64_t count, std::optional<double> timeout) {
-             te::TransferEngine* t = e.engine();
-             if (t->TryConsumeImm(imm, count)) return;
-             auto h = e.Begin("wait_imm", {});
-             te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
-             if (!s.ok()) {
-               e.Finish(h.get(), s);
-               Throw(s);
-             }
-             PyHandle ph = MakeHandle(e, h);
-             WaitOrRaise(ph, timeout);
-           },
-           py::arg("imm"), py::arg("count"), py::arg("timeout") = py::none(),
-           "Blocks until `count` arrivals of `imm` are there and consumes them; TimeoutError after `timeout` "
-           "seconds (the expectation then stays armed and consumes the arrivals when they come).")
-      .def("try_consume_imm", [](PyEngine& e, uint32_t imm, uint64_t count) {
-             return e.engine()->TryConsumeImm(imm, count);
-           }, py::arg("imm"), py::arg("count"))
-      .def("forget_imm", [](PyEngine& e, uint32_t imm) { return e.engine()->ForgetImm(imm); }, py::arg("imm"),
-           "Drops the expectations and unconsumed arrivals of `imm`; returns how many arrivals were dropped.")
-      .def("send",
-           [](PyEngine& e, const PeerState& peer, py::buffer data) {
-             py::buffer_info info = data.request();
-             if (!PyBuffer_IsContiguous(info.view(), 'C'))
-               Throw(te::InvalidArgument("send: the message buffer is not contiguous"));
-             std::span<const uint8_t> bytes(static_cast<const uint8_t*>(info.ptr), size_t(info.size * info.itemsize));
-             te::TransferEngine* t = e.engine();
-             e.Reap();
-             auto h = e.Begin("send", {});
-             te::Status s = t->Send(peer.peer, bytes, e.CompletionFor(h.get()));  // copies the bytes
-             if (!s.ok()) {
-               e.Finish(h.get(), s);
-               Throw(s);
-             }
-             return MakeHandle(e, std::move(h));
-           },
-           py::arg("peer"), py::arg("data"),
-           "Sends a control message (at most max_message_bytes) to `peer`; the peer reads it with recv().")
-      .def("recv",
-           [](PyEngine& e, std::optional<double> timeout) {
-             auto msg = e.Recv(timeout);
-             if (!msg) RaiseTimeout("no message within " + std::to_string(timeout.value_or(0)) + " s");
-             return MessageTuple(*msg);
-           },
-           py::arg("timeout") = py::none(), "The next control message as (sender address, data).")
-      .def("try_recv",
-           [](PyEngine& e) -> py::object {
-             auto msg = e.TryRecv();
-             if (!msg) return py::none();
-             return MessageTuple(*msg);
-           },
-           "The next control message, or None.")
-      .def("wait",
-           [](PyEngine& e, const PyHandle& h, std::optional<double> timeout) { WaitOrRaise(h, timeout); },
-           py::arg("handle"), py::arg("timeout") = py::none(), "Same as handle.wait(timeout).")
-      .def("wait_all",
-           [](PyEngine& e, const std::vector<PyHandle>& hs, std::optional<double> timeout) {
-             std::vector<std::shared_ptr<HandleState>> states;
-             states.reserve(hs.size());
-             for (const auto& h : hs) states.push_back(h.state);
-             if (!e.WaitAll(states, timeout))
-               RaiseTimeout(std::to_string(hs.size()) + " requests not all finished after " +
-                            std::to_string(timeout.value_or(0)) + " s");
-             for (const auto& h : hs)
-               if (h.state->state.load() == HandleState::kFailed) Throw(h.state->status);
-           },
-           py::arg("handles"), py::arg("timeout") = py::none(),
-           "Blocks until every handle finished; raises the first failure's TransferError.")
+      .def(
+          "register", [](PyEngine& e, py::handle obj, const std::string& via) { return e.Register(ViewOf(obj, via)); },
+          py::arg("obj"), py::arg("via") = "auto",
+          "Registers the memory of `obj` without copying: buffer protocol (numpy, bytearray, memoryview, "
+          "mmap), __dlpack__ (torch, JAX, CuPy) or __cuda_array_interface__. Read-only or non-contiguous "
+          "memory is refused.")
+      .def(
+          "register_pointer",
+          [](PyEngine& e, uintptr_t ptr, size_t nbytes, const std::string& device, py::object owner) {
+            return e.Register(ViewOfPointer(ptr, nbytes, device, std::move(owner)));
+          },
+          py::arg("ptr"), py::arg("nbytes"), py::arg("device") = "cpu", py::arg("owner") = py::none(),
+          "Registers raw memory; `owner` (if given) is kept alive while registered.")
+      .def(
+          "add_peer",
+          [](PyEngine& e, const py::bytes& address) {
+            auto a = BytesView(address);
+            auto addr = Unwrap(te::EngineAddress::Deserialize(
+                std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(a.data()), a.size())));
+            te::TransferEngine* t = e.engine();
+            te::Result<te::PeerRef> peer = [&] {
+              py::gil_scoped_release release;
+              return t->Connect(addr);
+            }();
+            auto p = std::make_shared<PeerState>();
+            p->engine = e.shared_from_this();
+            p->peer = Unwrap(std::move(peer));
+            return p;
+          },
+          py::arg("address"), "Resolves a peer from its address() bytes.")
+      .def(
+          "import_descriptor",
+          [](PyEngine& e, const py::bytes& descriptor) {
+            auto d = BytesView(descriptor);
+            auto desc = Unwrap(te::MrDescriptor::Deserialize(
+                std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(d.data()), d.size())));
+            te::TransferEngine* t = e.engine();
+            te::Result<te::RemoteMr> remote = [&] {
+              py::gil_scoped_release release;
+              return t->Import(desc);
+            }();
+            auto r = std::make_shared<RemoteState>();
+            r->engine = e.shared_from_this();
+            r->remote = Unwrap(std::move(remote));
+            r->descriptor = std::string(d);
+            return r;
+          },
+          py::arg("descriptor"), "A peer's region from its Region.descriptor() bytes (checked).")
+      .def(
+          "expect_imm",
+          [](PyEngine& e, uint32_t imm, uint64_t count) {
+            te::TransferEngine* t = e.engine();
+            auto h = e.Begin("expect_imm", {});
+            te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
+            if (!s.ok()) {
+              e.Finish(h.get(), s);
+              Throw(s);
+            }
+            return MakeHandle(e, std::move(h));
+          },
+          py::arg("imm"), py::arg("count"),
+          "A handle that finishes once `count` arrivals of `imm` are there, consuming them.")
+      .def(
+          "imm_count", [](PyEngine& e, uint32_t imm) { return e.engine()->ImmAvailable(imm); }, py::arg("imm"),
+          "Arrivals of `imm` not yet consumed.")
+      .def(
+          "wait_imm",
+          [](PyEngine& e, uint32_t imm, uint64_t count, std::optional<double> timeout) {
+            te::TransferEngine* t = e.engine();
+            if (t->TryConsumeImm(imm, count)) return;
+            auto h = e.Begin("wait_imm", {});
+            te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
+            if (!s.ok()) {
+              e.Finish(h.get(), s);
+              Throw(s);
+            }
+            PyHandle ph = MakeHandle(e, h);
+            WaitOrRaise(ph, timeout);
+          },
+          py::arg("imm"), py::arg("count"), py::arg("timeout") = py::none(),
+          "Blocks until `count` arrivals of `imm` are there and consumes them; TimeoutError after `timeout` "
+          "seconds (the expectation then stays armed and consumes the arrivals when they come).")
+      .def(
+          "try_consume_imm",
+          [](PyEngine& e, uint32_t imm, uint64_t count) { return e.engine()->TryConsumeImm(imm, count); },
+          py::arg("imm"), py::arg("count"))
+      .def(
+          "forget_imm", [](PyEngine& e, uint32_t imm) { return e.engine()->ForgetImm(imm); }, py::arg("imm"),
+          "Drops the expectations and unconsumed arrivals of `imm`; returns how many arrivals were dropped.")
+      .def(
+          "send",
+          [](PyEngine& e, const PeerState& peer, py::buffer data) {
+            py::buffer_info info = data.request();
+            if (!PyBuffer_IsContiguous(info.view(), 'C'))
+              Throw(te::InvalidArgument("send: the message buffer is not contiguous"));
+            std::span<const uint8_t> bytes(static_cast<const uint8_t*>(info.ptr), size_t(info.size * info.itemsize));
+            te::TransferEngine* t = e.engine();
+            e.Reap();
+            auto h = e.Begin("send", {});
+            te::Status s = t->Send(peer.peer, bytes, e.CompletionFor(h.get()));  // copies the bytes
+            if (!s.ok()) {
+              e.Finish(h.get(), s);
+              Throw(s);
+            }
+            return MakeHandle(e, std::move(h));
+          },
+          py::arg("peer"), py::arg("data"),
+          "Sends a control message (at most max_message_bytes) to `peer`; the peer reads it with recv().")
+      .def(
+          "recv",
+          [](PyEngine& e, std::optional<double> timeout) {
+            auto msg = e.Recv(timeout);
+            if (!msg) RaiseTimeout("no message within " + std::to_string(timeout.value_or(0)) + " s");
+            return MessageTuple(*msg);
+          },
+          py::arg("timeout") = py::none(), "The next control message as (sender address, data).")
+      .def(
+          "try_recv",
+          [](PyEngine& e) -> py::object {
+            auto msg = e.TryRecv();
+            if (!msg) return py::none();
+            return MessageTuple(*msg);
+          },
+          "The next control message, or None.")
+      .def(
+          "wait", [](PyEngine& e, const PyHandle& h, std::optional<double> timeout) { WaitOrRaise(h, timeout); },
+          py::arg("handle"), py::arg("timeout") = py::none(), "Same as handle.wait(timeout).")
+      .def(
+          "wait_all",
+          [](PyEngine& e, const std::vector<PyHandle>& hs, std::optional<double> timeout) {
+            std::vector<std::shared_ptr<HandleState>> states;
+            states.reserve(hs.size());
+            for (const auto& h : hs) states.push_back(h.state);
+            if (!e.WaitAll(states, timeout))
+              RaiseTimeout(std::to_string(hs.size()) + " requests not all finished after " +
+                           std::to_string(timeout.value_or(0)) + " s");
+            for (const auto& h : hs)
+              if (h.state->state.load() == HandleState::kFailed) Throw(h.state->status);
+          },
+          py::arg("handles"), py::arg("timeout") = py::none(),
+          "Blocks until every handle finished; raises the first failure's TransferError.")
       .def("poll", &PyEngine::Poll,
            "Drives progress (manual mode) and releases finished requests' references; returns how many "
            "requests finished since the last poll().")
-      .def("stats",
-           [](PyEngine& e) {
-             py::dict d = StatsDict(e.engine()->stats());
-             d["python_messages_dropped"] = e.messages_dropped();
-             return d;
-           },
-           "The engine's counters (te::EngineStats) as a dict.")
+      .def(
+          "stats",
+          [](PyEngine& e) {
+            py::dict d = StatsDict(e.engine()->stats());
+            d["python_messages_dropped"] = e.messages_dropped();
+            return d;
+          },
+          "The engine's counters (te::EngineStats) as a dict.")
       .def("_watch", [](PyEngine& e, const PyHandle& h) { e.Watch(h.state); })
       .def("_drain_watched", &PyEngine::DrainWatched);
 
   BindRequests(m, engine);
 }
 
-py::object WrapHandle(PyEngine& e, std::shared_ptr<HandleState> h) {
-  return py::cast(MakeHandle(e, std::move(h)));
-}
+py::object WrapHandle(PyEngine& e, std::shared_ptr<HandleState> h) { return py::cast(MakeHandle(e, std::move(h))); }
 
 }  // namespace tepy

@@ -64,11 +64,11 @@ struct HandleState {
   uint64_t id = 0;
   std::atomic<int> state{kPending};
   te::Status status;
-  uint32_t remaining = 1;  // engine requests still to finish (batches have more)
-  bool watched = false;    // an asyncio future waits on it
+  uint32_t remaining = 1;                             // engine requests still to finish (batches have more)
+  bool watched = false;                               // an asyncio future waits on it
   std::vector<std::shared_ptr<RegionState>> regions;  // released with the GIL
-  std::string payload;     // what the request produced (KV context), if anything
-  std::string kind;        // "write", "paged", ... for repr
+  std::string payload;                                // what the request produced (KV context), if anything
+  std::string kind;                                   // "write", "paged", ... for repr
 };
 
 struct Message {

@@ -31,8 +31,8 @@ MemoryView CacheMemory(py::handle memory, uint64_t needed, const char* who) {
   MemoryView v = ViewOf(memory, "auto");
   if (v.cuda) Throw(te::Unimplemented(std::string(who) + ": the KV plane's Python binding takes host memory"));
   if (v.nbytes < needed)
-    Throw(te::InvalidArgument(std::string(who) + ": memory holds " + std::to_string(v.nbytes) + " bytes; the layout and options need " +
-                              std::to_string(needed) + " (memory_bytes())"));
+    Throw(te::InvalidArgument(std::string(who) + ": memory holds " + std::to_string(v.nbytes) +
+                              " bytes; the layout and options need " + std::to_string(needed) + " (memory_bytes())"));
   return v;
 }
 
@@ -104,9 +104,9 @@ class PyPrefiller {
   // Blocks until `request` is reported sent; returns its error or None.
   py::object WaitSent(uint64_t request, std::optional<double> timeout) {
     using Clock = std::chrono::steady_clock;
-    const auto deadline = timeout ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                       std::chrono::duration<double>(*timeout))
-                                  : Clock::time_point::max();
+    const auto deadline =
+        timeout ? Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(*timeout))
+                : Clock::time_point::max();
     while (true) {
       std::optional<te::Status> found;
       {
@@ -205,7 +205,8 @@ class PyRegistration {
   PyRegistration(KvRegistry* registry, RegistryEntry entry, std::chrono::milliseconds ttl) {
     auto r = [&] {
       py::gil_scoped_release release;
-      return KvRegistration::Start(registry, std::move(entry), [this] { return load_.load(); }, ttl);
+      return KvRegistration::Start(
+          registry, std::move(entry), [this] { return load_.load(); }, ttl);
     }();
     reg_ = Unwrap(std::move(r));
   }
@@ -256,19 +257,19 @@ void BindKvCache(py::module_& m) {
            py::kw_only(), py::arg("layers"), py::arg("page_tokens"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("dtype_bytes") = 2, py::arg("mla") = false, py::arg("order") = "NHD", py::arg("tp") = 1,
            py::arg("pages"))
-      .def_static("preset",
-                  [](const std::string& name, uint32_t pages, uint32_t tp, const std::string& order) {
-                    KvLayout l = Unwrap(KvLayout::Preset(name));
-                    l.pages = pages;
-                    l.tp = tp;
-                    if (order != "NHD" && order != "HND")
-                      Throw(te::InvalidArgument("order '" + order + "'; valid: NHD, HND"));
-                    l.order = order == "HND" ? KvOrder::kHND : KvOrder::kNHD;
-                    Check(l.Validate());
-                    return l;
-                  },
-                  py::arg("name"), py::kw_only(), py::arg("pages"), py::arg("tp") = 1, py::arg("order") = "NHD",
-                  "A model shape ('llama70b', 'deepseek') with this instance's pages, tp and order.")
+      .def_static(
+          "preset",
+          [](const std::string& name, uint32_t pages, uint32_t tp, const std::string& order) {
+            KvLayout l = Unwrap(KvLayout::Preset(name));
+            l.pages = pages;
+            l.tp = tp;
+            if (order != "NHD" && order != "HND") Throw(te::InvalidArgument("order '" + order + "'; valid: NHD, HND"));
+            l.order = order == "HND" ? KvOrder::kHND : KvOrder::kNHD;
+            Check(l.Validate());
+            return l;
+          },
+          py::arg("name"), py::kw_only(), py::arg("pages"), py::arg("tp") = 1, py::arg("order") = "NHD",
+          "A model shape ('llama70b', 'deepseek') with this instance's pages, tp and order.")
       .def_readwrite("layers", &KvLayout::layers)
       .def_readwrite("page_tokens", &KvLayout::page_tokens)
       .def_readwrite("kv_heads", &KvLayout::kv_heads)
@@ -290,27 +291,30 @@ void BindKvCache(py::module_& m) {
       .def_property_readonly("region_bytes", &KvLayout::region_bytes)
       .def_property_readonly("page_bytes_all_layers", &KvLayout::page_bytes_all_layers)
       .def("first_head", &KvLayout::first_head, py::arg("rank"))
-      .def("offset",
-           [](const KvLayout& l, uint32_t layer, uint32_t tensor, uint32_t page, uint32_t token, uint32_t head) {
-             Check(l.Validate());
-             if (layer >= l.layers || tensor >= l.tensors() || page >= l.pages || token >= l.page_tokens ||
-                 head >= l.local_heads())
-               Throw(te::OutOfRange("offset(layer " + std::to_string(layer) + ", tensor " + std::to_string(tensor) +
-                                    ", page " + std::to_string(page) + ", token " + std::to_string(token) +
-                                    ", head " + std::to_string(head) + ") is outside " + l.Describe()));
-             return l.Offset(layer, tensor, page, token, head);
-           },
-           py::arg("layer"), py::arg("tensor"), py::arg("page"), py::arg("token"), py::arg("local_head"),
-           "Byte offset of one head of one token in the region.")
+      .def(
+          "offset",
+          [](const KvLayout& l, uint32_t layer, uint32_t tensor, uint32_t page, uint32_t token, uint32_t head) {
+            Check(l.Validate());
+            if (layer >= l.layers || tensor >= l.tensors() || page >= l.pages || token >= l.page_tokens ||
+                head >= l.local_heads())
+              Throw(te::OutOfRange("offset(layer " + std::to_string(layer) + ", tensor " + std::to_string(tensor) +
+                                   ", page " + std::to_string(page) + ", token " + std::to_string(token) + ", head " +
+                                   std::to_string(head) + ") is outside " + l.Describe()));
+            return l.Offset(layer, tensor, page, token, head);
+          },
+          py::arg("layer"), py::arg("tensor"), py::arg("page"), py::arg("token"), py::arg("local_head"),
+          "Byte offset of one head of one token in the region.")
       .def("describe", &KvLayout::Describe)
       .def("serialize", &KvLayout::Serialize)
-      .def_static("parse", [](const std::string& text) { return Unwrap(KvLayout::Parse(text)); }, py::arg("text"))
+      .def_static(
+          "parse", [](const std::string& text) { return Unwrap(KvLayout::Parse(text)); }, py::arg("text"))
       .def("__repr__", [](const KvLayout& l) { return "<KvLayout " + l.Describe() + ">"; })
       .def(py::pickle([](const KvLayout& l) { return l.Serialize(); },
                       [](const std::string& s) { return Unwrap(KvLayout::Parse(s)); }));
 
-  m.def("check_compatible", [](const KvLayout& a, const KvLayout& b) { Check(CheckCompatible(a, b)); },
-        py::arg("src"), py::arg("dst"), "Raises TransferError unless src's cache can be written into dst's.");
+  m.def(
+      "check_compatible", [](const KvLayout& a, const KvLayout& b) { Check(CheckCompatible(a, b)); }, py::arg("src"),
+      py::arg("dst"), "Raises TransferError unless src's cache can be written into dst's.");
 
   py::class_<KvInstanceInfo>(m, "KvInstanceInfo",
                              "An instance as peers see it: role, name, layout and each rank's engine address.")
@@ -342,8 +346,8 @@ void BindKvCache(py::module_& m) {
                                return out;
                              })
       .def("serialize", &KvInstanceInfo::Serialize)
-      .def_static("parse", [](const std::string& text) { return Unwrap(KvInstanceInfo::Parse(text)); },
-                  py::arg("text"))
+      .def_static(
+          "parse", [](const std::string& text) { return Unwrap(KvInstanceInfo::Parse(text)); }, py::arg("text"))
       .def(py::pickle([](const KvInstanceInfo& i) { return i.Serialize(); },
                       [](const std::string& s) { return Unwrap(KvInstanceInfo::Parse(s)); }));
 
@@ -366,61 +370,66 @@ void BindKvCache(py::module_& m) {
            py::arg("heartbeat_interval") = std::chrono::milliseconds(100),
            py::arg("peer_timeout") = std::chrono::milliseconds(2000),
            py::arg("pull_timeout") = std::chrono::milliseconds(10000))
-      .def_static("memory_bytes",
-                  [](const KvLayout& l, uint32_t context_slots, uint64_t context_bytes) {
-                    PrefillerOptions o;
-                    o.context_slots = context_slots;
-                    o.context_bytes = context_bytes;
-                    return KvPrefiller::MemoryBytes(l, o);
-                  },
-                  py::arg("layout"), py::kw_only(), py::arg("context_slots") = 64, py::arg("context_bytes") = 16384,
-                  "Bytes of memory the prefiller needs: the cache, then the context staging.")
-      .def("start",
-           [](PyPrefiller& p, uint64_t request, py::handle pages) {
-             std::vector<uint32_t> v = py::cast<std::vector<uint32_t>>(pages);
-             KvPrefiller& k = p.p();
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = k.Start(request, std::move(v));
-             }
-             Check(s);
-           },
-           py::arg("request"), py::arg("pages"))
-      .def("layer_done",
-           [](PyPrefiller& p, uint64_t request, uint32_t layer) {
-             KvPrefiller& k = p.p();
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = k.LayerDone(request, layer);
-             }
-             Check(s);
-           },
-           py::arg("request"), py::arg("layer"))
-      .def("finish",
-           [](PyPrefiller& p, uint64_t request, const py::bytes& context) {
-             std::string c = context;
-             KvPrefiller& k = p.p();
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = k.Finish(request, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.data()), c.size()));
-             }
-             Check(s);
-           },
-           py::arg("request"), py::arg("context") = py::bytes())
-      .def("abort",
-           [](PyPrefiller& p, uint64_t request, const std::string& why) {
-             KvPrefiller& k = p.p();
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = k.Abort(request, why);
-             }
-             Check(s);
-           },
-           py::arg("request"), py::arg("why") = "aborted")
+      .def_static(
+          "memory_bytes",
+          [](const KvLayout& l, uint32_t context_slots, uint64_t context_bytes) {
+            PrefillerOptions o;
+            o.context_slots = context_slots;
+            o.context_bytes = context_bytes;
+            return KvPrefiller::MemoryBytes(l, o);
+          },
+          py::arg("layout"), py::kw_only(), py::arg("context_slots") = 64, py::arg("context_bytes") = 16384,
+          "Bytes of memory the prefiller needs: the cache, then the context staging.")
+      .def(
+          "start",
+          [](PyPrefiller& p, uint64_t request, py::handle pages) {
+            std::vector<uint32_t> v = py::cast<std::vector<uint32_t>>(pages);
+            KvPrefiller& k = p.p();
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = k.Start(request, std::move(v));
+            }
+            Check(s);
+          },
+          py::arg("request"), py::arg("pages"))
+      .def(
+          "layer_done",
+          [](PyPrefiller& p, uint64_t request, uint32_t layer) {
+            KvPrefiller& k = p.p();
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = k.LayerDone(request, layer);
+            }
+            Check(s);
+          },
+          py::arg("request"), py::arg("layer"))
+      .def(
+          "finish",
+          [](PyPrefiller& p, uint64_t request, const py::bytes& context) {
+            std::string c = context;
+            KvPrefiller& k = p.p();
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = k.Finish(request, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.data()), c.size()));
+            }
+            Check(s);
+          },
+          py::arg("request"), py::arg("context") = py::bytes())
+      .def(
+          "abort",
+          [](PyPrefiller& p, uint64_t request, const std::string& why) {
+            KvPrefiller& k = p.p();
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = k.Abort(request, why);
+            }
+            Check(s);
+          },
+          py::arg("request"), py::arg("why") = "aborted")
       .def("poll_sent", &PyPrefiller::PollSent,
            "[(request, error or None)]: requests whose pages may be reused since the last call.")
       .def("wait_sent", &PyPrefiller::WaitSent, py::arg("request"), py::arg("timeout") = py::none(),
@@ -461,34 +470,37 @@ void BindKvCache(py::module_& m) {
            py::arg("imm_base") = 0x4B000000u, py::arg("context_slots") = 64, py::arg("context_bytes") = 16384,
            py::arg("heartbeat_interval") = std::chrono::milliseconds(100),
            py::arg("peer_timeout") = std::chrono::milliseconds(2000))
-      .def_static("memory_bytes",
-                  [](const KvLayout& l, uint32_t context_slots, uint64_t context_bytes) {
-                    DecoderOptions o;
-                    o.context_slots = context_slots;
-                    o.context_bytes = context_bytes;
-                    return KvDecoder::MemoryBytes(l, o);
-                  },
-                  py::arg("layout"), py::kw_only(), py::arg("context_slots") = 64, py::arg("context_bytes") = 16384)
-      .def("receive",
-           [](PyDecoder& d, uint64_t request, const KvInstanceInfo& prefill, py::handle pages) {
-             return d.Receive(request, prefill, py::cast<std::vector<uint32_t>>(pages));
-           },
-           py::arg("request"), py::arg("prefill"), py::arg("pages"),
-           "Pulls `request` into `pages` from `prefill`'s ranks. The Handle finishes once every page of every "
-           "layer and the context landed (payload = context), or fails (CANCELLED after cancel()).")
-      .def("cancel",
-           [](PyDecoder& d, uint64_t request) {
-             KvDecoder& k = d.d();
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = k.Cancel(request);
-             }
-             Check(s);
-           },
-           py::arg("request"),
-           "Asks the sources to stop; the request's Handle then fails with CANCELLED once nothing more can "
-           "land in its pages (or succeeds if everything landed first).")
+      .def_static(
+          "memory_bytes",
+          [](const KvLayout& l, uint32_t context_slots, uint64_t context_bytes) {
+            DecoderOptions o;
+            o.context_slots = context_slots;
+            o.context_bytes = context_bytes;
+            return KvDecoder::MemoryBytes(l, o);
+          },
+          py::arg("layout"), py::kw_only(), py::arg("context_slots") = 64, py::arg("context_bytes") = 16384)
+      .def(
+          "receive",
+          [](PyDecoder& d, uint64_t request, const KvInstanceInfo& prefill, py::handle pages) {
+            return d.Receive(request, prefill, py::cast<std::vector<uint32_t>>(pages));
+          },
+          py::arg("request"), py::arg("prefill"), py::arg("pages"),
+          "Pulls `request` into `pages` from `prefill`'s ranks. The Handle finishes once every page of every "
+          "layer and the context landed (payload = context), or fails (CANCELLED after cancel()).")
+      .def(
+          "cancel",
+          [](PyDecoder& d, uint64_t request) {
+            KvDecoder& k = d.d();
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = k.Cancel(request);
+            }
+            Check(s);
+          },
+          py::arg("request"),
+          "Asks the sources to stop; the request's Handle then fails with CANCELLED once nothing more can "
+          "land in its pages (or succeeds if everything landed first).")
       .def("stats",
            [](PyDecoder& d) {
              auto s = d.d().stats();
@@ -514,45 +526,49 @@ void BindKvCache(py::module_& m) {
       .def_readwrite("draining", &RegistryEntry::draining);
 
   py::class_<KvRegistry>(m, "KvRegistry", "Live instances in Redis (kvcache/kv_registry.h).")
-      .def_static("connect",
-                  [](const std::string& address, const std::string& prefix, std::chrono::milliseconds timeout) {
-                    auto r = [&] {
-                      py::gil_scoped_release release;
-                      return KvRegistry::Connect(address, prefix, timeout);
-                    }();
-                    return Unwrap(std::move(r));
-                  },
-                  py::arg("address"), py::arg("prefix") = "tekv", py::arg("timeout") = std::chrono::milliseconds(2000),
-                  "`address`: 'host:port' or 'unix:/path/to/socket'.")
-      .def("put",
-           [](KvRegistry& r, const RegistryEntry& e, std::chrono::milliseconds ttl) {
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = r.Put(e, ttl);
-             }
-             Check(s);
-           },
-           py::arg("entry"), py::arg("ttl") = std::chrono::milliseconds(3000))
-      .def("remove",
-           [](KvRegistry& r, const std::string& role, const std::string& name) {
-             te::Status s;
-             {
-               py::gil_scoped_release release;
-               s = r.Remove(role, name);
-             }
-             Check(s);
-           },
-           py::arg("role"), py::arg("name"))
-      .def("list",
-           [](KvRegistry& r, const std::string& role) {
-             auto l = [&] {
-               py::gil_scoped_release release;
-               return r.List(role);
-             }();
-             return Unwrap(std::move(l));
-           },
-           py::arg("role"));
+      .def_static(
+          "connect",
+          [](const std::string& address, const std::string& prefix, std::chrono::milliseconds timeout) {
+            auto r = [&] {
+              py::gil_scoped_release release;
+              return KvRegistry::Connect(address, prefix, timeout);
+            }();
+            return Unwrap(std::move(r));
+          },
+          py::arg("address"), py::arg("prefix") = "tekv", py::arg("timeout") = std::chrono::milliseconds(2000),
+          "`address`: 'host:port' or 'unix:/path/to/socket'.")
+      .def(
+          "put",
+          [](KvRegistry& r, const RegistryEntry& e, std::chrono::milliseconds ttl) {
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = r.Put(e, ttl);
+            }
+            Check(s);
+          },
+          py::arg("entry"), py::arg("ttl") = std::chrono::milliseconds(3000))
+      .def(
+          "remove",
+          [](KvRegistry& r, const std::string& role, const std::string& name) {
+            te::Status s;
+            {
+              py::gil_scoped_release release;
+              s = r.Remove(role, name);
+            }
+            Check(s);
+          },
+          py::arg("role"), py::arg("name"))
+      .def(
+          "list",
+          [](KvRegistry& r, const std::string& role) {
+            auto l = [&] {
+              py::gil_scoped_release release;
+              return r.List(role);
+            }();
+            return Unwrap(std::move(l));
+          },
+          py::arg("role"));
 
   py::class_<PyRegistration>(m, "KvRegistration",
                              "Keeps an entry alive (a heartbeat every ttl/3) with the load set_load() gives.")

@@ -43,8 +43,7 @@ std::vector<T> IndexList(py::handle obj, const char* what) {
   if (a.size() == 0) return out;
   const char kind = a.dtype().kind();
   if (kind != 'i' && kind != 'u')
-    Throw(te::InvalidArgument(std::string(what) + " must hold integers, got dtype " +
-                              std::string(py::str(a.dtype()))));
+    Throw(te::InvalidArgument(std::string(what) + " must hold integers, got dtype " + std::string(py::str(a.dtype()))));
   if (kind == 'i' && a.attr("min")().cast<int64_t>() < 0)
     Throw(te::InvalidArgument(std::string(what) + " holds negative value " +
                               std::to_string(a.attr("min")().cast<int64_t>())));
@@ -125,8 +124,8 @@ struct Prepared {
 };
 
 Prepared Prepare(const PySingleWrite& w) {
-  te::SingleWrite r{Local(w.src), w.src_offset, DefaultLength(w.src, w.src_offset, w.length), Remote(w.dst),
-                    w.dst_offset, w.imm};
+  te::SingleWrite r{Local(w.src),  w.src_offset, DefaultLength(w.src, w.src_offset, w.length),
+                    Remote(w.dst), w.dst_offset, w.imm};
   return {"write", std::move(r), {w.src}};
 }
 Prepared Prepare(const PyPagedWrite& w) {
@@ -205,9 +204,11 @@ void BindRequests(py::module_& m, py::class_<PyEngine, std::shared_ptr<PyEngine>
       .def(py::init([](RegionRef src, py::handle src_pages, RemoteRef dst, py::handle dst_pages, uint64_t page_length,
                        std::optional<uint64_t> src_stride, std::optional<uint64_t> dst_stride, uint64_t src_offset,
                        uint64_t dst_offset, std::optional<uint32_t> imm) {
-             return PyPagedWrite{std::move(src), IndexList<uint32_t>(src_pages, "src_pages"), std::move(dst),
-                                 IndexList<uint32_t>(dst_pages, "dst_pages"), page_length, src_stride, dst_stride,
-                                 src_offset, dst_offset, imm};
+             return PyPagedWrite{std::move(src), IndexList<uint32_t>(src_pages, "src_pages"),
+                                 std::move(dst), IndexList<uint32_t>(dst_pages, "dst_pages"),
+                                 page_length,    src_stride,
+                                 dst_stride,     src_offset,
+                                 dst_offset,     imm};
            }),
            py::arg("src"), py::arg("src_pages"), py::arg("dst"), py::arg("dst_pages"), py::arg("page_length"),
            py::kw_only(), py::arg("src_stride") = py::none(), py::arg("dst_stride") = py::none(),
@@ -233,105 +234,119 @@ void BindRequests(py::module_& m, py::class_<PyEngine, std::shared_ptr<PyEngine>
       .def_readwrite("imm", &PyScatterWrite::imm);
 
   py::class_<PyImmOnly>(m, "ImmOnly", "A zero-byte write carrying `imm`: a notification.")
-      .def(py::init([](RemoteRef dst, uint32_t imm) { return PyImmOnly{std::move(dst), imm}; }), py::arg("dst"),
-           py::arg("imm"))
+      .def(py::init([](RemoteRef dst, uint32_t imm) {
+             return PyImmOnly{std::move(dst), imm};
+           }),
+           py::arg("dst"), py::arg("imm"))
       .def_readwrite("dst", &PyImmOnly::dst)
       .def_readwrite("imm", &PyImmOnly::imm);
 
   py::class_<PyBarrier>(m, "Barrier", "A notification carrying `imm` to each peer (one region of each).")
-      .def(py::init([](std::vector<RemoteRef> peers, uint32_t imm) { return PyBarrier{std::move(peers), imm}; }),
+      .def(py::init([](std::vector<RemoteRef> peers, uint32_t imm) {
+             return PyBarrier{std::move(peers), imm};
+           }),
            py::arg("peers"), py::arg("imm"))
       .def_readwrite("peers", &PyBarrier::peers)
       .def_readwrite("imm", &PyBarrier::imm);
 
   engine
-      .def("submit", [](PyEngine& e, py::handle request) { return SubmitPrepared(e, PrepareAny(request)); },
-           py::arg("request"), "Submits a request object; returns its Handle.")
-      .def("expected_imm_count",
-           [](PyEngine& e, py::handle request) {
-             Prepared p = PrepareAny(request);
-             te::TransferEngine* t = e.engine();
-             return Unwrap(t->ExpectedImmCount(p.request));
-           },
-           py::arg("request"), "How many immediates `request` delivers to its peer(s) (transfer/requests.h rules).")
-      .def("write",
-           [](PyEngine& e, RegionRef src, RemoteRef dst, std::optional<uint64_t> length, uint64_t src_offset,
-              uint64_t dst_offset, std::optional<uint32_t> imm) {
-             return SubmitPrepared(e, Prepare(PySingleWrite{std::move(src), std::move(dst), length, src_offset,
-                                                            dst_offset, imm}));
-           },
-           py::arg("src"), py::arg("dst"), py::arg("length") = py::none(), py::kw_only(), py::arg("src_offset") = 0,
-           py::arg("dst_offset") = 0, py::arg("imm") = py::none(),
-           "Writes `length` bytes (default: the rest of src) from src[src_offset] to dst[dst_offset].")
-      .def("write_paged",
-           [](PyEngine& e, RegionRef src, py::handle src_pages, RemoteRef dst, py::handle dst_pages,
-              uint64_t page_length, std::optional<uint64_t> src_stride, std::optional<uint64_t> dst_stride,
-              uint64_t src_offset, uint64_t dst_offset, std::optional<uint32_t> imm) {
-             return SubmitPrepared(
-                 e, Prepare(PyPagedWrite{std::move(src), IndexList<uint32_t>(src_pages, "src_pages"), std::move(dst),
-                                         IndexList<uint32_t>(dst_pages, "dst_pages"), page_length, src_stride,
-                                         dst_stride, src_offset, dst_offset, imm}));
-           },
-           py::arg("src"), py::arg("src_pages"), py::arg("dst"), py::arg("dst_pages"), py::arg("page_length"),
-           py::kw_only(), py::arg("src_stride") = py::none(), py::arg("dst_stride") = py::none(),
-           py::arg("src_offset") = 0, py::arg("dst_offset") = 0, py::arg("imm") = py::none(),
-           "Writes pages by index (numpy uint32 arrays or lists); strides default to page_length.")
-      .def("write_scatter",
-           [](PyEngine& e, RegionRef src, const std::vector<py::tuple>& targets, std::optional<uint32_t> imm) {
-             return SubmitPrepared(e, Prepare(PyScatterWrite{std::move(src), Targets(targets), imm}));
-           },
-           py::arg("src"), py::arg("targets"), py::kw_only(), py::arg("imm") = py::none(),
-           "One source to many peers: targets are (dst, src_offset, dst_offset, length).")
-      .def("write_batch",
-           [](PyEngine& e, RegionRef src, RemoteRef dst, py::handle src_offsets, py::handle dst_offsets,
-              py::handle lengths, std::optional<uint32_t> imm) {
-             auto so = IndexList<uint64_t>(src_offsets, "src_offsets");
-             auto dso = IndexList<uint64_t>(dst_offsets, "dst_offsets");
-             auto len = IndexList<uint64_t>(lengths, "lengths");
-             if (so.size() != dso.size() || so.size() != len.size())
-               Throw(te::InvalidArgument("write_batch: src_offsets, dst_offsets and lengths have " +
-                                         std::to_string(so.size()) + ", " + std::to_string(dso.size()) + " and " +
-                                         std::to_string(len.size()) + " entries; they must match"));
-             if (so.empty()) Throw(te::InvalidArgument("write_batch: no writes"));
-             if (so.size() > std::numeric_limits<uint32_t>::max())
-               Throw(te::InvalidArgument("write_batch: more than 2^32-1 writes"));
-             te::TransferEngine* t = e.engine();
-             std::vector<te::Request> reqs;
-             reqs.reserve(so.size());
-             for (size_t i = 0; i < so.size(); ++i) {
-               reqs.push_back(te::SingleWrite{Local(src), so[i], len[i], Remote(dst), dso[i], imm});
-               // Every write is checked before any is posted: a bad entry
-               // refuses the whole batch.
-               auto n = t->ExpectedImmCount(reqs.back());
-               if (!n.ok()) Throw(n.status().WithContext("write_batch entry " + std::to_string(i)));
-             }
-             e.Reap();
-             auto h = e.Begin("write_batch", {src}, uint32_t(reqs.size()));
-             {
-               py::gil_scoped_release release;
-               for (size_t i = 0; i < reqs.size(); ++i) {
-                 te::Status s = t->Submit(std::move(reqs[i]), e.CompletionFor(h.get()));
-                 // Refused (queue full): this part and the rest end with the
-                 // error; the parts already accepted finish on their own.
-                 if (!s.ok())
-                   for (size_t j = i; j < reqs.size(); ++j) e.Finish(h.get(), s);
-                 if (!s.ok()) break;
-               }
-             }
-             return WrapHandle(e, std::move(h));
-           },
-           py::arg("src"), py::arg("dst"), py::arg("src_offsets"), py::arg("dst_offsets"), py::arg("lengths"),
-           py::kw_only(), py::arg("imm") = py::none(),
-           "Many single writes between two regions in one call (numpy uint64 arrays); one Handle for all. "
-           "With `imm`, each write delivers expected_imm_count(SingleWrite) immediates.")
-      .def("imm_only",
-           [](PyEngine& e, RemoteRef dst, uint32_t imm) { return SubmitPrepared(e, Prepare(PyImmOnly{dst, imm})); },
-           py::arg("dst"), py::arg("imm"), "A zero-byte write carrying `imm` to dst's owner.")
-      .def("barrier",
-           [](PyEngine& e, std::vector<RemoteRef> peers, uint32_t imm) {
-             return SubmitPrepared(e, Prepare(PyBarrier{std::move(peers), imm}));
-           },
-           py::arg("peers"), py::arg("imm"), "A notification carrying `imm` to the owner of each region.");
+      .def(
+          "submit", [](PyEngine& e, py::handle request) { return SubmitPrepared(e, PrepareAny(request)); },
+          py::arg("request"), "Submits a request object; returns its Handle.")
+      .def(
+          "expected_imm_count",
+          [](PyEngine& e, py::handle request) {
+            Prepared p = PrepareAny(request);
+            te::TransferEngine* t = e.engine();
+            return Unwrap(t->ExpectedImmCount(p.request));
+          },
+          py::arg("request"), "How many immediates `request` delivers to its peer(s) (transfer/requests.h rules).")
+      .def(
+          "write",
+          [](PyEngine& e, RegionRef src, RemoteRef dst, std::optional<uint64_t> length, uint64_t src_offset,
+             uint64_t dst_offset, std::optional<uint32_t> imm) {
+            return SubmitPrepared(
+                e, Prepare(PySingleWrite{std::move(src), std::move(dst), length, src_offset, dst_offset, imm}));
+          },
+          py::arg("src"), py::arg("dst"), py::arg("length") = py::none(), py::kw_only(), py::arg("src_offset") = 0,
+          py::arg("dst_offset") = 0, py::arg("imm") = py::none(),
+          "Writes `length` bytes (default: the rest of src) from src[src_offset] to dst[dst_offset].")
+      .def(
+          "write_paged",
+          [](PyEngine& e, RegionRef src, py::handle src_pages, RemoteRef dst, py::handle dst_pages,
+             uint64_t page_length, std::optional<uint64_t> src_stride, std::optional<uint64_t> dst_stride,
+             uint64_t src_offset, uint64_t dst_offset, std::optional<uint32_t> imm) {
+            return SubmitPrepared(
+                e, Prepare(PyPagedWrite{std::move(src), IndexList<uint32_t>(src_pages, "src_pages"), std::move(dst),
+                                        IndexList<uint32_t>(dst_pages, "dst_pages"), page_length, src_stride,
+                                        dst_stride, src_offset, dst_offset, imm}));
+          },
+          py::arg("src"), py::arg("src_pages"), py::arg("dst"), py::arg("dst_pages"), py::arg("page_length"),
+          py::kw_only(), py::arg("src_stride") = py::none(), py::arg("dst_stride") = py::none(),
+          py::arg("src_offset") = 0, py::arg("dst_offset") = 0, py::arg("imm") = py::none(),
+          "Writes pages by index (numpy uint32 arrays or lists); strides default to page_length.")
+      .def(
+          "write_scatter",
+          [](PyEngine& e, RegionRef src, const std::vector<py::tuple>& targets, std::optional<uint32_t> imm) {
+            return SubmitPrepared(e, Prepare(PyScatterWrite{std::move(src), Targets(targets), imm}));
+          },
+          py::arg("src"), py::arg("targets"), py::kw_only(), py::arg("imm") = py::none(),
+          "One source to many peers: targets are (dst, src_offset, dst_offset, length).")
+      .def(
+          "write_batch",
+          [](PyEngine& e, RegionRef src, RemoteRef dst, py::handle src_offsets, py::handle dst_offsets,
+             py::handle lengths, std::optional<uint32_t> imm) {
+            auto so = IndexList<uint64_t>(src_offsets, "src_offsets");
+            auto dso = IndexList<uint64_t>(dst_offsets, "dst_offsets");
+            auto len = IndexList<uint64_t>(lengths, "lengths");
+            if (so.size() != dso.size() || so.size() != len.size())
+              Throw(te::InvalidArgument("write_batch: src_offsets, dst_offsets and lengths have " +
+                                        std::to_string(so.size()) + ", " + std::to_string(dso.size()) + " and " +
+                                        std::to_string(len.size()) + " entries; they must match"));
+            if (so.empty()) Throw(te::InvalidArgument("write_batch: no writes"));
+            if (so.size() > std::numeric_limits<uint32_t>::max())
+              Throw(te::InvalidArgument("write_batch: more than 2^32-1 writes"));
+            te::TransferEngine* t = e.engine();
+            std::vector<te::Request> reqs;
+            reqs.reserve(so.size());
+            for (size_t i = 0; i < so.size(); ++i) {
+              reqs.push_back(te::SingleWrite{Local(src), so[i], len[i], Remote(dst), dso[i], imm});
+              // Every write is checked before any is posted: a bad entry
+              // refuses the whole batch.
+              auto n = t->ExpectedImmCount(reqs.back());
+              if (!n.ok()) Throw(n.status().WithContext("write_batch entry " + std::to_string(i)));
+            }
+            e.Reap();
+            auto h = e.Begin("write_batch", {src}, uint32_t(reqs.size()));
+            {
+              py::gil_scoped_release release;
+              for (size_t i = 0; i < reqs.size(); ++i) {
+                te::Status s = t->Submit(std::move(reqs[i]), e.CompletionFor(h.get()));
+                // Refused (queue full): this part and the rest end with the
+                // error; the parts already accepted finish on their own.
+                if (!s.ok())
+                  for (size_t j = i; j < reqs.size(); ++j) e.Finish(h.get(), s);
+                if (!s.ok()) break;
+              }
+            }
+            return WrapHandle(e, std::move(h));
+          },
+          py::arg("src"), py::arg("dst"), py::arg("src_offsets"), py::arg("dst_offsets"), py::arg("lengths"),
+          py::kw_only(), py::arg("imm") = py::none(),
+          "Many single writes between two regions in one call (numpy uint64 arrays); one Handle for all. "
+          "With `imm`, each write delivers expected_imm_count(SingleWrite) immediates.")
+      .def(
+          "imm_only",
+          [](PyEngine& e, RemoteRef dst, uint32_t imm) {
+            return SubmitPrepared(e, Prepare(PyImmOnly{dst, imm}));
+          },
+          py::arg("dst"), py::arg("imm"), "A zero-byte write carrying `imm` to dst's owner.")
+      .def(
+          "barrier",
+          [](PyEngine& e, std::vector<RemoteRef> peers, uint32_t imm) {
+            return SubmitPrepared(e, Prepare(PyBarrier{std::move(peers), imm}));
+          },
+          py::arg("peers"), py::arg("imm"), "A notification carrying `imm` to the owner of each region.");
 }
 
 }  // namespace tepy

@@ -60,7 +60,8 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
     empty.pages.clear();
     return {pull.Encode(), empty.Encode(), failed.Encode(), cancelled.Encode(), kvcache::KvMessage{}.Encode()};
   }
-  if (target == "kv_layout") return {Bytes(Layout("llama70b", 128).Serialize()), Bytes(Layout("deepseek", 9).Serialize())};
+  if (target == "kv_layout")
+    return {Bytes(Layout("llama70b", 128).Serialize()), Bytes(Layout("deepseek", 9).Serialize())};
   if (target == "kv_instance") {
     kvcache::KvInstanceInfo i;
     i.role = "prefill";

@@ -104,14 +104,10 @@ void TraceTarget(std::span<const uint8_t> b) {
 
 const std::vector<Target>& Targets() {
   static const std::vector<Target> kTargets = {
-      {"descriptor", Descriptor, Crc::kTrailingCrc32c},
-      {"kv_message", KvMessageTarget, Crc::kNone},
-      {"kv_layout", KvLayoutTarget, Crc::kNone},
-      {"kv_instance", KvInstanceTarget, Crc::kNone},
-      {"collector_info", CollectorInfoTarget, Crc::kNone},
-      {"engine_sample", EngineSampleTarget, Crc::kNone},
-      {"model_json", ModelJsonTarget, Crc::kNone},
-      {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
+      {"descriptor", Descriptor, Crc::kTrailingCrc32c},    {"kv_message", KvMessageTarget, Crc::kNone},
+      {"kv_layout", KvLayoutTarget, Crc::kNone},           {"kv_instance", KvInstanceTarget, Crc::kNone},
+      {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
+      {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
   };
   return kTargets;
 }

@@ -54,12 +54,32 @@ class Mutator {
   size_t Pos(size_t size) { return size ? rng_() % size : 0; }
 
   void Once(std::vector<uint8_t>* b, const std::vector<std::vector<uint8_t>>& pool) {
-    static const uint64_t kInts[] = {0, 1, 0x7f, 0xff, 0x7fff, 0xffff, 0x7fffffff, 0x80000000, 0xffffffff,
-                                     uint64_t(1) << 32, uint64_t(1) << 40, uint64_t(1) << 62,
-                                     ~uint64_t(0), ~uint64_t(0) - 3};
-    static const char* kDecimals[] = {"0", "-1", "4294967295", "4294967296", "18446744073709551615",
-                                      "18446744073709551616", "4611686018427387904", "1099511627776",
-                                      "99999999999999999999999", "2147483648", "32767", "65536"};
+    static const uint64_t kInts[] = {0,
+                                     1,
+                                     0x7f,
+                                     0xff,
+                                     0x7fff,
+                                     0xffff,
+                                     0x7fffffff,
+                                     0x80000000,
+                                     0xffffffff,
+                                     uint64_t(1) << 32,
+                                     uint64_t(1) << 40,
+                                     uint64_t(1) << 62,
+                                     ~uint64_t(0),
+                                     ~uint64_t(0) - 3};
+    static const char* kDecimals[] = {"0",
+                                      "-1",
+                                      "4294967295",
+                                      "4294967296",
+                                      "18446744073709551615",
+                                      "18446744073709551616",
+                                      "4611686018427387904",
+                                      "1099511627776",
+                                      "99999999999999999999999",
+                                      "2147483648",
+                                      "32767",
+                                      "65536"};
     switch (rng_() % 9) {
       case 0:  // flip a bit
         if (!b->empty()) (*b)[Pos(b->size())] ^= uint8_t(1u << (rng_() % 8));

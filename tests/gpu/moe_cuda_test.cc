@@ -16,8 +16,10 @@ namespace {
 bool HaveGpu(std::string* why) {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) *why = std::string("no usable CUDA device: ") + cudaGetErrorString(e);
-  else if (n == 0) *why = "no CUDA device on this machine";
+  if (e != cudaSuccess)
+    *why = std::string("no usable CUDA device: ") + cudaGetErrorString(e);
+  else if (n == 0)
+    *why = "no CUDA device on this machine";
   return e == cudaSuccess && n > 0;
 }
 
@@ -55,8 +57,7 @@ std::string RunCudaRank(moe::EpDispatcher& host, const moe::ExpertMap& map, cons
         break;
       }
       std::vector<uint8_t> got(size_t(want.count) * c.token_bytes());
-      cudaMemcpy(got.data(), out.data + e * size_t(out.capacity) * c.token_bytes(), got.size(),
-                 cudaMemcpyDeviceToHost);
+      cudaMemcpy(got.data(), out.data + e * size_t(out.capacity) * c.token_bytes(), got.size(), cudaMemcpyDeviceToHost);
       if (got != want.data) err = "expert " + std::to_string(want.expert) + " token bytes differ";
       if (c.scale_count()) {
         std::vector<float> sc(size_t(want.count) * c.scale_count());

@@ -125,12 +125,12 @@ TEST(Chaos, KilledPeersMalformedMessagesAndVerifiedTraffic) {
         const uint32_t slot = r.next_slot++;
         Write* w = &writes.emplace_back();
         r.slots.emplace_back(slot, w);
-        ASSERT_TRUE(engine
-                        ->Submit(SingleWrite{src_mr, uint64_t(slot) * kSlot, kSlot, r.dst, uint64_t(slot) * kSlot,
-                                             0x100 + slot},
-                                 {.on_done = [w] { w->ok = true, w->calls++; },
-                                  .on_error = [w](const Status&) { w->calls++; }})
-                        .ok());
+        ASSERT_TRUE(
+            engine
+                ->Submit(
+                    SingleWrite{src_mr, uint64_t(slot) * kSlot, kSlot, r.dst, uint64_t(slot) * kSlot, 0x100 + slot},
+                    {.on_done = [w] { w->ok = true, w->calls++; }, .on_error = [w](const Status&) { w->calls++; }})
+                .ok());
       }
       for (int i = 0; i < 2; ++i) {
         auto m = junk();
@@ -152,7 +152,8 @@ TEST(Chaos, KilledPeersMalformedMessagesAndVerifiedTraffic) {
       }
       if (now >= next_kv) {  // one KV request end to end, byte-exact
         const uint64_t id = ++kv_id;
-        const std::vector<uint32_t> src_pages = {uint32_t(id % 20), 30, 41}, dst_pages = {uint32_t(id % 20) + 1, 50, 60};
+        const std::vector<uint32_t> src_pages = {uint32_t(id % 20), 30, 41},
+                                    dst_pages = {uint32_t(id % 20) + 1, 50, 60};
         decode.Receive(id, prefill.Info(), dst_pages);
         prefill.RunAll(id, src_pages);
         ASSERT_TRUE(decode.WaitAll(id)) << "KV request " << id << " never finished";

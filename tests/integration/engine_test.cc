@@ -51,8 +51,8 @@ class EngineTest : public ::testing::TestWithParam<Param> {
 
 TEST_P(EngineTest, SingleWritesLandByteExactAndNotifyPerDomain) {
   CompletionCounter done;
-  std::vector<std::pair<uint64_t, uint64_t>> cases = {{0, 1}, {4096, 4096}, {12345, 100003},
-                                                      {1 << 20, 3 << 20}, {0, 0}};
+  std::vector<std::pair<uint64_t, uint64_t>> cases = {
+      {0, 1}, {4096, 4096}, {12345, 100003}, {1 << 20, 3 << 20}, {0, 0}};
   uint64_t imms = 0;
   for (auto [off, len] : cases) {
     SingleWrite w{src_, off, len, dst_, off + 7, 0xAB};
@@ -82,8 +82,8 @@ TEST_P(EngineTest, PagedWriteWithRandomPagesIsByteExact) {
   WaitDone(done, 1);
   ASSERT_TRUE(receiver_->WaitImm(0x77, kPages, 10s).ok());
   for (uint32_t i = 0; i < kPages; ++i)
-    ASSERT_EQ(0, memcmp(dst_buf_.data() + 32 + dst_pages[i] * kStride,
-                        src_buf_.data() + 64 + src_pages[i] * kStride, kPage))
+    ASSERT_EQ(
+        0, memcmp(dst_buf_.data() + 32 + dst_pages[i] * kStride, src_buf_.data() + 64 + src_pages[i] * kStride, kPage))
         << "page " << i;
   // The 128-byte gaps between pages stay untouched.
   EXPECT_EQ(dst_buf_[32 + kPage + 5], 0);
@@ -95,9 +95,8 @@ TEST_P(EngineTest, ThousandsOfConcurrentRequestsEachCompleteExactlyOnce) {
   std::atomic<int> errors{0};
   for (int i = 0; i < kRequests; ++i) {
     SingleWrite w{src_, uint64_t(i) * kLen, kLen, dst_, uint64_t(i) * kLen, uint32_t(1000 + i % 10)};
-    ASSERT_TRUE(sender_->Submit(w, {.on_done = [&done, i] { done[i]++; },
-                                    .on_error = [&](const Status&) { errors++; }})
-                    .ok());
+    ASSERT_TRUE(
+        sender_->Submit(w, {.on_done = [&done, i] { done[i]++; }, .on_error = [&](const Status&) { errors++; }}).ok());
   }
   const uint64_t per = sender_->ExpectedImmCount(SingleWrite{src_, 0, kLen, dst_, 0, 1}).value();
   for (int k = 0; k < 10; ++k) ASSERT_TRUE(receiver_->WaitImm(1000 + k, per * kRequests / 10, 20s).ok());
@@ -158,8 +157,7 @@ TEST_P(EngineTest, OutOfBoundsWriteIsRefusedAtSubmitAndNeverPosted) {
   SingleWrite w{src_, 0, 4096, dst_, kBytes - 100, 1};
   Status s = sender_->Submit(w, {});
   EXPECT_EQ(s.code(), StatusCode::kOutOfRange);
-  EXPECT_NE(s.message().find("exceeds dst region size " + std::to_string(kBytes)), std::string::npos)
-      << s.message();
+  EXPECT_NE(s.message().find("exceeds dst region size " + std::to_string(kBytes)), std::string::npos) << s.message();
   std::this_thread::sleep_for(10ms);
   EXPECT_EQ(sender_->stats().writes_posted, posted_before);
   EXPECT_EQ(sender_->stats().requests_submitted, 0u);
@@ -199,15 +197,14 @@ TEST_P(EngineTest, ControlMessagesCarryTheSenderAddress) {
 #ifdef TE_ENGINE_TESTS_ON_VERBS_NATIVE
 // Built into te_verbs_tests: the same tests over the native verbs backend on
 // the software RC NIC (tests/soft_rc), and nothing that needs libfabric.
-INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
-                         ::testing::Values(Param{"verbs-native", 1}, Param{"verbs-native", 2}),
+INSTANTIATE_TEST_SUITE_P(Providers, EngineTest, ::testing::Values(Param{"verbs-native", 1}, Param{"verbs-native", 2}),
                          [](const auto& info) {
                            return std::string("verbs_native_") + std::to_string(info.param.domains) + "domains";
                          });
 #else
 INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
-                         ::testing::Values(Param{"tcp", 1}, Param{"tcp", 2}, Param{"tcp", 4},
-                                           Param{"shm", 1}, Param{"shm", 2}),
+                         ::testing::Values(Param{"tcp", 1}, Param{"tcp", 2}, Param{"tcp", 4}, Param{"shm", 1},
+                                           Param{"shm", 2}),
                          [](const auto& info) {
                            return info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
                          });
@@ -289,11 +286,14 @@ TEST(EngineFailure, ShutdownWithRequestsInFlightFailsThemOnce) {
     auto src_mr = sender->RegisterMemory(src.data(), src.size()).value();
     auto remote = sender->Import(receiver->Describe(*dst_mr)).value();
     for (int i = 0; i < 500; ++i)
-      ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 4 << 20, remote, 0, 1},
-                                 {.on_done = [&] { done++; }, .on_error = [&](const Status& s) {
-                                    EXPECT_EQ(s.code(), StatusCode::kCancelled) << s.ToString();
-                                    failed++;
-                                  }})
+      ASSERT_TRUE(sender
+                      ->Submit(SingleWrite{src_mr, 0, 4 << 20, remote, 0, 1},
+                               {.on_done = [&] { done++; },
+                                .on_error =
+                                    [&](const Status& s) {
+                                      EXPECT_EQ(s.code(), StatusCode::kCancelled) << s.ToString();
+                                      failed++;
+                                    }})
                       .ok());
   }  // both engines destroyed with writes in flight
   EXPECT_EQ(done + failed, 500);

@@ -83,7 +83,7 @@ struct PrefillInstance {
   std::vector<std::vector<uint8_t>> memory;
   std::vector<std::unique_ptr<KvPrefiller>> ranks;
   std::vector<std::unique_ptr<Outcomes>> sent_by_rank;  // on_sent of each rank
-  Outcomes& sent;                                         // rank 0's
+  Outcomes& sent;                                       // rank 0's
 
   PrefillInstance(const KvLayout& l, kvcache::PrefillerOptions options = Defaults())
       : layout(l), sent_by_rank(MakeOutcomes(l.tp)), sent(*sent_by_rank[0]) {
@@ -132,8 +132,7 @@ struct PrefillInstance {
   }
   void Finish(uint64_t id) {
     const std::string ctx = "context of request " + std::to_string(id);
-    for (auto& p : ranks)
-      ASSERT_TRUE(p->Finish(id, {reinterpret_cast<const uint8_t*>(ctx.data()), ctx.size()}).ok());
+    for (auto& p : ranks) ASSERT_TRUE(p->Finish(id, {reinterpret_cast<const uint8_t*>(ctx.data()), ctx.size()}).ok());
   }
   void RunAll(uint64_t id, const std::vector<uint32_t>& pages) {
     Start(id, pages);

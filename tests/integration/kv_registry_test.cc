@@ -111,7 +111,8 @@ TEST_F(KvRegistryTest, RouterPicksTheLeastLoadedLiveInstances) {
 
 TEST_F(KvRegistryTest, RegistrationHeartbeatsAndLeaveDrains) {
   std::atomic<uint32_t> load{2};
-  auto reg = KvRegistration::Start(registry_.get(), Entry("decode", "d1", 8, 0), [&] { return load.load(); }, 300ms);
+  auto reg = KvRegistration::Start(
+      registry_.get(), Entry("decode", "d1", 8, 0), [&] { return load.load(); }, 300ms);
   ASSERT_TRUE(reg.ok()) << reg.status().ToString();
   std::this_thread::sleep_for(700ms);  // past the TTL: refreshed
   auto list = registry_->List("decode");
@@ -126,7 +127,8 @@ TEST_F(KvRegistryTest, RegistrationHeartbeatsAndLeaveDrains) {
   EXPECT_TRUE(leaving.get().ok());
   EXPECT_TRUE(registry_->List("decode")->empty());
   // A crash: the registration stops without removing; the TTL removes it.
-  auto crashed = KvRegistration::Start(registry_.get(), Entry("decode", "d2", 8, 0), [] { return 0u; }, 300ms);
+  auto crashed = KvRegistration::Start(
+      registry_.get(), Entry("decode", "d2", 8, 0), [] { return 0u; }, 300ms);
   ASSERT_TRUE(crashed.ok());
   crashed->reset();
   EXPECT_EQ(registry_->List("decode")->size(), 1u);
@@ -147,7 +149,8 @@ class Node {
     RegistryEntry e;
     e.info = Info(role, name);
     e.capacity = 8;
-    auto reg = KvRegistration::Start(registry, e, [this] { return Load(); }, 600ms);
+    auto reg = KvRegistration::Start(
+        registry, e, [this] { return Load(); }, 600ms);
     EXPECT_TRUE(reg.ok()) << reg.status().ToString();
     registration_ = std::move(reg).value();
   }
@@ -170,7 +173,8 @@ class Node {
  private:
   KvInstanceInfo Info(const std::string& role, const std::string& name) {
     KvInstanceInfo info;
-    if constexpr (std::is_same_v<Instance, PrefillInstance>) info = instance_->Info();
+    if constexpr (std::is_same_v<Instance, PrefillInstance>)
+      info = instance_->Info();
     else {
       info.layout = instance_->layout;
       for (auto& e : instance_->engines) info.ranks.push_back(e->address());
@@ -241,10 +245,9 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
       auto ready = std::make_shared<std::promise<Status>>();
       auto fut = ready->get_future();
       bool asked = d && d->With([&](DecodeInstance& dec) {
-        auto s = dec.ranks[0]->Receive(attempt_id, route->prefill.info, pages,
-                                       [ready](uint64_t, const Status& st, std::span<const uint8_t>) {
-                                         ready->set_value(st);
-                                       });
+        auto s = dec.ranks[0]->Receive(
+            attempt_id, route->prefill.info, pages,
+            [ready](uint64_t, const Status& st, std::span<const uint8_t>) { ready->set_value(st); });
         if (!s.ok()) ready->set_value(s);
       });
       if (!asked) {

@@ -268,8 +268,8 @@ TEST(KvTransfer, UnservableLayoutIsFailedByThePrefiller) {
   for (uint32_t r = 0; r < 2; ++r) {
     const Status s = decode.ready[r]->Get(21);
     EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
-    EXPECT_NE(s.message().find("prefill rank " + std::to_string(r) + " failed request 21: decoder assumed prefill rank " +
-                               std::to_string(r)),
+    EXPECT_NE(s.message().find("prefill rank " + std::to_string(r) +
+                               " failed request 21: decoder assumed prefill rank " + std::to_string(r)),
               std::string::npos)
         << s.ToString();
   }

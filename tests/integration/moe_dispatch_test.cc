@@ -52,8 +52,8 @@ Group MakeGroup(EpConfig shape, const EngineOptions& options) {
 }
 
 // Every rank runs `layers` layers on its own thread; all must match the reference.
-void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens,
-              uint32_t layers, uint64_t seed = 7) {
+void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens, uint32_t layers,
+              uint64_t seed = 7) {
   ASSERT_FALSE(g.ranks.empty());
   std::vector<std::string> errors(g.ranks.size());
   std::vector<std::thread> threads;

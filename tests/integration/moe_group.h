@@ -18,10 +18,10 @@
 namespace te::testing {
 
 enum class Routing {
-  kRandom,      // top-k distinct experts, uniform, some slots -1
-  kSkewed,      // every token to expert 0 only
-  kLocal,       // every token's experts on its own rank
-  kNone,        // no token has an expert
+  kRandom,  // top-k distinct experts, uniform, some slots -1
+  kSkewed,  // every token to expert 0 only
+  kLocal,   // every token's experts on its own rank
+  kNone,    // no token has an expert
 };
 
 struct BatchData {
@@ -154,8 +154,8 @@ inline std::string RunRank(moe::EpDispatcher& d, const moe::ExpertMap& map, Rout
     if (combined != ref.combined[c.rank]) {
       size_t i = 0;
       while (combined[i] == ref.combined[c.rank][i]) ++i;
-      return "layer " + std::to_string(l) + " combine differs at token " + std::to_string(i / c.hidden) +
-             " element " + std::to_string(i % c.hidden);
+      return "layer " + std::to_string(l) + " combine differs at token " + std::to_string(i / c.hidden) + " element " +
+             std::to_string(i % c.hidden);
     }
   }
   return "";

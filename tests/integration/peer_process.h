@@ -65,8 +65,7 @@ class PeerProcess {
   }
   // Waits in the child for `count` arrivals of `imm`; returns "OK" or the error.
   std::string WaitImm(uint32_t imm, uint64_t count, int timeout_ms) {
-    return Command("WAIT " + std::to_string(imm) + " " + std::to_string(count) + " " +
-                   std::to_string(timeout_ms));
+    return Command("WAIT " + std::to_string(imm) + " " + std::to_string(count) + " " + std::to_string(timeout_ms));
   }
 
   void Kill() {
@@ -88,7 +87,6 @@ class PeerProcess {
     if (!s.empty() && s.back() == '\n') s.pop_back();
     return s;
   }
-
 
  public:
   // In a child started by the constructor: serve, then exit. Runs during

@@ -28,8 +28,8 @@ class RedisServer {
     dir_ = dir;
     socket_ = dir_ + "/redis.sock";
     const std::string sock = socket_;
-    const char* argv[] = {"redis-server", "--port", "0", "--unixsocket", sock.c_str(), "--save", "", "--appendonly",
-                          "no", "--dir", dir_.c_str(), "--loglevel", "warning", nullptr};
+    const char* argv[] = {"redis-server", "--port", "0",     "--unixsocket", sock.c_str(), "--save",  "",
+                          "--appendonly", "no",     "--dir", dir_.c_str(),   "--loglevel", "warning", nullptr};
     posix_spawn_file_actions_t quiet;  // its log goes nowhere
     posix_spawn_file_actions_init(&quiet);
     posix_spawn_file_actions_addopen(&quiet, 1, "/dev/null", O_WRONLY, 0);

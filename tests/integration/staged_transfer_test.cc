@@ -42,7 +42,8 @@ TEST(StagedTransfer, ChunksThroughASmallRingLandByteExact) {
     EXPECT_EQ((*sender)->ExpectedImms(bytes), 11u * domains);
     ASSERT_TRUE((*sender)->Write(t.src.data(), bytes, t.remote, 0, 77).ok());
     StagedReceiver receiver(t.receiver.get(), t.copies.get(), o);
-    ASSERT_TRUE(receiver.Receive(t.device.data(), t.staging.data(), bytes, 77, (*sender)->ExpectedImms(bytes), 10s).ok());
+    ASSERT_TRUE(
+        receiver.Receive(t.device.data(), t.staging.data(), bytes, 77, (*sender)->ExpectedImms(bytes), 10s).ok());
     EXPECT_TRUE(t.device == t.src) << domains << " domains";
     EXPECT_EQ(t.receiver->ImmAvailable(77), 0u);  // exactly the expected count arrived
   }

@@ -111,7 +111,8 @@ TEST(Trust, SubmitIsBounded) {
   }
   auto remote = sender->Import(dead).value();
   CompletionCounter c;
-  for (int i = 0; i < 8; ++i) ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 64, remote, 0, 1}, {.counter = &c}).ok());
+  for (int i = 0; i < 8; ++i)
+    ASSERT_TRUE(sender->Submit(SingleWrite{src_mr, 0, 64, remote, 0, 1}, {.counter = &c}).ok());
   Status s = sender->Submit(SingleWrite{src_mr, 0, 64, remote, 0, 1}, {.counter = &c});
   EXPECT_EQ(s.code(), StatusCode::kResourceExhausted) << s.ToString();
   // A single request larger than the bound is refused before it is planned.
@@ -186,21 +187,23 @@ TEST(Trust, QueuedRequestsAreWithdrawnUnpostedNotTimedOut) {
   for (int i = 0; i < kRequests; ++i) {
     const uint32_t imm = 0x10000 + i;
     ASSERT_TRUE(sender
-                    ->Submit(SingleWrite{src_mr, 0, kLen, remote, 0, imm},
-                             {.on_done =
-                                  [&] {
-                                    std::lock_guard<std::mutex> l(mu);
-                                    outcome[StatusCode::kOk]++;
-                                    finished++;
-                                  },
-                              .on_error =
-                                  [&, imm](const Status& s) {
-                                    std::lock_guard<std::mutex> l(mu);
-                                    outcome[s.code()]++;
-                                    if (s.code() == StatusCode::kNotPosted) withdrawn.push_back(imm);
-                                    else if (first_other.empty()) first_other = s.ToString();
-                                    finished++;
-                                  }})
+                    ->Submit(SingleWrite{src_mr, 0, kLen, remote, 0, imm}, {.on_done =
+                                                                                [&] {
+                                                                                  std::lock_guard<std::mutex> l(mu);
+                                                                                  outcome[StatusCode::kOk]++;
+                                                                                  finished++;
+                                                                                },
+                                                                            .on_error =
+                                                                                [&, imm](const Status& s) {
+                                                                                  std::lock_guard<std::mutex> l(mu);
+                                                                                  outcome[s.code()]++;
+                                                                                  if (s.code() ==
+                                                                                      StatusCode::kNotPosted)
+                                                                                    withdrawn.push_back(imm);
+                                                                                  else if (first_other.empty())
+                                                                                    first_other = s.ToString();
+                                                                                  finished++;
+                                                                                }})
                     .ok());
   }
   ASSERT_TRUE(WaitUntil([&] { return finished.load() == kRequests; }, 60s)) << finished.load();
@@ -213,7 +216,8 @@ TEST(Trust, QueuedRequestsAreWithdrawnUnpostedNotTimedOut) {
   EXPECT_EQ(outcome[StatusCode::kOk] + outcome[StatusCode::kNotPosted], kRequests) << seen << first_other;
   // Give stragglers time to land, then: nothing withdrawn ever arrived.
   WaitUntil([&] { return false; }, 200ms);
-  for (uint32_t imm : withdrawn) ASSERT_EQ(receiver->ImmAvailable(imm), 0u) << "withdrawn request " << imm << " arrived";
+  for (uint32_t imm : withdrawn)
+    ASSERT_EQ(receiver->ImmAvailable(imm), 0u) << "withdrawn request " << imm << " arrived";
 }
 
 // shm: a peer process that died is never posted to (libfabric's shm spins
@@ -275,7 +279,8 @@ TEST(Trust, ShmBadKeyNeverHangsLaterWrites) {
   MrDescriptor forged = d;
   forged.keys[0].rkey ^= 0x5a5a;
   CompletionCounter bad;
-  ASSERT_TRUE(engine->Submit(SingleWrite{src_mr, 0, 65536, engine->Import(forged).value(), 0, 1}, {.counter = &bad}).ok());
+  ASSERT_TRUE(
+      engine->Submit(SingleWrite{src_mr, 0, 65536, engine->Import(forged).value(), 0, 1}, {.counter = &bad}).ok());
   ASSERT_TRUE(bad.WaitFinished(1, 10s)) << "a write with a bad key hung";
   for (uint32_t i = 0; i < 3; ++i) {
     CompletionCounter c;

@@ -82,9 +82,9 @@ struct Raw {
     a.retry_cnt = 2;
     a.rnr_retry = rnr_retry;
     a.max_rd_atomic = 1;
-    return ibv_modify_qp(q, &a,
-                         IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                             IBV_QP_MAX_QP_RD_ATOMIC);
+    return ibv_modify_qp(
+        q, &a,
+        IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC);
   }
   // A connected pair a <-> b.
   void Pair(ibv_qp* a, ibv_qp* b, uint8_t rnr_retry = 7) {
@@ -245,8 +245,10 @@ TEST(SoftRc, CompletionsOfDifferentQpsInterleaveInOrderWithinEach) {
   int switches = 0;
   for (size_t i = 0; i < wc.size(); ++i) {
     ASSERT_EQ(wc[i].status, IBV_WC_SUCCESS);
-    if (wc[i].qp_num == a1->qp_num) EXPECT_EQ(wc[i].wr_id, next1++);  // RC: in order within a QP
-    else EXPECT_EQ(wc[i].wr_id, next2++);
+    if (wc[i].qp_num == a1->qp_num)
+      EXPECT_EQ(wc[i].wr_id, next1++);  // RC: in order within a QP
+    else
+      EXPECT_EQ(wc[i].wr_id, next2++);
     if (i && wc[i].qp_num != wc[i - 1].qp_num) ++switches;
   }
   EXPECT_GT(switches, 20) << "completions of the two QPs did not interleave";
@@ -266,7 +268,8 @@ TEST(SoftRc, CqOverflowBreaksTheCqAndItsQps) {
   ibv_qp* a = r.Qp(cq);
   ibv_qp* b = r.Qp(other);
   r.Pair(a, b);
-  for (uint64_t i = 0; i < 8; ++i) ASSERT_EQ(Raw::Write(a, m, reinterpret_cast<uint64_t>(buf.data()), m->rkey, 8, i), 0);
+  for (uint64_t i = 0; i < 8; ++i)
+    ASSERT_EQ(Raw::Write(a, m, reinterpret_cast<uint64_t>(buf.data()), m->rkey, 8, i), 0);
   // Polls for zero entries: asks whether the CQ broke without draining it
   // (draining could keep it below its capacity).
   ibv_wc wc;
@@ -333,8 +336,8 @@ struct DomainPair {
   // Posts like the engine does: back-pressure (connecting) means poll and retry.
   Status Post(const nic::WriteOp& op) {
     Status s;
-    const bool went = WaitUntil([&] { return (s = a->PostWrite(op)).code() != StatusCode::kUnavailable; },
-                                kDeadline, [&] { PollBoth(); });
+    const bool went = WaitUntil([&] { return (s = a->PostWrite(op)).code() != StatusCode::kUnavailable; }, kDeadline,
+                                [&] { PollBoth(); });
     return went ? s : Timeout("never connected");
   }
   template <typename Pred>

@@ -44,7 +44,9 @@ Receiver MakeReceiver(const ShardLayout& dst, uint32_t rank, uint32_t sources, s
   r.memory = WeightsMemory::Create("", dst.RegionBytes(rank)).value();
   ReceiverOptions o;
   o.timeout = timeout;
-  o.on_version = [rank](uint64_t v, const Status& s) { if (!s.ok()) fprintf(stderr, "receiver %u version %lu: %s\n", rank, (unsigned long)v, s.ToString().c_str()); };
+  o.on_version = [rank](uint64_t v, const Status& s) {
+    if (!s.ok()) fprintf(stderr, "receiver %u version %lu: %s\n", rank, (unsigned long)v, s.ToString().c_str());
+  };
   r.receiver = WeightReceiver::Create(r.engine.get(), dst, rank, sources, r.memory.get(), o).value();
   return r;
 }
@@ -106,8 +108,8 @@ bool WaitPublished(const WeightsMemory& m, uint64_t v, std::chrono::seconds t = 
 }
 
 void ExpectVersion(Group& g, uint32_t d, uint64_t v) {
-  ASSERT_TRUE(WaitPublished(*g.receivers[d].memory, v)) << "receiver " << d << " at "
-                                                         << g.receivers[d].memory->published();
+  ASSERT_TRUE(WaitPublished(*g.receivers[d].memory, v))
+      << "receiver " << d << " at " << g.receivers[d].memory->published();
   EXPECT_EQ(CountWrong(g.dst, d, v, g.receivers[d].memory->slot(v)), 0u) << "receiver " << d << " version " << v;
 }
 
@@ -211,8 +213,9 @@ TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {
   auto r = g->sources[0].pusher->Push(2);  // source 1 stays silent
   ASSERT_TRUE(r.ok());
   const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(25);
-  while ((g->receivers[0].memory->header()->failed.load() != 2 || g->receivers[1].memory->header()->failed.load() != 2) &&
-         std::chrono::steady_clock::now() < end)
+  while (
+      (g->receivers[0].memory->header()->failed.load() != 2 || g->receivers[1].memory->header()->failed.load() != 2) &&
+      std::chrono::steady_clock::now() < end)
     usleep(1000);
   for (uint32_t d = 0; d < 2; ++d) {
     EXPECT_EQ(g->receivers[d].memory->header()->failed.load(), 2u);

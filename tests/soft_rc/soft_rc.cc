@@ -97,8 +97,8 @@ struct SoftQp {
   SoftSrq* srq;
   uint32_t max_send_wr, max_recv_wr;
   bool sq_sig_all;
-  std::deque<SendWr> sq;     // posted, not yet executed
-  uint32_t sq_used = 0;      // slots held (executed unsignalled ones until the next signalled)
+  std::deque<SendWr> sq;  // posted, not yet executed
+  uint32_t sq_used = 0;   // slots held (executed unsignalled ones until the next signalled)
   uint32_t unsignaled_done = 0;
   std::deque<RecvWr> rq;
   // Connection (RC) and retry settings.

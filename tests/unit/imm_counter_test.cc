@@ -21,7 +21,9 @@ TEST(ImmCounter, ArrivalsBeforeTheExpectationAreNotLost) {
   std::vector<ImmCounter::Callback> ready;
   c.Add(7, 3, &ready);
   int fired = 0;
-  ASSERT_TRUE(c.Expect(7, 3, [&] { ++fired; }, &ready).ok());
+  ASSERT_TRUE(c.Expect(
+                   7, 3, [&] { ++fired; }, &ready)
+                  .ok());
   RunAll(ready);
   EXPECT_EQ(fired, 1);
   EXPECT_EQ(c.Available(7), 0u);  // consumed
@@ -31,7 +33,9 @@ TEST(ImmCounter, FiresExactlyOnceWhenCountReached) {
   ImmCounter c;
   std::vector<ImmCounter::Callback> ready;
   int fired = 0;
-  ASSERT_TRUE(c.Expect(1, 4, [&] { ++fired; }, &ready).ok());
+  ASSERT_TRUE(c.Expect(
+                   1, 4, [&] { ++fired; }, &ready)
+                  .ok());
   for (int i = 0; i < 3; ++i) {
     c.Add(1, 1, &ready);
     RunAll(ready);
@@ -50,7 +54,9 @@ TEST(ImmCounter, ForgetDropsExpectationsAndArrivals) {
   ImmCounter c;
   std::vector<ImmCounter::Callback> ready;
   int fired = 0;
-  ASSERT_TRUE(c.Expect(5, 4, [&] { ++fired; }, &ready).ok());
+  ASSERT_TRUE(c.Expect(
+                   5, 4, [&] { ++fired; }, &ready)
+                  .ok());
   c.Add(5, 3, &ready);
   EXPECT_EQ(c.Available(5), 3u);
   EXPECT_EQ(c.Forget(5), 3u);
@@ -84,14 +90,18 @@ TEST(ImmCounter, ShuffledArrivalsOfManyImmediates) {
     for (uint32_t k = 0; k < imm % 7 + 1; ++k) arrivals.push_back(imm);
     // Half the expectations come before any arrival, half after.
     if (imm % 2 == 0) {
-      ASSERT_TRUE(c.Expect(imm, imm % 7 + 1, [&fired, imm] { fired[imm]++; }, &ready).ok());
+      ASSERT_TRUE(c.Expect(
+                       imm, imm % 7 + 1, [&fired, imm] { fired[imm]++; }, &ready)
+                      .ok());
     }
   }
   std::shuffle(arrivals.begin(), arrivals.end(), std::mt19937(1));
   for (size_t i = 0; i < arrivals.size(); i += 13)
     c.Add(std::span(arrivals).subspan(i, std::min<size_t>(13, arrivals.size() - i)), &ready);
   for (uint32_t imm = 1; imm < kImms; imm += 2)
-    ASSERT_TRUE(c.Expect(imm, imm % 7 + 1, [&fired, imm] { fired[imm]++; }, &ready).ok());
+    ASSERT_TRUE(c.Expect(
+                     imm, imm % 7 + 1, [&fired, imm] { fired[imm]++; }, &ready)
+                    .ok());
   RunAll(ready);
   for (int imm = 0; imm < kImms; ++imm) EXPECT_EQ(fired[imm], 1) << "imm " << imm;
 }
@@ -100,8 +110,12 @@ TEST(ImmCounter, ExpectationsAreServedInOrder) {
   ImmCounter c;
   std::vector<ImmCounter::Callback> ready;
   std::vector<int> order;
-  ASSERT_TRUE(c.Expect(5, 3, [&] { order.push_back(1); }, &ready).ok());
-  ASSERT_TRUE(c.Expect(5, 1, [&] { order.push_back(2); }, &ready).ok());
+  ASSERT_TRUE(c.Expect(
+                   5, 3, [&] { order.push_back(1); }, &ready)
+                  .ok());
+  ASSERT_TRUE(c.Expect(
+                   5, 1, [&] { order.push_back(2); }, &ready)
+                  .ok());
   c.Add(5, 2, &ready);
   RunAll(ready);
   EXPECT_TRUE(order.empty());  // the second must not jump the first
@@ -135,10 +149,12 @@ TEST(ImmCounter, WaitWakesOnArrivalFromAnotherThread) {
 TEST(ImmCounter, RejectsZeroCountAndMissingCallback) {
   ImmCounter c;
   std::vector<ImmCounter::Callback> ready;
-  EXPECT_EQ(c.Expect(1, 0, [] {}, &ready).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(c.Expect(
+                 1, 0, [] {}, &ready)
+                .code(),
+            StatusCode::kInvalidArgument);
   EXPECT_EQ(c.Expect(1, 1, nullptr, &ready).code(), StatusCode::kInvalidArgument);
 }
-
 
 // Peers choose immediate values: a flood of distinct ones is bounded, and
 // values whose arrivals were consumed leave the table.
@@ -154,13 +170,18 @@ TEST(ImmCounter, DistinctValuesAreBoundedAndConsumedOnesLeave) {
   for (uint32_t i = 0; i < 100; ++i) ASSERT_TRUE(c.TryConsume(1000000 + i, 1));
   EXPECT_EQ(c.tracked(), 0u);
   int fired = 0;
-  ASSERT_TRUE(c.Expect(7, 2, [&] { ++fired; }, &ready).ok());
+  ASSERT_TRUE(c.Expect(
+                   7, 2, [&] { ++fired; }, &ready)
+                  .ok());
   c.Add(7, 2, &ready);
   for (auto& cb : ready) cb();
   EXPECT_EQ(fired, 1);
   EXPECT_EQ(c.tracked(), 0u) << "a served expectation left its entry behind";
   // The caller's own expectations and waits are never refused by the cap.
-  for (uint32_t i = 0; i < 150; ++i) ASSERT_TRUE(c.Expect(5000 + i, 1, [] {}, &ready).ok());
+  for (uint32_t i = 0; i < 150; ++i)
+    ASSERT_TRUE(c.Expect(
+                     5000 + i, 1, [] {}, &ready)
+                    .ok());
   EXPECT_EQ(c.tracked(), 150u);
   c.Add(5000, 1, &ready);  // an expected value is served even above the cap
   EXPECT_EQ(c.tracked(), 149u);

@@ -33,12 +33,12 @@ TEST(NumericFormats, Fp8E4M3EveryCodeRoundTrips) {
     EXPECT_EQ(FloatToFp8E4M3(Fp8E4M3ToFloat(uint8_t(v))), v) << "code " << v << " = " << Fp8E4M3ToFloat(uint8_t(v));
   }
   EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);
-  EXPECT_EQ(FloatToFp8E4M3(1000.0f), 0x7e);   // saturates
+  EXPECT_EQ(FloatToFp8E4M3(1000.0f), 0x7e);  // saturates
   EXPECT_EQ(FloatToFp8E4M3(-1000.0f), 0xfe);
   EXPECT_EQ(FloatToFp8E4M3(NAN), 0x7f);
   EXPECT_EQ(Fp8E4M3ToFloat(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
-  EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);  // halfway 1.0 / 1.125: even (1.0)
-  EXPECT_EQ(FloatToFp8E4M3(1.1f), 0x39);     // nearest 1.125
+  EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);               // halfway 1.0 / 1.125: even (1.0)
+  EXPECT_EQ(FloatToFp8E4M3(1.1f), 0x39);                  // nearest 1.125
 }
 
 TEST(ExpertMap, ContiguousAndFromRanks) {
@@ -104,11 +104,11 @@ TEST(Reference, HandWorkedCase) {
   auto d = ReferenceDispatch(c, map, batches);
   ASSERT_TRUE(d.ok());
   ASSERT_EQ((*d)[0].size(), 2u);
-  EXPECT_EQ((*d)[0][0].count, 0u);             // expert 0
-  EXPECT_EQ((*d)[0][1].count, 1u);             // expert 1: rank 0's token 0
+  EXPECT_EQ((*d)[0][0].count, 0u);  // expert 0
+  EXPECT_EQ((*d)[0][1].count, 1u);  // expert 1: rank 0's token 0
   EXPECT_EQ((*d)[0][1].weights, std::vector<float>{0.5f});
-  EXPECT_EQ((*d)[1][0].count, 1u);             // expert 2: rank 0's token 0
-  EXPECT_EQ((*d)[1][1].count, 1u);             // expert 3: rank 1's token 0
+  EXPECT_EQ((*d)[1][0].count, 1u);  // expert 2: rank 0's token 0
+  EXPECT_EQ((*d)[1][1].count, 1u);  // expert 3: rank 1's token 0
   EXPECT_EQ((*d)[1][1].src_rank, std::vector<uint32_t>{1});
   EXPECT_EQ((*d)[1][1].data, bf(3, 4));
   // Expert outputs: expert 1 gives (10, 20), expert 2 (100, 200), expert 3 (7, 8).
@@ -166,8 +166,8 @@ TEST(DispatchRecords, MemcpyTransportMatchesReference) {
     DispatchResult out;
     ResetResult(cd, map, &out);
     for (uint32_t s = 0; s < 3; ++s)
-      ASSERT_TRUE(UnpackRecords(cd, s, staging[s].data() + plans[s].rank_offset[d] * rec, plans[s].per_rank[d], &out)
-                      .ok());
+      ASSERT_TRUE(
+          UnpackRecords(cd, s, staging[s].data() + plans[s].rank_offset[d] * rec, plans[s].per_rank[d], &out).ok());
     ASSERT_EQ(out.experts.size(), (*ref)[d].size());
     for (size_t i = 0; i < out.experts.size(); ++i) {
       EXPECT_EQ(out.experts[i].src_token, (*ref)[d][i].src_token) << "rank " << d << " expert " << i;

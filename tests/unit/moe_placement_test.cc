@@ -1,9 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <cstdio>
 #include <numeric>
 #include <set>
-#include <unistd.h>
 
 #include "moe/placement.h"
 #include "moe/routing_trace.h"
@@ -72,7 +72,7 @@ TEST(Affinity, PlantedAffinityShowsInTheConditionalProbabilities) {
     }
     return sum / a.experts;
   };
-  EXPECT_GT(best_successor(strong), 0.2);   // ~0.9 / topk of the pair mass
+  EXPECT_GT(best_successor(strong), 0.2);  // ~0.9 / topk of the pair mass
   EXPECT_LT(best_successor(none), 0.1);
   double row = 0;
   for (uint32_t j = 0; j < strong.experts; ++j) row += strong.Conditional(1, 5, j);

@@ -31,8 +31,7 @@ TEST(RequestPlan, RefusesOutOfBoundsWriteNamingOffsetLengthAndSize) {
   auto r = PlanRequest(w, PlanLimits{});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), StatusCode::kOutOfRange);
-  EXPECT_NE(r.status().message().find("dst_offset 4096 + length 8192 exceeds dst region size 8192"),
-            std::string::npos)
+  EXPECT_NE(r.status().message().find("dst_offset 4096 + length 8192 exceeds dst region size 8192"), std::string::npos)
       << r.status().message();
 }
 

@@ -24,9 +24,8 @@ class SysfsFixture {
 
   // `chain`: root complex then BDFs down to the function, e.g.
   // {"pci0000:00", "0000:00:01.0", "0000:01:00.0"}.
-  void AddPci(const std::vector<std::string>& chain, const std::string& vendor,
-              const std::string& device, const std::string& cls, int numa,
-              const std::string& cpulist) {
+  void AddPci(const std::vector<std::string>& chain, const std::string& vendor, const std::string& device,
+              const std::string& cls, int numa, const std::string& cpulist) {
     std::filesystem::path rel = "devices";
     for (const auto& c : chain) rel /= c;
     const auto dir = root_ / rel;

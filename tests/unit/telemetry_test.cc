@@ -64,8 +64,7 @@ TEST(KeyWriteStore, TornAndForeignSlotsAreNeverReturned) {
   // slot: each slot now mixes new and old bytes.
   std::vector<uint8_t> fresh;
   ASSERT_TRUE(EncodeSlot(g, S(key), V(PathTrace(3, 5, 2)), &fresh).ok());
-  for (uint32_t i = 0; i < 3; ++i)
-    memcpy(region.data() + SlotOf(g, S(key), i) * g.slot_bytes(), fresh.data(), 12);
+  for (uint32_t i = 0; i < 3; ++i) memcpy(region.data() + SlotOf(g, S(key), i) * g.slot_bytes(), fresh.data(), 12);
   auto q = Query(g, region, S(key));
   ASSERT_TRUE(q.ok());
   EXPECT_FALSE(q->found) << "a torn slot was returned as a value";
@@ -122,14 +121,16 @@ TEST(KeyWriteStore, MeasuredSuccessFollowsTheFormula) {
       auto g = Geometry(kSlots, n);
       std::vector<uint8_t> region(g.region_bytes(), 0);
       const uint64_t keys = uint64_t(load * kSlots);
-      for (uint64_t k = 0; k < keys; ++k)
-        ASSERT_TRUE(WriteLocal(g, region, S(FlowKey(n, k)), V(PathTrace(n, k))).ok());
+      for (uint64_t k = 0; k < keys; ++k) ASSERT_TRUE(WriteLocal(g, region, S(FlowKey(n, k)), V(PathTrace(n, k))).ok());
       uint64_t found = 0, wrong = 0;
       for (uint64_t k = 0; k < keys; ++k) {
         auto q = Query(g, region, S(FlowKey(n, k)));
         if (!q->found) continue;
         auto want = PathTrace(n, k);
-        if (q->value == std::vector<uint8_t>(want.begin(), want.end())) ++found; else ++wrong;
+        if (q->value == std::vector<uint8_t>(want.begin(), want.end()))
+          ++found;
+        else
+          ++wrong;
       }
       const double measured = double(found) / keys;
       const double expected = ExpectedSuccess(kSlots, keys, n);

@@ -37,8 +37,8 @@ void BuildEightGpuHost(SysfsFixture& fx, int nics_per_gpu, bool efa) {
     for (int k = 0; k < nics_per_gpu; ++k) {
       const std::string ndown = "0000:" + Hex2(base + 2) + ":0" + std::to_string(k + 1) + ".0";
       const std::string nic = "0000:" + Hex2(base + 4 + k) + ":00.0";
-      fx.AddPci({rc, port, up, ndown, nic}, efa ? "0x1d0f" : "0x15b3", efa ? "0xefa1" : "0x1021",
-                "0x020000", node, cpus);
+      fx.AddPci({rc, port, up, ndown, nic}, efa ? "0x1d0f" : "0x15b3", efa ? "0xefa1" : "0x1021", "0x020000", node,
+                cpus);
       fx.AddRdmaDevice(efa ? "rdmap" + std::to_string(base + 4 + k) + "s0" : "mlx5_" + std::to_string(g),
                        {rc, port, up, ndown, nic});
     }

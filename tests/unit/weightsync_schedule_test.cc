@@ -4,12 +4,11 @@
 
 #include <cstring>
 
-#include "weightsync/synthetic_weights.h"
 #include "weightsync/schedule.h"
+#include "weightsync/synthetic_weights.h"
 
 namespace te::weightsync {
 namespace {
-
 
 // Moves the bytes the way the pusher does: gather pieces, write contiguous.
 void Apply(const Schedule& s, const std::vector<std::vector<uint8_t>>& src, std::vector<std::vector<uint8_t>>* dst) {
@@ -114,7 +113,8 @@ TEST(ModelSpec, JsonRoundTripAndErrors) {
   EXPECT_NE(bad.status().message().find("dtype 'bf17'"), std::string::npos) << bad.status().ToString();
   bad = ParseModelJson(R"({"params": [{"name": "a", "dtype": "bf16", "shape": [2, 0]}]})");
   EXPECT_NE(bad.status().message().find("dimension 1 is 0"), std::string::npos) << bad.status().ToString();
-  bad = ParseModelJson(R"({"params": [{"name": "a", "dtype": "bf16", "shape": [2]}, {"name": "a", "dtype": "fp32", "shape": [1]}]})");
+  bad = ParseModelJson(
+      R"({"params": [{"name": "a", "dtype": "bf16", "shape": [2]}, {"name": "a", "dtype": "fp32", "shape": [1]}]})");
   EXPECT_NE(bad.status().message().find("appears twice"), std::string::npos);
   bad = ParseModelJson(R"({"params": [{"name": "a", "dtype": "bf16", "shape": [2})");
   EXPECT_NE(bad.status().message().find("model JSON at byte"), std::string::npos) << bad.status().ToString();
