@@ -12,7 +12,6 @@ namespace te::kvcache {
 
 namespace {
 using Clock = std::chrono::steady_clock;
-std::string S(uint64_t v) { return std::to_string(v); }
 constexpr uint32_t kTagBits = 24;
 constexpr uint32_t kTagMask = (1u << kTagBits) - 1;
 }  // namespace
@@ -31,9 +30,10 @@ Result<std::unique_ptr<KvDecoder>> KvDecoder::Create(TransferEngine* engine, con
   if (engine->options().progress != ProgressMode::kThread)
     return InvalidArgument("KvDecoder needs an engine in ProgressMode::kThread");
   TE_RETURN_IF_ERROR(layout.Validate().WithContext("decode layout"));
-  if (rank >= layout.tp) return InvalidArgument("decode rank " + S(rank) + " outside [0, " + S(layout.tp) + ")");
+  if (rank >= layout.tp)
+    return InvalidArgument("decode rank " + std::to_string(rank) + " outside [0, " + std::to_string(layout.tp) + ")");
   if (options.imm_base & kTagMask)
-    return InvalidArgument("DecoderOptions.imm_base " + S(options.imm_base) +
+    return InvalidArgument("DecoderOptions.imm_base " + std::to_string(options.imm_base) +
                            " has bits in the low 24, which carry the request tag");
   if (options.context_slots == 0 || options.context_bytes == 0)
     return InvalidArgument("DecoderOptions: context_slots and context_bytes must be at least 1");
@@ -42,14 +42,15 @@ Result<std::unique_ptr<KvDecoder>> KvDecoder::Create(TransferEngine* engine, con
   d->descriptor_hex_ = engine->Describe(*d->mr_).ToHex();
   for (uint32_t i = options.context_slots; i-- > 0;) d->free_context_slots_.push_back(i);
   KvDecoder* self = d.get();
-  engine->SetRecvHandler([self](const EngineAddress& from, std::span<const uint8_t> b) { self->OnMessage(from, b); });
+  TE_RETURN_IF_ERROR(engine->ClaimRecvHandler(
+      self, "KvDecoder", [self](const EngineAddress& from, std::span<const uint8_t> b) { self->OnMessage(from, b); }));
   d->thread_ = std::thread([self] { self->Run(); });
   return d;
 }
 
 KvDecoder::~KvDecoder() {
   guard_.Close();  // engine callbacks still queued find the decoder gone
-  engine_->SetRecvHandler(nullptr);
+  engine_->ReleaseRecvHandler(this);
   std::vector<std::pair<Request, uint64_t>> left;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -59,9 +60,11 @@ KvDecoder::~KvDecoder() {
       c.kind = KvMessage::Kind::kCancel;
       c.request = id;
       c.rank = rank_;
+      // Best effort at shutdown: a source that misses the CANCEL stops on
+      // its own when this rank's heartbeats end (peer_timeout).
       for (auto& [rank, s] : r.sources) (void)engine_->Send(s.peer, c.Encode(), {});
       engine_->ForgetImm(imm(r.tag));
-      r.outcome = Cancelled("decoder shut down with request " + S(id) + " in flight");
+      r.outcome = Cancelled("decoder shut down with request " + std::to_string(id) + " in flight");
       left.emplace_back(std::move(r), id);
     }
     requests_.clear();
@@ -78,17 +81,19 @@ std::span<const uint8_t> KvDecoder::ContextOf(uint32_t slot) const {
 
 Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vector<uint32_t> pages,
                           ReadyCallback on_ready) {
-  if (!on_ready) return InvalidArgument("request " + S(id) + ": Receive needs an on_ready callback");
-  if (pages.empty()) return InvalidArgument("request " + S(id) + ": no pages to receive into");
+  if (!on_ready) return InvalidArgument("request " + std::to_string(id) + ": Receive needs an on_ready callback");
+  if (pages.empty()) return InvalidArgument("request " + std::to_string(id) + ": no pages to receive into");
   TE_RETURN_IF_ERROR(CheckCompatible(prefill.layout, layout_));
   if (prefill.ranks.size() != prefill.layout.tp)
-    return InvalidArgument("prefill instance '" + prefill.name + "' lists " + S(prefill.ranks.size()) +
-                           " ranks for tp " + S(prefill.layout.tp));
+    return InvalidArgument("prefill instance '" + prefill.name + "' lists " + std::to_string(prefill.ranks.size()) +
+                           " ranks for tp " + std::to_string(prefill.layout.tp));
   std::set<uint32_t> seen;
   for (uint32_t p : pages) {
     if (p >= layout_.pages)
-      return InvalidArgument("request " + S(id) + ": page " + S(p) + " outside [0, " + S(layout_.pages) + ")");
-    if (!seen.insert(p).second) return InvalidArgument("request " + S(id) + ": page " + S(p) + " given twice");
+      return InvalidArgument("request " + std::to_string(id) + ": page " + std::to_string(p) + " outside [0, " +
+                             std::to_string(layout_.pages) + ")");
+    if (!seen.insert(p).second)
+      return InvalidArgument("request " + std::to_string(id) + ": page " + std::to_string(p) + " given twice");
   }
   TE_ASSIGN_OR_RETURN(uint64_t expected, ExpectedImms(prefill.layout, layout_, rank_, pages.size()));
   const auto source_ranks = SourceRanks(prefill.layout, layout_, rank_);
@@ -117,10 +122,10 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
 
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) return Cancelled("decoder is shutting down");
-  if (requests_.count(id)) return InvalidArgument("request " + S(id) + " is already in flight here");
+  if (requests_.count(id)) return InvalidArgument("request " + std::to_string(id) + " is already in flight here");
   if (free_context_slots_.empty())
-    return Unavailable("all " + S(options_.context_slots) + " context slots are in use; " + S(requests_.size()) +
-                       " requests in flight");
+    return Unavailable("all " + std::to_string(options_.context_slots) + " context slots are in use; " +
+                       std::to_string(requests_.size()) + " requests in flight");
   if (tags_.size() >= kTagMask) return Unavailable("every request tag is in flight");
   while (next_tag_ == 0 || tags_.count(next_tag_)) next_tag_ = (next_tag_ + 1) & kTagMask;
   r.tag = next_tag_;
@@ -130,30 +135,45 @@ Status KvDecoder::Receive(uint64_t id, const KvInstanceInfo& prefill, std::vecto
   pull.context_offset = layout_.region_bytes() + uint64_t(r.context_slot) * options_.context_bytes;
   const auto bytes = pull.Encode();
   if (bytes.size() > engine_->max_message_bytes())
-    return InvalidArgument("request " + S(id) + ": " + S(pull.pages.size()) + " pages make a " + S(bytes.size()) +
-                           "-byte PULL, over the engine's " + S(engine_->max_message_bytes()) + "-byte messages");
+    return InvalidArgument("request " + std::to_string(id) + ": " + std::to_string(pull.pages.size()) +
+                           " pages make a " + std::to_string(bytes.size()) + "-byte PULL, over the engine's " +
+                           std::to_string(engine_->max_message_bytes()) + "-byte messages");
   free_context_slots_.pop_back();
   tags_[r.tag] = id;
   const uint32_t tag = r.tag;
   const auto now = Clock::now();
   r.created = now;
+  // A PULL that cannot be delivered fails the request at once, rather than
+  // after the first-contact grace: through on_error when it fails on the
+  // way, or here when the engine refuses it outright (no callback then).
+  std::vector<std::pair<uint32_t, Status>> refused;
   for (auto& [s, src] : r.sources) {
     pull.source_rank = s;
-    // A PULL that cannot be delivered fails the request at once, rather
-    // than after the first-contact grace.
-    (void)engine_->Send(src.peer, pull.Encode(),
-                        {.on_error = [this, t = guard_.token(), id, tag, s = s](const Status& e) {
-                          CallbackGuard::Run(t, [&] { OnPullFailed(id, tag, s, e); });
-                        }});
+    Status sent = engine_->Send(src.peer, pull.Encode(),
+                                {.on_error = [this, t = guard_.token(), id, tag, s = s](const Status& e) {
+                                  CallbackGuard::Run(t, [&] { OnPullFailed(id, tag, s, e); });
+                                }});
+    if (!sent.ok()) refused.emplace_back(s, sent);
   }
   // The other prefill ranks hear that this rank needs nothing from them, so
-  // they know when the request is served everywhere.
+  // they know when the request is served everywhere. Best effort: a rank
+  // that misses it keeps the request until its own pull_timeout.
   pull.pages.clear();
   for (auto& [s, peer] : idle) {
     pull.source_rank = s;
-    (void)engine_->Send(peer, pull.Encode(), {});
+    Status sent = engine_->Send(peer, pull.Encode(), {});
+    if (!sent.ok()) {
+      LOG_EVERY_N(WARNING, 100) << "kv decode rank " << rank_ << ": " << sent.ToString();
+    }
   }
-  requests_.emplace(id, std::move(r));
+  auto& placed = requests_.emplace(id, std::move(r)).first->second;
+  for (auto& [source, why] : refused) {
+    auto& src = placed.sources[source];
+    src.confirmed = src.silent = true;
+    StopLocked(id, placed,
+               Unavailable("cannot reach prefill rank " + std::to_string(source) + " for request " +
+                           std::to_string(id) + ": " + why.ToString()));
+  }
   Status s = engine_->ExpectImm(
       imm(tag), expected, [this, t = guard_.token(), id, tag] { CallbackGuard::Run(t, [&] { OnArrived(id, tag); }); });
   if (!s.ok()) StopLocked(id, requests_.at(id), s);
@@ -167,7 +187,8 @@ void KvDecoder::OnPullFailed(uint64_t id, uint32_t tag, uint32_t source, const S
   auto& src = it->second.sources[source];
   src.confirmed = src.silent = true;
   StopLocked(id, it->second,
-             Unavailable("cannot reach prefill rank " + S(source) + " for request " + S(id) + ": " + e.ToString()));
+             Unavailable("cannot reach prefill rank " + std::to_string(source) + " for request " + std::to_string(id) +
+                         ": " + e.ToString()));
   SweepLocked();
 }
 
@@ -191,8 +212,8 @@ void KvDecoder::OnArrived(uint64_t id, uint32_t tag) {
 Status KvDecoder::Cancel(uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = requests_.find(id);
-  if (it == requests_.end()) return NotFound("request " + S(id) + " is not in flight here");
-  StopLocked(id, it->second, Cancelled("request " + S(id) + " cancelled"));
+  if (it == requests_.end()) return NotFound("request " + std::to_string(id) + " is not in flight here");
+  StopLocked(id, it->second, Cancelled("request " + std::to_string(id) + " cancelled"));
   SweepLocked();
   return Status::Ok();
 }
@@ -207,6 +228,8 @@ void KvDecoder::StopLocked(uint64_t id, Request& r, Status outcome) {
   c.request = id;
   c.rank = rank_;
   const auto bytes = c.Encode();
+  // Best effort: a source that cannot hear the CANCEL is silent, and
+  // silence confirms it after peer_timeout (SweepLocked).
   for (auto& [rank, s] : r.sources)
     if (!s.confirmed) (void)engine_->Send(s.peer, bytes, {});
 }
@@ -229,8 +252,8 @@ void KvDecoder::SweepLocked() {
       if (all && (silent || engine_->ImmAvailable(imm(r.tag)) >= delivered))
         release = true;
       else if (all && now - r.stop_since > options_.peer_timeout) {
-        r.outcome = r.outcome.WithContext("only " + S(engine_->ImmAvailable(imm(r.tag))) + " of " + S(delivered) +
-                                          " delivered writes landed within the timeout");
+        r.outcome = r.outcome.WithContext("only " + std::to_string(engine_->ImmAvailable(imm(r.tag))) + " of " +
+                                          std::to_string(delivered) + " delivered writes landed within the timeout");
         release = true;
       }
     }
@@ -271,9 +294,12 @@ void KvDecoder::OnMessage(const EngineAddress& from, std::span<const uint8_t> da
   s->second.delivered = m->delivered;
   if (m->kind == KvMessage::Kind::kFailed)
     StopLocked(m->request, r,
-               Unavailable("prefill rank " + S(m->rank) + " failed request " + S(m->request) + ": " + m->reason));
+               Unavailable("prefill rank " + std::to_string(m->rank) + " failed request " + std::to_string(m->request) +
+                           ": " + m->reason));
   else
-    StopLocked(m->request, r, Cancelled("request " + S(m->request) + " cancelled by prefill rank " + S(m->rank)));
+    StopLocked(
+        m->request, r,
+        Cancelled("request " + std::to_string(m->request) + " cancelled by prefill rank " + std::to_string(m->rank)));
   SweepLocked();
 }
 
@@ -309,6 +335,7 @@ void KvDecoder::Run() {
       }
       for (auto& [rank, s] : r.sources) {
         if (s.confirmed) continue;
+        // A heartbeat that cannot go is what the peer's timeout is for.
         if (beaten.insert(s.peer_hex).second) (void)engine_->Send(s.peer, hb_bytes, {});
         // Alive: heard from lately; or, not heard from since this request
         // began, still within the first-contact grace (a first connection
@@ -320,8 +347,9 @@ void KvDecoder::Run() {
           continue;
         s.confirmed = s.silent = true;
         StopLocked(id, r,
-                   Unavailable("prefill rank " + S(rank) + " silent for more than " + S(options_.peer_timeout.count()) +
-                               " ms; request " + S(id) + " failed"));
+                   Unavailable("prefill rank " + std::to_string(rank) + " silent for more than " +
+                               std::to_string(options_.peer_timeout.count()) + " ms; request " + std::to_string(id) +
+                               " failed"));
       }
     }
     SweepLocked();

@@ -25,6 +25,8 @@
 // peer_timeout could still be writing when on_ready reports its silence: that is the limit of any timeout-based
 // detector.
 //
+// Lifetime: the engine outlives the decoder (it holds the engine's receive
+// handler and a registration).
 // Threads: public methods are safe from any thread; the engine must run in
 // ProgressMode::kThread. `on_ready` runs exactly once per accepted Receive,
 // on the engine's callback thread (success) or the decoder's own thread
@@ -47,14 +49,15 @@
 #include "base/status.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
+#include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
 
 namespace te::kvcache {
 
 struct DecoderOptions {
-  uint32_t imm_base = 0x4B000000;  // low 24 bits must be zero
-  uint32_t context_slots = 64;     // requests in flight at once
-  uint64_t context_bytes = 16384;  // per request
+  uint32_t imm_base = kKvDecoderImms.base;  // low 24 bits must be zero (transfer/imm_ranges.h)
+  uint32_t context_slots = 64;              // requests in flight at once
+  uint64_t context_bytes = 16384;           // per request
   std::chrono::milliseconds heartbeat_interval{100};
   std::chrono::milliseconds peer_timeout{2000};
 };

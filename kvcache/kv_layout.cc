@@ -6,14 +6,13 @@
 
 namespace te::kvcache {
 
-namespace {
-std::string S(uint64_t v) { return std::to_string(v); }
-}  // namespace
+namespace {}  // namespace
 
 Status KvLayout::Validate() const {
   auto positive = [](const char* name, uint64_t v, uint64_t max) -> Status {
     if (v == 0 || v > max)
-      return InvalidArgument(std::string("KvLayout.") + name + " is " + S(v) + "; valid range [1, " + S(max) + "]");
+      return InvalidArgument(std::string("KvLayout.") + name + " is " + std::to_string(v) + "; valid range [1, " +
+                             std::to_string(max) + "]");
     return Status::Ok();
   };
   TE_RETURN_IF_ERROR(positive("layers", layers, 4096));
@@ -24,11 +23,11 @@ Status KvLayout::Validate() const {
   TE_RETURN_IF_ERROR(positive("tp", tp, 1024));
   TE_RETURN_IF_ERROR(positive("pages", pages, 1u << 30));
   if (mla && kv_heads != 1)
-    return InvalidArgument("KvLayout: an MLA cache has one latent per token; kv_heads is " + S(kv_heads) +
+    return InvalidArgument("KvLayout: an MLA cache has one latent per token; kv_heads is " + std::to_string(kv_heads) +
                            ", it must be 1");
   if (!mla && kv_heads % tp != 0)
-    return InvalidArgument("KvLayout: kv_heads " + S(kv_heads) + " does not divide by tp " + S(tp) +
-                           "; every rank must hold the same number of heads");
+    return InvalidArgument("KvLayout: kv_heads " + std::to_string(kv_heads) + " does not divide by tp " +
+                           std::to_string(tp) + "; every rank must hold the same number of heads");
   // Sizes are products of peer-supplied fields: check the product before
   // any accessor computes it in 64 bits (it could wrap to 0).
   auto region = CheckedProduct(
@@ -39,8 +38,9 @@ Status KvLayout::Validate() const {
   // Transfers address the region in units of one head (PagedWrite indices
   // are 32-bit), which bounds the region.
   if (region_bytes() / head_bytes() >= (uint64_t(1) << 32))
-    return InvalidArgument("KvLayout: region of " + S(region_bytes()) + " bytes has 2^32 or more heads of " +
-                           S(head_bytes()) + " bytes; use fewer pages");
+    return InvalidArgument("KvLayout: region of " + std::to_string(region_bytes()) +
+                           " bytes has 2^32 or more heads of " + std::to_string(head_bytes()) +
+                           " bytes; use fewer pages");
   return Status::Ok();
 }
 
@@ -111,7 +111,8 @@ Status CheckCompatible(const KvLayout& src, const KvLayout& dst) {
   TE_RETURN_IF_ERROR(dst.Validate().WithContext("decode layout"));
   auto same = [](const char* what, uint64_t a, uint64_t b) -> Status {
     if (a != b)
-      return InvalidArgument(std::string("prefill and decode caches differ in ") + what + ": " + S(a) + " vs " + S(b));
+      return InvalidArgument(std::string("prefill and decode caches differ in ") + what + ": " + std::to_string(a) +
+                             " vs " + std::to_string(b));
     return Status::Ok();
   };
   TE_RETURN_IF_ERROR(same("layers", src.layers, dst.layers));

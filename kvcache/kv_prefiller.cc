@@ -14,7 +14,6 @@ namespace te::kvcache {
 
 namespace {
 using Clock = std::chrono::steady_clock;
-std::string S(uint64_t v) { return std::to_string(v); }
 }  // namespace
 
 struct KvPrefiller::Dest {
@@ -65,20 +64,23 @@ Result<std::unique_ptr<KvPrefiller>> KvPrefiller::Create(TransferEngine* engine,
   if (engine->options().progress != ProgressMode::kThread)
     return InvalidArgument("KvPrefiller needs an engine in ProgressMode::kThread");
   TE_RETURN_IF_ERROR(layout.Validate().WithContext("prefill layout"));
-  if (rank >= layout.tp) return InvalidArgument("prefill rank " + S(rank) + " outside [0, " + S(layout.tp) + ")");
+  if (rank >= layout.tp)
+    return InvalidArgument("prefill rank " + std::to_string(rank) + " outside [0, " + std::to_string(layout.tp) + ")");
   if (options.context_slots == 0 || options.context_bytes == 0)
     return InvalidArgument("PrefillerOptions: context_slots and context_bytes must be at least 1");
   std::unique_ptr<KvPrefiller> p(new KvPrefiller(engine, layout, rank, memory, options));
   TE_ASSIGN_OR_RETURN(p->mr_, engine->RegisterMemory(memory, MemoryBytes(layout, options)));
   for (uint32_t i = options.context_slots; i-- > 0;) p->free_context_slots_.push_back(i);
   KvPrefiller* self = p.get();
-  engine->SetRecvHandler([self](const EngineAddress& from, std::span<const uint8_t> d) { self->OnMessage(from, d); });
+  TE_RETURN_IF_ERROR(engine->ClaimRecvHandler(
+      self, "KvPrefiller",
+      [self](const EngineAddress& from, std::span<const uint8_t> d) { self->OnMessage(from, d); }));
   p->thread_ = std::thread([self] { self->Run(); });
   return p;
 }
 
 KvPrefiller::~KvPrefiller() {
-  engine_->SetRecvHandler(nullptr);
+  engine_->ReleaseRecvHandler(this);
   std::unique_lock<std::mutex> lock(mu_);
   stop_ = true;
   cv_.notify_all();
@@ -96,17 +98,18 @@ KvPrefiller::~KvPrefiller() {
 }
 
 Status KvPrefiller::Start(uint64_t id, std::vector<uint32_t> pages) {
-  if (pages.empty()) return InvalidArgument("request " + S(id) + ": Start with no pages");
+  if (pages.empty()) return InvalidArgument("request " + std::to_string(id) + ": Start with no pages");
   for (uint32_t p : pages)
     if (p >= layout_.pages)
-      return InvalidArgument("request " + S(id) + ": page " + S(p) + " outside [0, " + S(layout_.pages) + ")");
+      return InvalidArgument("request " + std::to_string(id) + ": page " + std::to_string(p) + " outside [0, " +
+                             std::to_string(layout_.pages) + ")");
   std::lock_guard<std::mutex> lock(mu_);
   if (!requests_.count(id) && retired_.count(id))
-    return Cancelled("request " + S(id) + " already ended here: its decode ranks cancelled or failed it");
+    return Cancelled("request " + std::to_string(id) + " already ended here: its decode ranks cancelled or failed it");
   auto& slot = requests_[id];
   if (!slot) slot = std::make_unique<Request>();
   Request& r = *slot;
-  if (r.started) return InvalidArgument("request " + S(id) + " was already started");
+  if (r.started) return InvalidArgument("request " + std::to_string(id) + " was already started");
   r.pages = std::move(pages);
   r.started = true;
   r.layer_done.assign(layout_.layers, false);
@@ -118,9 +121,10 @@ Status KvPrefiller::LayerDone(uint64_t id, uint32_t layer) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = requests_.find(id);
   if (it == requests_.end() || !it->second->started)
-    return NotFound("request " + S(id) + " is not started on this prefill rank");
+    return NotFound("request " + std::to_string(id) + " is not started on this prefill rank");
   if (layer >= layout_.layers)
-    return InvalidArgument("request " + S(id) + ": layer " + S(layer) + " outside [0, " + S(layout_.layers) + ")");
+    return InvalidArgument("request " + std::to_string(id) + ": layer " + std::to_string(layer) + " outside [0, " +
+                           std::to_string(layout_.layers) + ")");
   it->second->layer_done[layer] = true;
   PumpLocked(id, *it->second);
   return Status::Ok();
@@ -128,18 +132,21 @@ Status KvPrefiller::LayerDone(uint64_t id, uint32_t layer) {
 
 Status KvPrefiller::Finish(uint64_t id, std::span<const uint8_t> context) {
   if (context.size() > options_.context_bytes)
-    return InvalidArgument("request " + S(id) + ": context of " + S(context.size()) + " bytes exceeds context_bytes " +
-                           S(options_.context_bytes));
+    return InvalidArgument("request " + std::to_string(id) + ": context of " + std::to_string(context.size()) +
+                           " bytes exceeds context_bytes " + std::to_string(options_.context_bytes));
   std::lock_guard<std::mutex> lock(mu_);
   auto it = requests_.find(id);
   if (it == requests_.end() || !it->second->started)
-    return NotFound("request " + S(id) + " is not started on this prefill rank");
+    return NotFound("request " + std::to_string(id) + " is not started on this prefill rank");
   Request& r = *it->second;
-  if (r.finished) return InvalidArgument("request " + S(id) + " was already finished");
+  if (r.finished) return InvalidArgument("request " + std::to_string(id) + " was already finished");
   for (uint32_t l = 0; l < layout_.layers; ++l)
-    if (!r.layer_done[l]) return InvalidArgument("request " + S(id) + ": Finish before layer " + S(l) + " is done");
+    if (!r.layer_done[l])
+      return InvalidArgument("request " + std::to_string(id) + ": Finish before layer " + std::to_string(l) +
+                             " is done");
   if (free_context_slots_.empty())
-    return Unavailable("all " + S(options_.context_slots) + " context slots are in use; raise context_slots");
+    return Unavailable("all " + std::to_string(options_.context_slots) +
+                       " context slots are in use; raise context_slots");
   r.context_slot = free_context_slots_.back();
   free_context_slots_.pop_back();
   r.context_len = context.size();
@@ -155,10 +162,10 @@ Status KvPrefiller::Finish(uint64_t id, std::span<const uint8_t> context) {
 Status KvPrefiller::Abort(uint64_t id, const std::string& why) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = requests_.find(id);
-  if (it == requests_.end()) return NotFound("request " + S(id) + " is not on this prefill rank");
+  if (it == requests_.end()) return NotFound("request " + std::to_string(id) + " is not on this prefill rank");
   Request& r = *it->second;
   r.aborted = true;
-  if (r.status.ok()) r.status = Cancelled("request " + S(id) + " aborted: " + why);
+  if (r.status.ok()) r.status = Cancelled("request " + std::to_string(id) + " aborted: " + why);
   for (auto& [k, d] : r.dests) FailDestLocked(*d, "prefill aborted the request: " + why);
   PumpLocked(id, r);
   cv_.notify_all();
@@ -175,7 +182,10 @@ void KvPrefiller::FailDestLocked(Dest& d, const std::string& why) {
 void KvPrefiller::SendLocked(const PeerRef& peer, const KvMessage& m) {
   auto bytes = m.Encode();
   // Best effort: a decoder that cannot hear is dead, and its side times out.
-  (void)engine_->Send(peer, bytes, {});
+  Status sent = engine_->Send(peer, bytes, {});
+  if (!sent.ok()) {
+    LOG_EVERY_N(WARNING, 100) << "kv prefill rank " << rank_ << ": message not sent: " << sent.ToString();
+  }
 }
 
 void KvPrefiller::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
@@ -193,7 +203,7 @@ void KvPrefiller::OnMessage(const EngineAddress& from, std::span<const uint8_t> 
   if (m->kind != KvMessage::Kind::kCancel) return;
   auto it = requests_.find(m->request);
   if (it == requests_.end()) return;  // already retired: its CANCELLED/FAILED or data went out
-  auto d = it->second->dests.find(hex + "/" + S(m->rank));
+  auto d = it->second->dests.find(hex + "/" + std::to_string(m->rank));
   if (d == it->second->dests.end()) return;
   if (d->second->state == Dest::State::kActive) d->second->state = Dest::State::kCancelling;
   PumpLocked(m->request, *it->second);
@@ -224,14 +234,15 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
   auto runs = PlanPageRuns(layout_, rank_, m.layout, m.rank);
   auto desc = MrDescriptor::FromHex(m.descriptor_hex);
   if (m.source_rank != rank_ || m.source_layout.Serialize() != layout_.Serialize())
-    refuse = "decoder assumed prefill rank " + S(m.source_rank) + " with layout " + m.source_layout.Describe() +
-             "; this is rank " + S(rank_) + " with layout " + layout_.Describe();
+    refuse = "decoder assumed prefill rank " + std::to_string(m.source_rank) + " with layout " +
+             m.source_layout.Describe() + "; this is rank " + std::to_string(rank_) + " with layout " +
+             layout_.Describe();
   else if (!runs.ok())
     refuse = runs.status().message();
   else if (idle != (runs->runs() == 0))
-    refuse = "decode rank " + S(m.rank) +
+    refuse = "decode rank " + std::to_string(m.rank) +
              (idle ? " sent no pages but needs heads of" : " asked for pages but needs nothing from") +
-             " prefill rank " + S(rank_);
+             " prefill rank " + std::to_string(rank_);
   else if (!desc.ok())
     refuse = desc.status().message();
   else if (!(desc->owner == from))
@@ -247,14 +258,14 @@ void KvPrefiller::OnPull(const EngineAddress& from, KvMessage m) {
       dest->remote = *remote;
   }
   if (refuse.empty() && dest->remote->length() < m.layout.region_bytes())
-    refuse = "decode cache descriptor of " + S(dest->remote->length()) + " bytes is smaller than its layout's " +
-             S(m.layout.region_bytes());
+    refuse = "decode cache descriptor of " + std::to_string(dest->remote->length()) +
+             " bytes is smaller than its layout's " + std::to_string(m.layout.region_bytes());
   if (refuse.empty() && !RangeWithin(dest->context_offset, dest->context_bytes, dest->remote->length()))
-    refuse = "context slot [" + S(dest->context_offset) + ", +" + S(dest->context_bytes) +
-             ") outside the decode region of " + S(dest->remote->length()) + " bytes";
+    refuse = "context slot [" + std::to_string(dest->context_offset) + ", +" + std::to_string(dest->context_bytes) +
+             ") outside the decode region of " + std::to_string(dest->remote->length()) + " bytes";
   for (uint32_t p : dest->pages)
     if (refuse.empty() && p >= m.layout.pages)
-      refuse = "decode page " + S(p) + " outside [0, " + S(m.layout.pages) + ")";
+      refuse = "decode page " + std::to_string(p) + " outside [0, " + std::to_string(m.layout.pages) + ")";
   const size_t npages = dest->pages.size();
   bool announce = false;
   {
@@ -269,13 +280,14 @@ bool KvPrefiller::AcceptPullLocked(const KvMessage& m, std::unique_ptr<Dest> des
   last_heard_[dest->peer_hex] = Clock::now();
   auto& slot = requests_[m.request];
   if (!slot) {
-    if (refuse.empty() && retired_.count(m.request)) refuse = "request " + S(m.request) + " already left this rank";
+    if (refuse.empty() && retired_.count(m.request))
+      refuse = "request " + std::to_string(m.request) + " already left this rank";
     slot = std::make_unique<Request>();
   }
   Request& r = *slot;
   if (refuse.empty() && !idle && r.started && r.pages.size() != dest->pages.size())
-    refuse =
-        "decode rank " + S(m.rank) + " gave " + S(dest->pages.size()) + " pages for a request of " + S(r.pages.size());
+    refuse = "decode rank " + std::to_string(m.rank) + " gave " + std::to_string(dest->pages.size()) +
+             " pages for a request of " + std::to_string(r.pages.size());
   if (!refuse.empty()) {
     KvMessage f;
     f.kind = KvMessage::Kind::kFailed;
@@ -292,7 +304,7 @@ bool KvPrefiller::AcceptPullLocked(const KvMessage& m, std::unique_ptr<Dest> des
   dest->layer_sent.assign(layout_.layers, false);
   if (idle) dest->state = Dest::State::kDone;
   r.expected_dests = int64_t(m.layout.tp);
-  const std::string key = dest->peer_hex + "/" + S(m.rank);
+  const std::string key = dest->peer_hex + "/" + std::to_string(m.rank);
   if (r.dests.count(key)) return false;  // a duplicate PULL
   // An immediate heartbeat: the decoder knows from now on that this rank is
   // alive, and times its silence from here.
@@ -309,8 +321,8 @@ void KvPrefiller::SubmitLocked(uint64_t id, Request& r, Dest& d, bool context, u
   te::Request request;
   if (context) {
     if (r.context_len > d.context_bytes) {
-      FailDestLocked(d,
-                     "context of " + S(r.context_len) + " bytes exceeds the decoder's slot of " + S(d.context_bytes));
+      FailDestLocked(d, "context of " + std::to_string(r.context_len) + " bytes exceeds the decoder's slot of " +
+                            std::to_string(d.context_bytes));
       return;
     }
     if (r.context_len == 0) {
@@ -397,8 +409,10 @@ void KvPrefiller::PumpLocked(uint64_t id, Request& r) {
       SendLocked(d.peer, m);
       d.state = Dest::State::kDone;
       if (r.status.ok())
-        r.status = cancelled ? Cancelled("decode rank " + S(d.rank) + " cancelled request " + S(id))
-                             : Unavailable("request " + S(id) + " to decode rank " + S(d.rank) + ": " + d.why);
+        r.status = cancelled
+                       ? Cancelled("decode rank " + std::to_string(d.rank) + " cancelled request " + std::to_string(id))
+                       : Unavailable("request " + std::to_string(id) + " to decode rank " + std::to_string(d.rank) +
+                                     ": " + d.why);
     }
     all_done = all_done && d.state == Dest::State::kDone;
   }
@@ -461,7 +475,7 @@ void KvPrefiller::Run() {
                           (d->context_source && !d->context_sent);
         auto heard = last_heard_.find(d->peer_hex);
         if (owed && (heard == last_heard_.end() || now - heard->second > options_.peer_timeout)) {
-          FailDestLocked(*d, "decoder silent for more than " + S(options_.peer_timeout.count()) + " ms");
+          FailDestLocked(*d, "decoder silent for more than " + std::to_string(options_.peer_timeout.count()) + " ms");
           touch = true;
         }
       }
@@ -470,8 +484,8 @@ void KvPrefiller::Run() {
           int64_t(r->dests.size()) != r->expected_dests && !r->aborted) {
         r->aborted = true;
         if (r->status.ok())
-          r->status = Timeout("request " + S(id) + ": not every decode rank asked within " +
-                              S(options_.pull_timeout.count()) + " ms of the last layer");
+          r->status = Timeout("request " + std::to_string(id) + ": not every decode rank asked within " +
+                              std::to_string(options_.pull_timeout.count()) + " ms of the last layer");
         touch = true;
       }
       if (touch) touched.push_back(id);

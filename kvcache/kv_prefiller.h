@@ -32,6 +32,8 @@
 // forever: engine writes themselves fail within the engine's request
 // timeout.
 //
+// Lifetime: the engine outlives the prefiller (it holds the engine's receive
+// handler and a registration).
 // Threads: the public methods are safe from any thread. The engine must run
 // in ProgressMode::kThread. `on_sent` runs on an internal thread, outside
 // the prefiller's lock; it may call the prefiller.

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "base/status.h"
+#include "transfer/imm_ranges.h"
 
 namespace te::moe {
 
@@ -34,8 +35,8 @@ struct EpConfig {
   // alike with kUnavailable.
   static constexpr uint32_t kWorstCase = std::numeric_limits<uint32_t>::max();
   uint32_t overflow_tokens = kWorstCase;
-  // Immediates used: imm_base + 0 .. 5. Keep clear of the engine's other users.
-  uint32_t imm_base = 0x4d450000;
+  // Immediates used: imm_base + 0 .. 5 (transfer/imm_ranges.h).
+  uint32_t imm_base = kMoeImms.base;
   // A peer that sends nothing for this long fails the call with kTimeout.
   std::chrono::milliseconds timeout{10000};
 

@@ -71,13 +71,11 @@ Result<std::unique_ptr<EpDispatcher>> EpDispatcher::Create(TransferEngine* engin
 
 Status EpDispatcher::Init() {
   for (size_t bytes : {layout_->recv_bytes, layout_->send_bytes}) {
-    void* p = std::aligned_alloc(4096, bytes);
-    if (!p) return Unavailable("cannot allocate " + std::to_string(bytes) + " bytes of dispatch buffers");
-    std::memset(p, 0, bytes);
-    memory_.push_back(static_cast<uint8_t*>(p));
+    TE_ASSIGN_OR_RETURN(auto buffer, AlignedBuffer::Allocate(bytes));
+    memory_.push_back(std::move(buffer));
   }
-  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->RegisterMemory(memory_[0], layout_->recv_bytes));
-  TE_ASSIGN_OR_RETURN(send_mr_, engine_->RegisterMemory(memory_[1], layout_->send_bytes));
+  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->RegisterMemory(memory_[0].data(), layout_->recv_bytes));
+  TE_ASSIGN_OR_RETURN(send_mr_, engine_->RegisterMemory(memory_[1].data(), layout_->send_bytes));
   overflow_offset_.assign(config_.ranks, 0);
   return Status::Ok();
 }
@@ -87,8 +85,7 @@ EpDispatcher::~EpDispatcher() {
   (void)WaitSends(dispatch_sends_, dispatch_submitted_, "shutdown");
   (void)WaitSends(combine_sends_, combine_submitted_, "shutdown");
   recv_mr_.reset();
-  send_mr_.reset();
-  for (uint8_t* p : memory_) std::free(p);
+  send_mr_.reset();  // before memory_ itself goes
 }
 
 size_t EpDispatcher::buffer_bytes() const { return layout_->recv_bytes + layout_->send_bytes; }
@@ -230,8 +227,8 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t((seq_ + 1) & 1);
   const uint64_t C = L.private_records;
   ++seq_;
-  uint8_t* recv = memory_[0];
-  uint8_t* send = memory_[1];
+  uint8_t* recv = memory_[0].data();
+  uint8_t* send = memory_[1].data();
   DispatchHandle& h = out->handle;
   h.seq = seq_;
 
@@ -366,8 +363,8 @@ Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, co
   if (Status s = WaitSends(combine_sends_, combine_submitted_, "previous combine's writes"); !s.ok()) return Fail(s);
 
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
-  uint8_t* recv = memory_[0];
-  uint8_t* send = memory_[1];
+  uint8_t* recv = memory_[0].data();
+  uint8_t* send = memory_[1].data();
   auto N = [&](uint32_t s, uint32_t d) { return uint64_t(h.matrix[size_t(s) * R + d]); };
   const Completion sent{.counter = &combine_sends_};
   // Partial sums per source, each written back as soon as it is ready.
@@ -398,12 +395,12 @@ Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, co
   return reinterpret_cast<const uint16_t*>(recv + L.Combine(b, 0));
 }
 
-uint8_t* EpDispatcher::send_records() const { return memory_[1] + layout_->send_records_off; }
+uint8_t* EpDispatcher::send_records() const { return memory_[1].data() + layout_->send_records_off; }
 uint16_t* EpDispatcher::send_partials() const {
-  return reinterpret_cast<uint16_t*>(memory_[1] + layout_->send_partials_off);
+  return reinterpret_cast<uint16_t*>(memory_[1].data() + layout_->send_partials_off);
 }
 std::vector<EpDispatcher::HostBuffer> EpDispatcher::host_buffers() const {
-  return {{memory_[0], layout_->recv_bytes}, {memory_[1], layout_->send_bytes}};
+  return {{memory_[0].data(), layout_->recv_bytes}, {memory_[1].data(), layout_->send_bytes}};
 }
 
 }  // namespace te::moe

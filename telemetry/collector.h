@@ -5,6 +5,10 @@
 //
 // The region can live in a file (e.g. under /dev/shm) so that another
 // process maps it and queries without the collector doing anything at all.
+//
+// Threads: Query and ReadList only read the region (while reporters write
+// into it); any thread may call them. The engine outlives the collector,
+// which holds a registration of it.
 #pragma once
 
 #include <memory>

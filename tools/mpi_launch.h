@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "tools/exit_on_error.h"
+#include "tools/tool_support.h"
 
 namespace te::tools {
 
@@ -18,11 +18,11 @@ inline bool UnderMpi() { return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SI
 // Runs this executable with argv (minus any --<override_flag>=...) plus
 // `extra` under `mpirun -n <processes>`. Root and more ranks than cores are
 // allowed; ranks yield when idle. Exits on failure.
-inline void RunUnderMpirun(const char* tool, const std::string& mpirun, int processes, const std::string& btl, int argc,
-                           char** argv, const std::vector<std::string>& drop_flags, const std::string& extra) {
+inline void RunUnderMpirun(const std::string& mpirun, int processes, const std::string& btl, int argc, char** argv,
+                           const std::vector<std::string>& drop_flags, const std::string& extra) {
   char exe[4096];
   ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-  if (n <= 0) Die(tool, "cannot find this executable (/proc/self/exe)");
+  if (n <= 0) Die("cannot find this executable (/proc/self/exe)");
   exe[n] = 0;
   std::string args;
   for (int i = 1; i < argc; ++i) {
@@ -34,7 +34,7 @@ inline void RunUnderMpirun(const char* tool, const std::string& mpirun, int proc
   const std::string cmd = mpirun + " --allow-run-as-root --oversubscribe --bind-to none -n " +
                           std::to_string(processes) + " --mca btl " + btl + " --mca mpi_yield_when_idle 1 '" + exe +
                           "'" + args + " " + extra;
-  if (int rc = system(cmd.c_str()); rc != 0) Die(tool, "'" + cmd + "' failed (status " + std::to_string(rc) + ")");
+  if (int rc = system(cmd.c_str()); rc != 0) Die("'" + cmd + "' failed (status " + std::to_string(rc) + ")");
 }
 
 }  // namespace te::tools

@@ -32,7 +32,7 @@
 
 #include "base/crc32c.h"
 #include "nic/fabric/raw_write_loop.h"
-#include "tools/exit_on_error.h"
+#include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_bool(listen, false, "Serve as the target and print the address line");
@@ -67,12 +67,9 @@ constexpr uint32_t kRawDataImm = 0x200, kRawAckImm = 0x201, kRawPingImm = 0x202;
 constexpr size_t kPagesInRegion = 1024;
 constexpr size_t kPageSlack = 128;
 
-[[noreturn]] void Die(const std::string& what) { te::tools::Die("te-bench", what); }
-template <typename T>
-T Must(te::Result<T> r, const char* step) {
-  return te::tools::Must("te-bench", std::move(r), step);
-}
-void Must(const te::Status& s, const char* step) { te::tools::Must("te-bench", s, step); }
+using te::tools::Die;
+using te::tools::Must;
+using te::tools::Percentile;
 
 uint64_t ParseSize(const std::string& s) {
   char* end = nullptr;
@@ -119,13 +116,6 @@ std::string HumanSize(uint64_t b) {
   return buf;
 }
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  size_t i = std::min(v.size() - 1, size_t(p * (v.size() - 1) + 0.5));
-  return v[i];
-}
-
 // Region size: the largest single write or the page area, whichever is larger.
 size_t RegionBytes() {
   uint64_t max_single = 4096, max_page = 1024;
@@ -143,16 +133,9 @@ void FillPattern(uint8_t* p, size_t n) {
 }
 
 te::EngineOptions MakeEngineOptions() {
-  te::EngineOptions o;
-  o.fabric.provider = FLAGS_provider;
-  o.fabric.domain = FLAGS_iface;
-  o.domains = FLAGS_domains;
-  o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
-  if (FLAGS_progress == "manual")
-    o.progress = te::ProgressMode::kManual;
-  else if (FLAGS_progress != "thread")
-    Die("--progress must be 'thread' or 'manual', not '" + FLAGS_progress + "'");
-  return o;
+  return Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface, FLAGS_domains, FLAGS_progress,
+                                             std::chrono::milliseconds(FLAGS_timeout_ms)}),
+              "engine flags");
 }
 
 te::nic::FabricOptions RawOptions() {

@@ -43,7 +43,7 @@
 #include "kvcache/kv_prefiller.h"
 #include "kvcache/kv_registry.h"
 #include "kvcache/kv_router.h"
-#include "tools/exit_on_error.h"
+#include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_string(preset, "llama70b", "model shape: llama70b (GQA, 8 KV heads) or deepseek (MLA)");
@@ -73,15 +73,9 @@ using te::kvcache::KvInstanceInfo;
 using te::kvcache::KvLayout;
 using te::kvcache::KvPrefiller;
 
-[[noreturn]] void Die(const std::string& what) { te::tools::Die("te-kv", what); }
-template <typename T>
-T ExitOnError(te::Result<T> r, const std::string& step) {
-  if (!r.ok()) Die(step + ": " + r.status().ToString());
-  return std::move(r).value();
-}
-void ExitOnError(const te::Status& s, const std::string& step) {
-  if (!s.ok()) Die(step + ": " + s.ToString());
-}
+using te::tools::Die;
+using te::tools::Median;
+using te::tools::Must;
 
 double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
 uint64_t NowNs() {
@@ -89,20 +83,18 @@ uint64_t NowNs() {
 }
 
 te::EngineOptions EngineOpts() {
-  te::EngineOptions o;
-  o.fabric.provider = FLAGS_provider;
-  if (!FLAGS_iface.empty()) o.fabric.domain = FLAGS_iface;
-  o.request_timeout = std::chrono::milliseconds(FLAGS_request_timeout_ms);
-  return o;
+  return Must(te::tools::BuildEngineOptions(
+                  {FLAGS_provider, FLAGS_iface, 1, "thread", std::chrono::milliseconds(FLAGS_request_timeout_ms)}),
+              "engine flags");
 }
 
 KvLayout Layout(int tp, uint32_t pages) {
-  KvLayout l = ExitOnError(KvLayout::Preset(FLAGS_preset), "--preset");
+  KvLayout l = Must(KvLayout::Preset(FLAGS_preset), "--preset");
   if (FLAGS_order != "NHD" && FLAGS_order != "HND") Die("--order must be NHD or HND, got " + FLAGS_order);
   l.order = FLAGS_order == "NHD" ? te::kvcache::KvOrder::kNHD : te::kvcache::KvOrder::kHND;
   l.tp = uint32_t(tp);
   l.pages = pages;
-  ExitOnError(l.Validate(), "layout");
+  Must(l.Validate(), "layout");
   return l;
 }
 
@@ -122,10 +114,9 @@ struct Prefill {
         o.on_pull = nullptr;
         o.on_sent = nullptr;
       }
-      engines.push_back(ExitOnError(te::TransferEngine::Create(EngineOpts()), "prefill engine"));
+      engines.push_back(Must(te::TransferEngine::Create(EngineOpts()), "prefill engine"));
       memory.emplace_back(KvPrefiller::MemoryBytes(l, o));
-      ranks.push_back(
-          ExitOnError(KvPrefiller::Create(engines.back().get(), l, r, memory.back().data(), o), "prefiller"));
+      ranks.push_back(Must(KvPrefiller::Create(engines.back().get(), l, r, memory.back().data(), o), "prefiller"));
     }
   }
   ~Prefill() {
@@ -141,7 +132,7 @@ struct Prefill {
     for (uint32_t r = 0; r < layout.tp; ++r) te::kvcache::FillKvPattern(layout, r, pages, salt, memory[r].data());
   }
   void Start(uint64_t id, const std::vector<uint32_t>& pages) {
-    for (auto& p : ranks) ExitOnError(p->Start(id, pages), "Start");
+    for (auto& p : ranks) Must(p->Start(id, pages), "Start");
   }
   // Layer done on every rank; false if the request is gone (cancelled, failed).
   bool Layer(uint64_t id, uint32_t l) {
@@ -168,9 +159,9 @@ struct Decode {
     o.context_slots = uint32_t(std::max(FLAGS_slots, 1));
     o.peer_timeout = std::chrono::milliseconds(FLAGS_peer_timeout_ms);
     for (uint32_t r = 0; r < l.tp; ++r) {
-      engines.push_back(ExitOnError(te::TransferEngine::Create(EngineOpts()), "decode engine"));
+      engines.push_back(Must(te::TransferEngine::Create(EngineOpts()), "decode engine"));
       memory.emplace_back(KvDecoder::MemoryBytes(l, o));
-      ranks.push_back(ExitOnError(KvDecoder::Create(engines.back().get(), l, r, memory.back().data(), o), "decoder"));
+      ranks.push_back(Must(KvDecoder::Create(engines.back().get(), l, r, memory.back().data(), o), "decoder"));
     }
   }
   ~Decode() {
@@ -210,12 +201,6 @@ struct Waiter {
   }
 };
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 // ---------------------------------------------------------------- loopback
 
 // Bare PagedWrites of `units` runs of `run_bytes` from prefill rank 0 to
@@ -225,22 +210,21 @@ double Median(std::vector<double> v) {
 class PagedBaseline {
  public:
   PagedBaseline(Prefill& p, Decode& d, uint64_t run_bytes, uint64_t units) : p_(p), d_(d), run_bytes_(run_bytes) {
-    src_ = ExitOnError(p.engines[0]->RegisterMemory(p.memory[0].data(), p.memory[0].size()), "baseline src");
-    auto dst_mr = ExitOnError(d.engines[0]->RegisterMemory(d.memory[0].data(), d.memory[0].size()), "baseline dst");
-    dst_ = ExitOnError(p.engines[0]->Import(d.engines[0]->Describe(*dst_mr)), "baseline import");
+    src_ = Must(p.engines[0]->RegisterMemory(p.memory[0].data(), p.memory[0].size()), "baseline src");
+    auto dst_mr = Must(d.engines[0]->RegisterMemory(d.memory[0].data(), d.memory[0].size()), "baseline dst");
+    dst_ = Must(p.engines[0]->Import(d.engines[0]->Describe(*dst_mr)), "baseline import");
     dst_mr_ = dst_mr;
     n_ = std::min({units, p.memory[0].size() / run_bytes, d.memory[0].size() / run_bytes});
   }
   // GB/s of one pass.
   double Run() {
-    const uint32_t imm = 0x42410000 + uint32_t(rep_++ & 0xffff);
+    const uint32_t imm = 0x00424100 + uint32_t(rep_++ & 0xffff);  // application range (imm_ranges.h)
     te::CompletionCounter done;
     // Completion by callback, as the decoder does (a blocking WaitImm would
     // wake this thread on every arrival batch).
     Waiter arrived;
     arrived.left = 1;
-    ExitOnError(d_.engines[0]->ExpectImm(imm, n_, [&] { arrived.Callback()(0, te::Status::Ok(), {}); }),
-                "baseline expect");
+    Must(d_.engines[0]->ExpectImm(imm, n_, [&] { arrived.Callback()(0, te::Status::Ok(), {}); }), "baseline expect");
     const auto t0 = Clock::now();
     uint64_t requests = 0;
     for (uint64_t first = 0; first < n_; first += 64) {
@@ -254,7 +238,7 @@ class PagedBaseline {
         w.dst_pages.push_back(uint32_t(i));
       }
       w.imm = imm;
-      ExitOnError(p_.engines[0]->Submit(std::move(w), {.counter = &done}), "baseline submit");
+      Must(p_.engines[0]->Submit(std::move(w), {.counter = &done}), "baseline submit");
       ++requests;
     }
     if (!arrived.Wait(std::chrono::seconds(60))) Die("baseline writes did not all arrive within 60 s");
@@ -277,7 +261,7 @@ int Loopback() {
   const KvLayout probe = Layout(FLAGS_prefill_tp, 1);
   const uint32_t pages = RequestPages(probe);
   const KvLayout src_layout = Layout(FLAGS_prefill_tp, pages), dst_layout = Layout(FLAGS_decode_tp, pages);
-  ExitOnError(te::kvcache::CheckCompatible(src_layout, dst_layout), "layouts");
+  Must(te::kvcache::CheckCompatible(src_layout, dst_layout), "layouts");
   te::kvcache::PrefillerOptions po;
   po.context_bytes = 64;
   po.peer_timeout = std::chrono::milliseconds(FLAGS_peer_timeout_ms);
@@ -294,7 +278,7 @@ int Loopback() {
   uint64_t bytes = 0, units0 = 0, run_bytes0 = 0;
   for (uint32_t d = 0; d < dst_layout.tp; ++d)
     for (uint32_t s : te::kvcache::SourceRanks(src_layout, dst_layout, d)) {
-      auto runs = ExitOnError(te::kvcache::PlanPageRuns(src_layout, s, dst_layout, d), "plan");
+      auto runs = Must(te::kvcache::PlanPageRuns(src_layout, s, dst_layout, d), "plan");
       bytes += uint64_t(src_layout.layers) * src_layout.tensors() * pages * runs.runs() * runs.run_bytes;
       if (d == 0 && s == te::kvcache::SourceRanks(src_layout, dst_layout, 0).front()) {
         units0 = uint64_t(src_layout.layers) * src_layout.tensors() * pages * runs.runs();
@@ -326,7 +310,7 @@ int Loopback() {
         for (auto& m : decode.memory) std::fill(m.begin(), m.begin() + dst_layout.region_bytes(), 0);
       Waiter w;
       w.left = int(dst_layout.tp);
-      for (auto& d : decode.ranks) ExitOnError(d->Receive(id, info, dst_pages, w.Callback()), "Receive");
+      for (auto& d : decode.ranks) Must(d->Receive(id, info, dst_pages, w.Callback()), "Receive");
       prefill.Start(id, src_pages);
       Clock::time_point last;
       if (bulk) {
@@ -344,7 +328,7 @@ int Loopback() {
       }
       prefill.Finish(id, NowNs());
       if (!w.Wait(std::chrono::seconds(120))) Die("request " + std::to_string(id) + " never became ready");
-      ExitOnError(w.status, "request " + std::to_string(id));
+      Must(w.status, "request " + std::to_string(id));
       const double after = Ms(w.ready - last);
       (bulk ? ready_bulk : ready_stream).push_back(after);
       if (bulk) rate_bulk.push_back(double(bytes) / (after / 1e3) / 1e9);
@@ -400,7 +384,7 @@ std::atomic<bool> g_stop{false};
 
 int ServePrefill() {
   if (FLAGS_registry.empty() || FLAGS_name.empty()) Die("prefill needs --registry and --name");
-  auto registry = ExitOnError(te::kvcache::KvRegistry::Connect(FLAGS_registry), "registry");
+  auto registry = Must(te::kvcache::KvRegistry::Connect(FLAGS_registry), "registry");
   const KvLayout probe = Layout(FLAGS_prefill_tp, 1);
   const uint32_t per = RequestPages(probe), slots = uint32_t(std::max(FLAGS_slots, 1));
   const KvLayout layout = Layout(FLAGS_prefill_tp, per * slots);
@@ -437,10 +421,9 @@ int ServePrefill() {
   te::kvcache::RegistryEntry entry;
   entry.info = prefill->Info(FLAGS_name);
   entry.capacity = slots;
-  auto registration =
-      ExitOnError(te::kvcache::KvRegistration::Start(registry.get(), entry,
-                                                     [&] { return uint32_t(prefill->ranks[0]->active_requests()); }),
-                  "register");
+  auto registration = Must(te::kvcache::KvRegistration::Start(
+                               registry.get(), entry, [&] { return uint32_t(prefill->ranks[0]->active_requests()); }),
+                           "register");
   fprintf(stderr, "te-kv prefill '%s': %s, %u slots of %u pages, serving for %d s\n", FLAGS_name.c_str(),
           layout.Describe().c_str(), slots, per, FLAGS_serve_seconds);
   const auto layer_time = std::chrono::microseconds(int64_t(FLAGS_layer_ms * 1000));
@@ -485,7 +468,7 @@ int ServePrefill() {
 
 int RunDecode() {
   if (FLAGS_registry.empty() || FLAGS_name.empty()) Die("decode needs --registry and --name");
-  auto registry = ExitOnError(te::kvcache::KvRegistry::Connect(FLAGS_registry), "registry");
+  auto registry = Must(te::kvcache::KvRegistry::Connect(FLAGS_registry), "registry");
   const KvLayout probe = Layout(FLAGS_decode_tp, 1);
   const uint32_t per = RequestPages(probe);
   Decode decode(Layout(FLAGS_decode_tp, per));
@@ -495,7 +478,7 @@ int RunDecode() {
   entry.capacity = 1;
   std::atomic<uint32_t> load{0};
   auto registration =
-      ExitOnError(te::kvcache::KvRegistration::Start(registry.get(), entry, [&] { return load.load(); }), "register");
+      Must(te::kvcache::KvRegistration::Start(registry.get(), entry, [&] { return load.load(); }), "register");
   te::kvcache::KvRouter router(registry.get());
   std::vector<uint32_t> pages(per);
   for (uint32_t i = 0; i < per; ++i) pages[i] = per - 1 - i;
@@ -519,7 +502,7 @@ int RunDecode() {
       Waiter w;
       w.left = int(decode.layout.tp);
       load = 1;
-      for (auto& d : decode.ranks) ExitOnError(d->Receive(id, route->prefill.info, pages, w.Callback()), "Receive");
+      for (auto& d : decode.ranks) Must(d->Receive(id, route->prefill.info, pages, w.Callback()), "Receive");
       if (!w.Wait(std::chrono::seconds(120))) Die("request never became ready");
       load = 0;
       if (!w.status.ok()) {

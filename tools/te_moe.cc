@@ -17,6 +17,7 @@
 
 #include "moe/placement.h"
 #include "moe/routing_trace.h"
+#include "tools/tool_support.h"
 
 DEFINE_string(out, "", "gen: trace file to write");
 DEFINE_string(trace, "", "place: trace file to read");
@@ -38,10 +39,7 @@ DEFINE_bool(json, false, "Print JSON");
 
 namespace {
 
-[[noreturn]] void Die(const std::string& s) {
-  fprintf(stderr, "te-moe: %s\n", s.c_str());
-  exit(1);
-}
+using te::tools::Die;
 
 int Gen() {
   if (FLAGS_out.empty()) Die("gen needs --out=FILE");

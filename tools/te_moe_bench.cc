@@ -34,9 +34,9 @@
 #include "moe/placement.h"
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
-#include "tools/exit_on_error.h"
 #include "tools/mpi_allgather.h"
 #include "tools/mpi_launch.h"
+#include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_string(ep, "2,4", "bench: EP sizes (processes) to run, comma-separated");
@@ -61,6 +61,7 @@ namespace {
 constexpr const char* kTool = "te-moe";
 using te::tools::Die;
 using te::tools::Must;
+using te::tools::Percentile;
 namespace moe = te::moe;
 
 std::vector<std::string> Split(const std::string& s) {
@@ -80,7 +81,7 @@ struct Shape {
 Shape ShapeNamed(const std::string& name) {
   if (name == "large") return {name, 7168, 256, 8};
   if (name == "small") return {name, 2048, 64, 4};
-  Die(kTool, "unknown shape '" + name + "': use large or small");
+  Die("unknown shape '" + name + "': use large or small");
 }
 
 // ---- The baseline: the same dispatch/combine over MPI_Alltoallv ----
@@ -173,7 +174,7 @@ std::vector<Layer> RandomLayers(const moe::EpConfig& c, uint32_t count) {
   std::vector<Layer> layers;
   for (uint32_t l = 0; l < count; ++l) {
     std::mt19937_64 rng(1000 * l + c.rank + 1);
-    Layer x{Must(kTool, moe::ExpertMap::Contiguous(c.experts, c.ranks), "expert map")};
+    Layer x{Must(moe::ExpertMap::Contiguous(c.experts, c.ranks), "expert map")};
     x.tokens = c.max_tokens;
     FillTokens(c, rng, &x);
     std::vector<uint32_t> perm(c.experts);
@@ -200,7 +201,7 @@ std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& 
   std::vector<Layer> layers;
   for (uint32_t l = 0; l < t.layers; ++l) {
     std::mt19937_64 rng(1000 * l + c.rank + 1);
-    Layer x{Must(kTool, moe::ExpertMap::FromRanks(rank_of[l], c.ranks), "expert map")};
+    Layer x{Must(moe::ExpertMap::FromRanks(rank_of[l], c.ranks), "expert map")};
     for (uint32_t i = 0; i < used; ++i) {
       if (home[i] == c.rank)
         for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(t.at(i, l, k));
@@ -211,12 +212,6 @@ std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& 
     layers.push_back(std::move(x));
   }
   return layers;
-}
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, size_t(p * double(v.size())))];
 }
 
 // The btl list mpirun was given (it exports MCA settings to the ranks).
@@ -242,8 +237,8 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   // Trace routing moves tokens between ranks: size for all of them landing on one.
   c.max_tokens = trace ? FLAGS_bench_tokens * ranks : FLAGS_bench_tokens;
   c.private_tokens = std::min(c.max_tokens, FLAGS_private_tokens ? FLAGS_private_tokens : FLAGS_bench_tokens);
-  auto d = Must(kTool, moe::EpDispatcher::Create(engine, c), "dispatcher");
-  Must(kTool, d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
+  auto d = Must(moe::EpDispatcher::Create(engine, c), "dispatcher");
+  Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
   MpiPath mpi(c);
 
   std::vector<Layer> layers = trace ? TraceLayers(c, *trace, *rank_of) : RandomLayers(c, 4);
@@ -267,7 +262,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     // Engine path.
     MPI_Barrier(MPI_COMM_WORLD);
     auto t0 = now();
-    Must(kTool, d->Dispatch(L.view(), L.map, &te_result), "dispatch");
+    Must(d->Dispatch(L.view(), L.map, &te_result), "dispatch");
     auto t1 = now();
     if (L.outputs.empty()) {  // the experts: computed once per layer, outside the timing
       L.outputs.resize(te_result.experts.size());
@@ -278,18 +273,18 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     te_out.assign(size_t(L.tokens) * c.hidden, 0);
     MPI_Barrier(MPI_COMM_WORLD);
     auto t2 = now();
-    Must(kTool, d->Combine(outs, te_result, te_out.data()), "combine");
+    Must(d->Combine(outs, te_result, te_out.data()), "combine");
     auto t3 = now();
     const double te_d = slowest(us(t0, t1)), te_c = slowest(us(t2, t3));
     // MPI path.
     MPI_Barrier(MPI_COMM_WORLD);
     t0 = now();
-    Must(kTool, mpi.Dispatch(L.view(), L.map, &mpi_result), "MPI dispatch");
+    Must(mpi.Dispatch(L.view(), L.map, &mpi_result), "MPI dispatch");
     t1 = now();
     mpi_out.assign(size_t(L.tokens) * c.hidden, 0);
     MPI_Barrier(MPI_COMM_WORLD);
     t2 = now();
-    Must(kTool, mpi.Combine(outs, mpi_result, mpi_out.data()), "MPI combine");
+    Must(mpi.Combine(outs, mpi_result, mpi_out.data()), "MPI combine");
     t3 = now();
     const double mpi_d = slowest(us(t0, t1)), mpi_c = slowest(us(t2, t3));
     if (i < layers.size()) {  // first pass: both paths agree, and what crosses ranks
@@ -338,26 +333,26 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
            cross_per_layer / 1e6, all_mismatches == 0 ? "ok" : "MISMATCH");
   }
   fflush(stdout);
-  if (all_mismatches) Die(kTool, "engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
+  if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
 }
 
 std::vector<std::vector<uint32_t>> ReadPlacementCsv(const std::string& path, const moe::RoutingTrace& t,
                                                     uint32_t ranks) {
   std::ifstream in(path);
-  if (!in) Die(kTool, "cannot read --placement " + path);
+  if (!in) Die("cannot read --placement " + path);
   std::vector<std::vector<uint32_t>> rank_of(t.layers, std::vector<uint32_t>(t.experts, UINT32_MAX));
   std::string line;
   std::getline(in, line);  // header
   while (std::getline(in, line)) {
     uint32_t l, e, r;
     if (sscanf(line.c_str(), "%u,%u,%u", &l, &e, &r) != 3 || l >= t.layers || e >= t.experts || r >= ranks)
-      Die(kTool, "--placement line '" + line + "' is not layer,expert,rank within the trace and --ep");
+      Die("--placement line '" + line + "' is not layer,expert,rank within the trace and --ep");
     rank_of[l][e] = r;
   }
   for (uint32_t l = 0; l < t.layers; ++l)
     for (uint32_t e = 0; e < t.experts; ++e)
       if (rank_of[l][e] == UINT32_MAX)
-        Die(kTool, "--placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
+        Die("--placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
   return rank_of;
 }
 
@@ -366,13 +361,9 @@ int Worker() {
   int rank, ranks;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
-  te::EngineOptions o;
-  o.fabric.provider = FLAGS_provider;
-  if (FLAGS_progress == "manual")
-    o.progress = te::ProgressMode::kManual;
-  else if (FLAGS_progress != "thread")
-    Die(kTool, "--progress must be manual or thread, not " + FLAGS_progress);
-  auto engine = Must(kTool, te::TransferEngine::Create(o), "engine");
+  const te::EngineOptions o =
+      Must(te::tools::BuildEngineOptions({FLAGS_provider, "", 1, FLAGS_progress}), "engine flags");
+  auto engine = Must(te::TransferEngine::Create(o), "engine");
 
   if (rank == 0 && !FLAGS_json) {
     printf(
@@ -388,15 +379,15 @@ int Worker() {
            "combine --------------------------------------------");
   }
   for (const std::string& p : Split(FLAGS_payloads)) {
-    if (p != "bf16" && p != "fp8") Die(kTool, "unknown payload '" + p + "': use bf16 or fp8");
+    if (p != "bf16" && p != "fp8") Die("unknown payload '" + p + "': use bf16 or fp8");
     const moe::Payload payload = p == "bf16" ? moe::Payload::kBf16 : moe::Payload::kFp8E4M3;
     if (FLAGS_bench_trace.empty()) {
       for (const std::string& s : Split(FLAGS_shapes))
         RunCase(engine.get(), ShapeNamed(s), payload, "uniform", nullptr, nullptr, rank, ranks);
       continue;
     }
-    auto trace = Must(kTool, moe::ReadTrace(FLAGS_bench_trace), "read --bench_trace");
-    if (trace.experts % ranks) Die(kTool, "trace experts must be a multiple of the EP size");
+    auto trace = Must(moe::ReadTrace(FLAGS_bench_trace), "read --bench_trace");
+    if (trace.experts % ranks) Die("trace experts must be a multiple of the EP size");
     Shape shape = ShapeNamed(Split(FLAGS_shapes).at(0));
     auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
     RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr.rank_of, rank, ranks);
@@ -414,10 +405,10 @@ int Worker() {
 int Launch(int argc, char** argv) {
   for (const std::string& ep : Split(FLAGS_ep)) {
     const auto n = te::ParseUint64(ep);  // 99999999999 must be refused, not thrown
-    if (!n || *n < 2 || *n > 64) Die(kTool, "--ep entry '" + ep + "' must be a number in [2, 64]");
+    if (!n || *n < 2 || *n > 64) Die("--ep entry '" + ep + "' must be a number in [2, 64]");
     std::string btl = FLAGS_mpi_btl;
     if (btl.empty()) btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
-    te::tools::RunUnderMpirun(kTool, FLAGS_mpirun, int(*n), btl, argc, argv, {"ep"}, "--ep=" + ep);
+    te::tools::RunUnderMpirun(FLAGS_mpirun, int(*n), btl, argc, argv, {"ep"}, "--ep=" + ep);
   }
   return 0;
 }

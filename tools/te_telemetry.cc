@@ -30,7 +30,7 @@
 #include "telemetry/collector.h"
 #include "telemetry/flow_records.h"
 #include "telemetry/reporter.h"
-#include "tools/exit_on_error.h"
+#include "tools/tool_support.h"
 
 DEFINE_string(provider, "tcp", "libfabric provider");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
@@ -55,18 +55,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 namespace tl = te::telemetry;
 
-[[noreturn]] void Die(const std::string& what) { te::tools::Die("te-telemetry", what); }
-template <typename T>
-T Must(te::Result<T> r, const char* step) {
-  return te::tools::Must("te-telemetry", std::move(r), step);
-}
-void Must(const te::Status& s, const char* step) { te::tools::Must("te-telemetry", s, step); }
+using te::tools::Die;
+using te::tools::Must;
 
 te::EngineOptions Engine() {
-  te::EngineOptions o;
-  o.fabric.provider = FLAGS_provider;
-  o.fabric.domain = FLAGS_iface;
-  return o;
+  return Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface}), "engine flags");
 }
 
 tl::CollectorInfo Layout() {

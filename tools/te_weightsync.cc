@@ -30,7 +30,7 @@
 #include <thread>
 #include <vector>
 
-#include "tools/exit_on_error.h"
+#include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
 #include "weightsync/schedule.h"
 #include "weightsync/synthetic_weights.h"
@@ -74,28 +74,27 @@ uint64_t ParseBytes(const std::string& s) {
   double v = strtod(s.c_str(), &end);
   const std::string unit = end ? end : "";
   const uint64_t m = unit == "K" ? 1ull << 10 : unit == "M" ? 1ull << 20 : unit == "G" ? 1ull << 30 : 1;
-  if (v <= 0 || (!unit.empty() && m == 1)) Die(kTool, "size '" + s + "' is not a number with K, M or G");
+  if (v <= 0 || (!unit.empty() && m == 1)) Die("size '" + s + "' is not a number with K, M or G");
   return uint64_t(v * double(m));
 }
 
 int FromEnv(int flag, const char* var, const char* what) {
   if (flag >= 0) return flag;
   const char* v = getenv(var);
-  if (!v) Die(kTool, std::string("give --") + what + " or set $" + var);
+  if (!v) Die(std::string("give --") + what + " or set $" + var);
   return atoi(v);
 }
 
 ModelSpec Model() {
-  if (!FLAGS_model_json.empty()) return Must(kTool, ReadModelJson(FLAGS_model_json), "read --model_json");
-  return Must(kTool, ModelPreset(FLAGS_model, ParseBytes(FLAGS_model_bytes)), "--model");
+  if (!FLAGS_model_json.empty()) return Must(ReadModelJson(FLAGS_model_json), "read --model_json");
+  return Must(ModelPreset(FLAGS_model, ParseBytes(FLAGS_model_bytes)), "--model");
 }
 
 std::unique_ptr<te::TransferEngine> Engine() {
-  te::EngineOptions o;
-  o.fabric.provider = FLAGS_provider;
-  o.fabric.domain = FLAGS_iface;
-  o.request_timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
-  return Must(kTool, te::TransferEngine::Create(o), "engine");
+  const te::EngineOptions o = Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface, 1, "thread",
+                                                                  std::chrono::milliseconds(FLAGS_timeout_ms)}),
+                                   "engine flags");
+  return Must(te::TransferEngine::Create(o), "engine");
 }
 
 std::string ReceiverFile(int rank) { return FLAGS_rendezvous + "/receiver-" + std::to_string(rank); }
@@ -103,7 +102,7 @@ std::string ReceiverFile(int rank) { return FLAGS_rendezvous + "/receiver-" + st
 void WriteAtomically(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp" + std::to_string(getpid());
   std::ofstream(tmp) << text;
-  if (rename(tmp.c_str(), path.c_str()) != 0) Die(kTool, "cannot write " + path);
+  if (rename(tmp.c_str(), path.c_str()) != 0) Die("cannot write " + path);
 }
 
 int Serve() {
@@ -111,24 +110,23 @@ int Serve() {
   const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
   const int sources = FromEnv(FLAGS_sources, "WORLD_SIZE", "sources");
   const ModelSpec model = Model();
-  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
-  if (rank < 0 || rank >= ranks) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --ranks)");
+  const ShardLayout dst = Must(ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  if (rank < 0 || rank >= ranks) Die("--rank " + std::to_string(rank) + " outside [0, --ranks)");
   const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
   // Everything that can fail without side effects goes first: no exception
   // escapes, and a failed start leaves no weights file behind.
   std::error_code ec;
   std::filesystem::create_directories(FLAGS_rendezvous, ec);
   if (ec || access(FLAGS_rendezvous.c_str(), W_OK) != 0)
-    Die(kTool,
-        "--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" + (ec ? " (" + ec.message() + ")" : ""));
+    Die("--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" + (ec ? " (" + ec.message() + ")" : ""));
   unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
   auto engine = Engine();
-  auto memory = Must(kTool, WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
+  auto memory = Must(WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
   auto must = [&](auto result, const char* step) {
     if (!result.ok()) {
       memory.reset();
       unlink(shm.c_str());
-      Die(kTool, std::string(step) + ": " + result.status().ToString());
+      Die(std::string(step) + ": " + result.status().ToString());
     }
     return std::move(result).value();
   };
@@ -186,20 +184,20 @@ int Push() {
   const int sources = FromEnv(FLAGS_sources, "WORLD_SIZE", "sources");
   const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
   const ModelSpec model = Model();
-  const ShardLayout src = Must(kTool, ShardLayout::Named(model, sources, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
-  if (rank < 0 || rank >= sources) Die(kTool, "--rank " + std::to_string(rank) + " outside [0, --sources)");
+  const ShardLayout src = Must(ShardLayout::Named(model, sources, FLAGS_src_layout), "--src_layout");
+  const ShardLayout dst = Must(ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  if (rank < 0 || rank >= sources) Die("--rank " + std::to_string(rank) + " outside [0, --sources)");
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(4 << 20, FLAGS_bucket_mb << 20);
-  const Schedule schedule = Must(kTool, Schedule::Build(src, dst, so), "schedule");
-  Must(kTool, schedule.Verify(src, dst), "schedule check");
+  const Schedule schedule = Must(Schedule::Build(src, dst, so), "schedule");
+  Must(schedule.Verify(src, dst), "schedule check");
   std::vector<uint8_t> region(src.RegionBytes(rank));
   auto engine = Engine();
   PusherOptions po;
   po.bucket_bytes = FLAGS_bucket_mb << 20;
   po.staging_bytes = FLAGS_staging_mb << 20;
   po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
-  auto pusher = Must(kTool, WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
+  auto pusher = Must(WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
   for (uint64_t v = FLAGS_first_version; v < FLAGS_first_version + FLAGS_versions; ++v) {
     // Receivers may come and go: read the rendezvous before every version.
     for (int d = 0; d < ranks; ++d) {
@@ -212,7 +210,7 @@ int Push() {
       }
     }
     FillShards(src, rank, v, region.data());
-    auto r = Must(kTool, pusher->Push(v), "push");
+    auto r = Must(pusher->Push(v), "push");
     if (FLAGS_json) {
       printf("{\"source\":%d,\"version\":%lu,\"bytes\":%lu,\"writes\":%lu,\"seconds\":%.4f,\"missed\":[", rank,
              (unsigned long)v, (unsigned long)r.bytes, (unsigned long)r.writes, r.seconds);
@@ -239,7 +237,7 @@ int StatusCmd() {
     if (it->path().filename().string().rfind("receiver-", 0) == 0 && it->path().extension() != ".tmp")
       files.push_back(it->path().string());
   if (ec && ec != std::errc::no_such_file_or_directory)
-    Die(kTool, "cannot read --rendezvous=" + FLAGS_rendezvous + ": " + ec.message());
+    Die("cannot read --rendezvous=" + FLAGS_rendezvous + ": " + ec.message());
   std::sort(files.begin(), files.end());
   if (files.empty()) {
     printf("no receivers in %s\n", FLAGS_rendezvous.c_str());
@@ -277,10 +275,10 @@ int StatusCmd() {
 int ScheduleCmd() {
   const ModelSpec model = Model();
   const int S = FLAGS_sources > 0 ? FLAGS_sources : 8, D = FLAGS_ranks > 0 ? FLAGS_ranks : 4;
-  const ShardLayout src = Must(kTool, ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, D, FLAGS_layout), "--layout");
+  const ShardLayout src = Must(ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
+  const ShardLayout dst = Must(ShardLayout::Named(model, D, FLAGS_layout), "--layout");
   const auto t0 = std::chrono::steady_clock::now();
-  const Schedule s = Must(kTool, Schedule::Build(src, dst), "schedule");
+  const Schedule s = Must(Schedule::Build(src, dst), "schedule");
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const te::Status check = s.Verify(src, dst);
   printf("model: %zu parameters, %.1f MiB; %s -> %s; built in %.3f s; check: %s\n", model.params.size(),
@@ -300,14 +298,14 @@ std::unique_ptr<te::TransferEngine> WeightsyncEngineFromFlags() { return Engine(
 #ifdef TE_HAVE_MPI
 int Bench(int argc, char** argv);  // te_weightsync_bench.cc
 #else
-int Bench(int, char**) { Die(kTool, "bench needs MPI: install libopenmpi-dev (scripts/install-deps.sh) and rebuild"); }
+int Bench(int, char**) { Die("bench needs MPI: install libopenmpi-dev (scripts/install-deps.sh) and rebuild"); }
 #endif
 
 int main(int argc, char** argv) {
   gflags::SetUsageMessage("te-weightsync serve|push|status|schedule|bench [flags]");
   const std::vector<std::string> original(argv, argv + argc);
   gflags::ParseCommandLineFlags(&argc, &argv, true);
-  if (argc < 2) Die(kTool, "name a command: serve, push, status, schedule or bench");
+  if (argc < 2) Die("name a command: serve, push, status, schedule or bench");
   const std::string cmd = argv[1];
   if (cmd == "serve") return Serve();
   if (cmd == "push") return Push();
@@ -318,5 +316,5 @@ int main(int argc, char** argv) {
     for (const auto& a : original) args.push_back(const_cast<char*>(a.c_str()));
     return Bench(int(args.size()), args.data());
   }
-  Die(kTool, "unknown command '" + cmd + "': use serve, push, status, schedule or bench");
+  Die("unknown command '" + cmd + "': use serve, push, status, schedule or bench");
 }

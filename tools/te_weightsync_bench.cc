@@ -21,9 +21,9 @@
 #include <thread>
 
 #include "base/checked_math.h"
-#include "tools/exit_on_error.h"
 #include "tools/mpi_allgather.h"
 #include "tools/mpi_launch.h"
+#include "tools/tool_support.h"
 #include "weightsync/schedule.h"
 #include "weightsync/synthetic_weights.h"
 #include "weightsync/weight_pusher.h"
@@ -48,6 +48,7 @@ namespace {
 
 constexpr const char* kTool = "te-weightsync";
 using te::tools::Die;
+using te::tools::Median;
 using te::tools::Must;
 using namespace te::weightsync;
 
@@ -57,25 +58,20 @@ double Slowest(double v) {
   return m;
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
 int Worker() {
   MPI_Init(nullptr, nullptr);
   int w, n;
   MPI_Comm_rank(MPI_COMM_WORLD, &w);
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   const int D = FLAGS_receivers, S = n - D;
-  if (S < 1) Die(kTool, "need at least one source besides " + std::to_string(D) + " receivers");
+  if (S < 1) Die("need at least one source besides " + std::to_string(D) + " receivers");
   const bool source = w < S;
   const ModelSpec model = WeightsyncModelFromFlags();
-  const ShardLayout src = Must(kTool, ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(kTool, ShardLayout::Named(model, D, FLAGS_layout), "--layout");
+  const ShardLayout src = Must(ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
+  const ShardLayout dst = Must(ShardLayout::Named(model, D, FLAGS_layout), "--layout");
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(4 << 20, FLAGS_bucket_mb << 20);
-  const Schedule schedule = Must(kTool, Schedule::Build(src, dst, so), "schedule");
+  const Schedule schedule = Must(Schedule::Build(src, dst, so), "schedule");
   auto engine = WeightsyncEngineFromFlags();
 
   // ---- Engine path ----
@@ -85,10 +81,10 @@ int Worker() {
   std::unique_ptr<WeightPusher> pusher;
   std::string info;
   if (!source) {
-    memory = Must(kTool, WeightsMemory::Create("", dst.RegionBytes(w - S)), "weights memory");
+    memory = Must(WeightsMemory::Create("", dst.RegionBytes(w - S)), "weights memory");
     ReceiverOptions ro;
     ro.timeout = std::chrono::milliseconds(FLAGS_timeout_ms);
-    receiver = Must(kTool, WeightReceiver::Create(engine.get(), dst, w - S, S, memory.get(), ro), "receiver");
+    receiver = Must(WeightReceiver::Create(engine.get(), dst, w - S, S, memory.get(), ro), "receiver");
     info = receiver->Info();
   }
   const std::vector<std::string> infos = te::tools::AllGatherStrings(info, n);
@@ -98,8 +94,8 @@ int Worker() {
     po.bucket_bytes = FLAGS_bucket_mb << 20;
     po.staging_bytes = FLAGS_staging_mb << 20;
     po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
-    pusher = Must(kTool, WeightPusher::Create(engine.get(), schedule, src, w, region.data(), po), "pusher");
-    for (int d = 0; d < D; ++d) Must(kTool, pusher->SetReceiver(d, infos[S + d]), "receiver info");
+    pusher = Must(WeightPusher::Create(engine.get(), schedule, src, w, region.data(), po), "pusher");
+    for (int d = 0; d < D; ++d) Must(pusher->SetReceiver(d, infos[S + d]), "receiver info");
   }
   std::vector<double> te_s;
   uint64_t missed = 0;
@@ -108,7 +104,7 @@ int Worker() {
     MPI_Barrier(MPI_COMM_WORLD);
     const auto t0 = std::chrono::steady_clock::now();
     if (source) {
-      auto r = Must(kTool, pusher->Push(v), "push");
+      auto r = Must(pusher->Push(v), "push");
       missed += r.missed.size();
     } else {
       const auto end = t0 + std::chrono::seconds(120);
@@ -133,12 +129,12 @@ int Worker() {
   uint64_t total = 0;
   for (int s = 0; s < S; ++s) {
     if (src.RegionBytes(s) > (1ull << 31) - 1)
-      Die(kTool, "a source shard over 2 GiB: lower --model_bytes for the MPI baseline");
+      Die("a source shard over 2 GiB: lower --model_bytes for the MPI baseline");
     counts[s] = int(src.RegionBytes(s));
     displ[s] = int(total);
     total += src.RegionBytes(s);
   }
-  if (total > (1ull << 31) - 1) Die(kTool, "the MPI baseline's gather is limited to 2 GiB: lower --model_bytes");
+  if (total > (1ull << 31) - 1) Die("the MPI baseline's gather is limited to 2 GiB: lower --model_bytes");
   std::vector<uint8_t> full((w == 0 || !source) ? total : 0);
   std::vector<double> mpi_s;
   for (int v = 1; v <= FLAGS_iters; ++v) {
@@ -182,7 +178,7 @@ std::vector<int> Counts(const std::string& s) {
   while (std::getline(in, item, ','))
     if (!item.empty()) {
       const auto n = te::ParseUint64(item);  // 99999999999 must be refused, not thrown
-      if (!n || *n < 1 || *n > 32) Die(kTool, "--bench_sources entry '" + item + "' must be a number in [1, 32]");
+      if (!n || *n < 1 || *n > 32) Die("--bench_sources entry '" + item + "' must be a number in [1, 32]");
       out.push_back(int(*n));
     }
   return out;
@@ -192,14 +188,14 @@ std::vector<int> Counts(const std::string& s) {
 
 int Bench(int argc, char** argv) {
   if (te::tools::UnderMpi()) return Worker();
-  if (FLAGS_receivers < 1 || FLAGS_receivers > 32) Die(kTool, "--receivers must be in [1, 32]");
+  if (FLAGS_receivers < 1 || FLAGS_receivers > 32) Die("--receivers must be in [1, 32]");
   if (!FLAGS_json)
     printf("%7s %9s %10s %12s %10s %10s %10s %9s %s\n", "sources", "receivers", "model MiB", "delivered MiB",
            "engine s", "GB/s", "MPI s", "speedup", "check");
   fflush(stdout);
   for (int s : Counts(FLAGS_bench_sources)) {
     const std::string btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
-    te::tools::RunUnderMpirun(kTool, FLAGS_mpirun, s + FLAGS_receivers, btl, argc, argv, {}, "");
+    te::tools::RunUnderMpirun(FLAGS_mpirun, s + FLAGS_receivers, btl, argc, argv, {}, "");
   }
   return 0;
 }

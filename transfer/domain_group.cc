@@ -29,30 +29,6 @@ void FutexWake(std::atomic<uint32_t>* word) {
 
 }  // namespace
 
-void RequestList::PushBack(RequestState* r) {
-  r->list = this;
-  r->next = nullptr;
-  r->prev = tail;
-  if (tail)
-    tail->next = r;
-  else
-    head = r;
-  tail = r;
-}
-
-void RequestList::Remove(RequestState* r) {
-  if (r->prev)
-    r->prev->next = r->next;
-  else
-    head = r->next;
-  if (r->next)
-    r->next->prev = r->prev;
-  else
-    tail = r->prev;
-  r->prev = r->next = nullptr;
-  r->list = nullptr;
-}
-
 DomainGroup::DomainGroup(const EngineOptions& options, std::vector<std::shared_ptr<nic::Domain>> domains)
     : options_(options),
       domains_(std::move(domains)),
@@ -60,14 +36,14 @@ DomainGroup::DomainGroup(const EngineOptions& options, std::vector<std::shared_p
       pending_messages_(domains_.size()),
       inflight_(domains_.size(), 0),
       imm_counter_(options.max_imm_values),
-      callbacks_(options.progress == ProgressMode::kThread) {
+      callbacks_(options.progress == ProgressMode::kThread),
+      counters_(domains_.size()) {
   for (const auto& d : domains_) {
     size_t depth = d->info().tx_depth ? d->info().tx_depth : 1024;
     size_t limit = options_.max_inflight_per_domain ? options_.max_inflight_per_domain : std::min<size_t>(depth, 1024);
     max_inflight_.push_back(limit);
   }
   next_timeout_check_ = Clock::now();
-  stats_.domains = std::make_unique<AtomicDomainStats[]>(domains_.size());
 }
 
 void DomainGroup::Start() {
@@ -107,7 +83,7 @@ Status DomainGroup::Admit(size_t operations) {
 }
 
 void DomainGroup::Enqueue(RequestState* request) {
-  stats_.submitted.fetch_add(1, std::memory_order_relaxed);
+  counters_.RequestSubmitted();
   submissions_.Push(request);
   if (sleeping_.load()) {
     wake_word_.fetch_add(1);
@@ -167,7 +143,7 @@ bool DomainGroup::ProgressOnce() {
     if (domains_[d]->Poll(*this, kPollBatch) > 0) active = true;
   }
   if (!imm_batch_.empty()) {
-    stats_.imms.fetch_add(imm_batch_.size(), std::memory_order_relaxed);
+    counters_.ImmsReceived(imm_batch_.size());
     imm_counter_.Add(imm_batch_, &ready_);
     imm_batch_.clear();
     if (const uint64_t dropped = imm_counter_.dropped(); dropped != imms_dropped_seen_) {
@@ -182,10 +158,7 @@ bool DomainGroup::ProgressOnce() {
     CheckTimeouts(now);
     next_timeout_check_ = now + kTimeoutCheckInterval;
   }
-  if (peer_stats_dirty_ && now >= next_peer_snapshot_) {
-    PublishPeerStats();
-    next_peer_snapshot_ = now + std::chrono::milliseconds(10);
-  }
+  counters_.MaybePublishPeers(now);
   FlushReady();
   return active;
 }
@@ -279,16 +252,7 @@ void DomainGroup::Posted(size_t d, Work* w) {
     r->deadline = now_ + options_.request_timeout;
     live_.PushBack(r);
   }
-  PeerStats& ps = peer_stats_[w->peer_id];
-  ps.writes_posted += !w->is_send;
-  ps.bytes_written += w->is_send ? 0 : w->op.length;
-  peer_stats_dirty_ = true;
-  if (!w->is_send) {
-    stats_.writes.fetch_add(1, std::memory_order_relaxed);
-    stats_.bytes.fetch_add(w->op.length, std::memory_order_relaxed);
-    stats_.domains[d].writes.fetch_add(1, std::memory_order_relaxed);
-    stats_.domains[d].bytes.fetch_add(w->op.length, std::memory_order_relaxed);
-  }
+  counters_.Posted(d, w->peer_id, !w->is_send, w->is_send ? 0 : w->op.length);
 }
 
 void DomainGroup::OnSendDone(void* context) {
@@ -307,9 +271,7 @@ void DomainGroup::OnSendError(void* context, const Status& status) {
 void DomainGroup::CompleteWork(Work* w, const Status& status) {
   RequestState* r = w->req;
   if (!status.ok()) {
-    stats_.domains[w->domain].errors.fetch_add(1, std::memory_order_relaxed);
-    peer_stats_[w->peer_id].errors++;
-    peer_stats_dirty_ = true;
+    counters_.WorkFailed(w->domain, w->peer_id);
   }
   if (!status.ok() && !r->failed) Fail(r, status);
   if (--r->outstanding == 0) Finish(r);
@@ -324,7 +286,7 @@ void DomainGroup::Fail(RequestState* r, const Status& given) {
                     std::to_string(r->works.size()) + " operations were already posted: outcome unknown")
           : given;
   r->failed = true;
-  stats_.failed.fetch_add(1, std::memory_order_relaxed);
+  counters_.RequestFailed();
   if (r->completion.counter) r->completion.counter->MarkFailed(status);
   if (r->completion.on_error) {
     ready_.push_back([cb = std::move(r->completion.on_error), status] { cb(status); });
@@ -338,11 +300,7 @@ void DomainGroup::Fail(RequestState* r, const Status& given) {
 
 void DomainGroup::Finish(RequestState* r) {
   if (!r->failed) {
-    stats_.done.fetch_add(1, std::memory_order_relaxed);
-    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - r->submitted).count();
-    int b = 0;
-    while (b < kLatencyBuckets - 1 && (uint64_t(1) << b) <= uint64_t(us)) ++b;
-    stats_.latency[b].fetch_add(1, std::memory_order_relaxed);
+    counters_.RequestDone(Clock::now() - r->submitted);
     if (r->completion.counter) r->completion.counter->MarkDone();
     if (r->completion.on_done) ready_.push_back(std::move(r->completion.on_done));
   }
@@ -370,63 +328,37 @@ void DomainGroup::CheckTimeouts(Clock::time_point now) {
   }
 }
 
-void DomainGroup::PublishPeerStats() {
-  std::vector<PeerStats> snap;
-  snap.reserve(peer_stats_.size());
-  for (const auto& [id, ps] : peer_stats_) {
-    snap.push_back(ps);
-    snap.back().peer_id = id;
-  }
-  std::sort(snap.begin(), snap.end(),
-            [](const PeerStats& a, const PeerStats& b) { return a.bytes_written > b.bytes_written; });
-  std::lock_guard<std::mutex> lock(peer_snapshot_mu_);
-  peer_snapshot_ = std::move(snap);
-  peer_stats_dirty_ = false;
-}
-
 void DomainGroup::OnImm(uint32_t imm) { imm_batch_.push_back(imm); }
 
 void DomainGroup::OnRecv(std::span<const uint8_t> data) {
-  uint32_t magic = 0;
-  uint16_t addr_len = 0;
-  if (data.size() >= 6) {
-    std::memcpy(&magic, data.data(), 4);
-    std::memcpy(&addr_len, data.data() + 4, 2);
-  }
-  if (data.size() < 6 || magic != kMessageMagic || data.size() < 6u + addr_len) {
-    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+  auto frame = DecodeControlFrame(data);
+  if (!frame.ok()) {
+    counters_.MessageDropped();
     LOG_EVERY_N(WARNING, 100) << "dropped a malformed control message of " << data.size() << " bytes ("
-                              << google::COUNTER << " so far)";
-    return;
-  }
-  auto from = EngineAddress::Deserialize(data.subspan(6, addr_len));
-  if (!from.ok()) {
-    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
-    LOG_EVERY_N(WARNING, 100) << "dropped a control message with a bad sender address (" << google::COUNTER
-                              << " so far): " << from.status().ToString();
+                              << google::COUNTER << " so far): " << frame.status().ToString();
     return;
   }
   // Messages wait on the callback thread for the handler: a peer sending
   // faster than the handler keeps up must not grow that queue without bound.
   const size_t bytes = data.size();
   if (pending_message_bytes_.load(std::memory_order_relaxed) + bytes > options_.max_pending_message_bytes) {
-    stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+    counters_.MessageDropped();
     LOG_EVERY_N(WARNING, 100) << "dropped a control message: " << options_.max_pending_message_bytes
                               << " bytes of messages already wait for the receive handler (" << google::COUNTER
                               << " dropped so far)";
     return;
   }
   pending_message_bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  stats_.messages.fetch_add(1, std::memory_order_relaxed);
-  std::vector<uint8_t> payload(data.begin() + 6 + addr_len, data.end());
-  ready_.push_back([this, bytes, from = std::move(from).value(), payload = std::move(payload)]() mutable {
+  counters_.MessageReceived();
+  std::vector<uint8_t> payload(frame->payload.begin(), frame->payload.end());
+  ready_.push_back([this, bytes, from = std::move(frame->from), payload = std::move(payload)]() mutable {
     pending_message_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
     DeliverMessage(std::move(from), std::move(payload));
   });
 }
 
 void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payload) {
-  std::shared_ptr<TransferEngine::RecvHandler> handler;
+  std::shared_ptr<RecvHandler> handler;
   {
     std::lock_guard<std::mutex> lock(recv_mu_);
     handler = recv_handler_;
@@ -434,7 +366,7 @@ void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payloa
       if (recv_backlog_.size() < options_.recv_backlog) {
         recv_backlog_.emplace_back(std::move(from), std::move(payload));
       } else {
-        stats_.dropped.fetch_add(1, std::memory_order_relaxed);
+        counters_.MessageDropped();
         LOG_EVERY_N(WARNING, 100) << "no receive handler set and the backlog of " << options_.recv_backlog
                                   << " messages is full; dropping";
       }
@@ -444,8 +376,8 @@ void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payloa
   (*handler)(from, payload);
 }
 
-void DomainGroup::SetRecvHandler(TransferEngine::RecvHandler handler) {
-  auto h = handler ? std::make_shared<TransferEngine::RecvHandler>(std::move(handler)) : nullptr;
+void DomainGroup::SetRecvHandler(RecvHandler handler) {
+  auto h = handler ? std::make_shared<RecvHandler>(std::move(handler)) : nullptr;
   std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> backlog;
   {
     std::lock_guard<std::mutex> lock(recv_mu_);
@@ -461,38 +393,6 @@ void DomainGroup::SetRecvHandler(TransferEngine::RecvHandler handler) {
 
 void DomainGroup::OnDomainError(const Status& status) { LOG(WARNING) << "domain error: " << status.ToString(); }
 
-EngineStats DomainGroup::stats() const {
-  EngineStats s;
-  s.requests_submitted = stats_.submitted.load();
-  s.requests_done = stats_.done.load();
-  s.requests_failed = stats_.failed.load();
-  s.writes_posted = stats_.writes.load();
-  s.bytes_written = stats_.bytes.load();
-  s.imms_received = stats_.imms.load();
-  s.imms_dropped = imm_counter_.dropped();
-  s.messages_received = stats_.messages.load();
-  s.messages_dropped = stats_.dropped.load();
-  for (size_t d = 0; d < domains_.size(); ++d)
-    s.domains.push_back(
-        {stats_.domains[d].writes.load(), stats_.domains[d].bytes.load(), stats_.domains[d].errors.load()});
-  uint64_t hist[kLatencyBuckets], total = 0;
-  for (int b = 0; b < kLatencyBuckets; ++b) total += hist[b] = stats_.latency[b].load();
-  auto percentile = [&](double p) -> uint64_t {
-    if (total == 0) return 0;
-    uint64_t seen = 0;
-    for (int b = 0; b < kLatencyBuckets; ++b) {
-      seen += hist[b];
-      if (double(seen) >= p * double(total)) return uint64_t(1) << b;
-    }
-    return uint64_t(1) << (kLatencyBuckets - 1);
-  };
-  {
-    std::lock_guard<std::mutex> lock(peer_snapshot_mu_);
-    s.peers = peer_snapshot_;
-  }
-  s.latency_p50_us = percentile(0.5);
-  s.latency_p99_us = percentile(0.99);
-  return s;
-}
+EngineStats DomainGroup::stats() const { return counters_.Snapshot(imm_counter_.dropped()); }
 
 }  // namespace te

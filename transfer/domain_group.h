@@ -1,10 +1,8 @@
 // DomainGroup: the domains (NICs) serving one GPU and the worker that posts
 // and polls them. Internal to transfer/; the public face is TransferEngine.
-//
-// Ownership: a RequestState is created by TransferEngine::Submit, handed to
-// the worker through the MPSC queue, and from then on touched only by the
-// worker, which deletes it once every write it posted came back (a timed-out
-// request whose writes never return is freed at shutdown).
+// Requests arrive as RequestStates (request_state.h, which says who owns
+// them); control messages leave and arrive as frames (control_channel.h);
+// counters live in EngineCounters (engine_stats.h).
 #pragma once
 
 #include <atomic>
@@ -19,56 +17,15 @@
 
 #include "nic/domain.h"
 #include "transfer/callback_executor.h"
-#include "transfer/completion.h"
+#include "transfer/control_channel.h"
 #include "transfer/engine_options.h"
+#include "transfer/engine_stats.h"
 #include "transfer/imm_counter.h"
 #include "transfer/mpsc_queue.h"
 #include "transfer/mr_descriptor.h"
-#include "transfer/remote_region.h"
-#include "transfer/transfer_engine.h"
+#include "transfer/request_state.h"
 
 namespace te {
-
-struct RequestState;
-
-// One operation on one domain: a write, or a control message.
-struct Work {
-  RequestState* req = nullptr;
-  uint32_t domain = 0;
-  bool is_send = false;
-  nic::WriteOp op;               // writes
-  nic::PeerAddr send_peer = 0;   // sends
-  uint64_t peer_id = 0;          // Peer::id(), for per-peer statistics
-  std::vector<uint8_t> message;  // sends: header + payload
-};
-
-struct RequestState : MpscNode {
-  std::vector<Work> works;
-  uint32_t outstanding = 0;  // works not yet back (queued or posted)
-  uint32_t posted = 0;       // works the domains accepted
-  bool failed = false;       // on_error already reported
-  Completion completion;
-  std::chrono::steady_clock::time_point submitted;
-  // Until the first work is posted: submitted + request_timeout, after which
-  // the request is withdrawn (kNotPosted). From then on: first post +
-  // request_timeout, after which the outcome is unknown (kTimeout).
-  std::chrono::steady_clock::time_point deadline;
-  // Keep what the writes point at alive until they are back.
-  LocalMr src;
-  std::vector<RemoteMr> dsts;
-  PeerRef peer;
-  // Intrusive list links (queued, live or zombie list), worker only.
-  RequestState* prev = nullptr;
-  RequestState* next = nullptr;
-  struct RequestList* list = nullptr;
-};
-
-struct RequestList {
-  RequestState* head = nullptr;
-  RequestState* tail = nullptr;
-  void PushBack(RequestState* r);
-  void Remove(RequestState* r);
-};
 
 class DomainGroup final : private nic::CompletionHandler {
  public:
@@ -91,14 +48,13 @@ class DomainGroup final : private nic::CompletionHandler {
 
   void set_local_address(std::vector<uint8_t> serialized) { local_address_ = std::move(serialized); }
   const std::vector<uint8_t>& local_address() const { return local_address_; }
-  void SetRecvHandler(TransferEngine::RecvHandler handler);
+  void SetRecvHandler(RecvHandler handler);
 
   bool Progress();  // kManual mode
   EngineStats stats() const;
 
-  // Control-message framing: magic, sender address, payload.
-  static constexpr uint32_t kMessageMagic = 0x4d455445;  // "ETEM"
-  size_t message_header_bytes() const { return 6 + local_address_.size(); }
+  // Bytes the control frame adds to every message (control_channel.h).
+  size_t message_header_bytes() const { return ControlOverhead(local_address_.size()); }
 
  private:
   bool ProgressOnce();
@@ -152,31 +108,14 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<ImmCounter::Callback> ready_;
   std::chrono::steady_clock::time_point next_timeout_check_;
 
-  // Per-peer counters: owned by the worker, published as a snapshot.
-  std::unordered_map<uint64_t, PeerStats> peer_stats_;
-  std::chrono::steady_clock::time_point next_peer_snapshot_;
-  bool peer_stats_dirty_ = false;
-  mutable std::mutex peer_snapshot_mu_;
-  std::vector<PeerStats> peer_snapshot_;
-  void PublishPeerStats();
-
   ImmCounter imm_counter_;
   CallbackExecutor callbacks_;
 
   std::mutex recv_mu_;
-  std::shared_ptr<TransferEngine::RecvHandler> recv_handler_;
+  std::shared_ptr<RecvHandler> recv_handler_;
   std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> recv_backlog_;
 
-  struct AtomicDomainStats {
-    std::atomic<uint64_t> writes{0}, bytes{0}, errors{0};
-  };
-  static constexpr int kLatencyBuckets = 40;  // bucket b: latency < 2^b us
-  struct AtomicStats {
-    std::atomic<uint64_t> submitted{0}, done{0}, failed{0}, writes{0}, bytes{0}, imms{0}, messages{0}, dropped{0};
-    std::atomic<uint64_t> latency[kLatencyBuckets] = {};
-    std::unique_ptr<AtomicDomainStats[]> domains;
-  };
-  mutable AtomicStats stats_;
+  EngineCounters counters_;
 };
 
 }  // namespace te

@@ -7,8 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "nic/backend.h"
 #include "nic/fabric/fabric_options.h"
-#include "nic/verbs/verbs_domain.h"
+#include "nic/verbs/verbs_options.h"
 
 namespace te {
 
@@ -22,11 +23,25 @@ enum class ProgressMode {
 };
 
 struct EngineOptions {
+  // Which nic::Domain implementation the engine opens (nic/backend.h).
+  // kLibfabric uses `fabric`; kVerbs opens libibverbs RC domains with
+  // `verbs`, and fabric.domain / domain_names then name devices (mlx5_0).
+  // SetProvider() sets both from one name, as the tools' --provider does.
+  nic::Backend backend = nic::Backend::kLibfabric;
   // Provider, interface and control-message buffers of every domain.
-  // fabric.provider "verbs-native" opens libibverbs RC domains (nic/verbs)
-  // with `verbs`; fabric.domain / domain_names then name devices (mlx5_0).
   nic::FabricOptions fabric;
   nic::VerbsOptions verbs;
+
+  // "tcp", "shm", "efa", "verbs", "verbs-native" or a libfabric provider
+  // name: sets `backend` and fabric.provider (nic/backend.h has the table).
+  void SetProvider(const std::string& name) {
+    backend = nic::ParseProviderName(name).backend;
+    fabric.provider = backend == nic::Backend::kVerbs ? "" : name;
+  }
+  // The name SetProvider takes for the current backend and provider.
+  std::string ProviderName() const {
+    return backend == nic::Backend::kVerbs ? std::string("verbs-native") : fabric.provider;
+  }
   // Domains (NICs) in the group. With tcp or shm these are independent
   // endpoints; with EFA or ConnectX give one per NIC of the GPU.
   int domains = 1;

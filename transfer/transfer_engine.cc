@@ -78,13 +78,18 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
   if (options.request_timeout.count() <= 0) return InvalidArgument("request_timeout must be positive");
   if (options.max_queued_operations == 0) return InvalidArgument("max_queued_operations must be at least 1");
 
+  if (options.backend == nic::Backend::kLibfabric &&
+      nic::ParseProviderName(options.fabric.provider).backend == nic::Backend::kVerbs)
+    return InvalidArgument(
+        "fabric.provider 'verbs-native' names the native verbs backend: set "
+        "EngineOptions::backend = nic::Backend::kVerbs (or call SetProvider(\"verbs-native\"))");
   std::vector<std::shared_ptr<nic::Domain>> domains;
   EngineAddress address;
   for (int i = 0; i < options.domains; ++i) {
     nic::FabricOptions f = options.fabric;
     if (!options.domain_names.empty()) f.domain = options.domain_names[i];
     Result<std::unique_ptr<nic::Domain>> d = Unavailable("");
-    if (f.provider == "verbs-native") {
+    if (options.backend == nic::Backend::kVerbs) {
       nic::VerbsOptions v = options.verbs;
       if (!f.domain.empty()) v.device = f.domain;
       v.max_message_bytes = f.max_message_bytes;
@@ -366,14 +371,7 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, 
   w.is_send = true;
   w.send_peer = peer->via(0);
   w.peer_id = peer->id();
-  const auto& addr = group_->local_address();
-  w.message.resize(6 + addr.size() + data.size());
-  const uint32_t magic = DomainGroup::kMessageMagic;
-  const uint16_t addr_len = uint16_t(addr.size());
-  std::memcpy(w.message.data(), &magic, 4);
-  std::memcpy(w.message.data() + 4, &addr_len, 2);
-  std::memcpy(w.message.data() + 6, addr.data(), addr.size());
-  if (!data.empty()) std::memcpy(w.message.data() + 6 + addr.size(), data.data(), data.size());
+  w.message = EncodeControlFrame(group_->local_address(), data);
   r->peer = peer;
   TE_RETURN_IF_ERROR(group_->Admit(1));
   r->completion = std::move(completion);
@@ -384,6 +382,29 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, 
 }
 
 void TransferEngine::SetRecvHandler(RecvHandler handler) { group_->SetRecvHandler(std::move(handler)); }
+
+Status TransferEngine::ClaimRecvHandler(const void* owner, const std::string& plane, RecvHandler handler) {
+  {
+    std::lock_guard<std::mutex> lock(plane_mu_);
+    if (plane_owner_ != nullptr && plane_owner_ != owner)
+      return Unavailable(plane + " cannot take this engine's receive handler: " + plane_name_ +
+                         " holds it (one data plane per engine; give each plane its own engine)");
+    plane_owner_ = owner;
+    plane_name_ = plane;
+  }
+  SetRecvHandler(std::move(handler));
+  return Status::Ok();
+}
+
+void TransferEngine::ReleaseRecvHandler(const void* owner) {
+  {
+    std::lock_guard<std::mutex> lock(plane_mu_);
+    if (plane_owner_ != owner || owner == nullptr) return;
+    plane_owner_ = nullptr;
+    plane_name_.clear();
+  }
+  SetRecvHandler(nullptr);
+}
 
 bool TransferEngine::Progress() {
   if (options_.progress != ProgressMode::kManual) {

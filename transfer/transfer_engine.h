@@ -46,12 +46,16 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "base/status.h"
 #include "transfer/completion.h"
+#include "transfer/control_channel.h"
 #include "transfer/engine_options.h"
+#include "transfer/engine_stats.h"
 #include "transfer/imm_counter.h"
 #include "transfer/memory_region.h"
 #include "transfer/mr_descriptor.h"
@@ -62,45 +66,10 @@ namespace te {
 
 class DomainGroup;
 
-// Per-domain (per-NIC) counters.
-struct DomainStats {
-  uint64_t writes_posted = 0;
-  uint64_t bytes_written = 0;
-  uint64_t errors = 0;  // writes and sends that completed with an error
-};
-
-// Per-peer counters (writes and control messages to that peer).
-struct PeerStats {
-  uint64_t peer_id = 0;  // Peer::id()
-  uint64_t writes_posted = 0;
-  uint64_t bytes_written = 0;
-  uint64_t errors = 0;
-};
-
-// Per-engine counters, read at any time.
-struct EngineStats {
-  uint64_t requests_submitted = 0;
-  uint64_t requests_done = 0;
-  uint64_t requests_failed = 0;
-  uint64_t writes_posted = 0;
-  uint64_t bytes_written = 0;
-  uint64_t imms_received = 0;
-  uint64_t imms_dropped = 0;  // beyond EngineOptions::max_imm_values distinct values
-  uint64_t messages_received = 0;
-  uint64_t messages_dropped = 0;
-  std::vector<DomainStats> domains;
-  // Per peer, as of the worker's last snapshot (taken every 10 ms).
-  std::vector<PeerStats> peers;
-  // Submit-to-completion time of successful requests, from a histogram with
-  // power-of-two microsecond buckets: each figure is its bucket's upper bound.
-  uint64_t latency_p50_us = 0;
-  uint64_t latency_p99_us = 0;
-};
-
 class TransferEngine {
  public:
   // Receives a control message; `data` is valid only during the call.
-  using RecvHandler = std::function<void(const EngineAddress& from, std::span<const uint8_t> data)>;
+  using RecvHandler = te::RecvHandler;
 
   static Result<std::unique_ptr<TransferEngine>> Create(const EngineOptions& options);
   // The options Create() actually uses: with `gpu` set, fills domains,
@@ -159,6 +128,18 @@ class TransferEngine {
   // Messages that arrived before a handler was set are delivered to it.
   void SetRecvHandler(RecvHandler handler);
 
+  // ---- Data planes ----
+  // One data plane per engine owns its receive handler. KvPrefiller,
+  // KvDecoder, WeightPusher and WeightReceiver claim it when created and
+  // release it when destroyed; a second plane's claim fails (kUnavailable,
+  // naming the holder), so two planes never take each other's messages.
+  // MoE dispatch and telemetry send no control messages and may share an
+  // engine with one plane; immediates are split by transfer/imm_ranges.h.
+  // `owner` identifies the claim (the plane object); releasing a claim one
+  // does not hold does nothing.
+  Status ClaimRecvHandler(const void* owner, const std::string& plane, RecvHandler handler);
+  void ReleaseRecvHandler(const void* owner);
+
   // ---- Progress ----
   // kManual mode: posts, polls and runs ready callbacks once; returns true
   // if anything happened. Not to be called in kThread mode.
@@ -177,6 +158,9 @@ class TransferEngine {
   std::unique_ptr<DomainGroup> group_;
   EngineAddress address_;
   std::unique_ptr<PeerCache> peer_cache_;
+  std::mutex plane_mu_;
+  const void* plane_owner_ = nullptr;  // the data plane holding the receive handler
+  std::string plane_name_;
 };
 
 }  // namespace te

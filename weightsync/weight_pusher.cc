@@ -29,30 +29,29 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
   p->slots_.resize(receivers);
   p->slot_bytes_.resize(receivers);
   const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
-  p->staging_ = static_cast<uint8_t*>(std::aligned_alloc(4096, (staging + 4095) & ~uint64_t(4095)));
-  if (!p->staging_) return Unavailable("cannot allocate " + std::to_string(staging) + " bytes of staging");
-  TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_, staging));
+  TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/false));
+  TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_.data(), staging));
   WeightPusher* self = p.get();
   // "tews1 READY <version> <rank>" or "tews1 REFUSED <version> <rank> <published>"
-  engine->SetRecvHandler([self](const EngineAddress&, std::span<const uint8_t> data) {
-    std::istringstream in(std::string(data.begin(), data.end()));
-    std::string magic, verb;
-    uint64_t version = 0;
-    uint32_t rank = 0;
-    in >> magic >> verb >> version >> rank;
-    if (magic != "tews1" || !in) return;
-    std::lock_guard<std::mutex> lock(self->mu_);
-    if (version != self->asking_) return;  // a late answer to an older version
-    self->answers_[rank] = std::string(data.begin(), data.end());
-    self->cv_.notify_all();
-  });
+  TE_RETURN_IF_ERROR(
+      engine->ClaimRecvHandler(self, "WeightPusher", [self](const EngineAddress&, std::span<const uint8_t> data) {
+        std::istringstream in(std::string(data.begin(), data.end()));
+        std::string magic, verb;
+        uint64_t version = 0;
+        uint32_t rank = 0;
+        in >> magic >> verb >> version >> rank;
+        if (magic != "tews1" || !in) return;
+        std::lock_guard<std::mutex> lock(self->mu_);
+        if (version != self->asking_) return;  // a late answer to an older version
+        self->answers_[rank] = std::string(data.begin(), data.end());
+        self->cv_.notify_all();
+      }));
   return p;
 }
 
 WeightPusher::~WeightPusher() {
-  engine_->SetRecvHandler(nullptr);
-  staging_mr_.reset();
-  std::free(staging_);
+  engine_->ReleaseRecvHandler(this);
+  staging_mr_.reset();  // before staging_ itself goes
 }
 
 Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
@@ -141,7 +140,7 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
   for (uint64_t bucket = 0; i < mine.size(); ++bucket) {
     if (bucket >= ring && !wait_until(submitted_by_bucket[bucket - ring]))  // its memory must be free
       return Timeout("push " + std::to_string(version) + ": staging not released in time");
-    uint8_t* base = staging_ + (bucket % ring) * B;
+    uint8_t* base = staging_.data() + (bucket % ring) * B;
     const uint64_t base_off = (bucket % ring) * B;
     std::map<uint32_t, std::vector<ScatterTarget>> targets;
     uint64_t used = 0;

@@ -12,6 +12,11 @@
 // A receiver that is absent, does not answer, refuses, or fails a write is
 // reported in PushReport::missed with the reason. The others go on. It
 // catches up on a later version: every version writes every byte.
+//
+// Threads: one thread at a time calls SetReceiver and Push (they are not
+// safe against each other); the receivers' READY answers arrive on the
+// engine's callback thread and are handed to Push under the pusher's lock.
+// The engine (kThread mode) and `region` outlive the pusher.
 #pragma once
 
 #include <chrono>
@@ -22,7 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "base/aligned_buffer.h"
 #include "base/status.h"
+#include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
 #include "weightsync/schedule.h"
 #include "weightsync/shard_layout.h"
@@ -30,9 +37,9 @@
 namespace te::weightsync {
 
 struct PusherOptions {
-  uint64_t staging_bytes = 256 << 20;  // watermark: registered staging in use at once
-  uint64_t bucket_bytes = 16 << 20;    // one gather + one write per receiver; >= the schedule's transfers
-  uint32_t imm_base = 0x57530000;      // as the receivers' ReceiverOptions::imm_base
+  uint64_t staging_bytes = 256 << 20;        // watermark: registered staging in use at once
+  uint64_t bucket_bytes = 16 << 20;          // one gather + one write per receiver; >= the schedule's transfers
+  uint32_t imm_base = kWeightSyncImms.base;  // as the receivers' ReceiverOptions::imm_base
   // How long receivers get to answer BEGIN; keep it below the receivers'
   // ReceiverOptions::timeout. Writes time out through the engine's
   // request_timeout.
@@ -75,7 +82,7 @@ class WeightPusher {
   uint32_t receivers_ = 0;
   std::vector<RemoteMr> slots_;  // per receiver: both slots
   std::vector<uint64_t> slot_bytes_;
-  uint8_t* staging_ = nullptr;
+  AlignedBuffer staging_;
   LocalMr staging_mr_;
 
   std::mutex mu_;

@@ -1,5 +1,7 @@
 #include "weightsync/weight_receiver.h"
 
+#include <glog/logging.h>
+
 #include <cstdio>
 #include <sstream>
 
@@ -20,8 +22,9 @@ Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* e
   std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, memory, options));
   TE_ASSIGN_OR_RETURN(r->mr_, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
   WeightReceiver* self = r.get();
-  engine->SetRecvHandler(
-      [self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); });
+  TE_RETURN_IF_ERROR(engine->ClaimRecvHandler(
+      self, "WeightReceiver",
+      [self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); }));
   r->thread_ = std::thread([self] { self->Run(); });
   return r;
 }
@@ -33,7 +36,7 @@ WeightReceiver::~WeightReceiver() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  engine_->SetRecvHandler(nullptr);
+  engine_->ReleaseRecvHandler(this);
 }
 
 std::string WeightReceiver::Info() const {
@@ -49,7 +52,9 @@ void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_
   Begin begin;
   in >> magic >> verb >> begin.version >> begin.writes >> begin.source;
   if (magic != "tews1" || verb != "BEGIN" || !in || begin.source >= (1u << 20)) {
-    fprintf(stderr, "weightsync receiver %u: ignoring a malformed control message\n", rank_);
+    // Rate-limited: a peer sending garbage must not flood the log.
+    LOG_EVERY_N(WARNING, 100) << "weightsync receiver " << rank_ << ": ignoring a malformed control message ("
+                              << google::COUNTER << " so far)";
     return;
   }
   begin.from = from;
@@ -88,7 +93,12 @@ void WeightReceiver::Reply(const EngineAddress& to, const std::string& reply) {
   auto peer = engine_->Connect(to);
   if (!peer.ok()) return;
   std::vector<uint8_t> bytes(reply.begin(), reply.end());
-  (void)engine_->Send(*peer, bytes, {});
+  // Best effort: a source that never hears READY fails the version on its
+  // own deadline, and the last complete version stays readable.
+  Status sent = engine_->Send(*peer, bytes, {});
+  if (!sent.ok()) {
+    LOG_EVERY_N(WARNING, 100) << "weightsync receiver " << rank_ << ": reply not sent: " << sent.ToString();
+  }
 }
 
 // Waits for `expected` immediates of `version`. The timeout is on progress

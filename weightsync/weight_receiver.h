@@ -15,6 +15,11 @@
 // stop arriving for `timeout` (a dead source), fail version v here: header.failed = v, and the previous
 // version stays published and readable. A later version starts afresh, so a
 // receiver that was down simply catches up on the next update.
+//
+// Threads: the receiver runs its own thread (waiting for writes, publishing,
+// calling on_version); BEGINs arrive on the engine's callback thread. Info()
+// and published() are safe from any thread. The engine (kThread mode) and
+// the WeightsMemory outlive the receiver.
 #pragma once
 
 #include <chrono>
@@ -30,6 +35,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
 #include "weightsync/shard_layout.h"
 #include "weightsync/weights_memory.h"
@@ -37,7 +43,7 @@
 namespace te::weightsync {
 
 struct ReceiverOptions {
-  uint32_t imm_base = 0x57530000;  // immediates: imm_base | (version & 0xffff)
+  uint32_t imm_base = kWeightSyncImms.base;  // immediates: imm_base | (version & 0xffff)
   // Longer than the sources' PusherOptions::ready_timeout, so that a source
   // waiting on a dead receiver's READY does not fail the live ones.
   std::chrono::milliseconds timeout{10000};

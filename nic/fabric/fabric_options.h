@@ -26,6 +26,8 @@ struct FabricOptions {
 };
 
 // The libfabric provider string a short name stands for.
+// The libfabric provider name fi_getinfo is given for `provider`
+// (nic/backend.h's table).
 std::string ResolveProviderName(const std::string& provider);
 
 }  // namespace te::nic

@@ -1,5 +1,6 @@
 #include "nic/fabric/fabric_setup.h"
 
+#include "nic/backend.h"
 #include "nic/fabric/provider_signals.h"
 
 #include <arpa/inet.h>
@@ -18,11 +19,7 @@
 
 namespace te::nic {
 
-std::string ResolveProviderName(const std::string& provider) {
-  if (provider == "tcp") return "tcp;ofi_rxm";
-  if (provider == "verbs") return "verbs;ofi_rxm";
-  return provider;
-}
+std::string ResolveProviderName(const std::string& provider) { return ParseProviderName(provider).fabric_provider; }
 
 std::string FiErrorString(const char* call, ssize_t ret) {
   return std::string(call) + ": " + fi_strerror(static_cast<int>(-ret)) + " (" + std::to_string(ret) + ")";

@@ -27,26 +27,9 @@
 
 #include "base/status.h"
 #include "nic/domain.h"
+#include "nic/verbs/verbs_options.h"
 
 namespace te::nic {
-
-struct VerbsOptions {
-  std::string device;  // e.g. "mlx5_0"; empty: the first device
-  int port = 1;
-  int gid_index = -1;         // -1: RoCE v2 by default on Ethernet; unused on InfiniBand
-  uint32_t send_depth = 256;  // outstanding writes and sends per domain (and per QP)
-  uint32_t recv_depth = 128;  // receives kept posted on the SRQ
-  size_t max_message_bytes = 64 * 1024;
-  // RC transport settings (ibv_modify_qp): ack timeout exponent, transport
-  // retries, RNR retries (7 = forever), minimum RNR NAK timer.
-  uint8_t timeout = 14;
-  uint8_t retry_cnt = 7;
-  uint8_t rnr_retry = 7;
-  uint8_t min_rnr_timer = 12;
-  // IBV_ACCESS_RELAXED_ORDERING on registrations (PCIe relaxed ordering;
-  // matters for GPU memory), where the library defines it.
-  bool relaxed_ordering = true;
-};
 
 // Opens `options.device` (or the first device). Errors name the device and
 // what failed; "no RDMA device" where there is none.

@@ -389,8 +389,8 @@ void BindOptions(py::module_& m) {
                             "Durations accept seconds (float) or datetime.timedelta.")
       .def(py::init<>())
       .def_property(
-          "provider", [](const EngineOptions& o) { return o.fabric.provider; },
-          [](EngineOptions& o, std::string v) { o.fabric.provider = std::move(v); })
+          "provider", [](const EngineOptions& o) { return o.ProviderName(); },
+          [](EngineOptions& o, const std::string& v) { o.SetProvider(v); })
       .def_property(
           "interface", [](const EngineOptions& o) { return o.fabric.domain; },
           [](EngineOptions& o, std::string v) { o.fabric.domain = std::move(v); })
@@ -433,7 +433,7 @@ void BindOptions(py::module_& m) {
       .def_readwrite("recv_backlog", &EngineOptions::recv_backlog)
       .def_readwrite("max_pending_message_bytes", &EngineOptions::max_pending_message_bytes)
       .def("__repr__", [](const EngineOptions& o) {
-        return "EngineOptions(provider='" + o.fabric.provider + "', interface='" + o.fabric.domain +
+        return "EngineOptions(provider='" + o.ProviderName() + "', interface='" + o.fabric.domain +
                "', domains=" + std::to_string(o.domains) + ", progress='" +
                (o.progress == te::ProgressMode::kManual ? "manual" : "thread") + "')";
       });

@@ -7,6 +7,7 @@
 #include "moe/routing_trace.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
+#include "transfer/control_channel.h"
 #include "transfer/mr_descriptor.h"
 #include "weightsync/model_spec.h"
 
@@ -40,6 +41,11 @@ kvcache::KvLayout Layout(const char* preset, uint32_t pages) {
 
 std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
   if (target == "descriptor") return {Descriptor().Serialize(), Address().Serialize(), Bytes(Descriptor().ToHex())};
+  if (target == "control_frame") {
+    const auto addr = Address().Serialize();
+    return {EncodeControlFrame(addr, Bytes("tekv1 PULL ...")), EncodeControlFrame(addr, {}),
+            EncodeControlFrame({}, Bytes("no sender"))};
+  }
   if (target == "kv_message") {
     kvcache::KvMessage pull;
     pull.kind = kvcache::KvMessage::Kind::kPull;

@@ -16,6 +16,7 @@
 #include "moe/routing_trace.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
+#include "transfer/control_channel.h"
 #include "transfer/mr_descriptor.h"
 #include "weightsync/model_spec.h"
 #include "weightsync/schedule.h"
@@ -44,6 +45,16 @@ void Descriptor(std::span<const uint8_t> b) {
   auto a = EngineAddress::Deserialize(b);
   if (a.ok()) Expect(a->Validate().ok(), "an accepted address validates");
   (void)MrDescriptor::FromHex(Text(b));
+}
+
+void ControlFrameTarget(std::span<const uint8_t> b) {
+  auto f = DecodeControlFrame(b);
+  if (!f.ok()) return;
+  Expect(f->from.Validate().ok(), "an accepted frame's sender address validates");
+  Expect(f->payload.data() >= b.data() && f->payload.data() + f->payload.size() == b.data() + b.size(),
+         "a frame's payload lies inside the frame");
+  auto again = EncodeControlFrame(f->from.Serialize(), f->payload);
+  Expect(DecodeControlFrame(again).ok(), "an accepted frame re-encodes");
 }
 
 void KvMessageTarget(std::span<const uint8_t> b) {
@@ -108,6 +119,7 @@ const std::vector<Target>& Targets() {
       {"kv_layout", KvLayoutTarget, Crc::kNone},           {"kv_instance", KvInstanceTarget, Crc::kNone},
       {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
       {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
+      {"control_frame", ControlFrameTarget, Crc::kNone},
   };
   return kTargets;
 }

@@ -4,8 +4,8 @@
 #include <gtest/gtest.h>
 
 #include "integration/test_support.h"
-#include "transfer/cuda_copy_engine.h"
-#include "transfer/staged_transfer.h"
+#include "transfer/staging/cuda_copy_engine.h"
+#include "transfer/staging/staged_transfer.h"
 
 namespace te::testing {
 namespace {

@@ -275,5 +275,25 @@ TEST(KvTransfer, UnservableLayoutIsFailedByThePrefiller) {
   }
 }
 
+// One data plane per engine: a second plane's claim on the receive handler is
+// refused and names the holder; the holder keeps its messages.
+TEST(KvTransfer, ASecondPlaneOnAnEngineIsRefusedAndTheFirstKeepsWorking) {
+  PrefillInstance prefill(TestLayout(1));
+  DecodeInstance decode(TestLayout(1));
+  std::vector<uint8_t> mem(KvPrefiller::MemoryBytes(decode.layout, {}));
+  auto second = KvPrefiller::Create(decode.engines[0].get(), decode.layout, 0, mem.data());
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(second.status().message().find("KvDecoder holds it"), std::string::npos) << second.status().ToString();
+  auto src = RandomPages(64, 1, 2, 5), dst = RandomPages(64, 1, 2, 6);
+  decode.Receive(7, prefill.Info(), dst[0]);
+  prefill.Start(7, src[0]);
+  for (uint32_t l = 0; l < 6; ++l) prefill.Layer(7, l);
+  prefill.Finish(7);
+  ASSERT_TRUE(decode.WaitAll(1));
+  EXPECT_TRUE(decode.ready[0]->Get(7).ok()) << decode.ready[0]->Get(7).ToString();
+  EXPECT_EQ(decode.Wrong(7, dst[0]), 0u);
+}
+
 }  // namespace
 }  // namespace te::testing

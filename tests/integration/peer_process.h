@@ -27,7 +27,7 @@ class PeerProcess {
   PeerProcess(const EngineOptions& options, size_t bytes) {
     int to_child[2], from_child[2];
     if (pipe(to_child) || pipe(from_child)) abort();
-    const std::string spec = options.fabric.provider + " " + std::to_string(options.domains) + " " +
+    const std::string spec = options.ProviderName() + " " + std::to_string(options.domains) + " " +
                              std::to_string(options.request_timeout.count()) + " " + std::to_string(bytes) + " " +
                              std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
                              (options.fabric.domain.empty() ? "-" : options.fabric.domain);
@@ -99,9 +99,10 @@ class PeerProcess {
     int64_t timeout_ms = 0;
     size_t bytes = 0;
     int fd_in = -1, fd_out = -1;
-    std::string iface;
-    in >> o.fabric.provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface;
+    std::string iface, provider;
+    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface;
     if (!in) _exit(126);
+    o.SetProvider(provider);
     unsetenv(kChildEnv);
     o.request_timeout = std::chrono::milliseconds(timeout_ms);
     if (iface != "-") o.fabric.domain = iface;

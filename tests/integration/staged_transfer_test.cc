@@ -1,10 +1,10 @@
-// The staging path (transfer/staged_transfer.h) over tcp with the host copy
+// The staging path (transfer/staging/staged_transfer.h) over tcp with the host copy
 // engine: the pipeline, the ring's reuse, the immediate count and failures.
 // The same code with the CUDA copy engine runs in tests/gpu.
 #include <gtest/gtest.h>
 
 #include "integration/test_support.h"
-#include "transfer/staged_transfer.h"
+#include "transfer/staging/staged_transfer.h"
 
 namespace te::testing {
 namespace {

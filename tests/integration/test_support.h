@@ -26,7 +26,7 @@ inline void FillPattern(uint8_t* p, size_t n, uint32_t salt) {
 
 inline EngineOptions Options(const std::string& provider, int domains = 1) {
   EngineOptions o;
-  o.fabric.provider = provider;
+  o.SetProvider(provider);
   o.domains = domains;
   o.request_timeout = 5000ms;
   return o;

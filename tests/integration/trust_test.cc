@@ -344,5 +344,23 @@ TEST(Trust, PeerTableMakesRoomForNewPeers) {
   }
 }
 
+// One data plane per engine (TransferEngine::ClaimRecvHandler).
+TEST(Trust, OnePlaneHoldsTheReceiveHandlerAtATime) {
+  EngineOptions o;
+  auto engine = TransferEngine::Create(o).value();
+  auto noop = [](const EngineAddress&, std::span<const uint8_t>) {};
+  int a = 0, b = 0;
+  ASSERT_TRUE(engine->ClaimRecvHandler(&a, "PlaneA", noop).ok());
+  // The holder may claim again (replacing its handler); another may not.
+  EXPECT_TRUE(engine->ClaimRecvHandler(&a, "PlaneA", noop).ok());
+  Status refused = engine->ClaimRecvHandler(&b, "PlaneB", noop);
+  EXPECT_EQ(refused.code(), StatusCode::kUnavailable);
+  EXPECT_NE(refused.message().find("PlaneA holds it"), std::string::npos) << refused.ToString();
+  engine->ReleaseRecvHandler(&b);  // not the holder: nothing happens
+  EXPECT_FALSE(engine->ClaimRecvHandler(&b, "PlaneB", noop).ok());
+  engine->ReleaseRecvHandler(&a);
+  EXPECT_TRUE(engine->ClaimRecvHandler(&b, "PlaneB", noop).ok());
+}
+
 }  // namespace
 }  // namespace te::testing

@@ -449,7 +449,7 @@ TEST(VerbsDomain, CudaRegistrationFallsBackFromDmabufToPeerMemory) {
 
 TEST(VerbsDomain, PagedWritesGoAsChainsOfWorkRequests) {
   EngineOptions eo;
-  eo.fabric.provider = "verbs-native";
+  eo.SetProvider("verbs-native");
   auto sender = TransferEngine::Create(eo).value();
   auto receiver = TransferEngine::Create(eo).value();
   std::vector<uint8_t> src(256 * 4096, 5), dst(256 * 4096, 0);

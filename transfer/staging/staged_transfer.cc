@@ -1,4 +1,4 @@
-#include "transfer/staged_transfer.h"
+#include "transfer/staging/staged_transfer.h"
 
 #include <algorithm>
 #include <cstring>
@@ -20,11 +20,9 @@ class HostCopyEngine final : public CopyEngine {
   uint64_t tickets_ = 0;
 };
 
-std::string S(uint64_t v) { return std::to_string(v); }
-
 Status CheckOptions(const StagingOptions& o) {
   if (o.chunk_bytes == 0 || o.depth < 1 || o.depth > 64)
-    return InvalidArgument("StagingOptions: chunk_bytes " + S(o.chunk_bytes) + " must be > 0 and depth " +
+    return InvalidArgument("StagingOptions: chunk_bytes " + std::to_string(o.chunk_bytes) + " must be > 0 and depth " +
                            std::to_string(o.depth) + " in [1, 64]");
   return Status::Ok();
 }
@@ -50,11 +48,12 @@ uint64_t StagedSender::ExpectedImms(size_t length) const {
 }
 
 Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, uint64_t dst_offset, uint32_t imm) {
-  if (!src && length) return InvalidArgument("StagedSender::Write: null source for " + S(length) + " bytes");
+  if (!src && length)
+    return InvalidArgument("StagedSender::Write: null source for " + std::to_string(length) + " bytes");
   if (!dst) return InvalidArgument("StagedSender::Write: no destination");
   if (dst_offset > dst->length() || length > dst->length() - dst_offset)
-    return OutOfRange("StagedSender::Write: [" + S(dst_offset) + ", +" + S(length) + ") outside the remote region of " +
-                      S(dst->length()) + " bytes");
+    return OutOfRange("StagedSender::Write: [" + std::to_string(dst_offset) + ", +" + std::to_string(length) +
+                      ") outside the remote region of " + std::to_string(dst->length()) + " bytes");
   const size_t chunk = options_.chunk_bytes;
   const size_t chunks = (length + chunk - 1) / chunk;
   const size_t depth = size_t(options_.depth);
@@ -71,7 +70,8 @@ Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, 
   for (; k < chunks && failure.ok(); ++k) {
     const size_t s = k % depth;
     if (!slot_done[s].WaitFinished(slot_writes[s], wait)) {
-      failure = Timeout("staged write: chunk " + S(k - depth) + " not written within " + S(wait.count()) + " ms");
+      failure = Timeout("staged write: chunk " + std::to_string(k - depth) + " not written within " +
+                        std::to_string(wait.count()) + " ms");
       break;
     }
     if (slot_done[s].failed()) {
@@ -82,17 +82,17 @@ Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, 
     uint8_t* slot = ring_.data() + s * chunk;
     auto ticket = copies_->Start(slot, static_cast<const uint8_t*>(src) + k * chunk, n);
     if (!ticket.ok()) {
-      failure = ticket.status().WithContext("staged write: copying chunk " + S(k));
+      failure = ticket.status().WithContext("staged write: copying chunk " + std::to_string(k));
       break;
     }
     if (Status w = copies_->Wait(*ticket); !w.ok()) {
-      failure = w.WithContext("staged write: copying chunk " + S(k));
+      failure = w.WithContext("staged write: copying chunk " + std::to_string(k));
       break;
     }
     Status submitted = engine_->Submit(SingleWrite{ring_mr_, s * chunk, n, dst, dst_offset + k * chunk, imm},
                                        {.counter = &slot_done[s]});
     if (!submitted.ok()) {
-      failure = submitted.WithContext("staged write: chunk " + S(k));
+      failure = submitted.WithContext("staged write: chunk " + std::to_string(k));
       break;
     }
     ++slot_writes[s];
@@ -101,7 +101,7 @@ Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, 
   // can go: the engine guarantees it within its request timeout.
   for (size_t s = 0; s < depth; ++s) {
     if (!slot_done[s].WaitFinished(slot_writes[s], wait) && failure.ok())
-      failure = Timeout("staged write: writes still in flight after " + S(wait.count()) + " ms");
+      failure = Timeout("staged write: writes still in flight after " + std::to_string(wait.count()) + " ms");
     if (slot_done[s].failed() && failure.ok()) failure = slot_done[s].first_error();
   }
   return failure;

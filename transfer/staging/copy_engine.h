@@ -4,7 +4,7 @@
 // cannot register it (Debian's libfabric is built without FI_HMEM, and tcp
 // has no GPU support anywhere) by copying through registered host buffers.
 // This interface is what it copies with:
-//   - CudaCopyEngine (transfer/cuda_copy_engine.h, built when nvcc is found):
+//   - CudaCopyEngine (transfer/staging/cuda_copy_engine.h, built when nvcc is found):
 //     cudaMemcpyAsync on its own stream, one event per copy;
 //   - HostCopyEngine: memcpy, for host memory and for testing the pipeline
 //     on machines without a GPU.

@@ -1,4 +1,4 @@
-#include "transfer/cuda_copy_engine.h"
+#include "transfer/staging/cuda_copy_engine.h"
 
 #include <cuda_runtime.h>
 

@@ -6,7 +6,7 @@
 #include <memory>
 
 #include "base/status.h"
-#include "transfer/copy_engine.h"
+#include "transfer/staging/copy_engine.h"
 
 namespace te {
 

@@ -14,6 +14,11 @@
 // Counting: a chunk is one SingleWrite, so it delivers one immediate per
 // domain of the sender's group (transfer/requests.h); ExpectedImms() says
 // how many a Write of `length` bytes delivers.
+//
+// Threads: a sender owns one staging ring, so one thread at a time calls its
+// Write (use one sender per thread). Receive blocks its caller and keeps no
+// state between calls: any number of threads may call it, each with its own
+// staging memory. Both run their copies on the calling thread's CopyEngine.
 #pragma once
 
 #include <chrono>
@@ -22,7 +27,7 @@
 #include <vector>
 
 #include "base/status.h"
-#include "transfer/copy_engine.h"
+#include "transfer/staging/copy_engine.h"
 #include "transfer/transfer_engine.h"
 
 namespace te {

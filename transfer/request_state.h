@@ -1,0 +1,63 @@
+// RequestState: one accepted request as the worker tracks it, and the
+// operations (Work) it was planned into.
+//
+// Ownership: a RequestState is created by TransferEngine::Submit (or Send),
+// handed to the worker through the MPSC queue, and from then on touched only
+// by the worker, which deletes it once every operation it posted came back
+// (a timed-out request whose operations never return is freed at shutdown).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <vector>
+
+#include "nic/domain.h"
+#include "transfer/completion.h"
+#include "transfer/memory_region.h"
+#include "transfer/mpsc_queue.h"
+#include "transfer/remote_region.h"
+
+namespace te {
+
+struct RequestState;
+
+// One operation on one domain: a write, or a control message.
+struct Work {
+  RequestState* req = nullptr;
+  uint32_t domain = 0;
+  bool is_send = false;
+  nic::WriteOp op;               // writes
+  nic::PeerAddr send_peer = 0;   // sends
+  uint64_t peer_id = 0;          // Peer::id(), for per-peer statistics
+  std::vector<uint8_t> message;  // sends: header + payload
+};
+
+struct RequestState : MpscNode {
+  std::vector<Work> works;
+  uint32_t outstanding = 0;  // works not yet back (queued or posted)
+  uint32_t posted = 0;       // works the domains accepted
+  bool failed = false;       // on_error already reported
+  Completion completion;
+  std::chrono::steady_clock::time_point submitted;
+  // Until the first work is posted: submitted + request_timeout, after which
+  // the request is withdrawn (kNotPosted). From then on: first post +
+  // request_timeout, after which the outcome is unknown (kTimeout).
+  std::chrono::steady_clock::time_point deadline;
+  // Keep what the writes point at alive until they are back.
+  LocalMr src;
+  std::vector<RemoteMr> dsts;
+  PeerRef peer;
+  // Intrusive list links (queued, live or zombie list), worker only.
+  RequestState* prev = nullptr;
+  RequestState* next = nullptr;
+  struct RequestList* list = nullptr;
+};
+
+struct RequestList {
+  RequestState* head = nullptr;
+  RequestState* tail = nullptr;
+  void PushBack(RequestState* r);
+  void Remove(RequestState* r);
+};
+
+}  // namespace te
