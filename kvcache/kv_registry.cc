@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <sstream>
 
+#include "base/stop_and_join.h"
+
 namespace te::kvcache {
 
 namespace {
@@ -165,14 +167,7 @@ Result<std::unique_ptr<KvRegistration>> KvRegistration::Start(KvRegistry* regist
   return r;
 }
 
-KvRegistration::~KvRegistration() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
-}
+KvRegistration::~KvRegistration() { StopAndJoin(mu_, cv_, stop_, thread_); }
 
 void KvRegistration::Run() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -193,12 +188,7 @@ Status KvRegistration::Leave(std::chrono::milliseconds drain_timeout) {
   const auto deadline = std::chrono::steady_clock::now() + drain_timeout;
   while (load_() > 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  StopAndJoin(mu_, cv_, stop_, thread_);
   const uint32_t left = load_();
   TE_RETURN_IF_ERROR(registry_->Remove(entry_.info.role, entry_.info.name));
   if (left > 0)

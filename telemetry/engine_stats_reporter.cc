@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/stop_and_join.h"
+
 namespace te::telemetry {
 namespace {
 
@@ -91,12 +93,7 @@ Result<std::unique_ptr<EngineStatsReporter>> EngineStatsReporter::Start(const Tr
 }
 
 EngineStatsReporter::~EngineStatsReporter() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  StopAndJoin(mu_, cv_, stop_, thread_);
   (void)SampleOnce();
   (void)reporter_->Drain();
 }

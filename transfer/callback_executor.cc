@@ -1,5 +1,7 @@
 #include "transfer/callback_executor.h"
 
+#include "base/stop_and_join.h"
+
 namespace te {
 
 CallbackExecutor::CallbackExecutor(bool own_thread) {
@@ -55,12 +57,7 @@ void CallbackExecutor::Loop() {
 }
 
 void CallbackExecutor::Shutdown() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_one();
-  if (thread_.joinable()) thread_.join();
+  StopAndJoin(mu_, cv_, stop_, thread_);
   // Callbacks queued after the thread left, or in manual mode.
   while (RunPending()) {
   }

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <sstream>
 
+#include "base/stop_and_join.h"
+
 namespace te::weightsync {
 
 Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* engine, const ShardLayout& dst,
@@ -30,12 +32,7 @@ Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* e
 }
 
 WeightReceiver::~WeightReceiver() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  StopAndJoin(mu_, cv_, stop_, thread_);
   engine_->ReleaseRecvHandler(this);
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "base/stop_and_join.h"
 #include "moe/dispatch_records.h"
 
 namespace te::moe {
@@ -78,12 +79,7 @@ Status CudaEpDispatcher::Init() {
 }
 
 CudaEpDispatcher::~CudaEpDispatcher() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (proxy_.joinable()) proxy_.join();
+  StopAndJoin(mu_, cv_, stop_, proxy_);
   for (const auto& b : mapped_) cudaHostUnregister(b.data);
   cudaFreeHost(control_);
   cudaFreeHost(ops_);
