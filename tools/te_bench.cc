@@ -12,6 +12,7 @@
 #include <gflags/gflags.h>
 #include <glog/logging.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,6 +33,7 @@
 
 #include "base/crc32c.h"
 #include "nic/fabric/raw_write_loop.h"
+#include "tools/discard_domain.h"
 #include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
 
@@ -52,6 +54,11 @@ DEFINE_int32(warmup, 50, "Untimed operations before each case");
 DEFINE_int32(window, 64, "Writes outstanding at once (engine and raw)");
 DEFINE_bool(raw, false, "Also run each case with a bare libfabric loop and print the ratio");
 DEFINE_bool(json, false, "Print one JSON object per case instead of a table");
+DEFINE_bool(engine_cost, false,
+            "Measure the engine's own cost per write and per page, in this process, over domains that move no data "
+            "(tools/discard_domain.h): cases single (--sizes) and paged (--page_sizes)");
+DEFINE_int64(cost_writes, 1000000, "engine_cost: writes (or pages) per case");
+DEFINE_bool(busy_poll, false, "Engine worker polls without ever sleeping (EngineOptions::busy_poll)");
 DEFINE_string(progress, "thread", "Engine progress: thread (worker thread) or manual");
 DEFINE_int32(timeout_ms, 30000, "Per-case timeout");
 DEFINE_bool(verify, true, "Verify received bytes once per case");
@@ -133,9 +140,11 @@ void FillPattern(uint8_t* p, size_t n) {
 }
 
 te::EngineOptions MakeEngineOptions() {
-  return Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface, FLAGS_domains, FLAGS_progress,
-                                             std::chrono::milliseconds(FLAGS_timeout_ms)}),
-              "engine flags");
+  te::EngineOptions o = Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface, FLAGS_domains, FLAGS_progress,
+                                                            std::chrono::milliseconds(FLAGS_timeout_ms)}),
+                             "engine flags");
+  o.busy_poll = FLAGS_busy_poll;
+  return o;
 }
 
 te::nic::FabricOptions RawOptions() {
@@ -712,15 +721,113 @@ int RunLoopback(const char* argv0) {
   return rc;
 }
 
+// ---------------------------------------------------------------- engine cost
+
+double CpuSeconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+}
+
+// The engine's own cost: requests through the whole engine (Submit, the
+// worker's queues, posting, polling, immediate counting, completion) over
+// DiscardDomains, which complete every write at once without moving data.
+// Wall time per operation is what one submitting thread plus the worker
+// sustain; CPU time per operation counts every thread of the process.
+int RunEngineCost() {
+  std::vector<std::shared_ptr<te::nic::Domain>> domains;
+  for (int i = 0; i < FLAGS_domains; ++i) domains.push_back(std::make_shared<te::tools::DiscardDomain>());
+  auto engine = Must(te::TransferEngine::CreateOverDomains(MakeEngineOptions(), domains), "creating the engine");
+  const bool manual = engine->options().progress == te::ProgressMode::kManual;
+  std::vector<uint8_t> region(RegionBytes());
+  auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering");
+  auto dst = Must(engine->Import(engine->Describe(*mr)), "importing its own region");
+  std::vector<std::pair<std::string, uint64_t>> plan;
+  for (auto& s : Split(FLAGS_sizes, ',')) plan.emplace_back("single", ParseSize(s));
+  for (auto& s : Split(FLAGS_page_sizes, ',')) plan.emplace_back("paged", ParseSize(s));
+  if (!FLAGS_json) {
+    printf("te-bench engine cost: %d discard domain(s), progress %s%s, %lld writes per case\n", FLAGS_domains,
+           FLAGS_progress.c_str(), FLAGS_busy_poll ? ", busy poll" : "", (long long)FLAGS_cost_writes);
+    printf("%-7s %9s %10s %12s %12s %10s\n", "case", "size", "writes", "wall ns/op", "cpu ns/op", "Mop/s");
+  }
+  std::mt19937 rng(7);
+  constexpr uint32_t kCostImm = 0x300;
+  for (const auto& [kind, size] : plan) {
+    const uint64_t ppr = kind == "paged" ? uint64_t(FLAGS_pages_per_request) : 1;
+    const uint64_t stride = size + kPageSlack;
+    if (kind == "single" && size > region.size()) continue;
+    std::vector<te::Request> reqs;
+    for (int k = 0; k < 64; ++k) {  // a few distinct requests, reused round-robin
+      if (kind == "single") {
+        reqs.push_back(te::SingleWrite{mr, 0, size, dst, 0, kCostImm});
+      } else {
+        te::PagedWrite p;
+        p.src = mr;
+        p.dst = dst;
+        p.src_stride = p.dst_stride = stride;
+        p.page_length = size;
+        p.imm = kCostImm;
+        std::vector<uint32_t> perm(kPagesInRegion);
+        for (size_t i = 0; i < perm.size(); ++i) perm[i] = uint32_t(i);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        p.src_pages.assign(perm.begin(), perm.begin() + ppr);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        p.dst_pages.assign(perm.begin(), perm.begin() + ppr);
+        reqs.push_back(std::move(p));
+      }
+    }
+    const uint64_t nreq = std::max<uint64_t>(1, uint64_t(FLAGS_cost_writes) / ppr);
+    const uint64_t window = std::max<uint64_t>(1, 4096 / ppr);  // requests in flight
+    te::CompletionCounter counter;
+    const auto deadline = Clock::now() + std::chrono::milliseconds(FLAGS_timeout_ms) * 10;
+    auto wait_until = [&](uint64_t n) {
+      while (counter.finished() < n) {
+        if (manual)
+          engine->Progress();
+        else if (!counter.WaitFinished(n, std::chrono::milliseconds(100)) && Clock::now() > deadline)
+          Die("engine cost: requests did not finish in time");
+      }
+    };
+    const double cpu0 = CpuSeconds();
+    const auto t0 = Clock::now();
+    for (uint64_t i = 0; i < nreq; ++i) {
+      if (i >= window) wait_until(i - window + 1);
+      te::Status s = engine->Submit(reqs[i % reqs.size()], {.counter = &counter});
+      if (!s.ok()) Die("engine cost: " + s.ToString());
+    }
+    wait_until(nreq);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double cpu = CpuSeconds() - cpu0;
+    if (counter.failed() > 0) Die("engine cost: " + counter.first_error().ToString());
+    engine->ForgetImm(kCostImm);
+    const double ops = double(nreq * ppr);
+    const double wall_ns = secs * 1e9 / ops, cpu_ns = cpu * 1e9 / ops, mops = ops / secs / 1e6;
+    if (FLAGS_json) {
+      printf(
+          "{\"case\":\"engine_cost_%s\",\"size\":%llu,\"domains\":%d,\"progress\":\"%s\",\"busy_poll\":%s,"
+          "\"ops\":%llu,\"wall_ns_per_op\":%.1f,\"cpu_ns_per_op\":%.1f,\"mops\":%.3f}\n",
+          kind.c_str(), (unsigned long long)size, FLAGS_domains, FLAGS_progress.c_str(),
+          FLAGS_busy_poll ? "true" : "false", (unsigned long long)(nreq * ppr), wall_ns, cpu_ns, mops);
+    } else {
+      printf("%-7s %9s %10llu %12.1f %12.1f %10.3f\n", kind.c_str(), HumanSize(size).c_str(),
+             (unsigned long long)(nreq * ppr), wall_ns, cpu_ns, mops);
+    }
+    fflush(stdout);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage("te-bench --loopback | --listen | --connect <descriptor hex>  [--raw] [--json]");
+  gflags::SetUsageMessage(
+      "te-bench --loopback | --listen | --connect <descriptor hex> | --engine_cost  [--raw] [--json]");
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
-  const int modes = int(FLAGS_listen) + int(FLAGS_loopback) + int(!FLAGS_connect.empty());
-  if (modes != 1) Die("choose exactly one of --listen, --connect <hex>, --loopback");
+  const int modes = int(FLAGS_listen) + int(FLAGS_loopback) + int(!FLAGS_connect.empty()) + int(FLAGS_engine_cost);
+  if (modes != 1) Die("choose exactly one of --listen, --connect <hex>, --loopback, --engine_cost");
+  if (FLAGS_cost_writes < 1) Die("--cost_writes must be at least 1");
   // Every flag is checked here, before --loopback forks a listener, so a bad
   // flag never leaves a process behind.
   if (FLAGS_window < 1) Die("--window must be at least 1");
@@ -741,6 +848,7 @@ int main(int argc, char** argv) {
   for (const auto& s : Split(FLAGS_sizes, ',')) ParseSize(s);
   for (const auto& s : Split(FLAGS_page_sizes, ',')) ParseSize(s);
   (void)RegionBytes();
+  if (FLAGS_engine_cost) return RunEngineCost();
   if (FLAGS_listen) return RunListener(STDOUT_FILENO);
   if (FLAGS_loopback) return RunLoopback(argv[0]);
   return RunInitiator(FLAGS_connect);

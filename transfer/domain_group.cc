@@ -107,6 +107,7 @@ void DomainGroup::WorkerLoop() {
       idle_polls = 0;
       continue;
     }
+    if (options_.busy_poll) continue;
     if (++idle_polls % 64 == 0) {
       // Spinning shares the core with the application on small machines.
       if (Clock::now() - last_active < options_.idle_spin) {

@@ -90,6 +90,12 @@ struct EngineOptions {
   // at a long-idle engine waits up to idle_sleep_max: set it equal to
   // idle_sleep where that first-message latency matters.
   std::chrono::microseconds idle_spin{2000};
+  // Busy polling: the worker never yields or sleeps, so a completion or an
+  // arriving immediate is seen within one poll. It costs one core at 100%
+  // for the engine's whole life, whether or not traffic flows: for hosts
+  // that dedicate a core to the worker (pin it with worker_cpu), never on a
+  // machine whose cores the application needs.
+  bool busy_poll = false;
   std::chrono::microseconds idle_sleep{50};
   std::chrono::microseconds idle_sleep_max{1000};
   std::chrono::milliseconds idle_deep{100};

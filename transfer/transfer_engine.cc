@@ -75,8 +75,6 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
   if (!options.domain_names.empty() && int(options.domain_names.size()) != options.domains)
     return InvalidArgument("domain_names lists " + std::to_string(options.domain_names.size()) + " names for " +
                            std::to_string(options.domains) + " domains");
-  if (options.request_timeout.count() <= 0) return InvalidArgument("request_timeout must be positive");
-  if (options.max_queued_operations == 0) return InvalidArgument("max_queued_operations must be at least 1");
 
   if (options.backend == nic::Backend::kLibfabric &&
       nic::ParseProviderName(options.fabric.provider).backend == nic::Backend::kVerbs)
@@ -84,7 +82,6 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
         "fabric.provider 'verbs-native' names the native verbs backend: set "
         "EngineOptions::backend = nic::Backend::kVerbs (or call SetProvider(\"verbs-native\"))");
   std::vector<std::shared_ptr<nic::Domain>> domains;
-  EngineAddress address;
   for (int i = 0; i < options.domains; ++i) {
     nic::FabricOptions f = options.fabric;
     if (!options.domain_names.empty()) f.domain = options.domain_names[i];
@@ -99,13 +96,29 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
     }
     if (!d.ok()) return d.status().WithContext("opening domain " + std::to_string(i));
     domains.push_back(std::move(d).value());
-    const auto& info = domains.back()->info();
+  }
+  return CreateOverDomains(options, std::move(domains));
+}
+
+Result<std::unique_ptr<TransferEngine>> TransferEngine::CreateOverDomains(
+    const EngineOptions& given, std::vector<std::shared_ptr<nic::Domain>> domains) {
+  EngineOptions options = given;
+  options.domains = int(domains.size());
+  if (domains.empty() || domains.size() > 64)
+    return InvalidArgument(std::to_string(domains.size()) + " domains; valid range is 1..64");
+  if (options.request_timeout.count() <= 0) return InvalidArgument("request_timeout must be positive");
+  if (options.max_queued_operations == 0) return InvalidArgument("max_queued_operations must be at least 1");
+  EngineAddress address;
+  for (size_t i = 0; i < domains.size(); ++i) {
+    if (!domains[i]) return InvalidArgument("domain " + std::to_string(i) + " is null");
+    const auto& info = domains[i]->info();
     if (i == 0) address.provider = info.provider;
     if (info.provider != address.provider)
       return InvalidArgument("domain " + std::to_string(i) + " opened provider " + info.provider +
                              " but domain 0 opened " + address.provider);
-    address.domains.push_back(domains.back()->address());
+    address.domains.push_back(domains[i]->address());
   }
+  TE_RETURN_IF_ERROR(address.Validate());
   auto group = std::make_unique<DomainGroup>(options, std::move(domains));
   group->set_local_address(address.Serialize());
   auto engine = std::unique_ptr<TransferEngine>(new TransferEngine(options, std::move(group), std::move(address)));

@@ -72,6 +72,12 @@ class TransferEngine {
   using RecvHandler = te::RecvHandler;
 
   static Result<std::unique_ptr<TransferEngine>> Create(const EngineOptions& options);
+  // An engine over domains the caller opened (one per NIC, all of one
+  // provider), instead of those `options` name; the rest of `options`
+  // applies. For tests and benchmarks: tools/discard_domain.h measures the
+  // engine's own cost with a domain that moves no data.
+  static Result<std::unique_ptr<TransferEngine>> CreateOverDomains(const EngineOptions& options,
+                                                                   std::vector<std::shared_ptr<nic::Domain>> domains);
   // The options Create() actually uses: with `gpu` set, fills domains,
   // domain_names and worker_cpu from the topology where not given.
   static Result<EngineOptions> ResolveOptions(const EngineOptions& options);

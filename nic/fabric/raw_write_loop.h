@@ -1,10 +1,12 @@
 // RawWriteLoop: a bare libfabric loop on one endpoint, the baseline that
 // te-bench measures the engine against in the same run.
 //
-// It is what a user would write by hand: fi_writedata with a window of
-// outstanding writes and fi_cq_read in the same thread, no queues, no
-// threads, no bookkeeping beyond timestamps. It opens its own endpoint with
-// the same provider and options as the engine's domains.
+// It is what a tuned provider benchmark does: fi_inject_writedata for
+// payloads up to the provider's inject size (shm: 4 KiB), fi_writedata with
+// the whole window posted before completions are read otherwise, fi_cq_read
+// 32 entries at a time, all in one thread: no queues, no threads, no
+// bookkeeping beyond timestamps. It opens its own endpoint with the same
+// provider and options as the engine's domains.
 #pragma once
 
 #include <chrono>

@@ -430,6 +430,7 @@ void BindOptions(py::module_& m) {
       .def_readwrite("idle_sleep", &EngineOptions::idle_sleep)
       .def_readwrite("idle_sleep_max", &EngineOptions::idle_sleep_max)
       .def_readwrite("idle_deep", &EngineOptions::idle_deep)
+      .def_readwrite("busy_poll", &EngineOptions::busy_poll)
       .def_readwrite("recv_backlog", &EngineOptions::recv_backlog)
       .def_readwrite("max_pending_message_bytes", &EngineOptions::max_pending_message_bytes)
       .def("__repr__", [](const EngineOptions& o) {

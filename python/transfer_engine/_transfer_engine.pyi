@@ -50,6 +50,7 @@ class EngineOptions:
     idle_sleep: datetime.timedelta
     idle_sleep_max: datetime.timedelta
     idle_deep: datetime.timedelta
+    busy_poll: bool
     recv_backlog: int
     max_pending_message_bytes: int
     def __init__(self) -> None: ...

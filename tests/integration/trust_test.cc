@@ -362,5 +362,33 @@ TEST(Trust, OnePlaneHoldsTheReceiveHandlerAtATime) {
   EXPECT_TRUE(engine->ClaimRecvHandler(&b, "PlaneB", noop).ok());
 }
 
+// EngineOptions::busy_poll: a worker that never sleeps still delivers, and
+// shutting the engine down stops it.
+TEST(EngineBusyPoll, DeliversAndShutsDown) {
+  EngineOptions o = Options("tcp");
+  o.busy_poll = true;
+  auto a = TransferEngine::Create(o).value();
+  auto b = TransferEngine::Create(o).value();
+  std::vector<uint8_t> src(1 << 20), dst(1 << 20, 0);
+  FillPattern(src.data(), src.size(), 7);
+  auto smr = a->RegisterMemory(src.data(), src.size()).value();
+  auto dmr = b->RegisterMemory(dst.data(), dst.size()).value();
+  auto remote = a->Import(b->Describe(*dmr)).value();
+  SingleWrite w{smr, 0, src.size(), remote, 0, 0x77};
+  const uint64_t n = a->ExpectedImmCount(w).value();
+  CompletionCounter done;
+  ASSERT_TRUE(a->Submit(w, {.counter = &done}).ok());
+  WaitDone(done, 1);
+  EXPECT_EQ(done.failed(), 0u) << done.first_error().ToString();
+  ASSERT_TRUE(b->WaitImm(0x77, n, std::chrono::seconds(20)).ok());
+  EXPECT_EQ(src, dst);
+}
+
+TEST(Trust, CreateOverDomainsChecksWhatItIsGiven) {
+  EngineOptions o;
+  EXPECT_EQ(TransferEngine::CreateOverDomains(o, {}).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(TransferEngine::CreateOverDomains(o, {nullptr}).status().message().find("null"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace te::testing
