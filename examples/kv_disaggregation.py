@@ -52,31 +52,29 @@ def cache_value(request: int, layer: int, tensor: int, token: int, head: int, n:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
-def fill(cache: np.ndarray, layout: te.KvLayout, request: int, layer: int, pages: list) -> None:
+def heads(layout: te.KvLayout, request: int, layers, pages: list):
+    """(byte range, expected bytes) of every head of every token of `pages`
+    in `layers`, through the layout's own offsets (so NHD and HND agree)."""
     hb = layout.head_dim * layout.dtype_bytes
-    for tensor in range(layout.tensors):
-        for i, page in enumerate(pages):
-            for t in range(layout.page_tokens):
-                token = i * layout.page_tokens + t
-                for h in range(layout.local_heads):
-                    off = layout.offset(layer, tensor, page, t, h)
-                    cache[off:off + hb] = cache_value(request, layer, tensor, token, h, hb)
-
-
-def check(cache: np.ndarray, layout: te.KvLayout, request: int, pages: list) -> int:
-    """Mismatched heads in the request's pages (0 when every byte is right)."""
-    hb = layout.head_dim * layout.dtype_bytes
-    bad = 0
-    for layer in range(layout.layers):
+    for layer in layers:
         for tensor in range(layout.tensors):
             for i, page in enumerate(pages):
                 for t in range(layout.page_tokens):
                     token = i * layout.page_tokens + t
                     for h in range(layout.local_heads):
                         off = layout.offset(layer, tensor, page, t, h)
-                        bad += not np.array_equal(cache[off:off + hb],
-                                                  cache_value(request, layer, tensor, token, h, hb))
-    return bad
+                        yield slice(off, off + hb), cache_value(request, layer, tensor, token, h, hb)
+
+
+def fill(cache: np.ndarray, layout: te.KvLayout, request: int, layer: int, pages: list) -> None:
+    for where, value in heads(layout, request, [layer], pages):
+        cache[where] = value
+
+
+def check(cache: np.ndarray, layout: te.KvLayout, request: int, pages: list) -> int:
+    """Mismatched heads in the request's pages (0 when every byte is right)."""
+    return sum(not np.array_equal(cache[where], value)
+               for where, value in heads(layout, request, range(layout.layers), pages))
 
 
 def prefill_main(conn, provider: str, pages: int) -> None:

@@ -166,15 +166,16 @@ void PyEngine::Finish(HandleState* h, const te::Status& status) {
   SignalLocked();
 }
 
-std::shared_ptr<HandleState> PyEngine::Submit(const char* kind, te::Request request,
-                                              std::vector<std::shared_ptr<RegionState>> regions) {
-  te::TransferEngine* e = engine();
+template <typename Post>
+std::shared_ptr<HandleState> PyEngine::Start(const char* kind, std::vector<std::shared_ptr<RegionState>> regions,
+                                             Post post) {
+  engine();  // raises when closed
   Reap();
   auto h = Begin(kind, std::move(regions));
   te::Status s;
   {
     py::gil_scoped_release release;
-    s = e->Submit(std::move(request), CompletionFor(h.get()));
+    s = post(CompletionFor(h.get()));
   }
   if (!s.ok()) {
     Finish(h.get(), s);  // refused: nothing was posted; the handle is dropped
@@ -182,6 +183,17 @@ std::shared_ptr<HandleState> PyEngine::Submit(const char* kind, te::Request requ
     Throw(s);
   }
   return h;
+}
+
+std::shared_ptr<HandleState> PyEngine::Submit(const char* kind, te::Request request,
+                                              std::vector<std::shared_ptr<RegionState>> regions) {
+  te::TransferEngine* e = engine();
+  return Start(kind, std::move(regions), [&](te::Completion c) { return e->Submit(std::move(request), std::move(c)); });
+}
+
+std::shared_ptr<HandleState> PyEngine::ExpectImm(const char* kind, uint32_t imm, uint64_t count) {
+  te::TransferEngine* e = engine();
+  return Start(kind, {}, [&](te::Completion c) { return e->ExpectImm(imm, count, std::move(c.on_done)); });
 }
 
 size_t PyEngine::Reap() {
@@ -586,14 +598,7 @@ void BindEngine(py::module_& m) {
       .def(
           "expect_imm",
           [](PyEngine& e, uint32_t imm, uint64_t count) {
-            te::TransferEngine* t = e.engine();
-            auto h = e.Begin("expect_imm", {});
-            te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
-            if (!s.ok()) {
-              e.Finish(h.get(), s);
-              Throw(s);
-            }
-            return MakeHandle(e, std::move(h));
+            return MakeHandle(e, e.ExpectImm("expect_imm", imm, count));
           },
           py::arg("imm"), py::arg("count"),
           "A handle that finishes once `count` arrivals of `imm` are there, consuming them.")
@@ -603,16 +608,8 @@ void BindEngine(py::module_& m) {
       .def(
           "wait_imm",
           [](PyEngine& e, uint32_t imm, uint64_t count, std::optional<double> timeout) {
-            te::TransferEngine* t = e.engine();
-            if (t->TryConsumeImm(imm, count)) return;
-            auto h = e.Begin("wait_imm", {});
-            te::Status s = t->ExpectImm(imm, count, [&e, hp = h.get()] { e.Finish(hp, te::Status()); });
-            if (!s.ok()) {
-              e.Finish(h.get(), s);
-              Throw(s);
-            }
-            PyHandle ph = MakeHandle(e, h);
-            WaitOrRaise(ph, timeout);
+            if (e.engine()->TryConsumeImm(imm, count)) return;
+            WaitOrRaise(MakeHandle(e, e.ExpectImm("wait_imm", imm, count)), timeout);
           },
           py::arg("imm"), py::arg("count"), py::arg("timeout") = py::none(),
           "Blocks until `count` arrivals of `imm` are there and consumes them; TimeoutError after `timeout` "
@@ -632,14 +629,9 @@ void BindEngine(py::module_& m) {
               Throw(te::InvalidArgument("send: the message buffer is not contiguous"));
             std::span<const uint8_t> bytes(static_cast<const uint8_t*>(info.ptr), size_t(info.size * info.itemsize));
             te::TransferEngine* t = e.engine();
-            e.Reap();
-            auto h = e.Begin("send", {});
-            te::Status s = t->Send(peer.peer, bytes, e.CompletionFor(h.get()));  // copies the bytes
-            if (!s.ok()) {
-              e.Finish(h.get(), s);
-              Throw(s);
-            }
-            return MakeHandle(e, std::move(h));
+            // Send copies the bytes before it returns; `info` holds the export until then.
+            return MakeHandle(
+                e, e.Start("send", {}, [&](te::Completion c) { return t->Send(peer.peer, bytes, std::move(c)); }));
           },
           py::arg("peer"), py::arg("data"),
           "Sends a control message (at most max_message_bytes) to `peer`; the peer reads it with recv().")

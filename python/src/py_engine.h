@@ -99,10 +99,16 @@ class PyEngine : public std::enable_shared_from_this<PyEngine> {
   te::Completion CompletionFor(HandleState* h);
   // Finishes one part of `h` (engine thread or caller).
   void Finish(HandleState* h, const te::Status& status);
-  // Submits `request` under a new handle; GIL held on entry, released for
-  // the engine call.
+  // Starts a handle and hands its completion to `post` (run with the GIL
+  // released), which gives it to the engine. When `post` refuses, nothing
+  // will call back: the handle ends and TransferError is raised.
+  template <typename Post>
+  std::shared_ptr<HandleState> Start(const char* kind, std::vector<std::shared_ptr<RegionState>> regions, Post post);
+  // Start() for a request.
   std::shared_ptr<HandleState> Submit(const char* kind, te::Request request,
                                       std::vector<std::shared_ptr<RegionState>> regions);
+  // Start() for an expectation of `count` arrivals of `imm`.
+  std::shared_ptr<HandleState> ExpectImm(const char* kind, uint32_t imm, uint64_t count);
   // Releases finished handles' Python references. GIL held.
   size_t Reap();
 

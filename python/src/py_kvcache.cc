@@ -36,6 +36,17 @@ MemoryView CacheMemory(py::handle memory, uint64_t needed, const char* who) {
   return v;
 }
 
+// Runs `f` (returning a Status) with the GIL released; raises what it returns.
+template <typename F>
+void CheckReleased(F f) {
+  te::Status s;
+  {
+    py::gil_scoped_release release;
+    s = f();
+  }
+  Check(s);
+}
+
 py::object ErrorOrNone(const te::Status& s) { return s.ok() ? py::object(py::none()) : ErrorObject(s); }
 
 // ---- Prefiller
@@ -216,12 +227,7 @@ class PyRegistration {
   }
   void SetLoad(uint32_t load) { load_.store(load); }
   void Leave(std::chrono::milliseconds drain_timeout) {
-    te::Status s;
-    {
-      py::gil_scoped_release release;
-      s = reg_->Leave(drain_timeout);
-    }
-    Check(s);
+    CheckReleased([&] { return reg_->Leave(drain_timeout); });
   }
 
  private:
@@ -385,24 +391,14 @@ void BindKvCache(py::module_& m) {
           [](PyPrefiller& p, uint64_t request, py::handle pages) {
             std::vector<uint32_t> v = py::cast<std::vector<uint32_t>>(pages);
             KvPrefiller& k = p.p();
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = k.Start(request, std::move(v));
-            }
-            Check(s);
+            CheckReleased([&] { return k.Start(request, std::move(v)); });
           },
           py::arg("request"), py::arg("pages"))
       .def(
           "layer_done",
           [](PyPrefiller& p, uint64_t request, uint32_t layer) {
             KvPrefiller& k = p.p();
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = k.LayerDone(request, layer);
-            }
-            Check(s);
+            CheckReleased([&] { return k.LayerDone(request, layer); });
           },
           py::arg("request"), py::arg("layer"))
       .def(
@@ -410,24 +406,16 @@ void BindKvCache(py::module_& m) {
           [](PyPrefiller& p, uint64_t request, const py::bytes& context) {
             std::string c = context;
             KvPrefiller& k = p.p();
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = k.Finish(request, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.data()), c.size()));
-            }
-            Check(s);
+            CheckReleased([&] {
+              return k.Finish(request, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(c.data()), c.size()));
+            });
           },
           py::arg("request"), py::arg("context") = py::bytes())
       .def(
           "abort",
           [](PyPrefiller& p, uint64_t request, const std::string& why) {
             KvPrefiller& k = p.p();
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = k.Abort(request, why);
-            }
-            Check(s);
+            CheckReleased([&] { return k.Abort(request, why); });
           },
           py::arg("request"), py::arg("why") = "aborted")
       .def("poll_sent", &PyPrefiller::PollSent,
@@ -491,12 +479,7 @@ void BindKvCache(py::module_& m) {
           "cancel",
           [](PyDecoder& d, uint64_t request) {
             KvDecoder& k = d.d();
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = k.Cancel(request);
-            }
-            Check(s);
+            CheckReleased([&] { return k.Cancel(request); });
           },
           py::arg("request"),
           "Asks the sources to stop; the request's Handle then fails with CANCELLED once nothing more can "
@@ -540,23 +523,13 @@ void BindKvCache(py::module_& m) {
       .def(
           "put",
           [](KvRegistry& r, const RegistryEntry& e, std::chrono::milliseconds ttl) {
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = r.Put(e, ttl);
-            }
-            Check(s);
+            CheckReleased([&] { return r.Put(e, ttl); });
           },
           py::arg("entry"), py::arg("ttl") = std::chrono::milliseconds(3000))
       .def(
           "remove",
           [](KvRegistry& r, const std::string& role, const std::string& name) {
-            te::Status s;
-            {
-              py::gil_scoped_release release;
-              s = r.Remove(role, name);
-            }
-            Check(s);
+            CheckReleased([&] { return r.Remove(role, name); });
           },
           py::arg("role"), py::arg("name"))
       .def(

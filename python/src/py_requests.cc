@@ -128,14 +128,16 @@ Prepared Prepare(const PySingleWrite& w) {
                     Remote(w.dst), w.dst_offset, w.imm};
   return {"write", std::move(r), {w.src}};
 }
-Prepared Prepare(const PyPagedWrite& w) {
+// By value: the one-call write_paged moves its freshly converted page lists
+// into the request; submit() of a PagedWrite object copies them once.
+Prepared Prepare(PyPagedWrite w) {
   te::PagedWrite r;
   r.src = Local(w.src);
-  r.src_pages = w.src_pages;
+  r.src_pages = std::move(w.src_pages);
   r.src_stride = w.src_stride.value_or(w.page_length);
   r.src_offset = w.src_offset;
   r.dst = Remote(w.dst);
-  r.dst_pages = w.dst_pages;
+  r.dst_pages = std::move(w.dst_pages);
   r.dst_stride = w.dst_stride.value_or(w.page_length);
   r.dst_offset = w.dst_offset;
   r.page_length = w.page_length;
@@ -159,7 +161,7 @@ Prepared Prepare(const PyBarrier& w) {
 
 Prepared PrepareAny(py::handle request) {
   if (py::isinstance<PySingleWrite>(request)) return Prepare(request.cast<const PySingleWrite&>());
-  if (py::isinstance<PyPagedWrite>(request)) return Prepare(request.cast<const PyPagedWrite&>());
+  if (py::isinstance<PyPagedWrite>(request)) return Prepare(request.cast<PyPagedWrite>());
   if (py::isinstance<PyScatterWrite>(request)) return Prepare(request.cast<const PyScatterWrite&>());
   if (py::isinstance<PyImmOnly>(request)) return Prepare(request.cast<const PyImmOnly&>());
   if (py::isinstance<PyBarrier>(request)) return Prepare(request.cast<const PyBarrier&>());
