@@ -1,10 +1,18 @@
 // How a request reports its end: exactly once, as done or as an error.
 //
 // Callbacks run on the engine's callback thread (or, in manual progress
-// mode, inside TransferEngine::Progress on the caller's thread), never on
-// the worker that posts and polls, so they may block briefly or submit more
-// work. A CompletionCounter is the hot-path alternative: the worker bumps it
-// directly, with no callback hop.
+// mode, inside TransferEngine::Progress on the caller's thread), so they may
+// block briefly or submit more work. Two hot-path alternatives skip the hop
+// to the callback thread:
+//  - `on_worker = true` declares the callbacks cheap: they run on the worker
+//    that posts and polls, right after the completion is read. They may
+//    Submit, Send, ExpectImm, bump counters and notify other threads; they
+//    must not block (no waits, no locks held for long, no I/O): every
+//    request of the engine waits while one runs. A callback that takes
+//    longer than EngineOptions::slow_worker_callback is counted
+//    (EngineStats::slow_worker_callbacks) and logged; WaitImm called on the
+//    worker is refused with kInvalidArgument instead of deadlocking.
+//  - a CompletionCounter: the worker bumps it directly, with no callback.
 #pragma once
 
 #include <atomic>
@@ -28,7 +36,8 @@ class CompletionCounter {
     return first_error_;
   }
   // Blocks until at least `n` requests finished (done or failed), or timeout.
-  // Returns false on timeout.
+  // Returns false on timeout. Polls (yielding) a few thousand times before
+  // it sleeps in 20 us naps.
   bool WaitFinished(uint64_t n, std::chrono::nanoseconds timeout) const;
 
   // Engine side. The count is the last thing either touches, so the owner
@@ -47,6 +56,7 @@ struct Completion {
   std::function<void()> on_done;
   std::function<void(const Status&)> on_error;
   CompletionCounter* counter = nullptr;  // not owned; must outlive the request
+  bool on_worker = false;                // callbacks are cheap: run them on the worker (above)
 };
 
 }  // namespace te

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 namespace te {
 namespace {
@@ -27,7 +28,15 @@ void FutexWake(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
 }
 
+thread_local bool on_worker_thread = false;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
 }  // namespace
+
+bool DomainGroup::OnWorkerThread() { return on_worker_thread; }
 
 DomainGroup::DomainGroup(const EngineOptions& options, std::vector<std::shared_ptr<nic::Domain>> domains)
     : options_(options),
@@ -85,13 +94,55 @@ Status DomainGroup::Admit(size_t operations) {
 void DomainGroup::Enqueue(RequestState* request) {
   counters_.RequestSubmitted();
   submissions_.Push(request);
+  // A driving thread picks the request up itself; one that just drove
+  // will very likely be back within its lease.
+  if (drivers_.load() == 0 && NowNs() >= lease_until_ns_.load(std::memory_order_relaxed)) WakeWorker();
+}
+
+void DomainGroup::WakeWorker() {
   if (sleeping_.load()) {
     wake_word_.fetch_add(1);
     FutexWake(&wake_word_);
   }
 }
 
+void DomainGroup::Nap(std::chrono::microseconds nap) {
+  uint32_t seen = wake_word_.load();
+  sleeping_.store(true);
+  if ((submissions_.LooksEmpty() || drivers_.load() > 0 || NowNs() < lease_until_ns_.load()) && !stop_.load())
+    FutexWait(&wake_word_, seen, nap);
+  sleeping_.store(false);
+}
+
+bool DomainGroup::DriveUntil(const std::function<bool()>& done, Clock::time_point until) {
+  if (done()) return true;
+  drivers_.fetch_add(1);
+  const bool was_on_worker = on_worker_thread;
+  bool ok = false;
+  for (int polls = 0;; ++polls) {
+    if (progress_mu_.try_lock()) {
+      on_worker_thread = true;  // cheap callbacks may run here
+      ProgressOnce();
+      on_worker_thread = was_on_worker;
+      progress_mu_.unlock();
+    } else {
+      std::this_thread::yield();  // another driver, or the worker finishing its pass
+    }
+    if ((ok = done())) break;
+    if ((polls & 15) == 15 && Clock::now() >= until) break;
+  }
+  // The last driver out hands the role back. When the wait ended without
+  // its event the worker is needed at once. After a success the worker
+  // resumes at the end of the lease (kDriverLease), or on a submission after
+  // it: that saves a wake-up per round trip, and costs a lone Submit just
+  // after a wait up to the lease.
+  if (ok) lease_until_ns_.store(NowNs() + std::chrono::nanoseconds(kDriverLease).count(), std::memory_order_relaxed);
+  if (drivers_.fetch_sub(1) == 1 && !ok) WakeWorker();
+  return ok;
+}
+
 void DomainGroup::WorkerLoop() {
+  on_worker_thread = true;
   if (options_.worker_cpu) {
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -102,7 +153,23 @@ void DomainGroup::WorkerLoop() {
   auto last_active = Clock::now();
   int idle_polls = 0;
   while (!stop_.load(std::memory_order_relaxed)) {
-    if (ProgressOnce()) {
+    if (drivers_.load(std::memory_order_relaxed) > 0) {
+      // A waiting thread drives progress (DriveUntil): stay off its core.
+      Nap(options_.idle_sleep);
+      last_active = Clock::now();
+      continue;
+    }
+    if (const int64_t lease = lease_until_ns_.load(std::memory_order_relaxed) - NowNs(); lease > 0) {
+      Nap(std::chrono::microseconds(lease / 1000 + 1));
+      last_active = Clock::now();
+      continue;
+    }
+    bool active;
+    {
+      std::lock_guard<std::mutex> lock(progress_mu_);
+      active = ProgressOnce();
+    }
+    if (active) {
       last_active = Clock::now();
       idle_polls = 0;
       continue;
@@ -115,11 +182,7 @@ void DomainGroup::WorkerLoop() {
         continue;
       }
       const auto idle = Clock::now() - last_active;
-      const auto nap = idle < options_.idle_deep ? options_.idle_sleep : options_.idle_sleep_max;
-      uint32_t seen = wake_word_.load();
-      sleeping_.store(true);
-      if (submissions_.LooksEmpty() && !stop_.load()) FutexWait(&wake_word_, seen, nap);
-      sleeping_.store(false);
+      Nap(idle < options_.idle_deep ? options_.idle_sleep : options_.idle_sleep_max);
     }
   }
 }
@@ -145,7 +208,7 @@ bool DomainGroup::ProgressOnce() {
   }
   if (!imm_batch_.empty()) {
     counters_.ImmsReceived(imm_batch_.size());
-    imm_counter_.Add(imm_batch_, &ready_);
+    imm_counter_.Add(imm_batch_, &ready_, &worker_ready_);
     imm_batch_.clear();
     if (const uint64_t dropped = imm_counter_.dropped(); dropped != imms_dropped_seen_) {
       LOG(WARNING) << (dropped - imms_dropped_seen_) << " immediates dropped: " << options_.max_imm_values
@@ -165,7 +228,32 @@ bool DomainGroup::ProgressOnce() {
 }
 
 void DomainGroup::FlushReady() {
+  RunOnWorker();
   if (!ready_.empty()) callbacks_.Post(&ready_);
+}
+
+void DomainGroup::RunOnWorker() {
+  // A cheap callback may submit more work and so complete more requests
+  // before this returns (manual mode, a failed Submit): run in rounds.
+  while (!worker_ready_.empty()) {
+    running_.swap(worker_ready_);
+    auto t0 = Clock::now();
+    for (auto& cb : running_) {
+      cb();
+      const auto t1 = Clock::now();  // one clock read per callback
+      const auto took = t1 - t0;
+      t0 = t1;
+      if (took > options_.slow_worker_callback) {
+        counters_.SlowWorkerCallback();
+        LOG_EVERY_N(WARNING, 100) << "a callback declared cheap (on_worker) ran for "
+                                  << std::chrono::duration_cast<std::chrono::microseconds>(took).count()
+                                  << " us on the engine's worker, longer than slow_worker_callback ("
+                                  << options_.slow_worker_callback.count()
+                                  << " us); every request waited. Run it on the callback thread instead.";
+      }
+    }
+    running_.clear();
+  }
 }
 
 void DomainGroup::Accept(RequestState* r) {
@@ -290,7 +378,9 @@ void DomainGroup::Fail(RequestState* r, const Status& given) {
   counters_.RequestFailed();
   if (r->completion.counter) r->completion.counter->MarkFailed(status);
   if (r->completion.on_error) {
-    ready_.push_back([cb = std::move(r->completion.on_error), status] { cb(status); });
+    (r->completion.on_worker ? worker_ready_ : ready_).push_back([cb = std::move(r->completion.on_error), status] {
+      cb(status);
+    });
   }
   r->completion.on_done = nullptr;
   if (r->list == &live_ || r->list == &queued_) {
@@ -301,9 +391,10 @@ void DomainGroup::Fail(RequestState* r, const Status& given) {
 
 void DomainGroup::Finish(RequestState* r) {
   if (!r->failed) {
-    counters_.RequestDone(Clock::now() - r->submitted);
+    counters_.RequestDone(std::max(now_, r->submitted) - r->submitted);  // as of this progress pass
     if (r->completion.counter) r->completion.counter->MarkDone();
-    if (r->completion.on_done) ready_.push_back(std::move(r->completion.on_done));
+    if (r->completion.on_done)
+      (r->completion.on_worker ? worker_ready_ : ready_).push_back(std::move(r->completion.on_done));
   }
   if (r->list) r->list->Remove(r);
   admitted_ops_.fetch_sub(r->works.size(), std::memory_order_relaxed);

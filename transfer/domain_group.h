@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -50,6 +51,14 @@ class DomainGroup final : private nic::CompletionHandler {
   void SetRecvHandler(RecvHandler handler);
 
   bool Progress();  // kManual mode
+
+  // kThread mode: the calling thread takes the worker's role while it waits,
+  // for at most `until`: it posts, polls and runs ready cheap callbacks
+  // itself, and the worker steps aside (naps) meanwhile. A thread about to
+  // wait for an event microseconds away then needs no wake-up, and the two
+  // threads do not both spin on a small host. Returns as soon as `done()`
+  // holds (true), or false at `until`; the worker resumes after.
+  bool DriveUntil(const std::function<bool()>& done, std::chrono::steady_clock::time_point until);
   EngineStats stats() const;
 
   // Bytes the control frame adds to every message (control_channel.h).
@@ -58,6 +67,8 @@ class DomainGroup final : private nic::CompletionHandler {
  private:
   bool ProgressOnce();
   void WorkerLoop();
+  void Nap(std::chrono::microseconds nap);  // the worker sleeps until woken or `nap` passed
+  void WakeWorker();
   void Accept(RequestState* r);
   bool PostPending(size_t d);
   bool PostQueue(size_t d, std::deque<Work*>& queue);
@@ -68,7 +79,14 @@ class DomainGroup final : private nic::CompletionHandler {
   void CheckTimeouts(std::chrono::steady_clock::time_point now);
   void DeliverMessage(EngineAddress from, std::vector<uint8_t> payload);
   void FlushReady();
+  void RunOnWorker();  // the cheap callbacks in worker_ready_, timed
 
+ public:
+  // True on the worker thread of any engine (kThread mode): what must not
+  // block there is refused instead (TransferEngine::WaitImm).
+  static bool OnWorkerThread();
+
+ private:
   // nic::CompletionHandler, called from Poll on the worker.
   void OnSendDone(void* context) override;
   void OnSendError(void* context, const Status& status) override;
@@ -82,6 +100,15 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<uint8_t> local_address_;
 
   MpscQueue submissions_;
+  // The worker's role: whoever holds it runs ProgressOnce and owns the
+  // worker-only state below (the worker thread, or a thread in DriveUntil).
+  std::mutex progress_mu_;
+  std::atomic<int> drivers_{0};  // threads in DriveUntil: the worker naps
+  // After a successful drive the role stays with the application for a few
+  // microseconds (steady-clock ns): a caller that answers and waits again
+  // (a ping-pong) keeps driving, and its Submit wakes nobody.
+  std::atomic<int64_t> lease_until_ns_{0};
+  static constexpr std::chrono::microseconds kDriverLease{20};
   std::atomic<bool> stop_{false};
   std::atomic<uint32_t> wake_word_{0};
   std::atomic<bool> sleeping_{false};
@@ -104,7 +131,9 @@ class DomainGroup final : private nic::CompletionHandler {
   std::atomic<size_t> pending_message_bytes_{0};  // received, not yet handed to the handler
   std::vector<uint32_t> imm_batch_;
   uint64_t imms_dropped_seen_ = 0;
-  std::vector<ImmCounter::Callback> ready_;
+  std::vector<ImmCounter::Callback> ready_;         // for the callback thread
+  std::vector<ImmCounter::Callback> worker_ready_;  // declared cheap: run here
+  std::vector<ImmCounter::Callback> running_;       // scratch of RunOnWorker
   std::chrono::steady_clock::time_point next_timeout_check_;
 
   ImmCounter imm_counter_;

@@ -96,6 +96,17 @@ struct EngineOptions {
   // that dedicate a core to the worker (pin it with worker_cpu), never on a
   // machine whose cores the application needs.
   bool busy_poll = false;
+  // A thread in WaitImm first drives progress itself this long (it takes
+  // the worker's role: posts, polls, runs cheap callbacks, while the worker
+  // naps), then sleeps on a condition variable while the worker carries on.
+  // An arrival microseconds away then costs no thread hand-off and no
+  // futex wake-up, and the waiter and the worker do not both spin. 0 sleeps
+  // at once.
+  std::chrono::microseconds wait_spin{50};
+  // A callback declared cheap (Completion::on_worker, ExpectImm with
+  // ImmDelivery::kOnWorker) that runs longer than this is counted in
+  // EngineStats::slow_worker_callbacks and logged: it held up every request.
+  std::chrono::microseconds slow_worker_callback{1000};
   std::chrono::microseconds idle_sleep{50};
   std::chrono::microseconds idle_sleep_max{1000};
   std::chrono::milliseconds idle_deep{100};

@@ -60,6 +60,7 @@ EngineStats EngineCounters::Snapshot(uint64_t imms_dropped) const {
   s.imms_dropped = imms_dropped;
   s.messages_received = messages_.load();
   s.messages_dropped = dropped_.load();
+  s.slow_worker_callbacks = slow_callbacks_.load();
   for (size_t d = 0; d < domain_count_; ++d)
     s.domains.push_back({domains_[d].writes.load(), domains_[d].bytes.load(), domains_[d].errors.load()});
   uint64_t hist[kLatencyBuckets], total = 0;

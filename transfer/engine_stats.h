@@ -43,6 +43,9 @@ struct EngineStats {
   uint64_t imms_dropped = 0;  // beyond EngineOptions::max_imm_values distinct values
   uint64_t messages_received = 0;
   uint64_t messages_dropped = 0;
+  // Callbacks declared cheap (Completion::on_worker, ExpectImm on the
+  // worker) that ran longer than EngineOptions::slow_worker_callback.
+  uint64_t slow_worker_callbacks = 0;
   std::vector<DomainStats> domains;
   // Per peer, as of the worker's last snapshot (taken every 10 ms).
   std::vector<PeerStats> peers;
@@ -63,6 +66,7 @@ class EngineCounters {
   void ImmsReceived(uint64_t n) { imms_.fetch_add(n, std::memory_order_relaxed); }
   void MessageReceived() { messages_.fetch_add(1, std::memory_order_relaxed); }
   void MessageDropped() { dropped_.fetch_add(1, std::memory_order_relaxed); }
+  void SlowWorkerCallback() { slow_callbacks_.fetch_add(1, std::memory_order_relaxed); }
 
   // The worker only.
   void Posted(size_t domain, uint64_t peer, bool is_write, uint64_t bytes);
@@ -80,7 +84,8 @@ class EngineCounters {
     std::atomic<uint64_t> writes{0}, bytes{0}, errors{0};
   };
 
-  std::atomic<uint64_t> submitted_{0}, done_{0}, failed_{0}, writes_{0}, bytes_{0}, imms_{0}, messages_{0}, dropped_{0};
+  std::atomic<uint64_t> submitted_{0}, done_{0}, failed_{0}, writes_{0}, bytes_{0}, imms_{0}, messages_{0}, dropped_{0},
+      slow_callbacks_{0};
   std::atomic<uint64_t> latency_[kLatencyBuckets] = {};
   size_t domain_count_;
   std::unique_ptr<DomainCounters[]> domains_;

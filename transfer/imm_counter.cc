@@ -2,11 +2,12 @@
 
 namespace te {
 
-void ImmCounter::Serve(Entry& e, std::vector<Callback>* ready) {
+void ImmCounter::Serve(Entry& e, std::vector<Callback>* ready, std::vector<Callback>* worker_ready) {
   size_t served = 0;
-  while (served < e.expectations.size() && e.available >= e.expectations[served].first) {
-    e.available -= e.expectations[served].first;
-    ready->push_back(std::move(e.expectations[served].second));
+  while (served < e.expectations.size() && e.available >= e.expectations[served].count) {
+    Entry::Expectation& x = e.expectations[served];
+    e.available -= x.count;
+    (x.on_worker && worker_ready ? worker_ready : ready)->push_back(std::move(x.callback));
     ++served;
   }
   e.expectations.erase(e.expectations.begin(), e.expectations.begin() + served);
@@ -22,7 +23,8 @@ void ImmCounter::EraseIfIdle(Map::iterator it) {
   if (it->second.idle()) entries_.erase(it);
 }
 
-void ImmCounter::Add(std::span<const uint32_t> imms, std::vector<Callback>* ready) {
+void ImmCounter::Add(std::span<const uint32_t> imms, std::vector<Callback>* ready,
+                     std::vector<Callback>* worker_ready) {
   if (imms.empty()) return;
   std::lock_guard<std::mutex> lock(mu_);
   for (uint32_t imm : imms) {
@@ -32,13 +34,13 @@ void ImmCounter::Add(std::span<const uint32_t> imms, std::vector<Callback>* read
       continue;
     }
     ++it->second.available;
-    Serve(it->second, ready);
+    Serve(it->second, ready, worker_ready);
     EraseIfIdle(it);
   }
   if (blocked_waiters_ > 0) cv_.notify_all();
 }
 
-void ImmCounter::Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready) {
+void ImmCounter::Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready, std::vector<Callback>* worker_ready) {
   if (count == 0) return;
   std::lock_guard<std::mutex> lock(mu_);
   auto it = FindOrTrack(imm);
@@ -47,19 +49,20 @@ void ImmCounter::Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready)
     return;
   }
   it->second.available += count;
-  Serve(it->second, ready);
+  Serve(it->second, ready, worker_ready);
   EraseIfIdle(it);
   if (blocked_waiters_ > 0) cv_.notify_all();
 }
 
-Status ImmCounter::Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready) {
+Status ImmCounter::Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready,
+                          bool on_worker) {
   if (count == 0)
     return InvalidArgument("expected count for imm " + std::to_string(imm) + " is 0; it must be at least 1");
   if (!callback) return InvalidArgument("expectation for imm " + std::to_string(imm) + " has no callback");
   std::lock_guard<std::mutex> lock(mu_);
   auto it = entries_.try_emplace(imm).first;  // the caller's own expectations are not capped
-  it->second.expectations.emplace_back(count, std::move(callback));
-  Serve(it->second, ready);
+  it->second.expectations.push_back({count, std::move(callback), on_worker});
+  Serve(it->second, ready, nullptr);
   EraseIfIdle(it);
   return Status::Ok();
 }

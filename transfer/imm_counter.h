@@ -13,7 +13,8 @@
 // style (callbacks, or Wait/TryConsume) per immediate value.
 //
 // Thread-safe. Callbacks are never run inside ImmCounter: they are handed
-// back to the caller (the engine runs them on its callback thread).
+// back to the caller, which runs them on its callback thread, or on its
+// worker for expectations registered as cheap (`on_worker`).
 #pragma once
 
 #include <atomic>
@@ -42,13 +43,15 @@ class ImmCounter {
   static constexpr size_t kDefaultMaxValues = size_t(1) << 16;
 
   // Records arrivals; expectations they satisfy move their callbacks into
-  // `ready`.
-  void Add(std::span<const uint32_t> imms, std::vector<Callback>* ready);
-  void Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready);
+  // `ready`, or into `worker_ready` (when given) for those registered with
+  // on_worker.
+  void Add(std::span<const uint32_t> imms, std::vector<Callback>* ready, std::vector<Callback>* worker_ready = nullptr);
+  void Add(uint32_t imm, uint64_t count, std::vector<Callback>* ready, std::vector<Callback>* worker_ready = nullptr);
 
   // Registers an expectation of `count` arrivals (count >= 1). If already
-  // satisfied, its callback goes straight to `ready`.
-  Status Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready);
+  // satisfied, its callback goes straight to `ready` (whatever `on_worker`
+  // says: the caller's thread is not the worker).
+  Status Expect(uint32_t imm, uint64_t count, Callback callback, std::vector<Callback>* ready, bool on_worker = false);
 
   // Blocks until `count` arrivals are available and consumes them, or
   // returns kTimeout naming how many had arrived.
@@ -76,11 +79,16 @@ class ImmCounter {
     int waiters = 0;  // Wait calls blocked on this entry: it must stay
     // Usually zero or one: a vector costs no allocation until used (a
     // deque allocates 512 bytes up front).
-    std::vector<std::pair<uint64_t, Callback>> expectations;
+    struct Expectation {
+      uint64_t count;
+      Callback callback;
+      bool on_worker;
+    };
+    std::vector<Expectation> expectations;
     bool idle() const { return available == 0 && waiters == 0 && expectations.empty(); }
   };
   using Map = std::unordered_map<uint32_t, Entry>;
-  void Serve(Entry& e, std::vector<Callback>* ready);
+  void Serve(Entry& e, std::vector<Callback>* ready, std::vector<Callback>* worker_ready);
   // Erases `it` if nothing refers to it any more, so the table holds only
   // live values.
   void EraseIfIdle(Map::iterator it);

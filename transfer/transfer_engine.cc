@@ -336,9 +336,10 @@ Status TransferEngine::Submit(Request request, Completion completion) {
   return Status::Ok();
 }
 
-Status TransferEngine::ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback) {
+Status TransferEngine::ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback, ImmDelivery delivery) {
   std::vector<ImmCounter::Callback> ready;
-  TE_RETURN_IF_ERROR(group_->imm_counter().Expect(imm, count, std::move(callback), &ready));
+  TE_RETURN_IF_ERROR(
+      group_->imm_counter().Expect(imm, count, std::move(callback), &ready, delivery == ImmDelivery::kOnWorker));
   group_->callbacks().Post(&ready);
   return Status::Ok();
 }
@@ -354,7 +355,31 @@ Status TransferEngine::WaitImm(uint32_t imm, uint64_t count, std::chrono::nanose
     }
     return Status::Ok();
   }
-  return group_->imm_counter().Wait(imm, count, timeout);
+  if (DomainGroup::OnWorkerThread())
+    return InvalidArgument("WaitImm(imm " + std::to_string(imm) +
+                           ") called on the engine's worker thread (from a callback declared cheap): it would "
+                           "wait for arrivals that only this thread can read; use ExpectImm instead");
+  // Drive progress on this thread for wait_spin: the arrival is usually
+  // microseconds away. Then sleep while the worker carries on.
+  const auto start = std::chrono::steady_clock::now();
+  const auto spin = std::min<std::chrono::nanoseconds>(options_.wait_spin, timeout);
+  if (spin.count() > 0 && DriveUntil([&] { return group_->imm_counter().TryConsume(imm, count); }, spin))
+    return Status::Ok();
+  const auto left = timeout - (std::chrono::steady_clock::now() - start);
+  return group_->imm_counter().Wait(imm, count, std::max<std::chrono::nanoseconds>(left, std::chrono::nanoseconds(0)));
+}
+
+bool TransferEngine::DriveUntil(const std::function<bool()>& done, std::chrono::nanoseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  if (options_.progress == ProgressMode::kManual) {
+    while (!done()) {
+      if (std::chrono::steady_clock::now() >= until) return false;
+      Progress();
+    }
+    return true;
+  }
+  if (DomainGroup::OnWorkerThread()) return done();
+  return group_->DriveUntil(done, until);
 }
 
 bool TransferEngine::TryConsumeImm(uint32_t imm, uint64_t count) {

@@ -113,9 +113,18 @@ class TransferEngine {
 
   // ---- Receiving ----
   // Fires `callback` once `count` arrivals of `imm` are available, consuming
-  // them. Arrivals before the call count.
-  Status ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback);
-  // Blocking and polling forms of the same.
+  // them. Arrivals before the call count. With kOnWorker the callback is
+  // declared cheap and runs on the worker as the arrival is read (the rules
+  // of Completion::on_worker apply), saving the hop to the callback thread:
+  // for responders such as a pong or an ack. An expectation already met
+  // when registered runs on the callback thread either way.
+  enum class ImmDelivery { kCallbackThread, kOnWorker };
+  Status ExpectImm(uint32_t imm, uint64_t count, std::function<void()> callback,
+                   ImmDelivery delivery = ImmDelivery::kCallbackThread);
+  // Blocking and polling forms of the same. WaitImm polls for
+  // EngineOptions::wait_spin before it sleeps; called on the worker (from a
+  // cheap callback) it returns kInvalidArgument, since it would wait on
+  // itself.
   Status WaitImm(uint32_t imm, uint64_t count, std::chrono::nanoseconds timeout);
   bool TryConsumeImm(uint32_t imm, uint64_t count);
   uint64_t ImmAvailable(uint32_t imm) const;
@@ -150,6 +159,16 @@ class TransferEngine {
   // kManual mode: posts, polls and runs ready callbacks once; returns true
   // if anything happened. Not to be called in kThread mode.
   bool Progress();
+  // Runs the engine's progress on the calling thread until `done()` holds
+  // or `timeout` passes; returns done(). For a thread about to wait for
+  // something microseconds away (a round trip, the last completions of a
+  // window): it takes the worker's role meanwhile (posts, polls, runs the
+  // cheap callbacks of Completion::on_worker), and the worker naps, so no
+  // thread hand-off or wake-up sits on the path and the two threads do not
+  // both spin. Keep `timeout` short (tens of microseconds) and sleep after
+  // it. kManual mode: the same as calling Progress() in a loop. On the
+  // worker itself (a cheap callback) it only evaluates done().
+  bool DriveUntil(const std::function<bool()>& done, std::chrono::nanoseconds timeout);
 
   EngineStats stats() const;
 

@@ -18,11 +18,10 @@ namespace {
 
 // Waits are cut into slices this long so that Ctrl-C is seen promptly.
 constexpr auto kWaitSlice = std::chrono::milliseconds(50);
-// A wait for a request first polls its state this long, yielding the core
-// between polls, before it sleeps: a request on shm or a fast NIC often
-// finishes within microseconds, and a futex wake-up on a busy machine can
-// cost a hundred (measured: 64-page shm requests one at a time went from
-// 0.25 to 0.45 Mop/s). The cost is at most this much CPU per wait.
+// A wait for a request first drives the engine on the waiting thread this
+// long (TransferEngine::DriveUntil) before it sleeps: a request on shm or a
+// fast NIC often finishes within microseconds, and a futex wake-up on a busy
+// machine can cost a hundred. The cost is at most this much CPU per wait.
 constexpr auto kWaitSpin = std::chrono::microseconds(50);
 // Received control messages held for Python beyond which new ones are
 // dropped (counted): a program that never calls recv() cannot grow it.
@@ -143,6 +142,10 @@ std::shared_ptr<HandleState> PyEngine::Begin(const char* kind, std::vector<std::
 
 te::Completion PyEngine::CompletionFor(HandleState* h) {
   te::Completion c;
+  // Cheap: Finish flips the handle's state under a short lock and signals;
+  // run it on the engine's worker (or a thread driving in WaitFor), saving
+  // the hop to the callback thread.
+  c.on_worker = true;
   c.on_done = [this, h] { Finish(h, te::Status()); };
   c.on_error = [this, h](const te::Status& s) { Finish(h, s); };
   return c;
@@ -193,7 +196,9 @@ std::shared_ptr<HandleState> PyEngine::Submit(const char* kind, te::Request requ
 
 std::shared_ptr<HandleState> PyEngine::ExpectImm(const char* kind, uint32_t imm, uint64_t count) {
   te::TransferEngine* e = engine();
-  return Start(kind, {}, [&](te::Completion c) { return e->ExpectImm(imm, count, std::move(c.on_done)); });
+  return Start(kind, {}, [&](te::Completion c) {
+    return e->ExpectImm(imm, count, std::move(c.on_done), te::TransferEngine::ImmDelivery::kOnWorker);
+  });
 }
 
 size_t PyEngine::Reap() {
@@ -215,12 +220,11 @@ bool PyEngine::WaitFor(Pred done, std::optional<double> timeout, bool spin) {
   te::TransferEngine* e = engine();
   if (spin && !manual_) {
     if (done()) return true;
+    // Drive the engine on this thread for a moment (TransferEngine::
+    // DriveUntil): a completion microseconds away then needs no wake-up.
     py::gil_scoped_release release;
-    const auto spin_end = std::min(deadline, Clock::now() + kWaitSpin);
-    while (Clock::now() < spin_end) {
-      if (done()) return true;
-      std::this_thread::yield();
-    }
+    const auto spin = std::min<Clock::duration>(kWaitSpin, deadline - Clock::now());
+    if (spin > Clock::duration::zero() && e->DriveUntil(done, spin)) return true;
   }
   while (true) {
     bool ok;

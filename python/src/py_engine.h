@@ -141,8 +141,8 @@ class PyEngine : public std::enable_shared_from_this<PyEngine> {
   void OnMessage(const te::EngineAddress& from, std::span<const uint8_t> data);
   void SignalLocked();
   // Waits for `done()` with the GIL released, in slices, checking signals.
-  // With `spin`, first polls `done()` for a short while (it must then be
-  // safe to call without the mutex).
+  // With `spin`, first drives the engine on this thread for a short while,
+  // polling `done()` (it must then be safe to call without the mutex).
   template <typename Pred>
   bool WaitFor(Pred done, std::optional<double> timeout, bool spin);
 

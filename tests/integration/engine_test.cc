@@ -152,6 +152,141 @@ TEST_P(EngineTest, ExpectImmCallbackRunsOffTheWorkerOnce) {
   EXPECT_EQ(fired.load(), 1);
 }
 
+TEST_P(EngineTest, CheapCallbacksRunOffTheCallbackThreadExactlyOnce) {
+  // A plain callback shows which thread is the callback thread.
+  std::atomic<std::thread::id> callback_thread{};
+  CompletionCounter plain;
+  ASSERT_TRUE(sender_
+                  ->Submit(ImmOnly{dst_, 0x61},
+                           {.on_done = [&] { callback_thread = std::this_thread::get_id(); }, .counter = &plain})
+                  .ok());
+  WaitDone(plain, 1);
+  ASSERT_TRUE(WaitUntil([&] { return callback_thread.load() != std::thread::id{}; }, 20s));
+
+  constexpr int kRequests = 500;
+  std::vector<std::atomic<int>> done(kRequests);
+  std::atomic<int> errors{0}, on_callback_thread{0};
+  for (int i = 0; i < kRequests; ++i) {
+    Completion c;
+    c.on_worker = true;
+    c.on_done = [&, i] {
+      if (std::this_thread::get_id() == callback_thread.load()) on_callback_thread++;
+      done[i]++;
+    };
+    c.on_error = [&](const Status&) { errors++; };
+    ASSERT_TRUE(sender_->Submit(SingleWrite{src_, uint64_t(i) * 1024, 1024, dst_, uint64_t(i) * 1024, 0x62}, c).ok());
+  }
+  const uint64_t per = sender_->ExpectedImmCount(SingleWrite{src_, 0, 1024, dst_, 0, 0x62}).value();
+  ASSERT_TRUE(receiver_->WaitImm(0x62, per * kRequests, 20s).ok());
+  ASSERT_TRUE(WaitUntil([&] { return sender_->stats().requests_done == kRequests + 1; }, 20s));
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        int n = 0;
+        for (auto& d : done) n += d.load() > 0;
+        return n == kRequests;
+      },
+      20s));
+  std::this_thread::sleep_for(20ms);  // a second run of a callback would show up here
+  for (int i = 0; i < kRequests; ++i) ASSERT_EQ(done[i].load(), 1) << "request " << i;
+  EXPECT_EQ(errors.load(), 0);
+  EXPECT_EQ(on_callback_thread.load(), 0);
+  EXPECT_EQ(0, memcmp(dst_buf_.data(), src_buf_.data(), size_t(kRequests) * 1024));
+}
+
+TEST_P(EngineTest, PingPongWithAResponderOnTheWorkerCountsEveryRoundTrip) {
+  // The receiver answers each ping from its worker; the sender waits with
+  // WaitImm, which drives progress on this thread for wait_spin first.
+  auto back_mr = sender_->RegisterMemory(src_buf_.data(), 4096).value();
+  auto back = receiver_->Import(sender_->Describe(*back_mr)).value();
+  constexpr int kRounds = 300;
+  std::atomic<int> pongs{0};
+  std::function<void()> pong = [&] {
+    if (!receiver_->Submit(ImmOnly{back, 0x72}, {}).ok()) return;
+    if (++pongs < kRounds)
+      ASSERT_TRUE(receiver_->ExpectImm(0x71, 1, pong, TransferEngine::ImmDelivery::kOnWorker).ok());
+  };
+  ASSERT_TRUE(receiver_->ExpectImm(0x71, 1, pong, TransferEngine::ImmDelivery::kOnWorker).ok());
+  for (int i = 0; i < kRounds; ++i) {
+    ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x71}, {}).ok());
+    ASSERT_TRUE(sender_->WaitImm(0x72, 1, 20s).ok()) << "round " << i;
+  }
+  EXPECT_EQ(pongs.load(), kRounds);
+  EXPECT_FALSE(sender_->TryConsumeImm(0x72, 1));  // exactly one pong per ping
+  EXPECT_EQ(receiver_->ImmAvailable(0x71), 0u);
+}
+
+TEST_P(EngineTest, ASlowCheapCallbackIsCountedAndAWaitInsideOneIsRefused) {
+  std::atomic<int> slow_done{0};
+  Completion slow;
+  slow.on_worker = true;
+  slow.on_done = [&] {
+    std::this_thread::sleep_for(5ms);  // breaks the contract: EngineOptions::slow_worker_callback is 1 ms
+    slow_done++;
+  };
+  ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x81}, slow).ok());
+  ASSERT_TRUE(WaitUntil([&] { return slow_done.load() == 1; }, 20s));
+  EXPECT_EQ(sender_->stats().slow_worker_callbacks, 1u);
+
+  // WaitImm from a cheap callback would wait for arrivals only its own
+  // thread reads: refused, and traffic carries on.
+  std::atomic<int> code{-1};
+  ASSERT_TRUE(receiver_
+                  ->ExpectImm(
+                      0x82, 1, [&] { code = int(receiver_->WaitImm(0x83, 1, 1s).code()); },
+                      TransferEngine::ImmDelivery::kOnWorker)
+                  .ok());
+  ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x82}, {}).ok());
+  ASSERT_TRUE(WaitUntil([&] { return code.load() != -1; }, 20s));
+  EXPECT_EQ(StatusCode(code.load()), StatusCode::kInvalidArgument);
+  CompletionCounter after;
+  ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x84}, {.counter = &after}).ok());
+  WaitDone(after, 1);
+  ASSERT_TRUE(receiver_->WaitImm(0x84, 1, 20s).ok());
+}
+
+TEST_P(EngineTest, DriveUntilCompletesRequestsOnTheCallingThreadAndHandsBack) {
+  std::atomic<int> done{0};
+  std::atomic<int> elsewhere{0};
+  const auto me = std::this_thread::get_id();
+  constexpr int kRequests = 64;
+  for (int i = 0; i < kRequests; ++i) {
+    Completion c;
+    c.on_worker = true;
+    c.on_done = [&] {
+      if (std::this_thread::get_id() != me) elsewhere++;
+      done++;
+    };
+    ASSERT_TRUE(sender_->Submit(SingleWrite{src_, 0, 4096, dst_, uint64_t(i) * 4096, 0x91}, c).ok());
+  }
+  // Driving ends when the condition holds, or at its timeout; either way
+  // the worker finishes what is left.
+  const bool all = sender_->DriveUntil([&] { return done.load() == kRequests; }, 10s);
+  EXPECT_TRUE(all);
+  ASSERT_TRUE(WaitUntil([&] { return done.load() == kRequests; }, 20s));
+  EXPECT_LE(elsewhere.load(), kRequests);  // some may have completed on the worker before the drive began
+  EXPECT_FALSE(sender_->DriveUntil([] { return false; }, 1ms));
+  CompletionCounter after;
+  ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x92}, {.counter = &after}).ok());
+  WaitDone(after, 1);  // the worker took its role back
+  const uint64_t per = sender_->ExpectedImmCount(SingleWrite{src_, 0, 4096, dst_, 0, 0x91}).value();
+  ASSERT_TRUE(receiver_->WaitImm(0x91, per * kRequests, 20s).ok());
+  ASSERT_TRUE(receiver_->WaitImm(0x92, 1, 20s).ok());
+}
+
+TEST_P(EngineTest, CheapCallbacksOfRequestsCancelledAtShutdownRunOnce) {
+  constexpr int kRequests = 200;
+  std::atomic<int> done{0}, failed{0};
+  for (int i = 0; i < kRequests; ++i) {
+    Completion c;
+    c.on_worker = true;
+    c.on_done = [&] { done++; };
+    c.on_error = [&](const Status&) { failed++; };
+    ASSERT_TRUE(sender_->Submit(SingleWrite{src_, 0, 64 << 10, dst_, 0, 0xA1}, c).ok());
+  }
+  sender_.reset();  // fails what is in flight with kCancelled, callbacks before it returns
+  EXPECT_EQ(done.load() + failed.load(), kRequests);
+}
+
 TEST_P(EngineTest, OutOfBoundsWriteIsRefusedAtSubmitAndNeverPosted) {
   const uint64_t posted_before = sender_->stats().writes_posted;
   SingleWrite w{src_, 0, 4096, dst_, kBytes - 100, 1};
@@ -344,6 +479,13 @@ TEST(EngineManualProgress, RoundTripWithoutThreads) {
   EXPECT_TRUE(done);
   EXPECT_TRUE(b->TryConsumeImm(5, 1));
   EXPECT_EQ(0, memcmp(buf.data(), src.data(), 4096));
+
+  // DriveUntil in manual mode is Progress() in a loop, with a deadline.
+  bool cheap_done = false;
+  ASSERT_TRUE(a->Submit(ImmOnly{dst, 6}, {.on_done = [&] { cheap_done = true; }, .on_worker = true}).ok());
+  EXPECT_TRUE(a->DriveUntil([&] { return cheap_done; }, 10s));
+  EXPECT_TRUE(b->DriveUntil([&] { return b->ImmAvailable(6) == 1; }, 10s));
+  EXPECT_FALSE(b->DriveUntil([] { return false; }, 1ms));
 }
 
 #endif  // !TE_ENGINE_TESTS_ON_VERBS_NATIVE
