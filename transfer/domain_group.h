@@ -77,6 +77,7 @@ class DomainGroup final : private nic::CompletionHandler {
   void Fail(RequestState* r, const Status& status);
   void Finish(RequestState* r);
   void CheckTimeouts(std::chrono::steady_clock::time_point now);
+  std::chrono::steady_clock::time_point Now();
   void DeliverMessage(EngineAddress from, std::vector<uint8_t> payload);
   void FlushReady();
   void RunOnWorker();  // the cheap callbacks in worker_ready_, timed
@@ -123,10 +124,13 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<size_t> inflight_;
   // Every list is in deadline order: queued_ by submission, live_ by first
   // post, and deadlines add the same timeout to both.
-  RequestList queued_;                         // accepted, nothing posted yet
-  RequestList live_;                           // at least one work posted
-  RequestList zombies_;                        // failed, waiting for posted writes to come back
-  std::chrono::steady_clock::time_point now_;  // as of this progress pass
+  RequestList queued_;   // accepted, nothing posted yet
+  RequestList live_;     // at least one work posted
+  RequestList zombies_;  // failed, waiting for posted writes to come back
+  // The time as of this progress pass, read at most once per pass (Now()).
+  std::chrono::steady_clock::time_point now_;
+  bool now_fresh_ = false;
+  uint32_t idle_passes_ = 0;
   std::atomic<size_t> admitted_ops_{0};
   std::atomic<size_t> pending_message_bytes_{0};  // received, not yet handed to the handler
   std::vector<uint32_t> imm_batch_;
