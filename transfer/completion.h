@@ -5,7 +5,9 @@
 // block briefly or submit more work. Two hot-path alternatives skip the hop
 // to the callback thread:
 //  - `on_worker = true` declares the callbacks cheap: they run on the worker
-//    that posts and polls, right after the completion is read. They may
+//    that posts and polls (or on a thread that holds the worker's role in
+//    TransferEngine::DriveUntil or WaitImm), right after the completion is
+//    read. They may
 //    Submit, Send, ExpectImm, bump counters and notify other threads; they
 //    must not block (no waits, no locks held for long, no I/O): every
 //    request of the engine waits while one runs. A callback that takes

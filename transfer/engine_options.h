@@ -106,7 +106,9 @@ struct EngineOptions {
   // A callback declared cheap (Completion::on_worker, ExpectImm with
   // ImmDelivery::kOnWorker) that runs longer than this is counted in
   // EngineStats::slow_worker_callbacks and logged: it held up every request.
-  std::chrono::microseconds slow_worker_callback{1000};
+  // Wall time, so a thread preempted on a busy host may be counted too: the
+  // default sits above a scheduler time slice.
+  std::chrono::microseconds slow_worker_callback{10000};
   std::chrono::microseconds idle_sleep{50};
   std::chrono::microseconds idle_sleep_max{1000};
   std::chrono::milliseconds idle_deep{100};

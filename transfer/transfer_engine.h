@@ -37,9 +37,12 @@
 //  - No order between writes is assumed, on any provider.
 //
 // Threads: every method is safe to call from any thread. Callbacks run on
-// one callback thread (kThread mode) or inside Progress() (kManual mode).
-// Destroying the engine fails the requests still in flight with kCancelled
-// (their callbacks run before the destructor returns).
+// one callback thread (kThread mode) or inside Progress() (kManual mode);
+// callbacks declared cheap (Completion::on_worker, ImmDelivery::kOnWorker)
+// run on the worker, or on a thread inside DriveUntil/WaitImm that holds the
+// worker's role at that moment. Destroying the engine fails the requests
+// still in flight with kCancelled (their callbacks run before the destructor
+// returns, on the destroying thread). Never destroy it from a callback.
 #pragma once
 
 #include <chrono>

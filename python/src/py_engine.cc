@@ -372,6 +372,7 @@ py::dict StatsDict(const te::EngineStats& s) {
   d["imms_dropped"] = s.imms_dropped;
   d["messages_received"] = s.messages_received;
   d["messages_dropped"] = s.messages_dropped;
+  d["slow_worker_callbacks"] = s.slow_worker_callbacks;
   d["latency_p50_us"] = s.latency_p50_us;
   d["latency_p99_us"] = s.latency_p99_us;
   py::list domains;
@@ -447,6 +448,8 @@ void BindOptions(py::module_& m) {
       .def_readwrite("idle_sleep_max", &EngineOptions::idle_sleep_max)
       .def_readwrite("idle_deep", &EngineOptions::idle_deep)
       .def_readwrite("busy_poll", &EngineOptions::busy_poll)
+      .def_readwrite("wait_spin", &EngineOptions::wait_spin)
+      .def_readwrite("slow_worker_callback", &EngineOptions::slow_worker_callback)
       .def_readwrite("recv_backlog", &EngineOptions::recv_backlog)
       .def_readwrite("max_pending_message_bytes", &EngineOptions::max_pending_message_bytes)
       .def("__repr__", [](const EngineOptions& o) {

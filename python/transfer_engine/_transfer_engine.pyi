@@ -51,6 +51,8 @@ class EngineOptions:
     idle_sleep_max: datetime.timedelta
     idle_deep: datetime.timedelta
     busy_poll: bool
+    wait_spin: datetime.timedelta
+    slow_worker_callback: datetime.timedelta
     recv_backlog: int
     max_pending_message_bytes: int
     def __init__(self) -> None: ...
