@@ -243,6 +243,7 @@ Clock::time_point DomainGroup::Now() {
 void DomainGroup::FlushReady() {
   RunOnWorker();
   if (!ready_.empty()) callbacks_.Post(&ready_);
+  pool_.PutAll(&finished_);  // their callbacks were moved out above
 }
 
 void DomainGroup::RunOnWorker() {
@@ -412,7 +413,7 @@ void DomainGroup::Finish(RequestState* r) {
   }
   if (r->list) r->list->Remove(r);
   admitted_ops_.fetch_sub(r->works.size(), std::memory_order_relaxed);
-  delete r;
+  finished_.push_back(r);
 }
 
 void DomainGroup::CheckTimeouts(Clock::time_point now) {

@@ -23,6 +23,7 @@
 #include "transfer/imm_counter.h"
 #include "transfer/mpsc_queue.h"
 #include "transfer/mr_descriptor.h"
+#include "transfer/request_pool.h"
 #include "transfer/request_state.h"
 
 namespace te {
@@ -43,6 +44,9 @@ class DomainGroup final : private nic::CompletionHandler {
   // Hands a fully planned (and admitted) request to the worker.
   void Enqueue(RequestState* request);
 
+  // Where Submit and Send take their RequestStates; the worker gives them
+  // back as requests finish.
+  RequestPool& request_pool() { return pool_; }
   ImmCounter& imm_counter() { return imm_counter_; }
   CallbackExecutor& callbacks() { return callbacks_; }
 
@@ -100,6 +104,7 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<size_t> max_inflight_;
   std::vector<uint8_t> local_address_;
 
+  RequestPool pool_;  // declared before (so destroyed after) the lists that point into it
   MpscQueue submissions_;
   // The worker's role: whoever holds it runs ProgressOnce and owns the
   // worker-only state below (the worker thread, or a thread in DriveUntil).
@@ -138,6 +143,7 @@ class DomainGroup final : private nic::CompletionHandler {
   std::vector<ImmCounter::Callback> ready_;         // for the callback thread
   std::vector<ImmCounter::Callback> worker_ready_;  // declared cheap: run here
   std::vector<ImmCounter::Callback> running_;       // scratch of RunOnWorker
+  std::vector<RequestState*> finished_;             // back to pool_ at the end of the pass
   std::chrono::steady_clock::time_point next_timeout_check_;
 
   ImmCounter imm_counter_;

@@ -38,7 +38,7 @@ void AddSplit(std::vector<PlannedWrite>* out, const PlannedWrite& w, uint64_t ma
   }
 }
 
-Result<std::vector<PlannedWrite>> PlanSingle(const SingleWrite& r, const PlanLimits& l) {
+Status PlanSingle(const SingleWrite& r, const PlanLimits& l, std::vector<PlannedWrite>* out) {
   if (!r.src) return InvalidArgument("SingleWrite has no source region");
   if (!r.dst) return InvalidArgument("SingleWrite has no destination region");
   TE_RETURN_IF_ERROR(CheckRange("src", r.src_offset, r.length, r.src->length()));
@@ -51,8 +51,7 @@ Result<std::vector<PlannedWrite>> PlanSingle(const SingleWrite& r, const PlanLim
   uint64_t shard = (r.length + n - 1) / n;
   shard = std::max<uint64_t>(shard, l.min_shard_bytes);
   shard = (shard + kShardAlignment - 1) / kShardAlignment * kShardAlignment;
-  std::vector<PlannedWrite> out;
-  out.reserve(n);
+  out->reserve(n);
   for (uint64_t d = 0; d < n; ++d) {
     uint64_t begin = std::min(r.length, d * shard);
     uint64_t end = std::min(r.length, begin + shard);
@@ -64,12 +63,12 @@ Result<std::vector<PlannedWrite>> PlanSingle(const SingleWrite& r, const PlanLim
     w.length = end - begin;
     w.has_imm = r.imm.has_value();
     w.imm = r.imm.value_or(0);
-    AddSplit(&out, w, l.max_write_bytes);
+    AddSplit(out, w, l.max_write_bytes);
   }
-  return out;
+  return Status::Ok();
 }
 
-Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimits& l) {
+Status PlanPaged(const PagedWrite& r, const PlanLimits& l, std::vector<PlannedWrite>* out) {
   if (!r.src) return InvalidArgument("PagedWrite has no source region");
   if (!r.dst) return InvalidArgument("PagedWrite has no destination region");
   if (r.src_pages.size() != r.dst_pages.size())
@@ -79,8 +78,7 @@ Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimit
   if (r.src_pages.empty()) return InvalidArgument("PagedWrite has no pages");
   if (r.page_length == 0) return InvalidArgument("PagedWrite page_length is 0");
   const size_t pages = r.src_pages.size();
-  std::vector<PlannedWrite> out;
-  out.reserve(pages);
+  out->reserve(pages);
   for (size_t i = 0; i < pages; ++i) {
     // Overflow-safe: indices are 32-bit and strides are checked against the
     // region, so the products cannot wrap for regions that fit in memory.
@@ -102,16 +100,15 @@ Result<std::vector<PlannedWrite>> PlanPaged(const PagedWrite& r, const PlanLimit
     w.length = r.page_length;
     w.has_imm = r.imm.has_value();
     w.imm = r.imm.value_or(0);
-    AddSplit(&out, w, l.max_write_bytes);
+    AddSplit(out, w, l.max_write_bytes);
   }
-  return out;
+  return Status::Ok();
 }
 
-Result<std::vector<PlannedWrite>> PlanScatter(const ScatterWrite& r, const PlanLimits& l) {
+Status PlanScatter(const ScatterWrite& r, const PlanLimits& l, std::vector<PlannedWrite>* out) {
   if (!r.src) return InvalidArgument("ScatterWrite has no source region");
   if (r.targets.empty()) return InvalidArgument("ScatterWrite has no targets");
-  std::vector<PlannedWrite> out;
-  out.reserve(r.targets.size());
+  out->reserve(r.targets.size());
   for (size_t t = 0; t < r.targets.size(); ++t) {
     const ScatterTarget& tg = r.targets[t];
     if (!tg.dst) return InvalidArgument("ScatterWrite target " + std::to_string(t) + " has no destination region");
@@ -127,9 +124,9 @@ Result<std::vector<PlannedWrite>> PlanScatter(const ScatterWrite& r, const PlanL
     w.length = tg.length;
     w.has_imm = r.imm.has_value();
     w.imm = r.imm.value_or(0);
-    AddSplit(&out, w, l.max_write_bytes);
+    AddSplit(out, w, l.max_write_bytes);
   }
-  return out;
+  return Status::Ok();
 }
 
 PlannedWrite Notification(const RemoteRegion* dst, uint32_t domain, uint32_t imm) {
@@ -143,29 +140,37 @@ PlannedWrite Notification(const RemoteRegion* dst, uint32_t domain, uint32_t imm
 
 }  // namespace
 
-Result<std::vector<PlannedWrite>> PlanRequest(const Request& request, const PlanLimits& limits) {
+Status PlanRequestInto(const Request& request, const PlanLimits& limits, std::vector<PlannedWrite>* out) {
+  out->clear();
   if (limits.domains == 0) return Internal("plan limits name zero domains");
   if (limits.max_write_bytes == 0) return Internal("plan limits allow zero-byte writes only");
   struct Visitor {
     const PlanLimits& l;
-    Result<std::vector<PlannedWrite>> operator()(const SingleWrite& r) { return PlanSingle(r, l); }
-    Result<std::vector<PlannedWrite>> operator()(const PagedWrite& r) { return PlanPaged(r, l); }
-    Result<std::vector<PlannedWrite>> operator()(const ScatterWrite& r) { return PlanScatter(r, l); }
-    Result<std::vector<PlannedWrite>> operator()(const ImmOnly& r) {
+    std::vector<PlannedWrite>* out;
+    Status operator()(const SingleWrite& r) { return PlanSingle(r, l, out); }
+    Status operator()(const PagedWrite& r) { return PlanPaged(r, l, out); }
+    Status operator()(const ScatterWrite& r) { return PlanScatter(r, l, out); }
+    Status operator()(const ImmOnly& r) {
       if (!r.dst) return InvalidArgument("ImmOnly has no destination region");
-      return std::vector<PlannedWrite>{Notification(r.dst.get(), 0, r.imm)};
+      out->push_back(Notification(r.dst.get(), 0, r.imm));
+      return Status::Ok();
     }
-    Result<std::vector<PlannedWrite>> operator()(const Barrier& r) {
+    Status operator()(const Barrier& r) {
       if (r.peers.empty()) return InvalidArgument("Barrier has no peers");
-      std::vector<PlannedWrite> out;
       for (size_t i = 0; i < r.peers.size(); ++i) {
         if (!r.peers[i]) return InvalidArgument("Barrier peer " + std::to_string(i) + " is null");
-        out.push_back(Notification(r.peers[i].get(), uint32_t(i % l.domains), r.imm));
+        out->push_back(Notification(r.peers[i].get(), uint32_t(i % l.domains), r.imm));
       }
-      return out;
+      return Status::Ok();
     }
   };
-  return std::visit(Visitor{limits}, request);
+  return std::visit(Visitor{limits, out}, request);
+}
+
+Result<std::vector<PlannedWrite>> PlanRequest(const Request& request, const PlanLimits& limits) {
+  std::vector<PlannedWrite> out;
+  TE_RETURN_IF_ERROR(PlanRequestInto(request, limits, &out));
+  return out;
 }
 
 uint64_t CountImms(const std::vector<PlannedWrite>& writes) {

@@ -33,6 +33,9 @@ struct PlannedWrite {
 inline constexpr uint64_t kShardAlignment = 4096;
 
 Result<std::vector<PlannedWrite>> PlanRequest(const Request& request, const PlanLimits& limits);
+// The same into `out` (cleared first), so that a caller planning request
+// after request reuses one vector (Submit: no allocation per request).
+Status PlanRequestInto(const Request& request, const PlanLimits& limits, std::vector<PlannedWrite>* out);
 
 // Immediates `writes` deliver (those with has_imm).
 uint64_t CountImms(const std::vector<PlannedWrite>& writes);

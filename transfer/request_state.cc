@@ -2,6 +2,30 @@
 
 namespace te {
 
+void RequestState::Reset() {
+  // A request of many pages leaves a large vector; keep only small ones.
+  constexpr size_t kKeepWorks = 256, kKeepDsts = 64;
+  if (works.capacity() > kKeepWorks)
+    std::vector<Work>().swap(works);
+  else
+    works.clear();
+  if (dsts.capacity() > kKeepDsts)
+    std::vector<RemoteMr>().swap(dsts);
+  else
+    dsts.clear();
+  outstanding = 0;
+  posted = 0;
+  failed = false;
+  completion = Completion{};
+  submitted = {};
+  deadline = {};
+  src = LocalMr{};
+  peer = PeerRef{};
+  prev = next = nullptr;
+  list = nullptr;
+  mpsc_next.store(nullptr, std::memory_order_relaxed);
+}
+
 void RequestList::PushBack(RequestState* r) {
   r->list = this;
   r->next = nullptr;

@@ -1,10 +1,11 @@
 // RequestState: one accepted request as the worker tracks it, and the
 // operations (Work) it was planned into.
 //
-// Ownership: a RequestState is created by TransferEngine::Submit (or Send),
-// handed to the worker through the MPSC queue, and from then on touched only
-// by the worker, which deletes it once every operation it posted came back
-// (a timed-out request whose operations never return is freed at shutdown).
+// Ownership: a RequestState is taken from the group's RequestPool by
+// TransferEngine::Submit (or Send), handed to the worker through the MPSC
+// queue, and from then on touched only by the worker, which returns it to
+// the pool once every operation it posted came back (a timed-out request
+// whose operations never return is freed at shutdown).
 #pragma once
 
 #include <chrono>
@@ -51,6 +52,10 @@ struct RequestState : MpscNode {
   RequestState* prev = nullptr;
   RequestState* next = nullptr;
   struct RequestList* list = nullptr;
+
+  // Every field back to its default, keeping the vectors' capacity unless
+  // it grew large (RequestPool).
+  void Reset();
 };
 
 struct RequestList {

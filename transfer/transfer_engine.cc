@@ -244,14 +244,15 @@ PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options) {
 }
 
 // What the writes point at, held until they are back.
-std::vector<RemoteMr> DestinationsOf(const Request& request) {
-  if (auto* r = std::get_if<SingleWrite>(&request)) return {r->dst};
-  if (auto* r = std::get_if<PagedWrite>(&request)) return {r->dst};
-  if (auto* r = std::get_if<ImmOnly>(&request)) return {r->dst};
-  if (auto* r = std::get_if<Barrier>(&request)) return r->peers;
-  std::vector<RemoteMr> out;
-  for (const auto& t : std::get<ScatterWrite>(request).targets) out.push_back(t.dst);
-  return out;
+void AppendDestinations(const Request& request, std::vector<RemoteMr>* out) {
+  if (auto* r = std::get_if<SingleWrite>(&request)) return out->push_back(r->dst);
+  if (auto* r = std::get_if<PagedWrite>(&request)) return out->push_back(r->dst);
+  if (auto* r = std::get_if<ImmOnly>(&request)) return out->push_back(r->dst);
+  if (auto* r = std::get_if<Barrier>(&request)) {
+    out->insert(out->end(), r->peers.begin(), r->peers.end());
+    return;
+  }
+  for (const auto& t : std::get<ScatterWrite>(request).targets) out->push_back(t.dst);
 }
 
 // A RemoteRegion can be built by hand (its constructor is public): only one
@@ -263,7 +264,7 @@ Status CheckDestination(const RemoteMr& dst, const TransferEngine* engine) {
     return InvalidArgument(
         "destination region was imported by another engine (or built by hand); "
         "Import() its descriptor on this one");
-  TE_RETURN_IF_ERROR(dst->descriptor().Validate().WithContext("destination region"));
+  if (Status st = dst->descriptor().Validate(); !st.ok()) return st.WithContext("destination region");
   if (dst->descriptor().keys.size() != dst->peer()->remote_domains())
     return InvalidArgument("destination region has " + std::to_string(dst->descriptor().keys.size()) +
                            " keys for a peer of " + std::to_string(dst->peer()->remote_domains()) +
@@ -300,14 +301,22 @@ Status TransferEngine::Submit(Request request, Completion completion) {
   if (const size_t n = MinOperations(request); n > options_.max_queued_operations)
     return ResourceExhausted("request of at least " + std::to_string(n) + " operations exceeds max_queued_operations " +
                              std::to_string(options_.max_queued_operations) + "; split it");
-  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
-  auto r = std::make_unique<RequestState>();
+  // One plan vector per submitting thread, reused: no allocation per
+  // request (trimmed after a request of thousands of pages).
+  thread_local std::vector<PlannedWrite> writes;
+  struct Trim {
+    ~Trim() {
+      if (writes.capacity() > 4096) std::vector<PlannedWrite>().swap(writes);
+    }
+  } trim;
+  TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_), &writes));
+  auto r = group_->request_pool().Get();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;
   if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost && !group_->domains()[0]->info().hmem) {
     return Unimplemented("source region is device memory but provider " + provider() + " has no FI_HMEM support");
   }
   r->works.resize(writes.size());
-  r->dsts = DestinationsOf(request);
+  AppendDestinations(request, &r->dsts);
   for (const RemoteMr& dst : r->dsts) TE_RETURN_IF_ERROR(CheckDestination(dst, this));
   for (size_t i = 0; i < writes.size(); ++i) {
     const PlannedWrite& pw = writes[i];
@@ -401,7 +410,7 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, 
   if (data.size() > max_message_bytes())
     return InvalidArgument("control message of " + std::to_string(data.size()) + " bytes exceeds max_message_bytes " +
                            std::to_string(max_message_bytes()));
-  auto r = std::make_unique<RequestState>();
+  auto r = group_->request_pool().Get();
   r->works.resize(1);
   Work& w = r->works[0];
   w.req = r.get();
