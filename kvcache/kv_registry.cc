@@ -1,7 +1,5 @@
 #include "kvcache/kv_registry.h"
 
-#include <hiredis/hiredis.h>
-
 #include <algorithm>
 #include <sstream>
 
@@ -10,10 +8,6 @@
 namespace te::kvcache {
 
 namespace {
-timeval ToTimeval(std::chrono::milliseconds ms) {
-  return timeval{static_cast<time_t>(ms.count() / 1000), static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
-
 std::string Value(const RegistryEntry& e) {
   return std::to_string(e.capacity) + " " + std::to_string(e.load) + " " + (e.draining ? "1" : "0") + " " +
          e.info.Serialize();
@@ -37,69 +31,8 @@ Result<std::unique_ptr<KvRegistry>> KvRegistry::Connect(const std::string& addre
                                                         std::chrono::milliseconds timeout) {
   if (prefix.empty() || prefix.find_first_of(" :*") != std::string::npos)
     return InvalidArgument("registry prefix '" + prefix + "' must be non-empty without spaces, ':' or '*'");
-  std::unique_ptr<KvRegistry> r(new KvRegistry(address, prefix, timeout));
-  std::lock_guard<std::mutex> lock(r->mu_);
-  TE_RETURN_IF_ERROR(r->EnsureConnectedLocked());
-  TE_RETURN_IF_ERROR(r->CommandLocked({"PING"}, nullptr));
-  return r;
-}
-
-KvRegistry::~KvRegistry() {
-  if (ctx_) redisFree(ctx_);
-}
-
-Status KvRegistry::EnsureConnectedLocked() {
-  if (ctx_ && ctx_->err == 0) return Status::Ok();
-  if (ctx_) redisFree(ctx_);
-  ctx_ = nullptr;
-  const timeval tv = ToTimeval(timeout_);
-  if (address_.rfind("unix:", 0) == 0) {
-    ctx_ = redisConnectUnixWithTimeout(address_.substr(5).c_str(), tv);
-  } else {
-    const size_t colon = address_.rfind(':');
-    if (colon == std::string::npos || colon == 0)
-      return InvalidArgument("registry address '" + address_ + "' is neither host:port nor unix:/path");
-    int port = 0;
-    try {
-      port = std::stoi(address_.substr(colon + 1));
-    } catch (...) {
-    }
-    if (port <= 0 || port > 65535)
-      return InvalidArgument("registry address '" + address_ + "': port must be in [1, 65535]");
-    ctx_ = redisConnectWithTimeout(address_.substr(0, colon).c_str(), port, tv);
-  }
-  if (!ctx_ || ctx_->err) {
-    std::string why = ctx_ ? ctx_->errstr : "out of memory";
-    if (ctx_) redisFree(ctx_);
-    ctx_ = nullptr;
-    return Unavailable("cannot reach the Redis registry at " + address_ + ": " + why);
-  }
-  redisSetTimeout(ctx_, tv);
-  return Status::Ok();
-}
-
-Status KvRegistry::CommandLocked(const std::vector<std::string>& args, const std::function<Status(void*)>& use) {
-  TE_RETURN_IF_ERROR(EnsureConnectedLocked());
-  std::vector<const char*> argv;
-  std::vector<size_t> lens;
-  for (const auto& a : args) {
-    argv.push_back(a.data());
-    lens.push_back(a.size());
-  }
-  auto* reply = static_cast<redisReply*>(redisCommandArgv(ctx_, int(argv.size()), argv.data(), lens.data()));
-  if (!reply) {
-    std::string why = ctx_->errstr;
-    redisFree(ctx_);
-    ctx_ = nullptr;  // reconnect next time
-    return Unavailable("Redis registry at " + address_ + " failed " + args[0] + ": " + why);
-  }
-  Status s;
-  if (reply->type == REDIS_REPLY_ERROR)
-    s = IoError("Redis registry refused " + args[0] + ": " + std::string(reply->str, reply->len));
-  else if (use)
-    s = use(reply);
-  freeReplyObject(reply);
-  return s;
+  TE_ASSIGN_OR_RETURN(auto client, registry::RedisClient::Connect(address, timeout));
+  return std::unique_ptr<KvRegistry>(new KvRegistry(std::move(client), prefix));
 }
 
 Status KvRegistry::Put(const RegistryEntry& entry, std::chrono::milliseconds ttl) {
@@ -107,51 +40,22 @@ Status KvRegistry::Put(const RegistryEntry& entry, std::chrono::milliseconds ttl
     return InvalidArgument("instance name '" + entry.info.name + "' must be non-empty without spaces, ':' or '*'");
   if (ttl.count() <= 0)
     return InvalidArgument("registry TTL must be positive, got " + std::to_string(ttl.count()) + " ms");
-  std::lock_guard<std::mutex> lock(mu_);
-  return CommandLocked(
-      {"SET", prefix_ + ":" + entry.info.role + ":" + entry.info.name, Value(entry), "PX", std::to_string(ttl.count())},
-      nullptr);
+  return client_->Set(prefix_ + ":" + entry.info.role + ":" + entry.info.name, Value(entry), ttl);
 }
 
 Status KvRegistry::Remove(const std::string& role, const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return CommandLocked({"DEL", prefix_ + ":" + role + ":" + name}, nullptr);
+  return client_->Del(prefix_ + ":" + role + ":" + name);
 }
 
 Result<std::vector<RegistryEntry>> KvRegistry::List(const std::string& role) {
   if (role != "prefill" && role != "decode")
     return InvalidArgument("registry role '" + role + "'; valid: prefill, decode");
-  std::lock_guard<std::mutex> lock(mu_);
-  std::vector<std::string> keys;
-  std::string cursor = "0";
-  do {  // SCAN, not KEYS: it never blocks Redis for long
-    TE_RETURN_IF_ERROR(
-        CommandLocked({"SCAN", cursor, "MATCH", prefix_ + ":" + role + ":*", "COUNT", "1000"}, [&](void* p) -> Status {
-          auto* r = static_cast<redisReply*>(p);
-          if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
-            return IoError("unexpected SCAN reply from the Redis registry");
-          cursor.assign(r->element[0]->str, r->element[0]->len);
-          for (size_t i = 0; i < r->element[1]->elements; ++i)
-            keys.emplace_back(r->element[1]->element[i]->str, r->element[1]->element[i]->len);
-          return Status::Ok();
-        }));
-  } while (cursor != "0");
-  std::sort(keys.begin(), keys.end());
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  TE_ASSIGN_OR_RETURN(auto values, client_->ScanValues(prefix_ + ":" + role + ":*"));
   std::vector<RegistryEntry> out;
-  if (keys.empty()) return out;
-  std::vector<std::string> mget = {"MGET"};
-  mget.insert(mget.end(), keys.begin(), keys.end());
-  TE_RETURN_IF_ERROR(CommandLocked(mget, [&](void* p) -> Status {
-    auto* r = static_cast<redisReply*>(p);
-    if (r->type != REDIS_REPLY_ARRAY) return IoError("unexpected MGET reply from the Redis registry");
-    for (size_t i = 0; i < r->elements; ++i) {
-      if (r->element[i]->type != REDIS_REPLY_STRING) continue;  // expired between SCAN and MGET
-      auto e = ParseValue(std::string(r->element[i]->str, r->element[i]->len));
-      if (e.ok()) out.push_back(std::move(e).value());
-    }
-    return Status::Ok();
-  }));
+  for (const auto& [key, value] : values) {
+    auto e = ParseValue(value);
+    if (e.ok()) out.push_back(std::move(e).value());  // a malformed entry is skipped, never trusted
+  }
   return out;
 }
 

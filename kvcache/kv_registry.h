@@ -8,9 +8,10 @@
 // that leaves on purpose first marks itself draining (routers stop picking
 // it), finishes its requests, then deletes its entry.
 //
-// Threads: a KvRegistry is one Redis connection behind a mutex; any thread
-// may call it. Every call has the connection's timeout (no call hangs on a
-// dead Redis), and a lost connection is re-established on the next call.
+// Threads: a KvRegistry is one Redis connection (registry::RedisClient)
+// behind a mutex; any thread may call it. Every call has the connection's
+// timeout (no call hangs on a dead Redis), and a lost connection is
+// re-established on the next call.
 #pragma once
 
 #include <chrono>
@@ -25,7 +26,7 @@
 #include "base/status.h"
 #include "kvcache/kv_messages.h"
 
-struct redisContext;
+#include "registry/redis_client.h"
 
 namespace te::kvcache {
 
@@ -42,7 +43,6 @@ class KvRegistry {
   static Result<std::unique_ptr<KvRegistry>> Connect(
       const std::string& address, const std::string& prefix = "tekv",
       std::chrono::milliseconds timeout = std::chrono::milliseconds(2000));
-  ~KvRegistry();
 
   // Writes (or refreshes) `entry`, expiring after `ttl` unless refreshed.
   Status Put(const RegistryEntry& entry, std::chrono::milliseconds ttl);
@@ -51,16 +51,11 @@ class KvRegistry {
   Result<std::vector<RegistryEntry>> List(const std::string& role);
 
  private:
-  KvRegistry(std::string address, std::string prefix, std::chrono::milliseconds timeout)
-      : address_(std::move(address)), prefix_(std::move(prefix)), timeout_(timeout) {}
-  Status EnsureConnectedLocked();
-  // Runs a command; the reply is handed to `use` (may be null).
-  Status CommandLocked(const std::vector<std::string>& args, const std::function<Status(void* reply)>& use);
+  KvRegistry(std::unique_ptr<registry::RedisClient> client, std::string prefix)
+      : client_(std::move(client)), prefix_(std::move(prefix)) {}
 
-  std::string address_, prefix_;
-  std::chrono::milliseconds timeout_;
-  std::mutex mu_;
-  redisContext* ctx_ = nullptr;
+  std::unique_ptr<registry::RedisClient> client_;
+  std::string prefix_;
 };
 
 // Keeps one instance's entry alive: Put every ttl / 3 with the load that

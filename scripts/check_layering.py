@@ -4,7 +4,8 @@ leaks out of its room. Run by .ci/run and scripts/test.sh.
 
 Rooms, lowest first (a room includes its own headers and lower rooms' only):
     base -> nic -> transfer -> {telemetry, moe, weightsync, kvcache} -> tools
-                                                                     -> python
+         -> registry ---------->                                     -> python
+registry/ (the Redis client) needs only base/; the planes may use it.
 The four data planes do not include each other. libfabric headers
 (<rdma/fi_*.h>) appear only in nic/fabric/, verbs headers (<infiniband/*>)
 only in nic/verbs/. tests/ may include anything.
@@ -15,7 +16,7 @@ import re
 import subprocess
 import sys
 
-RANK = {"base": 0, "nic": 1, "transfer": 2, "telemetry": 3, "moe": 3, "weightsync": 3, "kvcache": 3,
+RANK = {"base": 0, "nic": 1, "registry": 1, "transfer": 2, "telemetry": 3, "moe": 3, "weightsync": 3, "kvcache": 3,
         "tools": 4, "python": 4}
 PROVIDER_HEADERS = [(re.compile(r"#\s*include\s*<rdma/fi"), "nic/fabric/", "libfabric"),
                     (re.compile(r"#\s*include\s*<infiniband/"), "nic/verbs/", "verbs")]

@@ -1,8 +1,8 @@
 // te-weightsync: RL weight updates from trainer ranks into inference memory.
 //
-//   te-weightsync serve   --rendezvous=DIR --rank=0 --ranks=2 --sources=2 [--shm=PATH]
-//   te-weightsync push    --rendezvous=DIR --rank=0 --sources=2 --ranks=2 [--versions=3]
-//   te-weightsync status  --rendezvous=DIR
+//   te-weightsync serve   --registry=HOST:PORT --rank=0 --ranks=2 --sources=2 [--shm=PATH]
+//   te-weightsync push    --registry=HOST:PORT --rank=0 --sources=2 --ranks=2 [--versions=3]
+//   te-weightsync status  --rendezvous=DIR | --registry=HOST:PORT
 //   te-weightsync schedule [--sources=8 --src_layout=fsdp --ranks=4 --layout=tp] [--print=20]
 //   te-weightsync bench   --sources=1,2,4 --receivers=2 [--model_bytes=1G]
 //
@@ -15,8 +15,12 @@
 //   static schedule to every receiver in the rendezvous.
 // The model is --model (a preset: moe, dense, tiny) scaled to --model_bytes,
 // or --model_json=FILE. Ranks come from --rank or $RANK; --sources/--ranks
-// default to $WORLD_SIZE. The rendezvous is a directory every rank can see
-// (this host, or a shared filesystem); $MASTER_ADDR is not used.
+// default to $WORLD_SIZE. Sources and receivers meet through the Redis
+// registry at --registry (default $TE_REGISTRY: "host:port" or
+// "unix:/path"), under the job name --job (weightsync/weight_registry.h);
+// receivers may join and leave between versions. Without a registry they
+// meet in --rendezvous, a directory every rank can see (this host, or a
+// shared filesystem).
 #include <gflags/gflags.h>
 #include <signal.h>
 #include <unistd.h>
@@ -25,6 +29,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -36,8 +41,12 @@
 #include "weightsync/synthetic_weights.h"
 #include "weightsync/weight_pusher.h"
 #include "weightsync/weight_receiver.h"
+#include "weightsync/weight_registry.h"
 
-DEFINE_string(rendezvous, "/tmp/te-weightsync", "directory where receivers announce themselves");
+DEFINE_string(registry, "", "Redis registry (host:port or unix:/path) where ranks meet (default $TE_REGISTRY)");
+DEFINE_string(job, "tews", "registry: the job's key prefix (one per weight-update job)");
+DEFINE_int32(registry_ttl_ms, 3000, "registry: an entry outlives a dead process this long");
+DEFINE_string(rendezvous, "/tmp/te-weightsync", "without a registry: directory where receivers announce themselves");
 DEFINE_int32(rank, -1, "this process's rank on its side (default $RANK)");
 DEFINE_int32(sources, -1, "trainer (source) ranks (default $WORLD_SIZE)");
 DEFINE_int32(ranks, -1, "inference (receiver) ranks (default $WORLD_SIZE)");
@@ -99,6 +108,16 @@ std::unique_ptr<te::TransferEngine> Engine() {
 
 std::string ReceiverFile(int rank) { return FLAGS_rendezvous + "/receiver-" + std::to_string(rank); }
 
+// The registry named by --registry or $TE_REGISTRY; null for the directory.
+std::unique_ptr<WeightRegistry> Registry() {
+  std::string address = FLAGS_registry;
+  if (address.empty())
+    if (const char* env = getenv("TE_REGISTRY")) address = env;
+  if (address.empty()) return nullptr;
+  if (FLAGS_registry_ttl_ms < 3) Die("--registry_ttl_ms must be at least 3");
+  return Must(WeightRegistry::Connect(address, FLAGS_job), "--registry");
+}
+
 void WriteAtomically(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp" + std::to_string(getpid());
   std::ofstream(tmp) << text;
@@ -115,11 +134,14 @@ int Serve() {
   const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
   // Everything that can fail without side effects goes first: no exception
   // escapes, and a failed start leaves no weights file behind.
-  std::error_code ec;
-  std::filesystem::create_directories(FLAGS_rendezvous, ec);
-  if (ec || access(FLAGS_rendezvous.c_str(), W_OK) != 0)
-    Die("--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" + (ec ? " (" + ec.message() + ")" : ""));
-  unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
+  auto registry = Registry();
+  if (!registry) {
+    std::error_code ec;
+    std::filesystem::create_directories(FLAGS_rendezvous, ec);
+    if (ec || access(FLAGS_rendezvous.c_str(), W_OK) != 0)
+      Die("--rendezvous=" + FLAGS_rendezvous + " is not a writable directory" + (ec ? " (" + ec.message() + ")" : ""));
+    unlink(ReceiverFile(rank).c_str());  // a previous incarnation's entry is stale from now on
+  }
   auto engine = Engine();
   auto memory = Must(WeightsMemory::Create(shm, dst.RegionBytes(rank)), "weights file");
   auto must = [&](auto result, const char* step) {
@@ -162,7 +184,13 @@ int Serve() {
     fflush(stdout);
   };
   auto receiver = must(WeightReceiver::Create(engine.get(), dst, rank, sources, memory.get(), ro), "receiver");
-  WriteAtomically(ReceiverFile(rank), receiver->Info() + "\n" + shm + "\n");
+  std::unique_ptr<te::registry::RegistryLease> lease;
+  if (registry)
+    lease =
+        must(registry->AnnounceReceiver(rank, receiver->Info(), shm, std::chrono::milliseconds(FLAGS_registry_ttl_ms)),
+             "announcing in the registry");
+  else
+    WriteAtomically(ReceiverFile(rank), receiver->Info() + "\n" + shm + "\n");
   if (!FLAGS_json)
     printf("receiver %d of %d: %s of %s, %.1f MiB per slot in %s; waiting for %d source(s)\n", rank, ranks,
            dst.Describe().c_str(), FLAGS_model_json.empty() ? FLAGS_model.c_str() : FLAGS_model_json.c_str(),
@@ -175,7 +203,12 @@ int Serve() {
       break;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  unlink(ReceiverFile(rank).c_str());
+  if (lease) {
+    if (te::Status st = lease->Stop(); !st.ok())
+      fprintf(stderr, "%s: leaving the registry: %s\n", kTool, st.ToString().c_str());
+  } else {
+    unlink(ReceiverFile(rank).c_str());
+  }
   return 0;
 }
 
@@ -198,9 +231,24 @@ int Push() {
   po.staging_bytes = FLAGS_staging_mb << 20;
   po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
   auto pusher = Must(WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
+  auto registry = Registry();
+  std::unique_ptr<te::registry::RegistryLease> lease;
+  if (registry)
+    lease = Must(
+        registry->AnnounceSource(rank, engine->address().ToHex(), std::chrono::milliseconds(FLAGS_registry_ttl_ms)),
+        "announcing in the registry");
   for (uint64_t v = FLAGS_first_version; v < FLAGS_first_version + FLAGS_versions; ++v) {
-    // Receivers may come and go: read the rendezvous before every version.
-    for (int d = 0; d < ranks; ++d) {
+    // Receivers may come and go: read the registry (or the rendezvous
+    // directory) before every version; this version goes to those present.
+    if (registry) {
+      std::map<uint32_t, std::string> refused;
+      if (te::Status s = registry->SyncReceivers(pusher.get(), uint32_t(ranks), &refused); !s.ok()) {
+        fprintf(stderr, "%s: reading the registry: %s; every receiver counts as absent\n", kTool, s.ToString().c_str());
+        for (int d = 0; d < ranks; ++d) (void)pusher->SetReceiver(d, "");
+      }
+      for (const auto& [d, why] : refused) fprintf(stderr, "%s: receiver %u: %s\n", kTool, d, why.c_str());
+    }
+    for (int d = 0; d < ranks && !registry; ++d) {
       std::ifstream in(ReceiverFile(d));
       std::string info;
       std::getline(in, info);
@@ -231,29 +279,49 @@ int Push() {
 }
 
 int StatusCmd() {
-  std::vector<std::string> files;
-  std::error_code ec;  // the non-throwing forms: an unreadable directory is an error, not an abort
-  for (std::filesystem::directory_iterator it(FLAGS_rendezvous, ec), end; !ec && it != end; it.increment(ec))
-    if (it->path().filename().string().rfind("receiver-", 0) == 0 && it->path().extension() != ".tmp")
-      files.push_back(it->path().string());
-  if (ec && ec != std::errc::no_such_file_or_directory)
-    Die("cannot read --rendezvous=" + FLAGS_rendezvous + ": " + ec.message());
-  std::sort(files.begin(), files.end());
-  if (files.empty()) {
-    printf("no receivers in %s\n", FLAGS_rendezvous.c_str());
+  // (rank, weights location) of every receiver, from the registry or the
+  // rendezvous directory.
+  std::vector<std::pair<int, std::string>> receivers;
+  std::string where;
+  if (auto registry = Registry()) {
+    where = "the registry (job " + FLAGS_job + ")";
+    for (const auto& m : Must(registry->Receivers(), "reading the registry"))
+      receivers.emplace_back(m.rank, m.location);
+    if (!FLAGS_json) {
+      const auto sources = Must(registry->Sources(), "reading the registry");
+      printf("%zu source(s) registered%s", sources.size(), sources.empty() ? "\n" : ":");
+      for (const auto& m : sources) printf(" %u", m.rank);
+      if (!sources.empty()) printf("\n");
+    }
+  } else {
+    where = FLAGS_rendezvous;
+    std::vector<std::string> files;
+    std::error_code ec;  // the non-throwing forms: an unreadable directory is an error, not an abort
+    for (std::filesystem::directory_iterator it(FLAGS_rendezvous, ec), end; !ec && it != end; it.increment(ec))
+      if (it->path().filename().string().rfind("receiver-", 0) == 0 && it->path().extension() != ".tmp")
+        files.push_back(it->path().string());
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      Die("cannot read --rendezvous=" + FLAGS_rendezvous + ": " + ec.message());
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) {
+      std::ifstream in(f);
+      std::string info, shm;
+      std::getline(in, info);
+      std::getline(in, shm);
+      std::istringstream parse(info);
+      std::string magic;
+      int rank = -1;
+      parse >> magic >> rank;
+      receivers.emplace_back(rank, shm);
+    }
+  }
+  if (receivers.empty()) {
+    printf("no receivers in %s\n", where.c_str());
     return 0;
   }
   if (!FLAGS_json)
     printf("%-8s %10s %10s %10s %8s  %s\n", "receiver", "published", "begun", "failed", "updates", "weights");
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    std::string info, shm;
-    std::getline(in, info);
-    std::getline(in, shm);
-    std::istringstream parse(info);
-    std::string magic;
-    int rank = -1;
-    parse >> magic >> rank;
+  for (const auto& [rank, shm] : receivers) {
     auto m = WeightsMemory::Open(shm);
     if (!m.ok()) {
       printf("%-8d %s\n", rank, m.status().ToString().c_str());

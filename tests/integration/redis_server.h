@@ -13,7 +13,7 @@
 #include <string>
 #include <thread>
 
-#include "kvcache/kv_registry.h"
+#include "registry/redis_client.h"
 #include "support/wait_until.h"
 
 extern char** environ;
@@ -40,7 +40,7 @@ class RedisServer {
       error_ = "redis-server not found on PATH; scripts/install-deps.sh installs it";
       return;
     }
-    if (WaitUntil([&] { return kvcache::KvRegistry::Connect(address()).ok(); }, std::chrono::seconds(20))) return;
+    if (WaitUntil([&] { return registry::RedisClient::Connect(address()).ok(); }, std::chrono::seconds(20))) return;
     error_ = "redis-server did not answer on " + socket_ + " within 20 s";
   }
   ~RedisServer() {

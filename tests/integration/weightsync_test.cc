@@ -9,10 +9,12 @@
 #include <atomic>
 #include <thread>
 
+#include "integration/redis_server.h"
 #include "integration/test_support.h"
 #include "weightsync/synthetic_weights.h"
 #include "weightsync/weight_pusher.h"
 #include "weightsync/weight_receiver.h"
+#include "weightsync/weight_registry.h"
 
 namespace te::testing {
 namespace {
@@ -228,6 +230,99 @@ TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {
   ExpectVersion(*g, 1, 3);
 }
 
+// ---- Rendezvous through the Redis registry ----
+
+// Every source reads the registry before a version, as te-weightsync push does.
+std::vector<PushReport> PushRegistered(Group& g, WeightRegistry& reg, uint64_t version) {
+  for (auto& s : g.sources) {
+    std::map<uint32_t, std::string> refused;
+    EXPECT_TRUE(reg.SyncReceivers(s.pusher.get(), uint32_t(g.receivers.size()), &refused).ok());
+    EXPECT_TRUE(refused.empty()) << refused.begin()->second;
+  }
+  return PushAll(g, version);
+}
+
+TEST(WeightSyncRegistry, ReceiversJoinAndLeaveBetweenVersions) {
+  RedisServer redis;
+  if (!redis.error().empty()) GTEST_SKIP() << redis.error();
+  auto reg = WeightRegistry::Connect(redis.address(), "job1").value();
+  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 2, "tp", 2);
+  constexpr auto kTtl = std::chrono::milliseconds(600);
+
+  // Only receiver 0 has registered: version 1 goes to it alone.
+  auto lease0 = reg->AnnounceReceiver(0, g->receivers[0].receiver->Info(), "mem0", kTtl).value();
+  for (const auto& r : PushRegistered(*g, *reg, 1)) {
+    ASSERT_EQ(r.missed.count(1), 1u);
+    EXPECT_NE(r.missed.at(1).find("absent"), std::string::npos) << r.missed.at(1);
+    EXPECT_EQ(r.missed.count(0), 0u);
+  }
+  ExpectVersion(*g, 0, 1);
+  EXPECT_EQ(g->receivers[1].memory->published(), 0u);
+
+  // Receiver 1 joins: the next version reaches both.
+  auto lease1 = reg->AnnounceReceiver(1, g->receivers[1].receiver->Info(), "mem1", kTtl).value();
+  auto members = reg->Receivers().value();
+  ASSERT_EQ(members.size(), 2u);
+  EXPECT_EQ(members[1].rank, 1u);
+  EXPECT_EQ(members[1].location, "mem1");
+  for (const auto& r : PushRegistered(*g, *reg, 2)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
+  ExpectVersion(*g, 0, 2);
+  ExpectVersion(*g, 1, 2);
+
+  // Receiver 0 leaves on purpose (its key goes at once) and shuts down.
+  ASSERT_TRUE(lease0->Stop().ok());
+  g->receivers[0].receiver.reset();
+  g->receivers[0] = Receiver{};
+  for (const auto& r : PushRegistered(*g, *reg, 3)) {
+    EXPECT_EQ(r.missed.count(0), 1u);
+    EXPECT_EQ(r.missed.count(1), 0u);
+  }
+  ExpectVersion(*g, 1, 3);
+
+  // Receiver 1's heartbeat stops without a goodbye (what a crash looks
+  // like): its entry expires within the TTL and it counts as absent.
+  lease1.reset();
+  ASSERT_TRUE(WaitUntil([&] { return reg->Receivers().value().empty(); }, std::chrono::seconds(20)));
+  for (const auto& r : PushRegistered(*g, *reg, 4)) {
+    EXPECT_EQ(r.missed.count(0), 1u);
+    EXPECT_EQ(r.missed.count(1), 1u);
+  }
+  EXPECT_EQ(g->receivers[1].memory->published(), 3u);  // the last complete version stays
+  EXPECT_EQ(CountWrong(g->dst, 1, 3, g->receivers[1].memory->slot(3)), 0u);
+}
+
+TEST(WeightSyncRegistry, HostileEntriesAreSkippedOrRefusedNeverTrusted) {
+  RedisServer redis;
+  if (!redis.error().empty()) GTEST_SKIP() << redis.error();
+  auto reg = WeightRegistry::Connect(redis.address(), "job2").value();
+  auto client = registry::RedisClient::Connect(redis.address()).value();
+  auto g = MakeGroup(ModelPreset("tiny", 0).value(), "fsdp", 1, "tp", 2);
+  // Keys that are not ranks, an empty value, and a rank beyond the layout.
+  ASSERT_TRUE(client->Set("job2:receiver:abc", "tews1 0 1 00", std::chrono::milliseconds(0)).ok());
+  ASSERT_TRUE(client->Set("job2:receiver:99999999999", "x", std::chrono::milliseconds(0)).ok());
+  ASSERT_TRUE(client->Set("job2:receiver:1", "", std::chrono::milliseconds(0)).ok());
+  ASSERT_TRUE(client->Set("job2:receiver:7", "tews1 7 64 00", std::chrono::milliseconds(0)).ok());
+  // Rank 0 carries a forged line: a descriptor that does not parse.
+  ASSERT_TRUE(client->Set("job2:receiver:0", "tews1 0 4096 zz-not-hex\nmem", std::chrono::milliseconds(0)).ok());
+  auto members = reg->Receivers().value();
+  ASSERT_EQ(members.size(), 2u);  // ranks 0 and 7
+  EXPECT_GE(reg->malformed(), 3u);
+  std::map<uint32_t, std::string> refused;
+  ASSERT_TRUE(reg->SyncReceivers(g->sources[0].pusher.get(), 2, &refused).ok());
+  ASSERT_EQ(refused.count(0), 1u);
+  // Nothing is written to a refused or absent receiver; the push reports them.
+  auto r = g->sources[0].pusher->Push(1);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->missed.count(0), 1u);
+  EXPECT_EQ(r->missed.count(1), 1u);
+  EXPECT_EQ(r->bytes, 0u);
+  // Bad arguments are refused by name.
+  EXPECT_EQ(WeightRegistry::Connect(redis.address(), "bad:prefix").status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(reg->AnnounceReceiver(0, "two\nlines", "", std::chrono::milliseconds(600)).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(WeightRegistry::Connect("no-port-here").status().code(), StatusCode::kInvalidArgument);
+}
+
 // ---- Processes: SIGKILL of a receiver, and of a source mid-update ----
 
 struct Child {
@@ -294,6 +389,63 @@ TEST(WeightSyncProcesses, KilledReceiverDoesNotStopTheOthers) {
   EXPECT_EQ(rep->missed.count(0), 0u);
   ASSERT_TRUE(WaitPublished(*r0.memory, 2));
   EXPECT_EQ(CountWrong(dst, 0, 2, r0.memory->slot(2)), 0u);
+  fclose(child.to);
+  fclose(child.from);
+}
+
+// The same through the registry: the killed receiver's entry outlives it
+// until its TTL, and a push meanwhile reports it missed (no READY) while the
+// live receiver completes; once the entry expires it is simply absent.
+TEST(WeightSyncProcesses, KilledRegisteredReceiverIsMissedThenAbsent) {
+  RedisServer redis;
+  if (!redis.error().empty()) GTEST_SKIP() << redis.error();
+  const ModelSpec model = ModelPreset("tiny", 0).value();
+  auto dst = ShardLayout::Named(model, 2, "tp").value();
+  constexpr auto kTtl = std::chrono::milliseconds(3000);
+  Child child = Fork([&](FILE* in, FILE* out) {
+    auto reg = WeightRegistry::Connect(redis.address(), "job3").value();
+    Receiver r = MakeReceiver(dst, 1, 1, std::chrono::milliseconds(3000));
+    auto lease = reg->AnnounceReceiver(1, r.receiver->Info(), "child", kTtl).value();
+    fprintf(out, "registered\n");
+    fflush(out);
+    Line(in);  // parked until killed
+    return 0;
+  });
+  ASSERT_EQ(Line(child.from), "registered");
+  auto reg = WeightRegistry::Connect(redis.address(), "job3").value();
+  auto src = ShardLayout::Named(model, 1, "fsdp").value();
+  auto schedule = Schedule::Build(src, dst).value();
+  Receiver r0 = MakeReceiver(dst, 0, 1, std::chrono::milliseconds(8000));
+  auto lease0 = reg->AnnounceReceiver(0, r0.receiver->Info(), "parent", kTtl).value();
+  auto engine = TransferEngine::Create(FastFail()).value();
+  std::vector<uint8_t> region(src.RegionBytes(0));
+  auto pusher = WeightPusher::Create(engine.get(), schedule, src, 0, region.data(), Quick()).value();
+  auto push = [&](uint64_t v) {
+    EXPECT_TRUE(reg->SyncReceivers(pusher.get(), 2, nullptr).ok());
+    FillShards(src, 0, v, region.data());
+    auto rep = pusher->Push(v);
+    EXPECT_TRUE(rep.ok()) << rep.status().ToString();
+    return rep.ok() ? *rep : PushReport{};
+  };
+  PushReport rep = push(1);
+  EXPECT_TRUE(rep.missed.empty()) << rep.missed.begin()->second;
+  kill(child.pid, SIGKILL);
+  waitpid(child.pid, nullptr, 0);
+  rep = push(2);  // the dead receiver is still registered
+  EXPECT_EQ(rep.missed.count(1), 1u);
+  EXPECT_EQ(rep.missed.count(0), 0u);
+  ASSERT_TRUE(WaitPublished(*r0.memory, 2));
+  EXPECT_EQ(CountWrong(dst, 0, 2, r0.memory->slot(2)), 0u);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        auto m = reg->Receivers();
+        return m.ok() && m->size() == 1 && (*m)[0].rank == 0;
+      },
+      std::chrono::seconds(20)));
+  rep = push(3);
+  ASSERT_EQ(rep.missed.count(1), 1u);
+  EXPECT_NE(rep.missed.at(1).find("absent"), std::string::npos) << rep.missed.at(1);
+  ASSERT_TRUE(WaitPublished(*r0.memory, 3));
   fclose(child.to);
   fclose(child.from);
 }

@@ -5,10 +5,21 @@
 # other). Every completed version is verified byte for byte by the receiver.
 # Then a receiver is killed: the next push reports it missed and the other
 # completes; a restarted receiver is current after the following push.
+# With --registry the ranks meet through a private redis-server instead of a
+# rendezvous directory: on a unix socket on loopback, or with --netns on TCP
+# in the receivers' namespace, which the sources reach over the veth pair.
 # Exits 77 (skipped) where namespaces cannot be made.
 set -u
-TOOL=${1:?usage: weightsync_daemons.sh path/to/te-weightsync [--netns]}
-MODE=${2:-loopback}
+TOOL=${1:?usage: weightsync_daemons.sh path/to/te-weightsync [--netns] [--registry]}
+shift
+MODE=loopback; REGISTRY=""
+for arg in "$@"; do
+  case "$arg" in
+    --netns) MODE=--netns ;;
+    --registry) REGISTRY=pending ;;
+    *) echo "unknown argument $arg"; exit 2 ;;
+  esac
+done
 DIR=$(mktemp -d)
 PIDS=()
 RUN_R=(); RUN_S=(); IF_R=(); IF_S=()
@@ -25,15 +36,41 @@ if [ "$MODE" = "--netns" ]; then
   make_veth_pair "$NSA" "$NSB" "$VA" "$VB" 10.78.0 || exit $?
   RUN_R=(ip netns exec "$NSA"); RUN_S=(ip netns exec "$NSB"); IF_R=(--iface="$VA"); IF_S=(--iface="$VB")
 fi
-COMMON=(--rendezvous="$DIR" --model=moe --model_bytes=24M --sources=2 --ranks=2 --timeout_ms=3000)
+MEET=(--rendezvous="$DIR")
+if [ -n "$REGISTRY" ]; then
+  command -v redis-server >/dev/null || { echo "FAIL: redis-server not found; scripts/install-deps.sh installs it"; exit 1; }
+  if [ "$MODE" = "--netns" ]; then
+    "${RUN_R[@]}" redis-server --port 6379 --bind 10.78.0.1 --protected-mode no --save "" --appendonly no \
+      --dir "$DIR" >"$DIR/redis.log" 2>&1 &
+    REGISTRY=10.78.0.1:6379
+  else
+    redis-server --port 0 --unixsocket "$DIR/redis.sock" --save "" --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
+    REGISTRY=unix:$DIR/redis.sock
+  fi
+  PIDS+=($!)
+  MEET=(--registry="$REGISTRY" --job=ws$$)
+  for _ in $(seq 100); do "${RUN_S[@]}" "$TOOL" status "${MEET[@]}" >/dev/null 2>&1 && break; sleep 0.05; done
+  "${RUN_S[@]}" "$TOOL" status "${MEET[@]}" >/dev/null || { echo "FAIL: redis-server unreachable"; cat "$DIR/redis.log"; exit 1; }
+fi
+COMMON=("${MEET[@]}" --model=moe --model_bytes=24M --sources=2 --ranks=2 --timeout_ms=3000)
 
-serve() {  # rank
-  rm -f "$DIR/receiver-$1"  # a killed receiver's entry is stale
+status() {  # from the sources' side, which reaches the registry in --netns mode too
+  "${RUN_S[@]}" "$TOOL" status "${MEET[@]}"
+}
+announced() {  # rank: its entry is in the rendezvous
+  status 2>/dev/null | awk -v r="$1" '$1 == r { found = 1 } END { exit !found }'
+}
+INCARNATION=0
+serve() {  # rank; each incarnation logs to its own file
+  rm -f "$DIR/receiver-$1"  # a killed receiver's directory entry is stale (the registry's expires)
+  INCARNATION=$((INCARNATION + 1))
+  local log="$DIR/serve-$1-$INCARNATION.log"
   "${RUN_R[@]}" "$TOOL" serve "${COMMON[@]}" "${IF_R[@]}" --rank="$1" --verify --serve_seconds=120 \
-    --shm=/dev/shm/te-ws-$$-"$1" >>"$DIR/serve-$1.log" 2>&1 &
+    --shm=/dev/shm/te-ws-$$-"$1" >"$log" 2>&1 &
   PIDS+=($!); eval "SERVE$1=$!"
-  for _ in $(seq 1 100); do [ -f "$DIR/receiver-$1" ] && return 0; sleep 0.1; done
-  echo "FAIL: receiver $1 did not announce itself"; cat "$DIR/serve-$1.log"; exit 1
+  # It prints "waiting for" after announcing itself.
+  for _ in $(seq 1 100); do grep -q "waiting for" "$log" && announced "$1" && return 0; sleep 0.1; done
+  echo "FAIL: receiver $1 did not announce itself"; cat "$log"; exit 1
 }
 push() {  # first_version versions
   for s in 0 1; do
@@ -45,7 +82,7 @@ push() {  # first_version versions
   wait "$P1" || { echo "FAIL: source 1"; cat "$DIR/push-1.log"; exit 1; }
 }
 published() {  # rank
-  "$TOOL" status --rendezvous="$DIR" | awk -v r="$1" '$1 == r { print $2 }'
+  status | awk -v r="$1" '$1 == r { print $2 }'
 }
 wait_published() {  # rank version
   for _ in $(seq 1 200); do [ "$(published "$1")" = "$2" ] && return 0; sleep 0.05; done
@@ -55,7 +92,7 @@ wait_published() {  # rank version
 serve 0; serve 1
 push 1 3
 wait_published 0 3; wait_published 1 3
-"$TOOL" status --rendezvous="$DIR"
+status
 
 kill -9 "$SERVE1"; wait "$SERVE1" 2>/dev/null
 push 4 1   # receiver 1 is dead (its rendezvous entry is stale)
@@ -65,10 +102,10 @@ wait_published 0 4
 serve 1    # restarted: empty memory, new engine
 push 5 1
 wait_published 0 5; wait_published 1 5
-"$TOOL" status --rendezvous="$DIR"
+status
 
 grep -h "MISMATCH\|FAILED" "$DIR"/serve-*.log && { echo "FAIL: a receiver saw wrong bytes or failed a version"; exit 1; }
 N=$(cat "$DIR"/serve-*.log | grep -c "complete, verified")
 # receiver 0: versions 1-5; receiver 1: 1-3, then 5 after its restart.
 [ "$N" -eq 9 ] || { echo "FAIL: expected 9 verified versions, got $N"; cat "$DIR"/serve-*.log; exit 1; }
-echo "PASS ($MODE): 9 versions verified on 2 receivers, a killed receiver reported and caught up after restart"
+echo "PASS ($MODE${REGISTRY:+, registry $REGISTRY}): 9 versions verified on 2 receivers, a killed receiver reported and caught up after restart"
