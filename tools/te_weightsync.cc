@@ -61,6 +61,7 @@ DEFINE_uint64(first_version, 1, "push: first version number");
 DEFINE_uint64(interval_ms, 0, "push: pause between versions");
 DEFINE_uint64(bucket_mb, 16, "push: bucket size (MiB)");
 DEFINE_uint64(staging_mb, 256, "push: staging watermark (MiB)");
+DEFINE_bool(zero_copy, true, "push: write contiguous transfers straight from the registered source region");
 DEFINE_int32(timeout_ms, 10000, "receiver progress timeout; sources wait half of it for READY");
 DEFINE_string(provider, "tcp", "engine provider (tcp = tcp;ofi_rxm on lo)");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
@@ -229,6 +230,7 @@ int Push() {
   PusherOptions po;
   po.bucket_bytes = FLAGS_bucket_mb << 20;
   po.staging_bytes = FLAGS_staging_mb << 20;
+  po.zero_copy = FLAGS_zero_copy;
   po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
   auto pusher = Must(WeightPusher::Create(engine.get(), schedule, src, rank, region.data(), po), "pusher");
   auto registry = Registry();

@@ -39,6 +39,7 @@ DECLARE_string(provider);
 DECLARE_bool(json);
 DECLARE_uint64(bucket_mb);
 DECLARE_uint64(staging_mb);
+DECLARE_bool(zero_copy);
 DECLARE_int32(timeout_ms);
 
 te::weightsync::ModelSpec WeightsyncModelFromFlags();
@@ -93,6 +94,7 @@ int Worker() {
     PusherOptions po;
     po.bucket_bytes = FLAGS_bucket_mb << 20;
     po.staging_bytes = FLAGS_staging_mb << 20;
+    po.zero_copy = FLAGS_zero_copy;
     po.ready_timeout = std::chrono::milliseconds(FLAGS_timeout_ms / 2);
     pusher = Must(WeightPusher::Create(engine.get(), schedule, src, w, region.data(), po), "pusher");
     for (int d = 0; d < D; ++d) Must(pusher->SetReceiver(d, infos[S + d]), "receiver info");

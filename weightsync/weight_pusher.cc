@@ -29,8 +29,13 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
   p->slots_.resize(receivers);
   p->slot_bytes_.resize(receivers);
   const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
-  TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/false));
+  // Zeroed, so that its pages are faulted in here rather than in the first push.
+  TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/true));
   TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_.data(), staging));
+  if (options.zero_copy && src.RegionBytes(rank) > 0) {
+    // Registered for the NIC to read from; the pusher never writes it.
+    TE_ASSIGN_OR_RETURN(p->region_mr_, engine->RegisterMemory(const_cast<uint8_t*>(region), src.RegionBytes(rank)));
+  }
   WeightPusher* self = p.get();
   // "tews1 READY <version> <rank>" or "tews1 REFUSED <version> <rank> <published>"
   TE_RETURN_IF_ERROR(
@@ -52,6 +57,7 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
 WeightPusher::~WeightPusher() {
   engine_->ReleaseRecvHandler(this);
   staging_mr_.reset();  // before staging_ itself goes
+  region_mr_.reset();
 }
 
 Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
@@ -142,25 +148,37 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       return Timeout("push " + std::to_string(version) + ": staging not released in time");
     uint8_t* base = staging_.data() + (bucket % ring) * B;
     const uint64_t base_off = (bucket % ring) * B;
-    std::map<uint32_t, std::vector<ScatterTarget>> targets;
-    uint64_t used = 0;
-    for (; i < mine.size() && used + schedule_.transfers()[mine[i]].length <= B; ++i) {
+    // Per receiver: writes from staging (gathered) and from the region.
+    std::map<uint32_t, std::vector<ScatterTarget>> staged, direct;
+    uint64_t used = 0, bytes = 0;  // staging used; bytes in this bucket
+    for (; i < mine.size(); ++i) {
       const Transfer& t = schedule_.transfers()[mine[i]];
+      const bool contiguous = region_mr_ && t.src_piece == t.length;
+      if ((contiguous ? bytes : used) + t.length > B) break;  // the bucket is full
+      bytes += t.length;
       if (!live[t.dst_rank]) continue;
-      for (uint64_t k = 0; k < t.length / t.src_piece; ++k)  // the gather
-        std::memcpy(base + used + k * t.src_piece, region_ + t.src_offset + k * t.src_stride, t.src_piece);
-      targets[t.dst_rank].push_back(
-          {slots_[t.dst_rank], base_off + used, (version % 2) * slot_bytes_[t.dst_rank] + t.dst_offset, t.length});
-      used += t.length;
-    }
-    for (auto& [d, list] : targets) {
-      report.writes += list.size();
-      if (Status s = engine_->Submit(ScatterWrite{staging_mr_, std::move(list), imm}, {.counter = &done[d]}); !s.ok()) {
-        report.missed[d] = s.ToString();
-        live[d] = false;
+      const uint64_t dst = (version % 2) * slot_bytes_[t.dst_rank] + t.dst_offset;
+      if (contiguous) {
+        direct[t.dst_rank].push_back({slots_[t.dst_rank], t.src_offset, dst, t.length});
         continue;
       }
-      ++submitted[d];
+      for (uint64_t k = 0; k < t.length / t.src_piece; ++k)  // the gather
+        std::memcpy(base + used + k * t.src_piece, region_ + t.src_offset + k * t.src_stride, t.src_piece);
+      staged[t.dst_rank].push_back({slots_[t.dst_rank], base_off + used, dst, t.length});
+      used += t.length;
+    }
+    for (auto* group : {&staged, &direct}) {
+      const LocalMr& from = group == &staged ? staging_mr_ : region_mr_;
+      for (auto& [d, list] : *group) {
+        if (!live[d]) continue;
+        report.writes += list.size();
+        if (Status s = engine_->Submit(ScatterWrite{from, std::move(list), imm}, {.counter = &done[d]}); !s.ok()) {
+          report.missed[d] = s.ToString();
+          live[d] = false;
+          continue;
+        }
+        ++submitted[d];
+      }
     }
     submitted_by_bucket.push_back(submitted);
   }

@@ -1,13 +1,16 @@
 // WeightPusher: the trainer side of a weight update, one per source rank.
 //
-// Push(v) walks this rank's transfers of the Schedule in order: it gathers
-// them into buckets of registered staging memory and writes each bucket
-// with one ScatterWrite per receiver. The immediate is tagged with v. The
-// next bucket is gathered while earlier ones are on the wire, and staging
-// never exceeds `staging_bytes` (the watermark): a bucket waits for the
-// oldest one to complete before it reuses its memory. Before any write,
-// every receiver is told how many writes to expect (BEGIN) and must answer
-// READY (weight_receiver.h).
+// Push(v) walks this rank's transfers of the Schedule in order, in buckets,
+// and writes each bucket with ScatterWrites per receiver. The immediate is
+// tagged with v. A transfer contiguous in the source region is written
+// straight from it (the region is registered once, at Create, and stays
+// registered: no copy); a strided one (re-sharding along another dimension)
+// is gathered into registered staging memory first. The next bucket is
+// gathered while earlier ones are on the wire, and staging never exceeds
+// `staging_bytes` (the watermark): a bucket waits for the oldest one to
+// complete before it reuses its memory. Before any write, every receiver is
+// told how many writes to expect (BEGIN) and must answer READY
+// (weight_receiver.h).
 //
 // A receiver that is absent, does not answer, refuses, or fails a write is
 // reported in PushReport::missed with the reason. The others go on. It
@@ -37,8 +40,11 @@
 namespace te::weightsync {
 
 struct PusherOptions {
-  uint64_t staging_bytes = 256 << 20;        // watermark: registered staging in use at once
-  uint64_t bucket_bytes = 16 << 20;          // one gather + one write per receiver; >= the schedule's transfers
+  uint64_t staging_bytes = 256 << 20;  // watermark: registered staging in use at once
+  uint64_t bucket_bytes = 16 << 20;    // one gather + one write per receiver; >= the schedule's transfers
+  // Write contiguous transfers straight from the (registered) source region
+  // instead of copying them into staging. Off: every byte is staged.
+  bool zero_copy = true;
   uint32_t imm_base = kWeightSyncImms.base;  // as the receivers' ReceiverOptions::imm_base
   // How long receivers get to answer BEGIN; keep it below the receivers'
   // ReceiverOptions::timeout. Writes time out through the engine's
@@ -56,8 +62,10 @@ struct PushReport {
 
 class WeightPusher {
  public:
-  // `region` is this source rank's shards laid out as `src` says; the
-  // pusher reads it during Push only. Takes over the engine's receive handler.
+  // `region` is this source rank's shards laid out as `src` says
+  // (src.RegionBytes(rank) bytes); the pusher reads it during Push only, and
+  // with zero_copy registers it with the engine for its lifetime. Takes
+  // over the engine's receive handler.
   static Result<std::unique_ptr<WeightPusher>> Create(TransferEngine* engine, const Schedule& schedule,
                                                       const ShardLayout& src, uint32_t rank, const uint8_t* region,
                                                       const PusherOptions& options = {});
@@ -84,6 +92,7 @@ class WeightPusher {
   std::vector<uint64_t> slot_bytes_;
   AlignedBuffer staging_;
   LocalMr staging_mr_;
+  LocalMr region_mr_;  // zero_copy: the source region, registered for reading
 
   std::mutex mu_;
   std::condition_variable cv_;

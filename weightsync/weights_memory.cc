@@ -16,8 +16,11 @@ Result<std::unique_ptr<WeightsMemory>> WeightsMemory::Create(const std::string& 
   slot_bytes = (slot_bytes + 4095) & ~uint64_t(4095);
   const size_t bytes = kHeaderBytes + 2 * slot_bytes;
   void* p;
+  // Populated now: the memory is the receiver's for its whole life, and an
+  // update should not pay first-touch page faults (in the 1 GiB bench they
+  // were a fifth of the CPU of the first two updates).
   if (path.empty()) {
-    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   } else {
     int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) return IoError("cannot create " + path + ": " + strerror(errno));
@@ -25,7 +28,7 @@ Result<std::unique_ptr<WeightsMemory>> WeightsMemory::Create(const std::string& 
       close(fd);
       return IoError("cannot size " + path + " to " + std::to_string(bytes) + " bytes: " + strerror(errno));
     }
-    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     close(fd);
   }
   if (p == MAP_FAILED) return IoError("cannot map " + std::to_string(bytes) + " bytes: " + strerror(errno));

@@ -33,7 +33,8 @@ struct WeightsHeader {
 class WeightsMemory {
  public:
   static constexpr size_t kHeaderBytes = 4096;
-  // Creates (truncating) `path`, or anonymous memory when path is empty.
+  // Creates (truncating) `path`, or anonymous memory when path is empty;
+  // the pages are populated at once.
   static Result<std::unique_ptr<WeightsMemory>> Create(const std::string& path, uint64_t slot_bytes);
   // Maps an existing file read-write (readers only read).
   static Result<std::unique_ptr<WeightsMemory>> Open(const std::string& path);

@@ -116,10 +116,17 @@ void ExpectVersion(Group& g, uint32_t d, uint64_t v) {
 }
 
 TEST(WeightSync, FsdpToTensorParallelEveryByte) {
-  auto g = MakeGroup(ModelPreset("moe", 24 << 20).value(), "fsdp", 2, "tp", 3);
-  for (uint64_t v = 1; v <= 3; ++v) {
-    for (const auto& r : PushAll(*g, v)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
-    for (uint32_t d = 0; d < 3; ++d) ExpectVersion(*g, d, v);
+  // Contiguous transfers straight from the source region and strided ones
+  // gathered (zero_copy), and everything staged.
+  for (bool zero_copy : {true, false}) {
+    SCOPED_TRACE(zero_copy ? "zero copy" : "all staged");
+    PusherOptions po = Quick();
+    po.zero_copy = zero_copy;
+    auto g = MakeGroup(ModelPreset("moe", 24 << 20).value(), "fsdp", 2, "tp", 3, po);
+    for (uint64_t v = 1; v <= 3; ++v) {
+      for (const auto& r : PushAll(*g, v)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
+      for (uint32_t d = 0; d < 3; ++d) ExpectVersion(*g, d, v);
+    }
   }
 }
 
