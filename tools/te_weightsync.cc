@@ -5,6 +5,7 @@
 //   te-weightsync status  --rendezvous=DIR | --registry=HOST:PORT
 //   te-weightsync schedule [--sources=8 --src_layout=fsdp --ranks=4 --layout=tp] [--print=20]
 //   te-weightsync bench   --sources=1,2,4 --receivers=2 [--model_bytes=1G]
+//   te-weightsync quant-bench [--model_bytes=1G]   (fp8 block quantization on one core)
 //
 // serve: an inference-side receiver. Owns the weights in a shared-memory
 //   file (two version slots and a header, weightsync/weights_memory.h) that
@@ -27,6 +28,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -37,6 +39,7 @@
 
 #include "tools/tool_support.h"
 #include "transfer/transfer_engine.h"
+#include "weightsync/fp8_block_quant.h"
 #include "weightsync/schedule.h"
 #include "weightsync/synthetic_weights.h"
 #include "weightsync/weight_pusher.h"
@@ -371,20 +374,58 @@ int Bench(int argc, char** argv);  // te_weightsync_bench.cc
 int Bench(int, char**) { Die("bench needs MPI: install libopenmpi-dev (scripts/install-deps.sh) and rebuild"); }
 #endif
 
+// fp8 quantization cost on one core: bf16 matrices of the moe preset's
+// largest shape quantized into 128 x 128 blocks, against memcpy of the same
+// bytes in the same run.
+int QuantBench() {
+  const uint64_t bytes = ParseBytes(FLAGS_model_bytes);
+  const uint64_t rows = 2048, cols = 7168, per = rows * cols;  // one expert projection
+  const uint64_t matrices = std::max<uint64_t>(1, bytes / (per * 2));
+  std::vector<uint16_t> src(per * matrices);
+  for (uint64_t i = 0; i < src.size(); ++i)
+    src[i] = FloatToBf16(float(int64_t((i * 0x9E3779B97F4A7C15ull) >> 44) - 524288) * 1e-7f);
+  std::vector<uint8_t> codes(src.size()), copy(src.size() * 2);
+  std::vector<float> scales(matrices * 16 * 56);
+  const Fp8BlockShape shape{matrices, rows, cols};
+  double quant_s = 1e9, copy_s = 1e9;
+  for (int rep = 0; rep < 3; ++rep) {  // best of three, alternating
+    auto t0 = std::chrono::steady_clock::now();
+    Must(QuantizeBf16ToFp8Blocks(src.data(), shape, codes.data(), scales.data()), "quantize");
+    auto t1 = std::chrono::steady_clock::now();
+    std::memcpy(copy.data(), src.data(), copy.size());
+    auto t2 = std::chrono::steady_clock::now();
+    quant_s = std::min(quant_s, std::chrono::duration<double>(t1 - t0).count());
+    copy_s = std::min(copy_s, std::chrono::duration<double>(t2 - t1).count());
+  }
+  const double gb = double(src.size() * 2) / 1e9;
+  if (FLAGS_json)
+    printf(
+        "{\"bf16_bytes\":%lu,\"quant_s_per_gb\":%.4f,\"quant_gbs\":%.3f,\"memcpy_gbs\":%.3f,\"ns_per_element\":%.3f}\n",
+        (unsigned long)(src.size() * 2), quant_s / gb, gb / quant_s, gb / copy_s, quant_s * 1e9 / double(src.size()));
+  else
+    printf(
+        "fp8 e4m3, 128x128 blocks, %lu matrices of %lux%lu bf16 (%.2f GB): %.3f s per GB of bf16 (%.2f GB/s, "
+        "%.2f ns per element); memcpy of the same bytes %.2f GB/s (quantization = %.1fx a copy)\n",
+        (unsigned long)matrices, (unsigned long)rows, (unsigned long)cols, gb, quant_s / gb, gb / quant_s,
+        quant_s * 1e9 / double(src.size()), gb / copy_s, quant_s / copy_s);
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage("te-weightsync serve|push|status|schedule|bench [flags]");
+  gflags::SetUsageMessage("te-weightsync serve|push|status|schedule|bench|quant-bench [flags]");
   const std::vector<std::string> original(argv, argv + argc);
   gflags::ParseCommandLineFlags(&argc, &argv, true);
-  if (argc < 2) Die("name a command: serve, push, status, schedule or bench");
+  if (argc < 2) Die("name a command: serve, push, status, schedule, bench or quant-bench");
   const std::string cmd = argv[1];
   if (cmd == "serve") return Serve();
   if (cmd == "push") return Push();
   if (cmd == "status") return StatusCmd();
   if (cmd == "schedule") return ScheduleCmd();
+  if (cmd == "quant-bench") return QuantBench();
   if (cmd == "bench") {
     std::vector<char*> args;
     for (const auto& a : original) args.push_back(const_cast<char*>(a.c_str()));
     return Bench(int(args.size()), args.data());
   }
-  Die("unknown command '" + cmd + "': use serve, push, status, schedule or bench");
+  Die("unknown command '" + cmd + "': use serve, push, status, schedule, bench or quant-bench");
 }
