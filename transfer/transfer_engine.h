@@ -169,8 +169,11 @@ class TransferEngine {
   // cheap callbacks of Completion::on_worker), and the worker naps, so no
   // thread hand-off or wake-up sits on the path and the two threads do not
   // both spin. Keep `timeout` short (tens of microseconds) and sleep after
-  // it. kManual mode: the same as calling Progress() in a loop. On the
-  // worker itself (a cheap callback) it only evaluates done().
+  // it. After a successful drive the role stays with the caller for 20 us
+  // (the worker naps on), so that a caller that submits and drives again
+  // wakes nobody: work other threads submit just then may wait that long.
+  // kManual mode: the same as calling Progress() in a loop. On the worker
+  // itself (a cheap callback) it only evaluates done().
   bool DriveUntil(const std::function<bool()>& done, std::chrono::nanoseconds timeout);
 
   EngineStats stats() const;
