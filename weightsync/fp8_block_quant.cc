@@ -14,6 +14,15 @@ namespace {
 uint32_t Bits(float x) { return std::bit_cast<uint32_t>(x); }
 float FromBits(uint32_t b) { return std::bit_cast<float>(b); }
 
+// The inner loops are built for AVX2 and for the baseline, and the loader
+// picks one (an ifunc). Not under ThreadSanitizer: an ifunc resolver runs
+// before its runtime is up, and the program dies at load.
+#if defined(__SANITIZE_THREAD__)
+#define TE_VECTOR_CLONES __attribute__((noinline))
+#else
+#define TE_VECTOR_CLONES __attribute__((noinline, target_clones("avx2", "default")))
+#endif
+
 // 2^-6, the smallest normal e4m3 magnitude, and 448, the largest.
 constexpr uint32_t kMinNormalBits = 0x3C800000u;
 constexpr uint32_t kMaxBits = 0x43E00000u;
@@ -62,10 +71,8 @@ inline uint8_t EncodeE4M3(float x) {
 
 inline float Bf16ToFloatInline(uint16_t bits) { return FromBits(uint32_t(bits) << 16); }
 
-// The two inner loops, kept apart so that each vectorizes as a leaf loop,
-// and built twice: for AVX2 and for the baseline, picked at load time.
-__attribute__((noinline, target_clones("avx2", "default"))) uint16_t MaxFiniteMagnitude(const uint16_t* __restrict p,
-                                                                                        size_t n, uint16_t m) {
+// The two inner loops, kept apart so that each vectorizes as a leaf loop.
+TE_VECTOR_CLONES uint16_t MaxFiniteMagnitude(const uint16_t* __restrict p, size_t n, uint16_t m) {
   // On the bf16 bits: for finite values the magnitude bits order as the
   // values do; Inf and NaN (0x7f80 and up) count as 0.
   // Signed 16-bit lanes (magnitudes fit): SSE2 has a signed max only.
@@ -78,8 +85,7 @@ __attribute__((noinline, target_clones("avx2", "default"))) uint16_t MaxFiniteMa
   return uint16_t(best);
 }
 
-__attribute__((noinline, target_clones("avx2", "default"))) void EncodeRun(const uint16_t* __restrict in, size_t n,
-                                                                           float scale, uint8_t* __restrict out) {
+TE_VECTOR_CLONES void EncodeRun(const uint16_t* __restrict in, size_t n, float scale, uint8_t* __restrict out) {
   for (size_t i = 0; i < n; ++i) out[i] = EncodeE4M3(Bf16ToFloatInline(in[i]) / scale);
 }
 
