@@ -2,8 +2,7 @@
 
 #include <algorithm>
 #include <sstream>
-
-#include "base/stop_and_join.h"
+#include <thread>
 
 namespace te::kvcache {
 
@@ -25,6 +24,12 @@ Result<RegistryEntry> ParseValue(const std::string& v) {
   TE_ASSIGN_OR_RETURN(e.info, KvInstanceInfo::Parse(rest));
   return e;
 }
+
+Status CheckName(const RegistryEntry& entry) {
+  if (entry.info.name.empty() || entry.info.name.find_first_of(" :*") != std::string::npos)
+    return InvalidArgument("instance name '" + entry.info.name + "' must be non-empty without spaces, ':' or '*'");
+  return Status::Ok();
+}
 }  // namespace
 
 Result<std::unique_ptr<KvRegistry>> KvRegistry::Connect(const std::string& address, const std::string& prefix,
@@ -36,21 +41,18 @@ Result<std::unique_ptr<KvRegistry>> KvRegistry::Connect(const std::string& addre
 }
 
 Status KvRegistry::Put(const RegistryEntry& entry, std::chrono::milliseconds ttl) {
-  if (entry.info.name.empty() || entry.info.name.find_first_of(" :*") != std::string::npos)
-    return InvalidArgument("instance name '" + entry.info.name + "' must be non-empty without spaces, ':' or '*'");
+  TE_RETURN_IF_ERROR(CheckName(entry));
   if (ttl.count() <= 0)
     return InvalidArgument("registry TTL must be positive, got " + std::to_string(ttl.count()) + " ms");
-  return client_->Set(prefix_ + ":" + entry.info.role + ":" + entry.info.name, Value(entry), ttl);
+  return client_->Set(KeyOf(entry.info.role, entry.info.name), Value(entry), ttl);
 }
 
-Status KvRegistry::Remove(const std::string& role, const std::string& name) {
-  return client_->Del(prefix_ + ":" + role + ":" + name);
-}
+Status KvRegistry::Remove(const std::string& role, const std::string& name) { return client_->Del(KeyOf(role, name)); }
 
 Result<std::vector<RegistryEntry>> KvRegistry::List(const std::string& role) {
   if (role != "prefill" && role != "decode")
     return InvalidArgument("registry role '" + role + "'; valid: prefill, decode");
-  TE_ASSIGN_OR_RETURN(auto values, client_->ScanValues(prefix_ + ":" + role + ":*"));
+  TE_ASSIGN_OR_RETURN(auto values, client_->ScanValues(KeyOf(role, "*")));
   std::vector<RegistryEntry> out;
   for (const auto& [key, value] : values) {
     auto e = ParseValue(value);
@@ -63,38 +65,32 @@ Result<std::unique_ptr<KvRegistration>> KvRegistration::Start(KvRegistry* regist
                                                               std::function<uint32_t()> load,
                                                               std::chrono::milliseconds ttl) {
   if (!registry || !load) return InvalidArgument("KvRegistration needs a registry and a load function");
-  entry.load = load();
-  TE_RETURN_IF_ERROR(registry->Put(entry, ttl));
-  std::unique_ptr<KvRegistration> r(new KvRegistration(registry, std::move(entry), std::move(load), ttl));
+  TE_RETURN_IF_ERROR(CheckName(entry));
+  const std::string key = registry->KeyOf(entry.info.role, entry.info.name);
+  std::unique_ptr<KvRegistration> r(new KvRegistration(registry, std::move(entry), std::move(load)));
   KvRegistration* self = r.get();
-  r->thread_ = std::thread([self] { self->Run(); });
+  TE_ASSIGN_OR_RETURN(r->lease_, registry::RegistryLease::Start(
+                                     registry->client_.get(), key, [self] { return self->CurrentValue(); }, ttl));
   return r;
 }
 
-KvRegistration::~KvRegistration() { StopAndJoin(mu_, cv_, stop_, thread_); }
+KvRegistration::~KvRegistration() = default;  // the lease stops beating and leaves the entry to expire
 
-void KvRegistration::Run() {
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!cv_.wait_for(lock, ttl_ / 3, [&] { return stop_; })) {
-    entry_.load = load_();
-    // A failed refresh is retried on the next beat; the TTL covers two.
-    (void)registry_->Put(entry_, ttl_);
-  }
+std::string KvRegistration::CurrentValue() const {
+  RegistryEntry e = entry_;
+  e.load = load_();
+  e.draining = draining_.load();
+  return Value(e);
 }
 
 Status KvRegistration::Leave(std::chrono::milliseconds drain_timeout) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    entry_.draining = true;
-    entry_.load = load_();
-    TE_RETURN_IF_ERROR(registry_->Put(entry_, ttl_));
-  }
+  draining_.store(true);
+  TE_RETURN_IF_ERROR(lease_->Refresh());
   const auto deadline = std::chrono::steady_clock::now() + drain_timeout;
   while (load_() > 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  StopAndJoin(mu_, cv_, stop_, thread_);
   const uint32_t left = load_();
-  TE_RETURN_IF_ERROR(registry_->Remove(entry_.info.role, entry_.info.name));
+  TE_RETURN_IF_ERROR(lease_->Stop());  // stops the beat and removes the entry
   if (left > 0)
     return Timeout("instance '" + entry_.info.name + "' left with " + std::to_string(left) +
                    " requests after draining for " + std::to_string(drain_timeout.count()) + " ms");

@@ -14,13 +14,11 @@
 // re-established on the next call.
 #pragma once
 
+#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "base/status.h"
@@ -51,17 +49,21 @@ class KvRegistry {
   Result<std::vector<RegistryEntry>> List(const std::string& role);
 
  private:
+  friend class KvRegistration;  // holds its entry through a lease on client_
   KvRegistry(std::unique_ptr<registry::RedisClient> client, std::string prefix)
       : client_(std::move(client)), prefix_(std::move(prefix)) {}
+  std::string KeyOf(const std::string& role, const std::string& name) const {
+    return prefix_ + ":" + role + ":" + name;
+  }
 
   std::unique_ptr<registry::RedisClient> client_;
   std::string prefix_;
 };
 
-// Keeps one instance's entry alive: Put every ttl / 3 with the load that
-// `load()` reports, until Leave() or destruction. Leave() marks the entry
-// draining, waits until `load()` reaches 0 (at most `drain_timeout`), then
-// removes it. The destructor stops heartbeating without removing anything,
+// Keeps one instance's entry alive (a registry::RegistryLease): written
+// every ttl / 3 with the load that `load()` reports, until Leave() or
+// destruction. Leave() marks the entry draining, waits until `load()`
+// reaches 0 (at most `drain_timeout`), then removes it. The destructor stops heartbeating without removing anything,
 // which is what a crash looks like to everyone else.
 class KvRegistration {
  public:
@@ -72,18 +74,15 @@ class KvRegistration {
   Status Leave(std::chrono::milliseconds drain_timeout = std::chrono::milliseconds(30000));
 
  private:
-  KvRegistration(KvRegistry* registry, RegistryEntry entry, std::function<uint32_t()> load,
-                 std::chrono::milliseconds ttl)
-      : registry_(registry), entry_(std::move(entry)), load_(std::move(load)), ttl_(ttl) {}
-  void Run();
+  KvRegistration(KvRegistry* registry, RegistryEntry entry, std::function<uint32_t()> load)
+      : registry_(registry), entry_(std::move(entry)), load_(std::move(load)) {}
+  std::string CurrentValue() const;  // the entry with the load now
+
   KvRegistry* registry_;
-  RegistryEntry entry_;
-  std::function<uint32_t()> load_;
-  std::chrono::milliseconds ttl_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::thread thread_;
+  const RegistryEntry entry_;
+  const std::function<uint32_t()> load_;
+  std::atomic<bool> draining_{false};
+  std::unique_ptr<registry::RegistryLease> lease_;
 };
 
 }  // namespace te::kvcache

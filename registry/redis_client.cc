@@ -136,10 +136,16 @@ Result<std::vector<std::pair<std::string, std::string>>> RedisClient::ScanValues
 
 Result<std::unique_ptr<RegistryLease>> RegistryLease::Start(RedisClient* client, std::string key, std::string value,
                                                             std::chrono::milliseconds ttl) {
-  if (!client) return InvalidArgument("RegistryLease needs a Redis client");
+  return Start(
+      client, std::move(key), [value = std::move(value)] { return value; }, ttl);
+}
+
+Result<std::unique_ptr<RegistryLease>> RegistryLease::Start(RedisClient* client, std::string key, ValueFn value,
+                                                            std::chrono::milliseconds ttl) {
+  if (!client || !value) return InvalidArgument("RegistryLease needs a Redis client and a value");
   if (ttl.count() < 3)
     return InvalidArgument("lease TTL of " + std::to_string(ttl.count()) + " ms is below the minimum of 3 ms");
-  TE_RETURN_IF_ERROR(client->Set(key, value, ttl));
+  TE_RETURN_IF_ERROR(client->Set(key, value(), ttl));
   std::unique_ptr<RegistryLease> l(new RegistryLease(client, std::move(key), std::move(value), ttl));
   RegistryLease* self = l.get();
   l->thread_ = std::thread([self] { self->Run(); });
@@ -152,15 +158,14 @@ void RegistryLease::Run() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!cv_.wait_for(lock, ttl_ / 3, [&] { return stop_; })) {
     // A failed refresh is retried on the next beat; the TTL covers two.
-    (void)client_->Set(key_, value_, ttl_);
+    (void)client_->Set(key_, value_(), ttl_);
   }
 }
 
-Status RegistryLease::Update(std::string value) {
+Status RegistryLease::Refresh() {
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) return InvalidArgument("lease of " + key_ + " was stopped");
-  value_ = std::move(value);
-  return client_->Set(key_, value_, ttl_);
+  return client_->Set(key_, value_(), ttl_);
 }
 
 Status RegistryLease::Stop() {

@@ -62,23 +62,29 @@ class RedisClient {
 // A key kept alive: written at once, then refreshed every ttl / 3 on a
 // thread of its own until Stop() (which deletes the key) or destruction
 // (which does not: to everyone else that looks like a crash, and the key
-// expires within the TTL). The value may change (Update).
+// expires within the TTL). The value is a fixed string, or a function asked
+// at every write (an instance's current load, say) on the lease's thread
+// or in Refresh().
 class RegistryLease {
  public:
+  using ValueFn = std::function<std::string()>;
   static Result<std::unique_ptr<RegistryLease>> Start(RedisClient* client, std::string key, std::string value,
                                                       std::chrono::milliseconds ttl);
+  static Result<std::unique_ptr<RegistryLease>> Start(RedisClient* client, std::string key, ValueFn value,
+                                                      std::chrono::milliseconds ttl);
   ~RegistryLease();
-  Status Update(std::string value);
+  // Writes the current value now rather than at the next beat.
+  Status Refresh();
   Status Stop();
 
  private:
-  RegistryLease(RedisClient* client, std::string key, std::string value, std::chrono::milliseconds ttl)
+  RegistryLease(RedisClient* client, std::string key, ValueFn value, std::chrono::milliseconds ttl)
       : client_(client), key_(std::move(key)), value_(std::move(value)), ttl_(ttl) {}
   void Run();
 
   RedisClient* client_;
   const std::string key_;
-  std::string value_;
+  const ValueFn value_;
   const std::chrono::milliseconds ttl_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -97,7 +97,12 @@ void DomainGroup::Enqueue(RequestState* request) {
   submissions_.Push(request);
   // A driving thread picks the request up itself; one that just drove
   // will very likely be back within its lease.
-  if (drivers_.load() == 0 && NowNs() >= lease_until_ns_.load(std::memory_order_relaxed)) WakeWorker();
+  if (sleeping_.load() && drivers_.load() == 0 && !LeaseHeld()) WakeWorker();
+}
+
+bool DomainGroup::LeaseHeld() const {
+  const int64_t until = lease_until_ns_.load(std::memory_order_relaxed);
+  return until != 0 && NowNs() < until;
 }
 
 void DomainGroup::WakeWorker() {
@@ -110,7 +115,7 @@ void DomainGroup::WakeWorker() {
 void DomainGroup::Nap(std::chrono::microseconds nap) {
   uint32_t seen = wake_word_.load();
   sleeping_.store(true);
-  if ((submissions_.LooksEmpty() || drivers_.load() > 0 || NowNs() < lease_until_ns_.load()) && !stop_.load())
+  if ((submissions_.LooksEmpty() || drivers_.load() > 0 || LeaseHeld()) && !stop_.load())
     FutexWait(&wake_word_, seen, nap);
   sleeping_.store(false);
 }
@@ -160,10 +165,15 @@ void DomainGroup::WorkerLoop() {
       last_active = Clock::now();
       continue;
     }
-    if (const int64_t lease = lease_until_ns_.load(std::memory_order_relaxed) - NowNs(); lease > 0) {
-      Nap(std::chrono::microseconds(lease / 1000 + 1));
-      last_active = Clock::now();
-      continue;
+    if (int64_t until = lease_until_ns_.load(std::memory_order_relaxed); until != 0) {
+      if (const int64_t left = until - NowNs(); left > 0) {
+        Nap(std::chrono::microseconds(left / 1000 + 1));
+        last_active = Clock::now();
+        continue;
+      }
+      // Expired: cleared, so that idle passes read no clock for it (a
+      // driver may have renewed it meanwhile; then it stays).
+      lease_until_ns_.compare_exchange_strong(until, 0, std::memory_order_relaxed);
     }
     bool active;
     {

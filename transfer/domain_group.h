@@ -63,6 +63,10 @@ class DomainGroup final : private nic::CompletionHandler {
   // threads do not both spin on a small host. Returns as soon as `done()`
   // holds (true), or false at `until`; the worker resumes after.
   bool DriveUntil(const std::function<bool()>& done, std::chrono::steady_clock::time_point until);
+  // True on a thread that holds the worker's role right now (the worker of
+  // any engine, or a driver): what must not block there is refused instead
+  // (TransferEngine::WaitImm).
+  static bool OnWorkerThread();
   EngineStats stats() const;
 
   // Bytes the control frame adds to every message (control_channel.h).
@@ -85,13 +89,9 @@ class DomainGroup final : private nic::CompletionHandler {
   void DeliverMessage(EngineAddress from, std::vector<uint8_t> payload);
   void FlushReady();
   void RunOnWorker();  // the cheap callbacks in worker_ready_, timed
+  // True while a driver's lease runs; reads the clock only when one was taken.
+  bool LeaseHeld() const;
 
- public:
-  // True on the worker thread of any engine (kThread mode): what must not
-  // block there is refused instead (TransferEngine::WaitImm).
-  static bool OnWorkerThread();
-
- private:
   // nic::CompletionHandler, called from Poll on the worker.
   void OnSendDone(void* context) override;
   void OnSendError(void* context, const Status& status) override;
@@ -113,7 +113,7 @@ class DomainGroup final : private nic::CompletionHandler {
   // After a successful drive the role stays with the application for a few
   // microseconds (steady-clock ns): a caller that answers and waits again
   // (a ping-pong) keeps driving, and its Submit wakes nobody.
-  std::atomic<int64_t> lease_until_ns_{0};
+  std::atomic<int64_t> lease_until_ns_{0};  // 0: no lease
   static constexpr std::chrono::microseconds kDriverLease{20};
   std::atomic<bool> stop_{false};
   std::atomic<uint32_t> wake_word_{0};
