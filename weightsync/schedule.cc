@@ -28,12 +28,16 @@ uint64_t Offset(const Box& shard, const std::vector<uint64_t>& strides, const st
 
 }  // namespace
 
-Result<Schedule> Schedule::Build(const ShardLayout& src, const ShardLayout& dst, const ScheduleOptions& options) {
-  const ModelSpec& model = src.model();
-  if (ModelToJson(model) != ModelToJson(dst.model()))
-    return InvalidArgument("source and destination layouts describe different models");
+Result<Schedule> Schedule::Build(const ShardLayout& sources, const ShardLayout& dst, const ScheduleOptions& options) {
   if (options.max_transfer_bytes < 64) return InvalidArgument("max_transfer_bytes must be >= 64");
+  // What moves is the destination's model; the sources hold it as they hold
+  // theirs, with the parameters the destination takes as fp8 quantized.
+  TE_ASSIGN_OR_RETURN(Fp8Conversion conv, PlanFp8Conversion(sources, dst.model()));
   Schedule s;
+  s.wire_source_ = std::move(conv.wire_source);
+  s.wire_params_ = std::move(conv.params);
+  const ShardLayout& src = s.wire_source_;
+  const ModelSpec& model = src.model();
   s.src_ranks_ = src.ranks();
   s.dst_ranks_ = dst.ranks();
   s.by_source_.resize(src.ranks());
@@ -146,8 +150,11 @@ uint64_t Schedule::count(uint32_t src_rank, uint32_t dst_rank) const {
   return n;
 }
 
-Status Schedule::Verify(const ShardLayout& src, const ShardLayout& dst) const {
+Status Schedule::Verify(const ShardLayout& sources, const ShardLayout& dst) const {
   const ModelSpec& model = dst.model();
+  if (ModelToJson(wire_source_.model()) != ModelToJson(model) || sources.ranks() != wire_source_.ranks())
+    return InvalidArgument("the layouts given to Verify are not the ones the schedule was built from");
+  const ShardLayout& src = wire_source_;
   // Element coordinate of a byte offset inside a shard.
   auto coord_of = [](const Box& b, uint64_t elem) {
     std::vector<uint64_t> c(b.begin.size());

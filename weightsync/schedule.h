@@ -9,6 +9,11 @@
 // pusher gathers it into staging). Where several source ranks hold the same
 // bytes (replicas), each transfer goes to the one with the least bytes so
 // far, so the work spreads over sources and their NICs.
+//
+// The two sides' models are equal, or the destination takes some bf16
+// parameters as fp8 with block scales (fp8_conversion.h): then transfers
+// describe the destination's model as the sources hold it after quantizing
+// (wire_source()), and the pusher quantizes before it writes.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +22,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "weightsync/fp8_conversion.h"
 #include "weightsync/shard_layout.h"
 
 namespace te::weightsync {
@@ -33,7 +39,16 @@ struct ScheduleOptions {
 
 class Schedule {
  public:
+  // kInvalidArgument when the models neither match nor convert
+  // (PlanFp8Conversion's errors).
   static Result<Schedule> Build(const ShardLayout& src, const ShardLayout& dst, const ScheduleOptions& options = {});
+
+  // The sources' layout of what moves (src itself when nothing converts;
+  // transfers' src_offset and param refer to it), and per destination
+  // parameter where its bytes come from.
+  const ShardLayout& wire_source() const { return wire_source_; }
+  const std::vector<WireParam>& wire_params() const { return wire_params_; }
+  bool converts() const { return AnyQuantized(wire_params_); }
 
   const std::vector<Transfer>& transfers() const { return transfers_; }
   // Indexes into transfers() of one source rank, in schedule order.
@@ -58,6 +73,8 @@ class Schedule {
  private:
   std::vector<Transfer> transfers_;
   std::vector<std::vector<size_t>> by_source_;
+  ShardLayout wire_source_;
+  std::vector<WireParam> wire_params_;
   uint32_t src_ranks_ = 0, dst_ranks_ = 0;
 };
 

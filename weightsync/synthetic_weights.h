@@ -5,8 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <map>
 #include <vector>
 
+#include "weightsync/fp8_block_quant.h"
+#include "weightsync/fp8_conversion.h"
 #include "weightsync/shard_layout.h"
 
 namespace te::weightsync {
@@ -56,6 +60,47 @@ inline uint64_t CountWrong(const ShardLayout& layout, uint32_t rank, uint64_t ve
   uint64_t wrong = 0;
   ForEachElement(layout, rank, [&](size_t p, uint64_t off, uint64_t g, uint64_t es) {
     for (uint32_t b = 0; b < es; ++b) wrong += region[off + b] != PatternByte(p, g, b, version);
+  });
+  return wrong;
+}
+
+// The same for a destination that takes some parameters as fp8
+// (Schedule::wire_params()): copied parameters hold the pattern of their
+// source parameter; codes and scales are the quantization of the whole
+// source tensor's pattern (fp8_block_quant.h), cut to the shard.
+inline uint64_t CountWrong(const ShardLayout& dst, uint32_t rank, uint64_t version, const uint8_t* region,
+                           const std::vector<WireParam>& wire) {
+  std::map<uint32_t, std::vector<uint64_t>> shapes;  // source parameter -> its shape
+  for (size_t p = 0; p < wire.size(); ++p)
+    if (wire[p].kind == WireParam::kFp8Codes) shapes[wire[p].source_param] = dst.model().params[p].shape;
+  struct Quantized {
+    std::vector<uint8_t> codes;
+    std::vector<float> scales;
+  };
+  std::map<uint32_t, Quantized> done;
+  auto quantized = [&](uint32_t sp) -> const Quantized& {
+    auto it = done.find(sp);
+    if (it != done.end()) return it->second;
+    const auto& shape = shapes[sp];
+    const Fp8BlockShape fs = Fp8ShapeOf(shape.data(), shape.size()).value();
+    std::vector<uint16_t> bf16(fs.elements());
+    for (uint64_t g = 0; g < bf16.size(); ++g)
+      bf16[g] = uint16_t(PatternByte(sp, g, 0, version) | PatternByte(sp, g, 1, version) << 8);
+    Quantized q{std::vector<uint8_t>(fs.elements()), std::vector<float>(fs.scales())};
+    if (!QuantizeBf16ToFp8Blocks(bf16.data(), fs, q.codes.data(), q.scales.data()).ok()) abort();
+    return done.emplace(sp, std::move(q)).first->second;
+  };
+  uint64_t wrong = 0;
+  ForEachElement(dst, rank, [&](size_t p, uint64_t off, uint64_t g, uint64_t es) {
+    const WireParam& w = wire[p];
+    if (w.kind == WireParam::kCopy) {
+      for (uint32_t b = 0; b < es; ++b) wrong += region[off + b] != PatternByte(w.source_param, g, b, version);
+    } else if (w.kind == WireParam::kFp8Codes) {
+      wrong += region[off] != quantized(w.source_param).codes[g];
+    } else {
+      const float want = quantized(w.source_param).scales[g];
+      wrong += std::memcmp(region + off, &want, sizeof want) != 0 ? es : 0;
+    }
   });
   return wrong;
 }

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "base/checked_math.h"
+#include "weightsync/fp8_block_quant.h"
 
 namespace te::weightsync {
 
@@ -24,8 +25,36 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
       return InvalidArgument("a transfer of " + std::to_string(t.length) + " bytes exceeds bucket_bytes " +
                              std::to_string(options.bucket_bytes) + " (ScheduleOptions::max_transfer_bytes)");
   }
-  std::unique_ptr<WeightPusher> p(new WeightPusher(engine, schedule, rank, region, options));
+  // The region is laid out as `src`; the schedule's transfers read the
+  // wire layout (src with fp8 parameters quantized). Copied parameters must
+  // be the same bytes in both.
+  const ShardLayout& wire = schedule.wire_source();
+  const auto& wp = schedule.wire_params();
+  if (wire.ranks() != src.ranks() || wp.size() != wire.model().params.size())
+    return InvalidArgument("the source layout is not the one the schedule was built from");
+  for (size_t q = 0; q < wp.size(); ++q)
+    if (wp[q].source_param >= src.model().params.size() ||
+        (wp[q].kind == WireParam::kCopy && src.ShardBytes(wp[q].source_param, rank) != wire.ShardBytes(q, rank)))
+      return InvalidArgument("the source layout is not the one the schedule was built from (parameter " +
+                             std::to_string(q) + ")");
+  std::unique_ptr<WeightPusher> p(new WeightPusher(engine, schedule, src, rank, region, options));
   p->receivers_ = receivers;
+  // Quantized codes and scales of this rank's shards, written at every
+  // push, read by the NIC like staging.
+  uint64_t converted = 0;
+  p->converted_at_.assign(wp.size(), 0);
+  p->fp8_of_.assign(src.model().params.size(), {kNone, kNone});
+  for (size_t q = 0; q < wp.size(); ++q) {
+    if (wp[q].kind == WireParam::kCopy) continue;
+    p->converted_at_[q] = converted;
+    converted = (converted + wire.ShardBytes(q, rank) + 63) & ~uint64_t(63);
+    auto& pair = p->fp8_of_[wp[q].source_param];
+    (wp[q].kind == WireParam::kFp8Codes ? pair.first : pair.second) = uint32_t(q);
+  }
+  if (converted > 0) {
+    TE_ASSIGN_OR_RETURN(p->converted_, AlignedBuffer::Allocate(converted, AlignedBuffer::kPage, /*zero=*/true));
+    TE_ASSIGN_OR_RETURN(p->converted_mr_, engine->RegisterMemory(p->converted_.data(), converted));
+  }
   p->slots_.resize(receivers);
   p->slot_bytes_.resize(receivers);
   const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
@@ -57,6 +86,7 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
 WeightPusher::~WeightPusher() {
   engine_->ReleaseRecvHandler(this);
   staging_mr_.reset();  // before staging_ itself goes
+  converted_mr_.reset();
   region_mr_.reset();
 }
 
@@ -142,6 +172,9 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
     return true;
   };
   const auto& mine = schedule_.from(rank_);
+  // A quantized parameter is quantized when its first transfer comes up, so
+  // quantizing one overlaps the writes of those before it.
+  std::vector<bool> done_quantizing(src_.model().params.size(), false);
   size_t i = 0;
   for (uint64_t bucket = 0; i < mine.size(); ++bucket) {
     if (bucket >= ring && !wait_until(submitted_by_bucket[bucket - ring]))  // its memory must be free
@@ -149,26 +182,41 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
     uint8_t* base = staging_.data() + (bucket % ring) * B;
     const uint64_t base_off = (bucket % ring) * B;
     // Per receiver: writes from staging (gathered) and from the region.
-    std::map<uint32_t, std::vector<ScatterTarget>> staged, direct;
+    // Per receiver: writes from staging (gathered), from the region, and
+    // from the quantized codes and scales.
+    std::map<uint32_t, std::vector<ScatterTarget>> staged, direct, quantized;
     uint64_t used = 0, bytes = 0;  // staging used; bytes in this bucket
     for (; i < mine.size(); ++i) {
       const Transfer& t = schedule_.transfers()[mine[i]];
-      const bool contiguous = region_mr_ && t.src_piece == t.length;
+      const WireParam& w = schedule_.wire_params()[t.param];
+      const bool converted = w.kind != WireParam::kCopy;
+      const bool contiguous = (converted || region_mr_) && t.src_piece == t.length;
       if ((contiguous ? bytes : used) + t.length > B) break;  // the bucket is full
       bytes += t.length;
       if (!live[t.dst_rank]) continue;
+      if (converted && !done_quantizing[w.source_param]) {
+        const auto q0 = std::chrono::steady_clock::now();
+        TE_RETURN_IF_ERROR(Quantize(w.source_param).WithContext("push " + std::to_string(version)));
+        report.quantize_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - q0).count();
+        done_quantizing[w.source_param] = true;
+      }
+      // Where the transfer's bytes lie: its offset within the parameter's
+      // shard is the same in the wire layout and in the memory read.
+      const uint64_t within = t.src_offset - schedule_.wire_source().ParamOffset(t.param, rank_);
+      const uint64_t at = within + (converted ? converted_at_[t.param] : src_.ParamOffset(w.source_param, rank_));
+      const uint8_t* from = converted ? converted_.data() : region_;
       const uint64_t dst = (version % 2) * slot_bytes_[t.dst_rank] + t.dst_offset;
       if (contiguous) {
-        direct[t.dst_rank].push_back({slots_[t.dst_rank], t.src_offset, dst, t.length});
+        (converted ? quantized : direct)[t.dst_rank].push_back({slots_[t.dst_rank], at, dst, t.length});
         continue;
       }
       for (uint64_t k = 0; k < t.length / t.src_piece; ++k)  // the gather
-        std::memcpy(base + used + k * t.src_piece, region_ + t.src_offset + k * t.src_stride, t.src_piece);
+        std::memcpy(base + used + k * t.src_piece, from + at + k * t.src_stride, t.src_piece);
       staged[t.dst_rank].push_back({slots_[t.dst_rank], base_off + used, dst, t.length});
       used += t.length;
     }
-    for (auto* group : {&staged, &direct}) {
-      const LocalMr& from = group == &staged ? staging_mr_ : region_mr_;
+    for (auto* group : {&staged, &direct, &quantized}) {
+      const LocalMr& from = group == &staged ? staging_mr_ : group == &direct ? region_mr_ : converted_mr_;
       for (auto& [d, list] : *group) {
         if (!live[d]) continue;
         report.writes += list.size();
@@ -191,6 +239,20 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
+}
+
+Status WeightPusher::Quantize(uint32_t param) {
+  const auto [codes, scales] = fp8_of_[param];
+  const Box b = src_.ShardBox(param, rank_);
+  if (b.empty()) return Status::Ok();
+  std::vector<uint64_t> extent(b.begin.size());
+  for (size_t d = 0; d < extent.size(); ++d) extent[d] = b.end[d] - b.begin[d];
+  TE_ASSIGN_OR_RETURN(Fp8BlockShape shape, Fp8ShapeOf(extent.data(), extent.size()));
+  // The shard starts on a block boundary (PlanFp8Conversion), so its blocks
+  // are the tensor's and its scales are the tensor's scales of those blocks.
+  return QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(region_ + src_.ParamOffset(param, rank_)), shape,
+                                 converted_.data() + converted_at_[codes],
+                                 reinterpret_cast<float*>(converted_.data() + converted_at_[scales]));
 }
 
 }  // namespace te::weightsync

@@ -16,6 +16,11 @@
 // reported in PushReport::missed with the reason. The others go on. It
 // catches up on a later version: every version writes every byte.
 //
+// Where the receivers take bf16 parameters as fp8 (fp8_conversion.h), the
+// pusher quantizes its shard of each such parameter when the parameter's
+// first transfer comes up, into registered memory of its own, and writes
+// codes and scales from there.
+//
 // Threads: one thread at a time calls SetReceiver and Push (they are not
 // safe against each other); the receivers' READY answers arrive on the
 // engine's callback thread and are handed to Push under the pusher's lock.
@@ -58,6 +63,7 @@ struct PushReport {
   uint64_t writes = 0;
   double seconds = 0;
   std::map<uint32_t, std::string> missed;  // receiver rank -> why
+  double quantize_seconds = 0;             // of `seconds`: bf16 -> fp8 on this rank
 };
 
 class WeightPusher {
@@ -78,12 +84,16 @@ class WeightPusher {
   Result<PushReport> Push(uint64_t version);
 
  private:
-  WeightPusher(TransferEngine* engine, const Schedule& schedule, uint32_t rank, const uint8_t* region,
-               const PusherOptions& options)
-      : engine_(engine), schedule_(schedule), rank_(rank), region_(region), options_(options) {}
+  WeightPusher(TransferEngine* engine, const Schedule& schedule, const ShardLayout& src, uint32_t rank,
+               const uint8_t* region, const PusherOptions& options)
+      : engine_(engine), schedule_(schedule), src_(src), rank_(rank), region_(region), options_(options) {}
+  // bf16 -> fp8 codes and scales of this rank's shard of source `param`.
+  Status Quantize(uint32_t param);
 
+  static constexpr uint32_t kNone = ~0u;
   TransferEngine* engine_;
   Schedule schedule_;
+  ShardLayout src_;  // how `region_` is laid out
   uint32_t rank_;
   const uint8_t* region_;
   PusherOptions options_;
@@ -93,6 +103,13 @@ class WeightPusher {
   AlignedBuffer staging_;
   LocalMr staging_mr_;
   LocalMr region_mr_;  // zero_copy: the source region, registered for reading
+  // Quantized parameters (fp8_conversion.h): codes and scales of this rank's
+  // shards, at converted_at_[wire param]; fp8_of_[source param] = (codes,
+  // scales) wire parameters, or kNone.
+  AlignedBuffer converted_;
+  LocalMr converted_mr_;
+  std::vector<uint64_t> converted_at_;
+  std::vector<std::pair<uint32_t, uint32_t>> fp8_of_;
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -66,11 +66,13 @@ PusherOptions Quick() {
   return po;
 }
 
+// `dst_model`: the receivers' model, when it is not the sources' (fp8).
 std::unique_ptr<Group> MakeGroup(const ModelSpec& model, const std::string& sk, uint32_t S, const std::string& dk,
                                  uint32_t D, PusherOptions po = Quick(),
-                                 std::chrono::milliseconds receiver_timeout = std::chrono::milliseconds(8000)) {
+                                 std::chrono::milliseconds receiver_timeout = std::chrono::milliseconds(8000),
+                                 const ModelSpec* dst_model = nullptr) {
   auto src = ShardLayout::Named(model, S, sk).value();
-  auto dst = ShardLayout::Named(model, D, dk).value();
+  auto dst = ShardLayout::Named(dst_model ? *dst_model : model, D, dk).value();
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(po.bucket_bytes, 1 << 20);
   auto g = std::make_unique<Group>(Group{src, dst, Schedule::Build(src, dst, so).value(), {}, {}});
@@ -112,7 +114,8 @@ bool WaitPublished(const WeightsMemory& m, uint64_t v, std::chrono::seconds t = 
 void ExpectVersion(Group& g, uint32_t d, uint64_t v) {
   ASSERT_TRUE(WaitPublished(*g.receivers[d].memory, v))
       << "receiver " << d << " at " << g.receivers[d].memory->published();
-  EXPECT_EQ(CountWrong(g.dst, d, v, g.receivers[d].memory->slot(v)), 0u) << "receiver " << d << " version " << v;
+  EXPECT_EQ(CountWrong(g.dst, d, v, g.receivers[d].memory->slot(v), g.schedule.wire_params()), 0u)
+      << "receiver " << d << " version " << v;
 }
 
 TEST(WeightSync, FsdpToTensorParallelEveryByte) {
@@ -127,6 +130,40 @@ TEST(WeightSync, FsdpToTensorParallelEveryByte) {
       for (const auto& r : PushAll(*g, v)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
       for (uint32_t d = 0; d < 3; ++d) ExpectVersion(*g, d, v);
     }
+  }
+}
+
+// Receivers that serve in fp8 take the sources' bf16 weights quantized on
+// the way: each source quantizes its shards, codes and scales land where
+// the receivers' layout says, bit-exact against quantizing the whole tensor.
+TEST(WeightSync, Fp8ReceiversOfBf16Sources) {
+  const ModelSpec model = ModelPreset("moe", 24 << 20).value();
+  const ModelSpec fp8 = Fp8Model(model).value();
+  for (bool zero_copy : {true, false}) {
+    SCOPED_TRACE(zero_copy ? "zero copy" : "all staged");
+    PusherOptions po = Quick();
+    po.zero_copy = zero_copy;
+    auto g = MakeGroup(model, "fsdp", 2, "tp", 2, po, std::chrono::milliseconds(8000), &fp8);
+    ASSERT_TRUE(g->schedule.converts());
+    for (uint64_t v = 1; v <= 2; ++v) {
+      for (const auto& r : PushAll(*g, v)) {
+        EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
+        EXPECT_GT(r.quantize_seconds, 0.0);
+      }
+      for (uint32_t d = 0; d < 2; ++d) ExpectVersion(*g, d, v);
+    }
+    // On the wire, a quantized parameter costs half its bf16 bytes plus
+    // 4 bytes per block; the rest is as in a bf16 update.
+    const Schedule bf16 = Schedule::Build(g->src, ShardLayout::Named(model, 2, "tp").value()).value();
+    uint64_t codes = 0, scales = 0;
+    for (size_t q = 0; q < fp8.params.size(); ++q)
+      for (uint32_t d = 0; d < 2; ++d) {
+        const auto kind = g->schedule.wire_params()[q].kind;
+        if (kind == WireParam::kFp8Codes) codes += g->dst.ShardBytes(q, d);
+        if (kind == WireParam::kFp8Scales) scales += g->dst.ShardBytes(q, d);
+      }
+    EXPECT_EQ(g->schedule.total_bytes(), bf16.total_bytes() - codes + scales);
+    EXPECT_GT(codes, bf16.total_bytes() / 4);
   }
 }
 

@@ -4,6 +4,8 @@
 
 #include <cstring>
 
+#include "weightsync/fp8_block_quant.h"
+#include "weightsync/fp8_conversion.h"
 #include "weightsync/schedule.h"
 #include "weightsync/synthetic_weights.h"
 
@@ -124,6 +126,135 @@ TEST(ModelSpec, JsonRoundTripAndErrors) {
   EXPECT_LT(moe->bytes(), 1300ull << 20);
   EXPECT_FALSE(ModelPreset("gpt5", 0).ok());
   EXPECT_FALSE(ShardLayout::Named(tiny, 2, "zero3").ok());
+}
+
+// ---- fp8 receivers of bf16 sources ----
+
+// Odd shapes (not multiples of 128), split where blocks stay whole at the
+// sources: rows of "a" at 128 and 256, "e"'s rows at 128 (three ranks, so
+// rank 2 holds a replica of part 0); "o" and "n" are replicated.
+ModelSpec Fp8TestModel() {
+  ModelSpec m;
+  m.params = {{"a", DType::kBf16, {384, 200}},
+              {"n", DType::kFp32, {24}},
+              {"e", DType::kBf16, {3, 256, 130}},
+              {"o", DType::kBf16, {130, 260}}};
+  return m;
+}
+ShardLayout Fp8TestSources() {
+  return ShardLayout::Make(Fp8TestModel(), 3, {{0, 3}, {-1, 1}, {1, 2}, {-1, 1}}).value();
+}
+
+// Each source quantizes its own shard (as the pusher does), the transfers
+// move the bytes, and every destination byte must equal the quantization of
+// the whole tensor: shard-local blocks are the tensor's blocks.
+TEST(WeightSchedule, Fp8DestinationsGetTheWholeTensorsQuantization) {
+  const ShardLayout src = Fp8TestSources();
+  const ModelSpec fp8 = Fp8Model(Fp8TestModel()).value();
+  ASSERT_EQ(fp8.params.size(), 7u);  // a, a.scale, n, e, e.scale, o, o.scale
+  EXPECT_EQ(fp8.params[1].name, "a.scale");
+  EXPECT_EQ(fp8.params[1].shape, (std::vector<uint64_t>{3, 2}));
+  EXPECT_EQ(fp8.params[4].shape, (std::vector<uint64_t>{3, 2, 2}));
+  for (const auto& [kind, D] :
+       std::vector<std::pair<std::string, uint32_t>>{{"tp", 2}, {"fsdp", 3}, {"replicated", 1}}) {
+    const ShardLayout dst = ShardLayout::Named(fp8, D, kind).value();
+    ScheduleOptions o;
+    o.max_transfer_bytes = 256;
+    auto s = Schedule::Build(src, dst, o);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    ASSERT_TRUE(s->converts());
+    ASSERT_TRUE(s->Verify(src, dst).ok()) << s->Verify(src, dst).ToString();
+    const ShardLayout& wire = s->wire_source();
+    // The sources' wire regions: copies, or their shard quantized.
+    std::vector<std::vector<uint8_t>> sr(src.ranks()), dr(D);
+    for (uint32_t r = 0; r < src.ranks(); ++r) {
+      std::vector<uint8_t> bf16(src.RegionBytes(r));
+      FillShards(src, r, 5, bf16.data());
+      sr[r].assign(wire.RegionBytes(r), 0);
+      for (size_t q = 0; q < fp8.params.size(); ++q) {
+        const WireParam& w = s->wire_params()[q];
+        const uint8_t* from = bf16.data() + src.ParamOffset(w.source_param, r);
+        if (w.kind == WireParam::kCopy) {
+          std::memcpy(sr[r].data() + wire.ParamOffset(q, r), from, wire.ShardBytes(q, r));
+        } else if (w.kind == WireParam::kFp8Codes) {
+          const Box b = src.ShardBox(w.source_param, r);
+          std::vector<uint64_t> ext;
+          for (size_t d = 0; d < b.begin.size(); ++d) ext.push_back(b.end[d] - b.begin[d]);
+          const Fp8BlockShape shape = Fp8ShapeOf(ext.data(), ext.size()).value();
+          ASSERT_TRUE(QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(from), shape,
+                                              sr[r].data() + wire.ParamOffset(q, r),
+                                              reinterpret_cast<float*>(sr[r].data() + wire.ParamOffset(q + 1, r)))
+                          .ok());
+          EXPECT_EQ(shape.scales() * 4, wire.ShardBytes(q + 1, r));
+        }
+      }
+    }
+    for (uint32_t r = 0; r < D; ++r) dr[r].assign(dst.RegionBytes(r), 0xee);
+    Apply(*s, sr, &dr);
+    uint64_t wire_bytes = 0;
+    for (uint32_t r = 0; r < D; ++r) {
+      EXPECT_EQ(CountWrong(dst, r, 5, dr[r].data(), s->wire_params()), 0u) << kind << " rank " << r;
+      EXPECT_GT(CountWrong(dst, r, 6, dr[r].data(), s->wire_params()), 0u) << "the check can fail";
+      wire_bytes += s->bytes_to(r);
+    }
+    // Codes are half of bf16; scales add 4 bytes per 128 x 128 block.
+    EXPECT_LT(double(wire_bytes) / D, 0.6 * double(Fp8TestModel().bytes()));
+  }
+}
+
+TEST(WeightSchedule, Fp8ConversionRefusesWhatItCannotQuantizeOnOneSource) {
+  const ModelSpec fp8 = Fp8Model(Fp8TestModel()).value();
+  const ShardLayout dst = ShardLayout::Named(fp8, 2, "tp").value();
+  // "a" split in two at row 192: a block straddles two sources.
+  auto src = ShardLayout::Make(Fp8TestModel(), 2, {{0, 2}, {-1, 1}, {1, 2}, {-1, 1}}).value();
+  auto s = Schedule::Build(src, dst);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("'a': source rank 0's shard ends at row 192"), std::string::npos)
+      << s.status().ToString();
+  // Columns of "o" at 130: inside the second block column.
+  src = ShardLayout::Make(Fp8TestModel(), 2, {{-1, 1}, {-1, 1}, {-1, 1}, {1, 2}}).value();
+  s = Schedule::Build(src, dst);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("ends at column 130"), std::string::npos) << s.status().ToString();
+  // Conversions other than bf16 -> fp8, a missing or misshapen scale, extra
+  // and missing parameters are named.
+  ModelSpec bad = fp8;
+  bad.params[2].dtype = DType::kFp16;
+  s = Schedule::Build(Fp8TestSources(), ShardLayout::Named(bad, 1, "replicated").value());
+  EXPECT_NE(s.status().message().find("'n' is fp32 at the sources and fp16"), std::string::npos)
+      << s.status().ToString();
+  bad = fp8;
+  bad.params[1].shape = {3, 3};
+  s = Schedule::Build(Fp8TestSources(), ShardLayout::Named(bad, 1, "replicated").value());
+  EXPECT_NE(s.status().message().find("'a.scale' is fp32 [3, 3]; the scales of [384, 200] are fp32 [3, 2]"),
+            std::string::npos)
+      << s.status().ToString();
+  bad = fp8;
+  bad.params.erase(bad.params.begin() + 1);
+  s = Schedule::Build(Fp8TestSources(), ShardLayout::Named(bad, 1, "replicated").value());
+  EXPECT_NE(s.status().message().find("has no 'a.scale'"), std::string::npos) << s.status().ToString();
+  bad = fp8;
+  bad.params.push_back({"extra", DType::kBf16, {4}});
+  s = Schedule::Build(Fp8TestSources(), ShardLayout::Named(bad, 1, "replicated").value());
+  EXPECT_NE(s.status().message().find("'extra' is not held by the sources"), std::string::npos)
+      << s.status().ToString();
+  bad = fp8;
+  bad.params.erase(bad.params.begin() + 2);
+  s = Schedule::Build(Fp8TestSources(), ShardLayout::Named(bad, 1, "replicated").value());
+  EXPECT_NE(s.status().message().find("source parameter 'n' has no destination"), std::string::npos)
+      << s.status().ToString();
+  // Fp8Model's own refusals.
+  EXPECT_FALSE(Fp8Model(Fp8TestModel(), {"n"}).ok());
+  EXPECT_FALSE(Fp8Model(Fp8TestModel(), {"missing"}).ok());
+  const ModelSpec only_o = Fp8Model(Fp8TestModel(), {"o"}).value();
+  EXPECT_EQ(only_o.params.size(), 5u);
+  // The moe preset's default choice keeps embeddings and the head in bf16.
+  const ModelSpec moe = Fp8Model(ModelPreset("moe", 64 << 20).value()).value();
+  for (const ParamSpec& p : moe.params)
+    if (p.name == "embed_tokens" || p.name == "lm_head") {
+      EXPECT_EQ(p.dtype, DType::kBf16);
+    }
 }
 
 }  // namespace
