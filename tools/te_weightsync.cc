@@ -22,6 +22,10 @@
 // receivers may join and leave between versions. Without a registry they
 // meet in --rendezvous, a directory every rank can see (this host, or a
 // shared filesystem).
+// --fp8 (give it to every rank): the receivers hold parameters as fp8 with
+// 128 x 128 block scales, which the sources quantize from their bf16 shards
+// on the way (weightsync/fp8_conversion.h); `bench --fp8` reports the time
+// the slowest source spent quantizing.
 #include <gflags/gflags.h>
 #include <signal.h>
 #include <unistd.h>
@@ -58,6 +62,9 @@ DEFINE_string(layout, "tp", "how receivers hold the model: tp, fsdp, replicated"
 DEFINE_string(model, "moe", "preset: moe, dense, tiny");
 DEFINE_string(model_bytes, "256M", "preset size (K, M, G suffixes)");
 DEFINE_string(model_json, "", "model description file (JSON parameter list) instead of a preset");
+DEFINE_string(fp8, "",
+              "receivers serve in fp8 (e4m3, 128x128 block scales, quantized by the sources): 'default' (every bf16 "
+              "matrix but embeddings and head) or comma-separated parameter names; give the same to every rank");
 DEFINE_string(shm, "", "serve: weights file (default /dev/shm/te-weights-<rank>)");
 DEFINE_uint64(versions, 3, "push: versions to push");
 DEFINE_uint64(first_version, 1, "push: first version number");
@@ -103,6 +110,20 @@ ModelSpec Model() {
   return Must(ModelPreset(FLAGS_model, ParseBytes(FLAGS_model_bytes)), "--model");
 }
 
+// The receivers' model: the sources' one, or with --fp8 parameters as fp8
+// plus their scales.
+ModelSpec ReceiverModel(const ModelSpec& model) {
+  if (FLAGS_fp8.empty()) return model;
+  std::vector<std::string> names;
+  if (FLAGS_fp8 != "default") {
+    std::stringstream in(FLAGS_fp8);
+    for (std::string n; std::getline(in, n, ',');)
+      if (!n.empty()) names.push_back(n);
+    if (names.empty()) Die("--fp8 names no parameter");
+  }
+  return Must(Fp8Model(model, names), "--fp8");
+}
+
 std::unique_ptr<te::TransferEngine> Engine() {
   const te::EngineOptions o = Must(te::tools::BuildEngineOptions({FLAGS_provider, FLAGS_iface, 1, "thread",
                                                                   std::chrono::milliseconds(FLAGS_timeout_ms)}),
@@ -133,8 +154,14 @@ int Serve() {
   const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
   const int sources = FromEnv(FLAGS_sources, "WORLD_SIZE", "sources");
   const ModelSpec model = Model();
-  const ShardLayout dst = Must(ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  const ShardLayout dst = Must(ShardLayout::Named(ReceiverModel(model), ranks, FLAGS_layout), "--layout");
   if (rank < 0 || rank >= ranks) Die("--rank " + std::to_string(rank) + " outside [0, --ranks)");
+  // What each destination parameter holds (for --verify).
+  const std::vector<WireParam> wire =
+      Must(PlanFp8Conversion(Must(ShardLayout::Named(model, std::max(sources, 1), FLAGS_src_layout), "--src_layout"),
+                             dst.model()),
+           "--fp8")
+          .params;
   const std::string shm = FLAGS_shm.empty() ? "/dev/shm/te-weights-" + std::to_string(rank) : FLAGS_shm;
   // Everything that can fail without side effects goes first: no exception
   // escapes, and a failed start leaves no weights file behind.
@@ -168,7 +195,7 @@ int Serve() {
       uint64_t wrong = 0, seen = 0;
       const te::Status r = memory->Read([&](uint64_t pv, const uint8_t* slot) {
         seen = pv;
-        wrong = CountWrong(dst, rank, pv, slot);
+        wrong = CountWrong(dst, rank, pv, slot, wire);
       });
       if (!r.ok())
         s = r.WithContext("verify");
@@ -222,7 +249,7 @@ int Push() {
   const int ranks = FromEnv(FLAGS_ranks, "WORLD_SIZE", "ranks");
   const ModelSpec model = Model();
   const ShardLayout src = Must(ShardLayout::Named(model, sources, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(ShardLayout::Named(model, ranks, FLAGS_layout), "--layout");
+  const ShardLayout dst = Must(ShardLayout::Named(ReceiverModel(model), ranks, FLAGS_layout), "--layout");
   if (rank < 0 || rank >= sources) Die("--rank " + std::to_string(rank) + " outside [0, --sources)");
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(4 << 20, FLAGS_bucket_mb << 20);
@@ -349,7 +376,7 @@ int ScheduleCmd() {
   const ModelSpec model = Model();
   const int S = FLAGS_sources > 0 ? FLAGS_sources : 8, D = FLAGS_ranks > 0 ? FLAGS_ranks : 4;
   const ShardLayout src = Must(ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(ShardLayout::Named(model, D, FLAGS_layout), "--layout");
+  const ShardLayout dst = Must(ShardLayout::Named(ReceiverModel(model), D, FLAGS_layout), "--layout");
   const auto t0 = std::chrono::steady_clock::now();
   const Schedule s = Must(Schedule::Build(src, dst), "schedule");
   const double build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -366,6 +393,7 @@ int ScheduleCmd() {
 
 // For te_weightsync_bench.cc: the model and engine the flags describe.
 te::weightsync::ModelSpec WeightsyncModelFromFlags() { return Model(); }
+te::weightsync::ModelSpec WeightsyncReceiverModel(const te::weightsync::ModelSpec& m) { return ReceiverModel(m); }
 std::unique_ptr<te::TransferEngine> WeightsyncEngineFromFlags() { return Engine(); }
 
 #ifdef TE_HAVE_MPI

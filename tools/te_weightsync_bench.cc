@@ -43,6 +43,7 @@ DECLARE_bool(zero_copy);
 DECLARE_int32(timeout_ms);
 
 te::weightsync::ModelSpec WeightsyncModelFromFlags();
+te::weightsync::ModelSpec WeightsyncReceiverModel(const te::weightsync::ModelSpec& model);
 std::unique_ptr<te::TransferEngine> WeightsyncEngineFromFlags();
 
 namespace {
@@ -69,7 +70,7 @@ int Worker() {
   const bool source = w < S;
   const ModelSpec model = WeightsyncModelFromFlags();
   const ShardLayout src = Must(ShardLayout::Named(model, S, FLAGS_src_layout), "--src_layout");
-  const ShardLayout dst = Must(ShardLayout::Named(model, D, FLAGS_layout), "--layout");
+  const ShardLayout dst = Must(ShardLayout::Named(WeightsyncReceiverModel(model), D, FLAGS_layout), "--layout");
   ScheduleOptions so;
   so.max_transfer_bytes = std::min<uint64_t>(4 << 20, FLAGS_bucket_mb << 20);
   const Schedule schedule = Must(Schedule::Build(src, dst, so), "schedule");
@@ -101,6 +102,7 @@ int Worker() {
   }
   std::vector<double> te_s;
   uint64_t missed = 0;
+  double quantize_s = 0;  // the slowest source's, summed over versions
   for (int v = 1; v <= FLAGS_iters; ++v) {
     if (source) FillShards(src, w, v, region.data());
     MPI_Barrier(MPI_COMM_WORLD);
@@ -108,6 +110,7 @@ int Worker() {
     if (source) {
       auto r = Must(pusher->Push(v), "push");
       missed += r.missed.size();
+      quantize_s += r.quantize_seconds;
     } else {
       const auto end = t0 + std::chrono::seconds(120);
       while (memory->published() < uint64_t(v) && std::chrono::steady_clock::now() < end)
@@ -115,7 +118,8 @@ int Worker() {
     }
     te_s.push_back(Slowest(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()));
   }
-  uint64_t wrong = source ? 0 : CountWrong(dst, w - S, FLAGS_iters, memory->slot(FLAGS_iters));
+  uint64_t wrong = source ? 0 : CountWrong(dst, w - S, FLAGS_iters, memory->slot(FLAGS_iters), schedule.wire_params());
+  quantize_s = Slowest(quantize_s) / FLAGS_iters;
   if (!source && memory->published() != uint64_t(FLAGS_iters)) wrong += 1;
   uint64_t all_wrong = 0, all_missed = 0;
   MPI_Reduce(&wrong, &all_wrong, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
@@ -157,12 +161,13 @@ int Worker() {
       printf(
           "{\"sources\":%d,\"receivers\":%d,\"model_bytes\":%lu,\"delivered_bytes\":%lu,\"provider\":\"%s\","
           "\"te_seconds\":%.4f,\"te_aggregate_gbs\":%.3f,\"mpi_seconds\":%.4f,\"speedup_vs_mpi\":%.3f,"
-          "\"missed\":%lu,\"verified\":%s}\n",
+          "\"fp8\":%s,\"quantize_seconds\":%.4f,\"missed\":%lu,\"verified\":%s}\n",
           S, D, (unsigned long)model.bytes(), (unsigned long)schedule.total_bytes(), engine->provider().c_str(), te,
-          gbs, mpi, mpi / te, (unsigned long)all_missed, all_wrong == 0 && all_missed == 0 ? "true" : "false");
+          gbs, mpi, mpi / te, schedule.converts() ? "true" : "false", quantize_s, (unsigned long)all_missed,
+          all_wrong == 0 && all_missed == 0 ? "true" : "false");
     else
-      printf("%7d %9d %10.1f %12.1f %10.3f %10.2f %10.3f %8.2fx %s\n", S, D, double(model.bytes()) / (1 << 20),
-             double(schedule.total_bytes()) / (1 << 20), te, gbs, mpi, mpi / te,
+      printf("%7d %9d %10.1f %12.1f %10.3f %10.3f %10.2f %10.3f %8.2fx %s\n", S, D, double(model.bytes()) / (1 << 20),
+             double(schedule.total_bytes()) / (1 << 20), te, quantize_s, gbs, mpi, mpi / te,
              all_wrong == 0 && all_missed == 0 ? "ok" : "MISMATCH");
     fflush(stdout);
   }
@@ -192,8 +197,8 @@ int Bench(int argc, char** argv) {
   if (te::tools::UnderMpi()) return Worker();
   if (FLAGS_receivers < 1 || FLAGS_receivers > 32) Die("--receivers must be in [1, 32]");
   if (!FLAGS_json)
-    printf("%7s %9s %10s %12s %10s %10s %10s %9s %s\n", "sources", "receivers", "model MiB", "delivered MiB",
-           "engine s", "GB/s", "MPI s", "speedup", "check");
+    printf("%7s %9s %10s %12s %10s %10s %10s %10s %9s %s\n", "sources", "receivers", "model MiB", "delivered MiB",
+           "engine s", "quant s", "GB/s", "MPI s", "speedup", "check");
   fflush(stdout);
   for (int s : Counts(FLAGS_bench_sources)) {
     const std::string btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
