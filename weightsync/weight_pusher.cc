@@ -1,5 +1,6 @@
 #include "weightsync/weight_pusher.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -15,6 +16,47 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
   if (!engine || !region) return InvalidArgument("WeightPusher needs an engine and a region");
   if (rank >= src.ranks())
     return InvalidArgument("source rank " + std::to_string(rank) + " outside [0, " + std::to_string(src.ranks()) + ")");
+  LocalMr mr;
+  if (options.zero_copy && src.RegionBytes(rank) > 0) {
+    // Registered for the NIC to read from; the pusher never writes it.
+    TE_ASSIGN_OR_RETURN(mr, engine->RegisterMemory(const_cast<uint8_t*>(region), src.RegionBytes(rank)));
+  }
+  std::vector<SourceShard> shards(src.model().params.size());
+  for (size_t q = 0; q < shards.size(); ++q)
+    shards[q] = {region + src.ParamOffset(q, rank), mr, src.ParamOffset(q, rank)};
+  return Make(engine, schedule, src, rank, std::move(shards), options);
+}
+
+Result<std::unique_ptr<WeightPusher>> WeightPusher::CreateNamed(TransferEngine* engine, const Schedule& schedule,
+                                                                const ShardLayout& src, uint32_t rank,
+                                                                const TensorMap& tensors,
+                                                                const PusherOptions& options) {
+  if (!engine) return InvalidArgument("WeightPusher needs an engine");
+  TE_RETURN_IF_ERROR(CheckTensorMap(src, rank, tensors));
+  std::vector<SourceShard> shards(src.model().params.size());
+  for (size_t q = 0; q < shards.size(); ++q) {
+    const std::string& name = src.model().params[q].name;
+    auto it = tensors.find(name);
+    if (it == tensors.end()) continue;  // an empty shard
+    const NamedTensor& t = it->second;
+    // Strided pieces are gathered and fp8 is quantized by the CPU.
+    if (t.memory.kind.type != nic::MemoryKind::Type::kHost)
+      return InvalidArgument("source tensor '" + name + "' is not host memory; sources read their shards on the CPU");
+    LocalMr mr;
+    if (options.zero_copy) {
+      auto r = engine->RegisterMemory(t.data, t.bytes);
+      if (!r.ok()) return r.status().WithContext("registering tensor '" + name + "'");
+      mr = std::move(*r);
+    }
+    shards[q] = {static_cast<const uint8_t*>(t.data), std::move(mr), 0};
+  }
+  return Make(engine, schedule, src, rank, std::move(shards), options);
+}
+
+Result<std::unique_ptr<WeightPusher>> WeightPusher::Make(TransferEngine* engine, const Schedule& schedule,
+                                                         const ShardLayout& src, uint32_t rank,
+                                                         std::vector<SourceShard> shards,
+                                                         const PusherOptions& options) {
   if (options.bucket_bytes == 0 || options.staging_bytes < options.bucket_bytes)
     return InvalidArgument("staging_bytes " + std::to_string(options.staging_bytes) +
                            " must hold at least one bucket of " + std::to_string(options.bucket_bytes));
@@ -37,7 +79,7 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
         (wp[q].kind == WireParam::kCopy && src.ShardBytes(wp[q].source_param, rank) != wire.ShardBytes(q, rank)))
       return InvalidArgument("the source layout is not the one the schedule was built from (parameter " +
                              std::to_string(q) + ")");
-  std::unique_ptr<WeightPusher> p(new WeightPusher(engine, schedule, src, rank, region, options));
+  std::unique_ptr<WeightPusher> p(new WeightPusher(engine, schedule, src, rank, std::move(shards), options));
   p->receivers_ = receivers;
   // Quantized codes and scales of this rank's shards, written at every
   // push, read by the NIC like staging.
@@ -55,16 +97,11 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Create(TransferEngine* engin
     TE_ASSIGN_OR_RETURN(p->converted_, AlignedBuffer::Allocate(converted, AlignedBuffer::kPage, /*zero=*/true));
     TE_ASSIGN_OR_RETURN(p->converted_mr_, engine->RegisterMemory(p->converted_.data(), converted));
   }
-  p->slots_.resize(receivers);
-  p->slot_bytes_.resize(receivers);
+  p->landings_.resize(receivers);
   const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
   // Zeroed, so that its pages are faulted in here rather than in the first push.
   TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/true));
   TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_.data(), staging));
-  if (options.zero_copy && src.RegionBytes(rank) > 0) {
-    // Registered for the NIC to read from; the pusher never writes it.
-    TE_ASSIGN_OR_RETURN(p->region_mr_, engine->RegisterMemory(const_cast<uint8_t*>(region), src.RegionBytes(rank)));
-  }
   WeightPusher* self = p.get();
   // "tews1 READY <version> <rank>" or "tews1 REFUSED <version> <rank> <published>"
   TE_RETURN_IF_ERROR(
@@ -87,7 +124,6 @@ WeightPusher::~WeightPusher() {
   engine_->ReleaseRecvHandler(this);
   staging_mr_.reset();  // before staging_ itself goes
   converted_mr_.reset();
-  region_mr_.reset();
 }
 
 Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
@@ -95,26 +131,73 @@ Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
     return InvalidArgument("receiver rank " + std::to_string(rank) + " outside [0, " + std::to_string(receivers_) +
                            ")");
   if (info.empty()) {
-    slots_[rank].reset();
+    landings_[rank] = Landing{};
     return Status::Ok();
   }
+  // Infos come from receivers through the registry: parsed as hostile.
+  const std::string who = "receiver info for rank " + std::to_string(rank);
   std::istringstream in(info);
-  std::string magic, hex;
+  std::string magic;
   uint32_t r = 0;
-  uint64_t slot = 0;
-  in >> magic >> r >> slot >> hex;
-  if (magic != "tews1" || !in)
-    return InvalidArgument("receiver info for rank " + std::to_string(rank) + " is malformed");
-  if (r != rank)
-    return InvalidArgument("receiver info for rank " + std::to_string(rank) + " comes from rank " + std::to_string(r));
-  TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
-  uint64_t two_slots = 0;
-  if (!CheckedMul(slot, 2, &two_slots) || d.length < two_slots)
-    return InvalidArgument("receiver " + std::to_string(rank) + " registered " + std::to_string(d.length) +
-                           " bytes for two slots of " + std::to_string(slot));
-  TE_ASSIGN_OR_RETURN(slots_[rank], engine_->Import(d));
-  slot_bytes_[rank] = slot;
+  in >> magic >> r;
+  if ((magic != "tews1" && magic != "tews2") || !in) return InvalidArgument(who + " is malformed");
+  if (r != rank) return InvalidArgument(who + " comes from rank " + std::to_string(r));
+  Landing l;
+  if (magic == "tews1") {  // "tews1 <rank> <slot bytes> <descriptor of both slots>"
+    uint64_t slot = 0, two_slots = 0;
+    std::string hex;
+    in >> slot >> hex;
+    if (!in) return InvalidArgument(who + " is malformed");
+    TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
+    if (!CheckedMul(slot, 2, &two_slots) || d.length < two_slots)
+      return InvalidArgument("receiver " + std::to_string(rank) + " registered " + std::to_string(d.length) +
+                             " bytes for two slots of " + std::to_string(slot));
+    TE_ASSIGN_OR_RETURN(RemoteMr mr, engine_->Import(d));
+    l.slots = 2;
+    for (uint64_t s = 0; s < 2; ++s) l.extents[s].push_back({0, slot, mr, s * slot});
+  } else {  // "tews2 <rank> <slots> <n> (<slot> <offset> <length> <descriptor>)*"
+    uint64_t n = 0;
+    in >> l.slots >> n;
+    if (!in || (l.slots != 1 && l.slots != 2) || n == 0 || n > (1u << 20))
+      return InvalidArgument(who + " is malformed (slots in [1, 2], 1 to 2^20 tensors)");
+    for (uint64_t i = 0; i < n; ++i) {
+      uint32_t s = 0;
+      uint64_t offset = 0, length = 0, end = 0;
+      std::string hex;
+      in >> s >> offset >> length >> hex;
+      if (!in || s >= l.slots || length == 0 || !CheckedAdd(offset, length, &end))
+        return InvalidArgument(who + ": tensor " + std::to_string(i) + " is malformed");
+      TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
+      if (d.length < length)
+        return InvalidArgument(who + ": tensor " + std::to_string(i) + " registered " + std::to_string(d.length) +
+                               " bytes for " + std::to_string(length));
+      TE_ASSIGN_OR_RETURN(RemoteMr mr, engine_->Import(d));
+      l.extents[s].push_back({offset, length, std::move(mr), 0});
+    }
+    for (uint32_t s = 0; s < l.slots; ++s) {
+      auto& e = l.extents[s];
+      std::sort(e.begin(), e.end(), [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
+      for (size_t i = 1; i < e.size(); ++i)
+        if (e[i - 1].offset + e[i - 1].length > e[i].offset)
+          return InvalidArgument(who + ": tensors overlap at region offset " + std::to_string(e[i].offset));
+    }
+  }
+  landings_[rank] = std::move(l);
   return Status::Ok();
+}
+
+const WeightPusher::Extent* WeightPusher::Landing::Find(uint64_t version, uint64_t offset, uint64_t length) const {
+  const auto& e = extents[version % slots];
+  auto it = std::upper_bound(e.begin(), e.end(), offset, [](uint64_t o, const Extent& x) { return o < x.offset; });
+  if (it == e.begin()) return nullptr;
+  --it;
+  return offset + length <= it->offset + it->length ? &*it : nullptr;
+}
+
+RemoteMr WeightPusher::Landing::any() const {
+  for (const auto& e : extents)
+    if (!e.empty()) return e.front().mr;
+  return nullptr;
 }
 
 Result<PushReport> WeightPusher::Push(uint64_t version) {
@@ -132,24 +215,35 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
   }
   std::vector<bool> live(receivers_, false);
   for (uint32_t d = 0; d < receivers_; ++d) {
-    if (!slots_[d]) {
+    if (!landings_[d].slots) {
       report.missed[d] = "absent (no receiver info)";
       continue;
     }
+    // The receiver's memory must hold every byte this version sends there
+    // (a receiver's tensors that do not is missed, not written around).
+    for (size_t k : schedule_.from(rank_)) {
+      const Transfer& t = schedule_.transfers()[k];
+      if (t.dst_rank == d && !landings_[d].Find(version, t.dst_offset, t.length)) {
+        report.missed[d] = "its memory does not hold region bytes [" + std::to_string(t.dst_offset) + ", " +
+                           std::to_string(t.dst_offset + t.length) + ") of version " + std::to_string(version);
+        break;
+      }
+    }
+    if (report.missed.count(d)) continue;
     const std::string msg = "tews1 BEGIN " + std::to_string(version) + " " + std::to_string(schedule_.count(rank_, d)) +
                             " " + std::to_string(rank_);
     std::vector<uint8_t> bytes(msg.begin(), msg.end());
-    if (Status s = engine_->Send(slots_[d]->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
+    if (Status s = engine_->Send(landings_[d].any()->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
   }
   {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait_for(lock, options_.ready_timeout, [&] {
       for (uint32_t d = 0; d < receivers_; ++d)
-        if (slots_[d] && !report.missed.count(d) && !answers_.count(d)) return false;
+        if (landings_[d].slots && !report.missed.count(d) && !answers_.count(d)) return false;
       return true;
     });
     for (uint32_t d = 0; d < receivers_; ++d) {
-      if (!slots_[d] || report.missed.count(d)) continue;
+      if (!landings_[d].slots || report.missed.count(d)) continue;
       auto a = answers_.find(d);
       if (a == answers_.end())
         report.missed[d] = "no READY within " + std::to_string(options_.ready_timeout.count()) + " ms";
@@ -182,15 +276,17 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
     uint8_t* base = staging_.data() + (bucket % ring) * B;
     const uint64_t base_off = (bucket % ring) * B;
     // Per receiver: writes from staging (gathered) and from the region.
-    // Per receiver: writes from staging (gathered), from the region, and
-    // from the quantized codes and scales.
-    std::map<uint32_t, std::vector<ScatterTarget>> staged, direct, quantized;
+    // Per receiver: writes from staging (gathered); and per (memory, receiver)
+    // writes straight from a registered shard or from quantized codes.
+    std::map<uint32_t, std::vector<ScatterTarget>> staged;
+    std::map<std::pair<const MemoryRegion*, uint32_t>, std::pair<LocalMr, std::vector<ScatterTarget>>> direct;
     uint64_t used = 0, bytes = 0;  // staging used; bytes in this bucket
     for (; i < mine.size(); ++i) {
       const Transfer& t = schedule_.transfers()[mine[i]];
       const WireParam& w = schedule_.wire_params()[t.param];
       const bool converted = w.kind != WireParam::kCopy;
-      const bool contiguous = (converted || region_mr_) && t.src_piece == t.length;
+      const SourceShard& shard = shards_[w.source_param];
+      const bool contiguous = (converted || shard.mr) && t.src_piece == t.length;
       if ((contiguous ? bytes : used) + t.length > B) break;  // the bucket is full
       bytes += t.length;
       if (!live[t.dst_rank]) continue;
@@ -203,31 +299,34 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       // Where the transfer's bytes lie: its offset within the parameter's
       // shard is the same in the wire layout and in the memory read.
       const uint64_t within = t.src_offset - schedule_.wire_source().ParamOffset(t.param, rank_);
-      const uint64_t at = within + (converted ? converted_at_[t.param] : src_.ParamOffset(w.source_param, rank_));
-      const uint8_t* from = converted ? converted_.data() : region_;
-      const uint64_t dst = (version % 2) * slot_bytes_[t.dst_rank] + t.dst_offset;
+      const uint8_t* from = converted ? converted_.data() + converted_at_[t.param] + within : shard.data + within;
+      const Extent* x = landings_[t.dst_rank].Find(version, t.dst_offset, t.length);  // checked at BEGIN
+      const uint64_t dst = x->mr_offset + (t.dst_offset - x->offset);
       if (contiguous) {
-        (converted ? quantized : direct)[t.dst_rank].push_back({slots_[t.dst_rank], at, dst, t.length});
+        const LocalMr& mr = converted ? converted_mr_ : shard.mr;
+        const uint64_t at = converted ? converted_at_[t.param] + within : shard.mr_offset + within;
+        auto& [keep, list] = direct[{mr.get(), t.dst_rank}];
+        keep = mr;
+        list.push_back({x->mr, at, dst, t.length});
         continue;
       }
       for (uint64_t k = 0; k < t.length / t.src_piece; ++k)  // the gather
-        std::memcpy(base + used + k * t.src_piece, from + at + k * t.src_stride, t.src_piece);
-      staged[t.dst_rank].push_back({slots_[t.dst_rank], base_off + used, dst, t.length});
+        std::memcpy(base + used + k * t.src_piece, from + k * t.src_stride, t.src_piece);
+      staged[t.dst_rank].push_back({x->mr, base_off + used, dst, t.length});
       used += t.length;
     }
-    for (auto* group : {&staged, &direct, &quantized}) {
-      const LocalMr& from = group == &staged ? staging_mr_ : group == &direct ? region_mr_ : converted_mr_;
-      for (auto& [d, list] : *group) {
-        if (!live[d]) continue;
-        report.writes += list.size();
-        if (Status s = engine_->Submit(ScatterWrite{from, std::move(list), imm}, {.counter = &done[d]}); !s.ok()) {
-          report.missed[d] = s.ToString();
-          live[d] = false;
-          continue;
-        }
-        ++submitted[d];
+    auto submit = [&](uint32_t d, const LocalMr& from, std::vector<ScatterTarget>& list) {
+      if (!live[d]) return;
+      report.writes += list.size();
+      if (Status s = engine_->Submit(ScatterWrite{from, std::move(list), imm}, {.counter = &done[d]}); !s.ok()) {
+        report.missed[d] = s.ToString();
+        live[d] = false;
+        return;
       }
-    }
+      ++submitted[d];
+    };
+    for (auto& [d, list] : staged) submit(d, staging_mr_, list);
+    for (auto& [key, v] : direct) submit(key.second, v.first, v.second);
     submitted_by_bucket.push_back(submitted);
   }
   if (!wait_until(submitted)) return Timeout("push " + std::to_string(version) + ": writes did not finish");
@@ -250,7 +349,7 @@ Status WeightPusher::Quantize(uint32_t param) {
   TE_ASSIGN_OR_RETURN(Fp8BlockShape shape, Fp8ShapeOf(extent.data(), extent.size()));
   // The shard starts on a block boundary (PlanFp8Conversion), so its blocks
   // are the tensor's and its scales are the tensor's scales of those blocks.
-  return QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(region_ + src_.ParamOffset(param, rank_)), shape,
+  return QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(shards_[param].data), shape,
                                  converted_.data() + converted_at_[codes],
                                  reinterpret_cast<float*>(converted_.data() + converted_at_[scales]));
 }

@@ -24,7 +24,8 @@
 // Threads: one thread at a time calls SetReceiver and Push (they are not
 // safe against each other); the receivers' READY answers arrive on the
 // engine's callback thread and are handed to Push under the pusher's lock.
-// The engine (kThread mode) and `region` outlive the pusher.
+// The engine (kThread mode) and `region` (or the named tensors) outlive the
+// pusher.
 #pragma once
 
 #include <chrono>
@@ -39,6 +40,7 @@
 #include "base/status.h"
 #include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
+#include "weightsync/named_tensors.h"
 #include "weightsync/schedule.h"
 #include "weightsync/shard_layout.h"
 
@@ -75,6 +77,12 @@ class WeightPusher {
   static Result<std::unique_ptr<WeightPusher>> Create(TransferEngine* engine, const Schedule& schedule,
                                                       const ShardLayout& src, uint32_t rank, const uint8_t* region,
                                                       const PusherOptions& options = {});
+  // The same, reading this rank's shards from the training engine's own
+  // tensors by name (named_tensors.h; host memory). With zero_copy each
+  // tensor is registered with the engine for the pusher's lifetime.
+  static Result<std::unique_ptr<WeightPusher>> CreateNamed(TransferEngine* engine, const Schedule& schedule,
+                                                           const ShardLayout& src, uint32_t rank,
+                                                           const TensorMap& tensors, const PusherOptions& options = {});
   ~WeightPusher();
 
   // Receiver `rank`'s WeightReceiver::Info(); empty marks it absent.
@@ -84,25 +92,48 @@ class WeightPusher {
   Result<PushReport> Push(uint64_t version);
 
  private:
+  // Where a source parameter's shard is read from: memory, and the
+  // registration holding it (null without zero_copy) at an offset.
+  struct SourceShard {
+    const uint8_t* data = nullptr;
+    LocalMr mr;
+    uint64_t mr_offset = 0;
+  };
+  // A receiver's memory: per slot (version v lands in slot v % slots),
+  // extents of its region, each a registered range of the receiver's.
+  struct Extent {
+    uint64_t offset = 0, length = 0;  // in the receiver's region (ShardLayout offsets)
+    RemoteMr mr;
+    uint64_t mr_offset = 0;
+  };
+  struct Landing {
+    uint32_t slots = 0;  // 0: absent
+    std::vector<Extent> extents[2];
+    // The extent holding [offset, offset + length) of version's slot, or null.
+    const Extent* Find(uint64_t version, uint64_t offset, uint64_t length) const;
+    RemoteMr any() const;
+  };
+
   WeightPusher(TransferEngine* engine, const Schedule& schedule, const ShardLayout& src, uint32_t rank,
-               const uint8_t* region, const PusherOptions& options)
-      : engine_(engine), schedule_(schedule), src_(src), rank_(rank), region_(region), options_(options) {}
+               std::vector<SourceShard> shards, const PusherOptions& options)
+      : engine_(engine), schedule_(schedule), src_(src), rank_(rank), shards_(std::move(shards)), options_(options) {}
+  static Result<std::unique_ptr<WeightPusher>> Make(TransferEngine* engine, const Schedule& schedule,
+                                                    const ShardLayout& src, uint32_t rank,
+                                                    std::vector<SourceShard> shards, const PusherOptions& options);
   // bf16 -> fp8 codes and scales of this rank's shard of source `param`.
   Status Quantize(uint32_t param);
 
   static constexpr uint32_t kNone = ~0u;
   TransferEngine* engine_;
   Schedule schedule_;
-  ShardLayout src_;  // how `region_` is laid out
+  ShardLayout src_;
   uint32_t rank_;
-  const uint8_t* region_;
+  std::vector<SourceShard> shards_;  // per source parameter
   PusherOptions options_;
   uint32_t receivers_ = 0;
-  std::vector<RemoteMr> slots_;  // per receiver: both slots
-  std::vector<uint64_t> slot_bytes_;
+  std::vector<Landing> landings_;  // per receiver
   AlignedBuffer staging_;
   LocalMr staging_mr_;
-  LocalMr region_mr_;  // zero_copy: the source region, registered for reading
   // Quantized parameters (fp8_conversion.h): codes and scales of this rank's
   // shards, at converted_at_[wire param]; fp8_of_[source param] = (codes,
   // scales) wire parameters, or kNone.

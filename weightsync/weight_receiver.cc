@@ -22,9 +22,52 @@ Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* e
                            " bytes is smaller than rank " + std::to_string(rank) + "'s " +
                            std::to_string(dst.RegionBytes(rank)) + " bytes of shards");
   std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, memory, options));
-  TE_ASSIGN_OR_RETURN(r->mr_, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
+  TE_ASSIGN_OR_RETURN(LocalMr mr, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
+  r->info_ = "tews1 " + std::to_string(rank) + " " + std::to_string(memory->slot_bytes()) + " " +
+             engine->Describe(*mr).ToHex();
+  r->mrs_.push_back(std::move(mr));
+  return Start(std::move(r));
+}
+
+Result<std::unique_ptr<WeightReceiver>> WeightReceiver::CreateNamed(TransferEngine* engine, const ShardLayout& dst,
+                                                                    uint32_t rank, uint32_t sources,
+                                                                    const std::vector<TensorMap>& sets,
+                                                                    const ReceiverOptions& options) {
+  if (!engine) return InvalidArgument("WeightReceiver needs an engine");
+  if (sources == 0) return InvalidArgument("a weight update needs at least one source");
+  if (sets.size() != 1 && sets.size() != 2)
+    return InvalidArgument(std::to_string(sets.size()) +
+                           " sets of tensors; give 1 (in place) or 2 (double buffered: version v lands in set v % 2)");
+  for (size_t s = 0; s < sets.size(); ++s)
+    TE_RETURN_IF_ERROR(CheckTensorMap(dst, rank, sets[s]).WithContext("tensor set " + std::to_string(s)));
+  // The header (published, begun, failed) lives in memory of our own.
+  TE_ASSIGN_OR_RETURN(std::unique_ptr<WeightsMemory> header, WeightsMemory::Create("", 64));
+  std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, header.get(), options));
+  r->own_memory_ = std::move(header);
+  // "tews2 <rank> <slots> <extents> (<slot> <region offset> <length> <descriptor>)*":
+  // each parameter shard is its own registered extent of the rank's region.
+  std::string extents;
+  size_t n = 0;
+  const ModelSpec& model = dst.model();
+  for (size_t s = 0; s < sets.size(); ++s)
+    for (size_t p = 0; p < model.params.size(); ++p) {
+      const uint64_t bytes = dst.ShardBytes(p, rank);
+      if (bytes == 0) continue;
+      const NamedTensor& t = sets[s].at(model.params[p].name);
+      auto mr = engine->RegisterMemory(t.data, t.bytes, t.memory);
+      if (!mr.ok()) return mr.status().WithContext("registering tensor '" + model.params[p].name + "'");
+      extents += " " + std::to_string(s) + " " + std::to_string(dst.ParamOffset(p, rank)) + " " +
+                 std::to_string(bytes) + " " + engine->Describe(**mr).ToHex();
+      r->mrs_.push_back(std::move(*mr));
+      ++n;
+    }
+  r->info_ = "tews2 " + std::to_string(rank) + " " + std::to_string(sets.size()) + " " + std::to_string(n) + extents;
+  return Start(std::move(r));
+}
+
+Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Start(std::unique_ptr<WeightReceiver> r) {
   WeightReceiver* self = r.get();
-  TE_RETURN_IF_ERROR(engine->ClaimRecvHandler(
+  TE_RETURN_IF_ERROR(r->engine_->ClaimRecvHandler(
       self, "WeightReceiver",
       [self](const EngineAddress& from, std::span<const uint8_t> data) { self->OnMessage(from, data); }));
   r->thread_ = std::thread([self] { self->Run(); });
@@ -36,10 +79,7 @@ WeightReceiver::~WeightReceiver() {
   engine_->ReleaseRecvHandler(this);
 }
 
-std::string WeightReceiver::Info() const {
-  return "tews1 " + std::to_string(rank_) + " " + std::to_string(memory_->slot_bytes()) + " " +
-         engine_->Describe(*mr_).ToHex();
-}
+std::string WeightReceiver::Info() const { return info_; }
 
 // "tews1 BEGIN <version> <writes> <source rank>"  ->  "tews1 READY <version> <rank>"
 //                                                  or "tews1 REFUSED <version> <rank> <published>"

@@ -16,6 +16,9 @@
 // version stays published and readable. A later version starts afresh, so a
 // receiver that was down simply catches up on the next update.
 //
+// Memory: a WeightsMemory (Create), or the inference engine's own tensors
+// by name (CreateNamed), in place or double buffered.
+//
 // Threads: the receiver runs its own thread (waiting for writes, publishing,
 // calling on_version); BEGINs arrive on the engine's callback thread. Info()
 // and published() are safe from any thread. The engine (kThread mode) and
@@ -37,6 +40,7 @@
 #include "base/status.h"
 #include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
+#include "weightsync/named_tensors.h"
 #include "weightsync/shard_layout.h"
 #include "weightsync/weights_memory.h"
 
@@ -58,11 +62,24 @@ class WeightReceiver {
   static Result<std::unique_ptr<WeightReceiver>> Create(TransferEngine* engine, const ShardLayout& dst, uint32_t rank,
                                                         uint32_t sources, WeightsMemory* memory,
                                                         const ReceiverOptions& options = {});
+  // The same, landing in the caller's own tensors (named_tensors.h): one set
+  // is in place (every version overwrites the same tensors: the inference
+  // engine pauses reads from header().begun until published()), two are
+  // double buffered (version v lands in set v % 2; the last complete version
+  // stays intact while the next lands). Every tensor is registered with the
+  // engine for the receiver's lifetime.
+  static Result<std::unique_ptr<WeightReceiver>> CreateNamed(TransferEngine* engine, const ShardLayout& dst,
+                                                             uint32_t rank, uint32_t sources,
+                                                             const std::vector<TensorMap>& sets,
+                                                             const ReceiverOptions& options = {});
   ~WeightReceiver();
 
   // What sources need (one line): rank, slot size, descriptor of both slots.
   std::string Info() const;
   uint64_t published() const { return memory_->published(); }
+  // Versions begun, failed and completed (the WeightsMemory header, or the
+  // receiver's own with CreateNamed).
+  const WeightsHeader& header() const { return *memory_->header(); }
 
  private:
   WeightReceiver(TransferEngine* engine, uint32_t rank, uint32_t sources, WeightsMemory* memory,
@@ -73,6 +90,7 @@ class WeightReceiver {
     uint64_t version = 0, writes = 0;
     uint32_t source = 0;
   };
+  static Result<std::unique_ptr<WeightReceiver>> Start(std::unique_ptr<WeightReceiver> r);
   void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
   std::string AcceptLocked(const Begin& begin);  // the reply; records the source
   void Reply(const EngineAddress& to, const std::string& reply);
@@ -81,9 +99,11 @@ class WeightReceiver {
 
   TransferEngine* engine_;
   uint32_t rank_, sources_;
-  WeightsMemory* memory_;
+  WeightsMemory* memory_;                      // the header, and with Create the slots
+  std::unique_ptr<WeightsMemory> own_memory_;  // CreateNamed: holds the header only
   ReceiverOptions options_;
-  LocalMr mr_;
+  std::vector<LocalMr> mrs_;  // what the sources write into
+  std::string info_;
 
   struct Pending {
     std::set<uint32_t> sources;

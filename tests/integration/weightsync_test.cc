@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
+#include <sstream>
 #include <thread>
 
 #include "integration/redis_server.h"
@@ -165,6 +167,158 @@ TEST(WeightSync, Fp8ReceiversOfBf16Sources) {
     EXPECT_EQ(g->schedule.total_bytes(), bf16.total_bytes() - codes + scales);
     EXPECT_GT(codes, bf16.total_bytes() / 4);
   }
+}
+
+// ---- Tensors by name: the engines' own buffers, one allocation each ----
+
+struct OwnedTensors {
+  std::vector<std::vector<uint8_t>> buffers;
+  TensorMap map;
+};
+// One buffer per shard `rank` holds, filled with `fill` (a region of the
+// layout, or null for zeros).
+OwnedTensors TensorsOf(const ShardLayout& l, uint32_t rank, const uint8_t* fill) {
+  OwnedTensors t;
+  const ModelSpec& m = l.model();
+  t.buffers.reserve(m.params.size());
+  for (size_t p = 0; p < m.params.size(); ++p) {
+    const uint64_t n = l.ShardBytes(p, rank);
+    if (n == 0) continue;
+    t.buffers.emplace_back(n, 0);
+    if (fill) std::memcpy(t.buffers.back().data(), fill + l.ParamOffset(p, rank), n);
+    const Box b = l.ShardBox(p, rank);
+    std::vector<uint64_t> shape;
+    for (size_t d = 0; d < b.begin.size(); ++d) shape.push_back(b.end[d] - b.begin[d]);
+    t.map[m.params[p].name] = {t.buffers.back().data(), n, m.params[p].dtype, shape};
+  }
+  return t;
+}
+// The tensors laid out as the rank's region, for CountWrong.
+std::vector<uint8_t> RegionOf(const ShardLayout& l, uint32_t rank, const TensorMap& map) {
+  std::vector<uint8_t> region(l.RegionBytes(rank), 0);
+  for (size_t p = 0; p < l.model().params.size(); ++p) {
+    auto it = map.find(l.model().params[p].name);
+    if (it != map.end()) std::memcpy(region.data() + l.ParamOffset(p, rank), it->second.data, it->second.bytes);
+  }
+  return region;
+}
+
+// Sources read their shards from separate tensors by name; receiver 0 takes
+// versions in place, receiver 1 double buffered (version v in set v % 2, the
+// other set keeping v - 1 intact). Also with fp8 receivers.
+TEST(WeightSync, TensorsByNameInPlaceAndDoubleBuffered) {
+  const ModelSpec model = ModelPreset("moe", 8 << 20).value();
+  const ModelSpec fp8 = Fp8Model(model).value();
+  for (const ModelSpec* dm : {&model, &fp8}) {
+    SCOPED_TRACE(dm == &fp8 ? "fp8 receivers" : "bf16 receivers");
+    const auto src = ShardLayout::Named(model, 2, "fsdp").value();
+    const auto dst = ShardLayout::Named(*dm, 2, "tp").value();
+    const Schedule schedule = Schedule::Build(src, dst).value();
+    std::vector<std::unique_ptr<TransferEngine>> engines;
+    std::vector<OwnedTensors> in_place(1), doubled(2);
+    in_place[0] = TensorsOf(dst, 0, nullptr);
+    for (auto& t : doubled) t = TensorsOf(dst, 1, nullptr);
+    std::vector<std::unique_ptr<WeightReceiver>> receivers;
+    ReceiverOptions ro;
+    ro.timeout = std::chrono::milliseconds(8000);
+    engines.push_back(TransferEngine::Create(FastFail()).value());
+    receivers.push_back(WeightReceiver::CreateNamed(engines.back().get(), dst, 0, 2, {in_place[0].map}, ro).value());
+    engines.push_back(TransferEngine::Create(FastFail()).value());
+    receivers.push_back(
+        WeightReceiver::CreateNamed(engines.back().get(), dst, 1, 2, {doubled[0].map, doubled[1].map}, ro).value());
+    EXPECT_EQ(receivers[0]->Info().rfind("tews2 0 1 ", 0), 0u);
+    EXPECT_EQ(receivers[1]->Info().rfind("tews2 1 2 ", 0), 0u);
+    std::vector<OwnedTensors> shards(2);
+    std::vector<std::unique_ptr<WeightPusher>> pushers;
+    for (uint32_t r = 0; r < 2; ++r) {
+      engines.push_back(TransferEngine::Create(FastFail()).value());
+      std::vector<uint8_t> region(src.RegionBytes(r));
+      FillShards(src, r, 1, region.data());
+      shards[r] = TensorsOf(src, r, region.data());
+      pushers.push_back(
+          WeightPusher::CreateNamed(engines.back().get(), schedule, src, r, shards[r].map, Quick()).value());
+      for (uint32_t d = 0; d < 2; ++d) ASSERT_TRUE(pushers.back()->SetReceiver(d, receivers[d]->Info()).ok());
+    }
+    for (uint64_t v = 1; v <= 3; ++v) {
+      if (v > 1)
+        for (uint32_t r = 0; r < 2; ++r) {  // the trainer updates its tensors in place
+          std::vector<uint8_t> region(src.RegionBytes(r));
+          FillShards(src, r, v, region.data());
+          for (size_t p = 0; p < model.params.size(); ++p) {
+            auto it = shards[r].map.find(model.params[p].name);
+            if (it != shards[r].map.end())
+              std::memcpy(it->second.data, region.data() + src.ParamOffset(p, r), it->second.bytes);
+          }
+        }
+      std::vector<std::thread> threads;
+      for (auto& p : pushers)
+        threads.emplace_back([&, v, pp = p.get()] {
+          auto rep = pp->Push(v);
+          ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+          EXPECT_TRUE(rep->missed.empty()) << rep->missed.begin()->second;
+        });
+      for (auto& t : threads) t.join();
+      const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while ((receivers[0]->published() < v || receivers[1]->published() < v) && std::chrono::steady_clock::now() < end)
+        usleep(1000);
+      ASSERT_EQ(receivers[0]->published(), v);
+      ASSERT_EQ(receivers[1]->published(), v);
+      EXPECT_EQ(CountWrong(dst, 0, v, RegionOf(dst, 0, in_place[0].map).data(), schedule.wire_params()), 0u);
+      EXPECT_EQ(CountWrong(dst, 1, v, RegionOf(dst, 1, doubled[v % 2].map).data(), schedule.wire_params()), 0u);
+      if (v > 1)  // the previous version is intact in the other set
+        EXPECT_EQ(CountWrong(dst, 1, v - 1, RegionOf(dst, 1, doubled[(v - 1) % 2].map).data(), schedule.wire_params()),
+                  0u);
+    }
+    pushers.clear();
+    receivers.clear();
+  }
+}
+
+TEST(WeightSync, TensorsByNameThatDoNotMatchAreRefusedByName) {
+  const ModelSpec model = ModelPreset("tiny", 0).value();
+  const auto dst = ShardLayout::Named(model, 2, "tp").value();
+  auto engine = TransferEngine::Create(FastFail()).value();
+  OwnedTensors t = TensorsOf(dst, 1, nullptr);
+  auto expect = [&](TensorMap m, const std::string& needle) {
+    auto r = WeightReceiver::CreateNamed(engine.get(), dst, 1, 1, {m});
+    ASSERT_FALSE(r.ok()) << needle;
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().ToString();
+  };
+  TensorMap m = t.map;
+  m["layer0.qkv"].bytes -= 2;
+  expect(m, "tensor 'layer0.qkv' holds 1726 bytes; rank 1's shard of it is 1728 bytes (bf16 [36, 24])");
+  m = t.map;
+  m["layer0.qkv"].shape = {24, 36};
+  expect(m, "has shape [24, 36]; rank 1's shard of it is [36, 24]");
+  m = t.map;
+  m["layer0.qkv"].dtype = DType::kFp16;
+  expect(m, "tensor 'layer0.qkv' is fp16; the parameter is bf16");
+  m = t.map;
+  m.erase("head");
+  expect(m, "rank 1 holds 'head'");
+  m = t.map;
+  m["lm_head"] = m["head"];
+  expect(m, "tensor 'lm_head' is not a parameter of the model");
+  EXPECT_FALSE(WeightReceiver::CreateNamed(engine.get(), dst, 1, 1, {t.map, t.map, t.map}).ok());
+  EXPECT_FALSE(WeightReceiver::CreateNamed(engine.get(), dst, 2, 1, {t.map}).ok());
+  // A pusher refuses receiver infos that are malformed or overlap.
+  const auto src = ShardLayout::Named(model, 1, "replicated").value();
+  const Schedule schedule = Schedule::Build(src, dst).value();
+  std::vector<uint8_t> region(src.RegionBytes(0));
+  auto pusher = WeightPusher::Create(engine.get(), schedule, src, 0, region.data(), Quick()).value();
+  auto rx_engine = TransferEngine::Create(FastFail()).value();
+  auto rx = WeightReceiver::CreateNamed(rx_engine.get(), dst, 1, 1, {t.map}).value();
+  const std::string info = rx->Info();
+  EXPECT_TRUE(pusher->SetReceiver(1, info).ok());
+  std::istringstream in(info);
+  std::string magic, rank, slots, n, s0, off, len, hex;
+  in >> magic >> rank >> slots >> n >> s0 >> off >> len >> hex;
+  for (const std::string& bad :
+       {"tews2 1 3 1 0 0 64 " + hex, "tews2 1 1 1 1 0 64 " + hex, "tews2 1 1 2 0 0 64 " + hex + " 0 32 64 " + hex,
+        "tews2 1 1 1 0 0 99999999 " + hex, "tews2 1 1 1 0 18446744073709551615 64 " + hex, std::string("tews2 1 1 0"),
+        "tews2 1 1 5 0 0 64 " + hex})
+    EXPECT_FALSE(pusher->SetReceiver(1, bad).ok()) << bad;
 }
 
 TEST(WeightSync, UnevenLayoutsAndTinyBuckets) {
