@@ -4,6 +4,7 @@
 
 #include "py_engine.h"
 #include "py_kvcache.h"
+#include "py_weightsync.h"
 #include "status_error.h"
 
 PYBIND11_MODULE(_transfer_engine, m) {
@@ -11,4 +12,5 @@ PYBIND11_MODULE(_transfer_engine, m) {
   tepy::RegisterStatusError(m);
   tepy::BindEngine(m);
   tepy::BindKvCache(m);
+  tepy::BindWeightSync(m);
 }

@@ -46,6 +46,10 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     SingleWrite,
     StatusCode,
     TransferError,
+    WeightLayout,
+    WeightModel,
+    WeightPusher,
+    WeightReceiver,
     _Engine,
     check_compatible,
 )
@@ -74,7 +78,8 @@ _take_back_signals()
 __all__ = [
     "Barrier", "Engine", "EngineOptions", "Handle", "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout",
     "KvPrefiller", "KvRegistration", "KvRegistry", "PagedWrite", "Peer", "Region", "RegistryEntry",
-    "RemoteRegion", "ScatterWrite", "SingleWrite", "StatusCode", "TransferError", "check_compatible",
+    "RemoteRegion", "ScatterWrite", "SingleWrite", "StatusCode", "TransferError", "WeightLayout", "WeightModel",
+    "WeightPusher", "WeightReceiver", "check_compatible",
 ]
 
 
