@@ -32,15 +32,15 @@ struct EngineOptions {
   nic::FabricOptions fabric;
   nic::VerbsOptions verbs;
 
-  // "tcp", "shm", "efa", "verbs", "verbs-native" or a libfabric provider
+  // "tcp", "shm", "efa", "verbs", "verbs-native", "local" or a libfabric provider
   // name: sets `backend` and fabric.provider (nic/backend.h has the table).
   void SetProvider(const std::string& name) {
     backend = nic::ParseProviderName(name).backend;
-    fabric.provider = backend == nic::Backend::kVerbs ? "" : name;
+    fabric.provider = backend == nic::Backend::kLibfabric ? name : "";
   }
   // The name SetProvider takes for the current backend and provider.
   std::string ProviderName() const {
-    return backend == nic::Backend::kVerbs ? std::string("verbs-native") : fabric.provider;
+    return backend == nic::Backend::kLibfabric ? fabric.provider : std::string(nic::BackendName(backend));
   }
   // Domains (NICs) in the group. With tcp or shm these are independent
   // endpoints; with EFA or ConnectX give one per NIC of the GPU.

@@ -8,6 +8,7 @@
 
 #include "base/crc32c.h"
 #include "nic/fabric/fabric_domain.h"
+#include "nic/local/local_domain.h"
 #include "nic/topology/topology.h"
 #include "nic/verbs/verbs_domain.h"
 #include "transfer/domain_group.h"
@@ -77,10 +78,10 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
                            std::to_string(options.domains) + " domains");
 
   if (options.backend == nic::Backend::kLibfabric &&
-      nic::ParseProviderName(options.fabric.provider).backend == nic::Backend::kVerbs)
-    return InvalidArgument(
-        "fabric.provider 'verbs-native' names the native verbs backend: set "
-        "EngineOptions::backend = nic::Backend::kVerbs (or call SetProvider(\"verbs-native\"))");
+      nic::ParseProviderName(options.fabric.provider).backend != nic::Backend::kLibfabric)
+    return InvalidArgument("fabric.provider '" + options.fabric.provider +
+                           "' is not a libfabric provider but a backend of its own: call SetProvider(\"" +
+                           options.fabric.provider + "\") (or set EngineOptions::backend)");
   std::vector<std::shared_ptr<nic::Domain>> domains;
   for (int i = 0; i < options.domains; ++i) {
     nic::FabricOptions f = options.fabric;
@@ -91,6 +92,8 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
       if (!f.domain.empty()) v.device = f.domain;
       v.max_message_bytes = f.max_message_bytes;
       d = nic::OpenVerbsDomain(v);
+    } else if (options.backend == nic::Backend::kLocal) {
+      d = nic::OpenLocalDomain({f.max_message_bytes});
     } else {
       d = nic::OpenFabricDomain(f);
     }

@@ -339,7 +339,7 @@ INSTANTIATE_TEST_SUITE_P(Providers, EngineTest, ::testing::Values(Param{"verbs-n
 #else
 INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
                          ::testing::Values(Param{"tcp", 1}, Param{"tcp", 2}, Param{"tcp", 4}, Param{"shm", 1},
-                                           Param{"shm", 2}),
+                                           Param{"shm", 2}, Param{"local", 1}, Param{"local", 2}),
                          [](const auto& info) {
                            return info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
                          });

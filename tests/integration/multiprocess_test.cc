@@ -37,12 +37,14 @@ TEST_P(MultiProcess, LargeRegionCrossesProcessesByteExact) {
   EXPECT_EQ(peer.Crc(12345, 777), Crc32c(src.data() + 12345, 777));
 }
 
-// tcp only: libfabric 1.17's shm provider guards each peer's queue with a
+// tcp and local; not shm: libfabric 1.17's shm provider guards each peer's queue with a
 // process-shared spinlock, and a peer killed while holding it leaves the
 // sender spinning inside fi_writedata, beyond any timeout this engine can
 // apply (docs/FAILURE.md).
-TEST(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
-  auto o = Options("tcp");
+class MultiProcessFailure : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
+  auto o = Options(GetParam());
   o.request_timeout = 2000ms;
   PeerProcess peer(o, 64 << 20);
   // Forked before this process starts engine threads (fork after threads is
@@ -76,7 +78,8 @@ TEST(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
   EXPECT_EQ(fresh.Crc(0, 4096), Crc32c(src.data(), 4096));
 }
 
-INSTANTIATE_TEST_SUITE_P(Providers, MultiProcess, ::testing::Values("tcp", "shm"));
+INSTANTIATE_TEST_SUITE_P(Providers, MultiProcess, ::testing::Values("tcp", "shm", "local"));
+INSTANTIATE_TEST_SUITE_P(Providers, MultiProcessFailure, ::testing::Values("tcp", "local"));
 
 }  // namespace
 }  // namespace te::testing

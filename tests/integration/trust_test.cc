@@ -41,7 +41,7 @@ TEST(Trust, TcpListensOnlyOnItsInterface) {
 // A peer holding one descriptor tries its neighbours' keys: nothing lands
 // outside what it was given, and the keys are not a sequence.
 TEST(Trust, GuessedKeysReachNoOtherRegion) {
-  for (const char* provider : {"tcp", "shm"}) {
+  for (const char* provider : {"tcp", "shm", "local"}) {
     SCOPED_TRACE(provider);
     auto o = Options(provider);
     o.request_timeout = 1000ms;  // forged writes may end by timeout (tcp drops the connection)

@@ -1,0 +1,470 @@
+#include "nic/local/local_domain.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <glog/logging.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace te::nic {
+namespace {
+
+// ---- The mailbox: a memfd shared with same-host peers ----
+
+constexpr uint64_t kMagic = 0x3158424C41434F4Cull;  // "LOCALBX1"
+constexpr uint32_t kSlots = 64;                     // initiators at once
+constexpr uint32_t kRegions = 1u << 16;             // registrations at once
+constexpr uint32_t kImmCapacity = 8192;             // immediates per slot (power of two)
+constexpr uint64_t kMessageRing = 1u << 20;         // bytes of control messages per slot (power of two)
+constexpr uint32_t kPadRecord = 0xffffffffu;        // a record that skips to the ring's end
+
+// Slot states: free -> (claimer) initializing -> claimed -> (initiator
+// leaving) released -> (target, once drained) free.
+enum SlotState : uint32_t { kFree = 0, kInitializing = 1, kClaimed = 2, kReleased = 3 };
+
+struct alignas(64) RegionEntry {
+  // salt << 1 | live, the salt random per registration: a key names
+  // (index, salt), so a guessed or stale key fails the check. A write
+  // checks it before and after announcing itself in `writers`.
+  std::atomic<uint64_t> state;
+  uint64_t base;
+  uint64_t length;
+  std::atomic<uint32_t> writers;
+};
+
+struct alignas(64) Slot {
+  std::atomic<uint32_t> state;
+  int32_t owner_pid;
+  uint64_t owner_token;
+  alignas(64) std::atomic<uint64_t> imm_tail;  // written by the initiator
+  alignas(64) std::atomic<uint64_t> imm_head;  // written by the target
+  alignas(64) std::atomic<uint64_t> msg_tail;  // bytes, by the initiator
+  alignas(64) std::atomic<uint64_t> msg_head;  // bytes, by the target
+  alignas(64) uint32_t imms[kImmCapacity];
+  alignas(64) uint8_t messages[kMessageRing];
+};
+
+struct Mailbox {
+  uint64_t magic;
+  uint64_t token;  // from the address: a reused pid or fd is not mistaken for us
+  int32_t pid;
+  uint32_t slots, regions, imm_capacity;
+  uint64_t message_ring;
+  alignas(64) std::atomic<uint64_t> claimed_mask;  // slots the target must poll
+  alignas(64) RegionEntry region[kRegions];
+  Slot slot[kSlots];
+};
+
+// The address: what AddPeer gets from a peer (hostile bytes).
+struct AddressBytes {
+  uint64_t magic;
+  uint64_t token;
+  uint64_t boot;  // hash of this boot's id: same host
+  int32_t pid;
+  int32_t fd;
+};
+constexpr uint64_t kAddressMagic = 0x314C434F4C4554ull;  // "TELOCL1"
+
+uint64_t BootHash() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (char c : id) h = (h ^ uint8_t(c)) * 1099511628211ull;
+  return h;
+}
+
+std::string Errno(const char* what) { return std::string(what) + ": " + strerror(errno); }
+
+bool Alive(int32_t pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
+
+uint64_t Key(uint32_t index, uint32_t salt) { return (uint64_t(salt) << 32) | index; }
+
+// A peer as the initiator holds it: the target's mailbox, mapped, and the
+// slot claimed in it.
+struct Peer {
+  int32_t pid = 0;
+  Mailbox* box = nullptr;
+  Slot* slot = nullptr;
+  bool same_process = false;
+  std::vector<uint8_t> address;
+};
+
+class LocalDomain final : public Domain {
+ public:
+  ~LocalDomain() override {
+    if (box_) {
+      // Closed: peers check the magic before every operation, and every
+      // registration dies (the engine deregistered its regions already).
+      box_->magic = 0;
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      for (RegionEntry& e : box_->region) e.state.store(0);
+    }
+    for (Peer& p : peers_) {
+      if (p.slot) p.slot->state.store(kReleased, std::memory_order_release);
+      if (p.box && p.box != box_) munmap(p.box, sizeof(Mailbox));
+    }
+    if (box_) munmap(box_, sizeof(Mailbox));
+    if (fd_ >= 0) close(fd_);
+  }
+
+  Status Open(const LocalOptions& options) {
+    if (options.max_message_bytes == 0 || options.max_message_bytes > kMessageRing / 4)
+      return InvalidArgument("local domain: max_message_bytes " + std::to_string(options.max_message_bytes) +
+                             " outside [1, " + std::to_string(kMessageRing / 4) + "]");
+    fd_ = memfd_create("te-local-mailbox", MFD_CLOEXEC);
+    if (fd_ < 0) return IoError(Errno("local domain: memfd_create"));
+    if (ftruncate(fd_, sizeof(Mailbox)) != 0) return IoError(Errno("local domain: sizing the mailbox"));
+    void* m = mmap(nullptr, sizeof(Mailbox), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+    if (m == MAP_FAILED) return IoError(Errno("local domain: mapping the mailbox"));
+    box_ = static_cast<Mailbox*>(m);  // zero-filled: every slot free, every region dead
+    std::random_device rd;
+    token_ = (uint64_t(rd()) << 32) ^ rd() ^ uint64_t(getpid());
+    rng_.seed((uint64_t(rd()) << 32) ^ rd());
+    box_->token = token_;
+    box_->pid = getpid();
+    box_->slots = kSlots;
+    box_->regions = kRegions;
+    box_->imm_capacity = kImmCapacity;
+    box_->message_ring = kMessageRing;
+    std::atomic_thread_fence(std::memory_order_release);
+    box_->magic = kMagic;
+    for (uint32_t i = kRegions; i > 0; --i) free_regions_.push_back(i - 1);
+    info_.provider = "local";
+    info_.domain_name = "host";
+    info_.max_write_bytes = size_t(1) << 30;
+    info_.max_message_bytes = options.max_message_bytes;
+    info_.tx_depth = kImmCapacity;
+    info_.virtual_addressing = true;
+    info_.provider_keys = true;
+    AddressBytes a{kAddressMagic, token_, BootHash(), getpid(), fd_};
+    address_.assign(reinterpret_cast<const uint8_t*>(&a), reinterpret_cast<const uint8_t*>(&a) + sizeof a);
+    return Status::Ok();
+  }
+
+  const DomainInfo& info() const override { return info_; }
+  std::vector<uint8_t> address() const override { return address_; }
+
+  Result<PeerAddr> AddPeer(std::span<const uint8_t> bytes) override {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    for (size_t i = 0; i < peers_.size(); ++i)
+      if (peers_[i].address.size() == bytes.size() && std::equal(bytes.begin(), bytes.end(), peers_[i].address.begin()))
+        return PeerAddr(i);
+    AddressBytes a;
+    if (bytes.size() != sizeof a) return InvalidArgument("local address of " + std::to_string(bytes.size()) + " bytes");
+    std::memcpy(&a, bytes.data(), sizeof a);
+    if (a.magic != kAddressMagic || a.pid <= 0 || a.fd < 0) return InvalidArgument("not a local-domain address");
+    if (a.boot != BootHash())
+      return InvalidArgument(
+          "peer is on another host (its boot id differs): the local provider reaches this host "
+          "only; use a NIC provider");
+    Peer p;
+    p.pid = a.pid;
+    p.address.assign(bytes.begin(), bytes.end());
+    if (a.pid == getpid() && a.token == token_) {
+      p.box = box_;
+    } else {
+      const std::string path = "/proc/" + std::to_string(a.pid) + "/fd/" + std::to_string(a.fd);
+      const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+      if (fd < 0)
+        return IoError(Errno(("local domain: opening peer " + std::to_string(a.pid) +
+                              "'s mailbox (dead, another user, or a ptrace policy that forbids it)")
+                                 .c_str()));
+      struct stat st;
+      const bool sized = fstat(fd, &st) == 0 && uint64_t(st.st_size) == sizeof(Mailbox);
+      void* m = sized ? mmap(nullptr, sizeof(Mailbox), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+      close(fd);
+      if (m == MAP_FAILED) return InvalidArgument("peer " + std::to_string(a.pid) + "'s fd is not a local mailbox");
+      p.box = static_cast<Mailbox*>(m);
+      if (p.box->magic != kMagic || p.box->token != a.token || p.box->slots != kSlots || p.box->regions != kRegions ||
+          p.box->imm_capacity != kImmCapacity || p.box->message_ring != kMessageRing) {
+        munmap(m, sizeof(Mailbox));
+        return InvalidArgument("peer " + std::to_string(a.pid) + "'s mailbox does not match its address");
+      }
+    }
+    p.same_process = a.pid == getpid();
+    p.slot = Claim(p.box);
+    if (!p.slot) {
+      if (p.box != box_) munmap(p.box, sizeof(Mailbox));
+      return Unavailable("peer " + std::to_string(a.pid) + " has all " + std::to_string(kSlots) +
+                         " initiator slots taken by live processes");
+    }
+    peers_.push_back(std::move(p));
+    return PeerAddr(peers_.size() - 1);
+  }
+
+  Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override {
+    if (kind.type != MemoryKind::Type::kHost)
+      return Unimplemented("the local provider registers host memory only (CUDA IPC is not built)");
+    if (!ptr || length == 0) return InvalidArgument("local domain: registering empty memory");
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    if (free_regions_.empty())
+      return Unavailable("local domain: all " + std::to_string(kRegions) + " registrations are in use");
+    const uint32_t i = free_regions_.back();
+    free_regions_.pop_back();
+    RegionEntry& e = box_->region[i];
+    uint32_t salt = 0;
+    while (salt == 0) salt = uint32_t(rng_());
+    e.base = reinterpret_cast<uint64_t>(ptr);
+    e.length = length;
+    e.writers.store(0);
+    e.state.store(uint64_t(salt) << 1 | 1, std::memory_order_release);
+    LocalRegistration r;
+    r.rkey = Key(i, salt);
+    r.remote_base = e.base;
+    r.mr = reinterpret_cast<void*>(uintptr_t(i) + 1);
+    return r;
+  }
+
+  Status Deregister(const LocalRegistration& reg) override {
+    const uint32_t i = uint32_t(reg.rkey & 0xffffffffu);
+    if (i >= kRegions) return InvalidArgument("local domain: not a registration");
+    RegionEntry& e = box_->region[i];
+    if (e.state.load() != (reg.rkey >> 32 << 1 | 1)) return InvalidArgument("local domain: not a live registration");
+    // Dead first, then wait for writes already checked in. A writer killed
+    // mid-write never checks out: bounded wait.
+    e.state.store(0, std::memory_order_seq_cst);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (e.writers.load(std::memory_order_seq_cst) != 0 && std::chrono::steady_clock::now() < end)
+      std::this_thread::yield();
+    std::lock_guard<std::mutex> lock(regions_mu_);
+    free_regions_.push_back(i);
+    return Status::Ok();
+  }
+
+  Status PostWrite(const WriteOp& op) override {
+    Peer* p = PeerAt(op.peer);
+    if (!p) return InvalidArgument("local domain: unknown peer " + std::to_string(op.peer));
+    if (p->box->magic != kMagic) return NotPosted("local peer " + std::to_string(p->pid) + " closed its domain");
+    Slot& s = *p->slot;
+    // Room for the immediate first: back-pressure before any byte moves.
+    const uint64_t tail = s.imm_tail.load(std::memory_order_relaxed);
+    if (op.has_imm && tail - s.imm_head.load(std::memory_order_acquire) >= kImmCapacity)
+      return Unavailable("local domain: the peer's immediate ring is full");
+    if (op.length > 0) TE_RETURN_IF_ERROR(Write(*p, op));
+    if (op.has_imm) {
+      s.imms[tail % kImmCapacity] = op.imm;
+      s.imm_tail.store(tail + 1, std::memory_order_release);  // after the data
+    }
+    std::lock_guard<std::mutex> lock(done_mu_);
+    done_.push_back(op.context);
+    return Status::Ok();
+  }
+
+  Status PostSend(PeerAddr peer, std::span<const uint8_t> data, void* context) override {
+    Peer* p = PeerAt(peer);
+    if (!p) return InvalidArgument("local domain: unknown peer " + std::to_string(peer));
+    if (data.size() > info_.max_message_bytes)
+      return InvalidArgument("control message of " + std::to_string(data.size()) + " bytes; the limit is " +
+                             std::to_string(info_.max_message_bytes));
+    if (p->box->magic != kMagic) return NotPosted("local peer " + std::to_string(p->pid) + " closed its domain");
+    if (!p->same_process && !Alive(p->pid)) return NotPosted("local peer " + std::to_string(p->pid) + " is dead");
+    Slot& s = *p->slot;
+    const uint64_t tail = s.msg_tail.load(std::memory_order_relaxed);
+    const uint64_t head = s.msg_head.load(std::memory_order_acquire);
+    const uint64_t record = (4 + data.size() + 7) & ~uint64_t(7);
+    const uint64_t at = tail % kMessageRing;
+    const uint64_t pad = at + record > kMessageRing ? kMessageRing - at : 0;  // records never wrap
+    if (tail + pad + record - head > kMessageRing) return Unavailable("local domain: the peer's message ring is full");
+    uint64_t t = tail;
+    if (pad) {
+      std::memcpy(s.messages + at, &kPadRecord, 4);
+      t += pad;
+    }
+    const uint32_t len = uint32_t(data.size());
+    std::memcpy(s.messages + t % kMessageRing, &len, 4);
+    if (!data.empty()) std::memcpy(s.messages + t % kMessageRing + 4, data.data(), data.size());
+    s.msg_tail.store(t + record, std::memory_order_release);
+    std::lock_guard<std::mutex> lock(done_mu_);
+    done_.push_back(context);
+    return Status::Ok();
+  }
+
+  int Poll(CompletionHandler& handler, int max) override {
+    int n = 0;
+    {
+      std::unique_lock<std::mutex> lock(done_mu_);
+      while (!done_.empty() && n < max) {
+        void* c = done_.front();
+        done_.pop_front();
+        lock.unlock();
+        handler.OnSendDone(c);
+        ++n;
+        lock.lock();
+      }
+    }
+    uint64_t mask = box_->claimed_mask.load(std::memory_order_acquire);
+    while (mask && n < max) {
+      const int i = __builtin_ctzll(mask);
+      mask &= mask - 1;
+      n += Drain(box_->slot[i], uint32_t(i), handler, max - n);
+    }
+    return n;
+  }
+
+ private:
+  Peer* PeerAt(PeerAddr a) {
+    std::lock_guard<std::mutex> lock(peers_mu_);
+    return a < peers_.size() ? &peers_[a] : nullptr;
+  }
+
+  // A free slot of `box`, or one whose owner died; claimed for this process.
+  Slot* Claim(Mailbox* box) {
+    for (int pass = 0; pass < 2; ++pass)
+      for (uint32_t i = 0; i < kSlots; ++i) {
+        Slot& s = box->slot[i];
+        uint32_t st = s.state.load(std::memory_order_acquire);
+        const bool take = st == kFree || (pass == 1 && (st == kClaimed || st == kReleased) && !Alive(s.owner_pid));
+        if (!take || !s.state.compare_exchange_strong(st, kInitializing)) continue;
+        s.owner_pid = getpid();
+        s.owner_token = token_;
+        s.imm_head.store(0);
+        s.imm_tail.store(0);
+        s.msg_head.store(0);
+        s.msg_tail.store(0);
+        s.state.store(kClaimed, std::memory_order_release);
+        box->claimed_mask.fetch_or(uint64_t(1) << i, std::memory_order_release);
+        return &s;
+      }
+    return nullptr;
+  }
+
+  // Checks the write against the target's registration table, then writes.
+  Status Write(Peer& p, const WriteOp& op) {
+    const uint32_t i = uint32_t(op.rkey & 0xffffffffu);
+    const uint64_t want = (op.rkey >> 32) << 1 | 1;
+    if (i >= kRegions) return InvalidArgument("local write: key names region " + std::to_string(i));
+    RegionEntry& e = p.box->region[i];
+    auto live = [&] { return e.state.load(std::memory_order_seq_cst) == want; };
+    if (!live()) return InvalidArgument("local write: the key is not a live registration of the peer");
+    e.writers.fetch_add(1, std::memory_order_seq_cst);
+    struct CheckOut {
+      RegionEntry& e;
+      ~CheckOut() { e.writers.fetch_sub(1, std::memory_order_release); }
+    } check_out{e};
+    const uint64_t base = e.base, length = e.length;
+    if (!live()) return InvalidArgument("local write: the peer deregistered the region");
+    if (op.remote_addr < base || op.length > length || op.remote_addr - base > length - op.length)
+      return InvalidArgument("local write of " + std::to_string(op.length) + " bytes at " +
+                             std::to_string(op.remote_addr) + " outside the peer's region [" + std::to_string(base) +
+                             ", +" + std::to_string(length) + ")");
+    if (p.same_process) {
+      std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
+      return Status::Ok();
+    }
+    size_t done = 0;
+    while (done < op.length) {
+      iovec l{const_cast<uint8_t*>(static_cast<const uint8_t*>(op.local)) + done, op.length - done};
+      iovec r{reinterpret_cast<void*>(op.remote_addr + done), op.length - done};
+      const ssize_t w = process_vm_writev(p.pid, &l, 1, &r, 1, 0);
+      if (w > 0) {
+        done += size_t(w);
+        continue;
+      }
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && errno == ESRCH) return IoError("local write: peer " + std::to_string(p.pid) + " is dead");
+      if (w < 0 && errno == EPERM)
+        return IoError("local write: process_vm_writev into peer " + std::to_string(p.pid) +
+                       " not permitted (another user, or kernel.yama.ptrace_scope > 0: use a NIC provider, or "
+                       "allow ptrace between the processes)");
+      return IoError(Errno("local write: process_vm_writev"));
+    }
+    return Status::Ok();
+  }
+
+  // Immediates and messages of one initiator's slot; a released slot is
+  // freed once empty.
+  int Drain(Slot& s, uint32_t index, CompletionHandler& handler, int max) {
+    const uint32_t st = s.state.load(std::memory_order_acquire);
+    if (st != kClaimed && st != kReleased) return 0;
+    int n = 0;
+    uint64_t head = s.imm_head.load(std::memory_order_relaxed);
+    const uint64_t tail = s.imm_tail.load(std::memory_order_acquire);
+    if (tail - head > kImmCapacity) return Abandon(s, index, "its immediate ring indices are corrupt");
+    while (head != tail && n < max) {
+      handler.OnImm(s.imms[head % kImmCapacity]);
+      s.imm_head.store(++head, std::memory_order_release);
+      ++n;
+    }
+    uint64_t mhead = s.msg_head.load(std::memory_order_relaxed);
+    const uint64_t mtail = s.msg_tail.load(std::memory_order_acquire);
+    if (mtail - mhead > kMessageRing) return Abandon(s, index, "its message ring indices are corrupt");
+    while (mhead != mtail && n < max) {
+      const uint64_t at = mhead % kMessageRing;
+      uint32_t len = 0;
+      if (at + 4 > kMessageRing) return Abandon(s, index, "a message record straddles the ring's end");
+      std::memcpy(&len, s.messages + at, 4);
+      if (len == kPadRecord) {
+        mhead += kMessageRing - at;
+      } else {
+        const uint64_t record = (4 + uint64_t(len) + 7) & ~uint64_t(7);
+        if (len > info_.max_message_bytes || at + record > kMessageRing || mtail - mhead < record)
+          return Abandon(s, index, "a message record of " + std::to_string(len) + " bytes is malformed");
+        rx_.assign(s.messages + at + 4, s.messages + at + 4 + len);
+        mhead += record;
+        s.msg_head.store(mhead, std::memory_order_release);
+        handler.OnRecv(rx_);
+        ++n;
+        continue;
+      }
+      s.msg_head.store(mhead, std::memory_order_release);
+    }
+    if (st == kReleased && head == s.imm_tail.load(std::memory_order_acquire) &&
+        mhead == s.msg_tail.load(std::memory_order_acquire)) {
+      uint32_t expected = kReleased;
+      if (s.state.compare_exchange_strong(expected, kFree))
+        box_->claimed_mask.fetch_and(~(uint64_t(1) << index), std::memory_order_release);
+    }
+    return n;
+  }
+
+  // A slot whose contents cannot be trusted: ignored from now on (the
+  // initiator's writes then time out at its engine).
+  int Abandon(Slot& s, uint32_t index, const std::string& why) {
+    box_->claimed_mask.fetch_and(~(uint64_t(1) << index), std::memory_order_release);
+    s.state.store(kFree, std::memory_order_release);
+    LOG_EVERY_N(WARNING, 100) << "local domain: dropped initiator slot " << index << " of process " << s.owner_pid
+                              << ": " << why;
+    return 0;
+  }
+
+  int fd_ = -1;
+  Mailbox* box_ = nullptr;
+  uint64_t token_ = 0;
+  DomainInfo info_;
+  std::vector<uint8_t> address_;
+  std::mutex regions_mu_;
+  std::vector<uint32_t> free_regions_;
+  std::mt19937_64 rng_;  // registration salts
+  std::mutex peers_mu_;
+  std::deque<Peer> peers_;  // stable addresses: PeerAt's pointers outlive the lock
+  std::mutex done_mu_;
+  std::deque<void*> done_;  // completed operations' contexts, reported by Poll
+  std::vector<uint8_t> rx_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Domain>> OpenLocalDomain(const LocalOptions& options) {
+  auto d = std::make_unique<LocalDomain>();
+  TE_RETURN_IF_ERROR(d->Open(options));
+  return std::unique_ptr<Domain>(std::move(d));
+}
+
+}  // namespace te::nic
