@@ -40,7 +40,7 @@
 DEFINE_bool(listen, false, "Serve as the target and print the address line");
 DEFINE_string(connect, "", "Descriptor hex printed by a --listen process");
 DEFINE_bool(loopback, false, "Start a listener child process and connect to it");
-DEFINE_string(provider, "tcp", "libfabric provider: tcp, shm, efa, verbs, or a full name");
+DEFINE_string(provider, "tcp", "provider: tcp, shm, efa, verbs, verbs-native, local (same host), or a libfabric name");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
 DEFINE_int32(domains, 1, "Domains (NICs) per group");
 DEFINE_string(cases, "single,paged,imm", "Comma-separated case kinds: single, paged, imm");
@@ -194,6 +194,11 @@ te::EngineOptions MakeEngineOptions() {
   return o;
 }
 
+// The local provider's baseline is not a provider loop but what it competes
+// with: one thread's memcpy into a buffer of the same size (writes), and two
+// threads passing a cache line (round trips).
+bool MemcpyBaseline() { return te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLocal; }
+
 te::nic::FabricOptions RawOptions() {
   te::nic::FabricOptions f;
   f.provider = FLAGS_provider;
@@ -260,7 +265,9 @@ int RunListener(int address_fd) {
   const size_t bytes = RegionBytes();
   std::vector<uint8_t> region(bytes, 0);
   auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering memory");
-  auto raw = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
+  std::unique_ptr<te::nic::RawWriteLoop> raw;
+  if (te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLibfabric)
+    raw = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
 
   Mailbox mailbox;
   engine->SetRecvHandler([&](const te::EngineAddress& from, std::span<const uint8_t> d) {
@@ -292,11 +299,12 @@ int RunListener(int address_fd) {
       in >> desc_hex >> raw_hex >> raw_key >> raw_base;
       initiator = Must(engine->Import(Must(te::MrDescriptor::FromHex(desc_hex), "initiator descriptor")),
                        "importing the initiator's region");
-      if (raw_hex != "-")
+      if (raw_hex != "-" && raw)
         Must(raw->Connect(Must(te::FromHex(raw_hex), "raw address"), raw_key, raw_base), "raw connect");
       SendText(engine.get(), peer,
-               "OK " + te::ToHex(raw->address()) + " " + std::to_string(raw->rkey()) + " " +
-                   std::to_string(raw->remote_base()));
+               raw ? "OK " + te::ToHex(raw->address()) + " " + std::to_string(raw->rkey()) + " " +
+                         std::to_string(raw->remote_base())
+                   : std::string("OK - 0 0"));
     } else if (cmd == "EXPECT") {
       uint64_t count;
       in >> count;
@@ -329,7 +337,9 @@ int RunListener(int address_fd) {
           Clock::now() + 5s);
       auto t = std::chrono::milliseconds(FLAGS_timeout_ms);
       ScopedPin pin(1);
-      te::Status st = cmd == "RAWSERVE" ? raw->Serve(n, kRawDataImm, kRawAckImm, t) : raw->Pong(int(n), kRawPingImm, t);
+      te::Status st = !raw                ? te::Unimplemented("no raw loop for provider " + FLAGS_provider)
+                      : cmd == "RAWSERVE" ? raw->Serve(n, kRawDataImm, kRawAckImm, t)
+                                          : raw->Pong(int(n), kRawPingImm, t);
       if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
     } else if (cmd == "ZERO") {
       memset(region.data(), 0, region.size());
@@ -379,7 +389,9 @@ class Initiator {
     auto desc = Must(te::MrDescriptor::FromHex(listener_hex), "the --connect descriptor");
     dst_ = Must(engine_->Import(desc), "importing the listener's region");
     std::string raw_info = "- 0 0";
-    if (FLAGS_raw) {
+    if (FLAGS_raw && MemcpyBaseline()) {
+      memcpy_dst_.assign(bytes, 0);  // faulted in now, not while timed
+    } else if (FLAGS_raw) {
       raw_ = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
       FillPattern(raw_->buffer(), raw_->buffer_bytes());
       raw_info =
@@ -490,6 +502,7 @@ class Initiator {
   // `batch` writes make one request's worth; the raw loop keeps as many
   // writes in flight as the engine does (WritesInFlight).
   CaseResult RunRaw(const std::vector<te::nic::RawWriteLoop::Op>& ops, size_t batch) {
+    if (!memcpy_dst_.empty()) return RunMemcpy(ops, batch);
     if (Rpc("RAWSERVE " + std::to_string(ops.size())) != "OK") Die("RAWSERVE refused");
     QuietEngines();
     ScopedPin pin(0);
@@ -530,7 +543,53 @@ class Initiator {
     return r;
   }
 
+  // The memcpy baseline: the same offsets and lengths, one thread.
+  CaseResult RunMemcpy(const std::vector<te::nic::RawWriteLoop::Op>& ops, size_t batch) {
+    QuietEngines();
+    CaseResult r;
+    const auto start = Clock::now();
+    auto t0 = start;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      std::memcpy(memcpy_dst_.data() + ops[i].remote_offset, src_.data() + ops[i].local_offset, ops[i].length);
+      r.bytes += ops[i].length;
+      if ((i + 1) % batch == 0) {
+        const auto t1 = Clock::now();
+        r.lat_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+        t0 = t1;
+      }
+    }
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.ops = ops.size();
+    return r;
+  }
+
+  // Two threads of this process passing one cache line back and forth.
+  CaseResult CacheLineRtt(int iters) {
+    std::atomic<int64_t> line{0};
+    std::thread responder([&] {
+      for (int64_t i = 0; i < iters; ++i) {
+        while (line.load(std::memory_order_acquire) != 2 * i + 1) {
+        }
+        line.store(2 * i + 2, std::memory_order_release);
+      }
+    });
+    CaseResult r;
+    const auto start = Clock::now();
+    for (int64_t i = 0; i < iters; ++i) {
+      const auto t0 = Clock::now();
+      line.store(2 * i + 1, std::memory_order_release);
+      while (line.load(std::memory_order_acquire) != 2 * i + 2) {
+      }
+      r.lat_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    r.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    r.ops = iters;
+    responder.join();
+    return r;
+  }
+
   CaseResult RawRtt(int iters) {
+    if (!memcpy_dst_.empty()) return CacheLineRtt(iters);
     if (Rpc("RAWPONG " + std::to_string(iters)) != "OK") Die("RAWPONG refused");
     QuietEngines();
     ScopedPin pin(0);
@@ -546,7 +605,7 @@ class Initiator {
   const te::LocalMr& mr() const { return mr_; }
   const te::RemoteMr& dst() const { return dst_; }
   const std::vector<uint8_t>& src() const { return src_; }
-  bool has_raw() const { return raw_ != nullptr; }
+  bool has_raw() const { return raw_ != nullptr || !memcpy_dst_.empty(); }
 
  private:
   std::unique_ptr<te::TransferEngine> engine_;
@@ -554,6 +613,7 @@ class Initiator {
   te::LocalMr mr_;
   te::RemoteMr dst_;
   std::unique_ptr<te::nic::RawWriteLoop> raw_;
+  std::vector<uint8_t> memcpy_dst_;  // the local provider's baseline
   Mailbox mailbox_;
 };
 
@@ -653,7 +713,11 @@ int RunInitiator(const std::string& hex) {
   if (!FLAGS_json) {
     printf("te-bench: provider %s, %d domain(s), window %d, progress %s, median of %d run(s)%s\n",
            engine->provider().c_str(), FLAGS_domains, FLAGS_window, FLAGS_progress.c_str(), std::max(1, FLAGS_repeat),
-           raw ? ", raw baseline interleaved in the same run" : "");
+           !raw ? ""
+           : MemcpyBaseline()
+               ? ", raw = one thread's memcpy (writes) and a cache line between two threads (round trips), "
+                 "interleaved in the same run"
+               : ", raw baseline interleaved in the same run");
     PrintHeader(raw);
   }
   std::mt19937 rng(42);

@@ -47,7 +47,7 @@ DEFINE_uint32(bench_tokens, 128, "bench: tokens per rank per layer");
 DEFINE_uint32(private_tokens, 0, "bench: private receive slot per source in tokens; 0 = all of them (no overflow)");
 DEFINE_uint32(iters, 50, "bench: timed iterations per case and path");
 DEFINE_uint32(warmup, 5, "bench: untimed iterations first (the first pass also verifies)");
-DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo)");
+DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host)");
 DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
 DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen); tokens follow their top-1 expert's rank");
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
@@ -407,7 +407,9 @@ int Launch(int argc, char** argv) {
     const auto n = te::ParseUint64(ep);  // 99999999999 must be refused, not thrown
     if (!n || *n < 2 || *n > 64) Die("--ep entry '" + ep + "' must be a number in [2, 64]");
     std::string btl = FLAGS_mpi_btl;
-    if (btl.empty()) btl = FLAGS_provider == "shm" ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
+    if (btl.empty())
+      btl = (FLAGS_provider == "shm" || FLAGS_provider == "local") ? "self,vader"
+                                                                   : "self,tcp --mca btl_tcp_if_include lo";
     te::tools::RunUnderMpirun(FLAGS_mpirun, int(*n), btl, argc, argv, {"ep"}, "--ep=" + ep);
   }
   return 0;

@@ -249,21 +249,51 @@ class LocalDomain final : public Domain {
   }
 
   Status PostWrite(const WriteOp& op) override {
-    Peer* p = PeerAt(op.peer);
-    if (!p) return InvalidArgument("local domain: unknown peer " + std::to_string(op.peer));
+    size_t posted = 0;
+    return PostWrites(std::span<const WriteOp>(&op, 1), &posted);
+  }
+
+  // A run of writes to one peer: every write checked against the target's
+  // table, all copied in one system call, then their immediates pushed.
+  Status PostWrites(std::span<const WriteOp> ops, size_t* posted) override {
+    *posted = 0;
+    if (ops.empty()) return Status::Ok();
+    Peer* p = PeerAt(ops[0].peer);
+    if (!p) return InvalidArgument("local domain: unknown peer " + std::to_string(ops[0].peer));
     if (p->box->magic != kMagic) return NotPosted("local peer " + std::to_string(p->pid) + " closed its domain");
     Slot& s = *p->slot;
-    // Room for the immediate first: back-pressure before any byte moves.
+    // Room for the immediates first: back-pressure before any byte moves.
     const uint64_t tail = s.imm_tail.load(std::memory_order_relaxed);
-    if (op.has_imm && tail - s.imm_head.load(std::memory_order_acquire) >= kImmCapacity)
-      return Unavailable("local domain: the peer's immediate ring is full");
-    if (op.length > 0) TE_RETURN_IF_ERROR(Write(*p, op));
-    if (op.has_imm) {
-      s.imms[tail % kImmCapacity] = op.imm;
-      s.imm_tail.store(tail + 1, std::memory_order_release);  // after the data
+    uint64_t room = kImmCapacity - (tail - s.imm_head.load(std::memory_order_acquire));
+    size_t n = 0;
+    Status refused;
+    checked_.clear();
+    for (; n < ops.size() && n < kMaxRun; ++n) {
+      const WriteOp& op = ops[n];
+      if (op.peer != ops[0].peer) break;
+      if (op.has_imm && room == 0) break;
+      if (op.length > 0) {
+        RegionEntry* e = CheckIn(*p, op, &refused);
+        if (!e) break;
+        checked_.push_back(e);
+      }
+      room -= op.has_imm;
     }
-    std::lock_guard<std::mutex> lock(done_mu_);
-    done_.push_back(op.context);
+    Status copied = n > 0 ? Copy(*p, ops.first(n)) : Status::Ok();
+    for (RegionEntry* e : checked_) CheckOut(e);
+    if (!copied.ok()) return copied;  // the first write of the run fails; the rest are posted again
+    uint64_t t = tail;
+    for (size_t k = 0; k < n; ++k)
+      if (ops[k].has_imm) s.imms[t++ % kImmCapacity] = ops[k].imm;
+    s.imm_tail.store(t, std::memory_order_release);  // after the data
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      for (size_t k = 0; k < n; ++k) done_.push_back(ops[k].context);
+    }
+    *posted = n;
+    if (!refused.ok()) return refused;
+    if (n < ops.size() && ops[n].peer == ops[0].peer && n < kMaxRun)
+      return Unavailable("local domain: the peer's immediate ring is full");
     return Status::Ok();
   }
 
@@ -345,45 +375,78 @@ class LocalDomain final : public Domain {
     return nullptr;
   }
 
-  // Checks the write against the target's registration table, then writes.
-  Status Write(Peer& p, const WriteOp& op) {
+  // Checks a write against the target's registration table and announces
+  // it in the entry's writer count; the caller checks out (CheckOut) after
+  // copying. Null with *error set when refused.
+  RegionEntry* CheckIn(Peer& p, const WriteOp& op, Status* error) {
     const uint32_t i = uint32_t(op.rkey & 0xffffffffu);
     const uint64_t want = (op.rkey >> 32) << 1 | 1;
-    if (i >= kRegions) return InvalidArgument("local write: key names region " + std::to_string(i));
+    if (i >= kRegions) {
+      *error = InvalidArgument("local write: key names region " + std::to_string(i));
+      return nullptr;
+    }
     RegionEntry& e = p.box->region[i];
     auto live = [&] { return e.state.load(std::memory_order_seq_cst) == want; };
-    if (!live()) return InvalidArgument("local write: the key is not a live registration of the peer");
+    if (!live()) {
+      *error = InvalidArgument("local write: the key is not a live registration of the peer");
+      return nullptr;
+    }
     e.writers.fetch_add(1, std::memory_order_seq_cst);
-    struct CheckOut {
-      RegionEntry& e;
-      ~CheckOut() { e.writers.fetch_sub(1, std::memory_order_release); }
-    } check_out{e};
     const uint64_t base = e.base, length = e.length;
-    if (!live()) return InvalidArgument("local write: the peer deregistered the region");
-    if (op.remote_addr < base || op.length > length || op.remote_addr - base > length - op.length)
-      return InvalidArgument("local write of " + std::to_string(op.length) + " bytes at " +
-                             std::to_string(op.remote_addr) + " outside the peer's region [" + std::to_string(base) +
-                             ", +" + std::to_string(length) + ")");
+    if (!live()) {
+      *error = InvalidArgument("local write: the peer deregistered the region");
+    } else if (op.remote_addr < base || op.length > length || op.remote_addr - base > length - op.length) {
+      *error = InvalidArgument("local write of " + std::to_string(op.length) + " bytes at " +
+                               std::to_string(op.remote_addr) + " outside the peer's region [" + std::to_string(base) +
+                               ", +" + std::to_string(length) + ")");
+    } else {
+      return &e;
+    }
+    e.writers.fetch_sub(1, std::memory_order_release);
+    return nullptr;
+  }
+  static void CheckOut(RegionEntry* e) { e->writers.fetch_sub(1, std::memory_order_release); }
+
+  // Copies checked writes into the peer: a memcpy in this process, else one
+  // process_vm_writev for the whole run (resumed after a partial copy).
+  Status Copy(Peer& p, std::span<const WriteOp> ops) {
     if (p.same_process) {
-      std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
+      for (const WriteOp& op : ops)
+        if (op.length) std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
       return Status::Ok();
     }
-    size_t done = 0;
-    while (done < op.length) {
-      iovec l{const_cast<uint8_t*>(static_cast<const uint8_t*>(op.local)) + done, op.length - done};
-      iovec r{reinterpret_cast<void*>(op.remote_addr + done), op.length - done};
-      const ssize_t w = process_vm_writev(p.pid, &l, 1, &r, 1, 0);
-      if (w > 0) {
-        done += size_t(w);
-        continue;
+    iovs_l_.clear();
+    iovs_r_.clear();
+    for (const WriteOp& op : ops) {
+      if (op.length == 0) continue;
+      iovs_l_.push_back({const_cast<void*>(op.local), op.length});
+      iovs_r_.push_back({reinterpret_cast<void*>(op.remote_addr), op.length});
+    }
+    size_t first = 0;
+    while (first < iovs_l_.size()) {
+      const size_t n = std::min<size_t>(iovs_l_.size() - first, 1024);  // IOV_MAX
+      const ssize_t w = process_vm_writev(p.pid, &iovs_l_[first], n, &iovs_r_[first], n, 0);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        if (errno == ESRCH) return IoError("local write: peer " + std::to_string(p.pid) + " is dead");
+        if (errno == EPERM)
+          return IoError("local write: process_vm_writev into peer " + std::to_string(p.pid) +
+                         " not permitted (another user, or kernel.yama.ptrace_scope > 0: use a NIC provider, or "
+                         "allow ptrace between the processes)");
+        return IoError(Errno("local write: process_vm_writev"));
       }
-      if (w < 0 && errno == EINTR) continue;
-      if (w < 0 && errno == ESRCH) return IoError("local write: peer " + std::to_string(p.pid) + " is dead");
-      if (w < 0 && errno == EPERM)
-        return IoError("local write: process_vm_writev into peer " + std::to_string(p.pid) +
-                       " not permitted (another user, or kernel.yama.ptrace_scope > 0: use a NIC provider, or "
-                       "allow ptrace between the processes)");
-      return IoError(Errno("local write: process_vm_writev"));
+      if (w == 0) return IoError("local write: process_vm_writev copied nothing");
+      // Skip what was copied; a partially copied piece continues where it stopped.
+      size_t left = size_t(w);
+      while (left > 0 && first < iovs_l_.size()) {
+        const size_t k = std::min(left, iovs_l_[first].iov_len);
+        iovs_l_[first].iov_base = static_cast<uint8_t*>(iovs_l_[first].iov_base) + k;
+        iovs_l_[first].iov_len -= k;
+        iovs_r_[first].iov_base = static_cast<uint8_t*>(iovs_r_[first].iov_base) + k;
+        iovs_r_[first].iov_len -= k;
+        left -= k;
+        if (iovs_l_[first].iov_len == 0) ++first;
+      }
     }
     return Status::Ok();
   }
@@ -457,6 +520,10 @@ class LocalDomain final : public Domain {
   std::mutex done_mu_;
   std::deque<void*> done_;  // completed operations' contexts, reported by Poll
   std::vector<uint8_t> rx_;
+  // PostWrites' scratch (posting is serialized by the engine's progress role).
+  static constexpr size_t kMaxRun = 1024;
+  std::vector<RegionEntry*> checked_;
+  std::vector<iovec> iovs_l_, iovs_r_;
 };
 
 }  // namespace
