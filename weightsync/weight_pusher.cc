@@ -7,6 +7,7 @@
 
 #include "base/checked_math.h"
 #include "weightsync/fp8_block_quant.h"
+#include "weightsync/receiver_info.h"
 
 namespace te::weightsync {
 
@@ -136,51 +137,14 @@ Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
   }
   // Infos come from receivers through the registry: parsed as hostile.
   const std::string who = "receiver info for rank " + std::to_string(rank);
-  std::istringstream in(info);
-  std::string magic;
-  uint32_t r = 0;
-  in >> magic >> r;
-  if ((magic != "tews1" && magic != "tews2") || !in) return InvalidArgument(who + " is malformed");
-  if (r != rank) return InvalidArgument(who + " comes from rank " + std::to_string(r));
+  auto parsed = ParseReceiverInfo(info);
+  if (!parsed.ok()) return parsed.status().WithContext(who);
+  if (parsed->rank != rank) return InvalidArgument(who + " comes from rank " + std::to_string(parsed->rank));
   Landing l;
-  if (magic == "tews1") {  // "tews1 <rank> <slot bytes> <descriptor of both slots>"
-    uint64_t slot = 0, two_slots = 0;
-    std::string hex;
-    in >> slot >> hex;
-    if (!in) return InvalidArgument(who + " is malformed");
-    TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
-    if (!CheckedMul(slot, 2, &two_slots) || d.length < two_slots)
-      return InvalidArgument("receiver " + std::to_string(rank) + " registered " + std::to_string(d.length) +
-                             " bytes for two slots of " + std::to_string(slot));
-    TE_ASSIGN_OR_RETURN(RemoteMr mr, engine_->Import(d));
-    l.slots = 2;
-    for (uint64_t s = 0; s < 2; ++s) l.extents[s].push_back({0, slot, mr, s * slot});
-  } else {  // "tews2 <rank> <slots> <n> (<slot> <offset> <length> <descriptor>)*"
-    uint64_t n = 0;
-    in >> l.slots >> n;
-    if (!in || (l.slots != 1 && l.slots != 2) || n == 0 || n > (1u << 20))
-      return InvalidArgument(who + " is malformed (slots in [1, 2], 1 to 2^20 tensors)");
-    for (uint64_t i = 0; i < n; ++i) {
-      uint32_t s = 0;
-      uint64_t offset = 0, length = 0, end = 0;
-      std::string hex;
-      in >> s >> offset >> length >> hex;
-      if (!in || s >= l.slots || length == 0 || !CheckedAdd(offset, length, &end))
-        return InvalidArgument(who + ": tensor " + std::to_string(i) + " is malformed");
-      TE_ASSIGN_OR_RETURN(MrDescriptor d, MrDescriptor::FromHex(hex));
-      if (d.length < length)
-        return InvalidArgument(who + ": tensor " + std::to_string(i) + " registered " + std::to_string(d.length) +
-                               " bytes for " + std::to_string(length));
-      TE_ASSIGN_OR_RETURN(RemoteMr mr, engine_->Import(d));
-      l.extents[s].push_back({offset, length, std::move(mr), 0});
-    }
-    for (uint32_t s = 0; s < l.slots; ++s) {
-      auto& e = l.extents[s];
-      std::sort(e.begin(), e.end(), [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
-      for (size_t i = 1; i < e.size(); ++i)
-        if (e[i - 1].offset + e[i - 1].length > e[i].offset)
-          return InvalidArgument(who + ": tensors overlap at region offset " + std::to_string(e[i].offset));
-    }
+  l.slots = parsed->slots;
+  for (ReceiverExtent& e : parsed->extents) {
+    TE_ASSIGN_OR_RETURN(RemoteMr mr, engine_->Import(e.memory));
+    l.extents[e.slot].push_back({e.offset, e.length, std::move(mr), e.memory_offset});
   }
   landings_[rank] = std::move(l);
   return Status::Ok();

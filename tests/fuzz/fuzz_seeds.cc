@@ -93,6 +93,12 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
     s.stats.peers.resize(1);
     return {telemetry::EncodeEngineSample(s)};
   }
+  if (target == "receiver_info") {
+    const std::string hex = Descriptor().ToHex();
+    return {Bytes("tews1 3 524288 " + hex),
+            Bytes("tews2 1 2 3 0 0 4096 " + hex + " 1 0 4096 " + hex + " 0 8192 64 " + hex),
+            Bytes("tews2 0 1 1 0 64 128 " + hex)};
+  }
   if (target == "model_json")
     return {Bytes(weightsync::ModelToJson(weightsync::ModelPreset("tiny", 0).value())),
             Bytes(R"({"params": [{"name": "w", "dtype": "bf16", "shape": [128, 64]}]})")};

@@ -18,7 +18,9 @@
 #include "telemetry/engine_stats_reporter.h"
 #include "transfer/control_channel.h"
 #include "transfer/mr_descriptor.h"
+#include "weightsync/fp8_conversion.h"
 #include "weightsync/model_spec.h"
+#include "weightsync/receiver_info.h"
 #include "weightsync/schedule.h"
 #include "weightsync/shard_layout.h"
 
@@ -98,6 +100,26 @@ void ModelJsonTarget(std::span<const uint8_t> b) {
     weightsync::ScheduleOptions so;
     so.max_transfer_bytes = 1 << 20;
     (void)weightsync::Schedule::Build(src.value(), dst.value(), so);
+    // And to receivers that take its bf16 matrices as fp8.
+    auto fp8 = weightsync::Fp8Model(m.value());
+    if (fp8.ok()) {
+      auto fdst = weightsync::ShardLayout::Named(fp8.value(), 3, "tp");
+      if (fdst.ok()) (void)weightsync::Schedule::Build(src.value(), fdst.value(), so);
+    }
+  }
+}
+
+void ReceiverInfoTarget(std::span<const uint8_t> b) {
+  auto info = weightsync::ParseReceiverInfo(Text(b));
+  if (!info.ok()) return;
+  Expect(info->slots == 1 || info->slots == 2, "an accepted info has 1 or 2 slots");
+  for (size_t i = 0; i < info->extents.size(); ++i) {
+    const auto& e = info->extents[i];
+    Expect(e.slot < info->slots && e.length > 0 && e.length <= e.memory.length,
+           "an accepted extent is in a slot and fits its registration");
+    Expect(e.offset + e.length >= e.offset, "an accepted extent does not wrap");
+    if (i > 0 && info->extents[i - 1].slot == e.slot)
+      Expect(info->extents[i - 1].offset + info->extents[i - 1].length <= e.offset, "accepted extents do not overlap");
   }
 }
 
@@ -119,7 +141,7 @@ const std::vector<Target>& Targets() {
       {"kv_layout", KvLayoutTarget, Crc::kNone},           {"kv_instance", KvInstanceTarget, Crc::kNone},
       {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
       {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
-      {"control_frame", ControlFrameTarget, Crc::kNone},
+      {"control_frame", ControlFrameTarget, Crc::kNone},   {"receiver_info", ReceiverInfoTarget, Crc::kNone},
   };
   return kTargets;
 }
