@@ -106,8 +106,8 @@ MODEL = te.WeightModel(
 )
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_tensors_by_name_in_place_and_double_buffered(fp8):
+@pytest.mark.parametrize("fp8,provider", [(False, "tcp"), (True, "tcp"), (True, "local")])
+def test_tensors_by_name_in_place_and_double_buffered(fp8, provider):
     dst_model = MODEL.fp8(["layer.q", "layer.experts.up"]) if fp8 else MODEL
     src = te.WeightLayout(MODEL, 2, "fsdp")
     dst = te.WeightLayout(dst_model, 2, "tp")
@@ -120,8 +120,8 @@ def test_tensors_by_name_in_place_and_double_buffered(fp8):
             else:
                 fulls[name] = full_tensor(name, shape, version)
 
-    with te.Engine(provider="tcp") as e0, te.Engine(provider="tcp") as e1, te.Engine(provider="tcp") as s0, \
-            te.Engine(provider="tcp") as s1:
+    with te.Engine(provider=provider) as e0, te.Engine(provider=provider) as e1, \
+            te.Engine(provider=provider) as s0, te.Engine(provider=provider) as s1:
         in_place = tensors_for(dst, 0)
         doubled = [tensors_for(dst, 1), tensors_for(dst, 1)]
         rx0 = te.WeightReceiver(e0, dst, 0, 2, in_place, timeout=20.0)
