@@ -202,8 +202,9 @@ TEST_P(EngineTest, PingPongWithAResponderOnTheWorkerCountsEveryRoundTrip) {
   std::atomic<int> pongs{0};
   std::function<void()> pong = [&] {
     if (!receiver_->Submit(ImmOnly{back, 0x72}, {}).ok()) return;
-    if (++pongs < kRounds)
+    if (++pongs < kRounds) {
       ASSERT_TRUE(receiver_->ExpectImm(0x71, 1, pong, TransferEngine::ImmDelivery::kOnWorker).ok());
+    }
   };
   ASSERT_TRUE(receiver_->ExpectImm(0x71, 1, pong, TransferEngine::ImmDelivery::kOnWorker).ok());
   for (int i = 0; i < kRounds; ++i) {
