@@ -7,12 +7,6 @@
 namespace te::weightsync {
 namespace {
 
-std::string ShapeString(const std::vector<uint64_t>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
-
 std::vector<uint64_t> ScaleShape(const std::vector<uint64_t>& shape) {
   std::vector<uint64_t> s = shape;
   for (size_t d = s.size() - 2; d < s.size(); ++d) s[d] = (s[d] + kFp8BlockSize - 1) / kFp8BlockSize;

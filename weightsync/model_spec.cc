@@ -57,6 +57,12 @@ uint64_t ModelSpec::bytes() const {
   return b;
 }
 
+std::string ShapeString(const std::vector<uint64_t>& shape) {
+  std::string o = "[";
+  for (size_t i = 0; i < shape.size(); ++i) o += (i ? ", " : "") + std::to_string(shape[i]);
+  return o + "]";
+}
+
 Status ModelSpec::Validate() const {
   if (params.empty()) return InvalidArgument("model has no parameters");
   std::set<std::string> names;

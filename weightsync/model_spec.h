@@ -17,6 +17,8 @@ namespace te::weightsync {
 enum class DType : uint8_t { kBf16, kFp16, kFp32, kFp8, kInt8 };
 size_t DTypeBytes(DType d);
 const char* DTypeName(DType d);
+// "[4096, 7168]": a shape as errors name it.
+std::string ShapeString(const std::vector<uint64_t>& shape);
 Result<DType> ParseDType(const std::string& name);
 
 struct ParamSpec {

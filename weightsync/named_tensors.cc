@@ -1,15 +1,6 @@
 #include "weightsync/named_tensors.h"
 
 namespace te::weightsync {
-namespace {
-
-std::string Dims(const std::vector<uint64_t>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
-
-}  // namespace
 
 Status CheckTensorMap(const ShardLayout& layout, uint32_t rank, const TensorMap& tensors) {
   if (rank >= layout.ranks())
@@ -22,22 +13,20 @@ Status CheckTensorMap(const ShardLayout& layout, uint32_t rank, const TensorMap&
     if (it == index.end()) return InvalidArgument("tensor '" + name + "' is not a parameter of the model");
     const size_t p = it->second;
     const ParamSpec& spec = model.params[p];
-    const Box b = layout.ShardBox(p, rank);
-    std::vector<uint64_t> extent(b.begin.size());
-    for (size_t d = 0; d < extent.size(); ++d) extent[d] = b.end[d] - b.begin[d];
+    const std::vector<uint64_t> extent = layout.ShardBox(p, rank).extents();
     const uint64_t want = layout.ShardBytes(p, rank);
     if (want == 0) return InvalidArgument("tensor '" + name + "': rank " + std::to_string(rank) + " holds none of it");
     if (!t.data) return InvalidArgument("tensor '" + name + "' has no memory (null pointer)");
     if (t.bytes != want)
       return InvalidArgument("tensor '" + name + "' holds " + std::to_string(t.bytes) + " bytes; rank " +
                              std::to_string(rank) + "'s shard of it is " + std::to_string(want) + " bytes (" +
-                             DTypeName(spec.dtype) + " " + Dims(extent) + ")");
+                             DTypeName(spec.dtype) + " " + ShapeString(extent) + ")");
     if (t.dtype && *t.dtype != spec.dtype)
       return InvalidArgument("tensor '" + name + "' is " + DTypeName(*t.dtype) + "; the parameter is " +
                              DTypeName(spec.dtype));
     if (!t.shape.empty() && t.shape != extent)
-      return InvalidArgument("tensor '" + name + "' has shape " + Dims(t.shape) + "; rank " + std::to_string(rank) +
-                             "'s shard of it is " + Dims(extent));
+      return InvalidArgument("tensor '" + name + "' has shape " + ShapeString(t.shape) + "; rank " +
+                             std::to_string(rank) + "'s shard of it is " + ShapeString(extent));
   }
   for (size_t p = 0; p < model.params.size(); ++p)
     if (layout.ShardBytes(p, rank) > 0 && !tensors.count(model.params[p].name))

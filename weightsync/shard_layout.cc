@@ -17,6 +17,12 @@ uint64_t Box::elements() const {
   return n;
 }
 
+std::vector<uint64_t> Box::extents() const {
+  std::vector<uint64_t> e(begin.size());
+  for (size_t d = 0; d < e.size(); ++d) e[d] = end[d] - begin[d];
+  return e;
+}
+
 Box Intersect(const Box& a, const Box& b) {
   Box r = a;
   for (size_t d = 0; d < a.begin.size(); ++d) {

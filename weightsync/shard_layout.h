@@ -30,6 +30,7 @@ struct Box {
   std::vector<uint64_t> begin, end;
   bool empty() const;
   uint64_t elements() const;
+  std::vector<uint64_t> extents() const;  // end - begin per dimension: the shard's shape
 };
 Box Intersect(const Box& a, const Box& b);
 

@@ -178,24 +178,26 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
     asking_ = version;
   }
   std::vector<bool> live(receivers_, false);
+  // One pass over this rank's transfers: the writes each receiver is told
+  // to expect, and whether its memory holds every byte this version sends
+  // there (a receiver whose tensors do not is missed, not written around).
+  std::vector<uint64_t> writes_to(receivers_, 0);
+  for (size_t k : schedule_.from(rank_)) {
+    const Transfer& t = schedule_.transfers()[k];
+    ++writes_to[t.dst_rank];
+    const Landing& l = landings_[t.dst_rank];
+    if (l.slots && !report.missed.count(t.dst_rank) && !l.Find(version, t.dst_offset, t.length))
+      report.missed[t.dst_rank] = "its memory does not hold region bytes [" + std::to_string(t.dst_offset) + ", " +
+                                  std::to_string(t.dst_offset + t.length) + ") of version " + std::to_string(version);
+  }
   for (uint32_t d = 0; d < receivers_; ++d) {
     if (!landings_[d].slots) {
       report.missed[d] = "absent (no receiver info)";
       continue;
     }
-    // The receiver's memory must hold every byte this version sends there
-    // (a receiver's tensors that do not is missed, not written around).
-    for (size_t k : schedule_.from(rank_)) {
-      const Transfer& t = schedule_.transfers()[k];
-      if (t.dst_rank == d && !landings_[d].Find(version, t.dst_offset, t.length)) {
-        report.missed[d] = "its memory does not hold region bytes [" + std::to_string(t.dst_offset) + ", " +
-                           std::to_string(t.dst_offset + t.length) + ") of version " + std::to_string(version);
-        break;
-      }
-    }
     if (report.missed.count(d)) continue;
-    const std::string msg = "tews1 BEGIN " + std::to_string(version) + " " + std::to_string(schedule_.count(rank_, d)) +
-                            " " + std::to_string(rank_);
+    const std::string msg =
+        "tews1 BEGIN " + std::to_string(version) + " " + std::to_string(writes_to[d]) + " " + std::to_string(rank_);
     std::vector<uint8_t> bytes(msg.begin(), msg.end());
     if (Status s = engine_->Send(landings_[d].any()->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
   }
@@ -308,8 +310,7 @@ Status WeightPusher::Quantize(uint32_t param) {
   const auto [codes, scales] = fp8_of_[param];
   const Box b = src_.ShardBox(param, rank_);
   if (b.empty()) return Status::Ok();
-  std::vector<uint64_t> extent(b.begin.size());
-  for (size_t d = 0; d < extent.size(); ++d) extent[d] = b.end[d] - b.begin[d];
+  const std::vector<uint64_t> extent = b.extents();
   TE_ASSIGN_OR_RETURN(Fp8BlockShape shape, Fp8ShapeOf(extent.data(), extent.size()));
   // The shard starts on a block boundary (PlanFp8Conversion), so its blocks
   // are the tensor's and its scales are the tensor's scales of those blocks.

@@ -9,6 +9,7 @@
 // tensor alive until close().
 #include <pybind11/stl.h>
 
+#include <cctype>
 #include <chrono>
 #include <thread>
 
@@ -60,10 +61,7 @@ TensorMap TensorsFrom(const py::dict& tensors, const ShardLayout& layout, std::v
 }
 
 std::vector<uint64_t> ShardShape(const ShardLayout& l, size_t p, uint32_t rank) {
-  const Box b = l.ShardBox(p, rank);
-  std::vector<uint64_t> s;
-  for (size_t d = 0; d < b.begin.size(); ++d) s.push_back(b.end[d] - b.begin[d]);
-  return s;
+  return l.ShardBox(p, rank).extents();
 }
 
 size_t ParamIndex(const ShardLayout& l, const std::string& name) {

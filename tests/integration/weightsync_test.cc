@@ -186,10 +186,7 @@ OwnedTensors TensorsOf(const ShardLayout& l, uint32_t rank, const uint8_t* fill)
     if (n == 0) continue;
     t.buffers.emplace_back(n, 0);
     if (fill) std::memcpy(t.buffers.back().data(), fill + l.ParamOffset(p, rank), n);
-    const Box b = l.ShardBox(p, rank);
-    std::vector<uint64_t> shape;
-    for (size_t d = 0; d < b.begin.size(); ++d) shape.push_back(b.end[d] - b.begin[d]);
-    t.map[m.params[p].name] = {t.buffers.back().data(), n, m.params[p].dtype, shape};
+    t.map[m.params[p].name] = {t.buffers.back().data(), n, m.params[p].dtype, l.ShardBox(p, rank).extents()};
   }
   return t;
 }

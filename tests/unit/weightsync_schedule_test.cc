@@ -177,9 +177,7 @@ TEST(WeightSchedule, Fp8DestinationsGetTheWholeTensorsQuantization) {
         if (w.kind == WireParam::kCopy) {
           std::memcpy(sr[r].data() + wire.ParamOffset(q, r), from, wire.ShardBytes(q, r));
         } else if (w.kind == WireParam::kFp8Codes) {
-          const Box b = src.ShardBox(w.source_param, r);
-          std::vector<uint64_t> ext;
-          for (size_t d = 0; d < b.begin.size(); ++d) ext.push_back(b.end[d] - b.begin[d]);
+          const std::vector<uint64_t> ext = src.ShardBox(w.source_param, r).extents();
           const Fp8BlockShape shape = Fp8ShapeOf(ext.data(), ext.size()).value();
           ASSERT_TRUE(QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(from), shape,
                                               sr[r].data() + wire.ParamOffset(q, r),
