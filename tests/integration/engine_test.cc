@@ -275,6 +275,13 @@ TEST_P(EngineTest, DriveUntilCompletesRequestsOnTheCallingThreadAndHandsBack) {
 }
 
 TEST_P(EngineTest, CheapCallbacksOfRequestsCancelledAtShutdownRunOnce) {
+  // libfabric 1.17's shm: closing an endpoint with 64 KiB writes in flight
+  // to a peer in the same process unmaps memory the peer's provider still
+  // reads in fi_cq_read; the peer's worker crashes inside libfabric about
+  // once in a hundred runs (docs/RELIABILITY.md, shm limits). Nothing the
+  // engine can guard; the callbacks' accounting is the same code on tcp
+  // and local.
+  if (GetParam().provider == "shm") GTEST_SKIP() << "shm endpoint closed mid-write crashes its in-process peer";
   constexpr int kRequests = 200;
   std::atomic<int> done{0}, failed{0};
   for (int i = 0; i < kRequests; ++i) {
