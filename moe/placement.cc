@@ -98,130 +98,20 @@ double LoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32
   return double(*std::max_element(per.begin(), per.end())) / (double(total) / ranks);
 }
 
-namespace {
-
-// score[j * R + r]: how much expert j wants rank r, given neighbours' ranks.
-void Score(const ExpertAffinity& a, const Placement& p, uint32_t l, uint32_t nodes, bool backward,
-           std::vector<double>* score) {
-  const uint32_t E = a.experts, R = p.ranks, per_node = R / nodes;
-  score->assign(size_t(E) * R, 0.0);
-  const double node_bonus = nodes > 1 ? 0.25 : 0.0;  // same node beats another node
-  auto add = [&](uint32_t j, uint32_t r, double w) {
-    (*score)[size_t(j) * R + r] += w;
-    if (node_bonus > 0) {
-      const uint32_t node = r / per_node;
-      for (uint32_t r2 = node * per_node; r2 < (node + 1) * per_node; ++r2)
-        if (r2 != r) (*score)[size_t(j) * R + r2] += node_bonus * w;
-    }
-  };
-  if (l > 0) {
-    const auto& pair = a.pair[l - 1];
-    for (uint32_t i = 0; i < E; ++i)
-      for (uint32_t j = 0; j < E; ++j)
-        if (uint32_t w = pair[size_t(i) * E + j]) add(j, p.rank_of[l - 1][i], w);
-  }
-  if (backward && l + 1 < a.layers) {
-    const auto& pair = a.pair[l];
-    for (uint32_t j = 0; j < E; ++j)
-      for (uint32_t k = 0; k < E; ++k)
-        if (uint32_t w = pair[size_t(j) * E + k]) add(j, p.rank_of[l + 1][k], w);
-  }
+double NodeLoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32_t>& rank_of, uint32_t ranks,
+                         uint32_t nodes) {
+  std::vector<uint32_t> node_of(rank_of.size());
+  for (size_t e = 0; e < rank_of.size(); ++e) node_of[e] = rank_of[e] / (ranks / nodes);
+  return LoadImbalance(load, node_of, nodes);
 }
 
-// Pairwise swaps between ranks while they gain and keep loads under the cap
-// (or do not make the heavier rank worse).
-void SwapSearch(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R, double cap,
-                std::vector<uint32_t>* rank_of) {
-  const uint32_t E = uint32_t(rank_of->size());
-  std::vector<uint64_t> per(R, 0);
-  for (uint32_t e = 0; e < E; ++e) per[(*rank_of)[e]] += load[e];
-  for (int pass = 0; pass < 20; ++pass) {
-    bool improved = false;
-    for (uint32_t a = 0; a < E; ++a) {
-      for (uint32_t b = a + 1; b < E; ++b) {
-        const uint32_t ra = (*rank_of)[a], rb = (*rank_of)[b];
-        if (ra == rb) continue;
-        const double gain = score[size_t(a) * R + rb] + score[size_t(b) * R + ra] - score[size_t(a) * R + ra] -
-                            score[size_t(b) * R + rb];
-        if (gain <= 1e-9) continue;
-        const uint64_t na = per[ra] - load[a] + load[b], nb = per[rb] - load[b] + load[a];
-        const uint64_t worst_now = std::max(per[ra], per[rb]), worst_new = std::max(na, nb);
-        if (double(worst_new) > cap && worst_new > worst_now) continue;
-        (*rank_of)[a] = rb;
-        (*rank_of)[b] = ra;
-        per[ra] = na;
-        per[rb] = nb;
-        improved = true;
-      }
-    }
-    if (!improved) break;
-  }
-}
-
-// Greedy capacity-constrained assignment of every expert of layer l.
-void GreedyLayer(const std::vector<double>& score, const std::vector<uint64_t>& load, uint32_t R, double cap,
-                 std::vector<uint32_t>* rank_of) {
-  const uint32_t E = uint32_t(rank_of->size()), slots = E / R;
-  std::vector<std::pair<double, uint32_t>> cand;  // (score, j * R + r)
-  cand.reserve(size_t(E) * R);
-  for (uint32_t j = 0; j < E; ++j)
-    for (uint32_t r = 0; r < R; ++r)
-      if (score[size_t(j) * R + r] > 0) cand.emplace_back(score[size_t(j) * R + r], j * R + r);
-  std::sort(cand.begin(), cand.end(), [](auto& x, auto& y) { return x.first > y.first; });
-  std::vector<uint32_t> used(R, 0);
-  std::vector<uint64_t> per(R, 0);
-  std::vector<bool> placed(E, false);
-  for (const auto& [s, jr] : cand) {
-    const uint32_t j = jr / R, r = jr % R;
-    if (placed[j] || used[r] == slots || double(per[r] + load[j]) > cap) continue;
-    (*rank_of)[j] = r;
-    placed[j] = true;
-    used[r]++;
-    per[r] += load[j];
-  }
-  // The rest, heaviest first, onto the least-loaded rank with a free slot.
-  std::vector<uint32_t> rest;
-  for (uint32_t j = 0; j < E; ++j)
-    if (!placed[j]) rest.push_back(j);
-  std::sort(rest.begin(), rest.end(), [&](uint32_t x, uint32_t y) { return load[x] > load[y]; });
-  for (uint32_t j : rest) {
-    uint32_t best = R;
-    for (uint32_t r = 0; r < R; ++r)
-      if (used[r] < slots && (best == R || per[r] < per[best])) best = r;
-    (*rank_of)[j] = best;
-    used[best]++;
-    per[best] += load[j];
-  }
-}
-
-}  // namespace
-
-Result<Placement> AffinityPlacement(const ExpertAffinity& a, uint32_t ranks, const PlacementOptions& o) {
-  TE_RETURN_IF_ERROR(CheckShape(a.experts, ranks, o.nodes));
-  if (a.layers == 0) return InvalidArgument("affinity has no layers");
-  if (o.load_slack < 0) return InvalidArgument("load_slack must be >= 0");
-  Placement p{a.layers, a.experts, ranks, {}};
-  p.rank_of.assign(a.layers, std::vector<uint32_t>(a.experts, 0));
-  auto cap_of = [&](uint32_t l) {
-    const uint64_t total = std::accumulate(a.load[l].begin(), a.load[l].end(), uint64_t(0));
-    const uint64_t heaviest = *std::max_element(a.load[l].begin(), a.load[l].end());
-    return std::max((1.0 + o.load_slack) * double(total) / ranks, double(heaviest));
-  };
-  std::vector<double> score;
-  // Forward: each layer follows the one before it.
-  for (uint32_t l = 0; l < a.layers; ++l) {
-    Score(a, p, l, o.nodes, /*backward=*/false, &score);
-    GreedyLayer(score, a.load[l], ranks, cap_of(l), &p.rank_of[l]);
-    SwapSearch(score, a.load[l], ranks, cap_of(l), &p.rank_of[l]);
-  }
-  // Refinement: each layer against both neighbours.
-  for (int s = 0; s < o.refine_sweeps; ++s)
-    for (uint32_t l = 0; l < a.layers; ++l) {
-      Score(a, p, l, o.nodes, /*backward=*/true, &score);
-      SwapSearch(score, a.load[l], ranks, cap_of(l), &p.rank_of[l]);
-    }
-  TE_RETURN_IF_ERROR(p.Validate());
-  return p;
+std::vector<std::vector<uint64_t>> LayerLoads(const RoutingTrace& t) {
+  std::vector<std::vector<uint64_t>> load(t.layers, std::vector<uint64_t>(t.experts, 0));
+  for (uint32_t tok = 0; tok < t.tokens; ++tok)
+    for (uint32_t l = 0; l < t.layers; ++l)
+      for (uint32_t k = 0; k < t.topk; ++k)
+        if (const int e = t.at(tok, l, k); e >= 0) load[l][e]++;
+  return load;
 }
 
 PlacementStats Evaluate(const RoutingTrace& t, const Placement& p, uint32_t nodes) {
@@ -250,9 +140,12 @@ PlacementStats Evaluate(const RoutingTrace& t, const Placement& p, uint32_t node
   }
   s.cross_rank_hops_per_token = double(rank_hops) / t.tokens;
   s.cross_node_hops_per_token = double(node_hops) / t.tokens;
-  const ExpertAffinity a = ExpertAffinity::FromTrace(t);
-  for (uint32_t l = 0; l < t.layers; ++l)
-    s.max_load_imbalance = std::max(s.max_load_imbalance, LoadImbalance(a.load[l], p.rank_of[l], p.ranks));
+  const auto load = LayerLoads(t);
+  for (uint32_t l = 0; l < t.layers; ++l) {
+    s.max_load_imbalance = std::max(s.max_load_imbalance, LoadImbalance(load[l], p.rank_of[l], p.ranks));
+    s.max_node_load_imbalance =
+        std::max(s.max_node_load_imbalance, NodeLoadImbalance(load[l], p.rank_of[l], p.ranks, std::max(1u, nodes)));
+  }
   return s;
 }
 

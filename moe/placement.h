@@ -1,10 +1,9 @@
-// Expert placement for MoE expert parallelism.
-//
-// Affinity: P(expert j at layer l+1 | expert i at layer l), estimated from a
-// routing trace. Placement: each layer's experts on ranks, an equal number
-// per rank, ranks grouped into nodes, chosen so that a token's consecutive
-// experts stay on the ranks it is already on as often as possible, under a
-// per-rank load cap. Replication: EPLB-style extra slots for hot experts.
+// Expert placement for MoE expert parallelism: the Placement type (each
+// layer's experts on ranks, an equal number per rank, ranks grouped into
+// nodes), the baselines (round-robin, random), trace statistics (loads,
+// inter-layer affinity, hop counts) and EPLB-style replication. The solver
+// that fits a placement to a trace: moe/placement_solver.h; the bytes a
+// placement makes dispatch move: moe/dispatch_cost.h.
 #pragma once
 
 #include <cstdint>
@@ -44,19 +43,13 @@ Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes);
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks);
 Placement RandomPlacement(uint32_t layers, uint32_t experts, uint32_t ranks, uint64_t seed);
 
-struct PlacementOptions {
-  uint32_t nodes = 1;        // ranks are split evenly into nodes
-  double load_slack = 0.25;  // a rank's load stays <= (1 + slack) x mean, where feasible
-  int refine_sweeps = 2;     // passes that look at both neighbouring layers
-};
-Result<Placement> AffinityPlacement(const ExpertAffinity& affinity, uint32_t ranks, const PlacementOptions& options);
-
 struct PlacementStats {
   // Per token, summed over layer transitions: experts at layer l+1 on a rank
   // (node) that holds none of the token's experts at layer l.
   double cross_rank_hops_per_token = 0;
   double cross_node_hops_per_token = 0;
-  double max_load_imbalance = 0;  // max over layers of (max rank load / mean)
+  double max_load_imbalance = 0;       // max over layers of (max rank load / mean)
+  double max_node_load_imbalance = 0;  // the same per node
 };
 PlacementStats Evaluate(const RoutingTrace& trace, const Placement& placement, uint32_t nodes);
 
@@ -72,5 +65,10 @@ struct Replication {
 Result<Replication> ReplicateHotExperts(const std::vector<uint64_t>& load, uint32_t ranks, uint32_t slots_per_rank);
 // max rank load / mean for one layer of a placement.
 double LoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32_t>& rank_of, uint32_t ranks);
+// max node load / mean (ranks r of node r / (ranks / nodes)).
+double NodeLoadImbalance(const std::vector<uint64_t>& load, const std::vector<uint32_t>& rank_of, uint32_t ranks,
+                         uint32_t nodes);
+// load[l][e]: tokens routed to expert e at layer l.
+std::vector<std::vector<uint64_t>> LayerLoads(const RoutingTrace& trace);
 
 }  // namespace te::moe

@@ -1,11 +1,7 @@
 #include "moe/routing_trace.h"
 
-#include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <fstream>
-#include <numeric>
-#include <random>
 
 #include "base/crc32c.h"
 
@@ -88,58 +84,6 @@ Result<RoutingTrace> ReadTrace(const std::string& path) {
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), {});
   auto t = ParseTrace(bytes);
   if (!t.ok()) return t.status().WithContext("reading '" + path + "'");
-  return t;
-}
-
-Result<RoutingTrace> GenerateTrace(const TraceOptions& o) {
-  if (o.affinity < 0 || o.affinity > 1)
-    return InvalidArgument("affinity " + std::to_string(o.affinity) + " outside [0, 1]");
-  if (o.skew < 0) return InvalidArgument("skew " + std::to_string(o.skew) + " is negative");
-  RoutingTrace t;
-  t.tokens = o.tokens;
-  t.layers = o.layers;
-  t.topk = o.topk;
-  t.experts = o.experts;
-  t.ids.assign(size_t(o.tokens) * o.layers * o.topk, -1);
-  TE_RETURN_IF_ERROR(t.Validate());
-  std::mt19937_64 rng(o.seed);
-  // Per layer: a popularity order (Zipf over a random permutation) and, for
-  // each expert, its planted successor at the next layer (a permutation, so
-  // successors spread over all experts).
-  std::vector<std::discrete_distribution<int>> popularity;
-  std::vector<std::vector<int>> successor(o.layers);
-  for (uint32_t l = 0; l < o.layers; ++l) {
-    std::vector<int> perm(o.experts);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    std::vector<double> w(o.experts);
-    for (uint32_t r = 0; r < o.experts; ++r) w[perm[r]] = 1.0 / std::pow(double(r + 1), o.skew);
-    popularity.emplace_back(w.begin(), w.end());
-    successor[l].resize(o.experts);
-    std::iota(successor[l].begin(), successor[l].end(), 0);
-    std::shuffle(successor[l].begin(), successor[l].end(), rng);
-  }
-  // Tokens come from their own stream, so two sample seeds give two
-  // independent traces of the same model.
-  rng.seed(o.seed * 0x9E3779B97F4A7C15ull + o.sample_seed + 1);
-  std::uniform_real_distribution<double> coin(0, 1);
-  std::vector<int> chosen;
-  for (uint32_t tok = 0; tok < o.tokens; ++tok) {
-    for (uint32_t l = 0; l < o.layers; ++l) {
-      chosen.clear();
-      for (uint32_t k = 0; k < o.topk; ++k) {
-        int e = -1;
-        if (l > 0 && coin(rng) < o.affinity) {
-          const int prev = t.at(tok, l - 1, k);
-          e = successor[l - 1][prev];
-          if (std::find(chosen.begin(), chosen.end(), e) != chosen.end()) e = -1;
-        }
-        while (e < 0 || std::find(chosen.begin(), chosen.end(), e) != chosen.end()) e = popularity[l](rng);
-        chosen.push_back(e);
-        t.at(tok, l, k) = int16_t(e);
-      }
-    }
-  }
   return t;
 }
 

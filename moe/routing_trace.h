@@ -1,7 +1,6 @@
 // RoutingTrace: which experts every token chose at every layer
-// (tokens x layers x top-k expert ids, -1 = no expert), a file format for it,
-// and a generator of synthetic traces with planted inter-layer affinity and
-// expert popularity skew.
+// (tokens x layers x top-k expert ids, -1 = no expert), and its file format.
+// Synthetic traces: moe/trace_generator.h.
 //
 // File: "TEMOETR1" | u32 tokens | u32 layers | u32 topk | u32 experts |
 //       tokens*layers*topk x i16 ids (token-major, then layer, then k) |
@@ -32,17 +31,5 @@ Status WriteTrace(const RoutingTrace& trace, const std::string& path);
 Result<RoutingTrace> ReadTrace(const std::string& path);
 Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& bytes);
 std::vector<uint8_t> SerializeTrace(const RoutingTrace& trace);
-
-struct TraceOptions {
-  uint32_t tokens = 4096, layers = 8, topk = 8, experts = 64;
-  // Probability that a token's k-th expert at layer l+1 is the planted
-  // successor of its k-th expert at layer l (else drawn by popularity).
-  double affinity = 0.8;
-  // Zipf exponent of expert popularity within a layer (0 = uniform).
-  double skew = 0.5;
-  uint64_t seed = 1;         // the model: popularity orders and planted successors
-  uint64_t sample_seed = 0;  // which tokens are drawn from it (held-out traces)
-};
-Result<RoutingTrace> GenerateTrace(const TraceOptions& options);
 
 }  // namespace te::moe

@@ -1,67 +1,123 @@
 // te-moe: expert placement from routing traces.
 //
-//   te-moe gen --out=trace.bin --tokens=8192 --layers=60 --experts=256 --topk=8 --affinity=0.8
-//   te-moe place --trace=trace.bin --ranks=64 --nodes=8 [--extra_slots=1] [--json]
+//   te-moe gen --out=fit.bin --model=groups --tokens=8192 --layers=32 --experts=256 --topk=8
+//   te-moe gen --out=held.bin --model=groups ... --sample_seed=1 --ranks=64 --nodes=8 --oracle_out=oracle.csv
+//   te-moe place --trace=fit.bin --eval_trace=held.bin --ranks=64 --nodes=8 --oracle=oracle.csv [--json]
 //
-// `place` compares round-robin, random and affinity-aware placement: cross-
-// rank and cross-node hops per token (a token's expert at layer l+1 on a
-// rank/node that holds none of its experts at layer l) and per-rank load
-// imbalance; with --extra_slots, EPLB-style replication of hot experts.
+// `place` fits a placement to --trace (moe/placement_solver.h) and judges it,
+// with round-robin, random and an optional given placement (--oracle), on
+// --eval_trace: the records dispatch sends across ranks and across nodes per
+// token and layer (moe/dispatch_cost.h; combine returns as many), inter-
+// layer hops, and per-rank and per-node load imbalance.
 #include <gflags/gflags.h>
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
+#include "moe/dispatch_cost.h"
 #include "moe/placement.h"
+#include "moe/placement_file.h"
+#include "moe/placement_solver.h"
 #include "moe/routing_trace.h"
+#include "moe/trace_generator.h"
 #include "tools/tool_support.h"
 
 DEFINE_string(out, "", "gen: trace file to write");
-DEFINE_string(trace, "", "place: trace file to read");
+DEFINE_string(trace, "", "place: trace file to fit the placement to");
+DEFINE_string(model, "chain",
+              "gen: trace model: chain (inter-layer successors), groups (co-activation groups), "
+              "popularity (skew only)");
 DEFINE_uint32(tokens, 8192, "gen: tokens");
 DEFINE_uint32(layers, 16, "gen: MoE layers");
 DEFINE_uint32(experts, 64, "gen: experts per layer");
 DEFINE_uint32(topk, 8, "gen: experts per token");
-DEFINE_double(affinity, 0.8, "gen: probability a token follows its expert's planted successor");
+DEFINE_double(affinity, 0.8, "gen: chain: P(follow the planted successor); groups: P(draw from the token's group)");
 DEFINE_double(skew, 0.5, "gen: Zipf exponent of expert popularity");
-DEFINE_uint64(seed, 1, "gen: seed of the model (popularity, planted successors); place: seed of the random baseline");
+DEFINE_uint32(group_size, 16, "gen: groups: experts per co-activation group");
+DEFINE_uint64(seed, 1, "gen: seed of the model; place: seed of the random baseline");
 DEFINE_uint64(sample_seed, 0, "gen: which tokens are drawn from the model (another value gives a held-out trace)");
+DEFINE_string(oracle_out, "",
+              "gen: also write the placement the model's structure suggests (--ranks, --nodes, --home)");
 DEFINE_string(eval_trace, "", "place: judge placements on this (held-out) trace instead of --trace");
-DEFINE_uint32(ranks, 8, "place: EP ranks");
-DEFINE_uint32(nodes, 1, "place: nodes the ranks are split into");
-DEFINE_double(load_slack, 0.25, "place: rank load cap is (1 + slack) x mean, where feasible");
+DEFINE_string(oracle, "", "place: also judge this placement CSV (e.g. te-moe gen --oracle_out)");
+DEFINE_uint32(ranks, 8, "EP ranks");
+DEFINE_uint32(nodes, 1, "nodes the ranks are split into (ranks r of node r / (ranks / nodes))");
+DEFINE_string(home, "source",
+              "where a token is dispatched from: source (rank t % ranks, the normal mode) or top1 "
+              "(its previous top-1 expert's rank, context-coherent)");
+DEFINE_double(load_slack, 0.25, "place: node and rank load cap is (1 + slack) x mean, where feasible");
 DEFINE_uint32(extra_slots, 0, "place: extra expert slots per rank for replication (EPLB)");
-DEFINE_string(placement_out, "", "place: write the affinity placement (layer, expert, rank) as CSV");
+DEFINE_string(placement_out, "", "place: write the fitted placement (layer, expert, rank) as CSV");
 DEFINE_bool(json, false, "Print JSON");
 
 namespace {
 
 using te::tools::Die;
+namespace moe = te::moe;
+
+moe::TokenHome HomeFlag() {
+  if (FLAGS_home == "source") return moe::TokenHome::kSource;
+  if (FLAGS_home == "top1") return moe::TokenHome::kTop1;
+  Die("--home=" + FLAGS_home + ": use source or top1");
+}
 
 int Gen() {
   if (FLAGS_out.empty()) Die("gen needs --out=FILE");
-  te::moe::TraceOptions o{FLAGS_tokens,   FLAGS_layers, FLAGS_topk, FLAGS_experts,
-                          FLAGS_affinity, FLAGS_skew,   FLAGS_seed, FLAGS_sample_seed};
-  auto t = te::moe::GenerateTrace(o);
+  const auto model = moe::ParseTraceModel(FLAGS_model);
+  if (!model.ok()) Die(model.status().ToString());
+  moe::TraceOptions o;
+  o.tokens = FLAGS_tokens;
+  o.layers = FLAGS_layers;
+  o.topk = FLAGS_topk;
+  o.experts = FLAGS_experts;
+  o.model = model.value();
+  o.affinity = FLAGS_affinity;
+  o.skew = FLAGS_skew;
+  o.group_size = FLAGS_group_size;
+  o.seed = FLAGS_seed;
+  o.sample_seed = FLAGS_sample_seed;
+  auto t = moe::GenerateTrace(o);
   if (!t.ok()) Die(t.status().ToString());
-  auto st = te::moe::WriteTrace(t.value(), FLAGS_out);
-  if (!st.ok()) Die(st.ToString());
-  printf("wrote %s: %u tokens x %u layers x top-%u of %u experts (affinity %.2f, skew %.2f)\n", FLAGS_out.c_str(),
-         o.tokens, o.layers, o.topk, o.experts, o.affinity, o.skew);
+  if (auto st = moe::WriteTrace(t.value(), FLAGS_out); !st.ok()) Die(st.ToString());
+  printf("wrote %s: %s model, %u tokens x %u layers x top-%u of %u experts (affinity %.2f, skew %.2f)\n",
+         FLAGS_out.c_str(), moe::TraceModelName(o.model), o.tokens, o.layers, o.topk, o.experts, o.affinity, o.skew);
+  if (!FLAGS_oracle_out.empty()) {
+    auto oracle = moe::OraclePlacement(o, FLAGS_ranks, FLAGS_nodes, HomeFlag() == moe::TokenHome::kTop1);
+    if (!oracle.ok()) Die(oracle.status().ToString());
+    if (auto st = moe::WritePlacementCsv(oracle.value(), FLAGS_oracle_out); !st.ok()) Die(st.ToString());
+    printf("wrote %s: the model's own placement on %u ranks in %u node(s)\n", FLAGS_oracle_out.c_str(), FLAGS_ranks,
+           FLAGS_nodes);
+  }
   return 0;
 }
 
+struct Row {
+  std::string name;
+  moe::DispatchCost flat, hier;
+  moe::PlacementStats stats;
+};
+
+Row Judge(const std::string& name, const moe::RoutingTrace& t, const moe::Placement& p) {
+  const moe::TokenHome home = HomeFlag();
+  auto flat = moe::CountRecords(t, p, {FLAGS_nodes, home, false});
+  auto hier = moe::CountRecords(t, p, {FLAGS_nodes, home, true});
+  if (!flat.ok()) Die(flat.status().ToString());
+  if (!hier.ok()) Die(hier.status().ToString());
+  return {name, std::move(flat).value(), std::move(hier).value(), moe::Evaluate(t, p, FLAGS_nodes)};
+}
+
+double Reduction(double base, double value) { return base > 0 ? 1.0 - value / base : 0.0; }
+
 int Place() {
   if (FLAGS_trace.empty()) Die("place needs --trace=FILE (make one with te-moe gen)");
-  auto trace = te::moe::ReadTrace(FLAGS_trace);
+  auto trace = moe::ReadTrace(FLAGS_trace);
   if (!trace.ok()) Die(trace.status().ToString());
   const auto& t = trace.value();
-  te::moe::RoutingTrace eval_trace;
+  moe::RoutingTrace eval_trace;
   if (!FLAGS_eval_trace.empty()) {
-    auto e = te::moe::ReadTrace(FLAGS_eval_trace);
+    auto e = moe::ReadTrace(FLAGS_eval_trace);
     if (!e.ok()) Die(e.status().ToString());
     eval_trace = std::move(e).value();
     if (eval_trace.layers != t.layers || eval_trace.experts != t.experts)
@@ -69,52 +125,73 @@ int Place() {
           " experts; --trace has " + std::to_string(t.layers) + " x " + std::to_string(t.experts));
   }
   const auto& judged = FLAGS_eval_trace.empty() ? t : eval_trace;
-  if (auto st = te::moe::CheckShape(t.experts, FLAGS_ranks, FLAGS_nodes); !st.ok()) Die(st.ToString());
-  if (auto st = te::moe::ExpertAffinity::CheckSize(t.layers, t.experts); !st.ok()) Die(st.ToString());
-  const auto t0 = std::chrono::steady_clock::now();
-  const auto affinity = te::moe::ExpertAffinity::FromTrace(t);
-  te::moe::PlacementOptions po;
+  if (auto st = moe::CheckShape(t.experts, FLAGS_ranks, FLAGS_nodes); !st.ok()) Die(st.ToString());
+  moe::PlacementOptions po;
   po.nodes = FLAGS_nodes;
+  po.home = HomeFlag();
   po.load_slack = FLAGS_load_slack;
-  auto placed = te::moe::AffinityPlacement(affinity, FLAGS_ranks, po);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto placed = moe::PlaceExperts(t, FLAGS_ranks, po);
   if (!placed.ok()) Die(placed.status().ToString());
   const double solve_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  struct Row {
-    const char* name;
-    te::moe::PlacementStats s;
-  };
-  std::vector<Row> rows = {
-      {"round-robin", Evaluate(judged, te::moe::RoundRobinPlacement(t.layers, t.experts, FLAGS_ranks), FLAGS_nodes)},
-      {"random", Evaluate(judged, te::moe::RandomPlacement(t.layers, t.experts, FLAGS_ranks, FLAGS_seed), FLAGS_nodes)},
-      {"affinity", Evaluate(judged, placed.value(), FLAGS_nodes)}};
-  const double base = rows[0].s.cross_rank_hops_per_token;
+  std::vector<Row> rows;
+  rows.push_back(Judge("round-robin", judged, moe::RoundRobinPlacement(t.layers, t.experts, FLAGS_ranks)));
+  rows.push_back(Judge("random", judged, moe::RandomPlacement(t.layers, t.experts, FLAGS_ranks, FLAGS_seed)));
+  rows.push_back(Judge("solver", judged, placed.value()));
+  if (!FLAGS_oracle.empty()) {
+    auto oracle = moe::ReadPlacementCsv(FLAGS_oracle, t.layers, t.experts, FLAGS_ranks);
+    if (!oracle.ok()) Die(oracle.status().ToString());
+    rows.push_back(Judge("oracle", judged, oracle.value()));
+  }
+  const Row& rr = rows[0];
+  const double rr_rank = rr.hier.rank_per_token_layer(), rr_node = rr.hier.node_per_token_layer();
   if (!FLAGS_json) {
-    printf("trace: %u tokens x %u layers x top-%u of %u experts; %u ranks in %u node(s); solved in %.2f s%s\n",
-           t.tokens, t.layers, t.topk, t.experts, FLAGS_ranks, FLAGS_nodes, solve_s,
-           FLAGS_eval_trace.empty() ? "" : "; judged on the held-out --eval_trace");
-    printf("%-12s %18s %18s %14s %16s\n", "placement", "cross-rank/token", "cross-node/token", "vs round-robin",
-           "load imbalance");
+    printf("%u tokens x %u layers x top-%u of %u experts; %u ranks in %u node(s); home %s; solved in %.2f s%s\n",
+           t.tokens, t.layers, t.topk, t.experts, FLAGS_ranks, FLAGS_nodes, FLAGS_home.c_str(), solve_s,
+           FLAGS_eval_trace.empty() ? " (judged on the fitted trace)" : "; judged on the held-out --eval_trace");
+    printf("records per token and layer (dispatch; combine returns as many)\n");
+    printf("%-12s %10s %8s %10s %8s %10s %10s %9s %9s\n", "placement", "x-rank", "vs rr", "x-node", "vs rr", "x-node",
+           "hops", "imbal.", "imbal.");
+    printf("%-12s %10s %8s %10s %8s %10s %10s %9s %9s\n", "", "", "", "(hier.)", "", "(flat)", "x-rank", "rank",
+           "node");
   }
   for (const auto& r : rows) {
-    const double reduction = base > 0 ? 1.0 - r.s.cross_rank_hops_per_token / base : 0;
-    if (FLAGS_json)
+    const double rank = r.hier.rank_per_token_layer(), node = r.hier.node_per_token_layer();
+    const double flat_node = r.flat.node_per_token_layer();
+    if (FLAGS_json) {
       printf(
-          "{\"placement\":\"%s\",\"ranks\":%u,\"nodes\":%u,\"cross_rank_hops_per_token\":%.3f,"
-          "\"cross_node_hops_per_token\":%.3f,\"reduction_vs_round_robin\":%.4f,\"max_load_imbalance\":%.3f,"
+          "{\"placement\":\"%s\",\"ranks\":%u,\"nodes\":%u,\"home\":\"%s\",\"tokens\":%u,\"layers\":%u,"
+          "\"rank_records\":%llu,\"node_records_hierarchical\":%llu,\"node_records_flat\":%llu,"
+          "\"rank_records_per_token_layer\":%.4f,\"node_records_per_token_layer\":%.4f,"
+          "\"rank_reduction_vs_round_robin\":%.4f,\"node_reduction_vs_round_robin\":%.4f,"
+          "\"cross_rank_hops_per_token\":%.3f,\"max_rank_load_imbalance\":%.3f,\"max_node_load_imbalance\":%.3f,"
           "\"solve_seconds\":%.3f}\n",
-          r.name, FLAGS_ranks, FLAGS_nodes, r.s.cross_rank_hops_per_token, r.s.cross_node_hops_per_token, reduction,
-          r.s.max_load_imbalance, solve_s);
-    else
-      printf("%-12s %18.2f %18.2f %13.1f%% %16.3f\n", r.name, r.s.cross_rank_hops_per_token,
-             r.s.cross_node_hops_per_token, 100 * reduction, r.s.max_load_imbalance);
+          r.name.c_str(), FLAGS_ranks, FLAGS_nodes, FLAGS_home.c_str(), judged.tokens, judged.layers,
+          (unsigned long long)r.hier.total().rank, (unsigned long long)r.hier.total().node,
+          (unsigned long long)r.flat.total().node, rank, node, Reduction(rr_rank, rank), Reduction(rr_node, node),
+          r.stats.cross_rank_hops_per_token, r.stats.max_load_imbalance, r.stats.max_node_load_imbalance, solve_s);
+    } else {
+      printf("%-12s %10.3f %7.1f%% %10.3f %7.1f%% %10.3f %10.2f %9.3f %9.3f\n", r.name.c_str(), rank,
+             100 * Reduction(rr_rank, rank), node, 100 * Reduction(rr_node, node), flat_node,
+             r.stats.cross_rank_hops_per_token, r.stats.max_load_imbalance, r.stats.max_node_load_imbalance);
+    }
+  }
+  if (rows.size() == 4 && !FLAGS_json) {
+    // How much of the oracle's saving against round-robin the solver reaches.
+    const auto share = [&](double rr_v, double solver, double oracle) {
+      return rr_v - oracle > 1e-12 ? (rr_v - solver) / (rr_v - oracle) : 0.0;
+    };
+    printf("solver reaches %.1f%% of the oracle's saving across ranks and %.1f%% across nodes\n",
+           100 * share(rr_rank, rows[2].hier.rank_per_token_layer(), rows[3].hier.rank_per_token_layer()),
+           100 * share(rr_node, rows[2].hier.node_per_token_layer(), rows[3].hier.node_per_token_layer()));
   }
   if (FLAGS_extra_slots > 0) {
+    const auto load = moe::LayerLoads(t);
     double before = 0, after = 0;
     for (uint32_t l = 0; l < t.layers; ++l) {
-      before = std::max(before, te::moe::LoadImbalance(affinity.load[l], placed->rank_of[l], FLAGS_ranks));
-      auto rep =
-          te::moe::ReplicateHotExperts(affinity.load[l], FLAGS_ranks, t.experts / FLAGS_ranks + FLAGS_extra_slots);
+      before = std::max(before, moe::LoadImbalance(load[l], placed->rank_of[l], FLAGS_ranks));
+      auto rep = moe::ReplicateHotExperts(load[l], FLAGS_ranks, t.experts / FLAGS_ranks + FLAGS_extra_slots);
       if (!rep.ok()) Die(rep.status().ToString());
       after = std::max(after, rep->imbalance);
     }
@@ -122,15 +199,13 @@ int Place() {
       printf("{\"replication_extra_slots\":%u,\"imbalance_before\":%.3f,\"imbalance_after\":%.3f}\n", FLAGS_extra_slots,
              before, after);
     else
-      printf("EPLB replication, %u extra slot(s) per rank: worst-layer load imbalance %.3f -> %.3f\n",
-             FLAGS_extra_slots, before, after);
+      printf(
+          "EPLB replication (repacks from scratch), %u extra slot(s) per rank: worst-layer load imbalance %.3f -> "
+          "%.3f\n",
+          FLAGS_extra_slots, before, after);
   }
-  if (!FLAGS_placement_out.empty()) {
-    std::ofstream out(FLAGS_placement_out);
-    out << "layer,expert,rank\n";
-    for (uint32_t l = 0; l < t.layers; ++l)
-      for (uint32_t e = 0; e < t.experts; ++e) out << l << "," << e << "," << placed->rank_of[l][e] << "\n";
-  }
+  if (!FLAGS_placement_out.empty())
+    if (auto st = moe::WritePlacementCsv(placed.value(), FLAGS_placement_out); !st.ok()) Die(st.ToString());
   return 0;
 }
 

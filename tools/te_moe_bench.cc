@@ -32,6 +32,7 @@
 #include "moe/ep_dispatcher.h"
 #include "moe/numeric_formats.h"
 #include "moe/placement.h"
+#include "moe/placement_file.h"
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
 #include "tools/mpi_allgather.h"
@@ -336,26 +337,6 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
 }
 
-std::vector<std::vector<uint32_t>> ReadPlacementCsv(const std::string& path, const moe::RoutingTrace& t,
-                                                    uint32_t ranks) {
-  std::ifstream in(path);
-  if (!in) Die("cannot read --placement " + path);
-  std::vector<std::vector<uint32_t>> rank_of(t.layers, std::vector<uint32_t>(t.experts, UINT32_MAX));
-  std::string line;
-  std::getline(in, line);  // header
-  while (std::getline(in, line)) {
-    uint32_t l, e, r;
-    if (sscanf(line.c_str(), "%u,%u,%u", &l, &e, &r) != 3 || l >= t.layers || e >= t.experts || r >= ranks)
-      Die("--placement line '" + line + "' is not layer,expert,rank within the trace and --ep");
-    rank_of[l][e] = r;
-  }
-  for (uint32_t l = 0; l < t.layers; ++l)
-    for (uint32_t e = 0; e < t.experts; ++e)
-      if (rank_of[l][e] == UINT32_MAX)
-        Die("--placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
-  return rank_of;
-}
-
 int Worker() {
   MPI_Init(nullptr, nullptr);
   int rank, ranks;
@@ -392,8 +373,8 @@ int Worker() {
     auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
     RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr.rank_of, rank, ranks);
     if (!FLAGS_placement.empty()) {
-      auto placed = ReadPlacementCsv(FLAGS_placement, trace, ranks);
-      RunCase(engine.get(), shape, payload, "placement", &trace, &placed, rank, ranks);
+      auto placed = Must(moe::ReadPlacementCsv(FLAGS_placement, trace.layers, trace.experts, ranks), "--placement");
+      RunCase(engine.get(), shape, payload, "placement", &trace, &placed.rank_of, rank, ranks);
     }
   }
   engine.reset();

@@ -5,6 +5,7 @@
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
 #include "moe/routing_trace.h"
+#include "moe/trace_generator.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
 #include "transfer/control_channel.h"

@@ -3,10 +3,16 @@
 #include <unistd.h>
 #include <cstdio>
 #include <numeric>
+#include <random>
 #include <set>
 
+#include "moe/dispatch_cost.h"
+#include "moe/expert_partition.h"
 #include "moe/placement.h"
+#include "moe/placement_file.h"
+#include "moe/placement_solver.h"
 #include "moe/routing_trace.h"
+#include "moe/trace_generator.h"
 
 namespace te::moe {
 namespace {
@@ -79,63 +85,213 @@ TEST(Affinity, PlantedAffinityShowsInTheConditionalProbabilities) {
   EXPECT_NEAR(row, 1.0, 1e-9);
 }
 
+TraceOptions Model(TraceModel model, uint32_t experts, uint32_t layers, uint64_t sample) {
+  TraceOptions o;
+  o.model = model;
+  o.tokens = 4096;
+  o.layers = layers;
+  o.experts = experts;
+  o.topk = 8;
+  o.group_size = 16;
+  o.affinity = 0.8;
+  o.skew = model == TraceModel::kPopularity ? 1.0 : 0.5;
+  o.sample_seed = sample;
+  return o;
+}
+
+RecordCount Records(const RoutingTrace& t, const Placement& p, uint32_t nodes, TokenHome home = TokenHome::kSource) {
+  auto c = CountRecords(t, p, {nodes, home, /*hierarchical=*/true});
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  return c.ok() ? c->total() : RecordCount{};
+}
+
+TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
+  // 2 tokens x 2 layers x top-3 over 8 experts; 4 ranks in 2 nodes; round
+  // robin: expert e on rank e % 4, node (e % 4) / 2.
+  RoutingTrace t;
+  t.tokens = 2, t.layers = 2, t.topk = 3, t.experts = 8;
+  t.ids = {/*token 0*/ 1, 5, 2, /*layer 1*/ 3, 7, -1, /*token 1*/ 0, 4, 1, /*layer 1*/ 6, 2, 3};
+  const Placement p = RoundRobinPlacement(2, 8, 4);
+  // Token 0 lives on rank 0 (node 0), token 1 on rank 1 (node 0).
+  // Layer 0: token 0 -> experts 1,5 (rank 1), 2 (rank 2): ranks {1, 2}: 2
+  // records, 1 to node 1. Token 1 -> 0 (rank 0), 4 (rank 0), 1 (its own
+  // rank): 1 record (rank 0), same node.
+  // Layer 1: token 0 -> 3, 7 (rank 3): 1 record, node 1. Token 1 -> 6 (rank
+  // 2), 2 (rank 2), 3 (rank 3): ranks {2, 3}: 2 records, both node 1: flat 2
+  // crossings, hierarchical 1.
+  auto flat = CountRecords(t, p, {2, TokenHome::kSource, false}).value();
+  auto hier = CountRecords(t, p, {2, TokenHome::kSource, true}).value();
+  ASSERT_EQ(flat.layers.size(), 2u);
+  EXPECT_EQ(flat.layers[0].rank, 3u);
+  EXPECT_EQ(flat.layers[0].node, 1u);
+  EXPECT_EQ(flat.layers[1].rank, 3u);
+  EXPECT_EQ(flat.layers[1].node, 3u);
+  EXPECT_EQ(hier.layers[1].rank, 3u);
+  EXPECT_EQ(hier.layers[1].node, 2u);
+  // Context-coherent: at layer 1 token 0 lives on its top-1's rank (expert 1:
+  // rank 1), token 1 on expert 0's rank 0. Token 0 -> rank 3: 1 record, node
+  // 1. Token 1 -> ranks {2, 3}: 2 records, node 1 once.
+  auto top1 = CountRecords(t, p, {2, TokenHome::kTop1, true}).value();
+  EXPECT_EQ(top1.layers[1].rank, 3u);
+  EXPECT_EQ(top1.layers[1].node, 2u);
+  EXPECT_EQ(TokenHomes(t, p, TokenHome::kTop1, 1), (std::vector<uint32_t>{1, 0}));
+  EXPECT_FALSE(CountRecords(t, p, {3, TokenHome::kSource, false}).ok());  // 4 ranks into 3 nodes
+  EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(3, 8, 4), {}).ok());   // layers differ
+}
+
+TEST(ExpertPartition, FindsAPlantedPartitionAndCountsExactly) {
+  // 16 experts in 4 planted groups of 4 (scattered ids); every token uses 3
+  // experts of one group. The best partition into 4 parts costs one part
+  // per token.
+  PartitionProblem p;
+  p.items = 16;
+  p.parts = 4;
+  p.load.assign(16, 0);
+  std::mt19937_64 rng(5);
+  for (uint32_t t = 0; t < 400; ++t) {
+    const uint32_t g = t % 4;
+    uint32_t members[3];
+    for (uint32_t k = 0; k < 3; ++k) members[k] = (g + 4 * ((t / 4 + k) % 4)) % 16;  // group g: g, g+4, g+8, g+12
+    p.AddToken(members, 3, -1);
+    for (uint32_t m : members) p.load[m]++;
+  }
+  p.cap = 1.25 * 1200 / 4;
+  const auto parts = SolvePartition(p);
+  ASSERT_EQ(parts.size(), 16u);
+  std::vector<uint32_t> per(4, 0);
+  for (uint32_t x = 0; x < 16; ++x) per[parts[x]]++;
+  EXPECT_EQ(per, (std::vector<uint32_t>{4, 4, 4, 4}));
+  EXPECT_EQ(PartitionCost(p, parts), 400u);
+  // A home counts as a part the token holds.
+  PartitionProblem h;
+  h.items = 2, h.parts = 2, h.load = {1, 1}, h.cap = 2;
+  const uint32_t one = 0;
+  h.AddToken(&one, 1, 1);
+  EXPECT_EQ(PartitionCost(h, {0, 1}), 2u);
+  EXPECT_EQ(PartitionCost(h, {1, 0}), 1u);
+  EXPECT_EQ(SolvePartition(h), (std::vector<uint32_t>{1, 0}));
+}
+
 TEST(Placement, SolverKeepsEveryInvariant) {
-  auto t = Trace(0.8, 1.0);
-  auto a = ExpertAffinity::FromTrace(t);
+  auto t = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 4, 0)).value();
   PlacementOptions o;
   o.nodes = 2;
-  auto p = AffinityPlacement(a, 8, o);
+  auto p = PlaceExperts(t, 8, o);
   ASSERT_TRUE(p.ok()) << p.status().ToString();
   ASSERT_TRUE(p->Validate().ok());  // every expert placed, 8 per rank
+  const auto load = LayerLoads(t);
   for (uint32_t l = 0; l < t.layers; ++l) {
-    const uint64_t total = std::accumulate(a.load[l].begin(), a.load[l].end(), uint64_t(0));
-    const uint64_t heaviest = *std::max_element(a.load[l].begin(), a.load[l].end());
-    const double cap = std::max(1.25 * total / 8.0, double(heaviest));
-    std::vector<uint64_t> per(8, 0);
-    for (uint32_t e = 0; e < t.experts; ++e) per[p->rank_of[l][e]] += a.load[l][e];
-    // The cap holds wherever the greedy fallback did not have to break it.
-    EXPECT_LE(double(*std::max_element(per.begin(), per.end())), cap * 1.35) << "layer " << l;
+    const uint64_t total = std::accumulate(load[l].begin(), load[l].end(), uint64_t(0));
+    const uint64_t heaviest = *std::max_element(load[l].begin(), load[l].end());
+    std::vector<uint64_t> rank(8, 0), node(2, 0);
+    for (uint32_t e = 0; e < t.experts; ++e)
+      rank[p->rank_of[l][e]] += load[l][e], node[p->rank_of[l][e] / 4] += load[l][e];
+    EXPECT_LE(double(*std::max_element(rank.begin(), rank.end())), std::max(1.25 * total / 8, double(heaviest)))
+        << "layer " << l;
+    EXPECT_LE(double(*std::max_element(node.begin(), node.end())), 1.25 * total / 2) << "layer " << l;
   }
-  EXPECT_FALSE(AffinityPlacement(a, 7, o).ok());  // 64 experts over 7 ranks
+  EXPECT_FALSE(PlaceExperts(t, 7, o).ok());  // 64 experts over 7 ranks
   o.nodes = 3;
-  EXPECT_FALSE(AffinityPlacement(a, 8, o).ok());  // 8 ranks into 3 nodes
+  EXPECT_FALSE(PlaceExperts(t, 8, o).ok());  // 8 ranks into 3 nodes
+  o.nodes = 2;
+  o.load_slack = -1;
+  EXPECT_FALSE(PlaceExperts(t, 8, o).ok());
 }
 
 // Placements are fitted on one trace and judged on another drawn from the
 // same model, so the solver is credited only for structure, not for noise.
-TEST(Placement, AffinityBeatsRoundRobinOnHeldOutTracesWithPlantedAffinity) {
-  auto fit = Trace(0.9, 0.5, 64, 8, /*sample=*/1);
-  auto held_out = Trace(0.9, 0.5, 64, 8, /*sample=*/2);
-  ASSERT_NE(fit.ids, held_out.ids);
-  auto p = AffinityPlacement(ExpertAffinity::FromTrace(fit), 8, {}).value();
-  const auto rr = Evaluate(held_out, RoundRobinPlacement(fit.layers, fit.experts, 8), 1);
-  const auto rnd = Evaluate(held_out, RandomPlacement(fit.layers, fit.experts, 8, 3), 1);
-  const auto aff = Evaluate(held_out, p, 1);
-  EXPECT_LT(aff.cross_rank_hops_per_token, 0.5 * rr.cross_rank_hops_per_token)
-      << "affinity " << aff.cross_rank_hops_per_token << " vs round-robin " << rr.cross_rank_hops_per_token;
-  EXPECT_LT(aff.cross_rank_hops_per_token, 0.5 * rnd.cross_rank_hops_per_token);
-}
-
-TEST(Placement, NoStructureMeansNoGainOnHeldOutTraces) {
-  // Uniform popularity and no affinity: any gain on the fitted trace is noise
-  // and must not carry over.
-  auto fit = Trace(0.0, 0.0, 64, 8, 1);
-  auto held_out = Trace(0.0, 0.0, 64, 8, 2);
-  auto p = AffinityPlacement(ExpertAffinity::FromTrace(fit), 8, {}).value();
-  const auto rr = Evaluate(held_out, RoundRobinPlacement(fit.layers, fit.experts, 8), 1);
-  const auto aff = Evaluate(held_out, p, 1);
-  EXPECT_NEAR(aff.cross_rank_hops_per_token / rr.cross_rank_hops_per_token, 1.0, 0.05);
-}
-
-TEST(Placement, NodesCutCrossNodeHops) {
-  auto t = Trace(0.7);
-  auto a = ExpertAffinity::FromTrace(t);
+// Savings are against round-robin, as a share of what the model's own
+// placement saves.
+TEST(Placement, ReachesTheOraclesSavingsOnCoactivationGroups) {
+  const TraceOptions fit_o = Model(TraceModel::kCoactivationGroups, 128, 4, 1);
+  TraceOptions held_o = fit_o;
+  held_o.sample_seed = 2;
+  auto fit = GenerateTrace(fit_o).value();
+  auto held = GenerateTrace(held_o).value();
   PlacementOptions o;
   o.nodes = 4;
-  auto aff = Evaluate(t, AffinityPlacement(a, 16, o).value(), 4);
-  auto rr = Evaluate(t, RoundRobinPlacement(t.layers, t.experts, 16), 4);
-  EXPECT_LT(aff.cross_node_hops_per_token, rr.cross_node_hops_per_token);
-  EXPECT_LE(aff.cross_node_hops_per_token, aff.cross_rank_hops_per_token);
+  auto p = PlaceExperts(fit, 16, o).value();
+  const auto rr = Records(held, RoundRobinPlacement(4, 128, 16), 4);
+  const auto oracle = Records(held, OraclePlacement(fit_o, 16, 4, false).value(), 4);
+  const auto mine = Records(held, p, 4);
+  ASSERT_LT(oracle.rank, rr.rank);
+  ASSERT_LT(oracle.node, rr.node);
+  EXPECT_GE(double(rr.rank - mine.rank), 0.9 * double(rr.rank - oracle.rank))
+      << "rank records: rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
+  EXPECT_GE(double(rr.node - mine.node), 0.9 * double(rr.node - oracle.node))
+      << "node records: rr " << rr.node << " solver " << mine.node << " oracle " << oracle.node;
+}
+
+TEST(Placement, ContextCoherentHomesUseInterLayerAffinity) {
+  const TraceOptions fit_o = Model(TraceModel::kSuccessorChain, 64, 6, 1);
+  TraceOptions held_o = fit_o;
+  held_o.sample_seed = 2;
+  auto fit = GenerateTrace(fit_o).value();
+  auto held = GenerateTrace(held_o).value();
+  PlacementOptions o;
+  o.home = TokenHome::kTop1;
+  auto p = PlaceExperts(fit, 8, o).value();
+  const auto rr = Records(held, RoundRobinPlacement(6, 64, 8), 1, TokenHome::kTop1);
+  const auto oracle = Records(held, OraclePlacement(fit_o, 8, 1, true).value(), 1, TokenHome::kTop1);
+  const auto mine = Records(held, p, 1, TokenHome::kTop1);
+  ASSERT_LT(oracle.rank, rr.rank);
+  EXPECT_GE(double(rr.rank - mine.rank), 0.9 * double(rr.rank - oracle.rank))
+      << "rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
+}
+
+TEST(Placement, NoStructureCostsNothing) {
+  // Popularity only: the solver never does worse than round-robin on the
+  // trace it was fitted on, and stays within 1% of it on a held-out trace.
+  for (TraceModel m : {TraceModel::kPopularity, TraceModel::kSuccessorChain}) {
+    const TraceOptions fit_o = Model(m, 64, 4, 1);
+    TraceOptions held_o = fit_o;
+    held_o.sample_seed = 2;
+    auto fit = GenerateTrace(fit_o).value();
+    auto held = GenerateTrace(held_o).value();
+    PlacementOptions o;
+    o.nodes = 2;
+    auto p = PlaceExperts(fit, 8, o).value();
+    const auto rr_fit = Records(fit, RoundRobinPlacement(4, 64, 8), 2);
+    const auto mine_fit = Records(fit, p, 2);
+    EXPECT_LE(mine_fit.rank + mine_fit.node, rr_fit.rank + rr_fit.node) << TraceModelName(m);
+    const auto rr = Records(held, RoundRobinPlacement(4, 64, 8), 2);
+    const auto mine = Records(held, p, 2);
+    EXPECT_LE(double(mine.rank + mine.node), 1.01 * double(rr.rank + rr.node)) << TraceModelName(m);
+  }
+}
+
+TEST(TraceGenerator, ModelsAreDeterministicAndGroupsCoactivate) {
+  auto a = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 3)).value();
+  auto b = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 3)).value();
+  auto c = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 4)).value();
+  EXPECT_EQ(a.ids, b.ids);
+  EXPECT_NE(a.ids, c.ids);
+  // Under the oracle (groups of 16 on 2 ranks of 8), most of a token's
+  // experts share a node; under round-robin they spread.
+  const auto oracle = OraclePlacement(Model(TraceModel::kCoactivationGroups, 64, 2, 3), 8, 4, false).value();
+  EXPECT_LT(double(Records(a, oracle, 4).node), 0.7 * double(Records(a, RoundRobinPlacement(2, 64, 8), 4).node));
+  TraceOptions bad = Model(TraceModel::kCoactivationGroups, 64, 2, 0);
+  bad.group_size = 48;  // does not divide 64
+  EXPECT_FALSE(GenerateTrace(bad).ok());
+  EXPECT_FALSE(ParseTraceModel("zipf").ok());
+  EXPECT_EQ(ParseTraceModel("groups").value(), TraceModel::kCoactivationGroups);
+}
+
+TEST(PlacementFile, RoundTripsAndRefusesBadLines) {
+  const Placement p = RandomPlacement(2, 8, 4, 9);
+  const std::string path = "/tmp/te-moe-placement-" + std::to_string(::getpid());
+  ASSERT_TRUE(WritePlacementCsv(p, path).ok());
+  auto back = ReadPlacementCsv(path, 2, 8, 4);
+  std::remove(path.c_str());
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->rank_of, p.rank_of);
+  std::string good = "layer,expert,rank\n";
+  for (uint32_t e = 0; e < 4; ++e) good += "0," + std::to_string(e) + "," + std::to_string(e % 2) + "\n";
+  EXPECT_TRUE(ParsePlacementCsv(good, 1, 4, 2).ok());
+  for (const std::string& bad :
+       {std::string("layer,expert\n"), good + "0,1,1\n", good.substr(0, good.size() - 6), good + "0,9,0\n",
+        good + "0,1,-1\n", good + "0,1,18446744073709551616\n", good + "0,1\n", good + "0,1,1,\n", std::string("")})
+    EXPECT_FALSE(ParsePlacementCsv(bad, 1, 4, 2).ok()) << bad;
 }
 
 TEST(Replication, HotExpertsGetReplicasAndImbalanceDrops) {

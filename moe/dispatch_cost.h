@@ -1,0 +1,60 @@
+// What dispatch and combine move for a routing trace under a placement,
+// counted the way EpDispatcher (moe/ep_dispatcher.h) moves it: one record
+// per token per distinct destination rank, however many of the token's
+// experts live there, and none to the token's own rank; combine returns one
+// partial row per record. The count is exact: replaying the trace through
+// the dispatcher sends these records (tests/integration/moe_placement_replay_test.cc).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "base/status.h"
+#include "moe/placement.h"
+#include "moe/routing_trace.h"
+
+namespace te::moe {
+
+// Which rank a token is dispatched from at each layer.
+enum class TokenHome {
+  // Rank t % ranks at every layer: combine returns every token to its source
+  // (the normal mode; attention runs where the token's KV cache is).
+  kSource,
+  // Rank t % ranks at layer 0; afterwards the rank of the token's top-1
+  // expert at the layer before (combine merges there, and the next layer
+  // starts from there: context-coherent dispatch).
+  kTop1,
+};
+const char* TokenHomeName(TokenHome home);
+
+struct CostOptions {
+  uint32_t nodes = 1;  // ranks r of node r / (ranks / nodes)
+  TokenHome home = TokenHome::kSource;
+  // Node-level deduplication: a token crosses the network once per remote
+  // node that holds any of its experts, to one rank there, which forwards it
+  // inside the node. Without it, every record to a remote rank crosses.
+  bool hierarchical = false;
+};
+
+struct RecordCount {
+  uint64_t rank = 0;  // records to another rank (dispatch; combine returns as many)
+  uint64_t node = 0;  // of those, network crossings between nodes
+};
+
+struct DispatchCost {
+  std::vector<RecordCount> layers;
+  uint32_t tokens = 0;
+  RecordCount total() const;
+  // Per token and layer, for tables.
+  double rank_per_token_layer() const;
+  double node_per_token_layer() const;
+};
+
+// Fails when the shapes disagree or the ranks do not split into the nodes.
+Result<DispatchCost> CountRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options);
+
+// The home rank of every token at `layer` (the rule above); homes of layer
+// l depend on the placement of layer l - 1 only.
+std::vector<uint32_t> TokenHomes(const RoutingTrace& trace, const Placement& placement, TokenHome home, uint32_t layer);
+
+}  // namespace te::moe

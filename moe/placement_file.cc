@@ -1,0 +1,70 @@
+#include "moe/placement_file.h"
+
+#include <fstream>
+#include <sstream>
+#include <string_view>
+
+#include "base/checked_math.h"
+
+namespace te::moe {
+
+Status WritePlacementCsv(const Placement& p, const std::string& path) {
+  std::ofstream out(path);
+  out << "layer,expert,rank\n";
+  for (uint32_t l = 0; l < p.layers; ++l)
+    for (uint32_t e = 0; e < p.experts; ++e) out << l << "," << e << "," << p.rank_of[l][e] << "\n";
+  out.flush();
+  if (!out) return IoError("cannot write placement to '" + path + "'");
+  return Status::Ok();
+}
+
+Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, uint32_t experts, uint32_t ranks) {
+  if (layers == 0 || experts == 0 || ranks == 0)
+    return InvalidArgument("placement shape " + std::to_string(layers) + " x " + std::to_string(experts) + " over " +
+                           std::to_string(ranks) + " ranks has a zero");
+  Placement p{layers, experts, ranks, {}};
+  p.rank_of.assign(layers, std::vector<uint32_t>(experts, UINT32_MAX));
+  std::istringstream in(text);
+  std::string line;
+  if (!std::getline(in, line) || line != "layer,expert,rank")
+    return InvalidArgument("placement CSV must start with the header 'layer,expert,rank'");
+  for (size_t number = 2; std::getline(in, line); ++number) {
+    if (line.empty()) continue;
+    const auto bad = [&](const std::string& why) {
+      return InvalidArgument("placement line " + std::to_string(number) + " '" + line.substr(0, 64) + "': " + why);
+    };
+    std::string_view rest(line);
+    uint64_t v[3];
+    for (int i = 0; i < 3; ++i) {
+      const size_t comma = i < 2 ? rest.find(',') : rest.size();
+      if (comma == std::string_view::npos) return bad("expected layer,expert,rank");
+      const auto n = ParseUint64(rest.substr(0, comma));
+      if (!n) return bad("'" + std::string(rest.substr(0, comma)) + "' is not a number");
+      v[i] = *n;
+      rest = comma < rest.size() ? rest.substr(comma + 1) : std::string_view();
+    }
+    if (v[0] >= layers) return bad("layer outside [0, " + std::to_string(layers) + ")");
+    if (v[1] >= experts) return bad("expert outside [0, " + std::to_string(experts) + ")");
+    if (v[2] >= ranks) return bad("rank outside [0, " + std::to_string(ranks) + ")");
+    uint32_t& slot = p.rank_of[v[0]][v[1]];
+    if (slot != UINT32_MAX) return bad("expert given twice");
+    slot = uint32_t(v[2]);
+  }
+  for (uint32_t l = 0; l < layers; ++l)
+    for (uint32_t e = 0; e < experts; ++e)
+      if (p.rank_of[l][e] == UINT32_MAX)
+        return InvalidArgument("placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
+  return p;
+}
+
+Result<Placement> ReadPlacementCsv(const std::string& path, uint32_t layers, uint32_t experts, uint32_t ranks) {
+  std::ifstream in(path);
+  if (!in) return NotFound("cannot open placement '" + path + "'");
+  std::stringstream text;
+  text << in.rdbuf();
+  auto p = ParsePlacementCsv(text.str(), layers, experts, ranks);
+  if (!p.ok()) return p.status().WithContext("reading '" + path + "'");
+  return p;
+}
+
+}  // namespace te::moe

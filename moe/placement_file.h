@@ -1,0 +1,21 @@
+// Placements as CSV files ("layer,expert,rank" header, one line per expert
+// of every layer), as te-moe place writes them and te-moe bench reads them.
+// A file is untrusted: every line is checked (three decimal numbers, each
+// in range, no expert given twice, none missing) and the first bad one is
+// named in the error.
+#pragma once
+
+#include <string>
+
+#include "base/status.h"
+#include "moe/placement.h"
+
+namespace te::moe {
+
+Status WritePlacementCsv(const Placement& placement, const std::string& path);
+// Ranks may hold different numbers of experts (ExpertMap allows it); call
+// Placement::Validate to require the solver's equal split.
+Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, uint32_t experts, uint32_t ranks);
+Result<Placement> ReadPlacementCsv(const std::string& path, uint32_t layers, uint32_t experts, uint32_t ranks);
+
+}  // namespace te::moe

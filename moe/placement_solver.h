@@ -1,0 +1,45 @@
+// PlaceExperts: fits an expert placement to a routing trace so that
+// dispatch and combine move as few records as possible across ranks and
+// across nodes, counted as moe/dispatch_cost.h counts them (per-rank
+// deduplication; node-level deduplication for the node term).
+//
+// How: layer by layer, a balanced partition of the layer's experts first
+// into nodes (minimizing the distinct nodes a token's experts sit on), then,
+// inside each node, into its ranks (distinct ranks), each under a load cap
+// (moe/expert_partition.h). With TokenHome::kTop1 the rank a token is
+// dispatched from (fixed by the previous layer's placement) counts as a
+// place the token already is, which is how inter-layer affinity enters;
+// with kSource a token's source rank is unrelated to its routing, so only
+// co-activation within a layer matters.
+//
+// Guarantees: every rank holds experts / ranks experts of every layer; on
+// the fitted trace the result never moves more records (rank + node) than
+// round-robin: for kSource each layer keeps the better of the two, for
+// kTop1 the whole placement does. Loads: a node's (rank's) load stays
+// under (1 + load_slack) x mean where the swaps allow (a single expert
+// heavier than that is its own cap); replication (moe/placement.h) is what
+// brings imbalance down further. Deterministic.
+#pragma once
+
+#include <cstdint>
+
+#include "base/status.h"
+#include "moe/dispatch_cost.h"
+#include "moe/placement.h"
+#include "moe/routing_trace.h"
+
+namespace te::moe {
+
+struct PlacementOptions {
+  uint32_t nodes = 1;  // ranks r of node r / (ranks / nodes)
+  TokenHome home = TokenHome::kSource;
+  double load_slack = 0.25;
+  int max_sweeps = 20;  // swap passes per partition
+};
+
+// At most this many experts (the solver keeps an experts^2 table per layer).
+inline constexpr uint32_t kMaxPlacedExperts = 4096;
+
+Result<Placement> PlaceExperts(const RoutingTrace& fitted, uint32_t ranks, const PlacementOptions& options);
+
+}  // namespace te::moe
