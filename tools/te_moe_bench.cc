@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "base/checked_math.h"
+#include "moe/dispatch_cost.h"
 #include "moe/dispatch_records.h"
 #include "moe/ep_dispatcher.h"
 #include "moe/numeric_formats.h"
@@ -50,12 +51,14 @@ DEFINE_uint32(iters, 50, "bench: timed iterations per case and path");
 DEFINE_uint32(warmup, 5, "bench: untimed iterations first (the first pass also verifies)");
 DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host)");
 DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
-DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen); tokens follow their top-1 expert's rank");
+DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen), replayed from each token's --home rank");
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
 DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
 DEFINE_string(mpi_btl, "",
               "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
 DECLARE_bool(json);
+DECLARE_string(home);
+DECLARE_uint32(nodes);
 
 namespace {
 
@@ -191,23 +194,31 @@ std::vector<Layer> RandomLayers(const moe::EpConfig& c, uint32_t count) {
   return layers;
 }
 
-// Trace routing: bench_tokens x ranks trace tokens; a token starts on rank
-// t % ranks and at each layer moves to the rank of its top-1 expert there
-// (its activations stay with the expert that computed them).
-std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& t,
-                               const std::vector<std::vector<uint32_t>>& rank_of) {
-  const uint32_t used = std::min(t.tokens, FLAGS_bench_tokens * c.ranks);
-  std::vector<uint32_t> home(used);
-  for (uint32_t i = 0; i < used; ++i) home[i] = i % c.ranks;
+// The first bench_tokens x ranks tokens of a trace: what the bench replays.
+moe::RoutingTrace ReplayedTokens(const moe::EpConfig& c, const moe::RoutingTrace& t) {
+  moe::RoutingTrace used = t;
+  used.tokens = std::min(t.tokens, FLAGS_bench_tokens * c.ranks);
+  used.ids.resize(size_t(used.tokens) * t.layers * t.topk);
+  return used;
+}
+
+moe::TokenHome HomeFlag() {
+  if (FLAGS_home == "source") return moe::TokenHome::kSource;
+  if (FLAGS_home == "top1") return moe::TokenHome::kTop1;
+  Die("--home=" + FLAGS_home + ": use source or top1");
+}
+
+// Trace routing: token t is dispatched from its home rank (moe/dispatch_cost.h:
+// rank t % ranks, or with --home=top1 its previous top-1 expert's rank).
+std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& used, const moe::Placement& p) {
   std::vector<Layer> layers;
-  for (uint32_t l = 0; l < t.layers; ++l) {
+  for (uint32_t l = 0; l < used.layers; ++l) {
     std::mt19937_64 rng(1000 * l + c.rank + 1);
-    Layer x{Must(moe::ExpertMap::FromRanks(rank_of[l], c.ranks), "expert map")};
-    for (uint32_t i = 0; i < used; ++i) {
-      if (home[i] == c.rank)
-        for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(t.at(i, l, k));
-      if (t.at(i, l, 0) >= 0) home[i] = rank_of[l][t.at(i, l, 0)];
-    }
+    Layer x{Must(moe::ExpertMap::FromRanks(p.rank_of[l], c.ranks), "expert map")};
+    const auto homes = moe::TokenHomes(used, p, HomeFlag(), l);
+    for (uint32_t i = 0; i < used.tokens; ++i)
+      if (homes[i] == c.rank)
+        for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(used.at(i, l, k));
     x.tokens = uint32_t(x.idx.size() / c.topk);
     FillTokens(c, rng, &x);
     layers.push_back(std::move(x));
@@ -227,7 +238,7 @@ struct Timing {
 
 // Runs one case on every rank; rank 0 prints its rows.
 void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing_name,
-             const moe::RoutingTrace* trace, const std::vector<std::vector<uint32_t>>* rank_of, int rank, int ranks) {
+             const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
   moe::EpConfig c;
   c.ranks = ranks;
   c.rank = rank;
@@ -242,11 +253,18 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
   MpiPath mpi(c);
 
-  std::vector<Layer> layers = trace ? TraceLayers(c, *trace, *rank_of) : RandomLayers(c, 4);
+  const moe::RoutingTrace used = trace ? ReplayedTokens(c, *trace) : moe::RoutingTrace{};
+  std::vector<Layer> layers = trace ? TraceLayers(c, used, *placement) : RandomLayers(c, 4);
+  // Records crossing ranks as moe/dispatch_cost.h predicts them (-1: no trace).
+  const uint32_t nodes = FLAGS_nodes, per_node = uint32_t(ranks) / nodes;
+  int64_t predicted = -1;
+  if (trace)
+    predicted =
+        int64_t(Must(moe::CountRecords(used, *placement, {nodes, HomeFlag(), false}), "count records").total().rank);
   moe::DispatchResult te_result, mpi_result;
   std::vector<uint16_t> te_out, mpi_out;
   Timing te_t, mpi_t;
-  uint64_t mismatches = 0, cross_bytes = 0, passes = 0;
+  uint64_t mismatches = 0, cross_bytes = 0, node_bytes = 0, records = 0, passes = 0;
   const size_t rec = moe::RecordBytes(c);
   auto now = [] { return std::chrono::steady_clock::now(); };
   auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
@@ -293,9 +311,13 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
         mismatches += te_result.experts[e].data != mpi_result.experts[e].data ||
                       te_result.experts[e].src_token != mpi_result.experts[e].src_token;
       mismatches += te_out != mpi_out;
-      for (int r = 0; r < ranks; ++r)
-        if (r != rank)
-          cross_bytes += te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
+      for (int r = 0; r < ranks; ++r) {
+        if (r == rank) continue;
+        const uint64_t bytes = te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
+        cross_bytes += bytes;
+        if (uint32_t(r) / per_node != uint32_t(rank) / per_node) node_bytes += bytes;
+        records += te_result.handle.sent_to[r];
+      }
       ++passes;
     }
     if (timed) {
@@ -306,11 +328,18 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
       fprintf(stderr, "  ep %d %s %s %s: %u/%u\r", ranks, shape.name.c_str(), moe::PayloadName(payload),
               routing_name.c_str(), i + 1, first_pass + FLAGS_iters);
   }
-  uint64_t all_mismatches = 0, all_cross = 0;
+  uint64_t all_mismatches = 0, all_cross = 0, all_node = 0, all_records = 0;
   MPI_Reduce(&mismatches, &all_mismatches, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   MPI_Reduce(&cross_bytes, &all_cross, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  MPI_Reduce(&node_bytes, &all_node, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
+  MPI_Reduce(&records, &all_records, 1, MPI_UINT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   if (rank != 0) return;
+  // The first pass replays each layer once, so its records are the trace's.
+  if (predicted >= 0 && all_records != uint64_t(predicted))
+    ++all_mismatches,
+        fprintf(stderr, "records sent %llu, predicted %lld\n", (unsigned long long)all_records, (long long)predicted);
   const double cross_per_layer = double(all_cross) / double(std::max<uint64_t>(passes, 1));
+  const double node_per_layer = double(all_node) / double(std::max<uint64_t>(passes, 1));
   const double te_d50 = Percentile(te_t.dispatch_us, .5), te_c50 = Percentile(te_t.combine_us, .5);
   const double mpi_d50 = Percentile(mpi_t.dispatch_us, .5), mpi_c50 = Percentile(mpi_t.combine_us, .5);
   if (FLAGS_json) {
@@ -320,18 +349,20 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
         "\"te_dispatch_p50_us\":%.1f,\"te_dispatch_p99_us\":%.1f,\"te_combine_p50_us\":%.1f,"
         "\"te_combine_p99_us\":%.1f,\"mpi_dispatch_p50_us\":%.1f,\"mpi_dispatch_p99_us\":%.1f,"
         "\"mpi_combine_p50_us\":%.1f,\"mpi_combine_p99_us\":%.1f,\"cross_rank_bytes_per_layer\":%.0f,"
-        "\"verified\":%s}\n",
+        "\"cross_node_bytes_per_layer\":%.0f,\"nodes\":%u,\"home\":\"%s\",\"records_sent\":%llu,"
+        "\"records_predicted\":%lld,\"verified\":%s}\n",
         ranks, shape.name.c_str(), c.hidden, c.experts, c.topk, FLAGS_bench_tokens, moe::PayloadName(payload),
         routing_name.c_str(), engine->provider().c_str(), MpiTransport().c_str(), FLAGS_progress.c_str(), FLAGS_iters,
         te_d50, Percentile(te_t.dispatch_us, .99), te_c50, Percentile(te_t.combine_us, .99), mpi_d50,
-        Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer,
+        Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer, node_per_layer,
+        nodes, FLAGS_home.c_str(), (unsigned long long)all_records, (long long)predicted,
         all_mismatches == 0 ? "true" : "false");
   } else {
-    printf("%3d %-6s %-5s %-12s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %s\n", ranks,
-           shape.name.c_str(), moe::PayloadName(payload), routing_name.c_str(), te_d50,
+    printf("%3d %-6s %-5s %-12s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %9.2f %s\n",
+           ranks, shape.name.c_str(), moe::PayloadName(payload), routing_name.c_str(), te_d50,
            Percentile(te_t.dispatch_us, .99), mpi_d50, Percentile(mpi_t.dispatch_us, .99), te_d50 / mpi_d50, te_c50,
            Percentile(te_t.combine_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), te_c50 / mpi_c50,
-           cross_per_layer / 1e6, all_mismatches == 0 ? "ok" : "MISMATCH");
+           cross_per_layer / 1e6, node_per_layer / 1e6, all_mismatches == 0 ? "ok" : "MISMATCH");
   }
   fflush(stdout);
   if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
@@ -342,6 +373,8 @@ int Worker() {
   int rank, ranks;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  if (FLAGS_nodes == 0 || uint32_t(ranks) % FLAGS_nodes != 0)
+    Die("--nodes=" + std::to_string(FLAGS_nodes) + " must divide the EP size " + std::to_string(ranks));
   const te::EngineOptions o =
       Must(te::tools::BuildEngineOptions({FLAGS_provider, "", 1, FLAGS_progress}), "engine flags");
   auto engine = Must(te::TransferEngine::Create(o), "engine");
@@ -353,9 +386,9 @@ int Worker() {
         "iteration, %u iterations)\n",
         ranks, engine->provider().c_str(), FLAGS_progress.c_str(), MpiTransport().c_str(), FLAGS_bench_tokens,
         FLAGS_iters);
-    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %s\n", "ep", "shape", "load", "routing",
-           "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99", "ratio",
-           "MB x-rank", "check");
+    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %9s %s\n", "ep", "shape", "load",
+           "routing", "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99",
+           "ratio", "MB x-rank", "MB x-node", "check");
     printf("%35s%s%s\n", "", "dispatch -------------------------------------------  ",
            "combine --------------------------------------------");
   }
@@ -371,10 +404,10 @@ int Worker() {
     if (trace.experts % ranks) Die("trace experts must be a multiple of the EP size");
     Shape shape = ShapeNamed(Split(FLAGS_shapes).at(0));
     auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
-    RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr.rank_of, rank, ranks);
+    RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr, rank, ranks);
     if (!FLAGS_placement.empty()) {
       auto placed = Must(moe::ReadPlacementCsv(FLAGS_placement, trace.layers, trace.experts, ranks), "--placement");
-      RunCase(engine.get(), shape, payload, "placement", &trace, &placed.rank_of, rank, ranks);
+      RunCase(engine.get(), shape, payload, "placement", &trace, &placed, rank, ranks);
     }
   }
   engine.reset();

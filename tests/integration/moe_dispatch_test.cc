@@ -7,6 +7,9 @@
 
 #include "integration/moe_group.h"
 #include "integration/test_support.h"
+#include "moe/dispatch_cost.h"
+#include "moe/placement_solver.h"
+#include "moe/trace_generator.h"
 
 namespace te::testing {
 namespace {
@@ -62,6 +65,46 @@ void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector
   for (auto& t : threads) t.join();
   for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
 }
+
+// A trace replayed through the dispatcher under a fitted placement: every
+// layer matches the reference bit for bit, and the records the ranks send
+// to each other are exactly what CountRecords predicts for the trace.
+void ReplayTrace(const std::string& provider, moe::TraceModel model) {
+  moe::TraceOptions to;
+  to.model = model;
+  to.tokens = 4 * 40;
+  to.layers = 3;
+  to.experts = 16;
+  to.topk = 4;
+  to.group_size = 4;
+  const moe::RoutingTrace trace = moe::GenerateTrace(to).value();
+  moe::PlacementOptions po;
+  po.nodes = 2;
+  const moe::Placement placement = moe::PlaceExperts(trace, 4, po).value();
+  ASSERT_NE(placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
+  std::vector<ExpertMap> maps;
+  for (const auto& layer : placement.rank_of) maps.push_back(ExpertMap::FromRanks(layer, 4).value());
+  Group g = MakeGroup(Shape(4), Options(provider));
+  ASSERT_EQ(g.ranks.size(), 4u);
+  std::vector<uint64_t> sent(4, 0);
+  std::vector<std::string> errors(4);
+  std::vector<std::thread> threads;
+  for (uint32_t r = 0; r < 4; ++r)
+    threads.emplace_back([&, r] {
+      TraceRun run{&trace, &maps, &sent[r]};
+      errors[r] = RunRank(*g.ranks[r], maps[0], Routing::kTrace, {40, 40, 40, 40}, 11, 3, run);
+    });
+  for (auto& t : threads) t.join();
+  for (uint32_t r = 0; r < 4; ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+  const auto predicted = moe::CountRecords(trace, placement, {2, moe::TokenHome::kSource, false}).value();
+  EXPECT_EQ(sent[0] + sent[1] + sent[2] + sent[3], predicted.total().rank);
+}
+
+TEST(MoeDispatch, TraceReplayMovesExactlyThePredictedRecordsTcp) {
+  ReplayTrace("tcp", moe::TraceModel::kCoactivationGroups);
+}
+
+TEST(MoeDispatch, TraceReplayMovesExactlyThePredictedRecordsShm) { ReplayTrace("shm", moe::TraceModel::kPopularity); }
 
 TEST(MoeDispatch, RandomRoutingBf16Tcp4Ranks) {
   Group g = MakeGroup(Shape(4), Options("tcp"));

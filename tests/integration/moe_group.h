@@ -13,6 +13,7 @@
 #include "moe/dispatch_reference.h"
 #include "moe/ep_dispatcher.h"
 #include "moe/numeric_formats.h"
+#include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
 
 namespace te::testing {
@@ -22,6 +23,7 @@ enum class Routing {
   kSkewed,  // every token to expert 0 only
   kLocal,   // every token's experts on its own rank
   kNone,    // no token has an expert
+  kTrace,   // token t of rank r routes as trace token t * ranks + r (a RoutingTrace)
 };
 
 struct BatchData {
@@ -37,7 +39,7 @@ struct BatchData {
 
 // Rank `rank`'s batch of layer `layer`: a function of (seed, layer, rank) only.
 inline BatchData MakeBatch(const moe::EpConfig& c, const moe::ExpertMap& map, Routing routing, uint32_t tokens,
-                           uint64_t seed, uint32_t layer, uint32_t rank) {
+                           uint64_t seed, uint32_t layer, uint32_t rank, const moe::RoutingTrace* trace = nullptr) {
   std::mt19937_64 rng(seed * 1000003 + layer * 1009 + rank);
   BatchData b;
   b.tokens = tokens;
@@ -57,7 +59,9 @@ inline BatchData MakeBatch(const moe::EpConfig& c, const moe::ExpertMap& map, Ro
   const auto& local = map.local_experts(rank);
   for (uint32_t t = 0; t < tokens; ++t) {
     int32_t* idx = &b.idx[size_t(t) * c.topk];
-    if (routing == Routing::kSkewed) {
+    if (routing == Routing::kTrace) {
+      for (uint32_t k = 0; k < c.topk; ++k) idx[k] = trace->at(t * c.ranks + rank, layer, k);
+    } else if (routing == Routing::kSkewed) {
       idx[0] = 0;
     } else if (routing == Routing::kLocal) {
       for (uint32_t k = 0; k < c.topk && k < local.size(); ++k) idx[k] = int32_t(local[(t + k) % local.size()]);
@@ -89,10 +93,12 @@ struct ReferenceLayer {
 };
 
 inline ReferenceLayer RunReference(const moe::EpConfig& c, const moe::ExpertMap& map, Routing routing,
-                                   const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layer) {
+                                   const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layer,
+                                   const moe::RoutingTrace* trace = nullptr) {
   ReferenceLayer ref;
   std::vector<moe::TokenBatch> views;
-  for (uint32_t r = 0; r < c.ranks; ++r) ref.batches.push_back(MakeBatch(c, map, routing, tokens[r], seed, layer, r));
+  for (uint32_t r = 0; r < c.ranks; ++r)
+    ref.batches.push_back(MakeBatch(c, map, routing, tokens[r], seed, layer, r, trace));
   for (auto& b : ref.batches) views.push_back(b.view());
   auto d = moe::ReferenceDispatch(c, map, views);
   EXPECT_TRUE(d.ok()) << d.status().ToString();
@@ -130,18 +136,30 @@ inline std::string CompareDispatch(const std::vector<moe::ExpertTokens>& ref, co
   return "";
 }
 
+// Optional parts of a rank's run: routing from a trace with one map per
+// layer, and a count of the records this rank sent to other ranks.
+struct TraceRun {
+  const moe::RoutingTrace* trace = nullptr;
+  const std::vector<moe::ExpertMap>* maps = nullptr;  // [layer]
+  uint64_t* records_sent = nullptr;
+};
+
 // One rank's part of `layers` layers: dispatch, synthetic experts, combine,
 // each compared with the reference. Returns "" or the first failure.
 inline std::string RunRank(moe::EpDispatcher& d, const moe::ExpertMap& map, Routing routing,
-                           const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layers) {
+                           const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layers,
+                           const TraceRun& run = {}) {
   const moe::EpConfig& c = d.config();
   moe::DispatchResult result;
   for (uint32_t l = 0; l < layers; ++l) {
-    ReferenceLayer ref = RunReference(c, map, routing, tokens, seed, l);
-    Status s = d.Dispatch(ref.batches[c.rank].view(), map, &result);
+    const moe::ExpertMap& m = run.maps ? (*run.maps)[l] : map;
+    ReferenceLayer ref = RunReference(c, m, routing, tokens, seed, l, run.trace);
+    Status s = d.Dispatch(ref.batches[c.rank].view(), m, &result);
     if (!s.ok()) return "layer " + std::to_string(l) + " dispatch: " + s.ToString();
     std::string diff = CompareDispatch(ref.dispatched[c.rank], result);
     if (!diff.empty()) return "layer " + std::to_string(l) + " dispatch: " + diff;
+    if (run.records_sent)
+      for (uint32_t r = 0; r < c.ranks; ++r) *run.records_sent += r == c.rank ? 0 : result.handle.sent_to[r];
     std::vector<std::vector<uint16_t>> outs(result.experts.size());
     moe::ExpertOutputs views;
     for (size_t i = 0; i < outs.size(); ++i) {
