@@ -21,20 +21,61 @@ double DispatchCost::node_per_token_layer() const {
   return layers.empty() || tokens == 0 ? 0 : double(total().node) / (double(tokens) * layers.size());
 }
 
-std::vector<uint32_t> TokenHomes(const RoutingTrace& t, const Placement& p, TokenHome home, uint32_t layer) {
+double DispatchCost::max_rank_imbalance() const {
+  double worst = 0;
+  for (const auto& per : rank_load) {
+    uint64_t total = 0, top = 0;
+    for (uint64_t v : per) total += v, top = std::max(top, v);
+    if (total) worst = std::max(worst, double(top) * double(per.size()) / double(total));
+  }
+  return worst;
+}
+
+double DispatchCost::max_node_imbalance(uint32_t nodes) const {
+  double worst = 0;
+  for (const auto& per : rank_load) {
+    if (nodes == 0 || per.size() % nodes) return 0;
+    std::vector<uint64_t> node(nodes, 0);
+    uint64_t total = 0;
+    for (size_t r = 0; r < per.size(); ++r) node[r / (per.size() / nodes)] += per[r], total += per[r];
+    if (total) worst = std::max(worst, double(*std::max_element(node.begin(), node.end())) * nodes / double(total));
+  }
+  return worst;
+}
+
+namespace {
+
+// Homes of every token at `layer`, given the maps of the layers before it.
+std::vector<uint32_t> Homes(const RoutingTrace& t, const std::vector<ExpertMap>& maps, uint32_t ranks, TokenHome home,
+                            uint32_t layer) {
   std::vector<uint32_t> homes(t.tokens);
   for (uint32_t tok = 0; tok < t.tokens; ++tok) {
-    homes[tok] = tok % p.ranks;
-    // kTop1: the rank of the last layer before `layer` where the token had a
-    // top-1 expert (a token with none stays where it was).
+    uint32_t h = tok % ranks;
     if (home == TokenHome::kTop1)
-      for (uint32_t l = layer; l-- > 0;)
-        if (const int e = t.at(tok, l, 0); e >= 0) {
-          homes[tok] = p.rank_of[l][e];
-          break;
-        }
+      for (uint32_t l = 0; l < layer; ++l)
+        if (const int e = t.at(tok, l, 0); e >= 0) h = maps[l].RankFor(uint32_t(e), h);
+    homes[tok] = h;
   }
   return homes;
+}
+
+Result<std::vector<ExpertMap>> Maps(const Placement& p, uint32_t nodes, uint32_t layers) {
+  std::vector<ExpertMap> maps;
+  for (uint32_t l = 0; l < layers; ++l) {
+    auto m = p.Map(l, nodes);
+    if (!m.ok()) return m.status();
+    maps.push_back(std::move(m).value());
+  }
+  return maps;
+}
+
+}  // namespace
+
+std::vector<uint32_t> TokenHomes(const RoutingTrace& t, const Placement& p, TokenHome home, uint32_t layer,
+                                 uint32_t nodes) {
+  auto maps = Maps(p, nodes, home == TokenHome::kTop1 ? layer : 0);
+  if (!maps.ok()) return std::vector<uint32_t>(t.tokens, 0);  // an invalid placement has no homes
+  return Homes(t, maps.value(), p.ranks, home, layer);
 }
 
 Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, const CostOptions& o) {
@@ -43,13 +84,18 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
                            " experts does not fit a trace of " + std::to_string(t.layers) + " x " +
                            std::to_string(t.experts));
   TE_RETURN_IF_ERROR(CheckShape(p.experts, p.ranks, o.nodes));
+  auto maps_or = Maps(p, o.nodes, t.layers);
+  if (!maps_or.ok()) return maps_or.status();
+  const std::vector<ExpertMap>& maps = maps_or.value();
   const uint32_t per_node = p.ranks / o.nodes;
   DispatchCost cost;
   cost.tokens = t.tokens;
   cost.layers.resize(t.layers);
+  cost.rank_load.assign(t.layers, std::vector<uint64_t>(p.ranks, 0));
+  std::vector<uint32_t> homes(t.tokens);
+  for (uint32_t tok = 0; tok < t.tokens; ++tok) homes[tok] = tok % p.ranks;
   std::vector<uint32_t> rank_seen(p.ranks, UINT32_MAX), node_seen(o.nodes, UINT32_MAX);
   for (uint32_t l = 0; l < t.layers; ++l) {
-    const std::vector<uint32_t> homes = TokenHomes(t, p, o.home, l);
     RecordCount& c = cost.layers[l];
     std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);  // stamps are token ids: fresh per layer
     std::fill(node_seen.begin(), node_seen.end(), UINT32_MAX);
@@ -60,7 +106,8 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
       for (uint32_t k = 0; k < t.topk; ++k) {
         const int e = t.at(tok, l, k);
         if (e < 0) continue;
-        const uint32_t r = p.rank_of[l][e], node = r / per_node;
+        const uint32_t r = maps[l].RankFor(uint32_t(e), home), node = r / per_node;
+        cost.rank_load[l][r]++;
         if (rank_seen[r] == tok) continue;
         rank_seen[r] = tok;
         c.rank++;
@@ -73,6 +120,9 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
         }
       }
     }
+    if (o.home == TokenHome::kTop1)
+      for (uint32_t tok = 0; tok < t.tokens; ++tok)
+        if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), homes[tok]);
   }
   return cost;
 }

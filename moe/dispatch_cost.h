@@ -2,7 +2,8 @@
 // counted the way EpDispatcher (moe/ep_dispatcher.h) moves it: one record
 // per token per distinct destination rank, however many of the token's
 // experts live there, and none to the token's own rank; combine returns one
-// partial row per record. The count is exact: replaying the trace through
+// partial row per record. A replicated expert's tokens go to the replica
+// ExpertMap::RankFor picks for the token's home rank, as in dispatch. The count is exact: replaying the trace through
 // the dispatcher sends these records (tests/integration/moe_placement_replay_test.cc).
 #pragma once
 
@@ -43,18 +44,23 @@ struct RecordCount {
 
 struct DispatchCost {
   std::vector<RecordCount> layers;
+  std::vector<std::vector<uint64_t>> rank_load;  // [layer][rank]: (token, expert) pairs computed there
   uint32_t tokens = 0;
   RecordCount total() const;
   // Per token and layer, for tables.
   double rank_per_token_layer() const;
   double node_per_token_layer() const;
+  // Max over layers of (max load / mean), per rank and per node.
+  double max_rank_imbalance() const;
+  double max_node_imbalance(uint32_t nodes) const;
 };
 
 // Fails when the shapes disagree or the ranks do not split into the nodes.
 Result<DispatchCost> CountRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options);
 
-// The home rank of every token at `layer` (the rule above); homes of layer
-// l depend on the placement of layer l - 1 only.
-std::vector<uint32_t> TokenHomes(const RoutingTrace& trace, const Placement& placement, TokenHome home, uint32_t layer);
+// The home rank of every token at `layer` (the rule above); with kTop1 the
+// rank that computed the token's top-1 expert, replicas included.
+std::vector<uint32_t> TokenHomes(const RoutingTrace& trace, const Placement& placement, TokenHome home, uint32_t layer,
+                                 uint32_t nodes);
 
 }  // namespace te::moe

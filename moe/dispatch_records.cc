@@ -73,8 +73,9 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
     for (uint32_t k = 0; k < K; ++k) {
       if (idx[k] < 0) continue;
       plan->per_expert[idx[k]]++;
-      uint8_t& g = goes[size_t(t) * R + map.rank_of(idx[k])];
-      if (!g) plan->per_rank[map.rank_of(idx[k])]++;
+      const uint32_t dest = map.RankFor(idx[k], c.rank);
+      uint8_t& g = goes[size_t(t) * R + dest];
+      if (!g) plan->per_rank[dest]++;
       g = 1;
     }
   }
@@ -99,8 +100,8 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
       RecordHeader hdr{t, 0, 0};
       auto* entries = reinterpret_cast<RecordEntry*>(p + sizeof(RecordHeader));
       for (uint32_t k = 0; k < K; ++k) {
-        if (idx[k] < 0 || map.rank_of(idx[k]) != r) continue;
-        RecordEntry e{uint16_t(map.local_index(idx[k])), 0, w[k]};
+        if (idx[k] < 0 || map.RankFor(idx[k], c.rank) != r) continue;
+        RecordEntry e{uint16_t(map.local_index(idx[k], r)), 0, w[k]};
         std::memcpy(&entries[hdr.entries++], &e, sizeof e);
       }
       std::memcpy(p, &hdr, sizeof hdr);

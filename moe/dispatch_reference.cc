@@ -23,7 +23,7 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
         const TokenBatch& b = batches[s];
         for (uint32_t t = 0; t < b.tokens; ++t) {
           for (uint32_t k = 0; k < shape.topk; ++k) {
-            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e)) continue;
+            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e) || map.RankFor(e, s) != r) continue;
             x.data.insert(x.data.end(), b.data + t * tb, b.data + (t + 1) * tb);
             if (sc) x.scales.insert(x.scales.end(), b.scales + t * sc, b.scales + (t + 1) * sc);
             x.weights.push_back(b.topk_weights[size_t(t) * shape.topk + k]);
@@ -46,11 +46,12 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shap
   const uint32_t R = shape.ranks, K = shape.topk, H = shape.hidden;
   if (batches.size() != R || dispatched.size() != R || outputs.size() != R)
     return InvalidArgument("reference combine needs batches, dispatch results and outputs for every rank");
-  // Where (source rank, token) sits in each expert's list.
-  std::vector<std::map<std::pair<uint32_t, uint32_t>, uint32_t>> position(shape.experts);
+  // Where (source rank, token) sits in each expert's list on each rank.
+  std::vector<std::vector<std::map<std::pair<uint32_t, uint32_t>, uint32_t>>> position(
+      R, std::vector<std::map<std::pair<uint32_t, uint32_t>, uint32_t>>(shape.experts));
   for (uint32_t r = 0; r < R; ++r)
     for (const ExpertTokens& x : dispatched[r])
-      for (uint32_t i = 0; i < x.count; ++i) position[x.expert][{x.src_rank[i], x.src_token[i]}] = i;
+      for (uint32_t i = 0; i < x.count; ++i) position[r][x.expert][{x.src_rank[i], x.src_token[i]}] = i;
 
   std::vector<std::vector<uint16_t>> combined(R);
   std::vector<float> total(H), partial(H);
@@ -64,12 +65,12 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shap
         std::fill(partial.begin(), partial.end(), 0.0f);
         for (uint32_t k = 0; k < K; ++k) {
           const int32_t e = b.topk_idx[size_t(t) * K + k];
-          if (e < 0 || map.rank_of(e) != r) continue;
-          auto it = position[e].find({s, t});
-          if (it == position[e].end())
+          if (e < 0 || map.RankFor(e, s) != r) continue;
+          auto it = position[r][e].find({s, t});
+          if (it == position[r][e].end())
             return Internal("token " + std::to_string(t) + " of rank " + std::to_string(s) + " missing from expert " +
                             std::to_string(e));
-          const uint16_t* y = outputs[r][map.local_index(e)] + size_t(it->second) * H;
+          const uint16_t* y = outputs[r][map.local_index(e, r)] + size_t(it->second) * H;
           const float w = b.topk_weights[size_t(t) * K + k];
           for (uint32_t j = 0; j < H; ++j) partial[j] += w * Bf16ToFloat(y[j]);
           any = true;

@@ -1,5 +1,6 @@
 #include "moe/expert_map.h"
 
+#include <algorithm>
 #include <string>
 
 #include "base/crc32c.h"
@@ -16,23 +17,78 @@ Result<ExpertMap> ExpertMap::Contiguous(uint32_t experts, uint32_t ranks) {
 }
 
 Result<ExpertMap> ExpertMap::FromRanks(std::vector<uint32_t> rank_of, uint32_t ranks) {
+  std::vector<std::vector<uint32_t>> ranks_of(rank_of.size());
+  for (size_t e = 0; e < rank_of.size(); ++e) ranks_of[e] = {rank_of[e]};
+  return WithReplicas(std::move(ranks_of), ranks, 1);
+}
+
+Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes) {
   if (ranks == 0) return InvalidArgument("ranks must be >= 1");
-  if (rank_of.empty() || rank_of.size() > 65535)
-    return InvalidArgument("expert count " + std::to_string(rank_of.size()) + " outside [1, 65535]");
+  if (nodes == 0 || ranks % nodes != 0)
+    return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
+                           " nodes");
+  if (ranks_of.empty() || ranks_of.size() > 65535)
+    return InvalidArgument("expert count " + std::to_string(ranks_of.size()) + " outside [1, 65535]");
   ExpertMap m;
   m.ranks_ = ranks;
+  m.nodes_ = nodes;
   m.local_.resize(ranks);
-  m.local_index_.resize(rank_of.size());
-  for (uint32_t e = 0; e < rank_of.size(); ++e) {
-    if (rank_of[e] >= ranks)
-      return InvalidArgument("expert " + std::to_string(e) + " on rank " + std::to_string(rank_of[e]) +
-                             ", outside [0, " + std::to_string(ranks) + ")");
-    m.local_index_[e] = uint32_t(m.local_[rank_of[e]].size());
-    m.local_[rank_of[e]].push_back(e);
+  m.local_index_.resize(ranks_of.size());
+  m.choice_.resize(ranks_of.size());
+  std::vector<uint32_t> crc_input;
+  for (uint32_t e = 0; e < ranks_of.size(); ++e) {
+    const auto& on = ranks_of[e];
+    if (on.empty()) return InvalidArgument("expert " + std::to_string(e) + " has no rank");
+    for (size_t j = 0; j < on.size(); ++j) {
+      if (on[j] >= ranks)
+        return InvalidArgument("expert " + std::to_string(e) + " on rank " + std::to_string(on[j]) + ", outside [0, " +
+                               std::to_string(ranks) + ")");
+      if (std::find(on.begin(), on.begin() + j, on[j]) != on.begin() + j)
+        return InvalidArgument("expert " + std::to_string(e) + " named twice on rank " + std::to_string(on[j]));
+      m.local_index_[e].push_back(uint32_t(m.local_[on[j]].size()));
+      m.local_[on[j]].push_back(e);
+    }
+    crc_input.push_back(uint32_t(on.size()));
+    crc_input.insert(crc_input.end(), on.begin(), on.end());
+    if (on.size() == 1) continue;
+    m.replicated_ = true;
+    m.choice_[e] = ChooseReplicas(on, ranks, nodes);
   }
-  m.fingerprint_ = Crc32c(rank_of.data(), rank_of.size() * sizeof(uint32_t)) ^ ranks;
-  m.rank_of_ = std::move(rank_of);
+  crc_input.push_back(nodes);
+  m.fingerprint_ = Crc32c(crc_input.data(), crc_input.size() * sizeof(uint32_t)) ^ ranks;
+  m.ranks_of_ = std::move(ranks_of);
   return m;
+}
+
+std::vector<uint32_t> ExpertMap::ChooseReplicas(const std::vector<uint32_t>& on, uint32_t ranks, uint32_t nodes) {
+  const uint32_t per_node = ranks / nodes, copies = uint32_t(on.size());
+  const uint32_t fair = (ranks + copies - 1) / copies;  // sources per replica when spread evenly
+  std::vector<uint32_t> sources(copies, 0), choice(ranks, UINT32_MAX);
+  auto assign = [&](uint32_t s, size_t j) { sources[j]++, choice[s] = on[j]; };
+  // 1. A replica on the source itself.
+  for (uint32_t s = 0; s < ranks; ++s)
+    for (size_t j = 0; j < copies; ++j)
+      if (on[j] == s) assign(s, j);
+  // 2. The least used replica on the source's node, while under its fair share.
+  // 3. The least used replica anywhere. Ties: the lower rank.
+  for (int tier = 2; tier <= 3; ++tier)
+    for (uint32_t s = 0; s < ranks; ++s) {
+      if (choice[s] != UINT32_MAX) continue;
+      size_t pick = copies;
+      for (size_t j = 0; j < copies; ++j) {
+        if (tier == 2 && (on[j] / per_node != s / per_node || sources[j] >= fair)) continue;
+        if (pick == copies || sources[j] < sources[pick] || (sources[j] == sources[pick] && on[j] < on[pick])) pick = j;
+      }
+      if (pick != copies) assign(s, pick);
+    }
+  return choice;
+}
+
+uint32_t ExpertMap::local_index(uint32_t expert, uint32_t rank) const {
+  const auto& on = ranks_of_[expert];
+  for (size_t j = 0; j < on.size(); ++j)
+    if (on[j] == rank) return local_index_[expert][j];
+  return UINT32_MAX;  // not held there: a caller bug, caught where the index is used
 }
 
 }  // namespace te::moe

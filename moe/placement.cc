@@ -54,12 +54,15 @@ Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes) {
   return Status::Ok();
 }
 
-Status Placement::Validate() const {
+Status Placement::Validate(uint32_t extra_slots) const {
   TE_RETURN_IF_ERROR(CheckShape(experts, ranks, 1));
   if (rank_of.size() != layers) return InvalidArgument("placement has the wrong number of layers");
+  if (!replicas.empty() && replicas.size() != layers)
+    return InvalidArgument("placement has replicas for " + std::to_string(replicas.size()) + " of " +
+                           std::to_string(layers) + " layers");
   for (uint32_t l = 0; l < layers; ++l) {
     if (rank_of[l].size() != experts) return InvalidArgument("layer " + std::to_string(l) + " misses experts");
-    std::vector<uint32_t> per(ranks, 0);
+    std::vector<uint32_t> per(ranks, 0), extra(ranks, 0);
     for (uint32_t r : rank_of[l]) {
       if (r >= ranks) return OutOfRange("rank " + std::to_string(r) + " outside " + std::to_string(ranks));
       per[r]++;
@@ -68,12 +71,42 @@ Status Placement::Validate() const {
       if (per[r] != experts / ranks)
         return InvalidArgument("layer " + std::to_string(l) + " puts " + std::to_string(per[r]) + " experts on rank " +
                                std::to_string(r) + "; expected " + std::to_string(experts / ranks));
+    if (replicas.empty()) continue;
+    if (replicas[l].size() != experts && !replicas[l].empty())
+      return InvalidArgument("layer " + std::to_string(l) + " has replica lists for " +
+                             std::to_string(replicas[l].size()) + " of " + std::to_string(experts) + " experts");
+    for (uint32_t e = 0; e < replicas[l].size(); ++e) {
+      const auto on = RanksOf(l, e);
+      for (size_t j = 1; j < on.size(); ++j) {
+        if (on[j] >= ranks)
+          return OutOfRange("replica rank " + std::to_string(on[j]) + " outside " + std::to_string(ranks));
+        if (std::find(on.begin(), on.begin() + j, on[j]) != on.begin() + j)
+          return InvalidArgument("layer " + std::to_string(l) + " puts expert " + std::to_string(e) +
+                                 " twice on rank " + std::to_string(on[j]));
+        if (++extra[on[j]] > extra_slots)
+          return InvalidArgument("layer " + std::to_string(l) + " puts more than " + std::to_string(extra_slots) +
+                                 " replicas on rank " + std::to_string(on[j]));
+      }
+    }
   }
   return Status::Ok();
 }
 
+std::vector<uint32_t> Placement::RanksOf(uint32_t layer, uint32_t expert) const {
+  std::vector<uint32_t> on{rank_of[layer][expert]};
+  if (layer < replicas.size() && expert < replicas[layer].size())
+    on.insert(on.end(), replicas[layer][expert].begin(), replicas[layer][expert].end());
+  return on;
+}
+
+Result<ExpertMap> Placement::Map(uint32_t layer, uint32_t nodes) const {
+  std::vector<std::vector<uint32_t>> on(experts);
+  for (uint32_t e = 0; e < experts; ++e) on[e] = RanksOf(layer, e);
+  return ExpertMap::WithReplicas(std::move(on), ranks, nodes);
+}
+
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks) {
-  Placement p{layers, experts, ranks, {}};
+  Placement p{layers, experts, ranks, {}, {}};
   p.rank_of.assign(layers, std::vector<uint32_t>(experts));
   for (auto& layer : p.rank_of)
     for (uint32_t e = 0; e < experts; ++e) layer[e] = e % ranks;

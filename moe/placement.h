@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "moe/expert_map.h"
 #include "moe/routing_trace.h"
 
 namespace te::moe {
@@ -34,9 +35,18 @@ struct ExpertAffinity {
 
 struct Placement {
   uint32_t layers = 0, experts = 0, ranks = 0;
-  std::vector<std::vector<uint32_t>> rank_of;  // [layer][expert]
-  // Every expert on a rank in range; each rank holds experts / ranks.
-  Status Validate() const;
+  std::vector<std::vector<uint32_t>> rank_of;  // [layer][expert]: the primary copy
+  // Replicas beyond the primary: replicas[layer][expert] = their ranks. Empty
+  // (or empty lists) when nothing is replicated.
+  std::vector<std::vector<std::vector<uint32_t>>> replicas;
+  // Every expert's primary on a rank in range, each rank holding experts /
+  // ranks primaries; replicas on ranks in range, none on a rank that already
+  // holds the expert, at most `extra_slots` per rank and layer.
+  Status Validate(uint32_t extra_slots = 0) const;
+  // Layer l as a dispatch map (ranks r of node r / (ranks / nodes)).
+  Result<ExpertMap> Map(uint32_t layer, uint32_t nodes) const;
+  // Ranks holding expert e at layer l, primary first.
+  std::vector<uint32_t> RanksOf(uint32_t layer, uint32_t expert) const;
 };
 
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes);

@@ -1,5 +1,6 @@
 #include "moe/placement_file.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <string_view>
@@ -12,7 +13,8 @@ Status WritePlacementCsv(const Placement& p, const std::string& path) {
   std::ofstream out(path);
   out << "layer,expert,rank\n";
   for (uint32_t l = 0; l < p.layers; ++l)
-    for (uint32_t e = 0; e < p.experts; ++e) out << l << "," << e << "," << p.rank_of[l][e] << "\n";
+    for (uint32_t e = 0; e < p.experts; ++e)
+      for (uint32_t r : p.RanksOf(l, e)) out << l << "," << e << "," << r << "\n";
   out.flush();
   if (!out) return IoError("cannot write placement to '" + path + "'");
   return Status::Ok();
@@ -22,7 +24,7 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
   if (layers == 0 || experts == 0 || ranks == 0)
     return InvalidArgument("placement shape " + std::to_string(layers) + " x " + std::to_string(experts) + " over " +
                            std::to_string(ranks) + " ranks has a zero");
-  Placement p{layers, experts, ranks, {}};
+  Placement p{layers, experts, ranks, {}, {}};
   p.rank_of.assign(layers, std::vector<uint32_t>(experts, UINT32_MAX));
   std::istringstream in(text);
   std::string line;
@@ -46,9 +48,18 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
     if (v[0] >= layers) return bad("layer outside [0, " + std::to_string(layers) + ")");
     if (v[1] >= experts) return bad("expert outside [0, " + std::to_string(experts) + ")");
     if (v[2] >= ranks) return bad("rank outside [0, " + std::to_string(ranks) + ")");
-    uint32_t& slot = p.rank_of[v[0]][v[1]];
-    if (slot != UINT32_MAX) return bad("expert given twice");
-    slot = uint32_t(v[2]);
+    uint32_t& primary = p.rank_of[v[0]][v[1]];
+    if (primary == UINT32_MAX) {
+      primary = uint32_t(v[2]);
+      continue;
+    }
+    // A later line for the same expert is a replica.
+    if (p.replicas.empty()) p.replicas.assign(layers, std::vector<std::vector<uint32_t>>(experts));
+    auto& reps = p.replicas[v[0]][v[1]];
+    if (primary == v[2] || std::find(reps.begin(), reps.end(), uint32_t(v[2])) != reps.end())
+      return bad("expert given twice on one rank");
+    if (reps.size() + 1 >= ranks) return bad("more copies than ranks");
+    reps.push_back(uint32_t(v[2]));
   }
   for (uint32_t l = 0; l < layers; ++l)
     for (uint32_t e = 0; e < experts; ++e)

@@ -1,8 +1,9 @@
-// Placements as CSV files ("layer,expert,rank" header, one line per expert
-// of every layer), as te-moe place writes them and te-moe bench reads them.
-// A file is untrusted: every line is checked (three decimal numbers, each
-// in range, no expert given twice, none missing) and the first bad one is
-// named in the error.
+// Placements as CSV files ("layer,expert,rank" header, one line per copy
+// of every expert of every layer; an expert's first line is its primary,
+// later lines its replicas), as te-moe place writes them and te-moe bench
+// reads them. A file is untrusted: every line is checked (three decimal
+// numbers, each in range, no expert twice on one rank, none missing) and
+// the first bad one is named in the error.
 #pragma once
 
 #include <string>

@@ -1,6 +1,7 @@
 #include "moe/placement_solver.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <string>
 
@@ -30,7 +31,7 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
       if (const int e = t.at(tok, l, k); e >= 0) experts_of[tok].push_back(uint32_t(e));
   std::vector<int32_t> home(t.tokens, -1);
   if (o.home == TokenHome::kTop1 && l > 0) {
-    const auto homes = TokenHomes(t, *p, o.home, l);
+    const auto homes = TokenHomes(t, *p, o.home, l, o.nodes);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) home[tok] = int32_t(homes[tok]);
   }
 
@@ -41,7 +42,9 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     np.items = E;
     np.parts = N;
     np.load = load;
-    np.cap = Cap(load, N, o.load_slack);
+    // With replicas, nodes are held tighter: exchanges later move copies
+    // between ranks of one node, so a heavy node stays heavy.
+    np.cap = Cap(load, N, o.extra_slots > 0 ? std::min(o.load_slack, 0.05) : o.load_slack);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
       const int32_t h = home[tok] >= 0 ? int32_t(uint32_t(home[tok]) / per_node) : -1;
       if (experts_of[tok].size() + (h >= 0) >= 2)
@@ -74,6 +77,228 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
   }
 }
 
+// Copies per expert: the extra slots one by one to the expert with the most
+// load per copy (at most one copy per rank).
+std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, uint32_t extra_slots) {
+  const uint32_t E = uint32_t(load.size());
+  std::vector<uint32_t> copies(E, 1);
+  for (uint64_t extra = uint64_t(ranks) * extra_slots; extra > 0; --extra) {
+    uint32_t best = E;
+    for (uint32_t e = 0; e < E; ++e)
+      if (copies[e] < ranks && (best == E || double(load[e]) * copies[best] > double(load[best]) * copies[e])) best = e;
+    if (best == E || load[best] == 0) break;
+    copies[best]++;
+  }
+  return copies;
+}
+
+// Replicas for layer l on top of its primaries. Each replica goes, among
+// ranks with a free slot whose load stays near the mean, to the one that
+// makes dispatch of the fitted trace send the fewest records (rank + node,
+// counted exactly for the tokens of that expert under ExpertMap's replica
+// choice); ties to the lighter rank.
+void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load,
+               const std::vector<uint32_t>& copies, const PlacementOptions& o, Placement* p) {
+  const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
+  p->replicas[l].assign(E, {});
+  std::vector<double> rank_load(R, 0.0);
+  for (uint32_t e = 0; e < E; ++e) rank_load[p->rank_of[l][e]] += double(load[e]) / copies[e];
+  const double mean = std::accumulate(rank_load.begin(), rank_load.end(), 0.0) / R;
+  std::vector<uint32_t> order;
+  for (uint32_t e = 0; e < E; ++e)
+    if (copies[e] > 1) order.push_back(e);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return double(load[a]) / copies[a] > double(load[b]) / copies[b]; });
+  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
+  // Where each expert's tokens go now (updated as replicas are added).
+  std::vector<std::vector<uint32_t>> choice(E);
+  for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
+  std::vector<uint32_t> free_slots(R, o.extra_slots);
+  struct Token {
+    uint32_t home;
+    std::vector<uint32_t> others;  // destination ranks of the token's other experts
+  };
+  for (uint32_t e : order) {
+    std::vector<Token> mine;
+    std::vector<uint64_t> shared(R, 0);
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+      bool has = false;
+      for (uint32_t k = 0; k < t.topk; ++k) has |= t.at(tok, l, k) == int(e);
+      if (!has) continue;
+      Token x{homes[tok], {}};
+      for (uint32_t k = 0; k < t.topk; ++k)
+        if (const int y = t.at(tok, l, k); y >= 0 && y != int(e)) {
+          x.others.push_back(choice[y][x.home]);
+          shared[choice[y][x.home]]++;
+        }
+      mine.push_back(std::move(x));
+    }
+    // Records the tokens of e cost for its destination under `dest`.
+    auto cost = [&](const std::vector<uint32_t>& dest) {
+      int64_t c = 0;
+      for (const Token& x : mine) {
+        const uint32_t d = dest[x.home];
+        if (d == x.home || std::find(x.others.begin(), x.others.end(), d) != x.others.end()) continue;
+        ++c;  // a record to d
+        const uint32_t node = d / per_node;
+        bool crossed = node != x.home / per_node;
+        for (uint32_t r : x.others) crossed &= r / per_node != node;
+        c += crossed;  // and a network crossing to a node the token did not reach yet
+      }
+      return c;
+    };
+    const double share = double(load[e]) / copies[e];
+    for (uint32_t c = 1; c < copies[e]; ++c) {
+      auto on = p->RanksOf(l, e);
+      // Candidates: the lightest free ranks and the ranks sharing the most
+      // tokens, among those not holding e.
+      std::vector<uint32_t> cand;
+      for (uint32_t r = 0; r < R; ++r)
+        if (free_slots[r] > 0 && std::find(on.begin(), on.end(), r) == on.end()) cand.push_back(r);
+      if (cand.empty()) break;
+      const double light = [&] {
+        double m = rank_load[cand[0]];
+        for (uint32_t r : cand) m = std::min(m, rank_load[r]);
+        return m;
+      }();
+      // Under the mean (with the replica) where possible, else the lightest.
+      const double limit = std::max(1.0 * mean, light + share);
+      std::vector<uint32_t> ok;
+      for (uint32_t r : cand)
+        if (rank_load[r] + share <= limit) ok.push_back(r);
+      std::stable_sort(ok.begin(), ok.end(), [&](uint32_t a, uint32_t b) { return shared[a] > shared[b]; });
+      if (ok.size() > 16) ok.resize(16);
+      uint32_t best = R;
+      int64_t best_cost = 0;
+      for (uint32_t r : ok) {
+        on.push_back(r);
+        const int64_t v = cost(ExpertMap::ChooseReplicas(on, R, o.nodes));
+        on.pop_back();
+        if (best == R || v < best_cost || (v == best_cost && rank_load[r] < rank_load[best])) best = r, best_cost = v;
+      }
+      p->replicas[l][e].push_back(best);
+      free_slots[best]--;
+      rank_load[best] += share;
+      choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
+    }
+  }
+}
+
+// Exact loads of layer l (tokens of each expert by home rank, routed by the
+// replica rule), then moves that lower the heaviest rank while one exists:
+// one of its replicas to another rank with a free slot, or one of its
+// unreplicated primaries swapped with one of another rank (same node first,
+// which keeps node-level records). Bytes were fitted first; this trades a
+// little of them for balance only where a rank is the heaviest.
+void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, Placement* p) {
+  const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
+  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
+  std::vector<std::vector<uint64_t>> from(E, std::vector<uint64_t>(R, 0));  // [expert][home]
+  for (uint32_t tok = 0; tok < t.tokens; ++tok)
+    for (uint32_t k = 0; k < t.topk; ++k)
+      if (const int e = t.at(tok, l, k); e >= 0) from[e][homes[tok]]++;
+  std::vector<std::vector<uint32_t>> choice(E);
+  std::vector<uint64_t> load(R, 0);
+  auto add = [&](uint32_t e, int sign) {
+    for (uint32_t s = 0; s < R; ++s) load[choice[e][s]] += sign * int64_t(from[e][s]);
+  };
+  for (uint32_t e = 0; e < E; ++e) {
+    choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
+    add(e, +1);
+  }
+  std::vector<uint32_t> used(R, 0);
+  for (const auto& reps : p->replicas[l])
+    for (uint32_t r : reps) used[r]++;
+  std::vector<uint64_t> total(E, 0);
+  for (uint32_t e = 0; e < E; ++e) total[e] = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+
+  for (uint32_t iter = 0; iter < 8 * R; ++iter) {
+    const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
+    const uint64_t peak = load[h];
+    // Best replica move off h: the new peak among the ranks it touches.
+    uint64_t best_peak = peak;
+    uint32_t move_e = E, move_to = R;
+    for (uint32_t e = 0; e < E; ++e) {
+      auto& reps = p->replicas[l][e];
+      const auto at = std::find(reps.begin(), reps.end(), h);
+      if (at == reps.end()) continue;
+      for (uint32_t r = 0; r < R; ++r) {
+        if (used[r] >= o.extra_slots) continue;
+        auto on = p->RanksOf(l, e);
+        if (std::find(on.begin(), on.end(), r) != on.end()) continue;
+        std::replace(on.begin(), on.end(), h, r);
+        const auto c = ExpertMap::ChooseReplicas(on, R, o.nodes);
+        add(e, -1);
+        for (uint32_t s = 0; s < R; ++s) load[c[s]] += from[e][s];
+        uint64_t worst = 0;
+        for (uint32_t x : on) worst = std::max(worst, load[x]);
+        worst = std::max(worst, load[h]);
+        for (uint32_t s = 0; s < R; ++s) load[c[s]] -= from[e][s];
+        add(e, +1);
+        if (worst < best_peak) best_peak = worst, move_e = e, move_to = r;
+      }
+    }
+    // Best exchange: a copy of e on h trades places with a copy of the same
+    // kind (primary or replica, so every rank keeps its counts) of f on r.
+    // Ranks of h's node first: that keeps the node-level records.
+    uint32_t ex_e = E, ex_f = E, ex_r = R;
+    for (int pass = 0; pass < 2 && ex_e == E; ++pass)
+      for (uint32_t e = 0; e < E; ++e) {
+        const auto on_e = p->RanksOf(l, e);
+        const auto at_e = std::find(on_e.begin(), on_e.end(), h);
+        if (at_e == on_e.end()) continue;
+        const bool primary = at_e == on_e.begin();
+        for (uint32_t f = 0; f < E; ++f) {
+          if (f == e) continue;
+          const auto on_f = p->RanksOf(l, f);
+          if (std::find(on_f.begin(), on_f.end(), h) != on_f.end()) continue;
+          for (size_t jf = primary ? 0 : 1; jf < (primary ? 1 : on_f.size()); ++jf) {
+            const uint32_t r = on_f[jf];
+            if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
+            // Unreplicated primaries stay in their node (their node was chosen for
+            // their tokens); copies of replicated experts may cross.
+            const bool pinned = primary && (on_e.size() == 1 || on_f.size() == 1);
+            if (r / per_node != h / per_node && (pass == 0 || pinned)) continue;
+            auto ne = on_e, nf = on_f;
+            std::replace(ne.begin(), ne.end(), h, r);
+            nf[jf] = h;
+            const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cf = ExpertMap::ChooseReplicas(nf, R, o.nodes);
+            add(e, -1), add(f, -1);
+            for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] += from[e][s2], load[cf[s2]] += from[f][s2];
+            uint64_t worst = load[h];
+            for (uint32_t x : ne) worst = std::max(worst, load[x]);
+            for (uint32_t x : nf) worst = std::max(worst, load[x]);
+            for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] -= from[e][s2], load[cf[s2]] -= from[f][s2];
+            add(e, +1), add(f, +1);
+            if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
+          }
+        }
+      }
+    if (ex_e != E) {
+      add(ex_e, -1), add(ex_f, -1);
+      // Rewrite both experts' copies (primary in rank_of, the rest in replicas).
+      for (uint32_t x : {ex_e, ex_f}) {
+        const uint32_t from_rank = x == ex_e ? h : ex_r, to_rank = x == ex_e ? ex_r : h;
+        if (p->rank_of[l][x] == from_rank) p->rank_of[l][x] = to_rank;
+        auto& reps = p->replicas[l][x];
+        std::replace(reps.begin(), reps.end(), from_rank, to_rank);
+      }
+      choice[ex_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_e), R, o.nodes);
+      choice[ex_f] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_f), R, o.nodes);
+      add(ex_e, +1), add(ex_f, +1);
+    } else if (move_e != E) {
+      add(move_e, -1);
+      auto& reps = p->replicas[l][move_e];
+      std::replace(reps.begin(), reps.end(), h, move_to);
+      used[h]--, used[move_to]++;
+      choice[move_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, move_e), R, o.nodes);
+      add(move_e, +1);
+    } else {
+      break;  // no move lowers the heaviest rank
+    }
+  }
+}
+
 }  // namespace
 
 Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const PlacementOptions& o) {
@@ -84,9 +309,16 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
                            std::to_string(kMaxPlacedExperts));
   if (o.load_slack < 0) return InvalidArgument("load_slack " + std::to_string(o.load_slack) + " must be >= 0");
   const auto load = LayerLoads(t);
+  // With replicas, primaries are balanced by their load per copy.
+  std::vector<std::vector<uint32_t>> copies(t.layers);
+  auto per_copy = load;
+  for (uint32_t l = 0; l < t.layers; ++l) {
+    copies[l] = Copies(load[l], ranks, o.extra_slots);
+    for (uint32_t e = 0; e < t.experts; ++e) per_copy[l][e] = (load[l][e] + copies[l][e] - 1) / copies[l][e];
+  }
   const Placement rr = RoundRobinPlacement(t.layers, t.experts, ranks);
   Placement p = rr;
-  for (uint32_t l = 0; l < t.layers; ++l) PlaceLayer(t, l, load[l], o, &p);
+  for (uint32_t l = 0; l < t.layers; ++l) PlaceLayer(t, l, per_copy[l], o, &p);
   TE_RETURN_IF_ERROR(p.Validate());
 
   const CostOptions cost{o.nodes, o.home, /*hierarchical=*/true};
@@ -100,6 +332,14 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
       if (Objective(mine->layers[l]) > Objective(base->layers[l])) p.rank_of[l] = rr.rank_of[l];
   } else if (Objective(mine->total()) > Objective(base->total())) {
     p = rr;
+  }
+  if (o.extra_slots > 0) {
+    p.replicas.assign(t.layers, {});
+    for (uint32_t l = 0; l < t.layers; ++l) {
+      Replicate(t, l, load[l], copies[l], o, &p);
+      BalanceLoads(t, l, o, &p);
+    }
+    TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   }
   return p;
 }

@@ -12,10 +12,10 @@
 // with kSource a token's source rank is unrelated to its routing, so only
 // co-activation within a layer matters.
 //
-// Guarantees: every rank holds experts / ranks experts of every layer; on
-// the fitted trace the result never moves more records (rank + node) than
-// round-robin: for kSource each layer keeps the better of the two, for
-// kTop1 the whole placement does. Loads: a node's (rank's) load stays
+// Guarantees: every rank holds experts / ranks primaries of every layer
+// (plus up to extra_slots replicas); on the fitted trace the primaries never
+// move more records (rank + node) than round-robin's: for kSource each layer
+// keeps the better of the two, for kTop1 the whole placement does. Loads: a node's (rank's) load stays
 // under (1 + load_slack) x mean where the swaps allow (a single expert
 // heavier than that is its own cap); replication (moe/placement.h) is what
 // brings imbalance down further. Deterministic.
@@ -35,6 +35,13 @@ struct PlacementOptions {
   TokenHome home = TokenHome::kSource;
   double load_slack = 0.25;
   int max_sweeps = 20;  // swap passes per partition
+  // Replica slots per rank and layer beyond the experts / ranks primaries.
+  // They go to the experts with the most load per copy (EPLB's rule), and
+  // each replica to a rank of a node holding no copy yet where possible
+  // (sources of that node then stay inside it), the least loaded, and among
+  // nearly equally loaded ranks the one whose experts share the most tokens
+  // with it (those tokens already send a record there).
+  uint32_t extra_slots = 0;
 };
 
 // At most this many experts (the solver keeps an experts^2 table per layer).

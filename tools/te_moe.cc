@@ -48,7 +48,7 @@ DEFINE_string(home, "source",
               "where a token is dispatched from: source (rank t % ranks, the normal mode) or top1 "
               "(its previous top-1 expert's rank, context-coherent)");
 DEFINE_double(load_slack, 0.25, "place: node and rank load cap is (1 + slack) x mean, where feasible");
-DEFINE_uint32(extra_slots, 0, "place: extra expert slots per rank for replication (EPLB)");
+DEFINE_uint32(extra_slots, 0, "place: replica slots per rank beyond experts / ranks (hot experts, placed by affinity)");
 DEFINE_string(placement_out, "", "place: write the fitted placement (layer, expert, rank) as CSV");
 DEFINE_bool(json, false, "Print JSON");
 
@@ -130,15 +130,25 @@ int Place() {
   po.nodes = FLAGS_nodes;
   po.home = HomeFlag();
   po.load_slack = FLAGS_load_slack;
+  po.extra_slots = FLAGS_extra_slots;
   const auto t0 = std::chrono::steady_clock::now();
   auto placed = moe::PlaceExperts(t, FLAGS_ranks, po);
   if (!placed.ok()) Die(placed.status().ToString());
   const double solve_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Without replicas, for comparison (the same solver, no extra slots).
+  moe::Placement primaries = placed.value();
+  if (FLAGS_extra_slots > 0) {
+    po.extra_slots = 0;
+    auto plain = moe::PlaceExperts(t, FLAGS_ranks, po);
+    if (!plain.ok()) Die(plain.status().ToString());
+    primaries = std::move(plain).value();
+  }
 
   std::vector<Row> rows;
   rows.push_back(Judge("round-robin", judged, moe::RoundRobinPlacement(t.layers, t.experts, FLAGS_ranks)));
   rows.push_back(Judge("random", judged, moe::RandomPlacement(t.layers, t.experts, FLAGS_ranks, FLAGS_seed)));
-  rows.push_back(Judge("solver", judged, placed.value()));
+  rows.push_back(Judge("solver", judged, primaries));
+  if (FLAGS_extra_slots > 0) rows.push_back(Judge("+replicas", judged, placed.value()));
   if (!FLAGS_oracle.empty()) {
     auto oracle = moe::ReadPlacementCsv(FLAGS_oracle, t.layers, t.experts, FLAGS_ranks);
     if (!oracle.ok()) Die(oracle.status().ToString());
@@ -170,39 +180,22 @@ int Place() {
           r.name.c_str(), FLAGS_ranks, FLAGS_nodes, FLAGS_home.c_str(), judged.tokens, judged.layers,
           (unsigned long long)r.hier.total().rank, (unsigned long long)r.hier.total().node,
           (unsigned long long)r.flat.total().node, rank, node, Reduction(rr_rank, rank), Reduction(rr_node, node),
-          r.stats.cross_rank_hops_per_token, r.stats.max_load_imbalance, r.stats.max_node_load_imbalance, solve_s);
+          r.stats.cross_rank_hops_per_token, r.hier.max_rank_imbalance(), r.hier.max_node_imbalance(FLAGS_nodes),
+          solve_s);
     } else {
       printf("%-12s %10.3f %7.1f%% %10.3f %7.1f%% %10.3f %10.2f %9.3f %9.3f\n", r.name.c_str(), rank,
              100 * Reduction(rr_rank, rank), node, 100 * Reduction(rr_node, node), flat_node,
-             r.stats.cross_rank_hops_per_token, r.stats.max_load_imbalance, r.stats.max_node_load_imbalance);
+             r.stats.cross_rank_hops_per_token, r.hier.max_rank_imbalance(), r.hier.max_node_imbalance(FLAGS_nodes));
     }
   }
-  if (rows.size() == 4 && !FLAGS_json) {
+  if (!FLAGS_oracle.empty() && !FLAGS_json) {
     // How much of the oracle's saving against round-robin the solver reaches.
     const auto share = [&](double rr_v, double solver, double oracle) {
       return rr_v - oracle > 1e-12 ? (rr_v - solver) / (rr_v - oracle) : 0.0;
     };
     printf("solver reaches %.1f%% of the oracle's saving across ranks and %.1f%% across nodes\n",
-           100 * share(rr_rank, rows[2].hier.rank_per_token_layer(), rows[3].hier.rank_per_token_layer()),
-           100 * share(rr_node, rows[2].hier.node_per_token_layer(), rows[3].hier.node_per_token_layer()));
-  }
-  if (FLAGS_extra_slots > 0) {
-    const auto load = moe::LayerLoads(t);
-    double before = 0, after = 0;
-    for (uint32_t l = 0; l < t.layers; ++l) {
-      before = std::max(before, moe::LoadImbalance(load[l], placed->rank_of[l], FLAGS_ranks));
-      auto rep = moe::ReplicateHotExperts(load[l], FLAGS_ranks, t.experts / FLAGS_ranks + FLAGS_extra_slots);
-      if (!rep.ok()) Die(rep.status().ToString());
-      after = std::max(after, rep->imbalance);
-    }
-    if (FLAGS_json)
-      printf("{\"replication_extra_slots\":%u,\"imbalance_before\":%.3f,\"imbalance_after\":%.3f}\n", FLAGS_extra_slots,
-             before, after);
-    else
-      printf(
-          "EPLB replication (repacks from scratch), %u extra slot(s) per rank: worst-layer load imbalance %.3f -> "
-          "%.3f\n",
-          FLAGS_extra_slots, before, after);
+           100 * share(rr_rank, rows[2].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer()),
+           100 * share(rr_node, rows[2].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer()));
   }
   if (!FLAGS_placement_out.empty())
     if (auto st = moe::WritePlacementCsv(placed.value(), FLAGS_placement_out); !st.ok()) Die(st.ToString());

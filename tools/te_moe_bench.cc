@@ -214,8 +214,8 @@ std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& 
   std::vector<Layer> layers;
   for (uint32_t l = 0; l < used.layers; ++l) {
     std::mt19937_64 rng(1000 * l + c.rank + 1);
-    Layer x{Must(moe::ExpertMap::FromRanks(p.rank_of[l], c.ranks), "expert map")};
-    const auto homes = moe::TokenHomes(used, p, HomeFlag(), l);
+    Layer x{Must(p.Map(l, FLAGS_nodes), "expert map")};
+    const auto homes = moe::TokenHomes(used, p, HomeFlag(), l, FLAGS_nodes);
     for (uint32_t i = 0; i < used.tokens; ++i)
       if (homes[i] == c.rank)
         for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(used.at(i, l, k));

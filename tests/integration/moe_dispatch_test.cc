@@ -69,7 +69,7 @@ void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector
 // A trace replayed through the dispatcher under a fitted placement: every
 // layer matches the reference bit for bit, and the records the ranks send
 // to each other are exactly what CountRecords predicts for the trace.
-void ReplayTrace(const std::string& provider, moe::TraceModel model) {
+void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t extra_slots = 0) {
   moe::TraceOptions to;
   to.model = model;
   to.tokens = 4 * 40;
@@ -80,10 +80,12 @@ void ReplayTrace(const std::string& provider, moe::TraceModel model) {
   const moe::RoutingTrace trace = moe::GenerateTrace(to).value();
   moe::PlacementOptions po;
   po.nodes = 2;
+  po.extra_slots = extra_slots;
   const moe::Placement placement = moe::PlaceExperts(trace, 4, po).value();
   ASSERT_NE(placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
   std::vector<ExpertMap> maps;
-  for (const auto& layer : placement.rank_of) maps.push_back(ExpertMap::FromRanks(layer, 4).value());
+  for (uint32_t l = 0; l < 3; ++l) maps.push_back(placement.Map(l, 2).value());
+  EXPECT_EQ(maps[0].replicated(), extra_slots > 0);
   Group g = MakeGroup(Shape(4), Options(provider));
   ASSERT_EQ(g.ranks.size(), 4u);
   std::vector<uint64_t> sent(4, 0);
@@ -105,6 +107,12 @@ TEST(MoeDispatch, TraceReplayMovesExactlyThePredictedRecordsTcp) {
 }
 
 TEST(MoeDispatch, TraceReplayMovesExactlyThePredictedRecordsShm) { ReplayTrace("shm", moe::TraceModel::kPopularity); }
+
+TEST(MoeDispatch, TraceReplayWithReplicasTcp) { ReplayTrace("tcp", moe::TraceModel::kPopularity, /*extra_slots=*/1); }
+
+TEST(MoeDispatch, TraceReplayWithReplicasShm) {
+  ReplayTrace("shm", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/2);
+}
 
 TEST(MoeDispatch, RandomRoutingBf16Tcp4Ranks) {
   Group g = MakeGroup(Shape(4), Options("tcp"));

@@ -57,6 +57,48 @@ TEST(ExpertMap, ContiguousAndFromRanks) {
   EXPECT_EQ(other->local_experts(0), (std::vector<uint32_t>{1, 2, 3, 15}));
 }
 
+TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {
+  // 8 ranks in 2 nodes (0-3, 4-7); expert 0 on ranks 1 and 2 (node 0) and 5
+  // (node 1); the other experts once each.
+  std::vector<std::vector<uint32_t>> on(8);
+  on[0] = {1, 2, 5};
+  for (uint32_t e = 1; e < 8; ++e) on[e] = {e};
+  auto m = ExpertMap::WithReplicas(on, 8, 2);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_TRUE(m->replicated());
+  EXPECT_EQ(m->RankFor(0, 1), 1u);  // its own rank
+  EXPECT_EQ(m->RankFor(0, 2), 2u);
+  EXPECT_EQ(m->RankFor(0, 5), 5u);
+  // Fair share: ceil(8 / 3) = 3 sources per replica. Node 0's sources 0 and
+  // 3 go to the less used of 1 and 2; node 1's sources 4, 6, 7 to 5 until
+  // it holds 3, then the least used anywhere.
+  std::vector<uint32_t> per(8, 0);
+  for (uint32_t s = 0; s < 8; ++s) {
+    const uint32_t r = m->RankFor(0, s);
+    EXPECT_TRUE(r == 1 || r == 2 || r == 5) << "source " << s;
+    per[r]++;
+    if (s < 4) EXPECT_LT(r, 4u) << "source " << s << " left its node";
+  }
+  EXPECT_LE(per[1], 3u);
+  EXPECT_LE(per[2], 3u);
+  EXPECT_LE(per[5], 3u);
+  EXPECT_EQ(m->RankFor(3, 0), 3u);  // unreplicated: its only rank
+  EXPECT_EQ(m->local_index(0, 5), 0u);
+  EXPECT_EQ(m->local_experts(5), (std::vector<uint32_t>{0, 5}));
+  EXPECT_EQ(m->local_index(5, 5), 1u);
+  EXPECT_EQ(m->local_index(0, 3), UINT32_MAX);  // not held there
+  // The same assignment is the same map; replicas change the fingerprint.
+  EXPECT_EQ(ExpertMap::WithReplicas(on, 8, 2)->fingerprint(), m->fingerprint());
+  on[0] = {1};
+  EXPECT_NE(ExpertMap::WithReplicas(on, 8, 2)->fingerprint(), m->fingerprint());
+  on[0] = {1, 1};
+  EXPECT_FALSE(ExpertMap::WithReplicas(on, 8, 2).ok());  // twice on one rank
+  on[0] = {};
+  EXPECT_FALSE(ExpertMap::WithReplicas(on, 8, 2).ok());  // nowhere
+  on[0] = {1};
+  EXPECT_FALSE(ExpertMap::WithReplicas(on, 8, 3).ok());  // 8 ranks into 3 nodes
+}
+
 TEST(EpConfig, ValidateNamesTheBadField) {
   EpConfig c;
   c.ranks = 4;

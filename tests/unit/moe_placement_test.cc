@@ -134,7 +134,7 @@ TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
   auto top1 = CountRecords(t, p, {2, TokenHome::kTop1, true}).value();
   EXPECT_EQ(top1.layers[1].rank, 3u);
   EXPECT_EQ(top1.layers[1].node, 2u);
-  EXPECT_EQ(TokenHomes(t, p, TokenHome::kTop1, 1), (std::vector<uint32_t>{1, 0}));
+  EXPECT_EQ(TokenHomes(t, p, TokenHome::kTop1, 1, 2), (std::vector<uint32_t>{1, 0}));
   EXPECT_FALSE(CountRecords(t, p, {3, TokenHome::kSource, false}).ok());  // 4 ranks into 3 nodes
   EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(3, 8, 4), {}).ok());   // layers differ
 }
@@ -258,6 +258,42 @@ TEST(Placement, NoStructureCostsNothing) {
     const auto mine = Records(held, p, 2);
     EXPECT_LE(double(mine.rank + mine.node), 1.01 * double(rr.rank + rr.node)) << TraceModelName(m);
   }
+}
+
+TEST(Placement, ReplicasBalanceLoadsAndKeepTheInvariants) {
+  const TraceOptions o = Model(TraceModel::kPopularity, 64, 3, 1);
+  auto t = GenerateTrace(o).value();
+  PlacementOptions po;
+  po.nodes = 2;
+  auto plain = PlaceExperts(t, 8, po).value();
+  po.extra_slots = 1;
+  auto replicated = PlaceExperts(t, 8, po);
+  ASSERT_TRUE(replicated.ok()) << replicated.status().ToString();
+  EXPECT_TRUE(replicated->Validate(1).ok());
+  EXPECT_FALSE(replicated->Validate(0).ok());  // it does use the extra slots
+  size_t copies = 0;
+  for (const auto& layer : replicated->replicas)
+    for (const auto& reps : layer) copies += reps.size();
+  EXPECT_EQ(copies, 3u * 8u);  // one extra slot per rank and layer, all used
+  const auto before = CountRecords(t, plain, {2, TokenHome::kSource, true}).value();
+  const auto after = CountRecords(t, replicated.value(), {2, TokenHome::kSource, true}).value();
+  EXPECT_LT(after.max_rank_imbalance(), before.max_rank_imbalance());
+  EXPECT_LT(after.max_rank_imbalance(), 1.5) << "skewed popularity, one extra slot per rank";
+  EXPECT_LT(after.max_node_imbalance(2), 1.25);
+  // Loads count every (token, expert) pair exactly once.
+  for (uint32_t l = 0; l < t.layers; ++l) {
+    uint64_t pairs = 0;
+    for (uint64_t v : after.rank_load[l]) pairs += v;
+    EXPECT_EQ(pairs, uint64_t(t.tokens) * t.topk);
+  }
+  // Replicas survive the CSV file.
+  const std::string path = "/tmp/te-moe-replicas-" + std::to_string(::getpid());
+  ASSERT_TRUE(WritePlacementCsv(replicated.value(), path).ok());
+  auto back = ReadPlacementCsv(path, 3, 64, 8);
+  std::remove(path.c_str());
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->rank_of, replicated->rank_of);
+  EXPECT_EQ(back->replicas, replicated->replicas);
 }
 
 TEST(TraceGenerator, ModelsAreDeterministicAndGroupsCoactivate) {
