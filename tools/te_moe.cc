@@ -190,12 +190,14 @@ int Place() {
   }
   if (!FLAGS_oracle.empty() && !FLAGS_json) {
     // How much of the oracle's saving against round-robin the solver reaches.
-    const auto share = [&](double rr_v, double solver, double oracle) {
-      return rr_v - oracle > 1e-12 ? (rr_v - solver) / (rr_v - oracle) : 0.0;
+    const auto share = [&](const char* what, double rr_v, double solver, double oracle) {
+      if (rr_v - oracle > 1e-12)
+        printf("solver reaches %.1f%% of the oracle's saving %s\n", 100 * (rr_v - solver) / (rr_v - oracle), what);
+      else
+        printf("the oracle saves nothing %s against round-robin (no structure to exploit)\n", what);
     };
-    printf("solver reaches %.1f%% of the oracle's saving across ranks and %.1f%% across nodes\n",
-           100 * share(rr_rank, rows[2].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer()),
-           100 * share(rr_node, rows[2].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer()));
+    share("across ranks", rr_rank, rows[2].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer());
+    share("across nodes", rr_node, rows[2].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer());
   }
   if (!FLAGS_placement_out.empty())
     if (auto st = moe::WritePlacementCsv(placed.value(), FLAGS_placement_out); !st.ok()) Die(st.ToString());
