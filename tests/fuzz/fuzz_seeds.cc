@@ -109,7 +109,18 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
     o.layers = 3;
     o.topk = 2;
     o.experts = 8;
-    return {moe::SerializeTrace(moe::GenerateTrace(o).value())};
+    std::vector<std::vector<uint8_t>> seeds = {moe::SerializeTrace(moe::GenerateTrace(o).value())};
+    o.model = moe::TraceModel::kCoactivationGroups;
+    o.group_size = 4;
+    seeds.push_back(moe::SerializeTrace(moe::GenerateTrace(o).value()));
+    return seeds;
+  }
+  if (target == "placement_csv") {
+    std::string csv = "layer,expert,rank\n";
+    for (uint32_t l = 0; l < 2; ++l)
+      for (uint32_t e = 0; e < 8; ++e)
+        csv += std::to_string(l) + "," + std::to_string(e) + "," + std::to_string(e % 4) + "\n";
+    return {Bytes(csv), Bytes(csv + "0,3,0\n1,5,2\n1,5,3\n")};  // the second with replicas
   }
   return {};
 }

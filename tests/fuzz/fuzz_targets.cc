@@ -12,7 +12,10 @@
 #include "base/checked_math.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
+#include "moe/dispatch_cost.h"
 #include "moe/placement.h"
+#include "moe/placement_file.h"
+#include "moe/placement_solver.h"
 #include "moe/routing_trace.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
@@ -131,6 +134,24 @@ void TraceTarget(std::span<const uint8_t> b) {
   if (moe::ExpertAffinity::CheckSize(t->layers, t->experts).ok() &&
       uint64_t(t->layers) * t->experts * t->experts <= (uint64_t(1) << 22))
     (void)moe::ExpertAffinity::FromTrace(t.value());
+  // Small traces: the solver and the record count (te-moe place's next steps).
+  if (t->tokens <= 64 && t->layers <= 4 && t->experts <= 64 && t->experts % 2 == 0) {
+    moe::PlacementOptions o;
+    o.extra_slots = 1;
+    auto p = moe::PlaceExperts(t.value(), 2, o);
+    Expect(p.ok(), "the solver places any valid trace with an even expert count on 2 ranks");
+    Expect(p->Validate(1).ok(), "the solver's placement validates");
+    auto c = moe::CountRecords(t.value(), p.value(), {1, moe::TokenHome::kTop1, true});
+    Expect(c.ok(), "records of a valid placement count");
+  }
+}
+
+// A placement CSV for 2 layers x 8 experts x 4 ranks (2 nodes).
+void PlacementCsvTarget(std::span<const uint8_t> b) {
+  auto p = moe::ParsePlacementCsv(Text(b), 2, 8, 4);
+  if (!p.ok()) return;
+  for (uint32_t l = 0; l < 2; ++l)
+    Expect(p->Map(l, 2).ok(), "every layer of an accepted placement is a valid expert map");
 }
 
 }  // namespace
@@ -142,6 +163,7 @@ const std::vector<Target>& Targets() {
       {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
       {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
       {"control_frame", ControlFrameTarget, Crc::kNone},   {"receiver_info", ReceiverInfoTarget, Crc::kNone},
+      {"placement_csv", PlacementCsvTarget, Crc::kNone},
   };
   return kTargets;
 }
