@@ -61,7 +61,8 @@ Status ValidateBatch(const EpConfig& c, const ExpertMap& map, const TokenBatch& 
 }
 
 void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, uint8_t* staging, SendPlan* plan,
-                 DispatchHandle* h, bool copy_payload, std::vector<uint32_t>* row_token) {
+                 DispatchHandle* h, bool copy_payload, std::vector<uint32_t>* row_token,
+                 const std::vector<uint32_t>* first_row) {
   const uint32_t R = c.ranks, K = c.topk;
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
@@ -84,7 +85,8 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
 
   // Pass 2: write records; token t's combine rows follow the same grouping.
   const size_t rec = RecordBytes(c), eb = EntriesBytes(c), tb = c.token_bytes(), sb = c.scale_count() * sizeof(float);
-  std::vector<uint32_t> next(plan->rank_offset.begin(), plan->rank_offset.end() - 1);
+  std::vector<uint32_t> next =
+      first_row ? *first_row : std::vector<uint32_t>(plan->rank_offset.begin(), plan->rank_offset.end() - 1);
   h->tokens = b.tokens;
   h->sent_to = plan->per_rank;
   h->token_row_begin.assign(1, 0);

@@ -39,10 +39,13 @@ struct SendPlan {
 // and the handle's sent_to / token_row_begin / token_rows. Without
 // copy_payload only headers and expert entries are written (batch.data and
 // scales are not read): a device kernel copies the payloads, using
-// `row_token` (source token of every staging row) when given.
+// `row_token` (source token of every staging row) when given. With
+// `first_row` ([R]), rank r's records start at staging row first_row[r]
+// instead of plan->rank_offset[r] (fixed slots per destination), and the
+// handle's token_rows index those rows; row_token must then be null.
 void PackRecords(const EpConfig& config, const ExpertMap& map, const TokenBatch& batch, uint8_t* staging,
                  SendPlan* plan, DispatchHandle* handle, bool copy_payload = true,
-                 std::vector<uint32_t>* row_token = nullptr);
+                 std::vector<uint32_t>* row_token = nullptr, const std::vector<uint32_t>* first_row = nullptr);
 
 // Where a record's payload starts (token bytes, then fp8 scales).
 size_t RecordPayloadOffset(const EpConfig& config);

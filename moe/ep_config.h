@@ -35,7 +35,8 @@ struct EpConfig {
   // alike with kUnavailable.
   static constexpr uint32_t kWorstCase = std::numeric_limits<uint32_t>::max();
   uint32_t overflow_tokens = kWorstCase;
-  // Immediates used: imm_base + 0 .. 5 (transfer/imm_ranges.h).
+  // Immediates used: imm_base + 0 .. 5 by EpDispatcher, + 6 .. 9 by
+  // LowLatencyDispatcher (transfer/imm_ranges.h), so both fit one engine.
   uint32_t imm_base = kMoeImms.base;
   // A peer that sends nothing for this long fails the call with kTimeout.
   std::chrono::milliseconds timeout{10000};

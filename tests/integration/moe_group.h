@@ -12,6 +12,7 @@
 
 #include "moe/dispatch_reference.h"
 #include "moe/ep_dispatcher.h"
+#include "moe/ll_dispatcher.h"
 #include "moe/numeric_formats.h"
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
@@ -146,9 +147,10 @@ struct TraceRun {
 
 // One rank's part of `layers` layers: dispatch, synthetic experts, combine,
 // each compared with the reference. Returns "" or the first failure.
-inline std::string RunRank(moe::EpDispatcher& d, const moe::ExpertMap& map, Routing routing,
-                           const std::vector<uint32_t>& tokens, uint64_t seed, uint32_t layers,
-                           const TraceRun& run = {}) {
+// D: EpDispatcher or LowLatencyDispatcher.
+template <typename D>
+std::string RunRank(D& d, const moe::ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens,
+                    uint64_t seed, uint32_t layers, const TraceRun& run = {}) {
   const moe::EpConfig& c = d.config();
   moe::DispatchResult result;
   for (uint32_t l = 0; l < layers; ++l) {

@@ -1,0 +1,321 @@
+#include "moe/ll_dispatcher.h"
+
+#include <sched.h>
+
+#include <cstring>
+#include <sstream>
+
+namespace te::moe {
+namespace {
+
+constexpr uint32_t kDispatchImm = 6, kCombineImm = 8;  // + parity
+
+// First row of every dispatch block.
+struct BlockHeader {
+  uint64_t seq;
+  uint32_t count;
+  uint32_t map_fingerprint;
+};
+
+size_t Align(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+}  // namespace
+
+// Byte offsets. A slot is max_tokens + 1 rows: the header row, then records
+// (dispatch) or partial rows (combine; its first row unused, so record i and
+// partial row i share an index).
+//   recv, per parity: dispatch slots [R sources] | combine slots [R destinations]
+//   send:             dispatch blocks [R destinations] | partial rows [R sources]
+struct LowLatencyDispatcher::Layout {
+  size_t record, hidden_bytes, rows, combine_off, parity_bytes, recv_bytes, partials_off, send_bytes;
+  explicit Layout(const EpConfig& c) {
+    record = RecordBytes(c);
+    hidden_bytes = size_t(c.hidden) * 2;
+    rows = size_t(c.max_tokens) + 1;
+    combine_off = Align(c.ranks * rows * record, 4096);
+    parity_bytes = Align(combine_off + c.ranks * rows * hidden_bytes, 4096);
+    recv_bytes = 2 * parity_bytes;
+    partials_off = Align(c.ranks * rows * record, 4096);
+    send_bytes = Align(partials_off + c.ranks * rows * hidden_bytes, 4096);
+  }
+  size_t Slot(uint32_t b, uint32_t s) const { return b * parity_bytes + s * rows * record; }
+  size_t CombineSlot(uint32_t b, uint32_t d) const { return b * parity_bytes + combine_off + d * rows * hidden_bytes; }
+  size_t Block(uint32_t d) const { return d * rows * record; }
+  size_t Partials(uint32_t s) const { return partials_off + (s * rows + 1) * hidden_bytes; }
+};
+
+LowLatencyDispatcher::LowLatencyDispatcher(TransferEngine* engine, const EpConfig& config)
+    : engine_(engine), config_(config), layout_(std::make_unique<Layout>(config)) {}
+
+Result<std::unique_ptr<LowLatencyDispatcher>> LowLatencyDispatcher::Create(TransferEngine* engine,
+                                                                           const EpConfig& config) {
+  if (!engine) return InvalidArgument("LowLatencyDispatcher needs an engine");
+  TE_RETURN_IF_ERROR(config.Validate());
+  if (config.max_tokens > 4096)
+    return InvalidArgument("LowLatencyDispatcher: max_tokens " + std::to_string(config.max_tokens) +
+                           " outside [1, 4096]; larger batches belong to EpDispatcher");
+  std::unique_ptr<LowLatencyDispatcher> d(new LowLatencyDispatcher(engine, config));
+  TE_RETURN_IF_ERROR(d->Init());
+  return d;
+}
+
+Status LowLatencyDispatcher::Init() {
+  for (size_t bytes : {layout_->recv_bytes, layout_->send_bytes}) {
+    TE_ASSIGN_OR_RETURN(auto buffer, AlignedBuffer::Allocate(bytes));
+    memory_.push_back(std::move(buffer));
+  }
+  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->RegisterMemory(memory_[0].data(), layout_->recv_bytes));
+  TE_ASSIGN_OR_RETURN(send_mr_, engine_->RegisterMemory(memory_[1].data(), layout_->send_bytes));
+  return Status::Ok();
+}
+
+LowLatencyDispatcher::~LowLatencyDispatcher() {
+  (void)WaitSends(submitted_, "shutdown");  // our writes still read the send buffer (bounded)
+  recv_mr_.reset();
+  send_mr_.reset();
+}
+
+size_t LowLatencyDispatcher::buffer_bytes() const { return layout_->recv_bytes + layout_->send_bytes; }
+
+std::string LowLatencyDispatcher::LocalInfo() const {
+  const EpConfig& c = config_;
+  std::ostringstream s;
+  s << "temoell1 " << c.ranks << ' ' << c.rank << ' ' << c.experts << ' ' << c.topk << ' ' << c.hidden << ' '
+    << c.max_tokens << ' ' << PayloadName(c.payload) << ' ' << c.imm_base << ' ' << layout_->recv_bytes << ' '
+    << engine_->Describe(*recv_mr_).ToHex();
+  return s.str();
+}
+
+Status LowLatencyDispatcher::Connect(const std::vector<std::string>& infos) {
+  const EpConfig& c = config_;
+  if (infos.size() != c.ranks)
+    return InvalidArgument("Connect got " + std::to_string(infos.size()) + " infos for " + std::to_string(c.ranks) +
+                           " ranks");
+  // Fields: ranks rank experts topk hidden max_tokens payload imm_base bytes hex.
+  auto fields = [](const std::string& info) {
+    std::istringstream s(info);
+    std::string magic, f;
+    std::vector<std::string> out;
+    s >> magic;
+    if (magic != "temoell1") return out;
+    while (s >> f) out.push_back(f);
+    return out;
+  };
+  const auto mine = fields(LocalInfo());
+  std::vector<RemoteMr> peers(c.ranks);
+  for (uint32_t r = 0; r < c.ranks; ++r) {
+    const auto f = fields(infos[r]);
+    if (f.size() != mine.size()) return InvalidArgument("info of rank " + std::to_string(r) + " is malformed");
+    if (f[1] != std::to_string(r))
+      return InvalidArgument("infos[" + std::to_string(r) + "] comes from rank " + f[1].substr(0, 16));
+    for (size_t i = 0; i + 1 < f.size(); ++i)
+      if (i != 1 && f[i] != mine[i])
+        return InvalidArgument("rank " + std::to_string(r) + " has another shape (field " + std::to_string(i) + ": " +
+                               f[i].substr(0, 32) + " here " + mine[i] +
+                               "; ranks experts topk hidden max_tokens payload imm_base bytes)");
+    if (r == c.rank) continue;
+    TE_ASSIGN_OR_RETURN(MrDescriptor desc, MrDescriptor::FromHex(f.back()));
+    TE_ASSIGN_OR_RETURN(peers[r], engine_->Import(desc));
+  }
+  peers_ = std::move(peers);
+  connected_ = true;
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::Fail(Status s) {
+  if (failed_.ok()) failed_ = s;
+  return s;
+}
+
+Status LowLatencyDispatcher::Expect(Phase phase, const char* call) const {
+  static const char* kNext[] = {"SendDispatch", "RecvDispatch", "SendCombine", "RecvCombine"};
+  if (!connected_) return InvalidArgument(std::string(call) + " before Connect");
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (phase_ != phase)
+    return InvalidArgument(std::string(call) + " out of order: the next call must be " + kNext[int(phase_)]);
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::WaitImms(uint32_t imm, uint64_t count, const char* what) {
+  if (count == 0) return Status::Ok();
+  if (engine_->options().progress == ProgressMode::kThread) {
+    Status s = engine_->WaitImm(imm, count, config_.timeout);
+    return s.ok() ? s : s.WithContext("low-latency dispatch " + std::to_string(seq_) + ": " + what);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
+  while (!engine_->TryConsumeImm(imm, count)) {
+    if (engine_->Progress()) continue;
+    if (std::chrono::steady_clock::now() > deadline)
+      return Timeout("low-latency dispatch " + std::to_string(seq_) + ": " + what + ": " +
+                     std::to_string(engine_->ImmAvailable(imm)) + " of " + std::to_string(count) + " arrived in " +
+                     std::to_string(config_.timeout.count()) + " ms");
+    sched_yield();
+  }
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::WaitSends(uint64_t submitted, const char* what) {
+  const auto limit = config_.timeout + std::chrono::seconds(1);
+  if (engine_->options().progress == ProgressMode::kThread) {
+    if (!sends_.WaitFinished(submitted, limit))
+      return Timeout(std::string(what) + ": " + std::to_string(sends_.finished()) + " of " + std::to_string(submitted) +
+                     " writes finished");
+  } else {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (sends_.finished() < submitted) {
+      if (engine_->Progress()) continue;
+      if (std::chrono::steady_clock::now() > deadline)
+        return Timeout(std::string(what) + ": " + std::to_string(sends_.finished()) + " of " +
+                       std::to_string(submitted) + " writes finished");
+      sched_yield();
+    }
+  }
+  if (sends_.failed() > 0) return sends_.first_error().WithContext(what);
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertMap& map) {
+  TE_RETURN_IF_ERROR(Expect(Phase::kIdle, "SendDispatch"));
+  TE_RETURN_IF_ERROR(ValidateBatch(config_, map, batch));
+  // The blocks still feed the previous layer's writes until they finish.
+  if (Status s = WaitSends(submitted_, "previous writes"); !s.ok()) return Fail(s);
+  const EpConfig& c = config_;
+  const Layout& L = *layout_;
+  const uint32_t R = c.ranks, p = c.rank;
+  ++seq_;
+  const uint32_t b = uint32_t(seq_ & 1);
+  fingerprint_ = map.fingerprint();
+  uint8_t* recv = memory_[0].data();
+  uint8_t* send = memory_[1].data();
+  std::vector<uint32_t> first_row(R);
+  for (uint32_t d = 0; d < R; ++d) first_row[d] = uint32_t(d * L.rows + 1);
+  PackRecords(c, map, batch, send, &plan_, &sent_, /*copy_payload=*/true, nullptr, &first_row);
+  sent_.seq = seq_;
+  ScatterWrite blocks{send_mr_, {}, c.imm_base + kDispatchImm + b};
+  for (uint32_t d = 0; d < R; ++d) {
+    const BlockHeader head{seq_, plan_.per_rank[d], fingerprint_};
+    std::memcpy(send + L.Block(d), &head, sizeof head);
+    const size_t bytes = (1 + size_t(plan_.per_rank[d])) * L.record;
+    if (d == p)
+      std::memcpy(recv + L.Slot(b, p), send + L.Block(d), bytes);
+    else
+      blocks.targets.push_back({peers_[d], L.Block(d), L.Slot(b, p), bytes});
+  }
+  if (!blocks.targets.empty()) {
+    if (Status s = engine_->Submit(std::move(blocks), {.counter = &sends_}); !s.ok())
+      return Fail(s.WithContext("dispatch"));
+    ++submitted_;
+  }
+  map_local_ = map.local_experts(p);
+  phase_ = Phase::kDispatchSent;
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::RecvDispatch(DispatchResult* out) {
+  TE_RETURN_IF_ERROR(Expect(Phase::kDispatchSent, "RecvDispatch"));
+  if (!out) return InvalidArgument("RecvDispatch needs a result to fill");
+  const EpConfig& c = config_;
+  const Layout& L = *layout_;
+  const uint32_t R = c.ranks, b = uint32_t(seq_ & 1);
+  if (Status s = WaitImms(c.imm_base + kDispatchImm + b, R - 1, "token records from peers"); !s.ok()) return Fail(s);
+  // ResetResult's work, from the local expert list SendDispatch kept.
+  out->experts.resize(map_local_.size());
+  for (size_t i = 0; i < map_local_.size(); ++i) {
+    ExpertTokens& e = out->experts[i];
+    e.expert = map_local_[i];
+    e.count = 0;
+    e.data.clear(), e.scales.clear(), e.weights.clear(), e.src_rank.clear(), e.src_token.clear();
+  }
+  DispatchHandle& h = out->handle;
+  h.seq = seq_;
+  h.tokens = sent_.tokens;
+  h.sent_to = sent_.sent_to;
+  h.token_row_begin = sent_.token_row_begin;
+  h.token_rows = sent_.token_rows;
+  h.recv_from.assign(R, 0);
+  h.row_begin.assign(1, 0);
+  h.entries.clear();
+  h.matrix.clear();
+  const uint8_t* recv = memory_[0].data();
+  for (uint32_t s = 0; s < R; ++s) {
+    BlockHeader head;
+    std::memcpy(&head, recv + L.Slot(b, s), sizeof head);
+    if (head.seq != seq_)
+      return Fail(Internal("rank " + std::to_string(s) + " is at dispatch " + std::to_string(head.seq) +
+                           ", this rank at " + std::to_string(seq_) + ": ranks must dispatch every layer"));
+    if (head.map_fingerprint != fingerprint_)
+      return Fail(InvalidArgument("rank " + std::to_string(s) + " uses another expert map for dispatch " +
+                                  std::to_string(seq_)));
+    if (head.count > c.max_tokens)
+      return Fail(Internal("rank " + std::to_string(s) + " announces " + std::to_string(head.count) +
+                           " records, above max_tokens " + std::to_string(c.max_tokens)));
+    if (Status st = UnpackRecords(c, s, recv + L.Slot(b, s) + L.record, head.count, out); !st.ok()) return Fail(st);
+  }
+  if (engine_->options().progress == ProgressMode::kManual)
+    if (Status s = WaitSends(submitted_, "dispatch writes"); !s.ok()) return Fail(s);
+  phase_ = Phase::kDispatched;
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::SendCombine(const ExpertOutputs& outputs, const DispatchResult& dispatched) {
+  TE_RETURN_IF_ERROR(Expect(Phase::kDispatched, "SendCombine"));
+  TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
+  const DispatchHandle& h = dispatched.handle;
+  if (h.seq != seq_ || h.recv_from.size() != config_.ranks)
+    return InvalidArgument("SendCombine got the result of dispatch " + std::to_string(h.seq) + "; the pending one is " +
+                           std::to_string(seq_));
+  if (Status s = WaitSends(submitted_, "previous writes"); !s.ok()) return Fail(s);
+  const EpConfig& c = config_;
+  const Layout& L = *layout_;
+  const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
+  uint8_t* recv = memory_[0].data();
+  uint8_t* send = memory_[1].data();
+  ScatterWrite back{send_mr_, {}, c.imm_base + kCombineImm + b};
+  uint32_t first = 0;
+  for (uint32_t s = 0; s < R; ++s) {
+    const uint32_t n = h.recv_from[s];
+    if (n == 0) continue;
+    ReduceRows(c, h, outputs, first, n, reinterpret_cast<uint16_t*>(send + L.Partials(s)));
+    const size_t bytes = size_t(n) * L.hidden_bytes, at = L.CombineSlot(b, p) + L.hidden_bytes;
+    if (s == p)
+      std::memcpy(recv + at, send + L.Partials(s), bytes);
+    else
+      back.targets.push_back({peers_[s], L.Partials(s), at, bytes});
+    first += n;
+  }
+  if (!back.targets.empty()) {
+    if (Status s = engine_->Submit(std::move(back), {.counter = &sends_}); !s.ok())
+      return Fail(s.WithContext("combine"));
+    ++submitted_;
+  }
+  phase_ = Phase::kCombineSent;
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::RecvCombine(uint16_t* out) {
+  TE_RETURN_IF_ERROR(Expect(Phase::kCombineSent, "RecvCombine"));
+  if (!out && sent_.tokens > 0)
+    return InvalidArgument("RecvCombine needs an output for " + std::to_string(sent_.tokens) + " tokens");
+  const EpConfig& c = config_;
+  const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
+  uint64_t expected = 0;
+  for (uint32_t d = 0; d < R; ++d) expected += d != p && sent_.sent_to[d] > 0;
+  if (Status s = WaitImms(c.imm_base + kCombineImm + b, expected, "combine rows from peers"); !s.ok()) return Fail(s);
+  SumPartials(c, sent_, reinterpret_cast<const uint16_t*>(memory_[0].data() + layout_->CombineSlot(b, 0)), out);
+  if (engine_->options().progress == ProgressMode::kManual)
+    if (Status s = WaitSends(submitted_, "combine writes"); !s.ok()) return Fail(s);
+  phase_ = Phase::kIdle;
+  return Status::Ok();
+}
+
+Status LowLatencyDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, DispatchResult* out) {
+  TE_RETURN_IF_ERROR(SendDispatch(batch, map));
+  return RecvDispatch(out);
+}
+
+Status LowLatencyDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out) {
+  TE_RETURN_IF_ERROR(SendCombine(outputs, dispatched));
+  return RecvCombine(out);
+}
+
+}  // namespace te::moe

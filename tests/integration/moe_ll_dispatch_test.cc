@@ -1,0 +1,223 @@
+// Low-latency MoE dispatch/combine: EP ranks as threads of one process, each
+// with its own engine, checked bit for bit against the same reference as
+// EpDispatcher over several layers (both slot parities reused).
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "integration/moe_group.h"
+#include "integration/test_support.h"
+#include "moe/dispatch_cost.h"
+#include "moe/placement_solver.h"
+#include "moe/trace_generator.h"
+
+namespace te::testing {
+namespace {
+
+using moe::EpConfig;
+using moe::ExpertMap;
+using moe::LowLatencyDispatcher;
+
+EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) {
+  EpConfig c;
+  c.ranks = ranks;
+  c.experts = 16;
+  c.topk = 4;
+  c.hidden = 256;
+  c.max_tokens = 32;
+  c.payload = payload;
+  c.timeout = std::chrono::milliseconds(5000);
+  return c;
+}
+
+struct Group {
+  std::vector<std::unique_ptr<TransferEngine>> engines;
+  std::vector<std::unique_ptr<LowLatencyDispatcher>> ranks;
+};
+
+Group MakeGroup(EpConfig shape, const EngineOptions& options) {
+  Group g;
+  std::vector<std::string> infos;
+  for (uint32_t r = 0; r < shape.ranks; ++r) {
+    auto e = TransferEngine::Create(options);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (!e.ok()) return {};
+    g.engines.push_back(std::move(e).value());
+    shape.rank = r;
+    auto d = LowLatencyDispatcher::Create(g.engines.back().get(), shape);
+    EXPECT_TRUE(d.ok()) << d.status().ToString();
+    if (!d.ok()) return {};
+    g.ranks.push_back(std::move(d).value());
+    infos.push_back(g.ranks.back()->LocalInfo());
+  }
+  for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
+  return g;
+}
+
+void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens, uint32_t layers,
+              const TraceRun& run = {}, std::vector<uint64_t>* sent = nullptr) {
+  ASSERT_FALSE(g.ranks.empty());
+  std::vector<std::string> errors(g.ranks.size());
+  std::vector<std::thread> threads;
+  for (size_t r = 0; r < g.ranks.size(); ++r)
+    threads.emplace_back([&, r] {
+      TraceRun mine = run;
+      if (sent) mine.records_sent = &(*sent)[r];
+      errors[r] = RunRank(*g.ranks[r], map, routing, tokens, 7, layers, mine);
+    });
+  for (auto& t : threads) t.join();
+  for (size_t r = 0; r < errors.size(); ++r) EXPECT_EQ(errors[r], "") << "rank " << r;
+}
+
+TEST(MoeLowLatency, RandomRoutingBf16Tcp4Ranks) {
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  RunGroup(g, ExpertMap::Contiguous(16, 4).value(), Routing::kRandom, {32, 1, 17, 32}, 5);
+}
+
+TEST(MoeLowLatency, RandomRoutingFp8Shm3Ranks) {
+  EpConfig shape = Shape(3, moe::Payload::kFp8E4M3);
+  shape.experts = 15;
+  Group g = MakeGroup(shape, Options("shm"));
+  RunGroup(g, ExpertMap::Contiguous(15, 3).value(), Routing::kRandom, {8, 32, 3}, 4);
+}
+
+TEST(MoeLowLatency, ManualProgressTcp3Ranks) {
+  EngineOptions o = Options("tcp");
+  o.progress = ProgressMode::kManual;
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  Group g = MakeGroup(shape, o);
+  RunGroup(g, ExpertMap::Contiguous(12, 3).value(), Routing::kRandom, {5, 32, 9}, 4);
+}
+
+TEST(MoeLowLatency, EmptyRanksSkewAndLocalRouting) {
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(16, 4).value();
+  RunGroup(g, map, Routing::kNone, {4, 0, 4, 0}, 2);
+  RunGroup(g, map, Routing::kSkewed, {32, 32, 32, 32}, 2);  // every token to expert 0: rank 0 gets the maximum
+  RunGroup(g, map, Routing::kLocal, {7, 7, 7, 7}, 2);
+}
+
+// A trace with a fitted placement and replicas: bit-exact, and the records
+// sent are what CountRecords predicts, as for EpDispatcher.
+TEST(MoeLowLatency, TraceReplayWithReplicasMovesThePredictedRecords) {
+  moe::TraceOptions to;
+  to.model = moe::TraceModel::kCoactivationGroups;
+  to.tokens = 4 * 24;
+  to.layers = 3;
+  to.experts = 16;
+  to.topk = 4;
+  to.group_size = 4;
+  const moe::RoutingTrace trace = moe::GenerateTrace(to).value();
+  moe::PlacementOptions po;
+  po.nodes = 2;
+  po.extra_slots = 1;
+  const moe::Placement placement = moe::PlaceExperts(trace, 4, po).value();
+  std::vector<ExpertMap> maps;
+  for (uint32_t l = 0; l < 3; ++l) maps.push_back(placement.Map(l, 2).value());
+  Group g = MakeGroup(Shape(4), Options("tcp"));
+  std::vector<uint64_t> sent(4, 0);
+  RunGroup(g, maps[0], Routing::kTrace, {24, 24, 24, 24}, 3, TraceRun{&trace, &maps, nullptr}, &sent);
+  const auto predicted = moe::CountRecords(trace, placement, {2, moe::TokenHome::kSource, false}).value();
+  EXPECT_EQ(sent[0] + sent[1] + sent[2] + sent[3], predicted.total().rank);
+}
+
+// The split API: every rank posts its dispatch before any rank receives, and
+// posts its combine before receiving it (what overlapping compute does).
+TEST(MoeLowLatency, SendsCompleteBeforeAnyReceive) {
+  Group g = MakeGroup(Shape(3), Options("tcp"));
+  EpConfig shape = Shape(3);
+  const ExpertMap map3 = ExpertMap::FromRanks({0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2}, 3).value();
+  const std::vector<uint32_t> tokens = {12, 20, 6};
+  ReferenceLayer ref = RunReference(g.ranks[0]->config(), map3, Routing::kRandom, tokens, 3, 0);
+  for (uint32_t r = 0; r < 3; ++r) ASSERT_TRUE(g.ranks[r]->SendDispatch(ref.batches[r].view(), map3).ok());
+  std::vector<moe::DispatchResult> results(3);
+  std::vector<std::vector<std::vector<uint16_t>>> outs(3);
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(3);
+  for (uint32_t r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      Status s = g.ranks[r]->RecvDispatch(&results[r]);
+      if (!s.ok()) errors[r] = s.ToString();
+    });
+  for (auto& t : threads) t.join();
+  threads.clear();
+  for (uint32_t r = 0; r < 3; ++r) {
+    ASSERT_EQ(errors[r], "") << "rank " << r;
+    EXPECT_EQ(CompareDispatch(ref.dispatched[r], results[r]), "") << "rank " << r;
+    moe::ExpertOutputs views;
+    outs[r].resize(results[r].experts.size());
+    for (size_t i = 0; i < outs[r].size(); ++i) {
+      moe::SyntheticExpert(g.ranks[r]->config(), results[r].experts[i], &outs[r][i]);
+      views.push_back(outs[r][i].data());
+    }
+    ASSERT_TRUE(g.ranks[r]->SendCombine(views, results[r]).ok());
+  }
+  std::vector<std::vector<uint16_t>> combined(3);
+  for (uint32_t r = 0; r < 3; ++r)
+    threads.emplace_back([&, r] {
+      combined[r].assign(size_t(tokens[r]) * shape.hidden, 0);
+      Status s = g.ranks[r]->RecvCombine(combined[r].data());
+      if (!s.ok()) errors[r] = s.ToString();
+    });
+  for (auto& t : threads) t.join();
+  for (uint32_t r = 0; r < 3; ++r) {
+    EXPECT_EQ(errors[r], "") << "rank " << r;
+    EXPECT_EQ(combined[r], ref.combined[r]) << "rank " << r;
+  }
+}
+
+TEST(MoeLowLatency, CallsOutOfOrderAndBadInputAreRefused) {
+  Group g = MakeGroup(Shape(2), Options("tcp"));
+  ASSERT_EQ(g.ranks.size(), 2u);
+  auto& d = *g.ranks[0];
+  moe::DispatchResult out;
+  EXPECT_EQ(d.RecvDispatch(&out).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(d.RecvCombine(nullptr).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(d.SendCombine({}, out).code(), StatusCode::kInvalidArgument);
+  const ExpertMap wrong = ExpertMap::Contiguous(8, 2).value();  // 8 experts, the group has 16
+  BatchData b = MakeBatch(d.config(), ExpertMap::Contiguous(16, 2).value(), Routing::kRandom, 4, 1, 0, 0);
+  EXPECT_FALSE(d.SendDispatch(b.view(), wrong).ok());
+  EpConfig big = Shape(2);
+  big.max_tokens = 5000;
+  EXPECT_FALSE(LowLatencyDispatcher::Create(g.engines[0].get(), big).ok());
+  // Another shape is refused at Connect, naming the field.
+  EpConfig other = Shape(2);
+  other.hidden = 512;
+  other.rank = 1;
+  auto o = LowLatencyDispatcher::Create(g.engines[1].get(), other).value();
+  Status s = d.Connect({d.LocalInfo(), o->LocalInfo()});
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("another shape"), std::string::npos) << s.ToString();
+  EXPECT_FALSE(d.Connect({d.LocalInfo(), "temoell1 2 1 garbage"}).ok());
+}
+
+TEST(MoeLowLatency, SilentPeerTimesOut) {
+  EpConfig shape = Shape(3);
+  shape.experts = 12;
+  shape.timeout = std::chrono::milliseconds(400);
+  Group g = MakeGroup(shape, Options("tcp"));
+  const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
+  std::vector<Status> results(2);
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kRandom, 16, 1, 0, r);
+      moe::DispatchResult out;
+      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::kTimeout) << results[r].ToString();
+    EXPECT_NE(results[r].message().find("token records"), std::string::npos) << results[r].ToString();
+  }
+  // Failed for good: the group's immediate counts are out of step.
+  BatchData b = MakeBatch(g.ranks[0]->config(), map, Routing::kRandom, 4, 1, 1, 0);
+  moe::DispatchResult out;
+  EXPECT_EQ(g.ranks[0]->Dispatch(b.view(), map, &out).code(), StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace te::testing
