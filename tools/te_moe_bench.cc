@@ -31,6 +31,7 @@
 #include "moe/dispatch_cost.h"
 #include "moe/dispatch_records.h"
 #include "moe/ep_dispatcher.h"
+#include "moe/ll_dispatcher.h"
 #include "moe/numeric_formats.h"
 #include "moe/placement.h"
 #include "moe/placement_file.h"
@@ -53,6 +54,7 @@ DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo;
 DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
 DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen), replayed from each token's --home rank");
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
+DEFINE_string(mode, "normal", "bench: engine dispatch paths, comma-separated: normal (EpDispatcher), ll (low latency)");
 DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
 DEFINE_string(mpi_btl, "",
               "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
@@ -237,7 +239,8 @@ struct Timing {
 };
 
 // Runs one case on every rank; rank 0 prints its rows.
-void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing_name,
+void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing,
+             bool low_latency,
              const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
   moe::EpConfig c;
   c.ranks = ranks;
@@ -249,8 +252,23 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   // Trace routing moves tokens between ranks: size for all of them landing on one.
   c.max_tokens = trace ? FLAGS_bench_tokens * ranks : FLAGS_bench_tokens;
   c.private_tokens = std::min(c.max_tokens, FLAGS_private_tokens ? FLAGS_private_tokens : FLAGS_bench_tokens);
-  auto d = Must(moe::EpDispatcher::Create(engine, c), "dispatcher");
-  Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
+  // The engine path: EpDispatcher, or with --mode=ll the low-latency one.
+  std::unique_ptr<moe::EpDispatcher> d;
+  std::unique_ptr<moe::LowLatencyDispatcher> ll;
+  if (low_latency) {
+    ll = Must(moe::LowLatencyDispatcher::Create(engine, c), "low-latency dispatcher");
+    Must(ll->Connect(te::tools::AllGatherStrings(ll->LocalInfo(), ranks)), "connect the group");
+  } else {
+    d = Must(moe::EpDispatcher::Create(engine, c), "dispatcher");
+    Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
+  }
+  auto te_dispatch = [&](const moe::TokenBatch& b, const moe::ExpertMap& m, moe::DispatchResult* out) {
+    return ll ? ll->Dispatch(b, m, out) : d->Dispatch(b, m, out);
+  };
+  auto te_combine = [&](const moe::ExpertOutputs& o, const moe::DispatchResult& r, uint16_t* out) {
+    return ll ? ll->Combine(o, r, out) : d->Combine(o, r, out);
+  };
+  const std::string routing_name = routing + (low_latency ? " ll" : "");
   MpiPath mpi(c);
 
   const moe::RoutingTrace used = trace ? ReplayedTokens(c, *trace) : moe::RoutingTrace{};
@@ -281,7 +299,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     // Engine path.
     MPI_Barrier(MPI_COMM_WORLD);
     auto t0 = now();
-    Must(d->Dispatch(L.view(), L.map, &te_result), "dispatch");
+    Must(te_dispatch(L.view(), L.map, &te_result), "dispatch");
     auto t1 = now();
     if (L.outputs.empty()) {  // the experts: computed once per layer, outside the timing
       L.outputs.resize(te_result.experts.size());
@@ -292,7 +310,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     te_out.assign(size_t(L.tokens) * c.hidden, 0);
     MPI_Barrier(MPI_COMM_WORLD);
     auto t2 = now();
-    Must(d->Combine(outs, te_result, te_out.data()), "combine");
+    Must(te_combine(outs, te_result, te_out.data()), "combine");
     auto t3 = now();
     const double te_d = slowest(us(t0, t1)), te_c = slowest(us(t2, t3));
     // MPI path.
@@ -368,6 +386,16 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
 }
 
+// --mode: which engine paths to run (false = EpDispatcher, true = low latency).
+std::vector<bool> Modes() {
+  std::vector<bool> modes;
+  for (const std::string& m : Split(FLAGS_mode)) {
+    if (m != "normal" && m != "ll") Die("--mode entry '" + m + "': use normal or ll");
+    modes.push_back(m == "ll");
+  }
+  return modes;
+}
+
 int Worker() {
   MPI_Init(nullptr, nullptr);
   int rank, ranks;
@@ -397,17 +425,20 @@ int Worker() {
     const moe::Payload payload = p == "bf16" ? moe::Payload::kBf16 : moe::Payload::kFp8E4M3;
     if (FLAGS_bench_trace.empty()) {
       for (const std::string& s : Split(FLAGS_shapes))
-        RunCase(engine.get(), ShapeNamed(s), payload, "uniform", nullptr, nullptr, rank, ranks);
+        for (bool low_latency : Modes())
+          RunCase(engine.get(), ShapeNamed(s), payload, "uniform", low_latency, nullptr, nullptr, rank, ranks);
       continue;
     }
     auto trace = Must(moe::ReadTrace(FLAGS_bench_trace), "read --bench_trace");
     if (trace.experts % ranks) Die("trace experts must be a multiple of the EP size");
     Shape shape = ShapeNamed(Split(FLAGS_shapes).at(0));
     auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
-    RunCase(engine.get(), shape, payload, "round-robin", &trace, &rr, rank, ranks);
+    for (bool low_latency : Modes())
+      RunCase(engine.get(), shape, payload, "round-robin", low_latency, &trace, &rr, rank, ranks);
     if (!FLAGS_placement.empty()) {
       auto placed = Must(moe::ReadPlacementCsv(FLAGS_placement, trace.layers, trace.experts, ranks), "--placement");
-      RunCase(engine.get(), shape, payload, "placement", &trace, &placed, rank, ranks);
+      for (bool low_latency : Modes())
+        RunCase(engine.get(), shape, payload, "placement", low_latency, &trace, &placed, rank, ranks);
     }
   }
   engine.reset();
