@@ -9,7 +9,7 @@ const char* TokenHomeName(TokenHome home) { return home == TokenHome::kSource ? 
 
 RecordCount DispatchCost::total() const {
   RecordCount sum;
-  for (const auto& l : layers) sum.rank += l.rank, sum.node += l.node;
+  for (const auto& l : layers) sum.rank += l.rank, sum.node += l.node, sum.away_from_source += l.away_from_source;
   return sum;
 }
 
@@ -101,6 +101,7 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
     std::fill(node_seen.begin(), node_seen.end(), UINT32_MAX);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
       const uint32_t home = homes[tok], home_node = home / per_node;
+      c.away_from_source += home != tok % p.ranks;
       rank_seen[home] = tok;  // nothing goes to the own rank
       node_seen[home_node] = tok;
       for (uint32_t k = 0; k < t.topk; ++k) {

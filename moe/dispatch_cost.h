@@ -40,6 +40,10 @@ struct CostOptions {
 struct RecordCount {
   uint64_t rank = 0;  // records to another rank (dispatch; combine returns as many)
   uint64_t node = 0;  // of those, network crossings between nodes
+  // kTop1: tokens whose home at this layer is not their source rank. Each
+  // needs its attention context (KV cache) where it now is: what makes
+  // context-coherent dispatch legal, and what it costs beyond the records.
+  uint64_t away_from_source = 0;
 };
 
 struct DispatchCost {

@@ -188,6 +188,18 @@ int Place() {
              r.stats.cross_rank_hops_per_token, r.hier.max_rank_imbalance(), r.hier.max_node_imbalance(FLAGS_nodes));
     }
   }
+  if (po.home == moe::TokenHome::kTop1 && !FLAGS_json) {
+    // What context-coherent dispatch needs besides the records: a token away
+    // from its source must find its attention context (KV cache) there.
+    // Replicated context: every new token's KV goes to the other ranks each
+    // step, ranks - 1 copies per token and layer; moved context: the tokens
+    // away from their source pull it.
+    const auto& solver = rows[2].hier;
+    const double away = double(solver.total().away_from_source) / (double(solver.tokens) * solver.layers.size());
+    printf("context: %.3f of tokens per layer are away from their source rank (solver); replicated context costs %u "
+           "KV copies per token and layer, against the %.3f records per token and layer saved over round-robin\n",
+           away, FLAGS_ranks - 1, rr_rank - solver.rank_per_token_layer());
+  }
   if (!FLAGS_oracle.empty() && !FLAGS_json) {
     // How much of the oracle's saving against round-robin the solver reaches.
     const auto share = [&](const char* what, double rr_v, double solver, double oracle) {

@@ -134,6 +134,9 @@ TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
   auto top1 = CountRecords(t, p, {2, TokenHome::kTop1, true}).value();
   EXPECT_EQ(top1.layers[1].rank, 3u);
   EXPECT_EQ(top1.layers[1].node, 2u);
+  EXPECT_EQ(top1.layers[0].away_from_source, 0u);
+  EXPECT_EQ(top1.layers[1].away_from_source, 2u);  // both tokens now live on another rank
+  EXPECT_EQ(hier.layers[1].away_from_source, 0u);
   EXPECT_EQ(TokenHomes(t, p, TokenHome::kTop1, 1, 2), (std::vector<uint32_t>{1, 0}));
   EXPECT_FALSE(CountRecords(t, p, {3, TokenHome::kSource, false}).ok());  // 4 ranks into 3 nodes
   EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(3, 8, 4), {}).ok());   // layers differ
