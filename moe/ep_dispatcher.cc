@@ -1,11 +1,11 @@
 #include "moe/ep_dispatcher.h"
 
-#include <sched.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
+
+#include "moe/engine_waits.h"
 
 namespace te::moe {
 namespace {
@@ -148,41 +148,11 @@ Status EpDispatcher::Fail(Status s) {
 }
 
 Status EpDispatcher::WaitImms(uint32_t imm, uint64_t count, const char* what) {
-  if (count == 0) return Status::Ok();
-  if (engine_->options().progress == ProgressMode::kThread) {
-    Status s = engine_->WaitImm(imm, count, config_.timeout);
-    return s.ok() ? s : s.WithContext(std::string("dispatch ") + std::to_string(seq_) + ": " + what);
-  }
-  const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
-  while (!engine_->TryConsumeImm(imm, count)) {
-    if (engine_->Progress()) continue;
-    if (std::chrono::steady_clock::now() > deadline)
-      return Timeout("dispatch " + std::to_string(seq_) + ": " + what + ": " +
-                     std::to_string(engine_->ImmAvailable(imm)) + " of " + std::to_string(count) + " arrived in " +
-                     std::to_string(config_.timeout.count()) + " ms");
-    sched_yield();  // oversubscribed hosts: let the peers run
-  }
-  return Status::Ok();
+  return WaitForImms(engine_, imm, count, config_.timeout, "dispatch " + std::to_string(seq_) + ": " + what);
 }
 
 Status EpDispatcher::WaitSends(CompletionCounter& counter, uint64_t submitted, const char* what) {
-  if (engine_->options().progress == ProgressMode::kThread) {
-    if (!counter.WaitFinished(submitted, config_.timeout + std::chrono::seconds(1)))
-      return Timeout(std::string(what) + ": " + std::to_string(counter.finished()) + " of " +
-                     std::to_string(submitted) + " writes finished");
-  } else {
-    const auto deadline = std::chrono::steady_clock::now() + config_.timeout + std::chrono::seconds(1);
-    while (counter.finished() < submitted) {
-      if (!engine_->Progress()) {
-        if (std::chrono::steady_clock::now() > deadline)
-          return Timeout(std::string(what) + ": " + std::to_string(counter.finished()) + " of " +
-                         std::to_string(submitted) + " writes finished");
-        sched_yield();
-      }
-    }
-  }
-  if (counter.failed() > 0) return counter.first_error().WithContext(what);
-  return Status::Ok();
+  return WaitForSends(engine_, counter, submitted, config_.timeout + std::chrono::seconds(1), what);
 }
 
 Status EpDispatcher::CheckCallable(bool dispatch) const {

@@ -1,9 +1,9 @@
 #include "moe/ll_dispatcher.h"
 
-#include <sched.h>
-
 #include <cstring>
 #include <sstream>
+
+#include "moe/engine_waits.h"
 
 namespace te::moe {
 namespace {
@@ -137,41 +137,12 @@ Status LowLatencyDispatcher::Expect(Phase phase, const char* call) const {
 }
 
 Status LowLatencyDispatcher::WaitImms(uint32_t imm, uint64_t count, const char* what) {
-  if (count == 0) return Status::Ok();
-  if (engine_->options().progress == ProgressMode::kThread) {
-    Status s = engine_->WaitImm(imm, count, config_.timeout);
-    return s.ok() ? s : s.WithContext("low-latency dispatch " + std::to_string(seq_) + ": " + what);
-  }
-  const auto deadline = std::chrono::steady_clock::now() + config_.timeout;
-  while (!engine_->TryConsumeImm(imm, count)) {
-    if (engine_->Progress()) continue;
-    if (std::chrono::steady_clock::now() > deadline)
-      return Timeout("low-latency dispatch " + std::to_string(seq_) + ": " + what + ": " +
-                     std::to_string(engine_->ImmAvailable(imm)) + " of " + std::to_string(count) + " arrived in " +
-                     std::to_string(config_.timeout.count()) + " ms");
-    sched_yield();
-  }
-  return Status::Ok();
+  return WaitForImms(engine_, imm, count, config_.timeout,
+                     "low-latency dispatch " + std::to_string(seq_) + ": " + what);
 }
 
 Status LowLatencyDispatcher::WaitSends(uint64_t submitted, const char* what) {
-  const auto limit = config_.timeout + std::chrono::seconds(1);
-  if (engine_->options().progress == ProgressMode::kThread) {
-    if (!sends_.WaitFinished(submitted, limit))
-      return Timeout(std::string(what) + ": " + std::to_string(sends_.finished()) + " of " + std::to_string(submitted) +
-                     " writes finished");
-  } else {
-    const auto deadline = std::chrono::steady_clock::now() + limit;
-    while (sends_.finished() < submitted) {
-      if (engine_->Progress()) continue;
-      if (std::chrono::steady_clock::now() > deadline)
-        return Timeout(std::string(what) + ": " + std::to_string(sends_.finished()) + " of " +
-                       std::to_string(submitted) + " writes finished");
-      sched_yield();
-    }
-  }
-  if (sends_.failed() > 0) return sends_.first_error().WithContext(what);
-  return Status::Ok();
+  return WaitForSends(engine_, sends_, submitted, config_.timeout + std::chrono::seconds(1), what);
 }
 
 Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertMap& map) {

@@ -18,40 +18,11 @@ using moe::EpConfig;
 using moe::EpDispatcher;
 using moe::ExpertMap;
 
-EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) {
-  EpConfig c;
-  c.ranks = ranks;
-  c.experts = 16;
-  c.topk = 4;
-  c.hidden = 256;
-  c.max_tokens = 48;
-  c.payload = payload;
-  c.timeout = std::chrono::milliseconds(5000);
-  return c;
-}
+EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) { return TestShape(ranks, 48, payload); }
 
-struct Group {
-  std::vector<std::unique_ptr<TransferEngine>> engines;
-  std::vector<std::unique_ptr<EpDispatcher>> ranks;
-};
-
-Group MakeGroup(EpConfig shape, const EngineOptions& options) {
-  Group g;
-  std::vector<std::string> infos;
-  for (uint32_t r = 0; r < shape.ranks; ++r) {
-    auto e = TransferEngine::Create(options);
-    EXPECT_TRUE(e.ok()) << e.status().ToString();
-    if (!e.ok()) return {};
-    g.engines.push_back(std::move(e).value());
-    shape.rank = r;
-    auto d = EpDispatcher::Create(g.engines.back().get(), shape);
-    EXPECT_TRUE(d.ok()) << d.status().ToString();
-    if (!d.ok()) return {};
-    g.ranks.push_back(std::move(d).value());
-    infos.push_back(g.ranks.back()->LocalInfo());
-  }
-  for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
-  return g;
+using Group = testing::Group<EpDispatcher>;
+Group MakeGroup(const EpConfig& shape, const EngineOptions& options) {
+  return testing::MakeGroup<EpDispatcher>(shape, options);
 }
 
 // Every rank runs `layers` layers on its own thread; all must match the reference.
@@ -70,22 +41,12 @@ void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector
 // layer matches the reference bit for bit, and the records the ranks send
 // to each other are exactly what CountRecords predicts for the trace.
 void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t extra_slots = 0) {
-  moe::TraceOptions to;
-  to.model = model;
-  to.tokens = 4 * 40;
-  to.layers = 3;
-  to.experts = 16;
-  to.topk = 4;
-  to.group_size = 4;
-  const moe::RoutingTrace trace = moe::GenerateTrace(to).value();
-  moe::PlacementOptions po;
-  po.nodes = 2;
-  po.extra_slots = extra_slots;
-  const moe::Placement placement = moe::PlaceExperts(trace, 4, po).value();
-  ASSERT_NE(placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
-  std::vector<ExpertMap> maps;
-  for (uint32_t l = 0; l < 3; ++l) maps.push_back(placement.Map(l, 2).value());
-  EXPECT_EQ(maps[0].replicated(), extra_slots > 0);
+  const TraceCase tc = MakeTraceCase(model, 40, extra_slots);
+  ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
+  EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
+  const auto& trace = tc.trace;
+  const auto& placement = tc.placement;
+  const auto& maps = tc.maps;
   Group g = MakeGroup(Shape(4), Options(provider));
   ASSERT_EQ(g.ranks.size(), 4u);
   std::vector<uint64_t> sent(4, 0);

@@ -5,7 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -14,8 +16,11 @@
 #include "moe/ep_dispatcher.h"
 #include "moe/ll_dispatcher.h"
 #include "moe/numeric_formats.h"
+#include "moe/placement_solver.h"
 #include "moe/routing_trace.h"
 #include "moe/synthetic_expert.h"
+#include "moe/trace_generator.h"
+#include "transfer/transfer_engine.h"
 
 namespace te::testing {
 
@@ -135,6 +140,74 @@ inline std::string CompareDispatch(const std::vector<moe::ExpertTokens>& ref, co
     if (a.weights != b.weights) return e + "weights differ";
   }
   return "";
+}
+
+// The group shape the integration tests use: 16 experts, top-4, hidden 256.
+inline moe::EpConfig TestShape(uint32_t ranks, uint32_t max_tokens, moe::Payload payload) {
+  moe::EpConfig c;
+  c.ranks = ranks;
+  c.experts = 16;
+  c.topk = 4;
+  c.hidden = 256;
+  c.max_tokens = max_tokens;
+  c.payload = payload;
+  c.timeout = std::chrono::milliseconds(5000);
+  return c;
+}
+
+// EP ranks as threads of one process, each with its own engine and a
+// dispatcher D (EpDispatcher or LowLatencyDispatcher), connected.
+template <typename D>
+struct Group {
+  std::vector<std::unique_ptr<TransferEngine>> engines;
+  std::vector<std::unique_ptr<D>> ranks;
+};
+
+template <typename D>
+Group<D> MakeGroup(moe::EpConfig shape, const EngineOptions& options) {
+  Group<D> g;
+  std::vector<std::string> infos;
+  for (uint32_t r = 0; r < shape.ranks; ++r) {
+    auto e = TransferEngine::Create(options);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    if (!e.ok()) return {};
+    g.engines.push_back(std::move(e).value());
+    shape.rank = r;
+    auto d = D::Create(g.engines.back().get(), shape);
+    EXPECT_TRUE(d.ok()) << d.status().ToString();
+    if (!d.ok()) return {};
+    g.ranks.push_back(std::move(d).value());
+    infos.push_back(g.ranks.back()->LocalInfo());
+  }
+  for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
+  return g;
+}
+
+// A small co-activation trace (4 ranks x tokens_per_rank tokens, 3 layers,
+// 16 experts, top-4) and a placement fitted to it on 4 ranks in 2 nodes,
+// with `extra_slots` replica slots: the inputs of the trace replay tests.
+struct TraceCase {
+  moe::RoutingTrace trace;
+  moe::Placement placement;
+  std::vector<moe::ExpertMap> maps;  // [layer]
+};
+
+inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, uint32_t extra_slots) {
+  moe::TraceOptions to;
+  to.model = model;
+  to.tokens = 4 * tokens_per_rank;
+  to.layers = 3;
+  to.experts = 16;
+  to.topk = 4;
+  to.group_size = 4;
+  TraceCase c;
+  c.trace = moe::GenerateTrace(to).value();
+  moe::PlacementOptions po;
+  po.nodes = 2;
+  po.extra_slots = extra_slots;
+  c.placement = moe::PlaceExperts(c.trace, 4, po).value();
+  for (uint32_t l = 0; l < 3; ++l) c.maps.push_back(c.placement.Map(l, 2).value());
+  return c;
 }
 
 // Optional parts of a rank's run: routing from a trace with one map per

@@ -18,40 +18,11 @@ using moe::EpConfig;
 using moe::ExpertMap;
 using moe::LowLatencyDispatcher;
 
-EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) {
-  EpConfig c;
-  c.ranks = ranks;
-  c.experts = 16;
-  c.topk = 4;
-  c.hidden = 256;
-  c.max_tokens = 32;
-  c.payload = payload;
-  c.timeout = std::chrono::milliseconds(5000);
-  return c;
-}
+EpConfig Shape(uint32_t ranks, moe::Payload payload = moe::Payload::kBf16) { return TestShape(ranks, 32, payload); }
 
-struct Group {
-  std::vector<std::unique_ptr<TransferEngine>> engines;
-  std::vector<std::unique_ptr<LowLatencyDispatcher>> ranks;
-};
-
-Group MakeGroup(EpConfig shape, const EngineOptions& options) {
-  Group g;
-  std::vector<std::string> infos;
-  for (uint32_t r = 0; r < shape.ranks; ++r) {
-    auto e = TransferEngine::Create(options);
-    EXPECT_TRUE(e.ok()) << e.status().ToString();
-    if (!e.ok()) return {};
-    g.engines.push_back(std::move(e).value());
-    shape.rank = r;
-    auto d = LowLatencyDispatcher::Create(g.engines.back().get(), shape);
-    EXPECT_TRUE(d.ok()) << d.status().ToString();
-    if (!d.ok()) return {};
-    g.ranks.push_back(std::move(d).value());
-    infos.push_back(g.ranks.back()->LocalInfo());
-  }
-  for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
-  return g;
+using Group = testing::Group<LowLatencyDispatcher>;
+Group MakeGroup(const EpConfig& shape, const EngineOptions& options) {
+  return testing::MakeGroup<LowLatencyDispatcher>(shape, options);
 }
 
 void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector<uint32_t>& tokens, uint32_t layers,
@@ -101,20 +72,10 @@ TEST(MoeLowLatency, EmptyRanksSkewAndLocalRouting) {
 // A trace with a fitted placement and replicas: bit-exact, and the records
 // sent are what CountRecords predicts, as for EpDispatcher.
 TEST(MoeLowLatency, TraceReplayWithReplicasMovesThePredictedRecords) {
-  moe::TraceOptions to;
-  to.model = moe::TraceModel::kCoactivationGroups;
-  to.tokens = 4 * 24;
-  to.layers = 3;
-  to.experts = 16;
-  to.topk = 4;
-  to.group_size = 4;
-  const moe::RoutingTrace trace = moe::GenerateTrace(to).value();
-  moe::PlacementOptions po;
-  po.nodes = 2;
-  po.extra_slots = 1;
-  const moe::Placement placement = moe::PlaceExperts(trace, 4, po).value();
-  std::vector<ExpertMap> maps;
-  for (uint32_t l = 0; l < 3; ++l) maps.push_back(placement.Map(l, 2).value());
+  const TraceCase tc = MakeTraceCase(moe::TraceModel::kCoactivationGroups, 24, /*extra_slots=*/1);
+  const auto& trace = tc.trace;
+  const auto& placement = tc.placement;
+  const auto& maps = tc.maps;
   Group g = MakeGroup(Shape(4), Options("tcp"));
   std::vector<uint64_t> sent(4, 0);
   RunGroup(g, maps[0], Routing::kTrace, {24, 24, 24, 24}, 3, TraceRun{&trace, &maps, nullptr}, &sent);

@@ -77,7 +77,9 @@ TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {
     const uint32_t r = m->RankFor(0, s);
     EXPECT_TRUE(r == 1 || r == 2 || r == 5) << "source " << s;
     per[r]++;
-    if (s < 4) EXPECT_LT(r, 4u) << "source " << s << " left its node";
+    if (s < 4) {
+      EXPECT_LT(r, 4u) << "source " << s << " left its node";
+    }
   }
   EXPECT_LE(per[1], 3u);
   EXPECT_LE(per[2], 3u);
