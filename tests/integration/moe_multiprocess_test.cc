@@ -34,11 +34,12 @@ std::string ReadLine(FILE* f) {
   return s.empty() ? "EOF" : s;
 }
 
-// Child: engine, dispatcher, info out, infos in, `layers` layers, verdict out.
+// Child: engine, dispatcher D, info out, infos in, `layers` layers, verdict out.
+template <typename D>
 int RunChild(moe::EpConfig c, Routing routing, uint32_t tokens, uint32_t layers, FILE* in, FILE* out) {
   auto engine = TransferEngine::Create(Options("tcp"));
   if (!engine.ok()) return fprintf(out, "FAIL %s\n", engine.status().ToString().c_str()), 1;
-  auto d = moe::EpDispatcher::Create(engine->get(), c);
+  auto d = D::Create(engine->get(), c);
   if (!d.ok()) return fprintf(out, "FAIL %s\n", d.status().ToString().c_str()), 1;
   fprintf(out, "%s\n", (*d)->LocalInfo().c_str());
   fflush(out);
@@ -52,7 +53,8 @@ int RunChild(moe::EpConfig c, Routing routing, uint32_t tokens, uint32_t layers,
   return err.empty() ? 0 : 1;
 }
 
-std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32_t tokens, uint32_t layers) {
+std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32_t tokens, uint32_t layers,
+                             bool low_latency = false) {
   std::vector<Rank> ranks(shape.ranks);
   for (uint32_t r = 0; r < shape.ranks; ++r) {
     int to_child[2], from_child[2];
@@ -63,7 +65,10 @@ std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32
       close(from_child[0]);
       moe::EpConfig c = shape;
       c.rank = r;
-      _exit(RunChild(c, routing, tokens, layers, fdopen(to_child[0], "r"), fdopen(from_child[1], "w")));
+      FILE* in = fdopen(to_child[0], "r");
+      FILE* out = fdopen(from_child[1], "w");
+      _exit(low_latency ? RunChild<moe::LowLatencyDispatcher>(c, routing, tokens, layers, in, out)
+                        : RunChild<moe::EpDispatcher>(c, routing, tokens, layers, in, out));
     }
     close(to_child[0]);
     close(from_child[1]);
@@ -106,13 +111,19 @@ TEST(MoeMultiProcess, FourRanksBf16AndFp8MatchTheReference) {
   }
 }
 
+TEST(MoeMultiProcess, LowLatencyFourRanksMatchTheReference) {
+  std::vector<Rank> ranks = StartGroup(Shape(4, moe::Payload::kBf16), Routing::kRandom, 64, 4, /*low_latency=*/true);
+  for (uint32_t r = 0; r < ranks.size(); ++r) EXPECT_EQ(ReadLine(ranks[r].from), "OK") << "rank " << r;
+  Reap(ranks);
+}
+
 // SIGKILL of one rank while the group runs layers: the others report an
 // error within the timeout instead of hanging.
-TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) {
+void KillOneRank(bool low_latency) {
   moe::EpConfig shape = Shape(3, moe::Payload::kBf16);
   shape.experts = 24;
   shape.timeout = std::chrono::milliseconds(1000);
-  std::vector<Rank> ranks = StartGroup(shape, Routing::kRandom, 16, 100000);
+  std::vector<Rank> ranks = StartGroup(shape, Routing::kRandom, 16, 100000, low_latency);
   usleep(300 * 1000);
   kill(ranks[2].pid, SIGKILL);
   waitpid(ranks[2].pid, nullptr, 0);
@@ -127,6 +138,9 @@ TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
   Reap(ranks);
 }
+
+TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(false); }
+TEST(MoeMultiProcess, LowLatencyKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(true); }
 
 }  // namespace
 }  // namespace te::testing
