@@ -196,9 +196,10 @@ int Place() {
     // away from their source pull it.
     const auto& solver = rows[2].hier;
     const double away = double(solver.total().away_from_source) / (double(solver.tokens) * solver.layers.size());
-    printf("context: %.3f of tokens per layer are away from their source rank (solver); replicated context costs %u "
-           "KV copies per token and layer, against the %.3f records per token and layer saved over round-robin\n",
-           away, FLAGS_ranks - 1, rr_rank - solver.rank_per_token_layer());
+    printf(
+        "context: %.3f of tokens per layer are away from their source rank (solver); replicated context costs %u "
+        "KV copies per token and layer, against the %.3f records per token and layer saved over round-robin\n",
+        away, FLAGS_ranks - 1, rr_rank - solver.rank_per_token_layer());
   }
   if (!FLAGS_oracle.empty() && !FLAGS_json) {
     // How much of the oracle's saving against round-robin the solver reaches.

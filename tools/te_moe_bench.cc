@@ -240,8 +240,7 @@ struct Timing {
 
 // Runs one case on every rank; rank 0 prints its rows.
 void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing,
-             bool low_latency,
-             const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
+             bool low_latency, const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
   moe::EpConfig c;
   c.ranks = ranks;
   c.rank = rank;
