@@ -13,12 +13,13 @@
 // co-activation within a layer matters.
 //
 // Guarantees: every rank holds experts / ranks primaries of every layer
-// (plus up to extra_slots replicas); on the fitted trace the primaries never
-// move more records (rank + node) than round-robin's: for kSource each layer
-// keeps the better of the two, for kTop1 the whole placement does. Loads: a node's (rank's) load stays
-// under (1 + load_slack) x mean where the swaps allow (a single expert
-// heavier than that is its own cap); replication (moe/placement.h) is what
-// brings imbalance down further. Deterministic.
+// (plus up to extra_slots replicas). Without replicas, on the fitted trace
+// the placement never moves more records (rank + node) than round-robin:
+// for kSource each layer keeps the better of the two, for kTop1 the whole
+// placement does. Replicas trade some of that for balance (below), so the
+// guarantee covers the primaries as placed before the balancing pass. A
+// node's (rank's) load stays under (1 + load_slack) x mean where the swaps
+// allow (a single expert heavier than that is its own cap). Deterministic.
 #pragma once
 
 #include <cstdint>
@@ -36,11 +37,14 @@ struct PlacementOptions {
   double load_slack = 0.25;
   int max_sweeps = 20;  // swap passes per partition
   // Replica slots per rank and layer beyond the experts / ranks primaries.
-  // They go to the experts with the most load per copy (EPLB's rule), and
-  // each replica to a rank of a node holding no copy yet where possible
-  // (sources of that node then stay inside it), the least loaded, and among
-  // nearly equally loaded ranks the one whose experts share the most tokens
-  // with it (those tokens already send a record there).
+  // Copies go one by one to the expert with the most load per copy, and
+  // primaries are then partitioned by load per copy (nodes held to 5%
+  // slack). Each replica goes to the rank, among those with a free slot and
+  // near the mean load, where the fitted trace's tokens of that expert send
+  // the fewest records under ExpertMap's replica rule. A last pass, on exact
+  // loads under that rule, exchanges copies off the heaviest rank (same
+  // node first; unreplicated primaries stay in their node) while that lowers
+  // it.
   uint32_t extra_slots = 0;
 };
 
