@@ -1,10 +1,12 @@
 // What dispatch and combine move for a routing trace under a placement,
-// counted the way EpDispatcher (moe/ep_dispatcher.h) moves it: one record
-// per token per distinct destination rank, however many of the token's
-// experts live there, and none to the token's own rank; combine returns one
-// partial row per record. A replicated expert's tokens go to the replica
-// ExpertMap::RankFor picks for the token's home rank, as in dispatch. The count is exact: replaying the trace through
-// the dispatcher sends these records (tests/integration/moe_placement_replay_test.cc).
+// counted the way both dispatchers (moe/ep_dispatcher.h, moe/ll_dispatcher.h)
+// move it: one record per token per distinct destination rank, however many
+// of the token's experts live there, and none to the token's own rank;
+// combine returns one partial row per record. A replicated expert's tokens
+// go to the replica ExpertMap::RankFor picks for the token's home rank, as
+// in dispatch. The count is exact: replaying a trace through the
+// dispatchers sends these records (MoeDispatch.TraceReplay*,
+// MoeLowLatency.TraceReplay*).
 #pragma once
 
 #include <cstdint>
