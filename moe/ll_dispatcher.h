@@ -23,9 +23,12 @@
 // counts from the headers. Combine writes each source's partial rows into
 // its slot at that source with one immediate, only to sources that sent
 // tokens; each source knows how many to wait for from its own dispatch.
-// Slots are reused by parity: rank p writes parity b of layer l + 2 only
-// after receiving everyone's combine of layer l + 1, which they send only
-// after reading their parity-b slots of layer l.
+// Slots are reused by parity. Rank p writes parity b of layer l + 2 only
+// after receiving every rank's dispatch block of layer l + 1 (everyone
+// sends one to everyone), and a rank sends that only after it has finished
+// layer l, including reading its parity-b slots. Combine slots follow:
+// a rank writes p's combine slot of layer l + 2 only after p's dispatch of
+// l + 2, which p sends after reading its combine slot of layer l.
 //
 // Memory: per rank, 2 x ranks x (max_tokens + 1) records and as many combine
 // rows, received, plus one of each sent: sized for the worst case, which is
