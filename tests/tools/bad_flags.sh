@@ -37,5 +37,9 @@ if [ -e "$SHM" ]; then echo "FAIL: a failed serve left $SHM"; rm -f "$SHM"; fail
 expect_refused "reporters" "$TELEM" bench --reporters=abc
 expect_refused "reporters" "$TELEM" report --reporters=99999999999999999999
 expect_refused "ep" "$MOE" bench --ep=99999999999
+expect_refused "zipf" "$MOE" gen --out=/dev/null --model=zipf
+expect_refused "group_size" "$MOE" gen --out=/dev/null --model=groups --experts=64 --group_size=48
+expect_refused "cannot open trace" "$MOE" place --trace=/nonexistent/trace.bin
+expect_refused "--mode entry 'fast'" "$MOE" bench --ep=2 --mode=fast
 expect_refused "bench_sources" "$WSYNC" bench --bench_sources=99999999999
 exit $fail
