@@ -7,6 +7,12 @@ namespace te::moe {
 
 const char* TokenHomeName(TokenHome home) { return home == TokenHome::kSource ? "source" : "top1"; }
 
+Result<TokenHome> ParseTokenHome(const std::string& name) {
+  for (TokenHome h : {TokenHome::kSource, TokenHome::kTop1})
+    if (name == TokenHomeName(h)) return h;
+  return InvalidArgument("token home '" + name + "' is not one of source, top1");
+}
+
 RecordCount DispatchCost::total() const {
   RecordCount sum;
   for (const auto& l : layers) sum.rank += l.rank, sum.node += l.node, sum.away_from_source += l.away_from_source;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "base/status.h"
@@ -29,6 +30,8 @@ enum class TokenHome {
   kTop1,
 };
 const char* TokenHomeName(TokenHome home);
+// "source" or "top1".
+Result<TokenHome> ParseTokenHome(const std::string& name);
 
 struct CostOptions {
   uint32_t nodes = 1;  // ranks r of node r / (ranks / nodes)

@@ -11,7 +11,7 @@ constexpr char kMagic[8] = {'T', 'E', 'M', 'O', 'E', 'T', 'R', '1'};
 constexpr size_t kHeader = 8 + 16;
 }  // namespace
 
-Status RoutingTrace::Validate() const {
+Status RoutingTrace::ValidateShape() const {
   if (tokens == 0 || layers == 0 || topk == 0 || experts == 0)
     return InvalidArgument("trace shape " + std::to_string(tokens) + " tokens x " + std::to_string(layers) +
                            " layers x top-" + std::to_string(topk) + " over " + std::to_string(experts) +
@@ -19,6 +19,11 @@ Status RoutingTrace::Validate() const {
   if (experts > 32767) return InvalidArgument("experts = " + std::to_string(experts) + "; at most 32767");
   if (topk > experts)
     return InvalidArgument("top-" + std::to_string(topk) + " exceeds " + std::to_string(experts) + " experts");
+  return Status::Ok();
+}
+
+Status RoutingTrace::Validate() const {
+  TE_RETURN_IF_ERROR(ValidateShape());
   if (ids.size() != size_t(tokens) * layers * topk)
     return InvalidArgument("trace holds " + std::to_string(ids.size()) + " ids; shape needs " +
                            std::to_string(size_t(tokens) * layers * topk));

@@ -23,6 +23,8 @@ struct RoutingTrace {
     return ids[(size_t(token) * layers + layer) * topk + k];
   }
   int16_t& at(uint32_t token, uint32_t layer, uint32_t k) { return ids[(size_t(token) * layers + layer) * topk + k]; }
+  // The dimensions alone: none zero, experts <= 32767, topk <= experts.
+  Status ValidateShape() const;
   // Shapes consistent and every id in [-1, experts).
   Status Validate() const;
 };

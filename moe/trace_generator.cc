@@ -54,13 +54,7 @@ Status CheckOptions(const TraceOptions& o) {
       (o.group_size == 0 || o.group_size > o.experts || o.experts % o.group_size != 0))
     return InvalidArgument("group_size " + std::to_string(o.group_size) + " must divide experts " +
                            std::to_string(o.experts));
-  RoutingTrace shape;
-  shape.tokens = o.tokens;
-  shape.layers = o.layers;
-  shape.topk = o.topk;
-  shape.experts = o.experts;
-  shape.ids.assign(size_t(o.tokens) * o.layers * o.topk, -1);
-  return shape.Validate();
+  return RoutingTrace{o.tokens, o.layers, o.topk, o.experts, {}}.ValidateShape();
 }
 
 }  // namespace

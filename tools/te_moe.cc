@@ -55,13 +55,10 @@ DEFINE_bool(json, false, "Print JSON");
 namespace {
 
 using te::tools::Die;
+using te::tools::Must;
 namespace moe = te::moe;
 
-moe::TokenHome HomeFlag() {
-  if (FLAGS_home == "source") return moe::TokenHome::kSource;
-  if (FLAGS_home == "top1") return moe::TokenHome::kTop1;
-  Die("--home=" + FLAGS_home + ": use source or top1");
-}
+moe::TokenHome HomeFlag() { return Must(moe::ParseTokenHome(FLAGS_home), "--home"); }
 
 int Gen() {
   if (FLAGS_out.empty()) Die("gen needs --out=FILE");

@@ -204,11 +204,7 @@ moe::RoutingTrace ReplayedTokens(const moe::EpConfig& c, const moe::RoutingTrace
   return used;
 }
 
-moe::TokenHome HomeFlag() {
-  if (FLAGS_home == "source") return moe::TokenHome::kSource;
-  if (FLAGS_home == "top1") return moe::TokenHome::kTop1;
-  Die("--home=" + FLAGS_home + ": use source or top1");
-}
+moe::TokenHome HomeFlag() { return Must(moe::ParseTokenHome(FLAGS_home), "--home"); }
 
 // Trace routing: token t is dispatched from its home rank (moe/dispatch_cost.h:
 // rank t % ranks, or with --home=top1 its previous top-1 expert's rank).

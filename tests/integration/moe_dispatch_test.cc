@@ -171,28 +171,7 @@ TEST(MoeDispatch, OverflowTooSmallFailsOnEveryRank) {
 
 // A rank that never dispatches: the others fail with kTimeout naming the
 // count rows they waited for, within the configured timeout.
-TEST(MoeDispatch, SilentPeerTimesOut) {
-  EpConfig shape = Shape(3);
-  shape.experts = 12;
-  shape.timeout = std::chrono::milliseconds(400);
-  Group g = MakeGroup(shape, Options("tcp"));
-  const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
-  std::vector<Status> results(2);
-  std::vector<std::thread> threads;
-  const auto start = std::chrono::steady_clock::now();
-  for (uint32_t r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kRandom, 16, 1, 0, r);
-      moe::DispatchResult out;
-      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
-    });
-  for (auto& t : threads) t.join();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
-  for (uint32_t r = 0; r < 2; ++r) {
-    EXPECT_EQ(results[r].code(), StatusCode::kTimeout) << results[r].ToString();
-    EXPECT_NE(results[r].message().find("count rows"), std::string::npos) << results[r].ToString();
-  }
-}
+TEST(MoeDispatch, SilentPeerTimesOut) { ExpectSilentPeerTimesOut<EpDispatcher>(Shape(3), "count rows"); }
 
 // The packed entry points the CUDA path drives (PrepareDispatch,
 // DispatchPacked, CombinePacked), with the kernels' copies done by memcpy

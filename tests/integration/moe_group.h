@@ -10,8 +10,10 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "integration/test_support.h"
 #include "moe/dispatch_reference.h"
 #include "moe/ep_dispatcher.h"
 #include "moe/ll_dispatcher.h"
@@ -180,6 +182,33 @@ Group<D> MakeGroup(moe::EpConfig shape, const EngineOptions& options) {
     infos.push_back(g.ranks.back()->LocalInfo());
   }
   for (auto& d : g.ranks) EXPECT_TRUE(d->Connect(infos).ok());
+  return g;
+}
+
+// Ranks 0 and 1 of a 3-rank group (12 experts, 400 ms timeout) dispatch
+// while rank 2 stays silent: both fail with kTimeout within seconds, the
+// message naming `phase`. Returns the group for further checks.
+template <typename D>
+Group<D> ExpectSilentPeerTimesOut(moe::EpConfig shape, const std::string& phase) {
+  shape.experts = 12;
+  shape.timeout = std::chrono::milliseconds(400);
+  Group<D> g = MakeGroup<D>(shape, Options("tcp"));
+  const moe::ExpertMap map = moe::ExpertMap::Contiguous(12, 3).value();
+  std::vector<Status> results(2);
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kRandom, 16, 1, 0, r);
+      moe::DispatchResult out;
+      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::kTimeout) << results[r].ToString();
+    EXPECT_NE(results[r].message().find(phase), std::string::npos) << results[r].ToString();
+  }
   return g;
 }
 

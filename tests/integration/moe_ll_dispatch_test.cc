@@ -154,26 +154,9 @@ TEST(MoeLowLatency, CallsOutOfOrderAndBadInputAreRefused) {
 }
 
 TEST(MoeLowLatency, SilentPeerTimesOut) {
-  EpConfig shape = Shape(3);
-  shape.experts = 12;
-  shape.timeout = std::chrono::milliseconds(400);
-  Group g = MakeGroup(shape, Options("tcp"));
+  Group g = ExpectSilentPeerTimesOut<LowLatencyDispatcher>(Shape(3), "token records");
+  ASSERT_EQ(g.ranks.size(), 3u);
   const ExpertMap map = ExpertMap::Contiguous(12, 3).value();
-  std::vector<Status> results(2);
-  std::vector<std::thread> threads;
-  const auto start = std::chrono::steady_clock::now();
-  for (uint32_t r = 0; r < 2; ++r)
-    threads.emplace_back([&, r] {
-      BatchData b = MakeBatch(g.ranks[r]->config(), map, Routing::kRandom, 16, 1, 0, r);
-      moe::DispatchResult out;
-      results[r] = g.ranks[r]->Dispatch(b.view(), map, &out);
-    });
-  for (auto& t : threads) t.join();
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
-  for (uint32_t r = 0; r < 2; ++r) {
-    EXPECT_EQ(results[r].code(), StatusCode::kTimeout) << results[r].ToString();
-    EXPECT_NE(results[r].message().find("token records"), std::string::npos) << results[r].ToString();
-  }
   // Failed for good: the group's immediate counts are out of step.
   BatchData b = MakeBatch(g.ranks[0]->config(), map, Routing::kRandom, 4, 1, 1, 0);
   moe::DispatchResult out;
