@@ -22,6 +22,25 @@ enum class ProgressMode {
   kManual,
 };
 
+// Whether peers on this host bypass the NICs (nic/local/local_domain.h).
+enum class SameHost {
+  // kDirect on hardware NIC providers (verbs, verbs-native, efa), where a
+  // same-host transfer would otherwise cross PCIe twice; kNic on software
+  // providers (tcp, shm), which are chosen to be exercised or are
+  // same-host already.
+  kAuto,
+  // Open a same-host domain beside the NIC domains: a peer whose address
+  // says it is on this host (same boot id, its mailbox reachable: same user,
+  // a ptrace policy that allows it, a shared pid namespace) is reached
+  // through it, every other peer through the NICs. No change in the
+  // caller's code; one request may reach peers of both kinds. A peer that
+  // looks local but cannot be reached directly falls back to the NICs (with
+  // a warning).
+  kDirect,
+  // Every peer through the NICs (the opt-out).
+  kNic,
+};
+
 struct EngineOptions {
   // Which nic::Domain implementation the engine opens (nic/backend.h).
   // kLibfabric uses `fabric`; kVerbs opens libibverbs RC domains with
@@ -42,6 +61,8 @@ struct EngineOptions {
   std::string ProviderName() const {
     return backend == nic::Backend::kLibfabric ? fabric.provider : std::string(nic::BackendName(backend));
   }
+  // Same-host peers: see SameHost. Ignored when the provider is "local".
+  SameHost same_host = SameHost::kAuto;
   // Domains (NICs) in the group. With tcp or shm these are independent
   // endpoints; with EFA or ConnectX give one per NIC of the GPU.
   int domains = 1;

@@ -34,8 +34,11 @@ class MemoryRegion {
   size_t length() const { return length_; }
   const Memory& memory() const { return memory_; }
 
-  // Per-domain registration (engine internal use).
+  // Per-domain registration (engine internal use). An entry with no handle
+  // and key 0 is no registration: device memory on the same-host domain,
+  // which registers host memory only.
   const nic::LocalRegistration& registration(size_t domain) const { return regs_[domain]; }
+  static bool Registered(const nic::LocalRegistration& r) { return r.mr != nullptr || r.rkey != 0; }
 
  private:
   void* data_;

@@ -11,11 +11,12 @@ namespace {
 // Layout (little-endian):
 //   u32 magic | u8 version | body ... | u32 crc32c(everything before it)
 // EngineAddress body: u8 provider_len, provider, u8 n_domains,
-//                     n x (u16 len, bytes)
+//                     n x (u16 len, bytes) [, u8 same_host_domains: version 2]
 // MrDescriptor body:  EngineAddress body, u64 length, n x (u64 rkey, u64 base)
 constexpr uint32_t kAddressMagic = 0x41455445;     // "ETEA"
 constexpr uint32_t kDescriptorMagic = 0x44455445;  // "ETED"
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 1;          // no same-host domain
+constexpr uint8_t kSameHostVersion = 2;  // adds same_host_domains
 constexpr size_t kMaxDomains = 64;
 constexpr size_t kMaxAddressBytes = 1024;
 
@@ -67,7 +68,10 @@ void WriteAddressBody(Writer& w, const EngineAddress& a) {
     w.U16(uint16_t(d.size()));
     w.Raw(d.data(), d.size());
   }
+  if (a.same_host_domains) w.U8(a.same_host_domains);
 }
+
+uint8_t VersionOf(const EngineAddress& a) { return a.same_host_domains ? kSameHostVersion : kVersion; }
 
 }  // namespace
 
@@ -81,13 +85,17 @@ Status EngineAddress::Validate() const {
     if (d.empty() || d.size() > kMaxAddressBytes)
       return InvalidArgument("domain address of " + std::to_string(d.size()) + " bytes; valid range is 1.." +
                              std::to_string(kMaxAddressBytes));
+  // At least one NIC domain: a peer on another host must reach the engine.
+  if (a.same_host_domains > 1 || a.same_host_domains >= a.domains.size())
+    return InvalidArgument("engine address has " + std::to_string(a.same_host_domains) + " same-host domains of " +
+                           std::to_string(a.domains.size()) + "; valid is 0, or 1 beside at least one NIC domain");
   return Status::Ok();
 }
 
 namespace {
 
 // Checks magic, version and CRC; leaves the reader after the version byte.
-Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* what, Reader* r) {
+Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* what, Reader* r, uint8_t* version_out) {
   if (bytes.size() < 9)
     return InvalidArgument(std::string(what) + " is " + std::to_string(bytes.size()) +
                            " bytes; truncated (at least 9 expected)");
@@ -98,15 +106,17 @@ Status OpenEnvelope(std::span<const uint8_t> bytes, uint32_t magic, const char* 
   r->U32(&got_magic);
   r->U8(&version);
   if (got_magic != magic) return InvalidArgument(std::string(what) + " has a bad magic number: not a " + what);
-  if (version != kVersion)
+  if (version != kVersion && version != kSameHostVersion)
     return InvalidArgument(std::string(what) + " version " + std::to_string(version) +
-                           " is not supported (this build reads version " + std::to_string(kVersion) + ")");
+                           " is not supported (this build reads versions " + std::to_string(kVersion) + " and " +
+                           std::to_string(kSameHostVersion) + ")");
+  *version_out = version;
   if (Crc32c(bytes.data(), bytes.size() - 4) != stored_crc)
     return InvalidArgument(std::string(what) + " checksum mismatch: corrupted or truncated");
   return Status::Ok();
 }
 
-Status ReadAddressBody(Reader& r, EngineAddress* a, const char* what) {
+Status ReadAddressBody(Reader& r, uint8_t version, EngineAddress* a, const char* what) {
   auto truncated = [&] { return InvalidArgument(std::string(what) + " truncated"); };
   uint8_t plen;
   if (!r.U8(&plen)) return truncated();
@@ -126,6 +136,14 @@ Status ReadAddressBody(Reader& r, EngineAddress* a, const char* what) {
                              " bytes; valid range is 1.." + std::to_string(kMaxAddressBytes));
     d.resize(len);
     if (!r.Raw(d.data(), len)) return truncated();
+  }
+  if (version == kSameHostVersion) {
+    if (!r.U8(&a->same_host_domains)) return truncated();
+    // Version 2 exists to carry one; 0 is written as version 1.
+    if (a->same_host_domains != 1 || n < 2)
+      return InvalidArgument(std::string(what) + " names " + std::to_string(a->same_host_domains) +
+                             " same-host domains of " + std::to_string(n) +
+                             "; version 2 carries exactly 1 beside at least one NIC domain");
   }
   return Status::Ok();
 }
@@ -172,7 +190,7 @@ Result<std::vector<uint8_t>> FromHex(const std::string& hex) {
 std::vector<uint8_t> EngineAddress::Serialize() const {
   Writer w;
   w.U32(kAddressMagic);
-  w.U8(kVersion);
+  w.U8(VersionOf(*this));
   WriteAddressBody(w, *this);
   return w.Finish();
 }
@@ -181,9 +199,10 @@ std::string EngineAddress::ToHex() const { return te::ToHex(Serialize()); }
 
 Result<EngineAddress> EngineAddress::Deserialize(std::span<const uint8_t> bytes) {
   Reader r(bytes);
-  TE_RETURN_IF_ERROR(OpenEnvelope(bytes, kAddressMagic, "engine address", &r));
+  uint8_t version = 0;
+  TE_RETURN_IF_ERROR(OpenEnvelope(bytes, kAddressMagic, "engine address", &r, &version));
   EngineAddress a;
-  TE_RETURN_IF_ERROR(ReadAddressBody(r, &a, "engine address"));
+  TE_RETURN_IF_ERROR(ReadAddressBody(r, version, &a, "engine address"));
   TE_RETURN_IF_ERROR(ExpectOnlyCrcLeft(r, "engine address"));
   return a;
 }
@@ -196,7 +215,7 @@ Result<EngineAddress> EngineAddress::FromHex(const std::string& hex) {
 std::vector<uint8_t> MrDescriptor::Serialize() const {
   Writer w;
   w.U32(kDescriptorMagic);
-  w.U8(kVersion);
+  w.U8(VersionOf(owner));
   WriteAddressBody(w, owner);
   w.U64(length);
   for (const auto& k : keys) {
@@ -210,9 +229,10 @@ std::string MrDescriptor::ToHex() const { return te::ToHex(Serialize()); }
 
 Result<MrDescriptor> MrDescriptor::Deserialize(std::span<const uint8_t> bytes) {
   Reader r(bytes);
-  TE_RETURN_IF_ERROR(OpenEnvelope(bytes, kDescriptorMagic, "memory descriptor", &r));
+  uint8_t version = 0;
+  TE_RETURN_IF_ERROR(OpenEnvelope(bytes, kDescriptorMagic, "memory descriptor", &r, &version));
   MrDescriptor d;
-  TE_RETURN_IF_ERROR(ReadAddressBody(r, &d.owner, "memory descriptor"));
+  TE_RETURN_IF_ERROR(ReadAddressBody(r, version, &d.owner, "memory descriptor"));
   if (!r.U64(&d.length)) return InvalidArgument("memory descriptor truncated");
   d.keys.resize(d.owner.domains.size());
   for (auto& k : d.keys)

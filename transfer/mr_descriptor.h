@@ -19,8 +19,16 @@ namespace te {
 
 // How to reach every domain (NIC) of one engine.
 struct EngineAddress {
-  std::string provider;                       // e.g. "tcp;ofi_rxm"
+  std::string provider;                       // e.g. "tcp;ofi_rxm": the NIC domains' provider
   std::vector<std::vector<uint8_t>> domains;  // per-domain endpoint address
+  // 1 when the last entry of `domains` is a same-host domain (provider
+  // "local", nic/local/local_domain.h) beside the NIC domains: peers on this
+  // host reach the engine through it. 0 otherwise. Encoded as version 2;
+  // addresses without one keep version 1's bytes.
+  uint8_t same_host_domains = 0;
+
+  // Domains a peer on another host reaches: all but the same-host one.
+  size_t nic_domains() const { return domains.size() - same_host_domains; }
 
   // Counts and sizes within what Serialize() can encode.
   Status Validate() const;

@@ -21,6 +21,17 @@ Status CheckImm(bool has_imm, uint64_t length, const char* request) {
   return Status::Ok();
 }
 
+// The local domains writes to `dst` are spread over: [first, first + count).
+struct Lanes {
+  uint32_t first = 0;
+  uint32_t count = 1;
+  uint32_t at(uint64_t i) const { return first + uint32_t(i); }
+};
+Lanes LanesFor(const RemoteRegion* dst, const PlanLimits& l) {
+  if (dst && l.src_on_host && dst->same_host_lane()) return {*dst->same_host_lane(), 1};
+  return {0, uint32_t(l.domains)};
+}
+
 // Appends `length` bytes as one or more writes no larger than the limit.
 // A zero-length piece becomes a single notification when it carries an imm.
 void AddSplit(std::vector<PlannedWrite>* out, const PlannedWrite& w, uint64_t max_write) {
@@ -44,10 +55,11 @@ Status PlanSingle(const SingleWrite& r, const PlanLimits& l, std::vector<Planned
   TE_RETURN_IF_ERROR(CheckRange("src", r.src_offset, r.length, r.src->length()));
   TE_RETURN_IF_ERROR(CheckRange("dst", r.dst_offset, r.length, r.dst->length()));
   TE_RETURN_IF_ERROR(CheckImm(r.imm.has_value(), r.length, "SingleWrite"));
-  // Every domain gets a shard so that the immediate count (one per domain)
+  // Every lane gets a shard so that the immediate count (one per lane)
   // does not depend on the length; shards are aligned and not smaller than
-  // min_shard_bytes, so short writes land on the first domains whole.
-  const uint64_t n = l.domains;
+  // min_shard_bytes, so short writes land on the first lanes whole.
+  const Lanes lanes = LanesFor(r.dst.get(), l);
+  const uint64_t n = lanes.count;
   uint64_t shard = (r.length + n - 1) / n;
   shard = std::max<uint64_t>(shard, l.min_shard_bytes);
   shard = (shard + kShardAlignment - 1) / kShardAlignment * kShardAlignment;
@@ -56,7 +68,7 @@ Status PlanSingle(const SingleWrite& r, const PlanLimits& l, std::vector<Planned
     uint64_t begin = std::min(r.length, d * shard);
     uint64_t end = std::min(r.length, begin + shard);
     PlannedWrite w;
-    w.domain = uint32_t(d);
+    w.domain = lanes.at(d);
     w.dst = r.dst.get();
     w.src_offset = r.src_offset + begin;
     w.dst_offset = r.dst_offset + begin;
@@ -78,6 +90,7 @@ Status PlanPaged(const PagedWrite& r, const PlanLimits& l, std::vector<PlannedWr
   if (r.src_pages.empty()) return InvalidArgument("PagedWrite has no pages");
   if (r.page_length == 0) return InvalidArgument("PagedWrite page_length is 0");
   const size_t pages = r.src_pages.size();
+  const Lanes lanes = LanesFor(r.dst.get(), l);
   out->reserve(pages);
   for (size_t i = 0; i < pages; ++i) {
     // Overflow-safe: indices are 32-bit and strides are checked against the
@@ -93,7 +106,7 @@ Status PlanPaged(const PagedWrite& r, const PlanLimits& l, std::vector<PlannedWr
                         std::to_string(i) + ") at dst_offset " + std::to_string(uint64_t(d)) + " + page_length " +
                         std::to_string(r.page_length) + " exceeds dst region size " + std::to_string(r.dst->length()));
     PlannedWrite w;
-    w.domain = uint32_t(i * l.domains / pages);  // contiguous blocks per domain
+    w.domain = lanes.at(i * lanes.count / pages);  // contiguous blocks per lane
     w.dst = r.dst.get();
     w.src_offset = uint64_t(s);
     w.dst_offset = uint64_t(d);
@@ -117,7 +130,8 @@ Status PlanScatter(const ScatterWrite& r, const PlanLimits& l, std::vector<Plann
     if (st.ok()) st = CheckImm(r.imm.has_value(), tg.length, "ScatterWrite target");
     if (!st.ok()) return st.WithContext("ScatterWrite target " + std::to_string(t));
     PlannedWrite w;
-    w.domain = uint32_t(t % l.domains);
+    const Lanes lanes = LanesFor(tg.dst.get(), l);
+    w.domain = lanes.at(t % lanes.count);
     w.dst = tg.dst.get();
     w.src_offset = tg.src_offset;
     w.dst_offset = tg.dst_offset;
@@ -129,9 +143,14 @@ Status PlanScatter(const ScatterWrite& r, const PlanLimits& l, std::vector<Plann
   return Status::Ok();
 }
 
-PlannedWrite Notification(const RemoteRegion* dst, uint32_t domain, uint32_t imm) {
+// A notification needs no source: it takes the destination's same-host lane
+// whatever the request's source.
+PlannedWrite Notification(const RemoteRegion* dst, uint64_t i, const PlanLimits& l, uint32_t imm) {
+  PlanLimits any_source = l;
+  any_source.src_on_host = true;
+  const Lanes lanes = LanesFor(dst, any_source);
   PlannedWrite w;
-  w.domain = domain;
+  w.domain = lanes.at(i % lanes.count);
   w.dst = dst;
   w.has_imm = true;
   w.imm = imm;
@@ -152,14 +171,14 @@ Status PlanRequestInto(const Request& request, const PlanLimits& limits, std::ve
     Status operator()(const ScatterWrite& r) { return PlanScatter(r, l, out); }
     Status operator()(const ImmOnly& r) {
       if (!r.dst) return InvalidArgument("ImmOnly has no destination region");
-      out->push_back(Notification(r.dst.get(), 0, r.imm));
+      out->push_back(Notification(r.dst.get(), 0, l, r.imm));
       return Status::Ok();
     }
     Status operator()(const Barrier& r) {
       if (r.peers.empty()) return InvalidArgument("Barrier has no peers");
       for (size_t i = 0; i < r.peers.size(); ++i) {
         if (!r.peers[i]) return InvalidArgument("Barrier peer " + std::to_string(i) + " is null");
-        out->push_back(Notification(r.peers[i].get(), uint32_t(i % l.domains), r.imm));
+        out->push_back(Notification(r.peers[i].get(), i, l, r.imm));
       }
       return Status::Ok();
     }

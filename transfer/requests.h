@@ -5,9 +5,12 @@
 // it posts, so the receiver can count arrivals without any ordering between
 // writes. TransferEngine::ExpectedImmCount() says how many a request
 // delivers; the rules, so a receiver can compute it too, are:
-//   SingleWrite  one per domain of the sender's group (zero-length shards
-//                still notify), times the split of shards larger than the
-//                provider's largest write (none on tcp, shm, efa in practice)
+//   SingleWrite  one per lane the sender uses to reach the destination
+//                (zero-length shards still notify): 1 to a peer reached
+//                through the same-host domain, else one per NIC domain of
+//                the sender's group; times the split of shards larger than
+//                the provider's largest write (none on tcp, shm, efa in
+//                practice)
 //   PagedWrite   one per page
 //   ScatterWrite one per target (to that target's peer)
 //   ImmOnly      one

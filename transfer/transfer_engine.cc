@@ -24,6 +24,7 @@ MemoryRegion::MemoryRegion(void* data, size_t length, Memory memory, std::vector
 
 MemoryRegion::~MemoryRegion() {
   for (size_t i = 0; i < regs_.size(); ++i) {
+    if (!Registered(regs_[i])) continue;
     Status st = domains_[i]->Deregister(regs_[i]);
     if (!st.ok()) LOG(WARNING) << "deregistering a region: " << st.ToString();
   }
@@ -31,8 +32,12 @@ MemoryRegion::~MemoryRegion() {
 
 // ---- Peer ----
 
-Peer::Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver)
-    : address_(std::move(address)), via_domain_(std::move(via_domain)), resolver_(resolver) {
+Peer::Peer(EngineAddress address, std::vector<nic::PeerAddr> via_domain, const void* resolver,
+           std::optional<uint32_t> same_host_lane)
+    : address_(std::move(address)),
+      via_domain_(std::move(via_domain)),
+      resolver_(resolver),
+      same_host_lane_(same_host_lane) {
   // FNV-1a, not a CRC: the serialized address ends with its own CRC, and a
   // CRC over data followed by its CRC is the same constant for every peer.
   uint64_t h = 0xcbf29ce484222325ull;
@@ -48,6 +53,26 @@ struct TransferEngine::PeerCache {
 };
 
 // ---- TransferEngine ----
+
+namespace {
+
+// Whether Create opens a same-host domain beside the NIC domains.
+bool WantsSameHostDomain(const EngineOptions& o) {
+  if (o.backend == nic::Backend::kLocal) return false;  // every domain is one already
+  switch (o.same_host) {
+    case SameHost::kDirect:
+      return true;
+    case SameHost::kNic:
+      return false;
+    case SameHost::kAuto:
+      return o.backend == nic::Backend::kVerbs || o.fabric.provider == "efa";
+  }
+  return false;
+}
+
+constexpr const char* kLocalProvider = "local";
+
+}  // namespace
 
 Result<EngineOptions> TransferEngine::ResolveOptions(const EngineOptions& requested) {
   EngineOptions o = requested;
@@ -100,13 +125,22 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::Create(const EngineOptio
     if (!d.ok()) return d.status().WithContext("opening domain " + std::to_string(i));
     domains.push_back(std::move(d).value());
   }
+  if (WantsSameHostDomain(options)) {
+    auto local = nic::OpenLocalDomain({options.fabric.max_message_bytes});
+    if (local.ok()) {
+      domains.push_back(std::move(local).value());
+    } else if (options.same_host == SameHost::kDirect) {
+      return local.status().WithContext("opening the same-host domain (same_host = kDirect)");
+    } else {
+      LOG(WARNING) << "no same-host domain, peers on this host go through the NICs: " << local.status().ToString();
+    }
+  }
   return CreateOverDomains(options, std::move(domains));
 }
 
 Result<std::unique_ptr<TransferEngine>> TransferEngine::CreateOverDomains(
     const EngineOptions& given, std::vector<std::shared_ptr<nic::Domain>> domains) {
   EngineOptions options = given;
-  options.domains = int(domains.size());
   if (domains.empty() || domains.size() > 64)
     return InvalidArgument(std::to_string(domains.size()) + " domains; valid range is 1..64");
   if (options.request_timeout.count() <= 0) return InvalidArgument("request_timeout must be positive");
@@ -116,12 +150,20 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::CreateOverDomains(
     if (!domains[i]) return InvalidArgument("domain " + std::to_string(i) + " is null");
     const auto& info = domains[i]->info();
     if (i == 0) address.provider = info.provider;
-    if (info.provider != address.provider)
+    // NIC domains of one provider, then at most one same-host domain.
+    const bool same_host = i > 0 && i + 1 == domains.size() && info.provider == kLocalProvider &&
+                           address.provider != kLocalProvider;
+    if (same_host) {
+      address.same_host_domains = 1;
+    } else if (info.provider != address.provider) {
       return InvalidArgument("domain " + std::to_string(i) + " opened provider " + info.provider +
-                             " but domain 0 opened " + address.provider);
+                             " but domain 0 opened " + address.provider +
+                             " (only the last domain may differ, as the same-host domain \"local\")");
+    }
     address.domains.push_back(domains[i]->address());
   }
   TE_RETURN_IF_ERROR(address.Validate());
+  options.domains = int(address.nic_domains());
   auto group = std::make_unique<DomainGroup>(options, std::move(domains));
   group->set_local_address(address.Serialize());
   auto engine = std::unique_ptr<TransferEngine>(new TransferEngine(options, std::move(group), std::move(address)));
@@ -139,13 +181,22 @@ TransferEngine::~TransferEngine() = default;
 
 size_t TransferEngine::domain_count() const { return group_->domains().size(); }
 
+bool TransferEngine::has_same_host_domain() const { return address_.same_host_domains > 0; }
+
 Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory memory) {
   std::vector<nic::LocalRegistration> regs;
   const auto& domains = group_->domains();
   for (size_t i = 0; i < domains.size(); ++i) {
+    if (i >= address_.nic_domains() && memory.kind.type != nic::MemoryKind::Type::kHost) {
+      // The same-host domain takes host memory only: peers on this host
+      // write device memory over the NICs (its descriptor key stays 0).
+      regs.emplace_back();
+      continue;
+    }
     auto reg = domains[i]->Register(data, length, memory.kind);
     if (!reg.ok()) {
-      for (size_t j = 0; j < regs.size(); ++j) (void)domains[j]->Deregister(regs[j]);
+      for (size_t j = 0; j < regs.size(); ++j)
+        if (MemoryRegion::Registered(regs[j])) (void)domains[j]->Deregister(regs[j]);
       return reg.status().WithContext("registering " + std::to_string(length) + " bytes on domain " +
                                       std::to_string(i));
     }
@@ -176,16 +227,31 @@ Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
   std::lock_guard<std::mutex> lock(cache.mu);
   if (auto it = cache.peers.find(key); it != cache.peers.end()) return it->second;
   const auto& domains = group_->domains();
-  // Resolves on every domain, or on none.
+  const size_t nics = address_.nic_domains();
+  std::optional<uint32_t> same_host_lane;
+  // Resolves on every NIC domain, or on none; then, when both engines have
+  // a same-host domain, on ours (a peer on another host, or one whose
+  // mailbox we may not open, stays on the NICs).
   auto resolve = [&]() -> Result<std::vector<nic::PeerAddr>> {
     std::vector<nic::PeerAddr> via;
-    for (size_t d = 0; d < domains.size(); ++d) {
-      auto p = domains[d]->AddPeer(address.domains[d % address.domains.size()]);
+    for (size_t d = 0; d < nics; ++d) {
+      auto p = domains[d]->AddPeer(address.domains[d % address.nic_domains()]);
       if (!p.ok()) {
         for (size_t j = 0; j < via.size(); ++j) (void)domains[j]->RemovePeer(via[j]);  // best effort
         return p.status().WithContext("resolving peer on domain " + std::to_string(d));
       }
       via.push_back(p.value());
+    }
+    via.resize(domains.size(), nic::PeerAddr(0));
+    same_host_lane.reset();
+    if (nics < domains.size() && address.same_host_domains > 0) {
+      auto p = domains[nics]->AddPeer(address.domains.back());
+      if (p.ok()) {
+        via[nics] = p.value();
+        same_host_lane = uint32_t(nics);
+      } else {
+        LOG(WARNING) << "peer through the NICs, not the same-host domain: " << p.status().ToString();
+      }
     }
     return via;
   };
@@ -202,7 +268,7 @@ Result<PeerRef> TransferEngine::Connect(const EngineAddress& address) {
                                       " unused ones evicted");
   }
   if (!via.ok()) return via.status();
-  auto peer = std::make_shared<const Peer>(address, std::move(via).value(), this);
+  auto peer = std::make_shared<const Peer>(address, std::move(via).value(), this, same_host_lane);
   cache.peers.emplace(std::move(key), peer);
   return PeerRef(peer);
 }
@@ -214,7 +280,9 @@ size_t TransferEngine::EvictUnusedPeersLocked() {
     // Only the cache holds it: nothing queued or in flight names it, and
     // nobody can submit to it without connecting again.
     if (it->second.use_count() == 1) {
-      for (size_t d = 0; d < domains.size(); ++d) (void)domains[d]->RemovePeer(it->second->via(d));
+      const Peer& p = *it->second;
+      for (size_t d = 0; d < address_.nic_domains(); ++d) (void)domains[d]->RemovePeer(p.via(d));
+      if (p.same_host_lane()) (void)domains[*p.same_host_lane()]->RemovePeer(p.via(*p.same_host_lane()));
       it = peer_cache_->peers.erase(it);
       ++evicted;
     } else {
@@ -233,18 +301,6 @@ Result<RemoteMr> TransferEngine::Import(const MrDescriptor& descriptor) {
 }
 
 namespace {
-
-PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options) {
-  PlanLimits l;
-  l.domains = group.domains().size();
-  l.max_write_bytes = ~0ull;
-  for (const auto& d : group.domains())
-    l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, d->info().max_write_bytes);
-  // Keep single writes at 1 GiB at most, well inside every provider's limit.
-  l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, 1ull << 30);
-  l.min_shard_bytes = options.min_shard_bytes;
-  return l;
-}
 
 // What the writes point at, held until they are back.
 void AppendDestinations(const Request& request, std::vector<RemoteMr>* out) {
@@ -291,10 +347,25 @@ const LocalMr* SourceOf(const Request& request) {
   return nullptr;
 }
 
+PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options, const EngineAddress& address,
+                    const Request& request) {
+  PlanLimits l;
+  l.domains = address.nic_domains();
+  l.max_write_bytes = ~0ull;
+  for (const auto& d : group.domains())
+    l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, d->info().max_write_bytes);
+  // Keep single writes at 1 GiB at most, well inside every provider's limit.
+  l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, 1ull << 30);
+  l.min_shard_bytes = options.min_shard_bytes;
+  const LocalMr* src = SourceOf(request);
+  l.src_on_host = !src || !*src || (*src)->memory().kind.type == nic::MemoryKind::Type::kHost;
+  return l;
+}
+
 }  // namespace
 
 Result<uint64_t> TransferEngine::ExpectedImmCount(const Request& request) const {
-  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_)));
+  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_, address_, request)));
   return CountImms(writes);
 }
 
@@ -312,7 +383,7 @@ Status TransferEngine::Submit(Request request, Completion completion) {
       if (writes.capacity() > 4096) std::vector<PlannedWrite>().swap(writes);
     }
   } trim;
-  TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_), &writes));
+  TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_, address_, request), &writes));
   auto r = group_->request_pool().Get();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;
   if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost && !group_->domains()[0]->info().hmem) {
@@ -417,9 +488,9 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, 
   r->works.resize(1);
   Work& w = r->works[0];
   w.req = r.get();
-  w.domain = 0;
+  w.domain = peer->message_lane();
   w.is_send = true;
-  w.send_peer = peer->via(0);
+  w.send_peer = peer->via(w.domain);
   w.peer_id = peer->id();
   w.message = EncodeControlFrame(group_->local_address(), data);
   r->peer = peer;

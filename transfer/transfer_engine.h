@@ -91,7 +91,10 @@ class TransferEngine {
   const EngineOptions& options() const { return options_; }
   // This engine's address; give it to peers (EngineAddress::ToHex).
   const EngineAddress& address() const { return address_; }
+  // Domains in the group: the NIC domains (options().domains), then the
+  // same-host domain when there is one (EngineOptions::same_host).
   size_t domain_count() const;
+  bool has_same_host_domain() const;
   // Provider actually opened, e.g. "tcp;ofi_rxm".
   const std::string& provider() const { return address_.provider; }
 

@@ -31,7 +31,7 @@ TEST(StagedTransferCuda, DeviceToDeviceOverTcpIsByteExact) {
   ASSERT_TRUE(sender->Write(src, bytes, remote, 0, 3).ok());
   auto receive_copies = MakeCudaCopyEngine(0).value();
   StagedReceiver receiver(receiver_engine.get(), receive_copies.get());
-  ASSERT_TRUE(receiver.Receive(dst, staging.data(), bytes, 3, sender->ExpectedImms(bytes), 30s).ok());
+  ASSERT_TRUE(receiver.Receive(dst, staging.data(), bytes, 3, sender->ExpectedImms(bytes, remote).value(), 30s).ok());
   ASSERT_EQ(cudaMemcpy(back.data(), dst, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_TRUE(back == host);
   cudaFree(src);

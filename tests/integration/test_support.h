@@ -24,9 +24,17 @@ inline void FillPattern(uint8_t* p, size_t n, uint32_t salt) {
   for (size_t i = n & ~size_t(7); i < n; ++i) p[i] = uint8_t(salt + i);
 }
 
+// `provider` may end in "+local": a group of that provider's domains and the
+// same-host domain beside them (EngineOptions::same_host = kDirect).
 inline EngineOptions Options(const std::string& provider, int domains = 1) {
   EngineOptions o;
-  o.SetProvider(provider);
+  const std::string suffix = "+local";
+  if (provider.size() > suffix.size() && provider.ends_with(suffix)) {
+    o.SetProvider(provider.substr(0, provider.size() - suffix.size()));
+    o.same_host = SameHost::kDirect;
+  } else {
+    o.SetProvider(provider);
+  }
   o.domains = domains;
   o.request_timeout = 5000ms;
   return o;

@@ -42,9 +42,15 @@ Result<std::unique_ptr<StagedSender>> StagedSender::Create(TransferEngine* engin
   return s;
 }
 
-uint64_t StagedSender::ExpectedImms(size_t length) const {
+Result<uint64_t> StagedSender::ExpectedImms(size_t length, const RemoteMr& dst) const {
   const uint64_t chunks = (length + options_.chunk_bytes - 1) / options_.chunk_bytes;
-  return chunks * engine_->domain_count();
+  if (chunks == 0) return uint64_t(0);
+  // Every chunk is a SingleWrite from the (host) ring to `dst`: as many
+  // immediates as one chunk's write delivers.
+  TE_ASSIGN_OR_RETURN(uint64_t per_chunk,
+                      engine_->ExpectedImmCount(SingleWrite{ring_mr_, 0, std::min(length, options_.chunk_bytes), dst,
+                                                            0, uint32_t(0)}));
+  return chunks * per_chunk;
 }
 
 Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, uint64_t dst_offset, uint32_t imm) {

@@ -12,8 +12,8 @@
 // copied to device memory chunk by chunk.
 //
 // Counting: a chunk is one SingleWrite, so it delivers one immediate per
-// domain of the sender's group (transfer/requests.h); ExpectedImms() says
-// how many a Write of `length` bytes delivers.
+// lane the sender uses to reach the destination (transfer/requests.h);
+// ExpectedImms() says how many a Write of `length` bytes to `dst` delivers.
 //
 // Threads: a sender owns one staging ring, so one thread at a time calls its
 // Write (use one sender per thread). Receive blocks its caller and keeps no
@@ -46,8 +46,8 @@ class StagedSender {
                                                       const StagingOptions& options = {});
 
   Status Write(const void* src, size_t length, const RemoteMr& dst, uint64_t dst_offset, uint32_t imm);
-  // Immediates a Write of `length` bytes delivers to the receiver.
-  uint64_t ExpectedImms(size_t length) const;
+  // Immediates a Write of `length` bytes to `dst` delivers to the receiver.
+  Result<uint64_t> ExpectedImms(size_t length, const RemoteMr& dst) const;
 
  private:
   StagedSender(TransferEngine* engine, CopyEngine* copies, const StagingOptions& options)
