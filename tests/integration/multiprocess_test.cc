@@ -78,8 +78,10 @@ TEST_P(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
   EXPECT_EQ(fresh.Crc(0, 4096), Crc32c(src.data(), 4096));
 }
 
-INSTANTIATE_TEST_SUITE_P(Providers, MultiProcess, ::testing::Values("tcp", "shm", "local"));
-INSTANTIATE_TEST_SUITE_P(Providers, MultiProcessFailure, ::testing::Values("tcp", "local"));
+// "tcp+local": tcp domains with the same-host domain beside them; the peer
+// is on this host, so the bytes take the same-host lane.
+INSTANTIATE_TEST_SUITE_P(Providers, MultiProcess, ::testing::Values("tcp", "shm", "local", "tcp+local"));
+INSTANTIATE_TEST_SUITE_P(Providers, MultiProcessFailure, ::testing::Values("tcp", "local", "tcp+local"));
 
 }  // namespace
 }  // namespace te::testing

@@ -75,5 +75,39 @@ TEST(EngineAddress, ValidatesCounts) {
   EXPECT_EQ(back->provider, "shm");
 }
 
+// An engine with the same-host domain beside its NICs: version 2 carries it;
+// one without keeps version 1's bytes.
+TEST(MrDescriptor, SameHostDomainRoundTripsAndOthersKeepVersionOne) {
+  MrDescriptor d = Sample();
+  EXPECT_EQ(d.Serialize()[4], 1);  // the version byte
+  d.owner.same_host_domains = 1;
+  ASSERT_TRUE(d.Validate().ok());
+  EXPECT_EQ(d.owner.nic_domains(), 1u);
+  const auto bytes = d.Serialize();
+  EXPECT_EQ(bytes[4], 2);
+  auto back = MrDescriptor::Deserialize(bytes);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back.value(), d);
+  auto address = EngineAddress::Deserialize(d.owner.Serialize());
+  ASSERT_TRUE(address.ok()) << address.status().ToString();
+  EXPECT_EQ(address->same_host_domains, 1);
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    auto bad = bytes;
+    bad[i] ^= 0x5a;
+    EXPECT_FALSE(MrDescriptor::Deserialize(bad).ok()) << "corruption at byte " << i << " was accepted";
+  }
+}
+
+TEST(MrDescriptor, SameHostDomainNeedsANicDomainBesideIt) {
+  EngineAddress a = Sample().owner;
+  a.same_host_domains = 2;
+  EXPECT_FALSE(a.Validate().ok());
+  a.same_host_domains = 1;
+  a.domains.resize(1);  // a same-host domain alone: nobody elsewhere reaches it
+  Status st = a.Validate();
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("NIC domain"), std::string::npos) << st.ToString();
+}
+
 }  // namespace
 }  // namespace te

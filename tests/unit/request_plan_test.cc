@@ -169,5 +169,70 @@ TEST(RequestPlan, ScatterAndBarrierCountOnePerTarget) {
   EXPECT_EQ(PlanRequest(ImmOnly{nullptr, 1}, l).status().code(), StatusCode::kInvalidArgument);
 }
 
+// A destination on this host reached through the same-host domain (local
+// domain 2 beside NIC domains 0 and 1): its writes take that lane alone,
+// other destinations the NIC domains, within one request.
+RemoteMr SameHostDst(uint64_t len, uint64_t local_key = 9) {
+  MrDescriptor d;
+  d.owner.provider = "tcp;ofi_rxm";
+  d.owner.domains = {{1}, {2}, {3}};
+  d.owner.same_host_domains = 1;
+  d.keys = {{1, 0}, {2, 0}, {local_key, 0x1000}};
+  d.length = len;
+  auto peer = std::make_shared<const Peer>(d.owner, std::vector<nic::PeerAddr>{0, 0, 0}, nullptr, uint32_t(2));
+  return std::make_shared<RemoteRegion>(d, peer);
+}
+
+TEST(RequestPlan, SameHostDestinationsTakeTheirLaneAndOthersTheNics) {
+  PlanLimits l;
+  l.domains = 2;
+  l.min_shard_bytes = 4096;
+  auto near = SameHostDst(1 << 20);
+  ASSERT_TRUE(near->same_host_lane().has_value());
+  EXPECT_EQ(near->remote_domain(2), 2u);
+  auto w = PlanRequest(SingleWrite{Src(1 << 20), 0, 1 << 20, near, 0, 5}, l).value();
+  ASSERT_EQ(w.size(), 1u);  // one lane: one write, one immediate
+  EXPECT_EQ(w[0].domain, 2u);
+  EXPECT_EQ(w[0].length, 1u << 20);
+  auto far = Dst(1 << 20, 2);
+  ScatterWrite s{Src(1 << 20), {{near, 0, 0, 100}, {far, 0, 0, 100}, {near, 0, 200, 100}, {far, 0, 200, 100}}, 7};
+  auto ws = PlanRequest(s, l).value();
+  ASSERT_EQ(ws.size(), 4u);
+  EXPECT_EQ(ws[0].domain, 2u);
+  EXPECT_EQ(ws[1].domain, 1u);  // target 1 over NIC lane 1 % 2
+  EXPECT_EQ(ws[2].domain, 2u);
+  EXPECT_EQ(ws[3].domain, 1u);
+  EXPECT_EQ(CountImms(ws), 4u);
+  auto wb = PlanRequest(Barrier{{near, far}, 3}, l).value();
+  ASSERT_EQ(wb.size(), 2u);
+  EXPECT_EQ(wb[0].domain, 2u);
+  EXPECT_EQ(wb[1].domain, 1u);
+  // Paged: every page on the one lane.
+  auto wp = PlanRequest(PagedWrite{Src(1 << 20), {0, 1, 2, 3}, 4096, 0, near, {3, 2, 1, 0}, 4096, 0, 4096, 1}, l).value();
+  for (const auto& p : wp) EXPECT_EQ(p.domain, 2u);
+}
+
+TEST(RequestPlan, DeviceSourcesAndUnregisteredSameHostRegionsTakeTheNics) {
+  PlanLimits l;
+  l.domains = 2;
+  l.min_shard_bytes = 4096;
+  // The owner could not register the region on its same-host domain (key 0).
+  auto device_region = SameHostDst(1 << 20, /*local_key=*/0);
+  EXPECT_FALSE(device_region->same_host_lane().has_value());
+  auto w = PlanRequest(SingleWrite{Src(1 << 20), 0, 1 << 20, device_region, 0, 5}, l).value();
+  ASSERT_EQ(w.size(), 2u);
+  EXPECT_EQ(w[0].domain, 0u);
+  EXPECT_EQ(w[1].domain, 1u);
+  // A source the same-host domain cannot read (device memory).
+  l.src_on_host = false;
+  w = PlanRequest(SingleWrite{Src(1 << 20), 0, 1 << 20, SameHostDst(1 << 20), 0, 5}, l).value();
+  ASSERT_EQ(w.size(), 2u);
+  EXPECT_EQ(w[0].domain, 0u);
+  // A notification moves no source bytes: it keeps the same-host lane.
+  auto n = PlanRequest(ImmOnly{SameHostDst(4096), 1}, l).value();
+  ASSERT_EQ(n.size(), 1u);
+  EXPECT_EQ(n[0].domain, 2u);
+}
+
 }  // namespace
 }  // namespace te
