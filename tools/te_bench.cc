@@ -40,7 +40,9 @@
 DEFINE_bool(listen, false, "Serve as the target and print the address line");
 DEFINE_string(connect, "", "Descriptor hex printed by a --listen process");
 DEFINE_bool(loopback, false, "Start a listener child process and connect to it");
-DEFINE_string(provider, "tcp", "provider: tcp, shm, efa, verbs, verbs-native, local (same host), or a libfabric name");
+DEFINE_string(provider, "tcp",
+              "provider: tcp, shm, efa, verbs, verbs-native, local (same host), or a libfabric name; a suffix "
+              "+local adds the same-host domain beside the NICs (peers on this host take it), +nic opts out");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
 DEFINE_int32(domains, 1, "Domains (NICs) per group");
 DEFINE_string(cases, "single,paged,imm", "Comma-separated case kinds: single, paged, imm");
@@ -199,12 +201,8 @@ te::EngineOptions MakeEngineOptions() {
 // threads passing a cache line (round trips).
 bool MemcpyBaseline() { return te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLocal; }
 
-te::nic::FabricOptions RawOptions() {
-  te::nic::FabricOptions f;
-  f.provider = FLAGS_provider;
-  f.domain = FLAGS_iface;
-  return f;
-}
+// The raw loop runs the NIC provider itself (without a same-host suffix).
+te::nic::FabricOptions RawOptions() { return MakeEngineOptions().fabric; }
 
 // A mailbox of control messages, filled by the engine's receive handler.
 class Mailbox {
@@ -711,8 +709,10 @@ int RunInitiator(const std::string& hex) {
   if (has("imm")) plan.emplace_back("imm_rtt", 0);
   if (plan.empty()) Die("--cases selects nothing; use single, paged and/or imm");
   if (!FLAGS_json) {
-    printf("te-bench: provider %s, %d domain(s), window %d, progress %s, median of %d run(s)%s\n",
-           engine->provider().c_str(), FLAGS_domains, FLAGS_window, FLAGS_progress.c_str(), std::max(1, FLAGS_repeat),
+    printf("te-bench: provider %s%s, %d domain(s), window %d, progress %s, median of %d run(s)%s\n",
+           engine->provider().c_str(),
+           engine->has_same_host_domain() ? " + the same-host domain (peers on this host take it)" : "", FLAGS_domains,
+           FLAGS_window, FLAGS_progress.c_str(), std::max(1, FLAGS_repeat),
            !raw ? ""
            : MemcpyBaseline()
                ? ", raw = one thread's memcpy (writes) and a cache line between two threads (round trips), "

@@ -55,7 +55,9 @@ DEFINE_int32(requests, 6, "requests to run (loopback: each streamed and in bulk)
 DEFINE_double(layer_ms, 2.0, "simulated prefill compute per layer (ms)");
 DEFINE_int32(slots, 8, "prefill/decode: requests an instance holds at once");
 DEFINE_bool(verify, false, "check every page of every request byte for byte (fills and reads the cache)");
-DEFINE_string(provider, "tcp", "engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host)");
+DEFINE_string(provider, "tcp",
+              "engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host; +local after a NIC provider: "
+              "same-host peers bypass it)");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
 DEFINE_string(registry, "", "prefill/decode: Redis registry, unix:/path or host:port");
 DEFINE_string(name, "", "prefill/decode: this instance's name in the registry");

@@ -50,7 +50,9 @@ DEFINE_uint32(bench_tokens, 128, "bench: tokens per rank per layer");
 DEFINE_uint32(private_tokens, 0, "bench: private receive slot per source in tokens; 0 = all of them (no overflow)");
 DEFINE_uint32(iters, 50, "bench: timed iterations per case and path");
 DEFINE_uint32(warmup, 5, "bench: untimed iterations first (the first pass also verifies)");
-DEFINE_string(provider, "tcp", "bench: engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host)");
+DEFINE_string(provider, "tcp",
+              "bench: engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host; +local after a NIC provider: "
+              "same-host peers bypass it)");
 DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
 DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen), replayed from each token's --home rank");
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
@@ -448,8 +450,7 @@ int Launch(int argc, char** argv) {
     if (!n || *n < 2 || *n > 64) Die("--ep entry '" + ep + "' must be a number in [2, 64]");
     std::string btl = FLAGS_mpi_btl;
     if (btl.empty())
-      btl = (FLAGS_provider == "shm" || FLAGS_provider == "local") ? "self,vader"
-                                                                   : "self,tcp --mca btl_tcp_if_include lo";
+      btl = te::tools::SameHostMemoryPath(FLAGS_provider) ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
     te::tools::RunUnderMpirun(FLAGS_mpirun, int(*n), btl, argc, argv, {"ep"}, "--ep=" + ep);
   }
   return 0;

@@ -32,7 +32,9 @@
 #include "telemetry/reporter.h"
 #include "tools/tool_support.h"
 
-DEFINE_string(provider, "tcp", "provider: tcp, shm, local (same host), or another libfabric name");
+DEFINE_string(provider, "tcp",
+              "provider: tcp, shm, local (same host), or another libfabric name; +local after a NIC provider: "
+              "same-host peers bypass it");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
 DEFINE_string(region_file, "/dev/shm/te-telemetry", "Collector region file (info in <file>.info)");
 DEFINE_uint64(slots, 1 << 20, "Key-write store slots (M)");

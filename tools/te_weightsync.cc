@@ -73,7 +73,9 @@ DEFINE_uint64(bucket_mb, 16, "push: bucket size (MiB)");
 DEFINE_uint64(staging_mb, 256, "push: staging watermark (MiB)");
 DEFINE_bool(zero_copy, true, "push: write contiguous transfers straight from the registered source region");
 DEFINE_int32(timeout_ms, 10000, "receiver progress timeout; sources wait half of it for READY");
-DEFINE_string(provider, "tcp", "engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host)");
+DEFINE_string(provider, "tcp",
+              "engine provider (tcp = tcp;ofi_rxm on lo; shm; local = same host; +local after a NIC provider: "
+              "same-host peers bypass it)");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
 DEFINE_bool(verify, false, "serve: check every completed version against the synthetic weights push sends");
 DEFINE_int32(print, 0, "schedule: print this many transfers");

@@ -202,7 +202,7 @@ int Bench(int argc, char** argv) {
   fflush(stdout);
   for (int s : Counts(FLAGS_bench_sources)) {
     const std::string btl =
-        (FLAGS_provider == "shm" || FLAGS_provider == "local") ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
+        te::tools::SameHostMemoryPath(FLAGS_provider) ? "self,vader" : "self,tcp --mca btl_tcp_if_include lo";
     te::tools::RunUnderMpirun(FLAGS_mpirun, s + FLAGS_receivers, btl, argc, argv, {}, "");
   }
   return 0;

@@ -60,6 +60,15 @@ inline te::Result<te::EngineOptions> BuildEngineOptions(const EngineFlags& f) {
   return o;
 }
 
+// Whether `provider` (a --provider value) moves same-host bytes through
+// memory (shm, local, a NIC provider with +local): the MPI baselines then
+// use shared memory too (btl vader), else tcp.
+inline bool SameHostMemoryPath(const std::string& provider) {
+  te::EngineOptions o;
+  o.SetProvider(provider);
+  return o.backend == te::nic::Backend::kLocal || o.fabric.provider == "shm" || o.same_host == te::SameHost::kDirect;
+}
+
 // Nearest-rank percentile (p in [0, 1]) of `v`; 0 when empty.
 inline double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;

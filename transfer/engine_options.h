@@ -53,13 +53,27 @@ struct EngineOptions {
 
   // "tcp", "shm", "efa", "verbs", "verbs-native", "local" or a libfabric provider
   // name: sets `backend` and fabric.provider (nic/backend.h has the table).
+  // A suffix sets same_host too: "efa+local" (kDirect: the same-host domain
+  // beside the NICs) or "efa+nic" (kNic: every peer through the NICs).
   void SetProvider(const std::string& name) {
-    backend = nic::ParseProviderName(name).backend;
-    fabric.provider = backend == nic::Backend::kLibfabric ? name : "";
+    std::string base = name;
+    for (auto [suffix, choice] : {std::pair{"+local", SameHost::kDirect}, std::pair{"+nic", SameHost::kNic}}) {
+      const std::string s = suffix;
+      if (base.size() > s.size() && base.compare(base.size() - s.size(), s.size(), s) == 0) {
+        base.resize(base.size() - s.size());
+        same_host = choice;
+      }
+    }
+    backend = nic::ParseProviderName(base).backend;
+    fabric.provider = backend == nic::Backend::kLibfabric ? base : "";
   }
-  // The name SetProvider takes for the current backend and provider.
+  // The name SetProvider takes for the current backend, provider and
+  // same-host choice.
   std::string ProviderName() const {
-    return backend == nic::Backend::kLibfabric ? fabric.provider : std::string(nic::BackendName(backend));
+    std::string name = backend == nic::Backend::kLibfabric ? fabric.provider : std::string(nic::BackendName(backend));
+    if (backend != nic::Backend::kLocal && same_host == SameHost::kDirect) name += "+local";
+    if (backend != nic::Backend::kLocal && same_host == SameHost::kNic) name += "+nic";
+    return name;
   }
   // Same-host peers: see SameHost. Ignored when the provider is "local".
   SameHost same_host = SameHost::kAuto;

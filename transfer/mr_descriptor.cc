@@ -15,8 +15,8 @@ namespace {
 // MrDescriptor body:  EngineAddress body, u64 length, n x (u64 rkey, u64 base)
 constexpr uint32_t kAddressMagic = 0x41455445;     // "ETEA"
 constexpr uint32_t kDescriptorMagic = 0x44455445;  // "ETED"
-constexpr uint8_t kVersion = 1;          // no same-host domain
-constexpr uint8_t kSameHostVersion = 2;  // adds same_host_domains
+constexpr uint8_t kVersion = 1;                    // no same-host domain
+constexpr uint8_t kSameHostVersion = 2;            // adds same_host_domains
 constexpr size_t kMaxDomains = 64;
 constexpr size_t kMaxAddressBytes = 1024;
 

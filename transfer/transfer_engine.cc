@@ -151,8 +151,8 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::CreateOverDomains(
     const auto& info = domains[i]->info();
     if (i == 0) address.provider = info.provider;
     // NIC domains of one provider, then at most one same-host domain.
-    const bool same_host = i > 0 && i + 1 == domains.size() && info.provider == kLocalProvider &&
-                           address.provider != kLocalProvider;
+    const bool same_host =
+        i > 0 && i + 1 == domains.size() && info.provider == kLocalProvider && address.provider != kLocalProvider;
     if (same_host) {
       address.same_host_domains = 1;
     } else if (info.provider != address.provider) {

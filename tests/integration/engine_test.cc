@@ -355,7 +355,8 @@ INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
                                            Param{"shm", 2}, Param{"local", 1}, Param{"local", 2},
                                            Param{"tcp+local", 2}),
                          [](const auto& info) {
-                           std::string name = info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
+                           std::string name =
+                               info.param.provider + "_" + std::to_string(info.param.domains) + "domains";
                            std::replace(name.begin(), name.end(), '+', '_');
                            return name;
                          });

@@ -30,8 +30,7 @@ class PeerProcess {
     const std::string spec = options.ProviderName() + " " + std::to_string(options.domains) + " " +
                              std::to_string(options.request_timeout.count()) + " " + std::to_string(bytes) + " " +
                              std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
-                             (options.fabric.domain.empty() ? "-" : options.fabric.domain) + " " +
-                             std::to_string(int(options.same_host));
+                             (options.fabric.domain.empty() ? "-" : options.fabric.domain);
     pid_ = fork();
     if (pid_ == 0) {
       close(to_child[1]);
@@ -101,11 +100,9 @@ class PeerProcess {
     size_t bytes = 0;
     int fd_in = -1, fd_out = -1;
     std::string iface, provider;
-    int same_host = 0;
-    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface >> same_host;
+    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface;
     if (!in) _exit(126);
-    o.SetProvider(provider);
-    o.same_host = SameHost(same_host);
+    o.SetProvider(provider);  // with its same-host suffix
     unsetenv(kChildEnv);
     o.request_timeout = std::chrono::milliseconds(timeout_ms);
     if (iface != "-") o.fabric.domain = iface;

@@ -42,8 +42,10 @@ TEST(StagedTransfer, ChunksThroughASmallRingLandByteExact) {
     EXPECT_EQ((*sender)->ExpectedImms(bytes, t.remote).value(), 11u * domains);
     ASSERT_TRUE((*sender)->Write(t.src.data(), bytes, t.remote, 0, 77).ok());
     StagedReceiver receiver(t.receiver.get(), t.copies.get(), o);
-    ASSERT_TRUE(
-        receiver.Receive(t.device.data(), t.staging.data(), bytes, 77, (*sender)->ExpectedImms(bytes, t.remote).value(), 10s).ok());
+    ASSERT_TRUE(receiver
+                    .Receive(t.device.data(), t.staging.data(), bytes, 77,
+                             (*sender)->ExpectedImms(bytes, t.remote).value(), 10s)
+                    .ok());
     EXPECT_TRUE(t.device == t.src) << domains << " domains";
     EXPECT_EQ(t.receiver->ImmAvailable(77), 0u);  // exactly the expected count arrived
   }
@@ -59,7 +61,9 @@ TEST(StagedTransfer, SerialRingAndShortTransfers) {
     std::fill(t.device.begin(), t.device.end(), 0);
     ASSERT_TRUE(sender->Write(t.src.data(), len, t.remote, 0, 5).ok());
     StagedReceiver receiver(t.receiver.get(), t.copies.get(), o);
-    ASSERT_TRUE(receiver.Receive(t.device.data(), t.staging.data(), len, 5, sender->ExpectedImms(len, t.remote).value(), 10s).ok());
+    ASSERT_TRUE(
+        receiver.Receive(t.device.data(), t.staging.data(), len, 5, sender->ExpectedImms(len, t.remote).value(), 10s)
+            .ok());
     EXPECT_TRUE(std::equal(t.src.begin(), t.src.begin() + len, t.device.begin())) << len << " bytes";
   }
   EXPECT_EQ(sender->ExpectedImms(0, t.remote).value(), 0u);

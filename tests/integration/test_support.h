@@ -25,16 +25,10 @@ inline void FillPattern(uint8_t* p, size_t n, uint32_t salt) {
 }
 
 // `provider` may end in "+local": a group of that provider's domains and the
-// same-host domain beside them (EngineOptions::same_host = kDirect).
+// same-host domain beside them (EngineOptions::SetProvider).
 inline EngineOptions Options(const std::string& provider, int domains = 1) {
   EngineOptions o;
-  const std::string suffix = "+local";
-  if (provider.size() > suffix.size() && provider.ends_with(suffix)) {
-    o.SetProvider(provider.substr(0, provider.size() - suffix.size()));
-    o.same_host = SameHost::kDirect;
-  } else {
-    o.SetProvider(provider);
-  }
+  o.SetProvider(provider);
   o.domains = domains;
   o.request_timeout = 5000ms;
   return o;

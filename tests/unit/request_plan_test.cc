@@ -208,7 +208,8 @@ TEST(RequestPlan, SameHostDestinationsTakeTheirLaneAndOthersTheNics) {
   EXPECT_EQ(wb[0].domain, 2u);
   EXPECT_EQ(wb[1].domain, 1u);
   // Paged: every page on the one lane.
-  auto wp = PlanRequest(PagedWrite{Src(1 << 20), {0, 1, 2, 3}, 4096, 0, near, {3, 2, 1, 0}, 4096, 0, 4096, 1}, l).value();
+  auto wp =
+      PlanRequest(PagedWrite{Src(1 << 20), {0, 1, 2, 3}, 4096, 0, near, {3, 2, 1, 0}, 4096, 0, 4096, 1}, l).value();
   for (const auto& p : wp) EXPECT_EQ(p.domain, 2u);
 }
 

@@ -47,9 +47,9 @@ Result<uint64_t> StagedSender::ExpectedImms(size_t length, const RemoteMr& dst) 
   if (chunks == 0) return uint64_t(0);
   // Every chunk is a SingleWrite from the (host) ring to `dst`: as many
   // immediates as one chunk's write delivers.
-  TE_ASSIGN_OR_RETURN(uint64_t per_chunk,
-                      engine_->ExpectedImmCount(SingleWrite{ring_mr_, 0, std::min(length, options_.chunk_bytes), dst,
-                                                            0, uint32_t(0)}));
+  TE_ASSIGN_OR_RETURN(
+      uint64_t per_chunk,
+      engine_->ExpectedImmCount(SingleWrite{ring_mr_, 0, std::min(length, options_.chunk_bytes), dst, 0, uint32_t(0)}));
   return chunks * per_chunk;
 }
 
