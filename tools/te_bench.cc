@@ -35,6 +35,7 @@
 #include "nic/fabric/raw_write_loop.h"
 #include "tools/discard_domain.h"
 #include "tools/tool_support.h"
+#include "transfer/shared_host_memory.h"
 #include "transfer/transfer_engine.h"
 
 DEFINE_bool(listen, false, "Serve as the target and print the address line");
@@ -62,6 +63,9 @@ DEFINE_bool(engine_cost, false,
             "(tools/discard_domain.h): cases single (--sizes) and paged (--page_sizes)");
 DEFINE_int64(cost_writes, 1000000, "engine_cost: writes (or pages) per case");
 DEFINE_bool(busy_poll, false, "Engine worker polls without ever sleeping (EngineOptions::busy_poll)");
+DEFINE_bool(shared_memory, true,
+            "The listener's region is SharedHostMemory (transfer/shared_host_memory.h): same-host initiators "
+            "map it and write with memcpy; false: heap memory (the same-host path then uses process_vm_writev)");
 DEFINE_bool(raw_pin, false, "Pin each raw loop's thread to its own CPU while it runs (initiator 0, listener 1)");
 DEFINE_int32(wait_spin_us, 50, "WaitImm drives progress this long before it sleeps (EngineOptions::wait_spin)");
 DEFINE_string(progress, "thread", "Engine progress: thread (worker thread) or manual");
@@ -261,7 +265,16 @@ bool WaitUntil(te::TransferEngine* engine, Pred pred, Clock::time_point deadline
 int RunListener(int address_fd) {
   auto engine = Must(te::TransferEngine::Create(MakeEngineOptions()), "creating the engine");
   const size_t bytes = RegionBytes();
-  std::vector<uint8_t> region(bytes, 0);
+  // The written region: SharedHostMemory by default, which same-host
+  // initiators map and write with memcpy; heap memory with
+  // --shared_memory=false (cross-memory attach on the same-host path).
+  std::vector<uint8_t> heap;
+  std::unique_ptr<te::SharedHostMemory> shared;
+  if (FLAGS_shared_memory)
+    shared = Must(te::AllocateSharedHostMemory(bytes), "allocating shared memory");
+  else
+    heap.assign(bytes, 0);
+  const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : heap.data(), bytes);
   auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering memory");
   std::unique_ptr<te::nic::RawWriteLoop> raw;
   if (te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLibfabric)
@@ -340,7 +353,7 @@ int RunListener(int address_fd) {
                                           : raw->Pong(int(n), kRawPingImm, t);
       if (!st.ok()) LOG(ERROR) << "raw loop: " << st.ToString();
     } else if (cmd == "ZERO") {
-      memset(region.data(), 0, region.size());
+      std::fill(region.begin(), region.end(), 0);
       SendText(engine.get(), peer, "OK");
     } else if (cmd == "CRC") {
       uint64_t len;

@@ -1,5 +1,7 @@
 #include "nic/local/local_domain.h"
 
+#include "nic/local/shared_memory.h"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -20,6 +22,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace te::nic {
@@ -27,7 +30,7 @@ namespace {
 
 // ---- The mailbox: a memfd shared with same-host peers ----
 
-constexpr uint64_t kMagic = 0x3158424C41434F4Cull;  // "LOCALBX1"
+constexpr uint64_t kMagic = 0x3258424C41434F4Cull;  // "LOCALBX2"
 constexpr uint32_t kSlots = 64;                     // initiators at once
 constexpr uint32_t kRegions = 1u << 16;             // registrations at once
 constexpr uint32_t kImmCapacity = 8192;             // immediates per slot (power of two)
@@ -46,6 +49,11 @@ struct alignas(64) RegionEntry {
   uint64_t base;
   uint64_t length;
   std::atomic<uint32_t> writers;
+  // Where the region lives when it is SharedMemory (shared_memory.h): the
+  // target's memfd and the offset of `base` in it; fd -1 otherwise. Peers
+  // map it and write with memcpy.
+  int32_t fd;
+  uint64_t fd_offset;
 };
 
 struct alignas(64) Slot {
@@ -96,15 +104,37 @@ bool Alive(int32_t pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM
 
 uint64_t Key(uint32_t index, uint32_t salt) { return (uint64_t(salt) << 32) | index; }
 
+// A target's registered SharedMemory as an initiator mapped it, for the
+// registration `state` names; `base` null when it cannot be mapped (not
+// shared memory, or refused): writes then take process_vm_writev.
+struct Mapping {
+  uint64_t state = 0;
+  uint8_t* base = nullptr;  // the region's first byte in our mapping
+  void* map = nullptr;      // what munmap takes
+  size_t map_length = 0;
+};
+
 // A peer as the initiator holds it: the target's mailbox, mapped, and the
-// slot claimed in it.
+// slot claimed in it; mappings of its shared regions by region index
+// (touched only by the thread that posts).
 struct Peer {
   int32_t pid = 0;
   Mailbox* box = nullptr;
   Slot* slot = nullptr;
   bool same_process = false;
   std::vector<uint8_t> address;
+  std::unordered_map<uint32_t, Mapping> mappings;
+  // Writes through a mapping cannot see the target die (process_vm_writev
+  // would fail with ESRCH): its liveness is checked at most every
+  // kLivenessPeriod instead.
+  std::chrono::steady_clock::time_point alive_at{};
 };
+constexpr std::chrono::milliseconds kLivenessPeriod{1};
+
+void Unmap(Mapping& m) {
+  if (m.map) munmap(m.map, m.map_length);
+  m = Mapping{};
+}
 
 class LocalDomain final : public Domain {
  public:
@@ -117,6 +147,7 @@ class LocalDomain final : public Domain {
       for (RegionEntry& e : box_->region) e.state.store(0);
     }
     for (Peer& p : peers_) {
+      for (auto& [index, m] : p.mappings) Unmap(m);
       if (p.slot) p.slot->state.store(kReleased, std::memory_order_release);
       if (p.box && p.box != box_) munmap(p.box, sizeof(Mailbox));
     }
@@ -224,6 +255,9 @@ class LocalDomain final : public Domain {
     e.base = reinterpret_cast<uint64_t>(ptr);
     e.length = length;
     e.writers.store(0);
+    const auto shared = SharedMemory::Find(ptr, length);
+    e.fd = shared ? shared->fd : -1;
+    e.fd_offset = shared ? shared->offset : 0;
     e.state.store(uint64_t(salt) << 1 | 1, std::memory_order_release);
     LocalRegistration r;
     r.rkey = Key(i, salt);
@@ -261,6 +295,13 @@ class LocalDomain final : public Domain {
     Peer* p = PeerAt(ops[0].peer);
     if (!p) return InvalidArgument("local domain: unknown peer " + std::to_string(ops[0].peer));
     if (p->box->magic != kMagic) return NotPosted("local peer " + std::to_string(p->pid) + " closed its domain");
+    if (!p->same_process && !p->mappings.empty()) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now - p->alive_at > kLivenessPeriod) {
+        if (!Alive(p->pid)) return NotPosted("local peer " + std::to_string(p->pid) + " is dead");
+        p->alive_at = now;
+      }
+    }
     Slot& s = *p->slot;
     // Room for the immediates first: back-pressure before any byte moves.
     const uint64_t tail = s.imm_tail.load(std::memory_order_relaxed);
@@ -279,7 +320,7 @@ class LocalDomain final : public Domain {
       }
       room -= op.has_imm;
     }
-    Status copied = n > 0 ? Copy(*p, ops.first(n)) : Status::Ok();
+    Status copied = n > 0 ? Copy(*p, ops.first(n), checked_) : Status::Ok();
     for (RegionEntry* e : checked_) CheckOut(e);
     if (!copied.ok()) return copied;  // the first write of the run fails; the rest are posted again
     uint64_t t = tail;
@@ -388,6 +429,12 @@ class LocalDomain final : public Domain {
     RegionEntry& e = p.box->region[i];
     auto live = [&] { return e.state.load(std::memory_order_seq_cst) == want; };
     if (!live()) {
+      // A mapping of an earlier registration there keeps its pages alive:
+      // drop it.
+      if (auto it = p.mappings.find(i); it != p.mappings.end()) {
+        Unmap(it->second);
+        p.mappings.erase(it);
+      }
       *error = InvalidArgument("local write: the key is not a live registration of the peer");
       return nullptr;
     }
@@ -409,7 +456,8 @@ class LocalDomain final : public Domain {
 
   // Copies checked writes into the peer: a memcpy in this process, else one
   // process_vm_writev for the whole run (resumed after a partial copy).
-  Status Copy(Peer& p, std::span<const WriteOp> ops) {
+  // `entries` are the checked-in entries of the writes with data, in order.
+  Status Copy(Peer& p, std::span<const WriteOp> ops, std::span<RegionEntry* const> entries) {
     if (p.same_process) {
       for (const WriteOp& op : ops)
         if (op.length) std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
@@ -417,8 +465,15 @@ class LocalDomain final : public Domain {
     }
     iovs_l_.clear();
     iovs_r_.clear();
+    size_t k = 0;
     for (const WriteOp& op : ops) {
       if (op.length == 0) continue;
+      RegionEntry* e = entries[k++];
+      // Checked in: the entry is live under this key, its fields stable.
+      if (const Mapping& m = MappingFor(p, *e, (op.rkey >> 32) << 1 | 1); m.base) {
+        std::memcpy(m.base + (op.remote_addr - e->base), op.local, op.length);
+        continue;
+      }
       iovs_l_.push_back({const_cast<void*>(op.local), op.length});
       iovs_r_.push_back({reinterpret_cast<void*>(op.remote_addr), op.length});
     }
@@ -449,6 +504,42 @@ class LocalDomain final : public Domain {
       }
     }
     return Status::Ok();
+  }
+
+  // The mapping of `e` (a checked-in entry of p's table, live as `state`),
+  // made on first use and remade when the registration changed. A region
+  // that is not SharedMemory, or whose memfd is not what the entry claims
+  // (the entry is the peer's: hostile), gets an empty mapping.
+  const Mapping& MappingFor(Peer& p, const RegionEntry& e, uint64_t state) {
+    const uint32_t index = uint32_t(&e - p.box->region);
+    Mapping& m = p.mappings[index];
+    if (m.state == state) return m;
+    Unmap(m);
+    m.state = state;
+    const int32_t fd = e.fd;
+    const uint64_t offset = e.fd_offset, length = e.length;
+    if (fd < 0 || length == 0) return m;
+    const std::string path = "/proc/" + std::to_string(p.pid) + "/fd/" + std::to_string(fd);
+    const int mine = open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (mine < 0) return m;
+    struct stat st;
+    const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
+    const uint64_t start = offset / page * page;
+    uint64_t end = 0;
+    // Sealed against shrinking: the owner cannot make our mapping fault.
+    const int seals = fcntl(mine, F_GET_SEALS);
+    const bool ok = fstat(mine, &st) == 0 && S_ISREG(st.st_mode) && seals >= 0 && (seals & F_SEAL_SHRINK) &&
+                    !__builtin_add_overflow(offset, length, &end) && end <= uint64_t(st.st_size);
+    if (ok) {
+      void* map = mmap(nullptr, end - start, PROT_READ | PROT_WRITE, MAP_SHARED, mine, off_t(start));
+      if (map != MAP_FAILED) {
+        m.map = map;
+        m.map_length = end - start;
+        m.base = static_cast<uint8_t*>(map) + (offset - start);
+      }
+    }
+    close(mine);
+    return m;
   }
 
   // Immediates and messages of one initiator's slot; a released slot is

@@ -2,6 +2,7 @@
 // registration table refuses forged and stale descriptors before any byte
 // moves, a peer on another host is refused, and an initiator killed while
 // writing costs the target nothing.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -9,7 +10,11 @@
 
 #include <cstring>
 
+#include <fstream>
+
+#include "integration/peer_process.h"
 #include "integration/test_support.h"
+#include "transfer/shared_host_memory.h"
 
 namespace te::testing {
 namespace {
@@ -137,6 +142,96 @@ TEST(LocalDomain, AKilledInitiatorCostsTheTargetNothing) {
   EXPECT_EQ(region[0], 9);
   close(to_child[1]);
   close(from_child[0]);
+}
+
+TEST(SharedHostMemory, AllocationsAreFoundByRangeAndSealedAgainstShrinking) {
+  auto a = AllocateSharedHostMemory(10000).value();
+  EXPECT_EQ(a->size() % 4096, 0u);
+  EXPECT_GE(a->size(), 10000u);
+  auto* p = static_cast<uint8_t*>(a->data());
+  EXPECT_EQ(std::count(p, p + a->size(), 0), ptrdiff_t(a->size()));  // zero-filled
+  auto inside = SharedHostMemory::Find(p + 100, 500);
+  ASSERT_TRUE(inside.has_value());
+  EXPECT_EQ(inside->offset, 100u);
+  EXPECT_FALSE(SharedHostMemory::Find(p + 100, a->size()).has_value());  // runs past the end
+  std::vector<uint8_t> heap(64);
+  EXPECT_FALSE(SharedHostMemory::Find(heap.data(), heap.size()).has_value());
+  // The owner itself cannot shrink it: a peer's mapping never faults.
+  EXPECT_NE(ftruncate(inside->fd, 0), 0);
+  EXPECT_FALSE(AllocateSharedHostMemory(0).ok());
+  const int fd = inside->fd;
+  a.reset();
+  EXPECT_FALSE(SharedHostMemory::Find(p + 100, 500).has_value());
+  EXPECT_EQ(fcntl(fd, F_GETFD), -1);  // closed with it
+}
+
+// Mappings of memfd:te-shared-memory in this process.
+int SharedMappings() {
+  std::ifstream maps("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(maps, line);) n += line.find("te-shared-memory") != std::string::npos;
+  return n;
+}
+
+// A target in another process whose region is SharedHostMemory: the
+// initiator maps it and copies with memcpy (the mapping shows in its
+// /proc/self/maps), byte-exact with exact immediates; the table's checks
+// still come first (a forged key or range moves nothing), and a
+// deregistered region's mapping is dropped at the next write.
+TEST(SharedHostMemory, AnotherProcessMapsTheRegionAndTheTableStillDecides) {
+  for (const char* provider : {"local", "tcp+local"}) {
+    SCOPED_TRACE(provider);
+    constexpr size_t kBytes = 4 << 20;
+    PeerProcess peer(Options(provider), kBytes, /*shared_memory=*/true);
+    auto engine = TransferEngine::Create(Options(provider)).value();
+    std::vector<uint8_t> src(kBytes);
+    FillPattern(src.data(), src.size(), 17);
+    auto mr = engine->RegisterMemory(src.data(), src.size()).value();
+    const MrDescriptor desc = MrDescriptor::FromHex(peer.descriptor_hex()).value();
+    auto dst = engine->Import(desc).value();
+    const int before = SharedMappings();
+    CompletionCounter done;
+    uint64_t imms = 0;
+    for (uint64_t off = 0; off < 3 << 20; off += 256 << 10) {  // pages go to the last MiB
+      SingleWrite w{mr, off, 256 << 10, dst, off, 0x31};
+      imms += engine->ExpectedImmCount(w).value();
+      ASSERT_TRUE(engine->Submit(w, {.counter = &done}).ok());
+    }
+    PagedWrite pages{mr, {0, 1, 2, 3}, 4096, 0, dst, {7, 5, 3, 1}, 4096, 3 << 20, 4096, 0x32};
+    ASSERT_TRUE(engine->Submit(pages, {.counter = &done}).ok());
+    WaitDone(done, 12 + 1);
+    ASSERT_EQ(peer.WaitImm(0x31, imms, 10000), "OK");
+    ASSERT_EQ(peer.WaitImm(0x32, 4, 10000), "OK");
+    EXPECT_NE(peer.WaitImm(0x31, 1, 200), "OK");
+    EXPECT_EQ(peer.Crc(0, 1 << 20), Crc32c(src.data(), 1 << 20));
+    EXPECT_EQ(peer.Crc((3 << 20) + 4096, 4096), Crc32c(src.data() + 3 * 4096, 4096));  // dst page 1 <- src page 3
+    EXPECT_EQ(peer.Crc((3 << 20) + 7 * 4096, 4096), Crc32c(src.data(), 4096));         // dst page 7 <- src page 0
+    EXPECT_EQ(peer.Crc(1 << 20, 2 << 20), Crc32c(src.data() + (1 << 20), 2 << 20));
+    EXPECT_EQ(SharedMappings(), before + 1) << "the initiator did not map the target's shared region";
+
+    // A forged range and a forged key are refused by the table first.
+    MrDescriptor longer = desc;
+    longer.length = kBytes * 2;
+    auto forged = engine->Import(longer).value();
+    CompletionCounter bad;
+    ASSERT_TRUE(engine->Submit(SingleWrite{mr, 0, 4096, forged, kBytes, 0x33}, {.counter = &bad}).ok());
+    MrDescriptor wrong_key = desc;
+    wrong_key.keys.back().rkey ^= uint64_t(1) << 40;
+    auto guessed = engine->Import(wrong_key).value();
+    ASSERT_TRUE(engine->Submit(SingleWrite{mr, 0, 4096, guessed, 0, 0x33}, {.counter = &bad}).ok());
+    ASSERT_TRUE(bad.WaitFinished(2, std::chrono::seconds(10)));
+    EXPECT_EQ(bad.failed(), 2u);
+    EXPECT_NE(peer.WaitImm(0x33, 1, 200), "OK");
+    EXPECT_EQ(peer.Crc(0, 4096), Crc32c(src.data(), 4096));  // unchanged
+
+    // Deregistered: the next write is refused and the mapping goes.
+    ASSERT_EQ(peer.Deregister(), "OK");
+    CompletionCounter stale;
+    ASSERT_TRUE(engine->Submit(SingleWrite{mr, 0, 4096, dst, 0, 0x34}, {.counter = &stale}).ok());
+    ASSERT_TRUE(stale.WaitFinished(1, std::chrono::seconds(10)));
+    EXPECT_EQ(stale.failed(), 1u);
+    EXPECT_EQ(SharedMappings(), before);
+  }
 }
 
 }  // namespace

@@ -44,9 +44,13 @@ TEST_P(MultiProcess, LargeRegionCrossesProcessesByteExact) {
 class MultiProcessFailure : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
-  auto o = Options(GetParam());
+  // "<provider>/shared": the target's region is SharedHostMemory, which
+  // same-host initiators map (no system call per write sees the death).
+  const std::string param = GetParam();
+  const bool shared = param.ends_with("/shared");
+  auto o = Options(shared ? param.substr(0, param.size() - 7) : param);
   o.request_timeout = 2000ms;
-  PeerProcess peer(o, 64 << 20);
+  PeerProcess peer(o, 64 << 20, shared);
   // Forked before this process starts engine threads (fork after threads is
   // undefined for the child, and TSan refuses it).
   PeerProcess fresh(o, 1 << 20);
@@ -81,7 +85,8 @@ TEST_P(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
 // "tcp+local": tcp domains with the same-host domain beside them; the peer
 // is on this host, so the bytes take the same-host lane.
 INSTANTIATE_TEST_SUITE_P(Providers, MultiProcess, ::testing::Values("tcp", "shm", "local", "tcp+local"));
-INSTANTIATE_TEST_SUITE_P(Providers, MultiProcessFailure, ::testing::Values("tcp", "local", "tcp+local"));
+INSTANTIATE_TEST_SUITE_P(Providers, MultiProcessFailure,
+                         ::testing::Values("tcp", "local", "tcp+local", "local/shared", "tcp+local/shared"));
 
 }  // namespace
 }  // namespace te::testing

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "base/crc32c.h"
+#include "transfer/shared_host_memory.h"
 #include "transfer/transfer_engine.h"
 
 namespace te::testing {
@@ -24,13 +25,16 @@ class PeerProcess {
   // before main): forking a process that already runs engine threads and
   // using libfabric in the copy is not safe (a lock held by another thread
   // at fork time stays held in the child), and TSan refuses it.
-  PeerProcess(const EngineOptions& options, size_t bytes) {
+  // With `shared_memory` the region is SharedHostMemory (same-host
+  // initiators map it), else heap memory.
+  PeerProcess(const EngineOptions& options, size_t bytes, bool shared_memory = false) {
     int to_child[2], from_child[2];
     if (pipe(to_child) || pipe(from_child)) abort();
     const std::string spec = options.ProviderName() + " " + std::to_string(options.domains) + " " +
                              std::to_string(options.request_timeout.count()) + " " + std::to_string(bytes) + " " +
                              std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
-                             (options.fabric.domain.empty() ? "-" : options.fabric.domain);
+                             (options.fabric.domain.empty() ? "-" : options.fabric.domain) + " " +
+                             (shared_memory ? "1" : "0");
     pid_ = fork();
     if (pid_ == 0) {
       close(to_child[1]);
@@ -68,6 +72,8 @@ class PeerProcess {
     return Command("WAIT " + std::to_string(imm) + " " + std::to_string(count) + " " + std::to_string(timeout_ms));
   }
 
+  // Ends the child's registration of its region (the memory stays).
+  std::string Deregister() { return Command("DEREG"); }
   void Kill() {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);
@@ -100,26 +106,36 @@ class PeerProcess {
     size_t bytes = 0;
     int fd_in = -1, fd_out = -1;
     std::string iface, provider;
-    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface;
+    int shared = 0;
+    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface >> shared;
     if (!in) _exit(126);
     o.SetProvider(provider);  // with its same-host suffix
     unsetenv(kChildEnv);
     o.request_timeout = std::chrono::milliseconds(timeout_ms);
     if (iface != "-") o.fabric.domain = iface;
-    _exit(Serve(o, bytes, fdopen(fd_in, "r"), fdopen(fd_out, "w")));
+    _exit(Serve(o, bytes, shared != 0, fdopen(fd_in, "r"), fdopen(fd_out, "w")));
   }
 
  private:
   static constexpr const char* kChildEnv = "TE_TEST_PEER_PROCESS";
 
-  static int Serve(const EngineOptions& options, size_t bytes, FILE* in, FILE* out) {
+  static int Serve(const EngineOptions& options, size_t bytes, bool shared_memory, FILE* in, FILE* out) {
     auto engine = TransferEngine::Create(options);
     if (!engine.ok()) {
       fprintf(out, "ERROR %s\n", engine.status().ToString().c_str());
       fflush(out);
       return 1;
     }
-    std::vector<uint8_t> region(bytes, 0);
+    std::vector<uint8_t> heap;
+    std::unique_ptr<SharedHostMemory> shared;
+    if (shared_memory) {
+      auto m = AllocateSharedHostMemory(bytes);
+      if (!m.ok()) return 1;
+      shared = std::move(m).value();
+    } else {
+      heap.assign(bytes, 0);
+    }
+    const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : heap.data(), bytes);
     auto mr = (*engine)->RegisterMemory(region.data(), region.size());
     if (!mr.ok()) return 1;
     fprintf(out, "%s\n", (*engine)->Describe(**mr).ToHex().c_str());
@@ -140,6 +156,9 @@ class PeerProcess {
         cmd >> imm >> count >> ms;
         Status s = (*engine)->WaitImm(imm, count, std::chrono::milliseconds(ms));
         fprintf(out, "%s\n", s.ok() ? "OK" : s.ToString().c_str());
+      } else if (op == "DEREG") {  // ends the registration; the memory stays
+        mr->reset();
+        fprintf(out, "OK\n");
       } else if (op == "EXIT") {
         fprintf(out, "BYE\n");
         fflush(out);
