@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "py_requests.h"
+#include "transfer/shared_host_memory.h"
 #include "status_error.h"
 
 namespace py = pybind11;
@@ -423,6 +424,21 @@ void BindOptions(py::module_& m) {
       .def_property(
           "want_hmem", [](const EngineOptions& o) { return o.fabric.want_hmem; },
           [](EngineOptions& o, bool v) { o.fabric.want_hmem = v; })
+      .def_property(
+          "same_host",
+          [](const EngineOptions& o) {
+            return o.same_host == te::SameHost::kDirect ? "direct" : o.same_host == te::SameHost::kNic ? "nic" : "auto";
+          },
+          [](EngineOptions& o, const std::string& v) {
+            if (v == "auto")
+              o.same_host = te::SameHost::kAuto;
+            else if (v == "direct")
+              o.same_host = te::SameHost::kDirect;
+            else if (v == "nic")
+              o.same_host = te::SameHost::kNic;
+            else
+              Throw(te::InvalidArgument("same_host '" + v + "'; valid: auto, direct, nic"));
+          })
       .def_readwrite("domains", &EngineOptions::domains)
       .def_readwrite("domain_names", &EngineOptions::domain_names)
       .def_readwrite("gpu", &EngineOptions::gpu)
@@ -463,6 +479,24 @@ void BindOptions(py::module_& m) {
 
 void BindEngine(py::module_& m) {
   BindOptions(m);
+
+  py::class_<te::SharedHostMemory>(
+      m, "SharedHostMemory", py::buffer_protocol(),
+      "Host memory that peers on this host write at memory speed (transfer/shared_host_memory.h): a sealed "
+      "memfd mapping, zero-filled, size rounded up to pages. A writable buffer: numpy.frombuffer(mem, dtype) "
+      "views it and Engine.register(mem) registers it. Keep it alive while registered.")
+      .def(py::init([](size_t nbytes) {
+             auto m = te::AllocateSharedHostMemory(nbytes);
+             if (!m.ok()) Throw(m.status());
+             return std::move(m).value();
+           }),
+           py::arg("nbytes"))
+      .def_property_readonly("nbytes", &te::SharedHostMemory::size)
+      .def("__len__", &te::SharedHostMemory::size)
+      .def_buffer([](te::SharedHostMemory& m) {
+        return py::buffer_info(m.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {py::ssize_t(m.size())},
+                               {py::ssize_t(1)});
+      });
 
   py::class_<PyHandle>(m, "Handle",
                        "One request's end: done() to poll, wait() to block, or await it through the Engine's "

@@ -43,6 +43,7 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     RegistryEntry,
     RemoteRegion,
     ScatterWrite,
+    SharedHostMemory,
     SingleWrite,
     StatusCode,
     TransferError,
@@ -78,8 +79,8 @@ _take_back_signals()
 __all__ = [
     "Barrier", "Engine", "EngineOptions", "Handle", "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout",
     "KvPrefiller", "KvRegistration", "KvRegistry", "PagedWrite", "Peer", "Region", "RegistryEntry",
-    "RemoteRegion", "ScatterWrite", "SingleWrite", "StatusCode", "TransferError", "WeightLayout", "WeightModel",
-    "WeightPusher", "WeightReceiver", "check_compatible",
+    "RemoteRegion", "ScatterWrite", "SharedHostMemory", "SingleWrite", "StatusCode", "TransferError",
+    "WeightLayout", "WeightModel", "WeightPusher", "WeightReceiver", "check_compatible",
 ]
 
 

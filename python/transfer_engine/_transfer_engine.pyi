@@ -29,6 +29,12 @@ class TransferError(RuntimeError):
     code: StatusCode
     message: str
 
+class SharedHostMemory:
+    nbytes: int
+    def __init__(self, nbytes: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
+
 class EngineOptions:
     provider: str
     interface: str
@@ -36,6 +42,7 @@ class EngineOptions:
     recv_buffers: int
     send_buffers: int
     want_hmem: bool
+    same_host: str  # "auto", "direct" or "nic"
     domains: int
     domain_names: List[str]
     gpu: Optional[int]
