@@ -32,6 +32,15 @@ MrDescriptor Descriptor() {
   return d;
 }
 
+// An engine with the same-host domain beside its NIC domains (version 2).
+MrDescriptor SameHostDescriptor() {
+  MrDescriptor d = Descriptor();
+  d.owner.domains.push_back(std::vector<uint8_t>(32, 0x4c));
+  d.owner.same_host_domains = 1;
+  d.keys.push_back({0x0000abcd00000007ull, 0x7f1000000000ull});
+  return d;
+}
+
 kvcache::KvLayout Layout(const char* preset, uint32_t pages) {
   kvcache::KvLayout l = kvcache::KvLayout::Preset(preset).value();
   l.pages = pages;
@@ -41,7 +50,9 @@ kvcache::KvLayout Layout(const char* preset, uint32_t pages) {
 }  // namespace
 
 std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
-  if (target == "descriptor") return {Descriptor().Serialize(), Address().Serialize(), Bytes(Descriptor().ToHex())};
+  if (target == "descriptor")
+    return {Descriptor().Serialize(), Address().Serialize(), Bytes(Descriptor().ToHex()),
+            SameHostDescriptor().Serialize(), SameHostDescriptor().owner.Serialize()};
   if (target == "control_frame") {
     const auto addr = Address().Serialize();
     return {EncodeControlFrame(addr, Bytes("tekv1 PULL ...")), EncodeControlFrame(addr, {}),

@@ -26,8 +26,9 @@ class PeerProcess {
   // using libfabric in the copy is not safe (a lock held by another thread
   // at fork time stays held in the child), and TSan refuses it.
   // With `shared_memory` the region is SharedHostMemory (same-host
-  // initiators map it), else heap memory.
-  PeerProcess(const EngineOptions& options, size_t bytes, bool shared_memory = false) {
+  // initiators map it), else heap memory. With `netns` the child runs in
+  // that network namespace (`ip netns exec`), as on another host's network.
+  PeerProcess(const EngineOptions& options, size_t bytes, bool shared_memory = false, const std::string& netns = "") {
     int to_child[2], from_child[2];
     if (pipe(to_child) || pipe(from_child)) abort();
     const std::string spec = options.ProviderName() + " " + std::to_string(options.domains) + " " +
@@ -35,14 +36,23 @@ class PeerProcess {
                              std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
                              (options.fabric.domain.empty() ? "-" : options.fabric.domain) + " " +
                              (shared_memory ? "1" : "0");
+    char self[4096] = {};
+    if (readlink("/proc/self/exe", self, sizeof self - 1) <= 0) abort();
     pid_ = fork();
     if (pid_ == 0) {
       close(to_child[1]);
       close(from_child[0]);
       setenv(kChildEnv, spec.c_str(), 1);
+      if (!netns.empty()) {
+        std::string ns = netns;
+        char ip[] = "ip", sub[] = "netns", exec[] = "exec";
+        char* argv[] = {ip, sub, exec, ns.data(), self, nullptr};
+        execvp("ip", argv);
+        _exit(127);
+      }
       char name[] = "te-peer-process";
       char* argv[] = {name, nullptr};
-      execv("/proc/self/exe", argv);
+      execv(self, argv);
       _exit(127);
     }
     close(to_child[0]);

@@ -105,5 +105,47 @@ TEST(SameHostLanes, BarriersReachPeersOfBothKinds) {
   EXPECT_NE(near.WaitImm(0x99, 1, 200), "OK");
 }
 
+// tests/netns/same_host_and_remote.sh runs this in network namespace A with
+// a veth to namespace B: a peer in A on this host (same-host lane) and a
+// tcp peer in B across the veth, in one ScatterWrite. Skipped elsewhere.
+TEST(SameHostLanesNetns, OneScatterWriteOverTheSameHostLaneAndAVeth) {
+  const char* remote_ns = getenv("TE_NETNS_REMOTE");
+  const char* iface = getenv("TE_NETNS_IFACE");
+  const char* remote_iface = getenv("TE_NETNS_REMOTE_IFACE");
+  if (!remote_ns || !iface || !remote_iface) GTEST_SKIP() << "run by tests/netns/same_host_and_remote.sh";
+  constexpr size_t kRegion = 1 << 20;
+  auto here = Options("tcp+local", 2);
+  here.fabric.domain = iface;
+  auto there = Options("tcp", 2);  // another host's engine: no same-host domain
+  there.fabric.domain = remote_iface;
+  PeerProcess near(here, kRegion, /*shared_memory=*/true);
+  PeerProcess far(there, kRegion, /*shared_memory=*/false, remote_ns);
+  ASSERT_FALSE(far.descriptor_hex().starts_with("ERROR")) << far.descriptor_hex();
+  auto engine = TransferEngine::Create(here).value();
+  std::vector<uint8_t> src(kRegion);
+  FillPattern(src.data(), src.size(), 5);
+  auto mr = engine->RegisterMemory(src.data(), src.size()).value();
+  auto to_near = engine->Import(MrDescriptor::FromHex(near.descriptor_hex()).value()).value();
+  auto to_far = engine->Import(MrDescriptor::FromHex(far.descriptor_hex()).value()).value();
+  EXPECT_TRUE(to_near->same_host_lane().has_value());
+  EXPECT_FALSE(to_far->same_host_lane().has_value());
+  ScatterWrite s{mr, {}, 0x61};
+  for (uint64_t i = 0; i < 8; ++i) s.targets.push_back({i % 2 ? to_far : to_near, i << 16, i << 16, 64 << 10});
+  CompletionCounter done;
+  ASSERT_TRUE(engine->Submit(s, {.counter = &done}).ok());
+  WaitDone(done, 1);
+  ASSERT_EQ(near.WaitImm(0x61, 4, 10000), "OK");
+  ASSERT_EQ(far.WaitImm(0x61, 4, 10000), "OK");
+  EXPECT_NE(near.WaitImm(0x61, 1, 200), "OK");
+  EXPECT_NE(far.WaitImm(0x61, 1, 200), "OK");
+  for (uint64_t i = 0; i < 8; ++i) {
+    PeerProcess& p = i % 2 ? far : near;
+    EXPECT_EQ(p.Crc(i << 16, 64 << 10), Crc32c(src.data() + (i << 16), 64 << 10)) << "target " << i;
+  }
+  const EngineStats st = engine->stats();
+  EXPECT_EQ(st.domains[2].bytes_written, 4u * (64 << 10));                                // the same-host lane
+  EXPECT_EQ(st.domains[0].bytes_written + st.domains[1].bytes_written, 4u * (64 << 10));  // the veth
+}
+
 }  // namespace
 }  // namespace te::testing
