@@ -9,8 +9,8 @@
 #include <thread>
 
 #include "py_requests.h"
-#include "transfer/shared_host_memory.h"
 #include "status_error.h"
+#include "transfer/shared_host_memory.h"
 
 namespace py = pybind11;
 
