@@ -35,8 +35,8 @@ class MemoryRegion {
   const Memory& memory() const { return memory_; }
 
   // Per-domain registration (engine internal use). An entry with no handle
-  // and key 0 is no registration: device memory on the same-host domain,
-  // which registers host memory only.
+  // and key 0 is no registration: GPU memory the same-host domain could not
+  // share (no CUDA driver, or memory CUDA IPC cannot export).
   const nic::LocalRegistration& registration(size_t domain) const { return regs_[domain]; }
   static bool Registered(const nic::LocalRegistration& r) { return r.mr != nullptr || r.rkey != 0; }
 

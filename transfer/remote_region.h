@@ -62,7 +62,7 @@ class RemoteRegion {
  public:
   RemoteRegion(MrDescriptor descriptor, PeerRef peer) : descriptor_(std::move(descriptor)), peer_(std::move(peer)) {
     // The same-host lane serves this region only where the owner registered
-    // it there (host memory; a zero key marks device memory it could not).
+    // it there (a zero key marks GPU memory it could not share).
     if (peer_ && peer_->same_host_lane() && descriptor_.keys.size() == peer_->remote_domains() &&
         descriptor_.keys.back().rkey != 0)
       same_host_lane_ = peer_->same_host_lane();

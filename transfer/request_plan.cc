@@ -28,7 +28,7 @@ struct Lanes {
   uint32_t at(uint64_t i) const { return first + uint32_t(i); }
 };
 Lanes LanesFor(const RemoteRegion* dst, const PlanLimits& l) {
-  if (dst && l.src_on_host && dst->same_host_lane()) return {*dst->same_host_lane(), 1};
+  if (dst && l.same_host_source && dst->same_host_lane()) return {*dst->same_host_lane(), 1};
   return {0, uint32_t(l.domains)};
 }
 
@@ -147,7 +147,7 @@ Status PlanScatter(const ScatterWrite& r, const PlanLimits& l, std::vector<Plann
 // whatever the request's source.
 PlannedWrite Notification(const RemoteRegion* dst, uint64_t i, const PlanLimits& l, uint32_t imm) {
   PlanLimits any_source = l;
-  any_source.src_on_host = true;
+  any_source.same_host_source = true;
   const Lanes lanes = LanesFor(dst, any_source);
   PlannedWrite w;
   w.domain = lanes.at(i % lanes.count);

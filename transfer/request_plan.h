@@ -1,10 +1,9 @@
 // Turning a request into the writes the engine posts: validation (bounds,
 // arguments), sharding over domains, and the immediate count. Each
 // destination decides its lanes (remote_region.h): its same-host domain
-// alone when it has one and the source is host memory, else the NIC
-// domains; a request's writes are spread over the lanes of their own
-// destination. A pure
-// function of the request and the group's limits, so it runs on the
+// alone when it has one and the source is registered there too, else the
+// NIC domains; a request's writes are spread over the lanes of their own
+// destination. A pure function of the request and the group's limits, so it runs on the
 // submitting thread and is unit-tested without a NIC.
 #pragma once
 
@@ -18,7 +17,7 @@ namespace te {
 
 struct PlanLimits {
   size_t domains = 1;                // NIC domains in the group (lanes 0 .. domains-1)
-  bool src_on_host = true;           // the source can take a same-host lane (host memory)
+  bool same_host_source = true;      // the source is registered on the same-host domain
   uint64_t max_write_bytes = ~0ull;  // largest single write on any domain
   uint64_t min_shard_bytes = 64 * 1024;
 };

@@ -187,13 +187,15 @@ Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory
   std::vector<nic::LocalRegistration> regs;
   const auto& domains = group_->domains();
   for (size_t i = 0; i < domains.size(); ++i) {
-    if (i >= address_.nic_domains() && memory.kind.type != nic::MemoryKind::Type::kHost) {
-      // The same-host domain takes host memory only: peers on this host
-      // write device memory over the NICs (its descriptor key stays 0).
+    auto reg = domains[i]->Register(data, length, memory.kind);
+    if (!reg.ok() && i >= address_.nic_domains() && memory.kind.type != nic::MemoryKind::Type::kHost) {
+      // GPU memory the same-host domain cannot share (no CUDA driver, or
+      // memory CUDA IPC cannot export): peers on this host reach it over
+      // the NICs (its descriptor key stays 0).
+      VLOG(1) << "GPU region not on the same-host domain: " << reg.status().ToString();
       regs.emplace_back();
       continue;
     }
-    auto reg = domains[i]->Register(data, length, memory.kind);
     if (!reg.ok()) {
       for (size_t j = 0; j < regs.size(); ++j)
         if (MemoryRegion::Registered(regs[j])) (void)domains[j]->Deregister(regs[j]);
@@ -357,8 +359,11 @@ PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options, cons
   // Keep single writes at 1 GiB at most, well inside every provider's limit.
   l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, 1ull << 30);
   l.min_shard_bytes = options.min_shard_bytes;
+  // A source takes the same-host lane only if it is registered there (GPU
+  // memory may not be: RegisterMemory).
   const LocalMr* src = SourceOf(request);
-  l.src_on_host = !src || !*src || (*src)->memory().kind.type == nic::MemoryKind::Type::kHost;
+  l.same_host_source = address.same_host_domains == 0 || !src || !*src ||
+                       MemoryRegion::Registered((*src)->registration(address.nic_domains()));
   return l;
 }
 
@@ -386,8 +391,12 @@ Status TransferEngine::Submit(Request request, Completion completion) {
   TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_, address_, request), &writes));
   auto r = group_->request_pool().Get();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;
-  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost && !group_->domains()[0]->info().hmem) {
-    return Unimplemented("source region is device memory but provider " + provider() + " has no FI_HMEM support");
+  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost) {
+    for (const PlannedWrite& pw : writes)
+      if (pw.length > 0 && !group_->domains()[pw.domain]->info().hmem)
+        return Unimplemented("source region is device memory but domain " + std::to_string(pw.domain) + " (" +
+                             group_->domains()[pw.domain]->info().provider + ") cannot read device memory (" +
+                             (pw.domain < address_.nic_domains() ? "no FI_HMEM support" : "no CUDA IPC") + ")");
   }
   r->works.resize(writes.size());
   AppendDestinations(request, &r->dsts);

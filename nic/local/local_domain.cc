@@ -1,5 +1,6 @@
 #include "nic/local/local_domain.h"
 
+#include "nic/local/cuda_ipc.h"
 #include "nic/local/shared_memory.h"
 
 #include <fcntl.h>
@@ -30,7 +31,7 @@ namespace {
 
 // ---- The mailbox: a memfd shared with same-host peers ----
 
-constexpr uint64_t kMagic = 0x3258424C41434F4Cull;  // "LOCALBX2"
+constexpr uint64_t kMagic = 0x3358424C41434F4Cull;  // "LOCALBX3"
 constexpr uint32_t kSlots = 64;                     // initiators at once
 constexpr uint32_t kRegions = 1u << 16;             // registrations at once
 constexpr uint32_t kImmCapacity = 8192;             // immediates per slot (power of two)
@@ -54,7 +55,20 @@ struct alignas(64) RegionEntry {
   // map it and write with memcpy.
   int32_t fd;
   uint64_t fd_offset;
+  // GPU memory (kind kCudaRegion): the CUDA IPC handle of the allocation
+  // holding the region, and the offset of `base` in it. Peers open it and
+  // copy with cuMemcpy (cuda_ipc.h).
+  uint32_t kind;
+  uint64_t ipc_offset;
+  CudaIpcHandle ipc;
 };
+constexpr uint32_t kHostRegion = 0, kCudaRegion = 1;
+
+// The local descriptor of a GPU registration (LocalRegistration::desc),
+// which every write from it carries: its bytes are copied with cuMemcpy.
+int gpu_source_marker;
+void* const kGpuSource = &gpu_source_marker;
+bool FromGpu(const WriteOp& op) { return op.local_desc == kGpuSource; }
 
 struct alignas(64) Slot {
   std::atomic<uint32_t> state;
@@ -112,6 +126,8 @@ struct Mapping {
   uint8_t* base = nullptr;  // the region's first byte in our mapping
   void* map = nullptr;      // what munmap takes
   size_t map_length = 0;
+  uint64_t cuda_base = 0;    // a GPU region: its first byte, opened through CUDA IPC
+  uint64_t cuda_opened = 0;  // what cuIpcCloseMemHandle takes
 };
 
 // A peer as the initiator holds it: the target's mailbox, mapped, and the
@@ -133,6 +149,7 @@ constexpr std::chrono::milliseconds kLivenessPeriod{1};
 
 void Unmap(Mapping& m) {
   if (m.map) munmap(m.map, m.map_length);
+  if (m.cuda_opened) CudaIpc::Get().Close(m.cuda_opened);
   m = Mapping{};
 }
 
@@ -184,6 +201,7 @@ class LocalDomain final : public Domain {
     info_.tx_depth = kImmCapacity;
     info_.virtual_addressing = true;
     info_.provider_keys = true;
+    info_.hmem = CudaIpc::Get().Available().ok();
     AddressBytes a{kAddressMagic, token_, BootHash(), getpid(), fd_};
     address_.assign(reinterpret_cast<const uint8_t*>(&a), reinterpret_cast<const uint8_t*>(&a) + sizeof a);
     return Status::Ok();
@@ -241,9 +259,14 @@ class LocalDomain final : public Domain {
   }
 
   Result<LocalRegistration> Register(void* ptr, size_t length, MemoryKind kind) override {
-    if (kind.type != MemoryKind::Type::kHost)
-      return Unimplemented("the local provider registers host memory only (CUDA IPC is not built)");
     if (!ptr || length == 0) return InvalidArgument("local domain: registering empty memory");
+    CudaIpc::Export cuda{};
+    if (kind.type == MemoryKind::Type::kCuda) {
+      auto e = CudaIpc::Get().ExportRange(ptr, length, kind.device);
+      if (!e.ok()) return e.status().WithContext("local domain: registering GPU memory");
+      cuda = e.value();
+      cuda_device_.store(kind.device, std::memory_order_relaxed);
+    }
     std::lock_guard<std::mutex> lock(regions_mu_);
     if (free_regions_.empty())
       return Unavailable("local domain: all " + std::to_string(kRegions) + " registrations are in use");
@@ -255,13 +278,17 @@ class LocalDomain final : public Domain {
     e.base = reinterpret_cast<uint64_t>(ptr);
     e.length = length;
     e.writers.store(0);
-    const auto shared = SharedMemory::Find(ptr, length);
+    const auto shared = kind.type == MemoryKind::Type::kHost ? SharedMemory::Find(ptr, length) : std::nullopt;
     e.fd = shared ? shared->fd : -1;
     e.fd_offset = shared ? shared->offset : 0;
+    e.kind = kind.type == MemoryKind::Type::kCuda ? kCudaRegion : kHostRegion;
+    e.ipc_offset = cuda.offset;
+    e.ipc = cuda.handle;
     e.state.store(uint64_t(salt) << 1 | 1, std::memory_order_release);
     LocalRegistration r;
     r.rkey = Key(i, salt);
     r.remote_base = e.base;
+    if (kind.type == MemoryKind::Type::kCuda) r.desc = kGpuSource;
     r.mr = reinterpret_cast<void*>(uintptr_t(i) + 1);
     return r;
   }
@@ -459,8 +486,16 @@ class LocalDomain final : public Domain {
   // `entries` are the checked-in entries of the writes with data, in order.
   Status Copy(Peer& p, std::span<const WriteOp> ops, std::span<RegionEntry* const> entries) {
     if (p.same_process) {
-      for (const WriteOp& op : ops)
-        if (op.length) std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
+      size_t k = 0;
+      for (const WriteOp& op : ops) {
+        if (op.length == 0) continue;
+        if (entries[k++]->kind == kCudaRegion || FromGpu(op)) {
+          TE_RETURN_IF_ERROR(
+              CudaIpc::Get().Copy(op.remote_addr, op.local, op.length, cuda_device_.load(std::memory_order_relaxed)));
+        } else {
+          std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
+        }
+      }
       return Status::Ok();
     }
     iovs_l_.clear();
@@ -470,10 +505,24 @@ class LocalDomain final : public Domain {
       if (op.length == 0) continue;
       RegionEntry* e = entries[k++];
       // Checked in: the entry is live under this key, its fields stable.
-      if (const Mapping& m = MappingFor(p, *e, (op.rkey >> 32) << 1 | 1); m.base) {
-        std::memcpy(m.base + (op.remote_addr - e->base), op.local, op.length);
+      if (e->kind == kCudaRegion) {
+        TE_RETURN_IF_ERROR(CopyToGpu(p, *e, (op.rkey >> 32) << 1 | 1, op));
         continue;
       }
+      if (const Mapping& m = MappingFor(p, *e, (op.rkey >> 32) << 1 | 1); m.base) {
+        uint8_t* dst = m.base + (op.remote_addr - e->base);
+        if (FromGpu(op))
+          TE_RETURN_IF_ERROR(CudaIpc::Get().Copy(reinterpret_cast<uintptr_t>(dst), op.local, op.length,
+                                                 cuda_device_.load(std::memory_order_relaxed)));
+        else
+          std::memcpy(dst, op.local, op.length);
+        continue;
+      }
+      if (FromGpu(op))
+        return Unimplemented(
+            "local write from GPU memory into peer " + std::to_string(p.pid) +
+            "'s heap memory: cross-memory attach cannot read GPU memory; the peer registers GPU memory or "
+            "SharedHostMemory");
       iovs_l_.push_back({const_cast<void*>(op.local), op.length});
       iovs_r_.push_back({reinterpret_cast<void*>(op.remote_addr), op.length});
     }
@@ -540,6 +589,31 @@ class LocalDomain final : public Domain {
     }
     close(mine);
     return m;
+  }
+
+  // A write into a peer's GPU region: its allocation opened through CUDA
+  // IPC once per registration, the range checked against the allocation's
+  // size (the handle and offset are the peer's: hostile), then cuMemcpy.
+  Status CopyToGpu(Peer& p, const RegionEntry& e, uint64_t state, const WriteOp& op) {
+    const uint32_t index = uint32_t(&e - p.box->region);
+    Mapping& m = p.mappings[index];
+    const int device = cuda_device_.load(std::memory_order_relaxed);
+    if (m.state != state || !m.cuda_opened) {
+      Unmap(m);
+      m.state = state;
+      auto opened = CudaIpc::Get().Open(e.ipc, device);
+      if (!opened.ok()) return opened.status().WithContext("local write into peer " + std::to_string(p.pid) + "'s GPU");
+      uint64_t end = 0;
+      if (__builtin_add_overflow(e.ipc_offset, e.length, &end) || end > opened->size) {
+        CudaIpc::Get().Close(opened->base);
+        return InvalidArgument("local write: peer " + std::to_string(p.pid) + "'s GPU region of " +
+                               std::to_string(e.length) + " bytes at " + std::to_string(e.ipc_offset) +
+                               " lies outside its allocation of " + std::to_string(opened->size));
+      }
+      m.cuda_opened = opened->base;
+      m.cuda_base = opened->base + e.ipc_offset;
+    }
+    return CudaIpc::Get().Copy(m.cuda_base + (op.remote_addr - e.base), op.local, op.length, device);
   }
 
   // Immediates and messages of one initiator's slot; a released slot is
@@ -615,6 +689,9 @@ class LocalDomain final : public Domain {
   static constexpr size_t kMaxRun = 1024;
   std::vector<RegionEntry*> checked_;
   std::vector<iovec> iovs_l_, iovs_r_;
+  // The device whose context opens peers' GPU regions: that of the last
+  // GPU memory registered here, else 0.
+  std::atomic<int> cuda_device_{0};
 };
 
 }  // namespace

@@ -31,8 +31,14 @@
 // slot abandoned, never trusted.
 //
 // Addresses carry the host's boot id: a peer on another host is refused
-// (use a NIC provider there). CUDA memory is not registered here (CUDA IPC
-// is not built).
+// (use a NIC provider there).
+//
+// Memory kinds. Host memory allocated as SharedMemory (shared_memory.h) is
+// mapped by initiators and written with memcpy; other host memory through
+// process_vm_writev. GPU memory is shared through CUDA IPC (cuda_ipc.h: the
+// target exports the allocation, an initiator opens it once and copies with
+// cuMemcpy); without a CUDA driver it is refused (kUnimplemented). The GPU
+// path has not run on a GPU yet (tests/gpu).
 #pragma once
 
 #include <cstddef>

@@ -14,6 +14,7 @@
 
 #include "integration/peer_process.h"
 #include "integration/test_support.h"
+#include "nic/local/cuda_ipc.h"
 #include "transfer/shared_host_memory.h"
 
 namespace te::testing {
@@ -232,6 +233,18 @@ TEST(SharedHostMemory, AnotherProcessMapsTheRegionAndTheTableStillDecides) {
     EXPECT_EQ(stale.failed(), 1u);
     EXPECT_EQ(SharedMappings(), before);
   }
+}
+
+// Without a CUDA driver (this machine) GPU memory is refused by the
+// same-host domain, naming why; tests/gpu runs the CUDA IPC path on a GPU.
+TEST(LocalDomain, GpuMemoryWithoutACudaDriverIsRefusedNamingWhy) {
+  if (nic::CudaIpc::Get().Available().ok()) GTEST_SKIP() << "a CUDA driver is present: tests/gpu covers it";
+  auto engine = TransferEngine::Create(Options("local")).value();
+  std::vector<uint8_t> not_gpu(4096);
+  auto mr = engine->RegisterMemory(not_gpu.data(), not_gpu.size(), Memory::Cuda(0));
+  ASSERT_FALSE(mr.ok());
+  EXPECT_EQ(mr.status().code(), StatusCode::kUnimplemented) << mr.status().ToString();
+  EXPECT_NE(mr.status().message().find("CUDA driver"), std::string::npos) << mr.status().ToString();
 }
 
 }  // namespace

@@ -224,8 +224,8 @@ TEST(RequestPlan, DeviceSourcesAndUnregisteredSameHostRegionsTakeTheNics) {
   ASSERT_EQ(w.size(), 2u);
   EXPECT_EQ(w[0].domain, 0u);
   EXPECT_EQ(w[1].domain, 1u);
-  // A source the same-host domain cannot read (device memory).
-  l.src_on_host = false;
+  // A source not registered on the same-host domain (GPU memory it could not share).
+  l.same_host_source = false;
   w = PlanRequest(SingleWrite{Src(1 << 20), 0, 1 << 20, SameHostDst(1 << 20), 0, 5}, l).value();
   ASSERT_EQ(w.size(), 2u);
   EXPECT_EQ(w[0].domain, 0u);
