@@ -51,8 +51,8 @@ Result<std::unique_ptr<Collector>> Collector::Create(TransferEngine* engine, Col
   std::unique_ptr<Collector> c(new Collector());
   c->size_ = info.region_bytes();
   if (region_file.empty()) {
-    c->owned_.assign(c->size_, 0);
-    c->base_ = c->owned_.data();
+    TE_ASSIGN_OR_RETURN(c->owned_, AllocateSharedHostMemory(c->size_));
+    c->base_ = static_cast<uint8_t*>(c->owned_->data());
   } else {
     int fd = open(region_file.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) return IoError("cannot create region file '" + region_file + "': " + strerror(errno));

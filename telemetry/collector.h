@@ -16,6 +16,7 @@
 
 #include "telemetry/append_list.h"
 #include "telemetry/key_write_store.h"
+#include "transfer/shared_host_memory.h"
 #include "transfer/transfer_engine.h"
 
 namespace te::telemetry {
@@ -41,6 +42,9 @@ class Collector {
  public:
   // Allocates (or maps `region_file`, created and sized) and registers the
   // region with `engine`. `info` gives the geometry; its descriptor is filled.
+  // Without a file the region is SharedHostMemory: reporters on this host
+  // reached through the same-host domain write it with memcpy (a region
+  // file, which other processes open to query, takes process_vm_writev).
   static Result<std::unique_ptr<Collector>> Create(TransferEngine* engine, CollectorInfo info,
                                                    const std::string& region_file = "");
   ~Collector();
@@ -57,7 +61,7 @@ class Collector {
   uint8_t* base_ = nullptr;
   size_t size_ = 0;
   bool mapped_ = false;
-  std::vector<uint8_t> owned_;
+  std::unique_ptr<SharedHostMemory> owned_;
   LocalMr mr_;
 };
 
