@@ -203,7 +203,12 @@ te::EngineOptions MakeEngineOptions() {
 // The local provider's baseline is not a provider loop but what it competes
 // with: one thread's memcpy into a buffer of the same size (writes), and two
 // threads passing a cache line (round trips).
-bool MemcpyBaseline() { return te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLocal; }
+// So is a NIC provider with the same-host domain beside it (tcp+local):
+// --loopback's peer is on this host, and the same-host lane is what runs.
+bool MemcpyBaseline() {
+  const te::EngineOptions o = MakeEngineOptions();
+  return o.backend == te::nic::Backend::kLocal || o.same_host == te::SameHost::kDirect;
+}
 
 // The raw loop runs the NIC provider itself (without a same-host suffix).
 te::nic::FabricOptions RawOptions() { return MakeEngineOptions().fabric; }
@@ -277,7 +282,7 @@ int RunListener(int address_fd) {
   const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : heap.data(), bytes);
   auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering memory");
   std::unique_ptr<te::nic::RawWriteLoop> raw;
-  if (te::nic::ParseProviderName(FLAGS_provider).backend == te::nic::Backend::kLibfabric)
+  if (MakeEngineOptions().backend == te::nic::Backend::kLibfabric && !MemcpyBaseline())
     raw = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
 
   Mailbox mailbox;
