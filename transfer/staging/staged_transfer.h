@@ -48,6 +48,11 @@ class StagedSender {
   Status Write(const void* src, size_t length, const RemoteMr& dst, uint64_t dst_offset, uint32_t imm);
   // Immediates a Write of `length` bytes to `dst` delivers to the receiver.
   Result<uint64_t> ExpectedImms(size_t length, const RemoteMr& dst) const;
+  // The same for a destination reached over the NIC domains (not through
+  // the same-host domain, where a chunk delivers one).
+  [[deprecated("pass the destination: ExpectedImms(length, dst)")]] uint64_t ExpectedImms(size_t length) const {
+    return (length + options_.chunk_bytes - 1) / options_.chunk_bytes * uint64_t(engine_->options().domains);
+  }
 
  private:
   StagedSender(TransferEngine* engine, CopyEngine* copies, const StagingOptions& options)
