@@ -47,6 +47,10 @@ struct EngineFlags {
 
 inline te::Result<te::EngineOptions> BuildEngineOptions(const EngineFlags& f) {
   te::EngineOptions o;
+  // A tool measures the path it is told: a bare provider is that provider
+  // alone, even where the library would add the same-host lane on its own
+  // (SameHost::kAuto on verbs and efa); "+local" asks for the lane.
+  o.same_host = te::SameHost::kNic;
   o.SetProvider(f.provider);
   o.fabric.domain = f.iface;
   if (f.domains < 1 || f.domains > 64)

@@ -55,6 +55,7 @@ struct EngineOptions {
   // name: sets `backend` and fabric.provider (nic/backend.h has the table).
   // A suffix sets same_host too: "efa+local" (kDirect: the same-host domain
   // beside the NICs) or "efa+nic" (kNic: every peer through the NICs).
+  // Without a suffix same_host is left as it is.
   void SetProvider(const std::string& name) {
     std::string base = name;
     for (auto [suffix, choice] : {std::pair{"+local", SameHost::kDirect}, std::pair{"+nic", SameHost::kNic}}) {
@@ -76,6 +77,8 @@ struct EngineOptions {
     return name;
   }
   // Same-host peers: see SameHost. Ignored when the provider is "local".
+  // Tools and tests name the path they exercise: a bare --provider there
+  // means kNic (tools/tool_support.h).
   SameHost same_host = SameHost::kAuto;
   // Domains (NICs) in the group. With tcp or shm these are independent
   // endpoints; with EFA or ConnectX give one per NIC of the GPU.

@@ -12,7 +12,9 @@ namespace te::testing {
 namespace {
 
 TEST(SameHostLanes, OnlyADirectGroupOpensTheSameHostDomain) {
-  auto plain = TransferEngine::Create(Options("tcp", 2)).value();  // kAuto on a software provider
+  EngineOptions automatic = Options("tcp", 2);
+  automatic.same_host = SameHost::kAuto;  // the library's default: no same-host domain on a software provider
+  auto plain = TransferEngine::Create(automatic).value();
   EXPECT_FALSE(plain->has_same_host_domain());
   EXPECT_EQ(plain->domain_count(), 2u);
   EXPECT_EQ(plain->address().same_host_domains, 0);

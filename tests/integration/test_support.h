@@ -25,9 +25,11 @@ inline void FillPattern(uint8_t* p, size_t n, uint32_t salt) {
 }
 
 // `provider` may end in "+local": a group of that provider's domains and the
-// same-host domain beside them (EngineOptions::SetProvider).
+// same-host domain beside them (EngineOptions::SetProvider). A bare provider
+// is exercised alone (kNic), as the tools do.
 inline EngineOptions Options(const std::string& provider, int domains = 1) {
   EngineOptions o;
+  o.same_host = SameHost::kNic;
   o.SetProvider(provider);
   o.domains = domains;
   o.request_timeout = 5000ms;

@@ -447,9 +447,36 @@ TEST(VerbsDomain, CudaRegistrationFallsBackFromDmabufToPeerMemory) {
   EXPECT_NE(none.status().message().find("ibv_reg_mr"), std::string::npos) << none.status().ToString();
 }
 
+// On a hardware NIC provider the library's default (SameHost::kAuto) puts
+// the same-host domain beside the NIC: a peer on this host takes it.
+TEST(VerbsDomain, SameHostPeersBypassTheNicByDefault) {
+  EngineOptions eo;
+  eo.SetProvider("verbs-native");
+  ASSERT_EQ(eo.same_host, SameHost::kAuto);
+  auto sender = TransferEngine::Create(eo).value();
+  auto receiver = TransferEngine::Create(eo).value();
+  EXPECT_TRUE(sender->has_same_host_domain());
+  std::vector<uint8_t> src(64 << 10, 7), dst(64 << 10, 0);
+  auto smr = sender->RegisterMemory(src.data(), src.size()).value();
+  auto dmr = receiver->RegisterMemory(dst.data(), dst.size()).value();
+  auto remote = sender->Import(receiver->Describe(*dmr)).value();
+  EXPECT_TRUE(remote->same_host_lane().has_value());
+  CompletionCounter done;
+  ASSERT_TRUE(sender->Submit(SingleWrite{smr, 0, src.size(), remote, 0, 4}, {.counter = &done}).ok());
+  ASSERT_TRUE(done.WaitFinished(1, std::chrono::seconds(10)));
+  ASSERT_EQ(done.failed(), 0u) << done.first_error().ToString();
+  ASSERT_TRUE(receiver->WaitImm(4, 1, std::chrono::seconds(10)).ok());
+  EXPECT_TRUE(src == dst);
+  const EngineStats st = sender->stats();
+  ASSERT_EQ(st.domains.size(), 2u);
+  EXPECT_EQ(st.domains[0].bytes_written, 0u);  // not through the (software) RC NIC
+  EXPECT_EQ(st.domains[1].bytes_written, src.size());
+}
+
 TEST(VerbsDomain, PagedWritesGoAsChainsOfWorkRequests) {
   EngineOptions eo;
   eo.SetProvider("verbs-native");
+  eo.same_host = SameHost::kNic;  // both engines are on this host: exercise the NIC
   auto sender = TransferEngine::Create(eo).value();
   auto receiver = TransferEngine::Create(eo).value();
   std::vector<uint8_t> src(256 * 4096, 5), dst(256 * 4096, 0);
