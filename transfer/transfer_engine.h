@@ -77,8 +77,8 @@ class TransferEngine {
   static Result<std::unique_ptr<TransferEngine>> Create(const EngineOptions& options);
   // An engine over domains the caller opened (one per NIC, all of one
   // provider, and optionally a same-host domain, provider "local", last),
-  // instead of those `options` name; the rest of `options` applies. For tests and benchmarks: tools/discard_domain.h measures the
-  // engine's own cost with a domain that moves no data.
+  // instead of those `options` name; the rest of `options` applies. For tests and benchmarks: tools/discard_domain.h
+  // measures the engine's own cost with a domain that moves no data.
   static Result<std::unique_ptr<TransferEngine>> CreateOverDomains(const EngineOptions& options,
                                                                    std::vector<std::shared_ptr<nic::Domain>> domains);
   // The options Create() actually uses: with `gpu` set, fills domains,
