@@ -39,6 +39,10 @@ class MemoryRegion {
   // share (no CUDA driver, or memory CUDA IPC cannot export).
   const nic::LocalRegistration& registration(size_t domain) const { return regs_[domain]; }
   static bool Registered(const nic::LocalRegistration& r) { return r.mr != nullptr || r.rkey != 0; }
+  // Whether this region was registered on exactly these domains (by the
+  // engine that owns them): only then do its registrations mean anything
+  // to that engine's posts.
+  bool RegisteredOn(const std::vector<std::shared_ptr<nic::Domain>>& domains) const { return domains_ == domains; }
 
  private:
   void* data_;

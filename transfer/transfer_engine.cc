@@ -362,7 +362,7 @@ PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options, cons
   // A source takes the same-host lane only if it is registered there (GPU
   // memory may not be: RegisterMemory).
   const LocalMr* src = SourceOf(request);
-  l.same_host_source = address.same_host_domains == 0 || !src || !*src ||
+  l.same_host_source = address.same_host_domains == 0 || !src || !*src || !(*src)->RegisteredOn(group.domains()) ||
                        MemoryRegion::Registered((*src)->registration(address.nic_domains()));
   return l;
 }
@@ -389,6 +389,8 @@ Status TransferEngine::Submit(Request request, Completion completion) {
     }
   } trim;
   TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_, address_, request), &writes));
+  if (const LocalMr* src = SourceOf(request); src && *src && !(*src)->RegisteredOn(group_->domains()))
+    return InvalidArgument("source region was registered by another engine; register it on this one");
   auto r = group_->request_pool().Get();
   if (const LocalMr* src = SourceOf(request)) r->src = *src;
   if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost) {

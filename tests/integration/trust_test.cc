@@ -95,6 +95,11 @@ TEST(Trust, DescriptorsBuiltByHandAreCheckedLikeDecodedOnes) {
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   auto foreign = std::make_shared<const RemoteRegion>(good->descriptor(), nullptr);
   EXPECT_FALSE(sender->Submit(SingleWrite{src_mr, 0, 64, foreign, 0, 1}, {}).ok());
+  // A source region another engine registered means nothing to this one's
+  // posts (its descriptors and keys are that engine's).
+  Status theirs = sender->Submit(SingleWrite{dst_mr, 0, 64, good, 0, 1}, {});
+  EXPECT_EQ(theirs.code(), StatusCode::kInvalidArgument) << theirs.ToString();
+  EXPECT_NE(theirs.message().find("another engine"), std::string::npos) << theirs.ToString();
 }
 
 TEST(Trust, SubmitIsBounded) {
