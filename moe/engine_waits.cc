@@ -42,4 +42,8 @@ Status WaitForSends(TransferEngine* engine, CompletionCounter& counter, uint64_t
   return Status::Ok();
 }
 
+std::chrono::milliseconds ShutdownWait(const TransferEngine* engine) {
+  return 2 * engine->options().request_timeout + std::chrono::seconds(1);
+}
+
 }  // namespace te::moe

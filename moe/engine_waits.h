@@ -22,4 +22,11 @@ Status WaitForImms(TransferEngine* engine, uint32_t imm, uint64_t count, std::ch
 Status WaitForSends(TransferEngine* engine, CompletionCounter& counter, uint64_t submitted,
                     std::chrono::milliseconds timeout, const std::string& what);
 
+// How long a dispatcher being destroyed waits for its own writes before it
+// frees the buffers they read: until the engine has ended every one of them
+// (it ends each request within its request_timeout once queued, and again
+// once posted), not the dispatcher's shorter timeout, which a slow peer
+// outlasts.
+std::chrono::milliseconds ShutdownWait(const TransferEngine* engine);
+
 }  // namespace te::moe

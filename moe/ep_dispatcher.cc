@@ -1,5 +1,7 @@
 #include "moe/ep_dispatcher.h"
 
+#include <glog/logging.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -81,9 +83,14 @@ Status EpDispatcher::Init() {
 }
 
 EpDispatcher::~EpDispatcher() {
-  // Our own writes still read the send buffer: let them finish (bounded).
-  (void)WaitSends(dispatch_sends_, dispatch_submitted_, "shutdown");
-  (void)WaitSends(combine_sends_, combine_submitted_, "shutdown");
+  // Our own writes still read the send buffer until the engine ends them.
+  (void)WaitForSends(engine_, dispatch_sends_, dispatch_submitted_, ShutdownWait(engine_), "shutdown");
+  (void)WaitForSends(engine_, combine_sends_, combine_submitted_, ShutdownWait(engine_), "shutdown");
+  if (dispatch_sends_.finished() < dispatch_submitted_ || combine_sends_.finished() < combine_submitted_) {
+    LOG(ERROR) << "EpDispatcher: writes still unfinished at shutdown; their buffers are kept (leaked) rather than "
+                  "freed under them";
+    new std::vector<AlignedBuffer>(std::move(memory_));
+  }
   recv_mr_.reset();
   send_mr_.reset();  // before memory_ itself goes
 }

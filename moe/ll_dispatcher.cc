@@ -1,5 +1,7 @@
 #include "moe/ll_dispatcher.h"
 
+#include <glog/logging.h>
+
 #include <cstring>
 #include <sstream>
 
@@ -70,7 +72,13 @@ Status LowLatencyDispatcher::Init() {
 }
 
 LowLatencyDispatcher::~LowLatencyDispatcher() {
-  (void)WaitSends(submitted_, "shutdown");  // our writes still read the send buffer (bounded)
+  // Our writes still read the send buffer until the engine ends them.
+  if (!WaitForSends(engine_, sends_, submitted_, ShutdownWait(engine_), "shutdown").ok() &&
+      sends_.finished() < submitted_) {
+    LOG(ERROR) << "LowLatencyDispatcher: " << submitted_ - sends_.finished()
+               << " writes still unfinished at shutdown; their buffers are kept (leaked) rather than freed under them";
+    new std::vector<AlignedBuffer>(std::move(memory_));
+  }
   recv_mr_.reset();
   send_mr_.reset();
 }
