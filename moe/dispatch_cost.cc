@@ -15,7 +15,10 @@ Result<TokenHome> ParseTokenHome(const std::string& name) {
 
 RecordCount DispatchCost::total() const {
   RecordCount sum;
-  for (const auto& l : layers) sum.rank += l.rank, sum.node += l.node, sum.away_from_source += l.away_from_source;
+  for (const auto& l : layers) {
+    sum.rank += l.rank, sum.node += l.node, sum.relayed += l.relayed;
+    sum.away_from_source += l.away_from_source;
+  }
   return sum;
 }
 
@@ -118,12 +121,15 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
         if (rank_seen[r] == tok) continue;
         rank_seen[r] = tok;
         c.rank++;
+        const uint32_t relay = node == home_node ? home : node * per_node + home % per_node;
+        if (o.hierarchical) c.relayed += r != relay;  // forwarded inside the node
         if (node == home_node) continue;
         if (!o.hierarchical) {
           c.node++;
         } else if (node_seen[node] != tok) {
           node_seen[node] = tok;
           c.node++;
+          c.relayed++;  // to the node's relay
         }
       }
     }

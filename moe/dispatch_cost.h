@@ -45,6 +45,12 @@ struct CostOptions {
 struct RecordCount {
   uint64_t rank = 0;  // records to another rank (dispatch; combine returns as many)
   uint64_t node = 0;  // of those, network crossings between nodes
+  // hierarchical: records between ranks as HierarchicalDispatcher sends them,
+  // a token's home its own relay: one to the relay of each remote node the
+  // token needs (rank n * L + home % L, L ranks per node; these are `node`),
+  // plus one from each node's relay to every other rank there holding the
+  // token's experts. Combine returns as many.
+  uint64_t relayed = 0;
   // kTop1: tokens whose home at this layer is not their source rank. Each
   // needs its attention context (KV cache) where it now is: what makes
   // context-coherent dispatch legal, and what it costs beyond the records.

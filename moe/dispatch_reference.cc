@@ -39,10 +39,15 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
   return out;
 }
 
-Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shape, const ExpertMap& map,
-                                                            const std::vector<TokenBatch>& batches,
-                                                            const std::vector<std::vector<ExpertTokens>>& dispatched,
-                                                            const std::vector<ExpertOutputs>& outputs) {
+namespace {
+
+// Combine as defined in dispatch_types.h; with nodes > 0 the rank partials
+// of each node are first summed into a node partial (rank order, bf16), as
+// HierarchicalDispatcher does.
+Result<std::vector<std::vector<uint16_t>>> Combine(const EpConfig& shape, const ExpertMap& map, uint32_t nodes,
+                                                   const std::vector<TokenBatch>& batches,
+                                                   const std::vector<std::vector<ExpertTokens>>& dispatched,
+                                                   const std::vector<ExpertOutputs>& outputs) {
   const uint32_t R = shape.ranks, K = shape.topk, H = shape.hidden;
   if (batches.size() != R || dispatched.size() != R || outputs.size() != R)
     return InvalidArgument("reference combine needs batches, dispatch results and outputs for every rank");
@@ -54,12 +59,16 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shap
       for (uint32_t i = 0; i < x.count; ++i) position[r][x.expert][{x.src_rank[i], x.src_token[i]}] = i;
 
   std::vector<std::vector<uint16_t>> combined(R);
-  std::vector<float> total(H), partial(H);
+  if (nodes > 0 && R % nodes) return InvalidArgument("nodes must divide ranks");
+  const uint32_t per_node = nodes > 0 ? R / nodes : R;
+  std::vector<float> total(H), partial(H), node_sum(H);
   for (uint32_t s = 0; s < R; ++s) {
     const TokenBatch& b = batches[s];
     combined[s].assign(size_t(b.tokens) * H, 0);
     for (uint32_t t = 0; t < b.tokens; ++t) {
       std::fill(total.begin(), total.end(), 0.0f);
+      std::fill(node_sum.begin(), node_sum.end(), 0.0f);
+      bool node_any = false;
       for (uint32_t r = 0; r < R; ++r) {
         bool any = false;
         std::fill(partial.begin(), partial.end(), 0.0f);
@@ -75,13 +84,38 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shap
           for (uint32_t j = 0; j < H; ++j) partial[j] += w * Bf16ToFloat(y[j]);
           any = true;
         }
-        if (!any) continue;
-        for (uint32_t j = 0; j < H; ++j) total[j] += Bf16ToFloat(FloatToBf16(partial[j]));
+        if (any && nodes == 0) {
+          for (uint32_t j = 0; j < H; ++j) total[j] += Bf16ToFloat(FloatToBf16(partial[j]));
+        } else if (any) {
+          for (uint32_t j = 0; j < H; ++j) node_sum[j] += Bf16ToFloat(FloatToBf16(partial[j]));
+          node_any = true;
+        }
+        if (nodes > 0 && (r + 1) % per_node == 0 && node_any) {  // the node's last rank
+          for (uint32_t j = 0; j < H; ++j) total[j] += Bf16ToFloat(FloatToBf16(node_sum[j]));
+          std::fill(node_sum.begin(), node_sum.end(), 0.0f);
+          node_any = false;
+        }
       }
       for (uint32_t j = 0; j < H; ++j) combined[s][size_t(t) * H + j] = FloatToBf16(total[j]);
     }
   }
   return combined;
+}
+
+}  // namespace
+
+Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shape, const ExpertMap& map,
+                                                            const std::vector<TokenBatch>& batches,
+                                                            const std::vector<std::vector<ExpertTokens>>& dispatched,
+                                                            const std::vector<ExpertOutputs>& outputs) {
+  return Combine(shape, map, 0, batches, dispatched, outputs);
+}
+
+Result<std::vector<std::vector<uint16_t>>> ReferenceHierarchicalCombine(
+    const EpConfig& shape, const ExpertMap& map, uint32_t nodes, const std::vector<TokenBatch>& batches,
+    const std::vector<std::vector<ExpertTokens>>& dispatched, const std::vector<ExpertOutputs>& outputs) {
+  if (nodes == 0) return InvalidArgument("nodes must be at least 1");
+  return Combine(shape, map, nodes, batches, dispatched, outputs);
 }
 
 }  // namespace te::moe

@@ -26,4 +26,11 @@ Result<std::vector<std::vector<uint16_t>>> ReferenceCombine(const EpConfig& shap
                                                             const std::vector<std::vector<ExpertTokens>>& dispatched,
                                                             const std::vector<ExpertOutputs>& outputs);
 
+// The same for HierarchicalDispatcher: each node's rank partials are summed
+// in rank order into one node partial (bf16) before the source sums the node
+// partials in node order. Ranks r of node r / (ranks / nodes).
+Result<std::vector<std::vector<uint16_t>>> ReferenceHierarchicalCombine(
+    const EpConfig& shape, const ExpertMap& map, uint32_t nodes, const std::vector<TokenBatch>& batches,
+    const std::vector<std::vector<ExpertTokens>>& dispatched, const std::vector<ExpertOutputs>& outputs);
+
 }  // namespace te::moe

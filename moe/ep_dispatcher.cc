@@ -14,7 +14,7 @@ namespace {
 
 constexpr uint32_t kCountsImm = 0, kDataImm = 2, kCombineImm = 4;  // + parity
 
-// Head of a count row; per_rank[R] and per_expert[E] follow.
+// Head of a count row; per_rank[R] follows.
 struct CountRowHeader {
   uint64_t seq;
   uint32_t map_fingerprint;
@@ -37,7 +37,7 @@ struct EpDispatcher::Layout {
 
   explicit Layout(const EpConfig& c) {
     record = RecordBytes(c);
-    row_bytes = Align(sizeof(CountRowHeader) + 4 * (size_t(c.ranks) + c.experts), 64);
+    row_bytes = Align(sizeof(CountRowHeader) + 4 * size_t(c.ranks), 64);
     hidden_bytes = size_t(c.hidden) * 2;
     private_records = c.private_slot_tokens();
     overflow_records = c.overflow_slot_tokens();
@@ -213,7 +213,6 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
   CountRowHeader head{seq_, map.fingerprint(), tokens};
   std::memcpy(send + L.send_row_off, &head, sizeof head);
   std::memcpy(send + L.send_row_off + sizeof head, plan.per_rank.data(), 4 * R);
-  std::memcpy(send + L.send_row_off + sizeof head + 4 * R, plan.per_expert.data(), 4 * c.experts);
   std::memcpy(recv + L.Counts(b, p), send + L.send_row_off, L.row_bytes);
   const Completion sent{.counter = &dispatch_sends_};
   if (R > 1) {

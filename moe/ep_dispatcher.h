@@ -14,7 +14,7 @@
 //
 // Protocol, per dispatch (seq s, parity b = s & 1; every rank dispatches
 // every layer, possibly with zero tokens):
-//  1. Every rank writes its count row (tokens per rank, pairs per expert,
+//  1. Every rank writes its count row (tokens per rank,
 //     seq, map fingerprint) into every other rank's count table [b] with
 //     one immediate.
 //  2. At once, without waiting for anyone's counts, it writes up to

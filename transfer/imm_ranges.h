@@ -8,7 +8,8 @@
 //   range                      owner
 //   0x00000000 .. 0x3fffffff   the application and the tools
 //   0x4b000000 .. 0x4bffffff   kvcache: KvDecoder, imm_base | 24-bit request tag
-//   0x4d450000 .. 0x4d450009   moe: EpDispatcher imm_base + 0 .. 5, LowLatencyDispatcher + 6 .. 9
+//   0x4d450000 .. 0x4d45000f   moe: EpDispatcher imm_base + 0 .. 5, LowLatencyDispatcher + 6 .. 9,
+//                              HierarchicalDispatcher + 0 .. 5 and + 10 .. 15
 //   0x57530000 .. 0x5753ffff   weightsync: imm_base | (version & 0xffff)
 //
 // Telemetry writes carry no immediate. The bases are the planes' default
@@ -30,7 +31,7 @@ struct ImmRange {
 inline constexpr uint32_t kApplicationImmLimit = 0x40000000;
 inline constexpr ImmRange kApplicationImms{0, kApplicationImmLimit};
 inline constexpr ImmRange kKvDecoderImms{0x4B000000, 1u << 24};
-inline constexpr ImmRange kMoeImms{0x4D450000, 10};
+inline constexpr ImmRange kMoeImms{0x4D450000, 16};
 inline constexpr ImmRange kWeightSyncImms{0x57530000, 1u << 16};
 
 static_assert(!kApplicationImms.Overlaps(kKvDecoderImms) && !kApplicationImms.Overlaps(kMoeImms) &&

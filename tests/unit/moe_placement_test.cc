@@ -128,6 +128,15 @@ TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
   EXPECT_EQ(flat.layers[1].node, 3u);
   EXPECT_EQ(hier.layers[1].rank, 3u);
   EXPECT_EQ(hier.layers[1].node, 2u);
+  // The relay protocol (L = 2: rank s's relay in node 1 is 2 + s % 2).
+  // Layer 0: token 0 -> rank 1 (forwarded by its own rank), rank 2 (node
+  // 1's relay for rank 0: one record); token 1 -> rank 0 (forwarded): 3.
+  // Layer 1: token 0 -> rank 3 via relay 2: 2 records; token 1 -> relay 3,
+  // which forwards to rank 2: 2 records.
+  EXPECT_EQ(hier.layers[0].relayed, 3u);
+  EXPECT_EQ(hier.layers[1].relayed, 4u);
+  EXPECT_EQ(hier.total().relayed, 7u);
+  EXPECT_EQ(flat.total().relayed, 0u);  // counted for the hierarchical protocol only
   // Context-coherent: at layer 1 token 0 lives on its top-1's rank (expert 1:
   // rank 1), token 1 on expert 0's rank 0. Token 0 -> rank 3: 1 record, node
   // 1. Token 1 -> ranks {2, 3}: 2 records, node 1 once.

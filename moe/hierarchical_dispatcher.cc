@@ -1,0 +1,218 @@
+#include "moe/hierarchical_dispatcher.h"
+
+#include <cstring>
+
+#include "moe/dispatch_records.h"
+
+namespace te::moe {
+namespace {
+
+constexpr const char* kMagic = "temoeh1";
+constexpr const char* kSeparator = " | ";
+
+// The fixed map of a step's virtual experts: (rank, expert) = rank * E + e,
+// held by `rank`, so its local index there is e.
+Result<ExpertMap> VirtualMap(uint32_t ranks, uint32_t experts) {
+  std::vector<uint32_t> rank_of(size_t(ranks) * experts);
+  for (size_t v = 0; v < rank_of.size(); ++v) rank_of[v] = uint32_t(v / experts);
+  return ExpertMap::FromRanks(std::move(rank_of), ranks);
+}
+
+std::vector<std::string> SplitInfo(const std::string& info) {
+  std::vector<std::string> parts;
+  size_t at = 0;
+  for (;;) {
+    const size_t next = info.find(kSeparator, at);
+    parts.push_back(info.substr(at, next == std::string::npos ? std::string::npos : next - at));
+    if (next == std::string::npos) return parts;
+    at = next + std::strlen(kSeparator);
+  }
+}
+
+uint64_t SentToOthers(const DispatchHandle& h, uint32_t self) {
+  uint64_t n = 0;
+  for (uint32_t r = 0; r < h.sent_to.size(); ++r) n += r == self ? 0 : h.sent_to[r];
+  return n;
+}
+
+}  // namespace
+
+HierarchicalDispatcher::HierarchicalDispatcher(const EpConfig& config, uint32_t nodes)
+    : config_(config),
+      nodes_(nodes),
+      per_node_(config.ranks / nodes),
+      node_(config.rank / per_node_),
+      local_(config.rank % per_node_) {}
+
+HierarchicalDispatcher::~HierarchicalDispatcher() = default;
+
+Result<std::unique_ptr<HierarchicalDispatcher>> HierarchicalDispatcher::Create(TransferEngine* engine,
+                                                                               const EpConfig& config, uint32_t nodes) {
+  if (!engine) return InvalidArgument("HierarchicalDispatcher needs an engine");
+  TE_RETURN_IF_ERROR(config.Validate());
+  if (nodes == 0 || config.ranks % nodes)
+    return InvalidArgument("nodes " + std::to_string(nodes) + " must divide ranks " + std::to_string(config.ranks));
+  if (uint64_t(config.ranks) * config.experts > 65535)
+    return InvalidArgument("ranks x experts = " + std::to_string(uint64_t(config.ranks) * config.experts) +
+                           " exceeds 65535, the virtual experts the step across nodes can name");
+  if (uint64_t(nodes) * config.max_tokens > (1u << 20))
+    return InvalidArgument("nodes x max_tokens = " + std::to_string(uint64_t(nodes) * config.max_tokens) +
+                           " exceeds 2^20, the rows a relay may receive");
+  std::unique_ptr<HierarchicalDispatcher> d(new HierarchicalDispatcher(config, nodes));
+  EpConfig across = config;
+  across.experts = config.ranks * config.experts;
+  EpConfig inside = config;
+  inside.ranks = d->per_node_;
+  inside.rank = d->local_;
+  inside.experts = d->per_node_ * config.experts;
+  inside.max_tokens = nodes * config.max_tokens;  // a relay's rows: one source per node
+  inside.private_tokens = 0;
+  inside.overflow_tokens = EpConfig::kWorstCase;
+  inside.imm_base = config.imm_base + kInsideImmOffset;
+  TE_ASSIGN_OR_RETURN(d->across_map_, VirtualMap(across.ranks, config.experts));
+  TE_ASSIGN_OR_RETURN(d->inside_map_, VirtualMap(inside.ranks, config.experts));
+  TE_ASSIGN_OR_RETURN(d->across_, EpDispatcher::Create(engine, across));
+  TE_ASSIGN_OR_RETURN(d->inside_, EpDispatcher::Create(engine, inside));
+  return d;
+}
+
+size_t HierarchicalDispatcher::buffer_bytes() const { return across_->buffer_bytes() + inside_->buffer_bytes(); }
+
+std::string HierarchicalDispatcher::LocalInfo() const {
+  return std::string(kMagic) + ' ' + std::to_string(nodes_) + kSeparator + across_->LocalInfo() + kSeparator +
+         inside_->LocalInfo();
+}
+
+Status HierarchicalDispatcher::Connect(const std::vector<std::string>& infos) {
+  const uint32_t R = config_.ranks;
+  if (infos.size() != R)
+    return InvalidArgument("Connect got " + std::to_string(infos.size()) + " infos for " + std::to_string(R) +
+                           " ranks");
+  std::vector<std::string> across(R), inside;
+  const std::string head = std::string(kMagic) + ' ' + std::to_string(nodes_);
+  for (uint32_t r = 0; r < R; ++r) {
+    std::vector<std::string> parts = SplitInfo(infos[r]);
+    if (parts.size() != 3 || parts[0].rfind(kMagic, 0) != 0)
+      return InvalidArgument("info of rank " + std::to_string(r) + " is not a HierarchicalDispatcher's");
+    if (parts[0] != head)
+      return InvalidArgument("rank " + std::to_string(r) + " has '" + parts[0] + "', this rank '" + head +
+                             "' (nodes differ)");
+    across[r] = std::move(parts[1]);
+    if (r / per_node_ == node_) inside.push_back(std::move(parts[2]));
+  }
+  TE_RETURN_IF_ERROR(across_->Connect(across).WithContext("across nodes"));
+  TE_RETURN_IF_ERROR(inside_->Connect(inside).WithContext("inside node " + std::to_string(node_)));
+  connected_ = true;
+  return Status::Ok();
+}
+
+Status HierarchicalDispatcher::Fail(Status s) {
+  if (failed_.ok()) failed_ = s;
+  return s;
+}
+
+Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, DispatchResult* out) {
+  if (!connected_) return InvalidArgument("Dispatch/Combine before Connect");
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (combine_pending_)
+    return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
+  if (!out) return InvalidArgument("Dispatch needs a result to fill");
+  const EpConfig& c = config_;
+  const uint32_t K = c.topk, E = c.experts, L = per_node_;
+  if (map.ranks() != c.ranks || map.experts() != E)
+    return InvalidArgument("expert map of " + std::to_string(map.experts()) + " experts on " +
+                           std::to_string(map.ranks()) + " ranks; the group has " + std::to_string(E) + " on " +
+                           std::to_string(c.ranks));
+  TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
+
+  // 1. Across nodes: expert e goes to virtual expert (relay of e's node, e).
+  idx_.resize(size_t(batch.tokens) * K);
+  for (size_t i = 0; i < idx_.size(); ++i) {
+    const int32_t e = batch.topk_idx[i];
+    const uint32_t relay = e < 0 ? 0 : map.RankFor(uint32_t(e), c.rank) / L * L + local_;
+    idx_[i] = e < 0 ? -1 : int32_t(relay * E + uint32_t(e));
+  }
+  const TokenBatch virtual_batch{batch.tokens, batch.data, batch.scales, idx_.data(), batch.topk_weights};
+  const EpConfig& ac = across_->config();
+  if (Status s = across_->PrepareDispatch(); !s.ok()) return Fail(s);
+  ResetResult(ac, across_map_, &across_result_);
+  PackRecords(ac, across_map_, virtual_batch, across_->send_records(), &plan_, &across_result_.handle);
+  std::vector<const uint8_t*> records;
+  if (Status s = across_->DispatchPacked(plan_, across_map_, batch.tokens, &across_result_, &records); !s.ok())
+    return Fail(s);
+
+  // 2. Inside the node: every received row to the ranks of its experts. The
+  // rows stay in source-rank, source-token order.
+  const size_t rows = records.size(), tb = c.token_bytes(), sc = c.scale_count(), off = RecordPayloadOffset(ac);
+  rows_.resize(rows * tb);
+  scales_.resize(rows * sc);
+  weights_.assign(rows * K, 0.0f);
+  idx_.assign(rows * K, -1);
+  const DispatchHandle& ah = across_result_.handle;
+  for (size_t q = 0; q < rows; ++q) {
+    std::memcpy(&rows_[q * tb], records[q] + off, tb);
+    if (sc) std::memcpy(&scales_[q * sc], records[q] + off + tb, sc * sizeof(float));
+    uint32_t k = 0;
+    for (uint32_t i = ah.row_begin[q]; i < ah.row_begin[q + 1] && k < K; ++i, ++k) {
+      const RowEntry& entry = ah.entries[i];
+      const uint32_t e = entry.local_expert;
+      const uint32_t source = across_result_.experts[e].src_rank[entry.position];
+      const uint32_t r = map.RankFor(e, source);
+      if (r / L != node_)
+        return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +
+                                    " to node " + std::to_string(node_) + ", where this rank's map has no replica " +
+                                    "for it: ranks use different expert maps"));
+      idx_[q * K + k] = int32_t((r % L) * E + e);
+      weights_[q * K + k] = entry.weight;
+    }
+  }
+  const TokenBatch relayed{uint32_t(rows), rows_.data(), sc ? scales_.data() : nullptr, idx_.data(), weights_.data()};
+  if (Status s = inside_->Dispatch(relayed, inside_map_, &inside_result_); !s.ok()) return Fail(s);
+
+  // 3. The caller's view: its map's local experts, sources named by relay.
+  out->experts.clear();
+  for (uint32_t e : map.local_experts(c.rank)) {
+    ExpertTokens x = std::move(inside_result_.experts[e]);
+    x.expert = e;
+    for (uint32_t& s : x.src_rank) s += node_ * L;
+    out->experts.push_back(std::move(x));
+  }
+  const DispatchHandle& ih = inside_result_.handle;
+  DispatchHandle& h = out->handle;
+  h = DispatchHandle{};
+  h.seq = ++seq_;
+  h.tokens = batch.tokens;
+  h.sent_to = ah.sent_to;
+  for (uint32_t j = 0; j < L; ++j) h.sent_to[node_ * L + j] += ih.sent_to[j];
+  across_sent_ += SentToOthers(ah, c.rank);
+  inside_sent_ += SentToOthers(ih, local_);
+  combine_pending_ = true;
+  return Status::Ok();
+}
+
+Status HierarchicalDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out) {
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (!combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
+  if (dispatched.handle.seq != seq_)
+    return InvalidArgument("Combine got the handle of dispatch " + std::to_string(dispatched.handle.seq) +
+                           "; the pending one is " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
+  if (!out && dispatched.handle.tokens > 0)
+    return InvalidArgument("Combine needs an output for " + std::to_string(dispatched.handle.tokens) + " tokens");
+  // Inside the node: rank partials back to the relay, which sums them into
+  // node partials, written straight into the staging the step across nodes
+  // sends from. Its previous writes from there are over: every rank finished
+  // the last combine (which waited for them) before this dispatch's count
+  // rows could complete.
+  std::vector<const uint16_t*> inside_outputs(config_.experts, nullptr);
+  for (size_t i = 0; i < outputs.size(); ++i) inside_outputs[dispatched.experts[i].expert] = outputs[i];
+  if (Status s = inside_->Combine(inside_outputs, inside_result_, across_->send_partials()); !s.ok()) return Fail(s);
+  // Across nodes: node partials back to the source, summed in node order.
+  auto rows = across_->CombinePacked(across_result_);
+  if (!rows.ok()) return Fail(rows.status());
+  SumPartials(across_->config(), across_result_.handle, *rows, out);
+  combine_pending_ = false;
+  return Status::Ok();
+}
+
+}  // namespace te::moe
