@@ -183,7 +183,11 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   h.seq = ++seq_;
   h.tokens = batch.tokens;
   h.sent_to = ah.sent_to;
-  for (uint32_t j = 0; j < L; ++j) h.sent_to[node_ * L + j] += ih.sent_to[j];
+  h.recv_from = ah.recv_from;
+  for (uint32_t j = 0; j < L; ++j) {
+    h.sent_to[node_ * L + j] += ih.sent_to[j];
+    h.recv_from[node_ * L + j] += ih.recv_from[j];
+  }
   across_sent_ += SentToOthers(ah, c.rank);
   inside_sent_ += SentToOthers(ih, local_);
   combine_pending_ = true;

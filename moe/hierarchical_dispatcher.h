@@ -41,6 +41,9 @@
 //    sums its node's rank partials in rank order (a node partial, bf16); the
 //    source sums the node partials in node order (bf16).
 //    ReferenceHierarchicalCombine (dispatch_reference.h) is that definition.
+//  - The result's handle carries only seq, tokens, and sent_to / recv_from:
+//    the records this rank sent to / received from each rank in both steps
+//    (combine returns one row per record). The rest stays inside.
 //
 // Memory: the relay receives up to nodes x max_tokens rows, so the inside
 // dispatcher is sized for that. Immediates: imm_base + 0 .. 5 across nodes

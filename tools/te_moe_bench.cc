@@ -31,6 +31,7 @@
 #include "moe/dispatch_cost.h"
 #include "moe/dispatch_records.h"
 #include "moe/ep_dispatcher.h"
+#include "moe/hierarchical_dispatcher.h"
 #include "moe/ll_dispatcher.h"
 #include "moe/numeric_formats.h"
 #include "moe/placement.h"
@@ -56,7 +57,9 @@ DEFINE_string(provider, "tcp",
 DEFINE_string(progress, "manual", "bench: engine progress: manual (the rank's thread drives it) or thread");
 DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen), replayed from each token's --home rank");
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
-DEFINE_string(mode, "normal", "bench: engine dispatch paths, comma-separated: normal (EpDispatcher), ll (low latency)");
+DEFINE_string(mode, "normal",
+              "bench: engine dispatch paths, comma-separated: normal (EpDispatcher), ll (low latency), hier "
+              "(HierarchicalDispatcher: node-level deduplication over --nodes)");
 DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
 DEFINE_string(mpi_btl, "",
               "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
@@ -155,7 +158,9 @@ struct Layer {
   std::vector<float> scales, weights;
   std::vector<int32_t> idx;
   uint32_t tokens = 0;
-  std::vector<std::vector<uint16_t>> outputs;  // synthetic expert outputs, per local expert
+  // Synthetic expert outputs, per local expert, for the rows as each path
+  // delivered them (the hierarchical path orders them by relay).
+  std::vector<std::vector<uint16_t>> outputs, mpi_outputs;
   moe::TokenBatch view() const {
     return {tokens, data.data(), scales.empty() ? nullptr : scales.data(), idx.data(), weights.data()};
   }
@@ -232,13 +237,62 @@ std::string MpiTransport() {
   return btl ? btl : "default";
 }
 
+enum class Mode { kNormal, kLowLatency, kHierarchical };
+
+const char* ModeSuffix(Mode m) { return m == Mode::kLowLatency ? " ll" : m == Mode::kHierarchical ? " hier" : ""; }
+
+// The hierarchical path delivers an expert's tokens grouped by relay: the
+// same rows as the flat path, in another order.
+std::vector<std::vector<uint8_t>> SortedRows(const moe::EpConfig& c, const moe::ExpertTokens& x) {
+  std::vector<std::vector<uint8_t>> rows;
+  const size_t tb = c.token_bytes();
+  for (uint32_t i = 0; i < x.count; ++i) {
+    rows.emplace_back(x.data.begin() + i * tb, x.data.begin() + (i + 1) * tb);
+    const auto* w = reinterpret_cast<const uint8_t*>(&x.weights[i]);
+    rows.back().insert(rows.back().end(), w, w + sizeof(float));
+  }
+  std::sort(rows.begin(), rows.end());
+  return rows;
+}
+
+// What the hierarchical path must return, from the MPI path's partial rows
+// (one per token and destination rank, rank order): each node's rank
+// partials summed in rank order into a bf16 node partial, then the node
+// partials in node order (HierarchicalDispatcher's arithmetic).
+std::vector<uint16_t> SumByNode(const moe::EpConfig& c, const moe::DispatchHandle& h, const uint16_t* rows,
+                                uint32_t per_node) {
+  std::vector<uint32_t> first(c.ranks + 1, 0);  // rows of rank r: [first[r], first[r + 1])
+  for (uint32_t r = 0; r < c.ranks; ++r) first[r + 1] = first[r] + h.sent_to[r];
+  std::vector<uint16_t> out(size_t(h.tokens) * c.hidden, 0);
+  std::vector<float> total(c.hidden), node(c.hidden);
+  for (uint32_t t = 0; t < h.tokens; ++t) {
+    std::fill(total.begin(), total.end(), 0.0f);
+    std::fill(node.begin(), node.end(), 0.0f);
+    uint32_t node_of = UINT32_MAX;
+    auto flush = [&] {
+      if (node_of == UINT32_MAX) return;
+      for (uint32_t j = 0; j < c.hidden; ++j) total[j] += moe::Bf16ToFloat(moe::FloatToBf16(node[j]));
+      std::fill(node.begin(), node.end(), 0.0f);
+    };
+    for (uint32_t i = h.token_row_begin[t]; i < h.token_row_begin[t + 1]; ++i) {
+      const uint32_t row = h.token_rows[i];
+      const uint32_t r = uint32_t(std::upper_bound(first.begin(), first.end(), row) - first.begin()) - 1;
+      if (r / per_node != node_of) flush(), node_of = r / per_node;
+      for (uint32_t j = 0; j < c.hidden; ++j) node[j] += moe::Bf16ToFloat(rows[size_t(row) * c.hidden + j]);
+    }
+    flush();
+    for (uint32_t j = 0; j < c.hidden; ++j) out[size_t(t) * c.hidden + j] = moe::FloatToBf16(total[j]);
+  }
+  return out;
+}
+
 struct Timing {
   std::vector<double> dispatch_us, combine_us;
 };
 
 // Runs one case on every rank; rank 0 prints its rows.
 void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payload, const std::string& routing,
-             bool low_latency, const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
+             Mode mode, const moe::RoutingTrace* trace, const moe::Placement* placement, int rank, int ranks) {
   moe::EpConfig c;
   c.ranks = ranks;
   c.rank = rank;
@@ -252,20 +306,24 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   // The engine path: EpDispatcher, or with --mode=ll the low-latency one.
   std::unique_ptr<moe::EpDispatcher> d;
   std::unique_ptr<moe::LowLatencyDispatcher> ll;
-  if (low_latency) {
+  std::unique_ptr<moe::HierarchicalDispatcher> hier;
+  if (mode == Mode::kLowLatency) {
     ll = Must(moe::LowLatencyDispatcher::Create(engine, c), "low-latency dispatcher");
     Must(ll->Connect(te::tools::AllGatherStrings(ll->LocalInfo(), ranks)), "connect the group");
+  } else if (mode == Mode::kHierarchical) {
+    hier = Must(moe::HierarchicalDispatcher::Create(engine, c, FLAGS_nodes), "hierarchical dispatcher");
+    Must(hier->Connect(te::tools::AllGatherStrings(hier->LocalInfo(), ranks)), "connect the group");
   } else {
     d = Must(moe::EpDispatcher::Create(engine, c), "dispatcher");
     Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
   }
   auto te_dispatch = [&](const moe::TokenBatch& b, const moe::ExpertMap& m, moe::DispatchResult* out) {
-    return ll ? ll->Dispatch(b, m, out) : d->Dispatch(b, m, out);
+    return ll ? ll->Dispatch(b, m, out) : hier ? hier->Dispatch(b, m, out) : d->Dispatch(b, m, out);
   };
   auto te_combine = [&](const moe::ExpertOutputs& o, const moe::DispatchResult& r, uint16_t* out) {
-    return ll ? ll->Combine(o, r, out) : d->Combine(o, r, out);
+    return ll ? ll->Combine(o, r, out) : hier ? hier->Combine(o, r, out) : d->Combine(o, r, out);
   };
-  const std::string routing_name = routing + (low_latency ? " ll" : "");
+  const std::string routing_name = routing + ModeSuffix(mode);
   MpiPath mpi(c);
 
   const moe::RoutingTrace used = trace ? ReplayedTokens(c, *trace) : moe::RoutingTrace{};
@@ -273,9 +331,11 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   // Records crossing ranks as moe/dispatch_cost.h predicts them (-1: no trace).
   const uint32_t nodes = FLAGS_nodes, per_node = uint32_t(ranks) / nodes;
   int64_t predicted = -1;
-  if (trace)
-    predicted =
-        int64_t(Must(moe::CountRecords(used, *placement, {nodes, HomeFlag(), false}), "count records").total().rank);
+  if (trace) {
+    const bool relayed = mode == Mode::kHierarchical;
+    const auto total = Must(moe::CountRecords(used, *placement, {nodes, HomeFlag(), relayed}), "count records").total();
+    predicted = int64_t(relayed ? total.relayed : total.rank);
+  }
   moe::DispatchResult te_result, mpi_result;
   std::vector<uint16_t> te_out, mpi_out;
   Timing te_t, mpi_t;
@@ -315,17 +375,30 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     t0 = now();
     Must(mpi.Dispatch(L.view(), L.map, &mpi_result), "MPI dispatch");
     t1 = now();
+    if (L.mpi_outputs.empty()) {
+      L.mpi_outputs.resize(mpi_result.experts.size());
+      for (size_t e = 0; e < L.mpi_outputs.size(); ++e)
+        moe::SyntheticExpert(c, mpi_result.experts[e], &L.mpi_outputs[e]);
+    }
+    moe::ExpertOutputs mpi_outs;
+    for (auto& o : L.mpi_outputs) mpi_outs.push_back(o.data());
     mpi_out.assign(size_t(L.tokens) * c.hidden, 0);
     MPI_Barrier(MPI_COMM_WORLD);
     t2 = now();
-    Must(mpi.Combine(outs, mpi_result, mpi_out.data()), "MPI combine");
+    Must(mpi.Combine(mpi_outs, mpi_result, mpi_out.data()), "MPI combine");
     t3 = now();
     const double mpi_d = slowest(us(t0, t1)), mpi_c = slowest(us(t2, t3));
-    if (i < layers.size()) {  // first pass: both paths agree, and what crosses ranks
-      for (size_t e = 0; e < te_result.experts.size(); ++e)
-        mismatches += te_result.experts[e].data != mpi_result.experts[e].data ||
-                      te_result.experts[e].src_token != mpi_result.experts[e].src_token;
-      mismatches += te_out != mpi_out;
+    if (i < layers.size()) {              // first pass: both paths agree, and what crosses ranks
+      if (mode == Mode::kHierarchical) {  // same rows in relay order; sums grouped by node
+        for (size_t e = 0; e < te_result.experts.size(); ++e)
+          mismatches += SortedRows(c, te_result.experts[e]) != SortedRows(c, mpi_result.experts[e]);
+        mismatches += te_out != SumByNode(c, mpi_result.handle, mpi.back.data(), per_node);
+      } else {
+        for (size_t e = 0; e < te_result.experts.size(); ++e)
+          mismatches += te_result.experts[e].data != mpi_result.experts[e].data ||
+                        te_result.experts[e].src_token != mpi_result.experts[e].src_token;
+        mismatches += te_out != mpi_out;
+      }
       for (int r = 0; r < ranks; ++r) {
         if (r == rank) continue;
         const uint64_t bytes = te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
@@ -383,12 +456,12 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
 }
 
-// --mode: which engine paths to run (false = EpDispatcher, true = low latency).
-std::vector<bool> Modes() {
-  std::vector<bool> modes;
+// --mode: which engine paths to run.
+std::vector<Mode> Modes() {
+  std::vector<Mode> modes;
   for (const std::string& m : Split(FLAGS_mode)) {
-    if (m != "normal" && m != "ll") Die("--mode entry '" + m + "': use normal or ll");
-    modes.push_back(m == "ll");
+    if (m != "normal" && m != "ll" && m != "hier") Die("--mode entry '" + m + "': use normal, ll or hier");
+    modes.push_back(m == "ll" ? Mode::kLowLatency : m == "hier" ? Mode::kHierarchical : Mode::kNormal);
   }
   return modes;
 }
@@ -422,20 +495,18 @@ int Worker() {
     const moe::Payload payload = p == "bf16" ? moe::Payload::kBf16 : moe::Payload::kFp8E4M3;
     if (FLAGS_bench_trace.empty()) {
       for (const std::string& s : Split(FLAGS_shapes))
-        for (bool low_latency : Modes())
-          RunCase(engine.get(), ShapeNamed(s), payload, "uniform", low_latency, nullptr, nullptr, rank, ranks);
+        for (Mode mode : Modes())
+          RunCase(engine.get(), ShapeNamed(s), payload, "uniform", mode, nullptr, nullptr, rank, ranks);
       continue;
     }
     auto trace = Must(moe::ReadTrace(FLAGS_bench_trace), "read --bench_trace");
     if (trace.experts % ranks) Die("trace experts must be a multiple of the EP size");
     Shape shape = ShapeNamed(Split(FLAGS_shapes).at(0));
     auto rr = moe::RoundRobinPlacement(trace.layers, trace.experts, ranks);
-    for (bool low_latency : Modes())
-      RunCase(engine.get(), shape, payload, "round-robin", low_latency, &trace, &rr, rank, ranks);
+    for (Mode mode : Modes()) RunCase(engine.get(), shape, payload, "round-robin", mode, &trace, &rr, rank, ranks);
     if (!FLAGS_placement.empty()) {
       auto placed = Must(moe::ReadPlacementCsv(FLAGS_placement, trace.layers, trace.experts, ranks), "--placement");
-      for (bool low_latency : Modes())
-        RunCase(engine.get(), shape, payload, "placement", low_latency, &trace, &placed, rank, ranks);
+      for (Mode mode : Modes()) RunCase(engine.get(), shape, payload, "placement", mode, &trace, &placed, rank, ranks);
     }
   }
   engine.reset();
