@@ -5,17 +5,21 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "integration/test_support.h"
 #include "moe/dispatch_reference.h"
 #include "moe/ep_dispatcher.h"
+#include "moe/hierarchical_dispatcher.h"
 #include "moe/ll_dispatcher.h"
 #include "moe/numeric_formats.h"
 #include "moe/placement_solver.h"
@@ -277,6 +281,100 @@ std::string RunRank(D& d, const moe::ExpertMap& map, Routing routing, const std:
       size_t i = 0;
       while (combined[i] == ref.combined[c.rank][i]) ++i;
       return "layer " + std::to_string(l) + " combine differs at token " + std::to_string(i / c.hidden) + " element " +
+             std::to_string(i % c.hidden);
+    }
+  }
+  return "";
+}
+
+// ---- HierarchicalDispatcher ----
+
+// (source rank, source token) of every row relay `relay` receives: written
+// from the header's definition (sources with the relay's index inside their
+// node, in rank order, each token that has an expert on the relay's node).
+inline std::vector<std::pair<uint32_t, uint32_t>> RelayRows(const moe::EpConfig& c, const moe::ExpertMap& map,
+                                                            uint32_t nodes, const std::vector<BatchData>& batches,
+                                                            uint32_t relay) {
+  const uint32_t L = c.ranks / nodes, node = relay / L;
+  std::vector<std::pair<uint32_t, uint32_t>> rows;
+  for (uint32_t s = relay % L; s < c.ranks; s += L)
+    for (uint32_t t = 0; t < batches[s].tokens; ++t) {
+      bool needs = false;
+      for (uint32_t k = 0; k < c.topk; ++k) {
+        const int32_t e = batches[s].idx[size_t(t) * c.topk + k];
+        needs |= e >= 0 && map.RankFor(uint32_t(e), s) / L == node;
+      }
+      if (needs) rows.emplace_back(s, t);
+    }
+  return rows;
+}
+
+// One rank's part of `layers` layers against the reference. Returns "" or
+// the first failure.
+inline std::string RunHierRank(moe::HierarchicalDispatcher& d, Routing routing, const std::vector<uint32_t>& tokens,
+                               uint64_t seed, uint32_t layers, const TraceRun& run, const moe::ExpertMap* fixed_map) {
+  const moe::EpConfig& c = d.config();
+  const uint32_t nodes = d.nodes();
+  moe::DispatchResult result;
+  for (uint32_t l = 0; l < layers; ++l) {
+    const moe::ExpertMap& m = run.maps ? (*run.maps)[l] : *fixed_map;
+    const std::string at = "layer " + std::to_string(l) + " ";
+    ReferenceLayer ref = RunReference(c, m, routing, tokens, seed, l, run.trace);
+    Status s = d.Dispatch(ref.batches[c.rank].view(), m, &result);
+    if (!s.ok()) return at + "dispatch: " + s.ToString();
+    // Name sources as the reference does, then order as the reference does.
+    std::vector<std::vector<std::pair<uint32_t, uint32_t>>> relay_rows(c.ranks);
+    moe::DispatchResult named;
+    for (const moe::ExpertTokens& x : result.experts) {
+      std::vector<std::tuple<uint32_t, uint32_t, uint32_t>> order;  // (source, token, position)
+      for (uint32_t i = 0; i < x.count; ++i) {
+        const uint32_t relay = x.src_rank[i];
+        if (relay >= c.ranks) return at + "relay rank " + std::to_string(relay) + " out of range";
+        if (relay_rows[relay].empty()) relay_rows[relay] = RelayRows(c, m, nodes, ref.batches, relay);
+        if (x.src_token[i] >= relay_rows[relay].size()) return at + "relay row out of range";
+        const auto [src, tok] = relay_rows[relay][x.src_token[i]];
+        order.emplace_back(src, tok, i);
+      }
+      std::sort(order.begin(), order.end());
+      moe::ExpertTokens y;
+      y.expert = x.expert;
+      y.count = x.count;
+      const size_t tb = c.token_bytes(), sc = c.scale_count();
+      for (const auto& [src, tok, i] : order) {
+        y.src_rank.push_back(src);
+        y.src_token.push_back(tok);
+        y.weights.push_back(x.weights[i]);
+        y.data.insert(y.data.end(), x.data.begin() + i * tb, x.data.begin() + (i + 1) * tb);
+        if (sc) y.scales.insert(y.scales.end(), x.scales.begin() + i * sc, x.scales.begin() + (i + 1) * sc);
+      }
+      named.experts.push_back(std::move(y));
+    }
+    std::string diff = CompareDispatch(ref.dispatched[c.rank], named);
+    if (!diff.empty()) return at + "dispatch: " + diff;
+    if (run.records_sent)
+      for (uint32_t r = 0; r < c.ranks; ++r) *run.records_sent += r == c.rank ? 0 : result.handle.sent_to[r];
+
+    // Synthetic experts on the rows as they arrived; combine.
+    std::vector<std::vector<uint16_t>> outs(result.experts.size());
+    moe::ExpertOutputs views;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      moe::SyntheticExpert(c, result.experts[i], &outs[i]);
+      views.push_back(outs[i].data());
+    }
+    std::vector<uint16_t> combined(tokens[c.rank] * size_t(c.hidden), 0xffff);
+    s = d.Combine(views, result, combined.data());
+    if (!s.ok()) return at + "combine: " + s.ToString();
+    std::vector<moe::TokenBatch> batch_views;
+    for (auto& b : ref.batches) batch_views.push_back(b.view());
+    std::vector<moe::ExpertOutputs> ref_outs(c.ranks);
+    for (uint32_t r = 0; r < c.ranks; ++r)
+      for (auto& o : ref.outputs[r]) ref_outs[r].push_back(o.data());
+    auto want = moe::ReferenceHierarchicalCombine(c, m, nodes, batch_views, ref.dispatched, ref_outs);
+    if (!want.ok()) return at + "reference: " + want.status().ToString();
+    if (combined != want.value()[c.rank]) {
+      size_t i = 0;
+      while (combined[i] == want.value()[c.rank][i]) ++i;
+      return at + "combine differs at token " + std::to_string(i / c.hidden) + " element " +
              std::to_string(i % c.hidden);
     }
   }

@@ -8,6 +8,8 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <memory>
+#include <type_traits>
 
 #include "integration/moe_group.h"
 #include "integration/test_support.h"
@@ -34,12 +36,24 @@ std::string ReadLine(FILE* f) {
   return s.empty() ? "EOF" : s;
 }
 
+// Which dispatcher the children run.
+enum class Kind { kNormal, kLowLatency, kHierarchical };
+constexpr uint32_t kNodes = 2;  // of the hierarchical groups
+
+template <typename D>
+Result<std::unique_ptr<D>> CreateDispatcher(TransferEngine* engine, const moe::EpConfig& c) {
+  if constexpr (std::is_same_v<D, moe::HierarchicalDispatcher>)
+    return D::Create(engine, c, kNodes);
+  else
+    return D::Create(engine, c);
+}
+
 // Child: engine, dispatcher D, info out, infos in, `layers` layers, verdict out.
 template <typename D>
 int RunChild(moe::EpConfig c, Routing routing, uint32_t tokens, uint32_t layers, FILE* in, FILE* out) {
   auto engine = TransferEngine::Create(Options("tcp"));
   if (!engine.ok()) return fprintf(out, "FAIL %s\n", engine.status().ToString().c_str()), 1;
-  auto d = D::Create(engine->get(), c);
+  auto d = CreateDispatcher<D>(engine->get(), c);
   if (!d.ok()) return fprintf(out, "FAIL %s\n", d.status().ToString().c_str()), 1;
   fprintf(out, "%s\n", (*d)->LocalInfo().c_str());
   fflush(out);
@@ -47,14 +61,19 @@ int RunChild(moe::EpConfig c, Routing routing, uint32_t tokens, uint32_t layers,
   for (uint32_t r = 0; r < c.ranks; ++r) infos.push_back(ReadLine(in));
   if (Status s = (*d)->Connect(infos); !s.ok()) return fprintf(out, "FAIL %s\n", s.ToString().c_str()), 1;
   const moe::ExpertMap map = moe::ExpertMap::Contiguous(c.experts, c.ranks).value();
-  const std::string err = RunRank(**d, map, routing, std::vector<uint32_t>(c.ranks, tokens), 99, layers);
+  const std::vector<uint32_t> counts(c.ranks, tokens);
+  std::string err;
+  if constexpr (std::is_same_v<D, moe::HierarchicalDispatcher>)
+    err = RunHierRank(**d, routing, counts, 99, layers, TraceRun{}, &map);
+  else
+    err = RunRank(**d, map, routing, counts, 99, layers);
   fprintf(out, "%s\n", err.empty() ? "OK" : ("FAIL " + err).c_str());
   fflush(out);
   return err.empty() ? 0 : 1;
 }
 
 std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32_t tokens, uint32_t layers,
-                             bool low_latency = false) {
+                             Kind kind = Kind::kNormal) {
   std::vector<Rank> ranks(shape.ranks);
   for (uint32_t r = 0; r < shape.ranks; ++r) {
     int to_child[2], from_child[2];
@@ -67,8 +86,9 @@ std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32
       c.rank = r;
       FILE* in = fdopen(to_child[0], "r");
       FILE* out = fdopen(from_child[1], "w");
-      _exit(low_latency ? RunChild<moe::LowLatencyDispatcher>(c, routing, tokens, layers, in, out)
-                        : RunChild<moe::EpDispatcher>(c, routing, tokens, layers, in, out));
+      _exit(kind == Kind::kLowLatency     ? RunChild<moe::LowLatencyDispatcher>(c, routing, tokens, layers, in, out)
+            : kind == Kind::kHierarchical ? RunChild<moe::HierarchicalDispatcher>(c, routing, tokens, layers, in, out)
+                                          : RunChild<moe::EpDispatcher>(c, routing, tokens, layers, in, out));
     }
     close(to_child[0]);
     close(from_child[1]);
@@ -112,24 +132,31 @@ TEST(MoeMultiProcess, FourRanksBf16AndFp8MatchTheReference) {
 }
 
 TEST(MoeMultiProcess, LowLatencyFourRanksMatchTheReference) {
-  std::vector<Rank> ranks = StartGroup(Shape(4, moe::Payload::kBf16), Routing::kRandom, 64, 4, /*low_latency=*/true);
+  std::vector<Rank> ranks = StartGroup(Shape(4, moe::Payload::kBf16), Routing::kRandom, 64, 4, Kind::kLowLatency);
   for (uint32_t r = 0; r < ranks.size(); ++r) EXPECT_EQ(ReadLine(ranks[r].from), "OK") << "rank " << r;
   Reap(ranks);
 }
 
-// SIGKILL of one rank while the group runs layers: the others report an
-// error within the timeout instead of hanging.
-void KillOneRank(bool low_latency) {
-  moe::EpConfig shape = Shape(3, moe::Payload::kBf16);
-  shape.experts = 24;
+TEST(MoeMultiProcess, HierarchicalFourRanksInTwoNodesMatchTheReference) {
+  std::vector<Rank> ranks = StartGroup(Shape(4, moe::Payload::kBf16), Routing::kRandom, 64, 4, Kind::kHierarchical);
+  for (uint32_t r = 0; r < ranks.size(); ++r) EXPECT_EQ(ReadLine(ranks[r].from), "OK") << "rank " << r;
+  Reap(ranks);
+}
+
+// SIGKILL of the last rank while the group runs layers: the others report
+// an error within the timeout instead of hanging.
+void KillOneRank(Kind kind) {
+  const uint32_t n = kind == Kind::kHierarchical ? 4 : 3;
+  moe::EpConfig shape = Shape(n, moe::Payload::kBf16);
+  shape.experts = 8 * n;
   shape.timeout = std::chrono::milliseconds(1000);
-  std::vector<Rank> ranks = StartGroup(shape, Routing::kRandom, 16, 100000, low_latency);
+  std::vector<Rank> ranks = StartGroup(shape, Routing::kRandom, 16, 100000, kind);
   usleep(300 * 1000);
-  kill(ranks[2].pid, SIGKILL);
-  waitpid(ranks[2].pid, nullptr, 0);
-  ranks[2].pid = -1;
+  kill(ranks[n - 1].pid, SIGKILL);
+  waitpid(ranks[n - 1].pid, nullptr, 0);
+  ranks[n - 1].pid = -1;
   const auto start = std::chrono::steady_clock::now();
-  for (uint32_t r = 0; r < 2; ++r) {
+  for (uint32_t r = 0; r + 1 < n; ++r) {
     const std::string verdict = ReadLine(ranks[r].from);
     EXPECT_EQ(verdict.rfind("FAIL", 0), 0u) << "rank " << r << ": " << verdict;
     EXPECT_TRUE(verdict.find("TIMEOUT") != std::string::npos || verdict.find("IO_ERROR") != std::string::npos)
@@ -139,8 +166,9 @@ void KillOneRank(bool low_latency) {
   Reap(ranks);
 }
 
-TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(false); }
-TEST(MoeMultiProcess, LowLatencyKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(true); }
+TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kNormal); }
+TEST(MoeMultiProcess, LowLatencyKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kLowLatency); }
+TEST(MoeMultiProcess, HierarchicalKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kHierarchical); }
 
 }  // namespace
 }  // namespace te::testing
