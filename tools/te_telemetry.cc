@@ -10,6 +10,7 @@
 // Flow records: 13-byte 5-tuple keys, 5-hop path traces (20-byte values).
 #include <gflags/gflags.h>
 #include <glog/logging.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -36,7 +37,12 @@ DEFINE_string(provider, "tcp",
               "provider: tcp, shm, local (same host), or another libfabric name; +local after a NIC provider: "
               "same-host peers bypass it");
 DEFINE_string(iface, "", "libfabric domain / interface (default lo for tcp)");
-DEFINE_string(region_file, "/dev/shm/te-telemetry", "Collector region file (info in <file>.info)");
+DEFINE_string(region_file, "/dev/shm/te-telemetry",
+              "Collector region file (info in <file>.info); empty: SharedHostMemory, which same-host reporters "
+              "write with memcpy, and which only the collector itself can query (stdin STATS)");
+DEFINE_bool(bench_file, false,
+            "bench: the one-sided collector's region in --region_file (process_vm_writev on the local domain) "
+            "instead of SharedHostMemory");
 DEFINE_uint64(slots, 1 << 20, "Key-write store slots (M)");
 DEFINE_uint32(hashes, 3, "Slots per key (N)");
 DEFINE_uint64(seed, 1, "Hash and flow seed");
@@ -92,8 +98,36 @@ double CpuSeconds(pid_t pid) {
   return double(ut + st) / double(sysconf(_SC_CLK_TCK));
 }
 
+// ---- stats ----
+struct StatsResult {
+  uint64_t keys = 0, found = 0, wrong = 0, conflicts = 0;
+  double measured = 0, expected = 0;
+};
+
+// Queries every flow of --keys through `query` (a RegionView's or the
+// collector's own).
+template <typename Q>
+StatsResult StatsOf(const tl::CollectorInfo& info, const Q& query) {
+  StatsResult s;
+  s.keys = FLAGS_keys;
+  for (uint64_t f = 0; f < FLAGS_keys; ++f) {
+    auto q = Must(query(tl::FlowKey(FLAGS_seed, f)), "query");
+    if (!q.found) continue;
+    auto want = tl::PathTrace(FLAGS_seed, f);
+    if (q.value == std::vector<uint8_t>(want.begin(), want.end()))
+      ++s.found;
+    else
+      ++s.wrong;
+    s.conflicts += q.conflict;
+  }
+  s.measured = s.keys ? double(s.found) / s.keys : 1;
+  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
+  return s;
+}
+
 // ---- collector ----
-// Reads commands on stdin: COUNT (baseline: reports ingested), EXIT.
+// Reads commands on stdin: COUNT (baseline: reports ingested), STATS (keys
+// found wrong conflicts, queried in this process), EXIT.
 int RunCollector() {
   auto engine = Must(te::TransferEngine::Create(Engine()), "creating the engine");
   std::unique_ptr<tl::Collector> collector;
@@ -116,7 +150,7 @@ int RunCollector() {
   } else {
     collector = Must(tl::Collector::Create(engine.get(), Layout(), FLAGS_region_file), "creating the collector");
     const std::string info = collector->info().Serialize();
-    std::ofstream(FLAGS_region_file + ".info") << info << "\n";
+    if (!FLAGS_region_file.empty()) std::ofstream(FLAGS_region_file + ".info") << info << "\n";
     printf("TE-TELEMETRY %s\n", info.c_str());
   }
   fflush(stdout);
@@ -125,6 +159,10 @@ int RunCollector() {
     if (strncmp(line, "COUNT", 5) == 0) {
       std::lock_guard<std::mutex> l(mu);
       printf("%llu\n", (unsigned long long)ingested);
+    } else if (strncmp(line, "STATS", 5) == 0 && collector) {
+      const StatsResult st = StatsOf(collector->info(), [&](auto key) { return collector->Query(key); });
+      printf("%llu %llu %llu %llu\n", (unsigned long long)st.keys, (unsigned long long)st.found,
+             (unsigned long long)st.wrong, (unsigned long long)st.conflicts);
     } else if (strncmp(line, "EXIT", 4) == 0) {
       break;
     }
@@ -137,6 +175,7 @@ int RunCollector() {
 struct ReportResult {
   uint64_t reports = 0;
   double seconds = 0;
+  double cpu_seconds = 0;  // ReportMany: the reporter processes' CPU, all threads
 };
 
 ReportResult ReportOne(uint32_t index, uint32_t count, const tl::CollectorInfo* info, const std::string& baseline_hex) {
@@ -207,7 +246,10 @@ ReportResult ReportMany(uint32_t count, const tl::CollectorInfo* info, const std
     ssize_t n = read(fds[i], buf, sizeof buf - 1);
     close(fds[i]);
     int st = 0;
-    waitpid(pids[i], &st, 0);
+    struct rusage ru {};
+    wait4(pids[i], &st, 0, &ru);
+    total.cpu_seconds +=
+        double(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + double(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
     unsigned long long reports = 0;
     double secs = 0;
     if (n <= 0 || sscanf(buf, "%llu %lf", &reports, &secs) != 2 || !WIFEXITED(st) || WEXITSTATUS(st))
@@ -227,29 +269,9 @@ tl::CollectorInfo ReadInfo() {
   return Must(tl::CollectorInfo::Parse(text), "collector info");
 }
 
-// ---- stats ----
-struct StatsResult {
-  uint64_t keys = 0, found = 0, wrong = 0, conflicts = 0;
-  double measured = 0, expected = 0;
-};
-
 StatsResult Stats(const tl::CollectorInfo& info) {
   auto view = Must(tl::RegionView::Open(FLAGS_region_file, info), "opening the region");
-  StatsResult s;
-  s.keys = FLAGS_keys;
-  for (uint64_t f = 0; f < FLAGS_keys; ++f) {
-    auto q = Must(view->Query(tl::FlowKey(FLAGS_seed, f)), "query");
-    if (!q.found) continue;
-    auto want = tl::PathTrace(FLAGS_seed, f);
-    if (q.value == std::vector<uint8_t>(want.begin(), want.end()))
-      ++s.found;
-    else
-      ++s.wrong;
-    s.conflicts += q.conflict;
-  }
-  s.measured = s.keys ? double(s.found) / s.keys : 1;
-  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
-  return s;
+  return StatsOf(info, [&](auto key) { return view->Query(key); });
 }
 
 // ---- bench ----
@@ -260,7 +282,7 @@ struct Child {
   std::string first_line;
 };
 
-Child SpawnCollector(bool baseline) {
+Child SpawnCollector(bool baseline, const std::string& region_file) {
   int to[2], from[2];
   if (pipe(to) || pipe(from)) Die("pipe");
   Child c;
@@ -274,10 +296,11 @@ Child SpawnCollector(bool baseline) {
                                      "collector",
                                      "--provider=" + FLAGS_provider,
                                      "--iface=" + FLAGS_iface,
-                                     "--region_file=" + FLAGS_region_file,
+                                     "--region_file=" + region_file,
                                      "--slots=" + std::to_string(FLAGS_slots),
                                      "--hashes=" + std::to_string(FLAGS_hashes),
                                      "--seed=" + std::to_string(FLAGS_seed),
+                                     "--keys=" + std::to_string(FLAGS_keys),
                                      std::string("--baseline=") + (baseline ? "true" : "false")};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -314,6 +337,20 @@ uint64_t AskCount(Child& c) {
   return *n;
 }
 
+// The one-sided collector's own STATS answer (a SharedHostMemory region has
+// no file for this process to map).
+StatsResult AskStats(Child& c, const tl::CollectorInfo& info) {
+  const std::string answer = Ask(c, "STATS");
+  StatsResult s;
+  unsigned long long k = 0, f = 0, w = 0, x = 0;
+  if (sscanf(answer.c_str(), "%llu %llu %llu %llu", &k, &f, &w, &x) != 4 || k != FLAGS_keys)
+    Die("collector answered '" + answer + "' to STATS");
+  s.keys = k, s.found = f, s.wrong = w, s.conflicts = x;
+  s.measured = s.keys ? double(s.found) / s.keys : 1;
+  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
+  return s;
+}
+
 void Stop(Child& c) {
   fprintf(c.in, "EXIT\n");
   fflush(c.in);
@@ -327,22 +364,22 @@ int RunBench() {
   std::stringstream ss(FLAGS_reporters);
   for (std::string s; std::getline(ss, s, ',');) counts.push_back(ReporterCount(s));
   if (!FLAGS_json)
-    printf("%-9s %14s %12s %9s %9s %14s %12s  %s\n", "reporters", "reports/s", "collector_cpu", "success", "formula",
-           "base_reports/s", "base_cpu", "ratio");
+    printf("%-9s %14s %12s %12s %9s %9s %14s %12s  %s\n", "reporters", "reports/s", "reporter_cpu", "collector_cpu",
+           "success", "formula", "base_reports/s", "base_cpu", "ratio");
   for (uint32_t r : counts) {
     fprintf(stderr, "[bench] %u reporter(s): one-sided ...\n", r);
     // One-sided: reporters write into the collector's memory.
-    Child col = SpawnCollector(false);
+    Child col = SpawnCollector(false, FLAGS_bench_file ? FLAGS_region_file : "");
     const auto info = Must(tl::CollectorInfo::Parse(col.first_line.substr(strlen("TE-TELEMETRY "))), "info");
     std::this_thread::sleep_for(std::chrono::milliseconds(200));  // let its worker go idle
     double cpu0 = CpuSeconds(col.pid);
     ReportResult one = ReportMany(r, &info, "");
     double cpu_one = CpuSeconds(col.pid) - cpu0;
-    StatsResult st = Stats(info);
+    StatsResult st = FLAGS_bench_file ? Stats(info) : AskStats(col, info);
     Stop(col);
     // Two-sided baseline: the same reports as messages into a hash map.
     fprintf(stderr, "[bench] %u reporter(s): two-sided baseline ...\n", r);
-    Child base = SpawnCollector(true);
+    Child base = SpawnCollector(true, FLAGS_region_file);
     const std::string addr = base.first_line.substr(strlen("TE-TELEMETRY-BASELINE "));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     cpu0 = CpuSeconds(base.pid);
@@ -360,13 +397,13 @@ int RunBench() {
     if (FLAGS_json) {
       printf(
           "{\"reporters\":%u,\"keys\":%llu,\"provider\":\"%s\",\"reports_per_s\":%.0f,"
-          "\"collector_cpu_s\":%.3f,\"success\":%.5f,\"formula\":%.5f,\"wrong\":%llu,"
+          "\"reporter_cpu_s\":%.3f,\"collector_cpu_s\":%.3f,\"success\":%.5f,\"formula\":%.5f,\"wrong\":%llu,"
           "\"baseline_reports_per_s\":%.0f,\"baseline_cpu_s\":%.3f,\"ratio\":%.3f}\n",
-          r, (unsigned long long)FLAGS_keys, FLAGS_provider.c_str(), one_rate, cpu_one, st.measured, st.expected,
-          (unsigned long long)st.wrong, two_rate, cpu_two, one_rate / two_rate);
+          r, (unsigned long long)FLAGS_keys, FLAGS_provider.c_str(), one_rate, one.cpu_seconds, cpu_one, st.measured,
+          st.expected, (unsigned long long)st.wrong, two_rate, cpu_two, one_rate / two_rate);
     } else {
-      printf("%-9u %14.0f %12.3fs %9.5f %9.5f %14.0f %11.3fs  %.2f%s\n", r, one_rate, cpu_one, st.measured, st.expected,
-             two_rate, cpu_two, one_rate / two_rate, st.wrong ? "  WRONG VALUES" : "");
+      printf("%-9u %14.0f %11.3fs %12.3fs %9.5f %9.5f %14.0f %11.3fs  %.2f%s\n", r, one_rate, one.cpu_seconds, cpu_one,
+             st.measured, st.expected, two_rate, cpu_two, one_rate / two_rate, st.wrong ? "  WRONG VALUES" : "");
     }
     fflush(stdout);
     if (st.wrong) return 2;
