@@ -1,5 +1,7 @@
 // WeightsMemory: a receiver's weight memory, shareable with the inference
-// engine that reads it (a file in /dev/shm, or anonymous memory in-process).
+// engine that reads it (a file in /dev/shm), or in-process SharedHostMemory
+// (transfer/shared_host_memory.h), which pushers on this host reached
+// through the same-host domain write with memcpy (a colocated trainer).
 //
 // Layout: [header, 4 KiB][slot 0][slot 1]. Version v is written into slot
 // v % 2, so the last complete version stays readable while the next one
@@ -18,6 +20,7 @@
 #include <string>
 
 #include "base/status.h"
+#include "transfer/shared_host_memory.h"
 
 namespace te::weightsync {
 
@@ -33,7 +36,7 @@ struct WeightsHeader {
 class WeightsMemory {
  public:
   static constexpr size_t kHeaderBytes = 4096;
-  // Creates (truncating) `path`, or anonymous memory when path is empty;
+  // Creates (truncating) `path`, or SharedHostMemory when path is empty;
   // the pages are populated at once.
   static Result<std::unique_ptr<WeightsMemory>> Create(const std::string& path, uint64_t slot_bytes);
   // Maps an existing file read-write (readers only read).
@@ -56,6 +59,7 @@ class WeightsMemory {
   uint8_t* base_;
   size_t bytes_;
   std::string path_;
+  std::unique_ptr<SharedHostMemory> shared_;  // owns base_ when set; else base_ is our mapping
 };
 
 }  // namespace te::weightsync
