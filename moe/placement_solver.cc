@@ -187,8 +187,9 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
 // Exact loads of layer l (tokens of each expert by home rank, routed by the
 // replica rule), then moves that lower the heaviest rank while one exists:
 // one of its replicas to another rank with a free slot, or one of its
-// unreplicated primaries swapped with one of another rank (same node first,
-// which keeps node-level records). Bytes were fitted first; this trades a
+// copies swapped with one of the same kind on another rank (same node first,
+// which keeps node-level records; unreplicated primaries cross nodes only
+// where that costs about no crossings). Bytes were fitted first; this trades a
 // little of them for balance only where a rank is the heaviest.
 void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
@@ -211,6 +212,23 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, 
     for (uint32_t r : reps) used[r]++;
   std::vector<uint64_t> total(E, 0);
   for (uint32_t e = 0; e < E; ++e) total[e] = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+  // touch[e][n]: tokens of e that reach node n anyway (their home or another
+  // of their experts is there), as placed now. Moving e from node a to node
+  // b adds about touch[e][a] - touch[e][b] network crossings.
+  const uint32_t N = o.nodes;
+  std::vector<std::vector<int64_t>> touch(E, std::vector<int64_t>(N, 0));
+  std::vector<uint32_t> at_node(N);
+  for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+    std::fill(at_node.begin(), at_node.end(), 0);
+    at_node[homes[tok] / per_node]++;
+    for (uint32_t k = 0; k < t.topk; ++k)
+      if (const int e = t.at(tok, l, k); e >= 0) at_node[choice[e][homes[tok]] / per_node]++;
+    for (uint32_t k = 0; k < t.topk; ++k)
+      if (const int e = t.at(tok, l, k); e >= 0) {
+        const uint32_t own = choice[e][homes[tok]] / per_node;
+        for (uint32_t n = 0; n < N; ++n) touch[e][n] += at_node[n] > (n == own ? 1u : 0u);
+      }
+  }
 
   for (uint32_t iter = 0; iter < 8 * R; ++iter) {
     const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
@@ -257,8 +275,12 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, 
             if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
             // Unreplicated primaries stay in their node (their node was chosen for
             // their tokens); copies of replicated experts may cross.
-            const bool pinned = primary && (on_e.size() == 1 || on_f.size() == 1);
-            if (r / per_node != h / per_node && (pass == 0 || pinned)) continue;
+            // Unless the exchange costs (about) no crossings: 1% of their tokens.
+            const uint32_t a = h / per_node, b = r / per_node;
+            const bool pinned =
+                primary && (on_e.size() == 1 || on_f.size() == 1) &&
+                100 * (touch[e][a] - touch[e][b] + touch[f][b] - touch[f][a]) > int64_t(total[e] + total[f]);
+            if (a != b && (pass == 0 || pinned)) continue;
             auto ne = on_e, nf = on_f;
             std::replace(ne.begin(), ne.end(), h, r);
             nf[jf] = h;
