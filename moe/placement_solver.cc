@@ -20,6 +20,81 @@ double Cap(const std::vector<uint64_t>& load, uint32_t parts, double slack) {
   return std::max((1.0 + slack) * double(total) / parts, double(heaviest));
 }
 
+// Records (rank + node crossings, node-level deduplication) that layer l's
+// tokens send from their homes under `rank_of`.
+uint64_t LayerRecords(const std::vector<std::vector<uint32_t>>& experts_of, const std::vector<int32_t>& home,
+                      const std::vector<uint32_t>& rank_of, uint32_t ranks, uint32_t per_node) {
+  std::vector<uint32_t> rank_seen(ranks, UINT32_MAX), node_seen(ranks / per_node, UINT32_MAX);
+  uint64_t records = 0;
+  for (uint32_t tok = 0; tok < experts_of.size(); ++tok) {
+    const uint32_t h = uint32_t(home[tok]);
+    rank_seen[h] = tok, node_seen[h / per_node] = tok;
+    for (uint32_t e : experts_of[tok]) {
+      const uint32_t r = rank_of[e];
+      if (rank_seen[r] == tok) continue;
+      rank_seen[r] = tok, ++records;
+      if (node_seen[r / per_node] != tok) node_seen[r / per_node] = tok, ++records;
+    }
+  }
+  return records;
+}
+
+// kTop1: the inter-layer structure is rank to rank (a token lives on the
+// rank of its previous top-1 expert), which a partition into nodes first
+// sees only blurred. So also try the direct assignment: each expert to the
+// rank holding most of its tokens, greedily by that count, every rank taking
+// experts / ranks of them under the rank load cap; keep it if this layer's
+// tokens send fewer records from their homes.
+void FollowHomes(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load, const std::vector<int32_t>& home,
+                 const std::vector<std::vector<uint32_t>>& experts_of, const PlacementOptions& o, Placement* p) {
+  const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes, per_rank = E / R;
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> at(E);  // [expert] (rank, tokens)
+  {
+    std::vector<uint32_t> count(size_t(E) * R, 0);
+    for (uint32_t tok = 0; tok < t.tokens; ++tok)
+      for (uint32_t e : experts_of[tok]) count[size_t(e) * R + uint32_t(home[tok])]++;
+    for (uint32_t e = 0; e < E; ++e)
+      for (uint32_t r = 0; r < R; ++r)
+        if (const uint32_t c = count[size_t(e) * R + r]) at[e].emplace_back(r, c);
+  }
+  struct Pick {
+    uint32_t tokens, expert, rank;
+  };
+  std::vector<Pick> picks;
+  for (uint32_t e = 0; e < E; ++e)
+    for (auto [r, c] : at[e]) picks.push_back({c, e, r});
+  std::stable_sort(picks.begin(), picks.end(), [](const Pick& a, const Pick& b) { return a.tokens > b.tokens; });
+  const double cap = Cap(load, R, o.load_slack), node_cap = Cap(load, o.nodes, o.load_slack);
+  std::vector<uint32_t> rank_of(E, UINT32_MAX), held(R, 0);
+  std::vector<double> rank_load(R, 0.0), node_load(o.nodes, 0.0);
+  auto put = [&](uint32_t e, uint32_t r) {
+    rank_of[e] = r, held[r]++, rank_load[r] += double(load[e]), node_load[r / per_node] += double(load[e]);
+  };
+  for (const Pick& k : picks) {
+    if (rank_of[k.expert] != UINT32_MAX || held[k.rank] == per_rank) continue;
+    const double w = double(load[k.expert]);
+    if (rank_load[k.rank] + w > cap || node_load[k.rank / per_node] + w > node_cap) continue;
+    put(k.expert, k.rank);
+  }
+  // The rest, heaviest first: the rank with room in the lightest node, then
+  // the lightest such rank.
+  std::vector<uint32_t> rest;
+  for (uint32_t e = 0; e < E; ++e)
+    if (rank_of[e] == UINT32_MAX) rest.push_back(e);
+  std::stable_sort(rest.begin(), rest.end(), [&](uint32_t a, uint32_t b) { return load[a] > load[b]; });
+  for (uint32_t e : rest) {
+    uint32_t best = R;
+    for (uint32_t r = 0; r < R; ++r) {
+      if (held[r] == per_rank) continue;
+      const double nb = best == R ? 0 : node_load[best / per_node], nr = node_load[r / per_node];
+      if (best == R || nr < nb || (nr == nb && rank_load[r] < rank_load[best])) best = r;
+    }
+    put(e, best);
+  }
+  if (LayerRecords(experts_of, home, rank_of, R, per_node) < LayerRecords(experts_of, home, p->rank_of[l], R, per_node))
+    p->rank_of[l] = rank_of;
+}
+
 // Places layer l of `p` given the layers before it.
 void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load, const PlacementOptions& o,
                 Placement* p) {
@@ -75,6 +150,7 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     const auto rank_in_node = SolvePartition(rp, o.max_sweeps);
     for (uint32_t i = 0; i < items.size(); ++i) p->rank_of[l][items[i]] = n * per_node + rank_in_node[i];
   }
+  if (o.home == TokenHome::kTop1 && l > 0) FollowHomes(t, l, load, home, experts_of, o, p);
 }
 
 // Copies per expert: the extra slots one by one to the expert with the most

@@ -8,7 +8,9 @@
 // inside each node, into its ranks (distinct ranks), each under a load cap
 // (moe/expert_partition.h). With TokenHome::kTop1 the rank a token is
 // dispatched from (fixed by the previous layer's placement) counts as a
-// place the token already is, which is how inter-layer affinity enters;
+// place the token already is, which is how inter-layer affinity enters
+// (and each layer also tries assigning every expert straight to the rank
+// holding most of its tokens, kept where that sends fewer records);
 // with kSource a token's source rank is unrelated to its routing, so only
 // co-activation within a layer matters.
 //
