@@ -251,6 +251,28 @@ TEST(Placement, ContextCoherentHomesUseInterLayerAffinity) {
       << "rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
 }
 
+// The same across nodes (32 ranks in 4): the successor structure is rank to
+// rank, which a partition into nodes first blurs; the direct assignment to
+// the ranks where tokens live recovers it.
+TEST(Placement, ContextCoherentHomesAcrossNodes) {
+  const TraceOptions fit_o = Model(TraceModel::kSuccessorChain, 128, 6, 1);
+  TraceOptions held_o = fit_o;
+  held_o.sample_seed = 2;
+  auto fit = GenerateTrace(fit_o).value();
+  auto held = GenerateTrace(held_o).value();
+  PlacementOptions o;
+  o.home = TokenHome::kTop1;
+  o.nodes = 4;
+  auto p = PlaceExperts(fit, 32, o).value();
+  const auto rr = Records(held, RoundRobinPlacement(6, 128, 32), 4, TokenHome::kTop1);
+  const auto oracle = Records(held, OraclePlacement(fit_o, 32, 4, true).value(), 4, TokenHome::kTop1);
+  const auto mine = Records(held, p, 4, TokenHome::kTop1);
+  ASSERT_LT(oracle.rank, rr.rank);
+  EXPECT_GE(double(rr.rank - mine.rank), 0.9 * double(rr.rank - oracle.rank))
+      << "rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
+  EXPECT_LE(mine.rank + mine.node, rr.rank + rr.node);
+}
+
 TEST(Placement, NoStructureCostsNothing) {
   // Popularity only: the solver never does worse than round-robin on the
   // trace it was fitted on, and stays within 1% of it on a held-out trace.
