@@ -137,21 +137,21 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   if (Status s = across_->PrepareDispatch(); !s.ok()) return Fail(s);
   ResetResult(ac, across_map_, &across_result_);
   PackRecords(ac, across_map_, virtual_batch, across_->send_records(), &plan_, &across_result_.handle);
-  std::vector<const uint8_t*> records;
-  if (Status s = across_->DispatchPacked(plan_, across_map_, batch.tokens, &across_result_, &records); !s.ok())
+  records_.clear();
+  if (Status s = across_->DispatchPacked(plan_, across_map_, batch.tokens, &across_result_, &records_); !s.ok())
     return Fail(s);
 
   // 2. Inside the node: every received row to the ranks of its experts. The
   // rows stay in source-rank, source-token order.
-  const size_t rows = records.size(), tb = c.token_bytes(), sc = c.scale_count(), off = RecordPayloadOffset(ac);
+  const size_t rows = records_.size(), tb = c.token_bytes(), sc = c.scale_count(), off = RecordPayloadOffset(ac);
   rows_.resize(rows * tb);
   scales_.resize(rows * sc);
   weights_.assign(rows * K, 0.0f);
   idx_.assign(rows * K, -1);
   const DispatchHandle& ah = across_result_.handle;
   for (size_t q = 0; q < rows; ++q) {
-    std::memcpy(&rows_[q * tb], records[q] + off, tb);
-    if (sc) std::memcpy(&scales_[q * sc], records[q] + off + tb, sc * sizeof(float));
+    std::memcpy(&rows_[q * tb], records_[q] + off, tb);
+    if (sc) std::memcpy(&scales_[q * sc], records_[q] + off + tb, sc * sizeof(float));
     uint32_t k = 0;
     for (uint32_t i = ah.row_begin[q]; i < ah.row_begin[q + 1] && k < K; ++i, ++k) {
       const RowEntry& entry = ah.entries[i];
@@ -208,9 +208,9 @@ Status HierarchicalDispatcher::Combine(const ExpertOutputs& outputs, const Dispa
   // sends from. Its previous writes from there are over: every rank finished
   // the last combine (which waited for them) before this dispatch's count
   // rows could complete.
-  std::vector<const uint16_t*> inside_outputs(config_.experts, nullptr);
-  for (size_t i = 0; i < outputs.size(); ++i) inside_outputs[dispatched.experts[i].expert] = outputs[i];
-  if (Status s = inside_->Combine(inside_outputs, inside_result_, across_->send_partials()); !s.ok()) return Fail(s);
+  inside_outputs_.assign(config_.experts, nullptr);
+  for (size_t i = 0; i < outputs.size(); ++i) inside_outputs_[dispatched.experts[i].expert] = outputs[i];
+  if (Status s = inside_->Combine(inside_outputs_, inside_result_, across_->send_partials()); !s.ok()) return Fail(s);
   // Across nodes: node partials back to the source, summed in node order.
   auto rows = across_->CombinePacked(across_result_);
   if (!rows.ok()) return Fail(rows.status());

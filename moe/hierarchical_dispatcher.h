@@ -116,8 +116,8 @@ class HierarchicalDispatcher {
   std::vector<float> weights_;  // relayed weights [rows, topk]
   SendPlan plan_;
   DispatchResult across_result_, inside_result_;
-  std::vector<uint16_t> node_partials_;
-  std::vector<uint32_t> local_of_;  // [experts]: index among this rank's experts in the user's map, or ~0
+  std::vector<const uint8_t*> records_;          // received rows across nodes, in the receive region
+  std::vector<const uint16_t*> inside_outputs_;  // [experts]: the caller's outputs by expert id
 };
 
 }  // namespace te::moe

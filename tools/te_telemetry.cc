@@ -104,6 +104,13 @@ struct StatsResult {
   double measured = 0, expected = 0;
 };
 
+// The success rates of counted keys: measured, and the formula's.
+StatsResult WithRates(StatsResult s, const tl::CollectorInfo& info) {
+  s.measured = s.keys ? double(s.found) / s.keys : 1;
+  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
+  return s;
+}
+
 // Queries every flow of --keys through `query` (a RegionView's or the
 // collector's own).
 template <typename Q>
@@ -120,9 +127,7 @@ StatsResult StatsOf(const tl::CollectorInfo& info, const Q& query) {
       ++s.wrong;
     s.conflicts += q.conflict;
   }
-  s.measured = s.keys ? double(s.found) / s.keys : 1;
-  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
-  return s;
+  return WithRates(s, info);
 }
 
 // ---- collector ----
@@ -346,9 +351,7 @@ StatsResult AskStats(Child& c, const tl::CollectorInfo& info) {
   if (sscanf(answer.c_str(), "%llu %llu %llu %llu", &k, &f, &w, &x) != 4 || k != FLAGS_keys)
     Die("collector answered '" + answer + "' to STATS");
   s.keys = k, s.found = f, s.wrong = w, s.conflicts = x;
-  s.measured = s.keys ? double(s.found) / s.keys : 1;
-  s.expected = tl::ExpectedSuccess(info.store.slots, s.keys, info.store.hashes);
-  return s;
+  return WithRates(s, info);
 }
 
 void Stop(Child& c) {

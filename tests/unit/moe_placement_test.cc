@@ -234,18 +234,29 @@ TEST(Placement, ReachesTheOraclesSavingsOnCoactivationGroups) {
       << "node records: rr " << rr.node << " solver " << mine.node << " oracle " << oracle.node;
 }
 
-TEST(Placement, ContextCoherentHomesUseInterLayerAffinity) {
-  const TraceOptions fit_o = Model(TraceModel::kSuccessorChain, 64, 6, 1);
+// Records of a held-out successor-chain trace with top-1 homes: round-robin,
+// the oracle and the solver fitted on another sample, `experts` over `ranks`
+// in `nodes`.
+struct Top1Records {
+  RecordCount rr, oracle, mine;
+};
+Top1Records ChainWithTop1Homes(uint32_t experts, uint32_t ranks, uint32_t nodes) {
+  const TraceOptions fit_o = Model(TraceModel::kSuccessorChain, experts, 6, 1);
   TraceOptions held_o = fit_o;
   held_o.sample_seed = 2;
   auto fit = GenerateTrace(fit_o).value();
   auto held = GenerateTrace(held_o).value();
   PlacementOptions o;
   o.home = TokenHome::kTop1;
-  auto p = PlaceExperts(fit, 8, o).value();
-  const auto rr = Records(held, RoundRobinPlacement(6, 64, 8), 1, TokenHome::kTop1);
-  const auto oracle = Records(held, OraclePlacement(fit_o, 8, 1, true).value(), 1, TokenHome::kTop1);
-  const auto mine = Records(held, p, 1, TokenHome::kTop1);
+  o.nodes = nodes;
+  auto p = PlaceExperts(fit, ranks, o).value();
+  return {Records(held, RoundRobinPlacement(6, experts, ranks), nodes, TokenHome::kTop1),
+          Records(held, OraclePlacement(fit_o, ranks, nodes, true).value(), nodes, TokenHome::kTop1),
+          Records(held, p, nodes, TokenHome::kTop1)};
+}
+
+TEST(Placement, ContextCoherentHomesUseInterLayerAffinity) {
+  const auto [rr, oracle, mine] = ChainWithTop1Homes(64, 8, 1);
   ASSERT_LT(oracle.rank, rr.rank);
   EXPECT_GE(double(rr.rank - mine.rank), 0.9 * double(rr.rank - oracle.rank))
       << "rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
@@ -255,18 +266,7 @@ TEST(Placement, ContextCoherentHomesUseInterLayerAffinity) {
 // rank, which a partition into nodes first blurs; the direct assignment to
 // the ranks where tokens live recovers it.
 TEST(Placement, ContextCoherentHomesAcrossNodes) {
-  const TraceOptions fit_o = Model(TraceModel::kSuccessorChain, 128, 6, 1);
-  TraceOptions held_o = fit_o;
-  held_o.sample_seed = 2;
-  auto fit = GenerateTrace(fit_o).value();
-  auto held = GenerateTrace(held_o).value();
-  PlacementOptions o;
-  o.home = TokenHome::kTop1;
-  o.nodes = 4;
-  auto p = PlaceExperts(fit, 32, o).value();
-  const auto rr = Records(held, RoundRobinPlacement(6, 128, 32), 4, TokenHome::kTop1);
-  const auto oracle = Records(held, OraclePlacement(fit_o, 32, 4, true).value(), 4, TokenHome::kTop1);
-  const auto mine = Records(held, p, 4, TokenHome::kTop1);
+  const auto [rr, oracle, mine] = ChainWithTop1Homes(128, 32, 4);
   ASSERT_LT(oracle.rank, rr.rank);
   EXPECT_GE(double(rr.rank - mine.rank), 0.9 * double(rr.rank - oracle.rank))
       << "rr " << rr.rank << " solver " << mine.rank << " oracle " << oracle.rank;
