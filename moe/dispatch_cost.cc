@@ -18,6 +18,7 @@ RecordCount DispatchCost::total() const {
   for (const auto& l : layers) {
     sum.rank += l.rank, sum.node += l.node, sum.relayed += l.relayed;
     sum.away_from_source += l.away_from_source;
+    sum.merged += l.merged, sum.merged_node += l.merged_node;
   }
   return sum;
 }
@@ -133,9 +134,23 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
         }
       }
     }
-    if (o.home == TokenHome::kTop1)
-      for (uint32_t tok = 0; tok < t.tokens; ++tok)
-        if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), homes[tok]);
+    if (o.home != TokenHome::kTop1) continue;
+    std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+      const uint32_t from = homes[tok];
+      if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), from);
+      const uint32_t merge = homes[tok];
+      rank_seen[merge] = tok;  // the merge rank's own partial stays
+      for (uint32_t k = 0; k < t.topk; ++k) {
+        const int e = t.at(tok, l, k);
+        if (e < 0) continue;
+        const uint32_t r = maps[l].RankFor(uint32_t(e), from);
+        if (rank_seen[r] == tok) continue;
+        rank_seen[r] = tok;
+        c.merged++;
+        c.merged_node += r / per_node != merge / per_node;
+      }
+    }
   }
   return cost;
 }

@@ -55,6 +55,12 @@ struct RecordCount {
   // needs its attention context (KV cache) where it now is: what makes
   // context-coherent dispatch legal, and what it costs beyond the records.
   uint64_t away_from_source = 0;
+  // kTop1: combine merges on the token's next home (CoherentDispatcher):
+  // one rank partial from every rank holding its experts other than that
+  // home. `merged` counts those records, `merged_node` the ones between
+  // nodes. With kSource combine returns as many records as dispatch sent.
+  uint64_t merged = 0;
+  uint64_t merged_node = 0;
 };
 
 struct DispatchCost {

@@ -12,7 +12,7 @@ namespace {
 struct RecordHeader {
   uint32_t src_token;
   uint16_t entries;
-  uint16_t zero;
+  uint16_t tag;
 };
 struct RecordEntry {
   uint16_t local_expert;
@@ -26,6 +26,18 @@ size_t EntriesBytes(const EpConfig& c) { return sizeof(RecordHeader) + size_t(c.
 }  // namespace
 
 size_t RecordPayloadOffset(const EpConfig& c) { return EntriesBytes(c); }
+
+uint32_t RecordSourceToken(const uint8_t* record) {
+  RecordHeader h;
+  std::memcpy(&h, record, sizeof h);
+  return h.src_token;
+}
+
+uint16_t RecordTag(const uint8_t* record) {
+  RecordHeader h;
+  std::memcpy(&h, record, sizeof h);
+  return h.tag;
+}
 
 size_t RecordBytes(const EpConfig& c) {
   size_t raw = EntriesBytes(c) + c.token_bytes() + c.scale_count() * sizeof(float);
@@ -62,7 +74,7 @@ Status ValidateBatch(const EpConfig& c, const ExpertMap& map, const TokenBatch& 
 
 void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, uint8_t* staging, SendPlan* plan,
                  DispatchHandle* h, bool copy_payload, std::vector<uint32_t>* row_token,
-                 const std::vector<uint32_t>* first_row) {
+                 const std::vector<uint32_t>* first_row, const TokenLabels* labels) {
   const uint32_t R = c.ranks, K = c.topk;
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
@@ -100,6 +112,8 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
       const uint32_t row = next[r]++;
       uint8_t* p = staging + size_t(row) * rec;
       RecordHeader hdr{t, 0, 0};
+      if (labels && labels->ids) hdr.src_token = labels->ids[t];
+      if (labels && labels->tags) hdr.tag = labels->tags[t];
       auto* entries = reinterpret_cast<RecordEntry*>(p + sizeof(RecordHeader));
       for (uint32_t k = 0; k < K; ++k) {
         if (idx[k] < 0 || map.RankFor(idx[k], c.rank) != r) continue;

@@ -4,8 +4,11 @@
 //
 // A record is one token for one destination rank, however many of its
 // experts live there:
-//   u32 source token | u16 entries | u16 0 | topk x {u16 local expert, u16 0,
+//   u32 source token | u16 entries | u16 tag | topk x {u16 local expert, u16 0,
 //   f32 weight} | token bytes | fp8 scales | padding to 64 bytes.
+// The source token is the token's row in its batch unless the packer names
+// tokens by id (context-coherent dispatch); the tag is 0 unless the packer
+// gives one (the merge rank of context-coherent dispatch).
 #pragma once
 
 #include <cstddef>
@@ -43,9 +46,20 @@ struct SendPlan {
 // `first_row` ([R]), rank r's records start at staging row first_row[r]
 // instead of plan->rank_offset[r] (fixed slots per destination), and the
 // handle's token_rows index those rows; row_token must then be null.
+// `labels` (when given) names token t by ids[t] instead of t in its records
+// and tags them tags[t].
+struct TokenLabels {
+  const uint32_t* ids = nullptr;   // [tokens]
+  const uint16_t* tags = nullptr;  // [tokens]
+};
 void PackRecords(const EpConfig& config, const ExpertMap& map, const TokenBatch& batch, uint8_t* staging,
                  SendPlan* plan, DispatchHandle* handle, bool copy_payload = true,
-                 std::vector<uint32_t>* row_token = nullptr, const std::vector<uint32_t>* first_row = nullptr);
+                 std::vector<uint32_t>* row_token = nullptr, const std::vector<uint32_t>* first_row = nullptr,
+                 const TokenLabels* labels = nullptr);
+
+// A packed record's source token (row or id) and tag.
+uint32_t RecordSourceToken(const uint8_t* record);
+uint16_t RecordTag(const uint8_t* record);
 
 // Where a record's payload starts (token bytes, then fp8 scales).
 size_t RecordPayloadOffset(const EpConfig& config);

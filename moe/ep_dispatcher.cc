@@ -323,6 +323,15 @@ Status EpDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult&
   return Status::Ok();
 }
 
+Status EpDispatcher::EndWithoutCombine(const DispatchResult& dispatched) {
+  TE_RETURN_IF_ERROR(CheckCallable(false));
+  if (dispatched.handle.seq != seq_)
+    return InvalidArgument("EndWithoutCombine got the handle of dispatch " + std::to_string(dispatched.handle.seq) +
+                           "; the pending one is " + std::to_string(seq_));
+  combine_pending_ = false;
+  return Status::Ok();
+}
+
 Result<const uint16_t*> EpDispatcher::CombinePacked(const DispatchResult& dispatched) {
   TE_RETURN_IF_ERROR(CheckCallable(false));
   auto rows = ReturnPartials(dispatched.handle, nullptr);

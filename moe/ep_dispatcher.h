@@ -75,6 +75,10 @@ class EpDispatcher {
   // outputs[i]: local expert i's output [count, hidden] bf16; out: [tokens,
   // hidden] bf16 for this rank's tokens of the matching dispatch.
   Status Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out);
+  // Ends the pending dispatch without returning anything to the sources, for
+  // a caller that sends results elsewhere (CoherentDispatcher). Every rank of
+  // the group must end the dispatch the same way.
+  Status EndWithoutCombine(const DispatchResult& dispatched);
 
   // ---- Device-side packing (moe/cuda/cuda_ep_dispatcher.h) ----
   // The same protocol with payloads moved by kernels instead of the host:

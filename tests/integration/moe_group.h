@@ -68,7 +68,8 @@ inline BatchData MakeBatch(const moe::EpConfig& c, const moe::ExpertMap& map, Ro
   }
   b.idx.assign(size_t(tokens) * c.topk, -1);
   b.weights.assign(size_t(tokens) * c.topk, 0.0f);
-  const auto& local = map.local_experts(rank);
+  static const std::vector<uint32_t> kNoExperts;
+  const auto& local = routing == Routing::kLocal ? map.local_experts(rank) : kNoExperts;
   for (uint32_t t = 0; t < tokens; ++t) {
     int32_t* idx = &b.idx[size_t(t) * c.topk];
     if (routing == Routing::kTrace) {

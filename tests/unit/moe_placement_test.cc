@@ -147,6 +147,16 @@ TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
   EXPECT_EQ(top1.layers[1].away_from_source, 2u);  // both tokens now live on another rank
   EXPECT_EQ(hier.layers[1].away_from_source, 0u);
   EXPECT_EQ(TokenHomes(t, p, TokenHome::kTop1, 1, 2), (std::vector<uint32_t>{1, 0}));
+  // Its combine merges on the top-1's rank. Layer 0: token 0 merges on rank
+  // 1, which rank 2 (node 1) sends a partial; token 1 merges on rank 0, which
+  // rank 1 sends one (same node). Layer 1: token 0's experts are all on its
+  // merge rank 3; token 1 merges on rank 2, rank 3 sends one (same node).
+  EXPECT_EQ(top1.layers[0].merged, 2u);
+  EXPECT_EQ(top1.layers[0].merged_node, 1u);
+  EXPECT_EQ(top1.layers[1].merged, 1u);
+  EXPECT_EQ(top1.layers[1].merged_node, 0u);
+  EXPECT_EQ(top1.total().merged, 3u);
+  EXPECT_EQ(hier.total().merged, 0u);  // with kSource combine returns what dispatch sent
   EXPECT_FALSE(CountRecords(t, p, {3, TokenHome::kSource, false}).ok());  // 4 ranks into 3 nodes
   EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(3, 8, 4), {}).ok());   // layers differ
 }

@@ -1,0 +1,236 @@
+#include "moe/coherent_dispatcher.h"
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "moe/dispatch_records.h"
+#include "moe/numeric_formats.h"
+
+namespace te::moe {
+namespace {
+
+constexpr const char* kMagic = "temoec1 ";
+constexpr const char* kSeparator = " | ";
+// A merge row: the rank partial, then the dispatching rank and the id as two
+// u32, each in two bf16 slots (copied as bits, never read as numbers).
+constexpr uint32_t kKeySlots = 4;
+
+uint64_t SentToOthers(const DispatchHandle& h, uint32_t self) {
+  uint64_t n = 0;
+  for (uint32_t r = 0; r < h.sent_to.size(); ++r) n += r == self ? 0 : h.sent_to[r];
+  return n;
+}
+
+}  // namespace
+
+CoherentDispatcher::CoherentDispatcher(const EpConfig& config) : config_(config) {}
+CoherentDispatcher::~CoherentDispatcher() = default;
+
+Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferEngine* engine,
+                                                                       const EpConfig& config) {
+  if (!engine) return InvalidArgument("CoherentDispatcher needs an engine");
+  TE_RETURN_IF_ERROR(config.Validate());
+  if (config.ranks > 65535)
+    return InvalidArgument("ranks " + std::to_string(config.ranks) + " exceeds 65535, the merge ranks a record names");
+  if (uint64_t(config.ranks) * config.max_tokens > (1u << 20))
+    return InvalidArgument("ranks x max_tokens = " + std::to_string(uint64_t(config.ranks) * config.max_tokens) +
+                           " exceeds 2^20, the rows a rank may receive and merge");
+  std::unique_ptr<CoherentDispatcher> d(new CoherentDispatcher(config));
+  EpConfig merge = config;
+  merge.experts = config.ranks;
+  merge.topk = 1;
+  merge.hidden = config.hidden + kKeySlots;
+  merge.payload = Payload::kBf16;
+  merge.max_tokens = config.ranks * config.max_tokens;  // the rows a rank received
+  merge.private_tokens = 0;
+  merge.overflow_tokens = EpConfig::kWorstCase;
+  merge.imm_base = config.imm_base + kMergeImmOffset;
+  TE_ASSIGN_OR_RETURN(d->merge_map_, ExpertMap::Contiguous(config.ranks, config.ranks));
+  TE_ASSIGN_OR_RETURN(d->dispatch_, EpDispatcher::Create(engine, config));
+  TE_ASSIGN_OR_RETURN(d->merge_, EpDispatcher::Create(engine, merge));
+  return d;
+}
+
+size_t CoherentDispatcher::buffer_bytes() const { return dispatch_->buffer_bytes() + merge_->buffer_bytes(); }
+
+std::string CoherentDispatcher::LocalInfo() const {
+  return kMagic + dispatch_->LocalInfo() + kSeparator + merge_->LocalInfo();
+}
+
+Status CoherentDispatcher::Connect(const std::vector<std::string>& infos) {
+  const uint32_t R = config_.ranks;
+  if (infos.size() != R)
+    return InvalidArgument("Connect got " + std::to_string(infos.size()) + " infos for " + std::to_string(R) +
+                           " ranks");
+  std::vector<std::string> dispatch(R), merge(R);
+  for (uint32_t r = 0; r < R; ++r) {
+    const size_t cut = infos[r].find(kSeparator);
+    if (infos[r].rfind(kMagic, 0) != 0 || cut == std::string::npos)
+      return InvalidArgument("info of rank " + std::to_string(r) + " is not a CoherentDispatcher's");
+    dispatch[r] = infos[r].substr(std::strlen(kMagic), cut - std::strlen(kMagic));
+    merge[r] = infos[r].substr(cut + std::strlen(kSeparator));
+  }
+  TE_RETURN_IF_ERROR(dispatch_->Connect(dispatch).WithContext("dispatch"));
+  TE_RETURN_IF_ERROR(merge_->Connect(merge).WithContext("merge"));
+  connected_ = true;
+  return Status::Ok();
+}
+
+Status CoherentDispatcher::Fail(Status s) {
+  if (failed_.ok()) failed_ = s;
+  return s;
+}
+
+Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids, const ExpertMap& map,
+                                    DispatchResult* out) {
+  if (!connected_) return InvalidArgument("Dispatch/Combine before Connect");
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (combine_pending_)
+    return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
+  if (!out) return InvalidArgument("Dispatch needs a result to fill");
+  const EpConfig& c = config_;
+  const uint32_t T = batch.tokens, K = c.topk;
+  TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
+  ids_.resize(T);
+  if (ids) {
+    std::copy(ids, ids + T, ids_.begin());
+    std::vector<uint32_t> sorted = ids_;
+    std::sort(sorted.begin(), sorted.end());
+    if (auto dup = std::adjacent_find(sorted.begin(), sorted.end()); dup != sorted.end())
+      return InvalidArgument("ids name token " + std::to_string(*dup) + " twice; ids must be distinct in a batch");
+  } else {
+    std::iota(ids_.begin(), ids_.end(), 0u);
+  }
+  // Merge ranks (the kTop1 rule), and the tokens that stay for lack of experts.
+  merge_of_.resize(T);
+  no_expert_.clear();
+  for (uint32_t t = 0; t < T; ++t) {
+    const int32_t* idx = batch.topk_idx + size_t(t) * K;
+    merge_of_[t] = uint16_t(idx[0] >= 0 ? map.RankFor(uint32_t(idx[0]), c.rank) : c.rank);
+    if (std::all_of(idx, idx + K, [](int32_t e) { return e < 0; })) no_expert_.push_back(ids_[t]);
+  }
+
+  if (Status s = dispatch_->PrepareDispatch(); !s.ok()) return Fail(s);
+  ResetResult(c, map, out);
+  const TokenLabels labels{ids_.data(), merge_of_.data()};
+  PackRecords(c, map, batch, dispatch_->send_records(), &plan_, &out->handle, /*copy_payload=*/true, nullptr, nullptr,
+              &labels);
+  records_.clear();
+  if (Status s = dispatch_->DispatchPacked(plan_, map, T, out, &records_); !s.ok()) return Fail(s);
+
+  // Payloads from the receive region into the experts' rows; each row's
+  // dispatching rank, id and merge rank for combine.
+  const size_t rows = records_.size(), tb = c.token_bytes(), sc = c.scale_count(), off = RecordPayloadOffset(c);
+  for (ExpertTokens& x : out->experts) {
+    x.data.resize(size_t(x.count) * tb);
+    x.scales.resize(size_t(x.count) * sc);
+  }
+  row_from_.resize(rows);
+  row_id_.resize(rows);
+  row_merge_.resize(rows);
+  const DispatchHandle& h = out->handle;
+  for (size_t q = 0; q < rows; ++q) {
+    const uint8_t* rec = records_[q];
+    row_id_[q] = RecordSourceToken(rec);
+    row_merge_[q] = RecordTag(rec);
+    if (row_merge_[q] >= c.ranks)
+      return Fail(Internal("a record names merge rank " + std::to_string(row_merge_[q]) + ", outside [0, " +
+                           std::to_string(c.ranks) + ")"));
+    for (uint32_t i = h.row_begin[q]; i < h.row_begin[q + 1]; ++i) {
+      const RowEntry& e = h.entries[i];
+      ExpertTokens& x = out->experts[e.local_expert];
+      row_from_[q] = x.src_rank[e.position];
+      std::memcpy(&x.data[size_t(e.position) * tb], rec + off, tb);
+      if (sc) std::memcpy(&x.scales[size_t(e.position) * sc], rec + off + tb, sc * sizeof(float));
+    }
+  }
+  if (Status s = dispatch_->EndWithoutCombine(*out); !s.ok()) return Fail(s);
+  out->handle.seq = ++seq_;
+  dispatched_sent_ += SentToOthers(h, c.rank);
+  combine_pending_ = true;
+  return Status::Ok();
+}
+
+Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched,
+                                   MergedTokens* merged) {
+  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
+  if (!combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
+  if (dispatched.handle.seq != seq_)
+    return InvalidArgument("Combine got the handle of dispatch " + std::to_string(dispatched.handle.seq) +
+                           "; the pending one is " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
+  if (!merged) return InvalidArgument("Combine needs a MergedTokens to fill");
+  const EpConfig& c = config_;
+  const uint32_t H = c.hidden, W = H + kKeySlots;
+  const size_t rows = row_id_.size();
+
+  // 1. Rank partials of every received row, keyed, to the merge ranks.
+  std::vector<uint16_t> reduced(rows * H);
+  ReduceRows(c, dispatched.handle, outputs, 0, uint32_t(rows), reduced.data());
+  partials_.resize(rows * W);
+  merge_idx_.resize(rows);
+  merge_weight_.assign(rows, 1.0f);
+  for (size_t q = 0; q < rows; ++q) {
+    uint16_t* row = &partials_[q * W];
+    std::memcpy(row, &reduced[q * H], size_t(H) * 2);
+    std::memcpy(row + H, &row_from_[q], 4);
+    std::memcpy(row + H + 2, &row_id_[q], 4);
+    merge_idx_[q] = int32_t(row_merge_[q]);
+  }
+  const TokenBatch sends{uint32_t(rows), reinterpret_cast<const uint8_t*>(partials_.data()), nullptr,
+                         merge_idx_.data(), merge_weight_.data()};
+  if (Status s = merge_->Dispatch(sends, merge_map_, &merge_result_); !s.ok()) return Fail(s);
+  merged_sent_ += SentToOthers(merge_result_.handle, c.rank);
+  if (Status s = merge_->EndWithoutCombine(merge_result_); !s.ok()) return Fail(s);
+
+  // 2. Sum each token's partials in rank order (they arrive rank-major).
+  const ExpertTokens& in = merge_result_.experts[0];
+  struct Piece {
+    uint32_t from, id, rank, row;  // row == UINT32_MAX: a token without experts
+  };
+  std::vector<Piece> pieces;
+  pieces.reserve(in.count + no_expert_.size());
+  for (uint32_t i = 0; i < in.count; ++i) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(&in.data[size_t(i) * W * 2]);
+    Piece p{0, 0, in.src_rank[i], i};
+    std::memcpy(&p.from, row + H, 4);
+    std::memcpy(&p.id, row + H + 2, 4);
+    if (p.from >= c.ranks)
+      return Fail(Internal("rank " + std::to_string(p.rank) + " sent a partial for a token of rank " +
+                           std::to_string(p.from) + ", outside [0, " + std::to_string(c.ranks) + ")"));
+    pieces.push_back(p);
+  }
+  for (uint32_t id : no_expert_) pieces.push_back({c.rank, id, c.rank, UINT32_MAX});
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
+    return a.from != b.from ? a.from < b.from : a.id < b.id;
+  });
+  merged->count = 0;
+  merged->from_rank.clear();
+  merged->ids.clear();
+  merged->data.clear();
+  std::vector<float> acc(H);
+  for (size_t i = 0; i < pieces.size();) {
+    size_t j = i;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (; j < pieces.size() && pieces[j].from == pieces[i].from && pieces[j].id == pieces[i].id; ++j) {
+      if (j > i && pieces[j].rank <= pieces[j - 1].rank)
+        return Fail(Internal("token " + std::to_string(pieces[i].id) + " of rank " + std::to_string(pieces[i].from) +
+                             " got two partials from rank " + std::to_string(pieces[j].rank)));
+      if (pieces[j].row == UINT32_MAX) continue;
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(&in.data[size_t(pieces[j].row) * W * 2]);
+      for (uint32_t k = 0; k < H; ++k) acc[k] += Bf16ToFloat(x[k]);
+    }
+    merged->from_rank.push_back(pieces[i].from);
+    merged->ids.push_back(pieces[i].id);
+    merged->data.resize(merged->data.size() + H);
+    uint16_t* dst = merged->data.data() + size_t(merged->count) * H;
+    for (uint32_t k = 0; k < H; ++k) dst[k] = FloatToBf16(acc[k]);
+    merged->count++;
+    i = j;
+  }
+  combine_pending_ = false;
+  return Status::Ok();
+}
+
+}  // namespace te::moe
