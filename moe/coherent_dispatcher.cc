@@ -27,8 +27,7 @@ uint64_t SentToOthers(const DispatchHandle& h, uint32_t self) {
 CoherentDispatcher::CoherentDispatcher(const EpConfig& config) : config_(config) {}
 CoherentDispatcher::~CoherentDispatcher() = default;
 
-Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferEngine* engine,
-                                                                       const EpConfig& config) {
+Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferEngine* engine, const EpConfig& config) {
   if (!engine) return InvalidArgument("CoherentDispatcher needs an engine");
   TE_RETURN_IF_ERROR(config.Validate());
   if (config.ranks > 65535)
@@ -178,8 +177,8 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
     std::memcpy(row + H + 2, &row_id_[q], 4);
     merge_idx_[q] = int32_t(row_merge_[q]);
   }
-  const TokenBatch sends{uint32_t(rows), reinterpret_cast<const uint8_t*>(partials_.data()), nullptr,
-                         merge_idx_.data(), merge_weight_.data()};
+  const TokenBatch sends{uint32_t(rows), reinterpret_cast<const uint8_t*>(partials_.data()), nullptr, merge_idx_.data(),
+                         merge_weight_.data()};
   if (Status s = merge_->Dispatch(sends, merge_map_, &merge_result_); !s.ok()) return Fail(s);
   merged_sent_ += SentToOthers(merge_result_.handle, c.rank);
   if (Status s = merge_->EndWithoutCombine(merge_result_); !s.ok()) return Fail(s);
@@ -202,9 +201,8 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
     pieces.push_back(p);
   }
   for (uint32_t id : no_expert_) pieces.push_back({c.rank, id, c.rank, UINT32_MAX});
-  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) {
-    return a.from != b.from ? a.from < b.from : a.id < b.id;
-  });
+  std::stable_sort(pieces.begin(), pieces.end(),
+                   [](const Piece& a, const Piece& b) { return a.from != b.from ? a.from < b.from : a.id < b.id; });
   merged->count = 0;
   merged->from_rank.clear();
   merged->ids.clear();

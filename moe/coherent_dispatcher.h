@@ -108,11 +108,11 @@ class CoherentDispatcher {
   uint64_t seq_ = 0;
   uint64_t dispatched_sent_ = 0, merged_sent_ = 0;
   // State of the pending dispatch.
-  std::vector<uint32_t> ids_;        // this rank's token ids
-  std::vector<uint16_t> merge_of_;   // [tokens] merge rank of each token
+  std::vector<uint32_t> ids_;                // this rank's token ids
+  std::vector<uint16_t> merge_of_;           // [tokens] merge rank of each token
   std::vector<uint32_t> row_from_, row_id_;  // [rows received] dispatching rank and id
-  std::vector<uint16_t> row_merge_;  // [rows received] merge rank
-  std::vector<uint32_t> no_expert_;  // this rank's tokens without an expert (they stay)
+  std::vector<uint16_t> row_merge_;          // [rows received] merge rank
+  std::vector<uint32_t> no_expert_;          // this rank's tokens without an expert (they stay)
   SendPlan plan_;
   std::vector<const uint8_t*> records_;
   // Merge step.

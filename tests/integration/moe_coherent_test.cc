@@ -92,7 +92,8 @@ std::string RunCoherentRank(CoherentDispatcher& d, const CoherentRun& run, uint6
     // The whole group, as the reference sees it.
     std::vector<BatchData> batches;
     std::vector<moe::TokenBatch> views;
-    for (uint32_t r = 0; r < R; ++r) batches.push_back(TokensBatch(c, m, run.routing, living[r], run.seed, l, run.trace));
+    for (uint32_t r = 0; r < R; ++r)
+      batches.push_back(TokensBatch(c, m, run.routing, living[r], run.seed, l, run.trace));
     for (auto& b : batches) views.push_back(b.view());
     auto ref = moe::ReferenceDispatch(c, m, views);
     if (!ref.ok()) return at + "reference: " + ref.status().ToString();
