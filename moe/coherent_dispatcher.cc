@@ -53,6 +53,8 @@ Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferE
 
 size_t CoherentDispatcher::buffer_bytes() const { return dispatch_->buffer_bytes() + merge_->buffer_bytes(); }
 
+size_t CoherentDispatcher::merge_record_bytes() const { return RecordBytes(merge_->config()); }
+
 std::string CoherentDispatcher::LocalInfo() const {
   return kMagic + dispatch_->LocalInfo() + kSeparator + merge_->LocalInfo();
 }

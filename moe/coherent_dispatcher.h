@@ -94,6 +94,10 @@ class CoherentDispatcher {
   // rank partials sent to merge ranks.
   uint64_t records_dispatched() const { return dispatched_sent_; }
   uint64_t records_merged() const { return merged_sent_; }
+  // The last combine's rank partials to each rank [ranks], and the bytes one
+  // of them takes on the wire (a record of the merge step).
+  const std::vector<uint32_t>& last_merge_sent_to() const { return merge_result_.handle.sent_to; }
+  size_t merge_record_bytes() const;
 
  private:
   explicit CoherentDispatcher(const EpConfig& config);

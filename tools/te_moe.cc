@@ -173,12 +173,12 @@ int Place() {
           "\"rank_records_per_token_layer\":%.4f,\"node_records_per_token_layer\":%.4f,"
           "\"rank_reduction_vs_round_robin\":%.4f,\"node_reduction_vs_round_robin\":%.4f,"
           "\"cross_rank_hops_per_token\":%.3f,\"max_rank_load_imbalance\":%.3f,\"max_node_load_imbalance\":%.3f,"
-          "\"solve_seconds\":%.3f}\n",
+          "\"merge_records\":%llu,\"merge_node_records\":%llu,\"solve_seconds\":%.3f}\n",
           r.name.c_str(), FLAGS_ranks, FLAGS_nodes, FLAGS_home.c_str(), judged.tokens, judged.layers,
           (unsigned long long)r.hier.total().rank, (unsigned long long)r.hier.total().node,
           (unsigned long long)r.flat.total().node, rank, node, Reduction(rr_rank, rank), Reduction(rr_node, node),
           r.stats.cross_rank_hops_per_token, r.hier.max_rank_imbalance(), r.hier.max_node_imbalance(FLAGS_nodes),
-          solve_s);
+          (unsigned long long)r.flat.total().merged, (unsigned long long)r.flat.total().merged_node, solve_s);
     } else {
       printf("%-12s %10.3f %7.1f%% %10.3f %7.1f%% %10.3f %10.2f %9.3f %9.3f\n", r.name.c_str(), rank,
              100 * Reduction(rr_rank, rank), node, 100 * Reduction(rr_node, node), flat_node,
@@ -197,6 +197,15 @@ int Place() {
         "context: %.3f of tokens per layer are away from their source rank (solver); replicated context costs %u "
         "KV copies per token and layer, against the %.3f records per token and layer saved over round-robin\n",
         away, FLAGS_ranks - 1, rr_rank - solver.rank_per_token_layer());
+    // Combine merging on the next home (CoherentDispatcher) instead of
+    // returning to the dispatching rank.
+    const auto& merge = rows[2].flat;
+    const double per = double(merge.tokens) * merge.layers.size();
+    printf(
+        "combine merging on the top-1 rank (CoherentDispatcher): %.3f records per token and layer across ranks, "
+        "%.3f across nodes (solver), against %.3f / %.3f returning to the dispatching rank\n",
+        double(merge.total().merged) / per, double(merge.total().merged_node) / per, merge.rank_per_token_layer(),
+        merge.node_per_token_layer());
   }
   if (!FLAGS_oracle.empty() && !FLAGS_json) {
     // How much of the oracle's saving against round-robin the solver reaches.

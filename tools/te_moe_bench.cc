@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "base/checked_math.h"
+#include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_cost.h"
 #include "moe/dispatch_records.h"
 #include "moe/ep_dispatcher.h"
@@ -59,7 +60,8 @@ DEFINE_string(bench_trace, "", "bench: routing trace (te-moe gen), replayed from
 DEFINE_string(placement, "", "bench: placement CSV (te-moe place --placement_out) compared with round-robin");
 DEFINE_string(mode, "normal",
               "bench: engine dispatch paths, comma-separated: normal (EpDispatcher), ll (low latency), hier "
-              "(HierarchicalDispatcher: node-level deduplication over --nodes)");
+              "(HierarchicalDispatcher: node-level deduplication over --nodes), coherent (CoherentDispatcher: combine "
+              "merges on the top-1 rank; needs --bench_trace and --home=top1)");
 DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
 DEFINE_string(mpi_btl, "",
               "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
@@ -157,6 +159,7 @@ struct Layer {
   std::vector<uint8_t> data;
   std::vector<float> scales, weights;
   std::vector<int32_t> idx;
+  std::vector<uint32_t> ids;  // trace tokens
   uint32_t tokens = 0;
   // Synthetic expert outputs, per local expert, for the rows as each path
   // delivered them (the hierarchical path orders them by relay).
@@ -222,8 +225,10 @@ std::vector<Layer> TraceLayers(const moe::EpConfig& c, const moe::RoutingTrace& 
     Layer x{Must(p.Map(l, FLAGS_nodes), "expert map")};
     const auto homes = moe::TokenHomes(used, p, HomeFlag(), l, FLAGS_nodes);
     for (uint32_t i = 0; i < used.tokens; ++i)
-      if (homes[i] == c.rank)
+      if (homes[i] == c.rank) {
+        x.ids.push_back(i);
         for (uint32_t k = 0; k < c.topk; ++k) x.idx.push_back(used.at(i, l, k));
+      }
     x.tokens = uint32_t(x.idx.size() / c.topk);
     FillTokens(c, rng, &x);
     layers.push_back(std::move(x));
@@ -237,9 +242,34 @@ std::string MpiTransport() {
   return btl ? btl : "default";
 }
 
-enum class Mode { kNormal, kLowLatency, kHierarchical };
+enum class Mode { kNormal, kLowLatency, kHierarchical, kCoherent };
 
-const char* ModeSuffix(Mode m) { return m == Mode::kLowLatency ? " ll" : m == Mode::kHierarchical ? " hier" : ""; }
+const char* ModeSuffix(Mode m) {
+  return m == Mode::kLowLatency ? " ll" : m == Mode::kHierarchical ? " hier" : m == Mode::kCoherent ? " coh" : "";
+}
+
+// The coherent path's check: every token merged here, against the MPI path's
+// combined output at the rank that dispatched it (gathered from all ranks).
+// ids[r]: rank r's tokens at this layer, ascending.
+uint64_t MergedMismatches(const moe::EpConfig& c, const moe::MergedTokens& merged, const std::vector<uint16_t>& mpi_out,
+                          const std::vector<std::vector<uint32_t>>& ids, uint64_t expected) {
+  std::vector<int> counts(c.ranks), displs(c.ranks);
+  int at = 0;
+  for (uint32_t r = 0; r < c.ranks; ++r) counts[r] = int(ids[r].size() * c.hidden), displs[r] = at, at += counts[r];
+  std::vector<uint16_t> all(static_cast<size_t>(at));
+  MPI_Allgatherv(mpi_out.data(), counts[c.rank], MPI_UINT16_T, all.data(), counts.data(), displs.data(), MPI_UINT16_T,
+                 MPI_COMM_WORLD);
+  uint64_t bad = merged.count != expected;
+  for (uint32_t k = 0; k < merged.count && !bad; ++k) {
+    const auto& from = ids.at(merged.from_rank[k]);
+    const auto it = std::lower_bound(from.begin(), from.end(), merged.ids[k]);
+    if (it == from.end() || *it != merged.ids[k]) return bad + 1;
+    const size_t row = size_t(displs[merged.from_rank[k]]) + size_t(it - from.begin()) * c.hidden;
+    const size_t bytes = size_t(c.hidden) * 2;
+    bad += row + c.hidden > all.size() || memcmp(&merged.data[size_t(k) * c.hidden], &all[row], bytes) != 0;
+  }
+  return bad;
+}
 
 // The hierarchical path delivers an expert's tokens grouped by relay: the
 // same rows as the flat path, in another order.
@@ -307,9 +337,15 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
   std::unique_ptr<moe::EpDispatcher> d;
   std::unique_ptr<moe::LowLatencyDispatcher> ll;
   std::unique_ptr<moe::HierarchicalDispatcher> hier;
+  std::unique_ptr<moe::CoherentDispatcher> coh;
+  if (mode == Mode::kCoherent && (!trace || HomeFlag() != moe::TokenHome::kTop1))
+    Die("--mode=coherent needs --bench_trace and --home=top1 (tokens live where their last top-1 expert ran)");
   if (mode == Mode::kLowLatency) {
     ll = Must(moe::LowLatencyDispatcher::Create(engine, c), "low-latency dispatcher");
     Must(ll->Connect(te::tools::AllGatherStrings(ll->LocalInfo(), ranks)), "connect the group");
+  } else if (mode == Mode::kCoherent) {
+    coh = Must(moe::CoherentDispatcher::Create(engine, c), "coherent dispatcher");
+    Must(coh->Connect(te::tools::AllGatherStrings(coh->LocalInfo(), ranks)), "connect the group");
   } else if (mode == Mode::kHierarchical) {
     hier = Must(moe::HierarchicalDispatcher::Create(engine, c, FLAGS_nodes), "hierarchical dispatcher");
     Must(hier->Connect(te::tools::AllGatherStrings(hier->LocalInfo(), ranks)), "connect the group");
@@ -317,10 +353,14 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     d = Must(moe::EpDispatcher::Create(engine, c), "dispatcher");
     Must(d->Connect(te::tools::AllGatherStrings(d->LocalInfo(), ranks)), "connect the group");
   }
-  auto te_dispatch = [&](const moe::TokenBatch& b, const moe::ExpertMap& m, moe::DispatchResult* out) {
-    return ll ? ll->Dispatch(b, m, out) : hier ? hier->Dispatch(b, m, out) : d->Dispatch(b, m, out);
+  moe::MergedTokens merged;
+  auto te_dispatch = [&](const Layer& L, moe::DispatchResult* out) {
+    const moe::TokenBatch b = L.view();
+    if (coh) return coh->Dispatch(b, L.ids.data(), L.map, out);
+    return ll ? ll->Dispatch(b, L.map, out) : hier ? hier->Dispatch(b, L.map, out) : d->Dispatch(b, L.map, out);
   };
   auto te_combine = [&](const moe::ExpertOutputs& o, const moe::DispatchResult& r, uint16_t* out) {
+    if (coh) return coh->Combine(o, r, &merged);
     return ll ? ll->Combine(o, r, out) : hier ? hier->Combine(o, r, out) : d->Combine(o, r, out);
   };
   const std::string routing_name = routing + ModeSuffix(mode);
@@ -335,6 +375,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     const bool relayed = mode == Mode::kHierarchical;
     const auto total = Must(moe::CountRecords(used, *placement, {nodes, HomeFlag(), relayed}), "count records").total();
     predicted = int64_t(relayed ? total.relayed : total.rank);
+    if (mode == Mode::kCoherent) predicted += int64_t(total.merged);
   }
   moe::DispatchResult te_result, mpi_result;
   std::vector<uint16_t> te_out, mpi_out;
@@ -356,7 +397,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     // Engine path.
     MPI_Barrier(MPI_COMM_WORLD);
     auto t0 = now();
-    Must(te_dispatch(L.view(), L.map, &te_result), "dispatch");
+    Must(te_dispatch(L, &te_result), "dispatch");
     auto t1 = now();
     if (L.outputs.empty()) {  // the experts: computed once per layer, outside the timing
       L.outputs.resize(te_result.experts.size());
@@ -388,8 +429,21 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     Must(mpi.Combine(mpi_outs, mpi_result, mpi_out.data()), "MPI combine");
     t3 = now();
     const double mpi_d = slowest(us(t0, t1)), mpi_c = slowest(us(t2, t3));
-    if (i < layers.size()) {              // first pass: both paths agree, and what crosses ranks
-      if (mode == Mode::kHierarchical) {  // same rows in relay order; sums grouped by node
+    if (i < layers.size()) {          // first pass: both paths agree, and what crosses ranks
+      if (mode == Mode::kCoherent) {  // rows name tokens by id; merged tokens against MPI's at their source
+        std::vector<std::vector<uint32_t>> ids(ranks);
+        const auto homes = moe::TokenHomes(used, *placement, moe::TokenHome::kTop1, uint32_t(i), nodes);
+        const auto next = moe::TokenHomes(used, *placement, moe::TokenHome::kTop1, uint32_t(i) + 1, nodes);
+        uint64_t here = 0;
+        for (uint32_t t = 0; t < used.tokens; ++t) ids[homes[t]].push_back(t), here += next[t] == uint32_t(rank);
+        for (size_t e = 0; e < te_result.experts.size(); ++e) {
+          const auto& x = mpi_result.experts[e];
+          std::vector<uint32_t> named(x.count);
+          for (uint32_t j = 0; j < x.count; ++j) named[j] = ids[x.src_rank[j]][x.src_token[j]];
+          mismatches += te_result.experts[e].data != x.data || te_result.experts[e].src_token != named;
+        }
+        mismatches += MergedMismatches(c, merged, mpi_out, ids, here);
+      } else if (mode == Mode::kHierarchical) {  // same rows in relay order; sums grouped by node
         for (size_t e = 0; e < te_result.experts.size(); ++e)
           mismatches += SortedRows(c, te_result.experts[e]) != SortedRows(c, mpi_result.experts[e]);
         mismatches += te_out != SumByNode(c, mpi_result.handle, mpi.back.data(), per_node);
@@ -401,10 +455,14 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
       }
       for (int r = 0; r < ranks; ++r) {
         if (r == rank) continue;
-        const uint64_t bytes = te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
+        uint64_t bytes = te_result.handle.sent_to[r] * rec + te_result.handle.recv_from[r] * size_t(c.hidden) * 2;
+        records += te_result.handle.sent_to[r];
+        if (coh) {  // combine sends merge records, not returned rows
+          bytes = te_result.handle.sent_to[r] * rec + coh->last_merge_sent_to()[r] * coh->merge_record_bytes();
+          records += coh->last_merge_sent_to()[r];
+        }
         cross_bytes += bytes;
         if (uint32_t(r) / per_node != uint32_t(rank) / per_node) node_bytes += bytes;
-        records += te_result.handle.sent_to[r];
       }
       ++passes;
     }
@@ -446,7 +504,7 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
         nodes, FLAGS_home.c_str(), (unsigned long long)all_records, (long long)predicted,
         all_mismatches == 0 ? "true" : "false");
   } else {
-    printf("%3d %-6s %-5s %-12s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %9.2f %s\n",
+    printf("%3d %-6s %-5s %-16s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %9.2f %s\n",
            ranks, shape.name.c_str(), moe::PayloadName(payload), routing_name.c_str(), te_d50,
            Percentile(te_t.dispatch_us, .99), mpi_d50, Percentile(mpi_t.dispatch_us, .99), te_d50 / mpi_d50, te_c50,
            Percentile(te_t.combine_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), te_c50 / mpi_c50,
@@ -460,8 +518,12 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
 std::vector<Mode> Modes() {
   std::vector<Mode> modes;
   for (const std::string& m : Split(FLAGS_mode)) {
-    if (m != "normal" && m != "ll" && m != "hier") Die("--mode entry '" + m + "': use normal, ll or hier");
-    modes.push_back(m == "ll" ? Mode::kLowLatency : m == "hier" ? Mode::kHierarchical : Mode::kNormal);
+    if (m != "normal" && m != "ll" && m != "hier" && m != "coherent")
+      Die("--mode entry '" + m + "': use normal, ll, hier or coherent");
+    modes.push_back(m == "ll"         ? Mode::kLowLatency
+                    : m == "hier"     ? Mode::kHierarchical
+                    : m == "coherent" ? Mode::kCoherent
+                                      : Mode::kNormal);
   }
   return modes;
 }
@@ -484,10 +546,10 @@ int Worker() {
         "iteration, %u iterations)\n",
         ranks, engine->provider().c_str(), FLAGS_progress.c_str(), MpiTransport().c_str(), FLAGS_bench_tokens,
         FLAGS_iters);
-    printf("%3s %-6s %-5s %-12s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %9s %s\n", "ep", "shape", "load",
+    printf("%3s %-6s %-5s %-16s %9s %9s %9s %9s %6s | %9s %9s %9s %9s %6s | %9s %9s %s\n", "ep", "shape", "load",
            "routing", "te p50", "te p99", "mpi p50", "mpi p99", "ratio", "te p50", "te p99", "mpi p50", "mpi p99",
            "ratio", "MB x-rank", "MB x-node", "check");
-    printf("%35s%s%s\n", "", "dispatch -------------------------------------------  ",
+    printf("%39s%s%s\n", "", "dispatch -------------------------------------------  ",
            "combine --------------------------------------------");
   }
   for (const std::string& p : Split(FLAGS_payloads)) {
