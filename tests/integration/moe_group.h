@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "integration/test_support.h"
+#include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_reference.h"
 #include "moe/ep_dispatcher.h"
 #include "moe/hierarchical_dispatcher.h"
@@ -378,6 +379,116 @@ inline std::string RunHierRank(moe::HierarchicalDispatcher& d, Routing routing, 
       return at + "combine differs at token " + std::to_string(i / c.hidden) + " element " +
              std::to_string(i % c.hidden);
     }
+  }
+  return "";
+}
+
+// ---- CoherentDispatcher ----
+
+// The batch of the tokens `ids` (ascending) at `layer`: token id's bytes and
+// routing are a function of (seed, layer, id) only (with kTrace: trace
+// token id), wherever it lives.
+inline BatchData TokensBatch(const moe::EpConfig& c, const moe::ExpertMap& map, Routing routing,
+                             const std::vector<uint32_t>& ids, uint64_t seed, uint32_t layer,
+                             const moe::RoutingTrace* trace) {
+  BatchData all;
+  all.tokens = uint32_t(ids.size());
+  for (uint32_t id : ids) {
+    // MakeBatch's token 0 of "rank" id: trace token 0 * ranks + id = id.
+    BatchData one = MakeBatch(c, map, routing, 1, seed, layer, id, trace);
+    all.data.insert(all.data.end(), one.data.begin(), one.data.end());
+    all.scales.insert(all.scales.end(), one.scales.begin(), one.scales.end());
+    all.idx.insert(all.idx.end(), one.idx.begin(), one.idx.end());
+    all.weights.insert(all.weights.end(), one.weights.begin(), one.weights.end());
+  }
+  return all;
+}
+
+struct CoherentRun {
+  Routing routing = Routing::kRandom;
+  std::vector<uint32_t> tokens;  // at layer 0, rank r holds ids r, r + R, ...
+  uint64_t seed = 7;
+  uint32_t layers = 3;
+  const moe::RoutingTrace* trace = nullptr;
+  const std::vector<moe::ExpertMap>* maps = nullptr;  // [layer], else `map`
+  const moe::ExpertMap* map = nullptr;
+};
+
+// One rank's part of the run. Returns "" or the first failure; `moved`
+// counts tokens that merged on a rank other than the one they came from.
+inline std::string RunCoherentRank(moe::CoherentDispatcher& d, const CoherentRun& run, uint64_t* moved) {
+  const moe::EpConfig& c = d.config();
+  const uint32_t R = c.ranks, H = c.hidden;
+  std::vector<std::vector<uint32_t>> living(R);
+  for (uint32_t r = 0; r < R; ++r)
+    for (uint32_t t = 0; t < run.tokens[r]; ++t) living[r].push_back(t * R + r);
+  moe::DispatchResult result;
+  moe::MergedTokens merged;
+  for (uint32_t l = 0; l < run.layers; ++l) {
+    const moe::ExpertMap& m = run.maps ? (*run.maps)[l] : *run.map;
+    const std::string at = "layer " + std::to_string(l) + " ";
+    // The whole group, as the reference sees it.
+    std::vector<BatchData> batches;
+    std::vector<moe::TokenBatch> views;
+    for (uint32_t r = 0; r < R; ++r)
+      batches.push_back(TokensBatch(c, m, run.routing, living[r], run.seed, l, run.trace));
+    for (auto& b : batches) views.push_back(b.view());
+    auto ref = moe::ReferenceDispatch(c, m, views);
+    if (!ref.ok()) return at + "reference: " + ref.status().ToString();
+    std::vector<std::vector<std::vector<uint16_t>>> ref_out(R);
+    std::vector<moe::ExpertOutputs> ref_views(R);
+    for (uint32_t r = 0; r < R; ++r) {
+      ref_out[r].resize(ref.value()[r].size());
+      for (size_t i = 0; i < ref_out[r].size(); ++i) {
+        moe::SyntheticExpert(c, ref.value()[r][i], &ref_out[r][i]);
+        ref_views[r].push_back(ref_out[r][i].data());
+      }
+    }
+    auto combined = moe::ReferenceCombine(c, m, views, ref.value(), ref_views);
+    if (!combined.ok()) return at + "reference combine: " + combined.status().ToString();
+
+    // Dispatch: the reference's rows, sources named by id.
+    const std::vector<uint32_t>& mine = living[c.rank];
+    Status s = d.Dispatch(batches[c.rank].view(), mine.data(), m, &result);
+    if (!s.ok()) return at + "dispatch: " + s.ToString();
+    std::vector<moe::ExpertTokens> want = ref.value()[c.rank];
+    for (auto& x : want)
+      for (uint32_t i = 0; i < x.count; ++i) x.src_token[i] = living[x.src_rank[i]][x.src_token[i]];
+    if (std::string diff = CompareDispatch(want, result); !diff.empty()) return at + "dispatch: " + diff;
+
+    std::vector<std::vector<uint16_t>> outs(result.experts.size());
+    moe::ExpertOutputs out_views;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      moe::SyntheticExpert(c, result.experts[i], &outs[i]);
+      out_views.push_back(outs[i].data());
+    }
+    s = d.Combine(out_views, result, &merged);
+    if (!s.ok()) return at + "combine: " + s.ToString();
+
+    // Merged here: every token whose top-1 expert's rank is this one, in
+    // (rank, id) order, with the reference's combined output. Then move.
+    std::vector<std::vector<uint32_t>> next(R);
+    size_t k = 0;
+    for (uint32_t h = 0; h < R; ++h)
+      for (uint32_t i = 0; i < living[h].size(); ++i) {
+        const int32_t top = batches[h].idx[size_t(i) * c.topk];
+        const uint32_t merge = top >= 0 ? m.RankFor(uint32_t(top), h) : h;
+        next[merge].push_back(living[h][i]);
+        if (merge != h && moved && merge == c.rank) ++*moved;
+        if (merge != c.rank) continue;
+        const std::string tok = "token " + std::to_string(living[h][i]) + " of rank " + std::to_string(h) + ": ";
+        if (k >= merged.count) return at + tok + "missing (" + std::to_string(merged.count) + " merged)";
+        if (merged.from_rank[k] != h || merged.ids[k] != living[h][i])
+          return at + tok + "merged as token " + std::to_string(merged.ids[k]) + " of rank " +
+                 std::to_string(merged.from_rank[k]);
+        if (!std::equal(merged.data.begin() + k * H, merged.data.begin() + (k + 1) * H,
+                        combined.value()[h].begin() + size_t(i) * H))
+          return at + tok + "combined output differs";
+        ++k;
+      }
+    if (k != merged.count) return at + std::to_string(merged.count) + " merged, " + std::to_string(k) + " expected";
+    for (auto& ids : next) std::sort(ids.begin(), ids.end());
+    living = std::move(next);
   }
   return "";
 }

@@ -37,7 +37,7 @@ std::string ReadLine(FILE* f) {
 }
 
 // Which dispatcher the children run.
-enum class Kind { kNormal, kLowLatency, kHierarchical };
+enum class Kind { kNormal, kLowLatency, kHierarchical, kCoherent };
 constexpr uint32_t kNodes = 2;  // of the hierarchical groups
 
 template <typename D>
@@ -65,6 +65,8 @@ int RunChild(moe::EpConfig c, Routing routing, uint32_t tokens, uint32_t layers,
   std::string err;
   if constexpr (std::is_same_v<D, moe::HierarchicalDispatcher>)
     err = RunHierRank(**d, routing, counts, 99, layers, TraceRun{}, &map);
+  else if constexpr (std::is_same_v<D, moe::CoherentDispatcher>)
+    err = RunCoherentRank(**d, {routing, counts, 99, layers, nullptr, nullptr, &map}, nullptr);
   else
     err = RunRank(**d, map, routing, counts, 99, layers);
   fprintf(out, "%s\n", err.empty() ? "OK" : ("FAIL " + err).c_str());
@@ -88,6 +90,7 @@ std::vector<Rank> StartGroup(const moe::EpConfig& shape, Routing routing, uint32
       FILE* out = fdopen(from_child[1], "w");
       _exit(kind == Kind::kLowLatency     ? RunChild<moe::LowLatencyDispatcher>(c, routing, tokens, layers, in, out)
             : kind == Kind::kHierarchical ? RunChild<moe::HierarchicalDispatcher>(c, routing, tokens, layers, in, out)
+            : kind == Kind::kCoherent     ? RunChild<moe::CoherentDispatcher>(c, routing, tokens, layers, in, out)
                                           : RunChild<moe::EpDispatcher>(c, routing, tokens, layers, in, out));
     }
     close(to_child[0]);
@@ -143,6 +146,14 @@ TEST(MoeMultiProcess, HierarchicalFourRanksInTwoNodesMatchTheReference) {
   Reap(ranks);
 }
 
+// Tokens move between the processes: 16 per rank, so that all of them fit
+// max_tokens on whichever rank they merge.
+TEST(MoeMultiProcess, CoherentFourRanksMatchTheReference) {
+  std::vector<Rank> ranks = StartGroup(Shape(4, moe::Payload::kBf16), Routing::kRandom, 16, 4, Kind::kCoherent);
+  for (uint32_t r = 0; r < ranks.size(); ++r) EXPECT_EQ(ReadLine(ranks[r].from), "OK") << "rank " << r;
+  Reap(ranks);
+}
+
 // SIGKILL of the last rank while the group runs layers: the others report
 // an error within the timeout instead of hanging.
 void KillOneRank(Kind kind) {
@@ -169,6 +180,7 @@ void KillOneRank(Kind kind) {
 TEST(MoeMultiProcess, KilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kNormal); }
 TEST(MoeMultiProcess, LowLatencyKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kLowLatency); }
 TEST(MoeMultiProcess, HierarchicalKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kHierarchical); }
+TEST(MoeMultiProcess, CoherentKilledRankTurnsIntoErrorsOnTheOthers) { KillOneRank(Kind::kCoherent); }
 
 }  // namespace
 }  // namespace te::testing
