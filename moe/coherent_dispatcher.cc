@@ -163,27 +163,38 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
   if (!merged) return InvalidArgument("Combine needs a MergedTokens to fill");
   const EpConfig& c = config_;
-  const uint32_t H = c.hidden, W = H + kKeySlots;
+  const uint32_t H = c.hidden;
   const size_t rows = row_id_.size();
 
-  // 1. Rank partials of every received row, keyed, to the merge ranks.
-  std::vector<uint16_t> reduced(rows * H);
-  ReduceRows(c, dispatched.handle, outputs, 0, uint32_t(rows), reduced.data());
-  partials_.resize(rows * W);
+  // 1. Rank partials of every received row, keyed, to the merge ranks:
+  // reduced straight into the merge step's send staging (PackRecords lays
+  // out the headers; row_token_ says which received row each record is).
+  const EpConfig& mc = merge_->config();
   merge_idx_.resize(rows);
   merge_weight_.assign(rows, 1.0f);
-  for (size_t q = 0; q < rows; ++q) {
-    uint16_t* row = &partials_[q * W];
-    std::memcpy(row, &reduced[q * H], size_t(H) * 2);
+  for (size_t q = 0; q < rows; ++q) merge_idx_[q] = int32_t(row_merge_[q]);
+  const TokenBatch sends{uint32_t(rows), nullptr, nullptr, merge_idx_.data(), merge_weight_.data()};
+  if (Status s = merge_->PrepareDispatch(); !s.ok()) return Fail(s);
+  ResetResult(mc, merge_map_, &merge_result_);
+  uint8_t* staging = merge_->send_records();
+  PackRecords(mc, merge_map_, sends, staging, &plan_, &merge_result_.handle, /*copy_payload=*/false, &row_token_);
+  const size_t rec = RecordBytes(mc), off = RecordPayloadOffset(mc);
+  for (size_t j = 0; j < row_token_.size(); ++j) {
+    const uint32_t q = row_token_[j];
+    uint16_t* row = reinterpret_cast<uint16_t*>(staging + j * rec + off);  // 2-aligned: rec, off even
+    ReduceRows(c, dispatched.handle, outputs, q, 1, row);
     std::memcpy(row + H, &row_from_[q], 4);
     std::memcpy(row + H + 2, &row_id_[q], 4);
-    merge_idx_[q] = int32_t(row_merge_[q]);
   }
-  const TokenBatch sends{uint32_t(rows), reinterpret_cast<const uint8_t*>(partials_.data()), nullptr, merge_idx_.data(),
-                         merge_weight_.data()};
-  if (Status s = merge_->Dispatch(sends, merge_map_, &merge_result_); !s.ok()) return Fail(s);
+  records_.clear();
+  if (Status s = merge_->DispatchPacked(plan_, merge_map_, uint32_t(rows), &merge_result_, &records_); !s.ok())
+    return Fail(s);
   merged_sent_ += SentToOthers(merge_result_.handle, c.rank);
   if (Status s = merge_->EndWithoutCombine(merge_result_); !s.ok()) return Fail(s);
+  auto merge_row = [&](uint32_t i) { return reinterpret_cast<const uint16_t*>(records_[i] + off); };
+  if (records_.size() != merge_result_.experts[0].count)
+    return Fail(Internal("merge step received " + std::to_string(records_.size()) + " records for " +
+                         std::to_string(merge_result_.experts[0].count) + " rows"));
 
   // 2. Sum each token's partials in rank order (they arrive rank-major).
   const ExpertTokens& in = merge_result_.experts[0];
@@ -193,7 +204,7 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   std::vector<Piece> pieces;
   pieces.reserve(in.count + no_expert_.size());
   for (uint32_t i = 0; i < in.count; ++i) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(&in.data[size_t(i) * W * 2]);
+    const uint16_t* row = merge_row(i);
     Piece p{0, 0, in.src_rank[i], i};
     std::memcpy(&p.from, row + H, 4);
     std::memcpy(&p.id, row + H + 2, 4);
@@ -218,7 +229,7 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
         return Fail(Internal("token " + std::to_string(pieces[i].id) + " of rank " + std::to_string(pieces[i].from) +
                              " got two partials from rank " + std::to_string(pieces[j].rank)));
       if (pieces[j].row == UINT32_MAX) continue;
-      const uint16_t* x = reinterpret_cast<const uint16_t*>(&in.data[size_t(pieces[j].row) * W * 2]);
+      const uint16_t* x = merge_row(pieces[j].row);
       for (uint32_t k = 0; k < H; ++k) acc[k] += Bf16ToFloat(x[k]);
     }
     merged->from_rank.push_back(pieces[i].from);

@@ -120,7 +120,7 @@ class CoherentDispatcher {
   SendPlan plan_;
   std::vector<const uint8_t*> records_;
   // Merge step.
-  std::vector<uint16_t> partials_;  // [rows, hidden + 4]: partial, then dispatching rank and id
+  std::vector<uint32_t> row_token_;  // received row of each record in the merge staging
   std::vector<int32_t> merge_idx_;
   std::vector<float> merge_weight_;
   DispatchResult merge_result_;
