@@ -74,21 +74,13 @@ Status CoherentDispatcher::Connect(const std::vector<std::string>& infos) {
   }
   TE_RETURN_IF_ERROR(dispatch_->Connect(dispatch).WithContext("dispatch"));
   TE_RETURN_IF_ERROR(merge_->Connect(merge).WithContext("merge"));
-  connected_ = true;
+  calls_.Connected();
   return Status::Ok();
-}
-
-Status CoherentDispatcher::Fail(Status s) {
-  if (failed_.ok()) failed_ = s;
-  return s;
 }
 
 Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids, const ExpertMap& map,
                                     DispatchResult* out) {
-  if (!connected_) return InvalidArgument("Dispatch/Combine before Connect");
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (combine_pending_)
-    return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(calls_.CanDispatch());
   if (!out) return InvalidArgument("Dispatch needs a result to fill");
   const EpConfig& c = config_;
   const uint32_t T = batch.tokens, K = c.topk;
@@ -147,19 +139,14 @@ Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids
     }
   }
   if (Status s = dispatch_->EndWithoutCombine(*out); !s.ok()) return Fail(s);
-  out->handle.seq = ++seq_;
+  out->handle.seq = calls_.Dispatched();
   dispatched_sent_ += SentToOthers(h, c.rank);
-  combine_pending_ = true;
   return Status::Ok();
 }
 
 Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched,
                                    MergedTokens* merged) {
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (!combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
-  if (dispatched.handle.seq != seq_)
-    return InvalidArgument("Combine got the handle of dispatch " + std::to_string(dispatched.handle.seq) +
-                           "; the pending one is " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(calls_.CanCombine(dispatched.handle.seq));
   TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
   if (!merged) return InvalidArgument("Combine needs a MergedTokens to fill");
   const EpConfig& c = config_;
@@ -240,7 +227,7 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
     merged->count++;
     i = j;
   }
-  combine_pending_ = false;
+  calls_.Combined();
   return Status::Ok();
 }
 

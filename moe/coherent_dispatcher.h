@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "moe/call_sequence.h"
 #include "moe/dispatch_types.h"
 #include "moe/ep_config.h"
 #include "moe/ep_dispatcher.h"
@@ -84,6 +85,10 @@ class CoherentDispatcher {
   // As EpDispatcher::Dispatch; `ids` ([batch.tokens], distinct) name the
   // tokens (null: ids are 0 .. tokens - 1). ExpertTokens::src_token is the id.
   Status Dispatch(const TokenBatch& batch, const uint32_t* ids, const ExpertMap& map, DispatchResult* out);
+  // Tokens named by their row (ids 0 .. tokens - 1).
+  Status Dispatch(const TokenBatch& batch, const ExpertMap& map, DispatchResult* out) {
+    return Dispatch(batch, nullptr, map, out);
+  }
   // outputs[i]: local expert i's output [count, hidden] bf16. Fills `merged`
   // with every token that merges here.
   Status Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, MergedTokens* merged);
@@ -101,15 +106,12 @@ class CoherentDispatcher {
 
  private:
   explicit CoherentDispatcher(const EpConfig& config);
-  Status Fail(Status s);
+  Status Fail(Status s) { return calls_.Fail(s); }
 
   EpConfig config_;
   std::unique_ptr<EpDispatcher> dispatch_, merge_;
   ExpertMap merge_map_;  // virtual expert r on rank r
-  Status failed_;
-  bool connected_ = false;
-  bool combine_pending_ = false;
-  uint64_t seq_ = 0;
+  CallSequence calls_;
   uint64_t dispatched_sent_ = 0, merged_sent_ = 0;
   // State of the pending dispatch.
   std::vector<uint32_t> ids_;                // this rank's token ids

@@ -102,20 +102,12 @@ Status HierarchicalDispatcher::Connect(const std::vector<std::string>& infos) {
   }
   TE_RETURN_IF_ERROR(across_->Connect(across).WithContext("across nodes"));
   TE_RETURN_IF_ERROR(inside_->Connect(inside).WithContext("inside node " + std::to_string(node_)));
-  connected_ = true;
+  calls_.Connected();
   return Status::Ok();
 }
 
-Status HierarchicalDispatcher::Fail(Status s) {
-  if (failed_.ok()) failed_ = s;
-  return s;
-}
-
 Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, DispatchResult* out) {
-  if (!connected_) return InvalidArgument("Dispatch/Combine before Connect");
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (combine_pending_)
-    return InvalidArgument("Dispatch called again before Combine of dispatch " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(calls_.CanDispatch());
   if (!out) return InvalidArgument("Dispatch needs a result to fill");
   const EpConfig& c = config_;
   const uint32_t K = c.topk, E = c.experts, L = per_node_;
@@ -180,7 +172,7 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   const DispatchHandle& ih = inside_result_.handle;
   DispatchHandle& h = out->handle;
   h = DispatchHandle{};
-  h.seq = ++seq_;
+  h.seq = calls_.Dispatched();
   h.tokens = batch.tokens;
   h.sent_to = ah.sent_to;
   h.recv_from = ah.recv_from;
@@ -190,16 +182,11 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   }
   across_sent_ += SentToOthers(ah, c.rank);
   inside_sent_ += SentToOthers(ih, local_);
-  combine_pending_ = true;
   return Status::Ok();
 }
 
 Status HierarchicalDispatcher::Combine(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint16_t* out) {
-  if (!failed_.ok()) return Unavailable("dispatcher failed earlier (" + failed_.ToString() + "); rebuild the group");
-  if (!combine_pending_) return InvalidArgument("Combine without a pending Dispatch");
-  if (dispatched.handle.seq != seq_)
-    return InvalidArgument("Combine got the handle of dispatch " + std::to_string(dispatched.handle.seq) +
-                           "; the pending one is " + std::to_string(seq_));
+  TE_RETURN_IF_ERROR(calls_.CanCombine(dispatched.handle.seq));
   TE_RETURN_IF_ERROR(ValidateOutputs(dispatched, outputs));
   if (!out && dispatched.handle.tokens > 0)
     return InvalidArgument("Combine needs an output for " + std::to_string(dispatched.handle.tokens) + " tokens");
@@ -215,7 +202,7 @@ Status HierarchicalDispatcher::Combine(const ExpertOutputs& outputs, const Dispa
   auto rows = across_->CombinePacked(across_result_);
   if (!rows.ok()) return Fail(rows.status());
   SumPartials(across_->config(), across_result_.handle, *rows, out);
-  combine_pending_ = false;
+  calls_.Combined();
   return Status::Ok();
 }
 

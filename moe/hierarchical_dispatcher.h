@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "moe/call_sequence.h"
 #include "moe/dispatch_types.h"
 #include "moe/ep_config.h"
 #include "moe/ep_dispatcher.h"
@@ -98,16 +99,13 @@ class HierarchicalDispatcher {
 
  private:
   HierarchicalDispatcher(const EpConfig& config, uint32_t nodes);
-  Status Fail(Status s);
+  Status Fail(Status s) { return calls_.Fail(s); }
 
   EpConfig config_;
   uint32_t nodes_, per_node_, node_, local_;
   std::unique_ptr<EpDispatcher> across_, inside_;
   ExpertMap across_map_, inside_map_;  // virtual experts (rank, expert), fixed
-  Status failed_;
-  bool connected_ = false;
-  bool combine_pending_ = false;
-  uint64_t seq_ = 0;
+  CallSequence calls_;
   uint64_t across_sent_ = 0, inside_sent_ = 0;
   // State of the pending dispatch.
   std::vector<int32_t> idx_;    // virtual top-k: across nodes, then inside
