@@ -184,23 +184,36 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
                          std::to_string(merge_result_.experts[0].count) + " rows"));
 
   // 2. Sum each token's partials in rank order (they arrive rank-major).
+  merge_rows_.resize(records_.size());
+  for (size_t i = 0; i < records_.size(); ++i) merge_rows_[i] = merge_row(uint32_t(i));
   const ExpertTokens& in = merge_result_.experts[0];
+  if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, in.src_rank, no_expert_, merged); !s.ok())
+    return Fail(s);
+  calls_.Combined();
+  return Status::Ok();
+}
+
+Status MergePartials(uint32_t ranks, uint32_t self, uint32_t hidden, const std::vector<const uint16_t*>& rows,
+                     const std::vector<uint32_t>& senders, const std::vector<uint32_t>& stay, MergedTokens* merged) {
+  const uint32_t H = hidden;
+  if (senders.size() != rows.size())
+    return InvalidArgument("MergePartials got " + std::to_string(senders.size()) + " senders for " +
+                           std::to_string(rows.size()) + " rows");
   struct Piece {
     uint32_t from, id, rank, row;  // row == UINT32_MAX: a token without experts
   };
   std::vector<Piece> pieces;
-  pieces.reserve(in.count + no_expert_.size());
-  for (uint32_t i = 0; i < in.count; ++i) {
-    const uint16_t* row = merge_row(i);
-    Piece p{0, 0, in.src_rank[i], i};
-    std::memcpy(&p.from, row + H, 4);
-    std::memcpy(&p.id, row + H + 2, 4);
-    if (p.from >= c.ranks)
-      return Fail(Internal("rank " + std::to_string(p.rank) + " sent a partial for a token of rank " +
-                           std::to_string(p.from) + ", outside [0, " + std::to_string(c.ranks) + ")"));
+  pieces.reserve(rows.size() + stay.size());
+  for (uint32_t i = 0; i < rows.size(); ++i) {
+    Piece p{0, 0, senders[i], i};
+    std::memcpy(&p.from, rows[i] + H, 4);
+    std::memcpy(&p.id, rows[i] + H + 2, 4);
+    if (p.from >= ranks)
+      return Internal("rank " + std::to_string(p.rank) + " sent a partial for a token of rank " +
+                      std::to_string(p.from) + ", outside [0, " + std::to_string(ranks) + ")");
     pieces.push_back(p);
   }
-  for (uint32_t id : no_expert_) pieces.push_back({c.rank, id, c.rank, UINT32_MAX});
+  for (uint32_t id : stay) pieces.push_back({self, id, self, UINT32_MAX});
   std::stable_sort(pieces.begin(), pieces.end(),
                    [](const Piece& a, const Piece& b) { return a.from != b.from ? a.from < b.from : a.id < b.id; });
   merged->count = 0;
@@ -213,10 +226,10 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (; j < pieces.size() && pieces[j].from == pieces[i].from && pieces[j].id == pieces[i].id; ++j) {
       if (j > i && pieces[j].rank <= pieces[j - 1].rank)
-        return Fail(Internal("token " + std::to_string(pieces[i].id) + " of rank " + std::to_string(pieces[i].from) +
-                             " got two partials from rank " + std::to_string(pieces[j].rank)));
+        return Internal("token " + std::to_string(pieces[i].id) + " of rank " + std::to_string(pieces[i].from) +
+                        " got two partials from rank " + std::to_string(pieces[j].rank) + " or out of rank order");
       if (pieces[j].row == UINT32_MAX) continue;
-      const uint16_t* x = merge_row(pieces[j].row);
+      const uint16_t* x = rows[pieces[j].row];
       for (uint32_t k = 0; k < H; ++k) acc[k] += Bf16ToFloat(x[k]);
     }
     merged->from_rank.push_back(pieces[i].from);
@@ -227,7 +240,6 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
     merged->count++;
     i = j;
   }
-  calls_.Combined();
   return Status::Ok();
 }
 

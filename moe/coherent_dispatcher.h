@@ -69,6 +69,16 @@ struct MergedTokens {
   std::vector<uint16_t> data;       // [count, hidden] bf16: the combined output
 };
 
+// The merge arithmetic, shared with tests and fuzzing. rows[i]: a merge row
+// (a rank partial, hidden bf16, then the dispatching rank and the id as two
+// u32 in four bf16 slots) sent by rank senders[i], in arrival order (rank
+// by rank); `stay`: ids of this rank's tokens without experts. Fills
+// `merged` in (dispatching rank, id) order, each token's partials summed in
+// rank order. Rows naming a rank outside [0, ranks), or two partials of one
+// token from one rank, fail with kInternal.
+Status MergePartials(uint32_t ranks, uint32_t self, uint32_t hidden, const std::vector<const uint16_t*>& rows,
+                     const std::vector<uint32_t>& senders, const std::vector<uint32_t>& stay, MergedTokens* merged);
+
 class CoherentDispatcher {
  public:
   // Immediates of the merge step: config.imm_base + this.
@@ -122,7 +132,8 @@ class CoherentDispatcher {
   SendPlan plan_;
   std::vector<const uint8_t*> records_;
   // Merge step.
-  std::vector<uint32_t> row_token_;  // received row of each record in the merge staging
+  std::vector<uint32_t> row_token_;          // received row of each record in the merge staging
+  std::vector<const uint16_t*> merge_rows_;  // received merge rows, in the receive region
   std::vector<int32_t> merge_idx_;
   std::vector<float> merge_weight_;
   DispatchResult merge_result_;

@@ -4,6 +4,8 @@
 #include "fuzz/fuzz_targets.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
+#include "moe/dispatch_records.h"
+#include "moe/numeric_formats.h"
 #include "moe/routing_trace.h"
 #include "moe/trace_generator.h"
 #include "telemetry/collector.h"
@@ -125,6 +127,40 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
     o.group_size = 4;
     seeds.push_back(moe::SerializeTrace(moe::GenerateTrace(o).value()));
     return seeds;
+  }
+  if (target == "moe_records") {  // a payload byte, then records PackRecords wrote
+    std::vector<std::vector<uint8_t>> seeds;
+    for (bool fp8 : {false, true}) {
+      const moe::EpConfig c = MoeRecordShape(fp8);
+      const moe::ExpertMap map = moe::ExpertMap::Contiguous(c.experts, c.ranks).value();
+      const uint32_t T = 3;
+      std::vector<uint8_t> data(T * c.token_bytes(), 0x3c);
+      std::vector<float> scales(T * c.scale_count(), 0.5f), weights(T * c.topk, 0.25f);
+      const std::vector<int32_t> idx{4, 5, -1, 7, 0, 6, 5, -1, -1};  // rank 1 holds experts 4 .. 7
+      moe::SendPlan plan;
+      moe::DispatchHandle h;
+      std::vector<uint8_t> staging(T * c.ranks * moe::RecordBytes(c));
+      const moe::TokenBatch b{T, data.data(), fp8 ? scales.data() : nullptr, idx.data(), weights.data()};
+      moe::PackRecords(c, map, b, staging.data(), &plan, &h);
+      std::vector<uint8_t> seed{uint8_t(fp8)};
+      const size_t rec = moe::RecordBytes(c);
+      seed.insert(seed.end(), staging.begin() + plan.rank_offset[1] * rec, staging.begin() + plan.rank_offset[2] * rec);
+      seeds.push_back(seed);
+    }
+    return seeds;
+  }
+  if (target == "moe_merge") {  // 3 ranks, rank 1; rows from ranks 0 and 2 for token 5 of rank 0
+    std::vector<uint8_t> seed{3, 1};
+    for (uint8_t sender : {0, 2}) {
+      seed.push_back(sender);
+      for (int k = 0; k < 8; ++k) {
+        const uint16_t v = moe::FloatToBf16(0.5f * (k + sender));
+        seed.push_back(uint8_t(v)), seed.push_back(uint8_t(v >> 8));
+      }
+      for (uint32_t word : {0u, 5u})
+        for (int i = 0; i < 4; ++i) seed.push_back(uint8_t(word >> (8 * i)));
+    }
+    return {seed};
   }
   if (target == "placement_csv") {
     std::string csv = "layer,expert,rank\n";

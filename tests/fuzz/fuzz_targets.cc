@@ -12,7 +12,9 @@
 #include "base/checked_math.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
+#include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_cost.h"
+#include "moe/dispatch_records.h"
 #include "moe/placement.h"
 #include "moe/placement_file.h"
 #include "moe/placement_solver.h"
@@ -154,7 +156,71 @@ void PlacementCsvTarget(std::span<const uint8_t> b) {
     Expect(p->Map(l, 2).ok(), "every layer of an accepted placement is a valid expert map");
 }
 
+// Token records as a dispatch receives them from a peer: byte 0 picks the
+// payload, the rest is whole records of MoeRecordShape.
+void MoeRecordsTarget(std::span<const uint8_t> b) {
+  if (b.empty()) return;
+  const moe::EpConfig c = MoeRecordShape(b[0] & 1);
+  const moe::ExpertMap map = moe::ExpertMap::Contiguous(c.experts, c.ranks).value();
+  const size_t rec = moe::RecordBytes(c), n = (b.size() - 1) / rec;
+  std::vector<uint8_t> records(b.begin() + 1, b.begin() + 1 + n * rec);  // aligned, as the receive region is
+  moe::DispatchResult out;
+  moe::ResetResult(c, map, &out);
+  if (!moe::UnpackRecords(c, 1, records.data(), uint32_t(n), &out).ok()) return;
+  const moe::DispatchHandle& h = out.handle;
+  Expect(h.row_begin.size() == n + 1 && h.recv_from[1] == n, "every accepted record is a row");
+  size_t entries = 0;
+  for (const auto& x : out.experts) {
+    entries += x.count;
+    Expect(x.data.size() == x.count * c.token_bytes() && x.weights.size() == x.count, "rows hold whole tokens");
+    Expect(x.scales.size() == x.count * c.scale_count(), "fp8 rows carry their scales");
+  }
+  Expect(entries == h.entries.size(), "every entry names a local expert's row");
+  for (size_t q = 0; q < n; ++q) (void)moe::RecordTag(records.data() + q * rec);
+}
+
+// Merge rows as a coherent combine receives them: byte 0 the group size,
+// byte 1 this rank; then per row a sender byte and the row's bytes.
+void MoeMergeTarget(std::span<const uint8_t> b) {
+  if (b.size() < 2) return;
+  constexpr uint32_t kHidden = 8;
+  const uint32_t ranks = 1 + b[0] % 4, self = b[1] % ranks;
+  const size_t row_bytes = (kHidden + 4) * 2, n = (b.size() - 2) / (1 + row_bytes);
+  std::vector<uint16_t> rows(n * (kHidden + 4));
+  std::vector<const uint16_t*> row_at;
+  std::vector<uint32_t> senders;
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* at = b.data() + 2 + i * (1 + row_bytes);
+    senders.push_back(at[0] % ranks);
+    std::memcpy(&rows[i * (kHidden + 4)], at + 1, row_bytes);
+    row_at.push_back(&rows[i * (kHidden + 4)]);
+  }
+  moe::MergedTokens merged;
+  if (!moe::MergePartials(ranks, self, kHidden, row_at, senders, {7}, &merged).ok()) return;
+  Expect(merged.ids.size() == merged.count && merged.from_rank.size() == merged.count, "one key per merged token");
+  Expect(merged.data.size() == size_t(merged.count) * kHidden, "one output row per merged token");
+  Expect(merged.count <= n + 1, "no more tokens than rows and stayers");
+  for (uint32_t k = 0; k < merged.count; ++k) {
+    Expect(merged.from_rank[k] < ranks, "merged tokens come from ranks of the group");
+    if (k > 0)
+      Expect(std::make_pair(merged.from_rank[k - 1], merged.ids[k - 1]) <
+                 std::make_pair(merged.from_rank[k], merged.ids[k]),
+             "merged tokens in (rank, id) order, once each");
+  }
+}
+
 }  // namespace
+
+moe::EpConfig MoeRecordShape(bool fp8) {
+  moe::EpConfig c;
+  c.ranks = 2;
+  c.experts = 8;
+  c.topk = 3;
+  c.hidden = 128;
+  c.max_tokens = 16;
+  c.payload = fp8 ? moe::Payload::kFp8E4M3 : moe::Payload::kBf16;
+  return c;
+}
 
 const std::vector<Target>& Targets() {
   static const std::vector<Target> kTargets = {
@@ -163,7 +229,8 @@ const std::vector<Target>& Targets() {
       {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
       {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
       {"control_frame", ControlFrameTarget, Crc::kNone},   {"receiver_info", ReceiverInfoTarget, Crc::kNone},
-      {"placement_csv", PlacementCsvTarget, Crc::kNone},
+      {"placement_csv", PlacementCsvTarget, Crc::kNone},   {"moe_records", MoeRecordsTarget, Crc::kNone},
+      {"moe_merge", MoeMergeTarget, Crc::kNone},
   };
   return kTargets;
 }

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "moe/ep_config.h"
+
 namespace te::fuzz {
 
 // Formats that end in a CRC-32C of everything before it: the driver fixes
@@ -23,6 +25,10 @@ struct Target {
 };
 
 const std::vector<Target>& Targets();
+
+// The group shape of the moe_records target (ranks 2, 8 experts, top-3,
+// hidden 128), bf16 or fp8.
+moe::EpConfig MoeRecordShape(bool fp8);
 inline void PrintTo(const Target& t, std::ostream* os) { *os << t.name; }
 
 // Valid encodings made by the code itself: the starting points of every

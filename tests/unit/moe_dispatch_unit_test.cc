@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_records.h"
 #include "moe/dispatch_reference.h"
 #include "moe/numeric_formats.h"
@@ -227,6 +228,34 @@ TEST(DispatchRecords, MemcpyTransportMatchesReference) {
   Status s = UnpackRecords(c0, 1, staging[1].data() + plans[1].rank_offset[0] * rec, plans[1].per_rank[0], &out);
   EXPECT_EQ(s.code(), StatusCode::kInternal);
   EXPECT_NE(s.message().find("disagree on the expert map"), std::string::npos) << s.ToString();
+}
+
+// The merge of context-coherent combine, worked by hand: rank 1 of 3
+// receives partials for token 5 of rank 0 from ranks 0 and 2, and for token 9
+// of rank 2 from itself; its own token 7 has no expert and stays.
+std::vector<uint16_t> MergeRow(float value, uint32_t from, uint32_t id) {
+  std::vector<uint16_t> row(2 + 4, FloatToBf16(value));
+  std::memcpy(&row[2], &from, 4);
+  std::memcpy(&row[4], &id, 4);
+  return row;
+}
+
+TEST(MergePartials, SumsInRankOrderAndKeepsStayers) {
+  const std::vector<std::vector<uint16_t>> rows = {MergeRow(1.5f, 0, 5), MergeRow(-4.0f, 2, 9), MergeRow(0.25f, 0, 5)};
+  const std::vector<const uint16_t*> at = {rows[0].data(), rows[1].data(), rows[2].data()};
+  MergedTokens m;
+  ASSERT_TRUE(MergePartials(3, 1, 2, at, {0, 1, 2}, {7}, &m).ok());
+  ASSERT_EQ(m.count, 3u);
+  EXPECT_EQ(m.from_rank, (std::vector<uint32_t>{0, 1, 2}));
+  EXPECT_EQ(m.ids, (std::vector<uint32_t>{5, 7, 9}));
+  EXPECT_EQ(Bf16ToFloat(m.data[0]), 1.75f);  // ranks 0 and 2
+  EXPECT_EQ(Bf16ToFloat(m.data[2]), 0.0f);   // stays, no expert
+  EXPECT_EQ(Bf16ToFloat(m.data[4]), -4.0f);
+  // A row naming rank 3 of 3, and two partials of one token from one rank.
+  const auto bad = MergeRow(1, 3, 5);
+  EXPECT_EQ(MergePartials(3, 1, 2, {bad.data()}, {0}, {}, &m).code(), StatusCode::kInternal);
+  EXPECT_EQ(MergePartials(3, 1, 2, {at[0], at[2]}, {2, 2}, {}, &m).code(), StatusCode::kInternal);
+  EXPECT_EQ(MergePartials(3, 1, 2, {at[0]}, {}, {}, &m).code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace
