@@ -4,6 +4,7 @@
 
 #include "py_engine.h"
 #include "py_kvcache.h"
+#include "py_moe.h"
 #include "py_weightsync.h"
 #include "status_error.h"
 
@@ -13,4 +14,5 @@ PYBIND11_MODULE(_transfer_engine, m) {
   tepy::BindEngine(m);
   tepy::BindKvCache(m);
   tepy::BindWeightSync(m);
+  tepy::BindMoe(m);
 }

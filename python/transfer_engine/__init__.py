@@ -28,7 +28,11 @@ from typing import Any, Dict, Optional, Tuple
 
 from ._transfer_engine import (  # noqa: F401  (re-exported)
     Barrier,
+    DispatchResult,
     EngineOptions,
+    EpDispatcher,
+    ExpertMap,
+    ExpertTokens,
     Handle,
     ImmOnly,
     KvDecoder,
@@ -37,6 +41,7 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     KvPrefiller,
     KvRegistration,
     KvRegistry,
+    MergedTokens,
     PagedWrite,
     Peer,
     Region,
@@ -77,8 +82,9 @@ def _take_back_signals() -> None:
 _take_back_signals()
 
 __all__ = [
-    "Barrier", "Engine", "EngineOptions", "Handle", "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout",
-    "KvPrefiller", "KvRegistration", "KvRegistry", "PagedWrite", "Peer", "Region", "RegistryEntry",
+    "Barrier", "DispatchResult", "Engine", "EngineOptions", "EpDispatcher", "ExpertMap", "ExpertTokens", "Handle",
+    "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout", "KvPrefiller", "KvRegistration", "KvRegistry",
+    "MergedTokens", "PagedWrite", "Peer", "Region", "RegistryEntry",
     "RemoteRegion", "ScatterWrite", "SharedHostMemory", "SingleWrite", "StatusCode", "TransferError",
     "WeightLayout", "WeightModel", "WeightPusher", "WeightReceiver", "check_compatible",
 ]

@@ -1,0 +1,401 @@
+// MoE dispatch and combine from Python (moe/*.h): ExpertMap, EpDispatcher
+// (one class over the four dispatchers, picked by `mode`), DispatchResult and
+// MergedTokens.
+//
+// Tokens go in as any buffer (numpy, torch CPU tensors through DLPack), read
+// in place: [tokens, hidden] bf16 (uint16 in numpy) or fp8 bytes. Routing
+// comes as arrays (int64 indices are converted). What a dispatch returns
+// (each local expert's rows, weights and sources) and what a combine returns
+// are numpy arrays that own the dispatcher's result vectors: no copy. Every
+// call releases the GIL while it waits for peers, so the ranks of a group may
+// be threads of one process.
+#include "py_moe.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moe/coherent_dispatcher.h"
+#include "moe/ep_dispatcher.h"
+#include "moe/expert_map.h"
+#include "moe/hierarchical_dispatcher.h"
+#include "moe/ll_dispatcher.h"
+#include "py_engine.h"
+#include "status_error.h"
+
+namespace py = pybind11;
+using namespace te::moe;
+
+namespace tepy {
+namespace {
+
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IdArray = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>;
+
+// A numpy array over `v` (moved to the heap), shaped `shape`: no copy.
+template <typename T>
+py::array Own(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* held = new std::vector<T>(std::move(v));
+  py::capsule free_it(held, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, held->data(), free_it);
+}
+
+// One local expert's tokens (Python: ExpertTokens).
+struct PyExpertTokens {
+  uint32_t expert = 0, count = 0;
+  py::array tokens, scales, weights, src_rank, src_token;
+};
+
+// A dispatch's result (Python: DispatchResult); combine needs it.
+struct PyDispatchResult {
+  DispatchResult result;
+  std::vector<PyExpertTokens> experts;
+  uint64_t dispatcher = 0;  // which dispatcher made it
+};
+
+// Tokens living on a rank after a coherent combine (Python: MergedTokens).
+struct PyMergedTokens {
+  py::array from_rank, ids, data;
+};
+
+enum class Mode { kNormal, kLowLatency, kHierarchical, kCoherent };
+
+Mode ParseMode(const std::string& m) {
+  if (m == "normal") return Mode::kNormal;
+  if (m == "ll" || m == "low_latency") return Mode::kLowLatency;
+  if (m == "hierarchical") return Mode::kHierarchical;
+  if (m == "coherent") return Mode::kCoherent;
+  Throw(te::InvalidArgument("mode '" + m + "' is not one of normal, ll, hierarchical, coherent"));
+}
+
+class PyEpDispatcher {
+ public:
+  PyEpDispatcher(std::shared_ptr<PyEngine> engine, uint32_t ranks, uint32_t rank, uint32_t experts, uint32_t topk,
+                 uint32_t hidden, uint32_t max_tokens, const std::string& payload, const std::string& mode,
+                 uint32_t nodes, double timeout, uint32_t private_tokens)
+      : engine_(std::move(engine)), mode_(ParseMode(mode)) {
+    EpConfig& c = config_;
+    c.ranks = ranks, c.rank = rank, c.experts = experts, c.topk = topk, c.hidden = hidden;
+    c.max_tokens = max_tokens, c.private_tokens = private_tokens;
+    if (payload == "bf16")
+      c.payload = Payload::kBf16;
+    else if (payload == "fp8")
+      c.payload = Payload::kFp8E4M3;
+    else
+      Throw(te::InvalidArgument("payload '" + payload + "' is not one of bf16, fp8"));
+    if (!(timeout > 0 && timeout < 86400)) Throw(te::InvalidArgument("timeout must be in (0, 86400) seconds"));
+    c.timeout = std::chrono::milliseconds(int64_t(timeout * 1000));
+    te::TransferEngine* e = engine_->engine();
+    py::gil_scoped_release release;
+    te::Status made;
+    switch (mode_) {
+      case Mode::kNormal:
+        made = Make(EpDispatcher::Create(e, c), &normal_);
+        break;
+      case Mode::kLowLatency:
+        made = Make(LowLatencyDispatcher::Create(e, c), &ll_);
+        break;
+      case Mode::kHierarchical:
+        made = Make(HierarchicalDispatcher::Create(e, c, nodes), &hier_);
+        break;
+      case Mode::kCoherent:
+        made = Make(CoherentDispatcher::Create(e, c), &coherent_);
+        break;
+    }
+    py::gil_scoped_acquire hold;
+    Check(made);
+    engine_->AttachPlane();
+    open_ = true;
+  }
+  ~PyEpDispatcher() { Close(); }
+
+  void Close() {
+    if (!open_) return;
+    {
+      py::gil_scoped_release release;
+      normal_.reset(), ll_.reset(), hier_.reset(), coherent_.reset();
+    }
+    engine_->DetachPlane();
+    open_ = false;
+  }
+
+  std::string LocalInfo() {
+    return Call([](auto& d) { return d.LocalInfo(); });
+  }
+
+  void Connect(const std::vector<std::string>& infos) {
+    CheckOpen();
+    py::gil_scoped_release release;
+    const te::Status s = Call([&](auto& d) { return d.Connect(infos); });
+    py::gil_scoped_acquire hold;
+    Check(s);
+  }
+
+  std::shared_ptr<PyDispatchResult> Dispatch(const py::object& x, const IntArray& topk_idx,
+                                             const FloatArray& topk_weights, const ExpertMap& map,
+                                             const py::object& scales, const py::object& ids) {
+    CheckOpen();
+    const EpConfig& c = config_;
+    if (topk_idx.ndim() != 2 || size_t(topk_idx.shape(1)) != c.topk)
+      Throw(te::InvalidArgument("topk_idx must be [tokens, " + std::to_string(c.topk) + "]"));
+    const size_t T = size_t(topk_idx.shape(0));
+    if (topk_weights.size() != py::ssize_t(T * c.topk))
+      Throw(te::InvalidArgument("topk_weights must be [" + std::to_string(T) + ", " + std::to_string(c.topk) + "]"));
+    MemoryView tokens = ViewOf(x, "auto");
+    if (tokens.cuda) Throw(te::Unimplemented("tokens in GPU memory: use the CUDA dispatcher (moe/cuda)"));
+    if (tokens.nbytes != T * c.token_bytes())
+      Throw(te::InvalidArgument("tokens hold " + std::to_string(tokens.nbytes) + " bytes; " + std::to_string(T) +
+                                " tokens of " + std::to_string(c.token_bytes()) + " bytes need " +
+                                std::to_string(T * c.token_bytes())));
+    FloatArray scale_array;
+    if (c.payload == Payload::kFp8E4M3) {
+      if (scales.is_none()) Throw(te::InvalidArgument("fp8 payload needs scales [tokens, hidden / 128]"));
+      scale_array = FloatArray::ensure(scales);
+      if (!scale_array || scale_array.size() != py::ssize_t(T * c.scale_count()))
+        Throw(te::InvalidArgument("scales must be [" + std::to_string(T) + ", " + std::to_string(c.scale_count()) +
+                                  "] float32"));
+    }
+    IdArray id_array;
+    if (!ids.is_none()) {
+      if (mode_ != Mode::kCoherent) Throw(te::InvalidArgument("ids name tokens only in coherent mode"));
+      id_array = IdArray::ensure(ids);
+      if (!id_array || id_array.size() != py::ssize_t(T))
+        Throw(te::InvalidArgument("ids must be [" + std::to_string(T) + "] uint32"));
+    }
+    if (T > c.max_tokens)
+      Throw(te::InvalidArgument("tokens " + std::to_string(T) + " exceeds max_tokens " + std::to_string(c.max_tokens)));
+    const TokenBatch batch{uint32_t(T), static_cast<const uint8_t*>(tokens.data),
+                           scale_array ? scale_array.data() : nullptr, topk_idx.data(), topk_weights.data()};
+    auto r = std::make_shared<PyDispatchResult>();
+    const uint32_t* id_data = id_array ? id_array.data() : nullptr;
+    te::Status s;
+    {
+      py::gil_scoped_release release;
+      s = Call([&](auto& d) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
+          return d.Dispatch(batch, id_data, map, &r->result);
+        else
+          return d.Dispatch(batch, map, &r->result);
+      });
+    }
+    Check(s);
+    r->dispatcher = reinterpret_cast<uint64_t>(this);
+    for (ExpertTokens& x : r->result.experts) {
+      PyExpertTokens e;
+      e.expert = x.expert;
+      e.count = x.count;
+      const py::ssize_t n = x.count;
+      if (c.payload == Payload::kBf16) {  // the bytes as bf16 bits, still no copy
+        e.tokens = Own(std::move(x.data), {n, py::ssize_t(c.hidden) * 2}).attr("view")(py::dtype::of<uint16_t>());
+      } else {
+        e.tokens = Own(std::move(x.data), {n, py::ssize_t(c.hidden)});
+        e.scales = Own(std::move(x.scales), {n, py::ssize_t(c.scale_count())});
+      }
+      e.weights = Own(std::move(x.weights), {n});
+      e.src_rank = Own(std::move(x.src_rank), {n});
+      e.src_token = Own(std::move(x.src_token), {n});
+      r->experts.push_back(std::move(e));
+    }
+    return r;
+  }
+
+  // outputs[i]: local expert i's output [count, hidden] bf16 (any buffer).
+  py::object Combine(const py::list& outputs, const PyDispatchResult& dispatched) {
+    CheckOpen();
+    if (dispatched.dispatcher != reinterpret_cast<uint64_t>(this))
+      Throw(te::InvalidArgument("combine got the result of another dispatcher's dispatch"));
+    const EpConfig& c = config_;
+    if (outputs.size() != dispatched.experts.size())
+      Throw(te::InvalidArgument("combine got " + std::to_string(outputs.size()) + " outputs for " +
+                                std::to_string(dispatched.experts.size()) + " local experts"));
+    std::vector<MemoryView> views;
+    ExpertOutputs outs;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const size_t want = size_t(dispatched.experts[i].count) * c.hidden * 2;
+      if (want == 0) {
+        outs.push_back(nullptr);
+        continue;
+      }
+      views.push_back(ViewOf(outputs[i], "auto"));
+      if (views.back().cuda || views.back().nbytes != want)
+        Throw(te::InvalidArgument("output of local expert " + std::to_string(i) + " holds " +
+                                  std::to_string(views.back().nbytes) + " bytes; it needs " + std::to_string(want) +
+                                  " (" + std::to_string(dispatched.experts[i].count) + " x " +
+                                  std::to_string(c.hidden) + " bf16) in host memory"));
+      outs.push_back(static_cast<const uint16_t*>(views.back().data));
+    }
+    te::Status s;
+    if (mode_ == Mode::kCoherent) {
+      MergedTokens merged;
+      {
+        py::gil_scoped_release release;
+        s = coherent_->Combine(outs, dispatched.result, &merged);
+      }
+      Check(s);
+      auto m = std::make_shared<PyMergedTokens>();
+      const py::ssize_t n = merged.count;
+      m->from_rank = Own(std::move(merged.from_rank), {n});
+      m->ids = Own(std::move(merged.ids), {n});
+      m->data = Own(std::move(merged.data), {n, py::ssize_t(c.hidden)});
+      return py::cast(m);
+    }
+    std::vector<uint16_t> out(size_t(dispatched.result.handle.tokens) * c.hidden);
+    {
+      py::gil_scoped_release release;
+      s = Call([&](auto& d) -> te::Status {
+        if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
+          return te::Internal("unreachable");
+        else
+          return d.Combine(outs, dispatched.result, out.data());
+      });
+    }
+    Check(s);
+    return Own(std::move(out), {py::ssize_t(dispatched.result.handle.tokens), py::ssize_t(c.hidden)});
+  }
+
+  const EpConfig& config() const { return config_; }
+  std::string mode() const {
+    switch (mode_) {
+      case Mode::kLowLatency:
+        return "ll";
+      case Mode::kHierarchical:
+        return "hierarchical";
+      case Mode::kCoherent:
+        return "coherent";
+      default:
+        return "normal";
+    }
+  }
+
+ private:
+  template <typename D>
+  static te::Status Make(te::Result<std::unique_ptr<D>> made, std::unique_ptr<D>* into) {
+    if (!made.ok()) return made.status();
+    *into = std::move(made).value();
+    return te::Status::Ok();
+  }
+  void CheckOpen() const {
+    if (!open_) Throw(te::Cancelled("the dispatcher is closed"));
+  }
+  // f(dispatcher) on whichever dispatcher this is.
+  template <typename F>
+  auto Call(F&& f) -> decltype(f(std::declval<EpDispatcher&>())) {
+    if (normal_) return f(*normal_);
+    if (ll_) return f(*ll_);
+    if (hier_) return f(*hier_);
+    if (!coherent_) {
+      py::gil_scoped_acquire hold;
+      Throw(te::Cancelled("the dispatcher is closed"));
+    }
+    return f(*coherent_);
+  }
+
+  std::shared_ptr<PyEngine> engine_;
+  Mode mode_;
+  EpConfig config_;
+  bool open_ = false;
+  std::unique_ptr<EpDispatcher> normal_;
+  std::unique_ptr<LowLatencyDispatcher> ll_;
+  std::unique_ptr<HierarchicalDispatcher> hier_;
+  std::unique_ptr<CoherentDispatcher> coherent_;
+};
+
+}  // namespace
+
+void BindMoe(py::module_& m) {
+  py::class_<ExpertMap>(m, "ExpertMap", "Which rank computes each expert of a layer (moe/expert_map.h).")
+      .def_static(
+          "contiguous", [](uint32_t experts, uint32_t ranks) { return Unwrap(ExpertMap::Contiguous(experts, ranks)); },
+          py::arg("experts"), py::arg("ranks"), "Experts 0 .. E/R - 1 on rank 0, and so on.")
+      .def_static(
+          "from_ranks",
+          [](std::vector<uint32_t> rank_of, uint32_t ranks) {
+            return Unwrap(ExpertMap::FromRanks(std::move(rank_of), ranks));
+          },
+          py::arg("rank_of"), py::arg("ranks"), "rank_of[e]: the rank of expert e.")
+      .def_static(
+          "with_replicas",
+          [](std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes) {
+            return Unwrap(ExpertMap::WithReplicas(std::move(ranks_of), ranks, nodes));
+          },
+          py::arg("ranks_of"), py::arg("ranks"), py::arg("nodes") = 1,
+          "ranks_of[e]: the ranks holding expert e, its primary first.")
+      .def_property_readonly("experts", &ExpertMap::experts)
+      .def_property_readonly("ranks", &ExpertMap::ranks)
+      .def(
+          "rank_for",
+          [](const ExpertMap& map, uint32_t expert, uint32_t source) {
+            if (expert >= map.experts() || source >= map.ranks())
+              Throw(te::InvalidArgument("expert or source out of range"));
+            return map.RankFor(expert, source);
+          },
+          py::arg("expert"), py::arg("source"), "The rank source sends expert's tokens to.")
+      .def(
+          "local_experts",
+          [](const ExpertMap& map, uint32_t rank) {
+            if (rank >= map.ranks()) Throw(te::InvalidArgument("rank out of range"));
+            return map.local_experts(rank);
+          },
+          py::arg("rank"), "The experts `rank` computes, in the order dispatch returns them.")
+      .def("__repr__", [](const ExpertMap& map) {
+        return "<ExpertMap " + std::to_string(map.experts()) + " experts on " + std::to_string(map.ranks()) + " ranks" +
+               (map.replicated() ? ", replicated>" : ">");
+      });
+
+  py::class_<PyExpertTokens>(m, "ExpertTokens", "The tokens one local expert received.")
+      .def_readonly("expert", &PyExpertTokens::expert)
+      .def_readonly("count", &PyExpertTokens::count)
+      .def_readonly("tokens", &PyExpertTokens::tokens, "[count, hidden]: uint16 (bf16 bits) or uint8 (fp8)")
+      .def_readonly("scales", &PyExpertTokens::scales, "fp8: [count, hidden / 128] float32; else None")
+      .def_readonly("weights", &PyExpertTokens::weights, "[count] this expert's router weight per token")
+      .def_readonly("src_rank", &PyExpertTokens::src_rank, "[count] the rank each token came from")
+      .def_readonly("src_token", &PyExpertTokens::src_token,
+                    "[count] its row there (coherent: its id; hierarchical: the relay's row)")
+      .def("__repr__", [](const PyExpertTokens& e) {
+        return "<ExpertTokens expert " + std::to_string(e.expert) + ", " + std::to_string(e.count) + " tokens>";
+      });
+
+  py::class_<PyDispatchResult, std::shared_ptr<PyDispatchResult>>(m, "DispatchResult",
+                                                                  "What dispatch returns; combine takes it back.")
+      .def_readonly("experts", &PyDispatchResult::experts, "One ExpertTokens per local expert, ExpertMap order.")
+      .def_property_readonly("tokens", [](const PyDispatchResult& r) { return r.result.handle.tokens; });
+
+  py::class_<PyMergedTokens, std::shared_ptr<PyMergedTokens>>(m, "MergedTokens",
+                                                              "The tokens living on a rank after a coherent combine.")
+      .def_readonly("from_rank", &PyMergedTokens::from_rank, "[n] the rank each token was dispatched from")
+      .def_readonly("ids", &PyMergedTokens::ids, "[n] its id there")
+      .def_readonly("data", &PyMergedTokens::data, "[n, hidden] uint16 (bf16 bits): the combined output");
+
+  py::class_<PyEpDispatcher>(m, "EpDispatcher",
+                             "MoE dispatch/combine for one rank of an expert-parallel group (moe/ep_dispatcher.h).")
+      .def(py::init<std::shared_ptr<PyEngine>, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t,
+                    const std::string&, const std::string&, uint32_t, double, uint32_t>(),
+           py::arg("engine"), py::arg("ranks"), py::arg("rank"), py::arg("experts"), py::arg("topk"), py::arg("hidden"),
+           py::arg("max_tokens"), py::arg("payload") = "bf16", py::arg("mode") = "normal", py::arg("nodes") = 1,
+           py::arg("timeout") = 10.0, py::arg("private_tokens") = 0,
+           "mode: normal, ll (no count exchange), hierarchical (node-level deduplication over `nodes`) or "
+           "coherent (combine merges on the top-1 expert's rank).")
+      .def("local_info", &PyEpDispatcher::LocalInfo, "What the other ranks need (one line); all-gather it.")
+      .def("connect", &PyEpDispatcher::Connect, py::arg("infos"), "infos[r]: rank r's local_info().")
+      .def("dispatch", &PyEpDispatcher::Dispatch, py::arg("tokens"), py::arg("topk_idx"), py::arg("topk_weights"),
+           py::arg("expert_map"), py::arg("scales") = py::none(), py::arg("ids") = py::none(),
+           "tokens [T, hidden] (bf16 as uint16, or fp8 bytes with scales), topk_idx [T, topk] (-1: none), "
+           "topk_weights [T, topk]; coherent mode: ids [T] name the tokens. Every rank calls it each layer.")
+      .def("combine", &PyEpDispatcher::Combine, py::arg("outputs"), py::arg("dispatched"),
+           "outputs[i]: local expert i's output [count, hidden] bf16. Returns [T, hidden] uint16, or MergedTokens "
+           "in coherent mode.")
+      .def_property_readonly("mode", &PyEpDispatcher::mode)
+      .def_property_readonly("rank", [](const PyEpDispatcher& d) { return d.config().rank; })
+      .def_property_readonly("ranks", [](const PyEpDispatcher& d) { return d.config().ranks; })
+      .def("close", &PyEpDispatcher::Close)
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](PyEpDispatcher& d, py::args) { d.Close(); });
+}
+
+}  // namespace tepy

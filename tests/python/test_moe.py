@@ -1,0 +1,171 @@
+"""MoE dispatch/combine from Python: EP ranks as threads of this process (the
+calls release the GIL), every mode checked bit for bit against a numpy
+reference written from the definitions in moe/dispatch_types.h."""
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+
+import transfer_engine as te
+from conftest import DEADLINE
+
+EXPERTS, TOPK, HIDDEN, TOKENS = 8, 3, 64, 24
+
+
+def bf16_to_f32(u16):
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(f):  # round to nearest even, as moe/numeric_formats.h
+    b = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32)
+    return ((b + np.uint32(0x7FFF) + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def inputs(ranks, seed=3):
+    """Every rank's tokens (bf16 bits), routing (some slots -1) and weights."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(ranks):
+        x = f32_to_bf16(rng.uniform(-4, 4, (TOKENS, HIDDEN)))
+        idx = np.stack([rng.permutation(EXPERTS)[:TOPK] for _ in range(TOKENS)]).astype(np.int64)
+        idx[rng.random((TOKENS, TOPK)) < 0.15] = -1
+        w = (rng.integers(1, 64, (TOKENS, TOPK)) / 64.0).astype(np.float32)
+        out.append((x, idx, w))
+    return out
+
+
+def expert(x):
+    """The synthetic expert: its output for a token row, bf16 bits."""
+    return f32_to_bf16(bf16_to_f32(x) * np.float32(0.5) + np.float32(0.25))
+
+
+def reference(batches, emap, ranks):
+    """Per rank: {expert: (rows, weights, src_rank, src_token)}, and each
+    source's combined output: rank partials (top-k order, float from 0, bf16)
+    summed in rank order (float from 0, bf16)."""
+    dispatched = [{e: ([], [], [], []) for e in emap.local_experts(r)} for r in range(ranks)]
+    combined = []
+    for s, (x, idx, w) in enumerate(batches):
+        out = np.zeros((TOKENS, HIDDEN), np.uint16)
+        for t in range(TOKENS):
+            partials = {}
+            for k in range(TOPK):
+                e = int(idx[t, k])
+                if e < 0:
+                    continue
+                r = emap.rank_for(e, s)
+                rows, ws, srcs, toks = dispatched[r][e]
+                rows.append(x[t]), ws.append(w[t, k]), srcs.append(s), toks.append(t)
+                acc = partials.setdefault(r, np.zeros(HIDDEN, np.float32))
+                acc += np.float32(w[t, k]) * bf16_to_f32(expert(x[t]))
+            total = np.zeros(HIDDEN, np.float32)
+            for r in sorted(partials):
+                total += bf16_to_f32(f32_to_bf16(partials[r]))
+            out[t] = f32_to_bf16(total)
+        combined.append(out)
+    return dispatched, combined
+
+
+def run_group(provider, ranks, mode, body, **kw):
+    engines = [te.Engine(provider=provider, request_timeout=10.0) for _ in range(ranks)]
+    ds = [te.EpDispatcher(e, ranks=ranks, rank=r, experts=EXPERTS, topk=TOPK, hidden=HIDDEN,
+                          max_tokens=ranks * TOKENS, mode=mode, timeout=20.0, **kw)
+          for r, e in enumerate(engines)]
+    try:
+        infos = [d.local_info() for d in ds]
+        for d in ds:
+            d.connect(infos)
+        with cf.ThreadPoolExecutor(ranks) as pool:
+            futures = [pool.submit(body, d) for d in ds]
+            return [f.result(timeout=DEADLINE) for f in futures]
+    finally:
+        for d in ds:
+            d.close()
+        for e in engines:
+            e.close()
+
+
+@pytest.mark.parametrize("mode", ["normal", "ll", "hierarchical"])
+def test_dispatch_and_combine_match_the_reference(provider, mode):
+    ranks = 2
+    emap = te.ExpertMap.contiguous(EXPERTS, ranks)
+    batches = inputs(ranks)
+    want_dispatch, want_combine = reference(batches, emap, ranks)
+
+    def rank(d):
+        x, idx, w = batches[d.rank]
+        res = d.dispatch(x, idx, w, emap)
+        assert res.tokens == TOKENS
+        outputs = []
+        for got in res.experts:
+            rows, ws, srcs, toks = want_dispatch[d.rank][got.expert]
+            assert got.count == len(rows)
+            assert got.tokens.dtype == np.uint16 and got.tokens.shape == (got.count, HIDDEN)
+            if mode != "hierarchical":  # hierarchical names sources by relay (1 rank per node: the source)
+                np.testing.assert_array_equal(got.src_rank, srcs)
+                np.testing.assert_array_equal(got.src_token, toks)
+            np.testing.assert_array_equal(got.tokens, np.array(rows).reshape(-1, HIDDEN))
+            np.testing.assert_array_equal(got.weights, np.array(ws, np.float32))
+            outputs.append(expert(got.tokens))
+        return d.combine(outputs, res)
+
+    results = run_group(provider, ranks, mode, rank, nodes=2 if mode == "hierarchical" else 1)
+    for r in range(ranks):
+        assert results[r].dtype == np.uint16 and results[r].shape == (TOKENS, HIDDEN)
+        np.testing.assert_array_equal(results[r], want_combine[r])
+
+
+def test_coherent_combine_merges_on_the_top1_rank(provider):
+    ranks = 2
+    emap = te.ExpertMap.contiguous(EXPERTS, ranks)
+    batches = inputs(ranks, seed=5)
+    _, want_combine = reference(batches, emap, ranks)
+
+    def rank(d):
+        x, idx, w = batches[d.rank]
+        ids = np.arange(TOKENS, dtype=np.uint32) + 1000 * d.rank
+        res = d.dispatch(x, idx, w, emap, ids=ids)
+        for got in res.experts:  # sources named by id
+            assert np.all(got.src_token // 1000 == got.src_rank)
+        return d.combine([expert(e.tokens) for e in res.experts], res)
+
+    merged = run_group(provider, ranks, "coherent", rank)
+    seen = 0
+    for m_rank, m in enumerate(merged):
+        assert m.data.shape == (len(m.ids), HIDDEN)
+        for k in range(len(m.ids)):
+            src, t = int(m.from_rank[k]), int(m.ids[k]) % 1000
+            assert int(m.ids[k]) // 1000 == src
+            top = int(batches[src][1][t, 0])
+            assert m_rank == (emap.rank_for(top, src) if top >= 0 else src)  # the top-1 expert's rank
+            np.testing.assert_array_equal(m.data[k], want_combine[src][t])
+            seen += 1
+    assert seen == ranks * TOKENS  # every token merged exactly once
+
+
+def test_bad_calls_raise():
+    e = te.Engine(provider="tcp")
+    d = te.EpDispatcher(e, ranks=1, rank=0, experts=4, topk=2, hidden=HIDDEN, max_tokens=8)
+    emap = te.ExpertMap.contiguous(4, 1)
+    d.connect([d.local_info()])
+    x = np.zeros((4, HIDDEN), np.uint16)
+    idx = np.zeros((4, 2), np.int32)
+    w = np.ones((4, 2), np.float32)
+    with pytest.raises(te.TransferError, match="topk_idx must be"):
+        d.dispatch(x, np.zeros((4, 3), np.int32), w, emap)
+    with pytest.raises(te.TransferError, match="bytes"):
+        d.dispatch(x[:3], idx, w, emap)
+    with pytest.raises(te.TransferError, match="names expert 0 twice"):
+        d.dispatch(x, idx, w, emap)
+    with pytest.raises(te.TransferError, match="close"):
+        e.close()  # the dispatcher still uses it
+    res = d.dispatch(x, np.array([[0, 1], [2, -1], [3, 0], [-1, -1]], np.int32), w, emap)
+    with pytest.raises(te.TransferError, match="outputs"):
+        d.combine([], res)
+    out = d.combine([expert(t.tokens) for t in res.experts], res)
+    assert out.shape == (4, HIDDEN) and not out[3].any()  # no expert: zeros
+    with pytest.raises(te.TransferError, match="mode"):
+        te.EpDispatcher(e, ranks=1, rank=0, experts=4, topk=2, hidden=HIDDEN, max_tokens=8, mode="fast")
+    d.close()
+    e.close()
