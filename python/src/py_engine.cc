@@ -76,7 +76,9 @@ te::TransferEngine* PyEngine::engine() const {
 void PyEngine::Close() {
   if (!engine_) return;
   if (planes_.load() > 0)
-    Throw(te::InvalidArgument("close(): a data plane (KV prefiller or decoder, weight receiver or pusher, MoE dispatcher) still uses this engine; close it first"));
+    Throw(
+        te::InvalidArgument("close(): a data plane (KV prefiller or decoder, weight receiver or pusher, MoE "
+                            "dispatcher) still uses this engine; close it first"));
   {
     py::gil_scoped_release release;
     engine_.reset();
