@@ -62,6 +62,9 @@ DEFINE_string(mode, "normal",
               "bench: engine dispatch paths, comma-separated: normal (EpDispatcher), ll (low latency), hier "
               "(HierarchicalDispatcher: node-level deduplication over --nodes), coherent (CoherentDispatcher: combine "
               "merges on the top-1 rank; needs --bench_trace and --home=top1)");
+DEFINE_uint32(kv_bytes, 1152,
+              "bench, coherent mode: KV-cache bytes per token and layer (DeepSeek-V3's latent: 576 bf16), for the "
+              "cost of keeping attention context where tokens now live");
 DEFINE_string(mpirun, "mpirun", "bench: the launcher used when not already under MPI");
 DEFINE_string(mpi_btl, "",
               "bench: MPI transport; empty matches --provider: tcp -> 'self,tcp' on lo, shm -> 'self,vader'");
@@ -486,6 +489,11 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
         fprintf(stderr, "records sent %llu, predicted %lld\n", (unsigned long long)all_records, (long long)predicted);
   const double cross_per_layer = double(all_cross) / double(std::max<uint64_t>(passes, 1));
   const double node_per_layer = double(all_node) / double(std::max<uint64_t>(passes, 1));
+  // What makes the coherent mode legal: each step's new KV entry of every
+  // token on every other rank (replicated context), since a token may be
+  // dispatched from any rank at its next layer. 0 for the other modes.
+  const double context_per_layer =
+      mode == Mode::kCoherent ? double(used.tokens) * double(ranks - 1) * double(FLAGS_kv_bytes) : 0.0;
   const double te_d50 = Percentile(te_t.dispatch_us, .5), te_c50 = Percentile(te_t.combine_us, .5);
   const double mpi_d50 = Percentile(mpi_t.dispatch_us, .5), mpi_c50 = Percentile(mpi_t.combine_us, .5);
   if (FLAGS_json) {
@@ -496,12 +504,12 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
         "\"te_combine_p99_us\":%.1f,\"mpi_dispatch_p50_us\":%.1f,\"mpi_dispatch_p99_us\":%.1f,"
         "\"mpi_combine_p50_us\":%.1f,\"mpi_combine_p99_us\":%.1f,\"cross_rank_bytes_per_layer\":%.0f,"
         "\"cross_node_bytes_per_layer\":%.0f,\"nodes\":%u,\"home\":\"%s\",\"records_sent\":%llu,"
-        "\"records_predicted\":%lld,\"verified\":%s}\n",
+        "\"records_predicted\":%lld,\"context_bytes_per_layer\":%.0f,\"verified\":%s}\n",
         ranks, shape.name.c_str(), c.hidden, c.experts, c.topk, FLAGS_bench_tokens, moe::PayloadName(payload),
         routing_name.c_str(), engine->provider().c_str(), MpiTransport().c_str(), FLAGS_progress.c_str(), FLAGS_iters,
         te_d50, Percentile(te_t.dispatch_us, .99), te_c50, Percentile(te_t.combine_us, .99), mpi_d50,
         Percentile(mpi_t.dispatch_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), cross_per_layer, node_per_layer,
-        nodes, FLAGS_home.c_str(), (unsigned long long)all_records, (long long)predicted,
+        nodes, FLAGS_home.c_str(), (unsigned long long)all_records, (long long)predicted, context_per_layer,
         all_mismatches == 0 ? "true" : "false");
   } else {
     printf("%3d %-6s %-5s %-16s %9.0f %9.0f %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f %6.2f | %9.2f %9.2f %s\n",
@@ -509,6 +517,9 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
            Percentile(te_t.dispatch_us, .99), mpi_d50, Percentile(mpi_t.dispatch_us, .99), te_d50 / mpi_d50, te_c50,
            Percentile(te_t.combine_us, .99), mpi_c50, Percentile(mpi_t.combine_us, .99), te_c50 / mpi_c50,
            cross_per_layer / 1e6, node_per_layer / 1e6, all_mismatches == 0 ? "ok" : "MISMATCH");
+    if (mode == Mode::kCoherent)
+      printf("%39scontext coherence, replicated KV (%u B per token and layer): %.2f MB per layer besides the above\n",
+             "", FLAGS_kv_bytes, context_per_layer / 1e6);
   }
   fflush(stdout);
   if (all_mismatches) Die("engine and MPI paths disagree on " + std::to_string(all_mismatches) + " checks");
