@@ -14,8 +14,10 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -119,22 +121,27 @@ class PyEpDispatcher {
     if (!open_) return;
     {
       py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(call_mu_);  // after a call in flight on another thread
+      if (!open_) return;
       normal_.reset(), ll_.reset(), hier_.reset(), coherent_.reset();
+      open_ = false;
     }
     engine_->DetachPlane();
-    open_ = false;
   }
 
   std::string LocalInfo() {
-    return Call([](auto& d) { return d.LocalInfo(); });
+    CheckOpen();
+    std::string info;
+    Check(Locked([&] {
+      info = Call([](auto& d) { return d.LocalInfo(); });
+      return te::Status::Ok();
+    }));
+    return info;
   }
 
   void Connect(const std::vector<std::string>& infos) {
     CheckOpen();
-    py::gil_scoped_release release;
-    const te::Status s = Call([&](auto& d) { return d.Connect(infos); });
-    py::gil_scoped_acquire hold;
-    Check(s);
+    Check(Locked([&] { return Call([&](auto& d) { return d.Connect(infos); }); }));
   }
 
   std::shared_ptr<PyDispatchResult> Dispatch(const py::object& x, const IntArray& topk_idx,
@@ -174,17 +181,14 @@ class PyEpDispatcher {
                            scale_array ? scale_array.data() : nullptr, topk_idx.data(), topk_weights.data()};
     auto r = std::make_shared<PyDispatchResult>();
     const uint32_t* id_data = id_array ? id_array.data() : nullptr;
-    te::Status s;
-    {
-      py::gil_scoped_release release;
-      s = Call([&](auto& d) {
+    Check(Locked([&] {
+      return Call([&](auto& d) {
         if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
           return d.Dispatch(batch, id_data, map, &r->result);
         else
           return d.Dispatch(batch, map, &r->result);
       });
-    }
-    Check(s);
+    }));
     r->dispatcher = reinterpret_cast<uint64_t>(this);
     for (ExpertTokens& x : r->result.experts) {
       PyExpertTokens e;
@@ -230,14 +234,9 @@ class PyEpDispatcher {
                                   std::to_string(c.hidden) + " bf16) in host memory"));
       outs.push_back(static_cast<const uint16_t*>(views.back().data));
     }
-    te::Status s;
     if (mode_ == Mode::kCoherent) {
       MergedTokens merged;
-      {
-        py::gil_scoped_release release;
-        s = coherent_->Combine(outs, dispatched.result, &merged);
-      }
-      Check(s);
+      Check(Locked([&] { return coherent_->Combine(outs, dispatched.result, &merged); }));
       auto m = std::make_shared<PyMergedTokens>();
       const py::ssize_t n = merged.count;
       m->from_rank = Own(std::move(merged.from_rank), {n});
@@ -246,16 +245,14 @@ class PyEpDispatcher {
       return py::cast(m);
     }
     std::vector<uint16_t> out(size_t(dispatched.result.handle.tokens) * c.hidden);
-    {
-      py::gil_scoped_release release;
-      s = Call([&](auto& d) -> te::Status {
+    Check(Locked([&] {
+      return Call([&](auto& d) -> te::Status {
         if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
           return te::Internal("unreachable");
         else
           return d.Combine(outs, dispatched.result, out.data());
       });
-    }
-    Check(s);
+    }));
     return Own(std::move(out), {py::ssize_t(dispatched.result.handle.tokens), py::ssize_t(c.hidden)});
   }
 
@@ -283,23 +280,30 @@ class PyEpDispatcher {
   void CheckOpen() const {
     if (!open_) Throw(te::Cancelled("the dispatcher is closed"));
   }
-  // f(dispatcher) on whichever dispatcher this is.
+  // f() with the GIL released and the dispatcher to this thread (its calls
+  // are one at a time; another Python thread waits here), kCancelled once
+  // closed.
+  template <typename F>
+  te::Status Locked(F&& f) {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(call_mu_);
+    if (!open_) return te::Cancelled("the dispatcher is closed");
+    return f();
+  }
+  // f(dispatcher) on whichever dispatcher this is (open: call_mu_ held).
   template <typename F>
   auto Call(F&& f) -> decltype(f(std::declval<EpDispatcher&>())) {
     if (normal_) return f(*normal_);
     if (ll_) return f(*ll_);
     if (hier_) return f(*hier_);
-    if (!coherent_) {
-      py::gil_scoped_acquire hold;
-      Throw(te::Cancelled("the dispatcher is closed"));
-    }
     return f(*coherent_);
   }
 
   std::shared_ptr<PyEngine> engine_;
   Mode mode_;
   EpConfig config_;
-  bool open_ = false;
+  std::mutex call_mu_;
+  std::atomic<bool> open_{false};
   std::unique_ptr<EpDispatcher> normal_;
   std::unique_ptr<LowLatencyDispatcher> ll_;
   std::unique_ptr<HierarchicalDispatcher> hier_;

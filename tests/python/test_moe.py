@@ -168,4 +168,7 @@ def test_bad_calls_raise():
     with pytest.raises(te.TransferError, match="mode"):
         te.EpDispatcher(e, ranks=1, rank=0, experts=4, topk=2, hidden=HIDDEN, max_tokens=8, mode="fast")
     d.close()
-    e.close()
+    with pytest.raises(te.TransferError, match="closed") as err:
+        d.dispatch(x, idx, w, emap)
+    assert err.value.code == te.StatusCode.CANCELLED
+    e.close()  # the dispatcher let go of it
