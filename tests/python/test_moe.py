@@ -3,6 +3,9 @@ calls release the GIL), every mode checked bit for bit against a numpy
 reference written from the definitions in moe/dispatch_types.h."""
 
 import concurrent.futures as cf
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import transfer_engine as te
 from conftest import DEADLINE
 
 EXPERTS, TOPK, HIDDEN, TOKENS = 8, 3, 64, 24
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bf16_to_f32(u16):
@@ -172,3 +176,12 @@ def test_bad_calls_raise():
         d.dispatch(x, idx, w, emap)
     assert err.value.code == te.StatusCode.CANCELLED
     e.close()  # the dispatcher let go of it
+
+
+@pytest.mark.parametrize("ranks,mode", [(2, "ll"), (4, "hierarchical")])
+def test_the_example_across_processes(ranks, mode):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "moe_ep.py"), f"--ranks={ranks}", f"--mode={mode}",
+         "--layers=2"], env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(": ok,") == ranks, out.stdout
