@@ -16,12 +16,6 @@ constexpr const char* kSeparator = " | ";
 // u32, each in two bf16 slots (copied as bits, never read as numbers).
 constexpr uint32_t kKeySlots = 4;
 
-uint64_t SentToOthers(const DispatchHandle& h, uint32_t self) {
-  uint64_t n = 0;
-  for (uint32_t r = 0; r < h.sent_to.size(); ++r) n += r == self ? 0 : h.sent_to[r];
-  return n;
-}
-
 }  // namespace
 
 CoherentDispatcher::CoherentDispatcher(const EpConfig& config) : config_(config) {}
@@ -110,15 +104,11 @@ Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids
   PackRecords(c, map, batch, dispatch_->send_records(), &plan_, &out->handle, /*copy_payload=*/true, nullptr, nullptr,
               &labels);
   records_.clear();
-  if (Status s = dispatch_->DispatchPacked(plan_, map, T, out, &records_); !s.ok()) return Fail(s);
+  if (Status s = dispatch_->DispatchPacked(plan_, map, T, out, &records_, /*copy_payload=*/true); !s.ok())
+    return Fail(s);
 
-  // Payloads from the receive region into the experts' rows; each row's
-  // dispatching rank, id and merge rank for combine.
-  const size_t rows = records_.size(), tb = c.token_bytes(), sc = c.scale_count(), off = RecordPayloadOffset(c);
-  for (ExpertTokens& x : out->experts) {
-    x.data.resize(size_t(x.count) * tb);
-    x.scales.resize(size_t(x.count) * sc);
-  }
+  // Each received row's dispatching rank, id and merge rank, for combine.
+  const size_t rows = records_.size();
   row_from_.resize(rows);
   row_id_.resize(rows);
   row_merge_.resize(rows);
@@ -130,17 +120,12 @@ Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids
     if (row_merge_[q] >= c.ranks)
       return Fail(Internal("a record names merge rank " + std::to_string(row_merge_[q]) + ", outside [0, " +
                            std::to_string(c.ranks) + ")"));
-    for (uint32_t i = h.row_begin[q]; i < h.row_begin[q + 1]; ++i) {
-      const RowEntry& e = h.entries[i];
-      ExpertTokens& x = out->experts[e.local_expert];
-      row_from_[q] = x.src_rank[e.position];
-      std::memcpy(&x.data[size_t(e.position) * tb], rec + off, tb);
-      if (sc) std::memcpy(&x.scales[size_t(e.position) * sc], rec + off + tb, sc * sizeof(float));
-    }
+    const RowEntry& first = h.entries[h.row_begin[q]];  // every row has an entry (UnpackRecords checks)
+    row_from_[q] = out->experts[first.local_expert].src_rank[first.position];
   }
   if (Status s = dispatch_->EndWithoutCombine(*out); !s.ok()) return Fail(s);
   out->handle.seq = calls_.Dispatched();
-  dispatched_sent_ += SentToOthers(h, c.rank);
+  dispatched_sent_ += h.sent_to_others(c.rank);
   return Status::Ok();
 }
 
@@ -176,17 +161,16 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   records_.clear();
   if (Status s = merge_->DispatchPacked(plan_, merge_map_, uint32_t(rows), &merge_result_, &records_); !s.ok())
     return Fail(s);
-  merged_sent_ += SentToOthers(merge_result_.handle, c.rank);
+  merged_sent_ += merge_result_.handle.sent_to_others(c.rank);
   if (Status s = merge_->EndWithoutCombine(merge_result_); !s.ok()) return Fail(s);
-  auto merge_row = [&](uint32_t i) { return reinterpret_cast<const uint16_t*>(records_[i] + off); };
-  if (records_.size() != merge_result_.experts[0].count)
+  const ExpertTokens& in = merge_result_.experts[0];
+  if (records_.size() != in.count)
     return Fail(Internal("merge step received " + std::to_string(records_.size()) + " records for " +
-                         std::to_string(merge_result_.experts[0].count) + " rows"));
+                         std::to_string(in.count) + " rows"));
 
   // 2. Sum each token's partials in rank order (they arrive rank-major).
   merge_rows_.resize(records_.size());
-  for (size_t i = 0; i < records_.size(); ++i) merge_rows_[i] = merge_row(uint32_t(i));
-  const ExpertTokens& in = merge_result_.experts[0];
+  for (size_t i = 0; i < records_.size(); ++i) merge_rows_[i] = reinterpret_cast<const uint16_t*>(records_[i] + off);
   if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, in.src_rank, no_expert_, merged); !s.ok())
     return Fail(s);
   calls_.Combined();

@@ -203,7 +203,8 @@ Status ValidateOutputs(const DispatchResult& d, const ExpertOutputs& outputs) {
 void ReduceRows(const EpConfig& c, const DispatchHandle& h, const ExpertOutputs& outputs, uint32_t first, uint32_t n,
                 uint16_t* dst) {
   const uint32_t H = c.hidden;
-  std::vector<float> acc(H);
+  thread_local std::vector<float> acc;  // no allocation per call: combine may reduce row by row
+  acc.resize(H);
   for (uint32_t q = first; q < first + n; ++q) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (uint32_t i = h.row_begin[q]; i < h.row_begin[q + 1]; ++i) {

@@ -64,6 +64,13 @@ struct DispatchHandle {
   std::vector<uint32_t> token_rows;
   // Whole group's token counts [source * R + destination] (host path).
   std::vector<uint32_t> matrix;
+
+  // Records this rank sent to ranks other than `self`.
+  uint64_t sent_to_others(uint32_t self) const {
+    uint64_t n = 0;
+    for (uint32_t r = 0; r < sent_to.size(); ++r) n += r == self ? 0 : sent_to[r];
+    return n;
+  }
 };
 
 struct DispatchResult {

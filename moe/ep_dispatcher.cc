@@ -189,12 +189,12 @@ Status EpDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap& map, Dis
 }
 
 Status EpDispatcher::DispatchPacked(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
-                                    std::vector<const uint8_t*>* row_records) {
+                                    std::vector<const uint8_t*>* row_records, bool copy_payload) {
   TE_RETURN_IF_ERROR(CheckCallable(true));
   if (!out) return InvalidArgument("DispatchPacked needs a result to fill");
   if (plan.per_rank.size() != config_.ranks || plan.per_expert.size() != config_.experts)
     return InvalidArgument("DispatchPacked: plan is not one of this group (PackRecords fills it)");
-  return Exchange(plan, map, tokens, out, /*copy_payload=*/false, row_records);
+  return Exchange(plan, map, tokens, out, copy_payload, row_records);
 }
 
 Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,

@@ -87,13 +87,15 @@ class EpDispatcher {
   //     (headers by PackRecords without payloads, payloads by a kernel) and
   //     the result's handle (ResetResult, PackRecords);
   //  3. DispatchPacked() runs the exchange; payloads stay in the receive
-  //     region, `row_records` gives each received row's record.
+  //     region, `row_records` gives each received row's record (with
+  //     copy_payload they are also copied into the experts' rows, as
+  //     Dispatch does, for a caller that packed its own headers).
   // CombinePacked() sends partial rows the caller already wrote into
   // send_partials() (received-row order) and returns the rows that came back
   // (indexed by the handle's token_rows); valid until the next Dispatch.
   Status PrepareDispatch();
   Status DispatchPacked(const SendPlan& plan, const ExpertMap& map, uint32_t tokens, DispatchResult* out,
-                        std::vector<const uint8_t*>* row_records);
+                        std::vector<const uint8_t*>* row_records, bool copy_payload = false);
   Result<const uint16_t*> CombinePacked(const DispatchResult& dispatched);
   uint8_t* send_records() const;
   uint16_t* send_partials() const;

@@ -29,12 +29,6 @@ std::vector<std::string> SplitInfo(const std::string& info) {
   }
 }
 
-uint64_t SentToOthers(const DispatchHandle& h, uint32_t self) {
-  uint64_t n = 0;
-  for (uint32_t r = 0; r < h.sent_to.size(); ++r) n += r == self ? 0 : h.sent_to[r];
-  return n;
-}
-
 }  // namespace
 
 HierarchicalDispatcher::HierarchicalDispatcher(const EpConfig& config, uint32_t nodes)
@@ -180,8 +174,8 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
     h.sent_to[node_ * L + j] += ih.sent_to[j];
     h.recv_from[node_ * L + j] += ih.recv_from[j];
   }
-  across_sent_ += SentToOthers(ah, c.rank);
-  inside_sent_ += SentToOthers(ih, local_);
+  across_sent_ += ah.sent_to_others(c.rank);
+  inside_sent_ += ih.sent_to_others(local_);
   return Status::Ok();
 }
 

@@ -155,7 +155,8 @@ class PyEpDispatcher {
     if (topk_weights.size() != py::ssize_t(T * c.topk))
       Throw(te::InvalidArgument("topk_weights must be [" + std::to_string(T) + ", " + std::to_string(c.topk) + "]"));
     MemoryView tokens = ViewOf(x, "auto");
-    if (tokens.cuda) Throw(te::Unimplemented("tokens in GPU memory: use the CUDA dispatcher (moe/cuda)"));
+    if (tokens.cuda)  // this binding is the host path; the device path (moe/cuda) is C++ only
+      Throw(te::InvalidArgument("tokens are in GPU memory; EpDispatcher takes host memory"));
     if (tokens.nbytes != T * c.token_bytes())
       Throw(te::InvalidArgument("tokens hold " + std::to_string(tokens.nbytes) + " bytes; " + std::to_string(T) +
                                 " tokens of " + std::to_string(c.token_bytes()) + " bytes need " +

@@ -176,7 +176,6 @@ void MoeRecordsTarget(std::span<const uint8_t> b) {
     Expect(x.scales.size() == x.count * c.scale_count(), "fp8 rows carry their scales");
   }
   Expect(entries == h.entries.size(), "every entry names a local expert's row");
-  for (size_t q = 0; q < n; ++q) (void)moe::RecordTag(records.data() + q * rec);
 }
 
 // Merge rows as a coherent combine receives them: byte 0 the group size,
