@@ -110,6 +110,11 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     for (uint32_t tok = 0; tok < t.tokens; ++tok) home[tok] = int32_t(homes[tok]);
   }
 
+  // With replicas, nodes and ranks are held tighter: the balancing pass
+  // later moves one copy at a time, and a rank or node the partition left
+  // 25% over the mean stays above it.
+  const double slack = o.extra_slots > 0 ? std::min(o.load_slack, 0.05) : o.load_slack;
+
   // Nodes first.
   std::vector<uint32_t> node_of(E, 0);
   if (N > 1) {
@@ -117,9 +122,7 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     np.items = E;
     np.parts = N;
     np.load = load;
-    // With replicas, nodes are held tighter: exchanges later move copies
-    // between ranks of one node, so a heavy node stays heavy.
-    np.cap = Cap(load, N, o.extra_slots > 0 ? std::min(o.load_slack, 0.05) : o.load_slack);
+    np.cap = Cap(load, N, slack);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
       const int32_t h = home[tok] >= 0 ? int32_t(uint32_t(home[tok]) / per_node) : -1;
       if (experts_of[tok].size() + (h >= 0) >= 2)
@@ -128,7 +131,7 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     node_of = SolvePartition(np, o.max_sweeps);
   }
   // Then each node's ranks.
-  const double rank_cap = Cap(load, R, o.load_slack);
+  const double rank_cap = Cap(load, R, slack);
   for (uint32_t n = 0; n < N; ++n) {
     std::vector<uint32_t> items, local(E, UINT32_MAX);
     for (uint32_t e = 0; e < E; ++e)
@@ -258,15 +261,140 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
       choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
     }
   }
+  // A slot left free (every free rank already held the expert it was meant
+  // for) goes to the expert with the most load per copy not on that rank.
+  for (uint32_t r = 0; r < R; ++r)
+    while (free_slots[r] > 0) {
+      uint32_t best = E;
+      double best_share = 0;
+      for (uint32_t e = 0; e < E; ++e) {
+        const auto on = p->RanksOf(l, e);
+        const double s = double(load[e]) / double(on.size());
+        if (std::find(on.begin(), on.end(), r) == on.end() && s > best_share) best = e, best_share = s;
+      }
+      if (best == E) break;
+      p->replicas[l][best].push_back(r);
+      free_slots[r]--;
+    }
+}
+
+// Whether an estimated cost of `cost` records, counted on the fitted trace
+// for moves of experts with `tokens` tokens, is within that trace's sampling
+// noise: each estimate is a difference of counts over those tokens, whose
+// standard deviation is below sqrt(tokens / 2) where no structure ties the
+// experts to their place. So a move that "costs" up to 3 sqrt(tokens) (or 1%)
+// costs nothing on a held-out trace, while a real tie (co-activated
+// experts sharing a rank or node) costs tens of percent.
+bool WithinNoise(int64_t cost, uint64_t tokens) {
+  const double t = double(tokens);
+  return double(cost) <= std::max(0.01 * t, 3.0 * std::sqrt(t));
+}
+
+// Sends rank loads towards the mean by exchanging unreplicated primaries
+// between a heavier and a lighter rank (their loads move whole, so each
+// exchange is exact), where the exchange costs about no records: at most 1%
+// of the two experts' tokens newly leave their rank or node, estimated from
+// where each token's home and other experts are. An exchange lowers the
+// heavier rank of the pair and keeps the lighter one below where the heavier
+// was, so the sum of squared loads falls with each and the sweeps end; across
+// nodes it also keeps the pair's heavier node from growing. The peak-lowering
+// moves after it then start from ranks near the mean.
+void EqualizePrimaries(const RoutingTrace& t, uint32_t l, const std::vector<uint32_t>& homes,
+                       const std::vector<uint64_t>& total, uint32_t nodes, Placement* p,
+                       std::vector<std::vector<uint32_t>>* choice, std::vector<uint64_t>* load) {
+  const uint32_t E = t.experts, R = p->ranks, per_node = R / nodes;
+  std::vector<std::vector<uint32_t>> prim(R);  // unreplicated primaries per rank
+  for (uint32_t e = 0; e < E; ++e)
+    if (p->RanksOf(l, e).size() == 1 && total[e] > 0) prim[p->rank_of[l][e]].push_back(e);
+  std::vector<uint64_t> node_load(nodes, 0);
+  for (uint32_t r = 0; r < R; ++r) node_load[r / per_node] += (*load)[r];
+  // reach[e][r]: tokens of e that reach rank r anyway (their home or another
+  // of their experts is there); moving e from rank a to b adds about
+  // reach[e][a] - reach[e][b] records. reach_node: the same per node.
+  std::vector<int64_t> reach(size_t(E) * R), reach_node(size_t(E) * nodes);
+  std::vector<uint32_t> at(R), at_node(nodes);
+  auto where = [&](int e, uint32_t home) { return (*choice)[e][home]; };
+  std::vector<uint32_t> ranks;
+  auto measure = [&] {
+    std::fill(reach.begin(), reach.end(), 0);
+    std::fill(reach_node.begin(), reach_node.end(), 0);
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+      const uint32_t home = homes[tok];
+      ranks.assign(1, home);
+      for (uint32_t k = 0; k < t.topk; ++k)
+        if (const int e = t.at(tok, l, k); e >= 0) ranks.push_back(where(e, home));
+      for (uint32_t r : ranks) at[r]++, at_node[r / per_node]++;
+      for (uint32_t k = 0; k < t.topk; ++k) {
+        const int e = t.at(tok, l, k);
+        if (e < 0) continue;
+        const uint32_t own = where(e, home);
+        for (uint32_t r : ranks)
+          if (at[r] > (r == own ? 1u : 0u)) reach[size_t(e) * R + r]++;
+        for (uint32_t n = 0; n < nodes; ++n)
+          if (at_node[n] > (n == own / per_node ? 1u : 0u)) reach_node[size_t(e) * nodes + n]++;
+      }
+      for (uint32_t r : ranks) at[r] = 0, at_node[r / per_node] = 0;
+    }
+    // A rank reached more than once counted its experts once per visit:
+    // harmless, the estimate only needs to be near.
+  };
+  auto cost = [&](uint32_t e, uint32_t a, uint32_t b) {  // e moves from rank a to rank b
+    int64_t c = reach[size_t(e) * R + a] - reach[size_t(e) * R + b];
+    if (a / per_node != b / per_node)
+      c += reach_node[size_t(e) * nodes + a / per_node] - reach_node[size_t(e) * nodes + b / per_node];
+    return c;
+  };
+  std::vector<uint32_t> order(R);
+  for (int sweep = 0; sweep < 8; ++sweep) {
+    measure();
+    bool moved = false;
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t x, uint32_t y) { return (*load)[x] > (*load)[y]; });
+    for (size_t i = 0; i < order.size(); ++i) {
+      const uint32_t a = order[i];
+      for (size_t j = order.size(); j-- > i + 1;) {
+        const uint32_t b = order[j];
+        const uint64_t la = (*load)[a], lb = (*load)[b];
+        if (lb + 1 >= la) break;  // the rest are no lighter
+        const uint32_t na = a / per_node, nb = b / per_node;
+        uint64_t best_max = la;
+        size_t be = 0, bf = 0;
+        bool found = false;
+        for (size_t x = 0; x < prim[a].size(); ++x)
+          for (size_t y = 0; y < prim[b].size(); ++y) {
+            const uint32_t e = prim[a][x], f = prim[b][y];
+            if (total[e] <= total[f]) continue;
+            const uint64_t d = total[e] - total[f];
+            const uint64_t pair_max = std::max(la - d, lb + d);
+            if (pair_max >= best_max) continue;
+            if (na != nb && node_load[nb] + d > std::max(node_load[na], node_load[nb])) continue;
+            if (!WithinNoise(cost(e, a, b) + cost(f, b, a), total[e] + total[f])) continue;
+            best_max = pair_max, be = x, bf = y, found = true;
+          }
+        if (!found) continue;
+        const uint32_t e = prim[a][be], f = prim[b][bf];
+        const uint64_t d = total[e] - total[f];
+        p->rank_of[l][e] = b, p->rank_of[l][f] = a;
+        std::fill((*choice)[e].begin(), (*choice)[e].end(), b);
+        std::fill((*choice)[f].begin(), (*choice)[f].end(), a);
+        std::swap(prim[a][be], prim[b][bf]);
+        (*load)[a] -= d, (*load)[b] += d;
+        node_load[na] -= d, node_load[nb] += d;
+        moved = true;
+      }
+    }
+    if (!moved) break;
+  }
 }
 
 // Exact loads of layer l (tokens of each expert by home rank, routed by the
-// replica rule), then moves that lower the heaviest rank while one exists:
-// one of its replicas to another rank with a free slot, or one of its
-// copies swapped with one of the same kind on another rank (same node first,
-// which keeps node-level records; unreplicated primaries cross nodes only
-// where that costs about no crossings). Bytes were fitted first; this trades a
-// little of them for balance only where a rank is the heaviest.
+// replica rule), EqualizePrimaries, then moves that lower the heaviest rank
+// while one exists: one of its replicas to another rank with a free slot, or
+// one of its copies swapped with one of the same kind on another rank (same
+// node first, which keeps node-level records; unreplicated primaries cross
+// nodes only where the crossings that adds are within the fitted trace's
+// noise). Bytes were fitted first; this trades them for balance only where
+// the trace shows no cost.
 void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
@@ -288,6 +416,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, 
     for (uint32_t r : reps) used[r]++;
   std::vector<uint64_t> total(E, 0);
   for (uint32_t e = 0; e < E; ++e) total[e] = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+  EqualizePrimaries(t, l, homes, total, o.nodes, p, &choice, &load);
   // touch[e][n]: tokens of e that reach node n anyway (their home or another
   // of their experts is there), as placed now. Moving e from node a to node
   // b adds about touch[e][a] - touch[e][b] network crossings.
@@ -355,7 +484,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, 
             const uint32_t a = h / per_node, b = r / per_node;
             const bool pinned =
                 primary && (on_e.size() == 1 || on_f.size() == 1) &&
-                100 * (touch[e][a] - touch[e][b] + touch[f][b] - touch[f][a]) > int64_t(total[e] + total[f]);
+                !WithinNoise(touch[e][a] - touch[e][b] + touch[f][b] - touch[f][a], total[e] + total[f]);
             if (a != b && (pass == 0 || pinned)) continue;
             auto ne = on_e, nf = on_f;
             std::replace(ne.begin(), ne.end(), h, r);

@@ -40,14 +40,19 @@ struct PlacementOptions {
   int max_sweeps = 20;  // swap passes per partition
   // Replica slots per rank and layer beyond the experts / ranks primaries.
   // Copies go one by one to the expert with the most load per copy, and
-  // primaries are then partitioned by load per copy (nodes held to 5%
-  // slack). Each replica goes to the rank, among those with a free slot and
-  // near the mean load, where the fitted trace's tokens of that expert send
-  // the fewest records under ExpertMap's replica rule. A last pass, on exact
-  // loads under that rule, exchanges copies off the heaviest rank (same
-  // node first; unreplicated primaries leave their node only where that
-  // costs at most 1% of their tokens in network crossings) while that
-  // lowers it.
+  // primaries are then partitioned by load per copy (ranks and nodes held to
+  // min(load_slack, 5%)). Each replica goes to the rank, among those with a
+  // free slot and near the mean load, where the fitted trace's tokens of
+  // that expert send the fewest records under ExpertMap's replica rule;
+  // every slot is used. Then, on exact loads under that rule:
+  //  1. unreplicated primaries are exchanged between heavier and lighter
+  //     ranks, towards the mean;
+  //  2. copies are exchanged off the heaviest rank (same node first) while
+  //     that lowers it.
+  // An exchange that moves an unreplicated primary to another rank (1) or
+  // node (2) is made only where the records it adds on the fitted trace are
+  // within that trace's sampling noise (3 sqrt(tokens), or 1%): experts
+  // tied to their place by co-activation stay.
   uint32_t extra_slots = 0;
 };
 
