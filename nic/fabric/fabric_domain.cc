@@ -211,6 +211,23 @@ class FabricDomain final : public Domain {
 
   Status PostWrite(const WriteOp& op) override {
     TE_RETURN_IF_ERROR(CheckPeerAlive(op.peer));
+    return PostOne(op);
+  }
+
+  // A run to one peer checks that peer's liveness once: the check is a
+  // system call (about 0.36 us here), more than the rest of a small write.
+  Status PostWrites(std::span<const WriteOp> ops, size_t* posted) override {
+    *posted = 0;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (i == 0 || ops[i].peer != ops[i - 1].peer) TE_RETURN_IF_ERROR(CheckPeerAlive(ops[i].peer));
+      TE_RETURN_IF_ERROR(PostOne(ops[i]));
+      ++*posted;
+    }
+    return Status::Ok();
+  }
+
+  // One write, its peer already checked.
+  Status PostOne(const WriteOp& op) {
     const void* local = op.local;
     void* desc = op.local_desc;
     if (op.length == 0) {
