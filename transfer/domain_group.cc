@@ -282,6 +282,9 @@ void DomainGroup::RunOnWorker() {
 
 void DomainGroup::Accept(RequestState* r) {
   r->outstanding = static_cast<uint32_t>(r->works.size());
+  // The queued deadline counts from here, by this pass's clock: Submit
+  // reads no clock (a submission waits here a pass at most).
+  r->deadline = Now() + options_.request_timeout;
   queued_.PushBack(r);
   for (Work& w : r->works) (w.is_send ? pending_messages_ : pending_)[w.domain].push_back(&w);
 }
@@ -415,8 +418,11 @@ void DomainGroup::Fail(RequestState* r, const Status& given) {
 
 void DomainGroup::Finish(RequestState* r) {
   if (!r->failed) {
-    const auto now = Now();  // as of this progress pass
-    counters_.RequestDone(std::max(now, r->submitted) - r->submitted);
+    counters_.RequestDone();
+    if (r->submitted != Clock::time_point{}) {
+      const auto now = Now();  // as of this progress pass
+      counters_.RequestLatency(std::max(now, r->submitted) - r->submitted);
+    }
     if (r->completion.counter) r->completion.counter->MarkDone();
     if (r->completion.on_done)
       (r->completion.on_worker ? worker_ready_ : ready_).push_back(std::move(r->completion.on_done));

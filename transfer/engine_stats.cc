@@ -7,24 +7,37 @@ namespace te {
 EngineCounters::EngineCounters(size_t domains)
     : domain_count_(domains), domains_(std::make_unique<DomainCounters[]>(domains)) {}
 
-void EngineCounters::RequestDone(std::chrono::steady_clock::duration latency) {
-  done_.fetch_add(1, std::memory_order_relaxed);
+void EngineCounters::RequestLatency(std::chrono::steady_clock::duration latency) {
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(latency).count();
   int b = 0;
   while (b < kLatencyBuckets - 1 && (uint64_t(1) << b) <= uint64_t(us)) ++b;
   latency_[b].fetch_add(1, std::memory_order_relaxed);
 }
 
+namespace {
+// Counters with one writer (the worker) and any number of readers: a plain
+// load and store, not a locked read-modify-write, per posted write.
+void Bump(std::atomic<uint64_t>& c, uint64_t n) {
+  c.store(c.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
+}  // namespace
+
 void EngineCounters::Posted(size_t domain, uint64_t peer, bool is_write, uint64_t bytes) {
-  PeerStats& ps = peers_[peer];
+  // Runs of writes go to one peer: remember the last one's entry (element
+  // references in an unordered_map survive rehashing).
+  if (last_peer_ == nullptr || last_peer_id_ != peer) {
+    last_peer_ = &peers_[peer];
+    last_peer_id_ = peer;
+  }
+  PeerStats& ps = *last_peer_;
   peers_dirty_ = true;
   if (!is_write) return;
   ps.writes_posted++;
   ps.bytes_written += bytes;
-  writes_.fetch_add(1, std::memory_order_relaxed);
-  bytes_.fetch_add(bytes, std::memory_order_relaxed);
-  domains_[domain].writes.fetch_add(1, std::memory_order_relaxed);
-  domains_[domain].bytes.fetch_add(bytes, std::memory_order_relaxed);
+  Bump(writes_, 1);
+  Bump(bytes_, bytes);
+  Bump(domains_[domain].writes, 1);
+  Bump(domains_[domain].bytes, bytes);
 }
 
 void EngineCounters::WorkFailed(size_t domain, uint64_t peer) {

@@ -49,8 +49,10 @@ struct EngineStats {
   std::vector<DomainStats> domains;
   // Per peer, as of the worker's last snapshot (taken every 10 ms).
   std::vector<PeerStats> peers;
-  // Submit-to-completion time of successful requests, from a histogram with
-  // power-of-two microsecond buckets: each figure is its bucket's upper bound.
+  // Submit-to-completion time of successful requests, sampled (one in 16 of
+  // each submitting thread, its first included; every control message),
+  // from a histogram with power-of-two microsecond buckets: each figure is
+  // its bucket's upper bound.
   uint64_t latency_p50_us = 0;
   uint64_t latency_p99_us = 0;
 };
@@ -62,7 +64,9 @@ class EngineCounters {
   // Any thread.
   void RequestSubmitted() { submitted_.fetch_add(1, std::memory_order_relaxed); }
   void RequestFailed() { failed_.fetch_add(1, std::memory_order_relaxed); }
-  void RequestDone(std::chrono::steady_clock::duration latency);
+  void RequestDone() { done_.fetch_add(1, std::memory_order_relaxed); }
+  // A sampled request's Submit-to-completion time.
+  void RequestLatency(std::chrono::steady_clock::duration latency);
   void ImmsReceived(uint64_t n) { imms_.fetch_add(n, std::memory_order_relaxed); }
   void MessageReceived() { messages_.fetch_add(1, std::memory_order_relaxed); }
   void MessageDropped() { dropped_.fetch_add(1, std::memory_order_relaxed); }
@@ -92,6 +96,8 @@ class EngineCounters {
 
   // Worker-owned per-peer table and its published copy.
   std::unordered_map<uint64_t, PeerStats> peers_;
+  PeerStats* last_peer_ = nullptr;
+  uint64_t last_peer_id_ = 0;
   bool peers_dirty_ = false;
   std::chrono::steady_clock::time_point next_peer_publish_;
   mutable std::mutex published_mu_;

@@ -66,10 +66,14 @@ class RemoteRegion {
     if (peer_ && peer_->same_host_lane() && descriptor_.keys.size() == peer_->remote_domains() &&
         descriptor_.keys.back().rkey != 0)
       same_host_lane_ = peer_->same_host_lane();
+    // Checked once here, not per request (the check builds strings).
+    valid_ = descriptor_.Validate().ok();
   }
 
   uint64_t length() const { return descriptor_.length; }
   const MrDescriptor& descriptor() const { return descriptor_; }
+  // Whether descriptor().Validate() passed (it is immutable).
+  bool valid() const { return valid_; }
   const PeerRef& peer() const { return peer_; }
 
   // The local domain that writes into this region go through when the
@@ -89,6 +93,7 @@ class RemoteRegion {
   MrDescriptor descriptor_;
   PeerRef peer_;
   std::optional<uint32_t> same_host_lane_;
+  bool valid_ = false;
 };
 using RemoteMr = std::shared_ptr<const RemoteRegion>;
 

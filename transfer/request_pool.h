@@ -36,7 +36,7 @@ class RequestPool {
   // a finished request is caught rather than landing in a recycled one.
   static constexpr size_t kDefaultMaxCached = 0;
 #else
-  static constexpr size_t kDefaultMaxCached = 1024;
+  static constexpr size_t kDefaultMaxCached = 4096;
 #endif
   ~RequestPool();
   RequestPool(const RequestPool&) = delete;

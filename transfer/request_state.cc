@@ -4,7 +4,7 @@ namespace te {
 
 void RequestState::Reset() {
   // A request of many pages leaves a large vector; keep only small ones.
-  constexpr size_t kKeepWorks = 256, kKeepDsts = 64;
+  constexpr size_t kKeepWorks = 64, kKeepDsts = 64;
   if (works.capacity() > kKeepWorks)
     std::vector<Work>().swap(works);
   else

@@ -33,16 +33,23 @@ struct Work {
   std::vector<uint8_t> message;  // sends: header + payload
 };
 
+// Submit records the time of one request in this many per submitting thread
+// (its first included) for the latency statistics.
+inline constexpr uint32_t kLatencySampleEvery = 16;
+
 struct RequestState : MpscNode {
   std::vector<Work> works;
   uint32_t outstanding = 0;  // works not yet back (queued or posted)
   uint32_t posted = 0;       // works the domains accepted
   bool failed = false;       // on_error already reported
   Completion completion;
+  // When Submit took it, for the latency statistics; only sampled requests
+  // carry one (the epoch otherwise).
   std::chrono::steady_clock::time_point submitted;
-  // Until the first work is posted: submitted + request_timeout, after which
-  // the request is withdrawn (kNotPosted). From then on: first post +
-  // request_timeout, after which the outcome is unknown (kTimeout).
+  // Until the first work is posted: request_timeout after the worker took
+  // the request in, after which it is withdrawn (kNotPosted). From then on:
+  // first post + request_timeout, after which the outcome is unknown
+  // (kTimeout).
   std::chrono::steady_clock::time_point deadline;
   // Keep what the writes point at alive until they are back.
   LocalMr src;
