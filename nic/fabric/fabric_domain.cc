@@ -14,7 +14,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include <glog/logging.h>
+
 #include "nic/fabric/fabric_setup.h"
+#include "nic/fabric/process_life.h"
 
 namespace te::nic {
 namespace {
@@ -101,7 +104,14 @@ class FabricDomain final : public Domain {
     keys_.SetWidth(res_->info->domain_attr->mr_key_size);
     is_shm_ = info_.provider == "shm";
     peer_pidfd_ = std::make_unique<std::atomic<int>[]>(kTrackedPeers);
-    for (size_t i = 0; i < kTrackedPeers; ++i) peer_pidfd_[i].store(-1);
+    peer_life_ = std::make_unique<std::atomic<const PeerLife*>[]>(kTrackedPeers);
+    for (size_t i = 0; i < kTrackedPeers; ++i) peer_pidfd_[i].store(-1), peer_life_[i].store(nullptr);
+    if (is_shm_) {
+      // Peers read this process's liveness from its mark (process_life.h);
+      // without one they ask by pidfd.
+      const Status published = PublishProcessLife();
+      if (!published.ok()) LOG(WARNING) << "shm: " << published.ToString() << "; peers check this process by pidfd";
+    }
     if (options_.max_message_bytes == 0 || options_.recv_buffers == 0 || options_.send_buffers == 0) {
       return InvalidArgument("recv_buffers, send_buffers and max_message_bytes must be > 0");
     }
@@ -139,16 +149,19 @@ class FabricDomain final : public Domain {
     std::lock_guard<std::mutex> lock(av_mu_);
     if (auto it = peers_.find(key); it != peers_.end()) return it->second;
     // shm: an engine's address names its process. A peer that is not
-    // running is refused here (a stale address), and a pidfd tells the
-    // worker, before every post, whether it still runs: libfabric's shm
+    // running is refused here (a stale address), and its life mark (else a
+    // pidfd) tells the worker, before every run of posts, whether it still
+    // runs: libfabric's shm
     // provider spins forever on the queue lock of a process that died
     // holding it, so the only safe post to a dead peer is none.
     int pidfd = -1;
+    const PeerLife* life = nullptr;
     if (is_shm_) {
       if (auto pid = ShmOwnerPid(key)) {
         pidfd = int(syscall(SYS_pidfd_open, *pid, 0));
         if (pidfd < 0 && errno == ESRCH)
           return NotFound("shm peer process " + std::to_string(*pid) + " is not running (stale address)");
+        life = LifeOf(*pid);
       }
     }
     fi_addr_t addr = FI_ADDR_UNSPEC;
@@ -162,6 +175,7 @@ class FabricDomain final : public Domain {
     if (addr < kTrackedPeers) {
       const int old = peer_pidfd_[addr].exchange(pidfd);
       if (old >= 0) close(old);
+      peer_life_[addr].store(life, std::memory_order_release);
     } else if (pidfd >= 0) {
       close(pidfd);
     }
@@ -179,6 +193,7 @@ class FabricDomain final : public Domain {
     if (peer < kTrackedPeers) {
       const int old = peer_pidfd_[peer].exchange(-1);
       if (old >= 0) close(old);
+      peer_life_[peer].store(nullptr, std::memory_order_release);
     }
     return Status::Ok();
   }
@@ -339,6 +354,10 @@ class FabricDomain final : public Domain {
   // readable); OK for live and untracked peers.
   Status CheckPeerAlive(PeerAddr peer) const {
     if (!is_shm_ || peer >= kTrackedPeers) return Status::Ok();
+    if (const PeerLife* life = peer_life_[peer].load(std::memory_order_acquire)) {
+      if (life->alive()) return Status::Ok();
+      return NotPosted("shm peer " + std::to_string(peer) + ": its process has exited; nothing was posted to it");
+    }
     const int fd = peer_pidfd_[peer].load(std::memory_order_relaxed);
     if (fd < 0) return Status::Ok();
     pollfd p{fd, POLLIN, 0};
@@ -362,6 +381,23 @@ class FabricDomain final : public Domain {
       if (ret == -FI_EAGAIN) fi_cq_read(res_->cq, nullptr, 0);  // drive progress
     } while (ret == -FI_EAGAIN);
     return ret == 0 ? Status::Ok() : IoError(FiErrorString("fi_recv", ret));
+  }
+
+  // The mark of process `pid`, mapped on first use; nullptr when it has
+  // none. av_mu_ is held.
+  const PeerLife* LifeOf(pid_t pid) {
+    auto it = lives_.find(pid);
+    if (it != lives_.end() && it->second->alive()) return it->second.get();
+    auto life = PeerLife::Open(pid);
+    if (!life.ok()) return nullptr;
+    if (it != lives_.end()) {
+      // A new process with a dead one's pid: keep the old mark mapped, the
+      // worker may still be reading it for the dead process's entries.
+      retired_lives_.push_back(std::move(it->second));
+      it->second = std::move(*life);
+      return it->second.get();
+    }
+    return lives_.emplace(pid, std::move(*life)).first->second.get();
   }
 
   OpCtx* AllocCtx(CtxKind kind, void* user) {
@@ -440,6 +476,12 @@ class FabricDomain final : public Domain {
   static constexpr size_t kTrackedPeers = 4096;
   bool is_shm_ = false;
   std::unique_ptr<std::atomic<int>[]> peer_pidfd_;
+  // shm: the peer's life mark where it published one (nullptr: ask the
+  // pidfd). Marks are mapped once per process and kept until the domain
+  // closes, so the worker never reads one being unmapped.
+  std::unique_ptr<std::atomic<const PeerLife*>[]> peer_life_;
+  std::unordered_map<pid_t, std::unique_ptr<PeerLife>> lives_;  // under av_mu_
+  std::vector<std::unique_ptr<PeerLife>> retired_lives_;        // under av_mu_
 
   // Posting thread only (see nic/domain.h).
   std::vector<std::unique_ptr<OpCtx>> ctx_storage_;

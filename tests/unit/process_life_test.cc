@@ -1,0 +1,104 @@
+#include "nic/fabric/process_life.h"
+
+#include "nic/fabric/fabric_setup.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+namespace te::nic {
+namespace {
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/te-life-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { (void)std::system(("rm -rf " + path).c_str()); }
+};
+
+// A child that publishes its mark in `dir`, says so on a pipe and waits to
+// be killed.
+pid_t SpawnMarkedChild(const std::string& dir) {
+  int fds[2];
+  if (pipe(fds) != 0) return -1;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(fds[0]);
+    const char ok = PublishProcessLife(dir).ok() ? 'y' : 'n';
+    (void)!write(fds[1], &ok, 1);
+    for (;;) pause();
+  }
+  close(fds[1]);
+  char ok = 'n';
+  const bool got = read(fds[0], &ok, 1) == 1;
+  close(fds[0]);
+  if (!got || ok != 'y') {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+    return -1;
+  }
+  return pid;
+}
+
+TEST(ProcessLife, AMarkTurnsDeadTheMomentItsProcessIsKilled) {
+  TempDir dir;
+  const pid_t child = SpawnMarkedChild(dir.path);
+  ASSERT_GT(child, 0);
+  auto life = PeerLife::Open(child, dir.path);
+  ASSERT_TRUE(life.ok()) << life.status().ToString();
+  EXPECT_TRUE((*life)->alive());
+  ASSERT_EQ(kill(child, SIGKILL), 0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);
+  // No waiting: the kernel marks the owner dead as the process exits,
+  // before waitpid can return.
+  EXPECT_FALSE((*life)->alive());
+}
+
+TEST(ProcessLife, ThisProcessIsAliveAndTheMarkIsNamedForCleanup) {
+  // The process publishes once, so its directory lives as long as it does.
+  static TempDir dir;
+  ASSERT_TRUE(PublishProcessLife(dir.path).ok());
+  // Once per process: a second call keeps the first mark.
+  ASSERT_TRUE(PublishProcessLife("/nonexistent-dir").ok());
+  auto life = PeerLife::Open(getpid(), dir.path);
+  ASSERT_TRUE(life.ok()) << life.status().ToString();
+  EXPECT_TRUE((*life)->alive());
+  // Named like the shm regions ("te.<pid>.<n>..."), so a dead process's
+  // mark is removed with them.
+  EXPECT_EQ(ProcessLifeName(1234), "te.1234.0.life");
+  EXPECT_EQ(ShmOwnerPid(ProcessLifeName(1234)), std::optional<pid_t>(1234));
+}
+
+TEST(ProcessLife, FilesThatAreNotMarksAreRefused) {
+  TempDir dir;
+  EXPECT_EQ(PeerLife::Open(999999, dir.path).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(PeerLife::Open(0, dir.path).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(PeerLife::Open(-5, dir.path).status().code(), StatusCode::kInvalidArgument);
+  // Too short to map: refused, not a fault on the first read.
+  const std::string short_path = dir.path + "/" + ProcessLifeName(424242);
+  FILE* f = std::fopen(short_path.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fputs("x", f);
+  std::fclose(f);
+  EXPECT_EQ(PeerLife::Open(424242, dir.path).status().code(), StatusCode::kInvalidArgument);
+  // Long enough but without the magic (never published): refused.
+  const std::string zero_path = dir.path + "/" + ProcessLifeName(434343);
+  const int fd = open(zero_path.c_str(), O_CREAT | O_WRONLY, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 4096), 0);
+  close(fd);
+  EXPECT_EQ(PeerLife::Open(434343, dir.path).status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace te::nic
