@@ -49,7 +49,10 @@ void Keep(Keeper* k) {
 
 Status Publish(const std::string& dir) {
   const std::string path = dir + "/" + ProcessLifeName(getpid());
-  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  // A mark left by a dead process with this pid is replaced, not truncated:
+  // a peer that still maps the old file keeps reading it as dead.
+  unlink(path.c_str());
+  const int fd = open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return IoError(Errno("creating the process life mark " + path));
   Status st = Status::Ok();
   void* map = MAP_FAILED;
