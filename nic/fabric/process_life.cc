@@ -132,13 +132,13 @@ Result<std::unique_ptr<PeerLife>> PeerLife::Open(pid_t pid, const std::string& d
   void* map = mmap(nullptr, sizeof(Mark), PROT_READ, MAP_SHARED, fd, 0);
   close(fd);
   if (map == MAP_FAILED) return IoError(Errno("mapping " + path));
-  std::unique_ptr<PeerLife> life(new PeerLife(map, sizeof(Mark)));
+  std::unique_ptr<PeerLife> life(new PeerLife(map));
   if (__atomic_load_n(&static_cast<const Mark*>(map)->magic, __ATOMIC_ACQUIRE) != kMagic)
     return InvalidArgument(path + " is not a published process life mark");
   return life;
 }
 
-PeerLife::~PeerLife() { munmap(map_, length_); }
+PeerLife::~PeerLife() { munmap(map_, sizeof(Mark)); }
 
 bool PeerLife::alive() const {
   // glibc's mutex word holds the owner's thread id; the kernel clears it

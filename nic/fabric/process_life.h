@@ -52,9 +52,8 @@ class PeerLife {
   bool alive() const;
 
  private:
-  PeerLife(void* map, size_t length) : map_(map), length_(length) {}
-  void* map_;
-  size_t length_;
+  explicit PeerLife(void* map) : map_(map) {}
+  void* map_;  // the mark, mapped read-only
 };
 
 }  // namespace te::nic
