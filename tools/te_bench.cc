@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "base/crc32c.h"
+#include "base/cross_cpu_probe.h"
 #include "nic/fabric/raw_write_loop.h"
 #include "tools/discard_domain.h"
 #include "tools/tool_support.h"
@@ -71,6 +72,10 @@ DEFINE_int32(wait_spin_us, 50, "WaitImm drives progress this long before it slee
 DEFINE_string(progress, "thread", "Engine progress: thread (worker thread) or manual");
 DEFINE_int32(timeout_ms, 30000, "Per-case timeout");
 DEFINE_bool(verify, true, "Verify received bytes once per case");
+DEFINE_bool(
+    probe, false,
+    "Time a cache line passed between CPUs 0 and 1 before and after every run (base/cross_cpu_probe.h) and report it "
+    "beside each run: on a virtual machine small-write figures move with it");
 DEFINE_int32(repeat, 3, "Runs per case, engine and raw interleaved; the median run is reported");
 
 namespace {
@@ -387,6 +392,7 @@ struct CaseResult {
   double seconds = 0;
   uint64_t bytes = 0;
   std::vector<double> lat_us;
+  double xcpu_ns = 0;  // --probe: te::CrossCpuRoundTripNs(), the slower of before and after the run
   double gbps() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
   double mops() const { return seconds > 0 ? ops / seconds / 1e6 : 0; }
 };
@@ -637,6 +643,8 @@ struct Row {
   std::string kind;
   uint64_t size;
   CaseResult eng, raw;
+  // --probe: every run's figure of merit and probe, in run order.
+  std::vector<std::pair<double, double>> eng_runs, raw_runs;
   bool has_raw = false;
   bool verified = false, verify_ran = false;
   std::string metric;  // what `ratio` compares: gbps, mops or p50
@@ -653,6 +661,7 @@ void PrintHeader(bool raw) {
   printf("%-7s %9s %4s %7s %8s %8s %8s %9s %9s", "case", "size", "dom", "ops", "GB/s", "Gbit/s", "Mop/s", "p50_us",
          "p99_us");
   if (raw) printf(" %9s %9s %9s %7s", "raw_GB/s", "raw_Mop/s", "raw_p50", "ratio");
+  if (FLAGS_probe) printf(" %7s %7s", "xcpu_ns", "raw_xc");
   printf("  %s\n", "verified");
 }
 
@@ -670,6 +679,22 @@ void PrintRow(const Row& r, const std::string& provider) {
           "\"ratio\":%.3f,\"ratio_of\":\"%s\"",
           r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5), Percentile(r.raw.lat_us, 0.99), r.ratio(),
           r.metric.c_str());
+    if (FLAGS_probe) {
+      // Merit is negated latency for round trips; print what the table shows.
+      auto runs = [&](const char* name, const std::vector<std::pair<double, double>>& v) {
+        printf(",\"%s\":[", name);
+        for (size_t i = 0; i < v.size(); ++i)
+          printf("%s{\"%s\":%.4f,\"xcpu_ns\":%.0f}", i ? "," : "", r.metric == "p50" ? "p50_us" : r.metric.c_str(),
+                 std::abs(v[i].first), v[i].second);
+        printf("]");
+      };
+      printf(",\"xcpu_ns\":%.0f", r.eng.xcpu_ns);
+      runs("runs", r.eng_runs);
+      if (r.has_raw) {
+        printf(",\"raw_xcpu_ns\":%.0f", r.raw.xcpu_ns);
+        runs("raw_runs", r.raw_runs);
+      }
+    }
     printf(",\"verified\":%s}\n", r.verify_ran ? (r.verified ? "true" : "false") : "null");
   } else {
     printf("%-7s %9s %4d %7llu %8.3f %8.2f %8.4f %9.1f %9.1f", r.kind.c_str(), HumanSize(r.size).c_str(), FLAGS_domains,
@@ -678,6 +703,7 @@ void PrintRow(const Row& r, const std::string& provider) {
     if (r.has_raw)
       printf(" %9.3f %9.4f %9.1f %6.3f%s", r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5), r.ratio(),
              r.metric == "p50" ? "x" : " ");
+    if (FLAGS_probe) printf(" %7.0f %7.0f", r.eng.xcpu_ns, r.has_raw ? r.raw.xcpu_ns : 0.0);
     printf("  %s\n", r.verify_ran ? (r.verified ? "yes" : "MISMATCH") : "-");
   }
   fflush(stdout);
@@ -695,9 +721,18 @@ double Merit(const CaseResult& r, const std::string& metric) {
 template <typename EngineFn, typename RawFn>
 void Repeat(Row* row, EngineFn engine_run, RawFn raw_run) {
   std::vector<CaseResult> eng, raw;
+  auto run = [&](auto& fn, std::vector<CaseResult>* into, std::vector<std::pair<double, double>>* runs) {
+    // The state can change during a run: the slower of a probe before and
+    // one after it is what the run is labelled with.
+    const double before = FLAGS_probe ? te::CrossCpuRoundTripNs() : 0;
+    into->push_back(fn());
+    const double probe = FLAGS_probe ? std::max(before, te::CrossCpuRoundTripNs()) : 0;
+    into->back().xcpu_ns = probe;
+    runs->emplace_back(Merit(into->back(), row->metric), probe);
+  };
   for (int i = 0; i < std::max(1, FLAGS_repeat); ++i) {
-    eng.push_back(engine_run());
-    if (row->has_raw) raw.push_back(raw_run());
+    run(engine_run, &eng, &row->eng_runs);
+    if (row->has_raw) run(raw_run, &raw, &row->raw_runs);
   }
   auto median = [&](std::vector<CaseResult>& v) {
     std::sort(v.begin(), v.end(),
