@@ -3,8 +3,8 @@
 // te-bench's raw loop (nic/fabric/raw_write_loop.cc). It shares no code with
 // the engine or with that loop: it opens its own endpoints from default
 // hints and runs the loop provider benchmarks run (fabtests' fi_rma_bw):
-// post a window of fi_writedata (or fi_inject_writedata below the provider's
-// inject size, with --op=auto), read that window's completions, repeat; the
+// post a window of fi_writedata (or fi_inject_writedata up to the provider's
+// inject size, with --op=inject), read that window's completions, repeat; the
 // target spins on its completion queue counting remote CQ data and answers
 // the last write with a zero-byte write of its own.
 //
@@ -44,7 +44,7 @@ DEFINE_uint64(size, 4096, "Bytes per write");
 DEFINE_uint64(window, 64, "Writes posted before their completions are read");
 DEFINE_uint64(iters, 100000, "Writes per run");
 DEFINE_int32(runs, 3, "Runs, each with a fresh pair of processes");
-DEFINE_string(op, "writedata", "writedata (always fi_writedata) or auto (fi_inject_writedata below the inject size)");
+DEFINE_string(op, "writedata", "writedata (always fi_writedata) or inject (fi_inject_writedata up to the inject size)");
 DEFINE_bool(probe, false, "Time a cache line passed between CPUs 0 and 1 before and after each run");
 DEFINE_bool(json, false, "One JSON object per run");
 DEFINE_int32(timeout_s, 60, "Per-run limit");
@@ -210,7 +210,7 @@ double Initiate(int rd, int wr) {
   char go;
   if (read(rd, &go, 1) != 1) Fail("waiting for the target", -FI_EIO);
   const size_t inject_size = e.info->tx_attr->inject_size;
-  const bool inject = FLAGS_op == "auto" && FLAGS_size < inject_size;
+  const bool inject = FLAGS_op == "inject" && FLAGS_size <= inject_size;
   std::vector<fi_context2> ctx(FLAGS_window);
   const auto deadline = Clock::now() + std::chrono::seconds(FLAGS_timeout_s);
   uint64_t arrivals = 0, local_done = 0, posted = 0, expected_local = 0;
@@ -244,8 +244,8 @@ int main(int argc, char** argv) {
     fprintf(stderr, "--provider=%s: only shm and tcp (pinned to --iface) are run here\n", FLAGS_provider.c_str());
     return 1;
   }
-  if (FLAGS_op != "writedata" && FLAGS_op != "auto") {
-    fprintf(stderr, "--op=%s: writedata or auto\n", FLAGS_op.c_str());
+  if (FLAGS_op != "writedata" && FLAGS_op != "inject") {
+    fprintf(stderr, "--op=%s: writedata or inject\n", FLAGS_op.c_str());
     return 1;
   }
   if (FLAGS_window == 0 || FLAGS_window > 1024 || FLAGS_iters == 0 || FLAGS_size > (1u << 30)) {
@@ -254,7 +254,7 @@ int main(int argc, char** argv) {
   }
   if (FLAGS_provider == "tcp") setenv("FI_TCP_IFACE", FLAGS_iface.c_str(), 1);
   if (!FLAGS_json)
-    printf("%-8s %8s %7s %9s %10s %9s %12s\n", "provider", "size", "window", "writes", "Mop/s", "GB/s", "xcpu_rtt_ns");
+    printf("%-8s %8s %7s %9s %10s %9s %12s\n", "provider", "size", "window", "writes", "Mop/s", "GB/s", "xcpu_ns");
   for (int run = 0; run < FLAGS_runs; ++run) {
     const double before = FLAGS_probe ? te::CrossCpuRoundTripNs() : 0;
     int to_child[2], to_parent[2];
@@ -285,7 +285,7 @@ int main(int argc, char** argv) {
     if (FLAGS_json)
       printf(
           "{\"provider\":\"%s\",\"size\":%llu,\"window\":%llu,\"writes\":%llu,\"op\":\"%s\",\"mops\":%.4f,"
-          "\"gbps\":%.4f,\"xcpu_rtt_ns\":%.0f}\n",
+          "\"gbps\":%.4f,\"xcpu_ns\":%.0f}\n",
           FLAGS_provider.c_str(), (unsigned long long)FLAGS_size, (unsigned long long)FLAGS_window,
           (unsigned long long)FLAGS_iters, FLAGS_op.c_str(), mops, gbs, probe);
     else
