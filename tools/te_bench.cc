@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/aligned_buffer.h"
 #include "base/crc32c.h"
 #include "base/cross_cpu_probe.h"
 #include "nic/fabric/raw_write_loop.h"
@@ -278,12 +279,12 @@ int RunListener(int address_fd) {
   // The written region: SharedHostMemory by default, which same-host
   // initiators map and write with memcpy; heap memory with
   // --shared_memory=false (cross-memory attach on the same-host path).
-  std::vector<uint8_t> heap;
+  te::AlignedBuffer heap;
   std::unique_ptr<te::SharedHostMemory> shared;
   if (FLAGS_shared_memory)
     shared = Must(te::AllocateSharedHostMemory(bytes), "allocating shared memory");
   else
-    heap.assign(bytes, 0);
+    heap = Must(te::AlignedBuffer::Allocate(bytes), "allocating the region");
   const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : heap.data(), bytes);
   auto mr = Must(engine->RegisterMemory(region.data(), region.size()), "registering memory");
   std::unique_ptr<te::nic::RawWriteLoop> raw;
@@ -402,7 +403,12 @@ class Initiator {
   Initiator(const std::string& listener_hex) {
     engine_ = Must(te::TransferEngine::Create(MakeEngineOptions()), "creating the engine");
     const size_t bytes = RegionBytes();
-    src_.resize(bytes);
+    // Page-aligned, as registered buffers usually are; the baselines' buffers
+    // are too. A copy's speed depends on the source's and destination's
+    // alignment relative to each other (16 bytes apart, as two heap vectors
+    // and a page-aligned region are, costs memcpy a third here), so every
+    // buffer a case copies between starts on a page.
+    src_ = Must(te::AlignedBuffer::Allocate(bytes), "allocating the source");
     FillPattern(src_.data(), src_.size());
     mr_ = Must(engine_->RegisterMemory(src_.data(), src_.size()), "registering memory");
     engine_->SetRecvHandler([this](const te::EngineAddress& from, std::span<const uint8_t> d) {
@@ -412,7 +418,8 @@ class Initiator {
     dst_ = Must(engine_->Import(desc), "importing the listener's region");
     std::string raw_info = "- 0 0";
     if (FLAGS_raw && MemcpyBaseline()) {
-      memcpy_dst_.assign(bytes, 0);  // faulted in now, not while timed
+      memcpy_dst_ =
+          Must(te::AlignedBuffer::Allocate(bytes), "allocating the memcpy baseline");  // zeroed: faulted in now
     } else if (FLAGS_raw) {
       raw_ = Must(te::nic::RawWriteLoop::Open(RawOptions(), bytes), "opening the raw loop");
       FillPattern(raw_->buffer(), raw_->buffer_bytes());
@@ -524,7 +531,7 @@ class Initiator {
   // `batch` writes make one request's worth; the raw loop keeps as many
   // writes in flight as the engine does (WritesInFlight).
   CaseResult RunRaw(const std::vector<te::nic::RawWriteLoop::Op>& ops, size_t batch) {
-    if (!memcpy_dst_.empty()) return RunMemcpy(ops, batch);
+    if (memcpy_dst_.data()) return RunMemcpy(ops, batch);
     if (Rpc("RAWSERVE " + std::to_string(ops.size())) != "OK") Die("RAWSERVE refused");
     QuietEngines();
     ScopedPin pin(0);
@@ -611,7 +618,7 @@ class Initiator {
   }
 
   CaseResult RawRtt(int iters) {
-    if (!memcpy_dst_.empty()) return CacheLineRtt(iters);
+    if (memcpy_dst_.data()) return CacheLineRtt(iters);
     if (Rpc("RAWPONG " + std::to_string(iters)) != "OK") Die("RAWPONG refused");
     QuietEngines();
     ScopedPin pin(0);
@@ -626,16 +633,16 @@ class Initiator {
   te::TransferEngine* engine() { return engine_.get(); }
   const te::LocalMr& mr() const { return mr_; }
   const te::RemoteMr& dst() const { return dst_; }
-  const std::vector<uint8_t>& src() const { return src_; }
-  bool has_raw() const { return raw_ != nullptr || !memcpy_dst_.empty(); }
+  std::span<const uint8_t> src() const { return {src_.data(), src_.size()}; }
+  bool has_raw() const { return raw_ != nullptr || memcpy_dst_.data() != nullptr; }
 
  private:
   std::unique_ptr<te::TransferEngine> engine_;
-  std::vector<uint8_t> src_;
+  te::AlignedBuffer src_;
   te::LocalMr mr_;
   te::RemoteMr dst_;
   std::unique_ptr<te::nic::RawWriteLoop> raw_;
-  std::vector<uint8_t> memcpy_dst_;  // the local provider's baseline
+  te::AlignedBuffer memcpy_dst_;  // the local provider's baseline
   Mailbox mailbox_;
 };
 

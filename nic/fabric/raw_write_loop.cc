@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "base/aligned_buffer.h"
+
 #include "nic/fabric/fabric_setup.h"
 
 namespace te::nic {
@@ -12,7 +14,7 @@ double Us(Clock::duration d) { return std::chrono::duration<double, std::micro>(
 
 struct RawWriteLoop::Impl {
   std::unique_ptr<FabricResources> res;
-  std::vector<uint8_t> buf;
+  AlignedBuffer buf;  // page-aligned, as the engine's registered buffers usually are
   fid_mr* mr = nullptr;
   void* desc = nullptr;
   fi_addr_t peer = FI_ADDR_UNSPEC;
@@ -106,7 +108,7 @@ RawWriteLoop::~RawWriteLoop() = default;
 Result<std::unique_ptr<RawWriteLoop>> RawWriteLoop::Open(const FabricOptions& options, size_t buffer_bytes) {
   auto impl = std::make_unique<Impl>();
   TE_ASSIGN_OR_RETURN(impl->res, OpenFabric(options, /*thread_safe=*/false, 16384));
-  impl->buf.assign(std::max<size_t>(buffer_bytes, 64), 0);
+  TE_ASSIGN_OR_RETURN(impl->buf, AlignedBuffer::Allocate(std::max<size_t>(buffer_bytes, 64)));
   fi_mr_attr attr{};
   iovec iov{impl->buf.data(), impl->buf.size()};
   attr.mr_iov = &iov;

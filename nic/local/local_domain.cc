@@ -144,6 +144,11 @@ struct Peer {
   // would fail with ESRCH): its liveness is checked at most every
   // kLivenessPeriod instead.
   std::chrono::steady_clock::time_point alive_at{};
+  // The target's imm_head as last read. The line is the target's (it writes
+  // it per batch drained): reading it costs a transfer between cores, so it
+  // is read again only when the room this copy shows runs out. A stale copy
+  // only understates the room.
+  uint64_t imm_head_seen = 0;
 };
 constexpr std::chrono::milliseconds kLivenessPeriod{1};
 
@@ -332,7 +337,10 @@ class LocalDomain final : public Domain {
     Slot& s = *p->slot;
     // Room for the immediates first: back-pressure before any byte moves.
     const uint64_t tail = s.imm_tail.load(std::memory_order_relaxed);
-    uint64_t room = kImmCapacity - (tail - s.imm_head.load(std::memory_order_acquire));
+    size_t imms = 0;
+    for (size_t k = 0; k < ops.size() && k < kMaxRun && ops[k].peer == ops[0].peer; ++k) imms += ops[k].has_imm;
+    if (kImmCapacity - (tail - p->imm_head_seen) < imms) p->imm_head_seen = s.imm_head.load(std::memory_order_acquire);
+    uint64_t room = kImmCapacity - (tail - p->imm_head_seen);
     size_t n = 0;
     Status refused;
     checked_.clear();
@@ -625,11 +633,14 @@ class LocalDomain final : public Domain {
     uint64_t head = s.imm_head.load(std::memory_order_relaxed);
     const uint64_t tail = s.imm_tail.load(std::memory_order_acquire);
     if (tail - head > kImmCapacity) return Abandon(s, index, "its immediate ring indices are corrupt");
+    // The head is published once per batch: the initiator reads it only
+    // when its copy shows no room (Peer::imm_head_seen).
+    const uint64_t first = head;
     while (head != tail && n < max) {
-      handler.OnImm(s.imms[head % kImmCapacity]);
-      s.imm_head.store(++head, std::memory_order_release);
+      handler.OnImm(s.imms[head++ % kImmCapacity]);
       ++n;
     }
+    if (head != first) s.imm_head.store(head, std::memory_order_release);
     uint64_t mhead = s.msg_head.load(std::memory_order_relaxed);
     const uint64_t mtail = s.msg_tail.load(std::memory_order_acquire);
     if (mtail - mhead > kMessageRing) return Abandon(s, index, "its message ring indices are corrupt");
