@@ -10,8 +10,9 @@
 //    read. They may
 //    Submit, Send, ExpectImm, bump counters and notify other threads; they
 //    must not block (no waits, no locks held for long, no I/O): every
-//    request of the engine waits while one runs. A callback that takes
-//    longer than EngineOptions::slow_worker_callback is counted
+//    request of the engine waits while one runs. A round of them (those
+//    ready at one pass) that takes longer than
+//    EngineOptions::slow_worker_callback is counted
 //    (EngineStats::slow_worker_callbacks) and logged; WaitImm called on the
 //    worker is refused with kInvalidArgument instead of deadlocking.
 //  - a CompletionCounter: the worker bumps it directly, with no callback.

@@ -141,9 +141,10 @@ struct EngineOptions {
   // futex wake-up, and the waiter and the worker do not both spin. 0 sleeps
   // at once.
   std::chrono::microseconds wait_spin{50};
-  // A callback declared cheap (Completion::on_worker, ExpectImm with
-  // ImmDelivery::kOnWorker) that runs longer than this is counted in
-  // EngineStats::slow_worker_callbacks and logged: it held up every request.
+  // Callbacks declared cheap (Completion::on_worker, ExpectImm with
+  // ImmDelivery::kOnWorker) run in rounds (those ready at one pass); a round
+  // that runs longer than this is counted in EngineStats::slow_worker_callbacks
+  // and logged: one of its callbacks blocked and held up every request.
   // Wall time, so a thread preempted on a busy host may be counted too: the
   // default sits above a scheduler time slice.
   std::chrono::microseconds slow_worker_callback{10000};

@@ -43,8 +43,9 @@ struct EngineStats {
   uint64_t imms_dropped = 0;  // beyond EngineOptions::max_imm_values distinct values
   uint64_t messages_received = 0;
   uint64_t messages_dropped = 0;
-  // Callbacks declared cheap (Completion::on_worker, ExpectImm on the
-  // worker) that ran longer than EngineOptions::slow_worker_callback.
+  // Rounds of callbacks declared cheap (Completion::on_worker, ExpectImm on
+  // the worker; those ready at one pass) that ran longer than
+  // EngineOptions::slow_worker_callback: one of them blocked.
   uint64_t slow_worker_callbacks = 0;
   std::vector<DomainStats> domains;
   // Per peer, as of the worker's last snapshot (taken every 10 ms).

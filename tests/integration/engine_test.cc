@@ -231,6 +231,8 @@ TEST_P(EngineTest, ASlowCheapCallbackIsCountedAndAWaitInsideOneIsRefused) {
   };
   ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x81}, slow).ok());
   ASSERT_TRUE(WaitUntil([&] { return slow_done.load() == 1; }, 20s));
+  // Counted once its round ends, just after the callback returns.
+  ASSERT_TRUE(WaitUntil([&] { return sender_->stats().slow_worker_callbacks >= 1; }, 20s));
   EXPECT_EQ(sender_->stats().slow_worker_callbacks, 1u);
 
   // WaitImm from a cheap callback would wait for arrivals only its own
