@@ -14,7 +14,7 @@ namespace te {
 // Nanoseconds per round trip, median of a few short bursts; 0 when the
 // process may not run on CPUs 0 and 1 (fewer CPUs, or an affinity mask
 // without them). Takes a few milliseconds and spins both CPUs meanwhile.
-// The calling thread's CPU affinity is restored before it returns.
+// Runs on two threads of its own: the caller's CPU and affinity are untouched.
 double CrossCpuRoundTripNs();
 
 }  // namespace te

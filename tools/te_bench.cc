@@ -957,7 +957,8 @@ int RunEngineCost() {
   if (!FLAGS_json) {
     printf("te-bench engine cost: %d discard domain(s), progress %s%s, %lld writes per case\n", FLAGS_domains,
            FLAGS_progress.c_str(), FLAGS_busy_poll ? ", busy poll" : "", (long long)FLAGS_cost_writes);
-    printf("%-7s %9s %10s %12s %12s %10s\n", "case", "size", "writes", "wall ns/op", "cpu ns/op", "Mop/s");
+    printf("%-7s %9s %10s %12s %12s %10s%s\n", "case", "size", "writes", "wall ns/op", "cpu ns/op", "Mop/s",
+           FLAGS_probe ? "  xcpu_ns" : "");
   }
   std::mt19937 rng(7);
   constexpr uint32_t kCostImm = 0x300;
@@ -988,6 +989,7 @@ int RunEngineCost() {
     const uint64_t nreq = std::max<uint64_t>(1, uint64_t(FLAGS_cost_writes) / ppr);
     const uint64_t window = std::max<uint64_t>(1, 4096 / ppr);  // requests in flight
     te::CompletionCounter counter;
+    const double probe_before = FLAGS_probe ? te::CrossCpuRoundTripNs() : 0;
     const auto deadline = Clock::now() + std::chrono::milliseconds(FLAGS_timeout_ms) * 10;
     auto wait_until = [&](uint64_t n) {
       while (counter.finished() < n) {
@@ -1009,17 +1011,20 @@ int RunEngineCost() {
     const double cpu = CpuSeconds() - cpu0;
     if (counter.failed() > 0) Die("engine cost: " + counter.first_error().ToString());
     engine->ForgetImm(kCostImm);
+    const double probe = FLAGS_probe ? std::max(probe_before, te::CrossCpuRoundTripNs()) : 0;
     const double ops = double(nreq * ppr);
     const double wall_ns = secs * 1e9 / ops, cpu_ns = cpu * 1e9 / ops, mops = ops / secs / 1e6;
     if (FLAGS_json) {
       printf(
           "{\"case\":\"engine_cost_%s\",\"size\":%llu,\"domains\":%d,\"progress\":\"%s\",\"busy_poll\":%s,"
-          "\"ops\":%llu,\"wall_ns_per_op\":%.1f,\"cpu_ns_per_op\":%.1f,\"mops\":%.3f}\n",
+          "\"ops\":%llu,\"wall_ns_per_op\":%.1f,\"cpu_ns_per_op\":%.1f,\"mops\":%.3f,\"xcpu_ns\":%.0f}\n",
           kind.c_str(), (unsigned long long)size, FLAGS_domains, FLAGS_progress.c_str(),
-          FLAGS_busy_poll ? "true" : "false", (unsigned long long)(nreq * ppr), wall_ns, cpu_ns, mops);
+          FLAGS_busy_poll ? "true" : "false", (unsigned long long)(nreq * ppr), wall_ns, cpu_ns, mops, probe);
     } else {
-      printf("%-7s %9s %10llu %12.1f %12.1f %10.3f\n", kind.c_str(), HumanSize(size).c_str(),
+      printf("%-7s %9s %10llu %12.1f %12.1f %10.3f", kind.c_str(), HumanSize(size).c_str(),
              (unsigned long long)(nreq * ppr), wall_ns, cpu_ns, mops);
+      if (FLAGS_probe) printf(" %8.0f", probe);
+      printf("\n");
     }
     fflush(stdout);
   }
