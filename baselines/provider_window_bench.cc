@@ -22,11 +22,15 @@
 #include <rdma/fi_errno.h>
 #include <rdma/fi_rma.h>
 
+#include <dirent.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -85,6 +89,14 @@ void Open(Endpoint* e) {
   hints->mode = FI_CONTEXT | FI_CONTEXT2;
   hints->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
   hints->fabric_attr->prov_name = strdup(FLAGS_provider.c_str());
+  if (FLAGS_provider == "shm") {
+    // The /dev/shm region is named for this process ("pwb.<pid>"), so that a
+    // killed run's region can be told apart and removed (RemoveStaleRegions).
+    const std::string name = "fi_shm://pwb." + std::to_string(getpid());
+    hints->addr_format = FI_ADDR_STR;
+    hints->src_addr = strdup(name.c_str());
+    hints->src_addrlen = name.size() + 1;
+  }
   if (FLAGS_provider == "tcp") hints->domain_attr->name = strdup(FLAGS_iface.c_str());
   int ret = fi_getinfo(FI_VERSION(1, 14), nullptr, nullptr, 0, hints, &e->info);
   fi_freeinfo(hints);
@@ -134,6 +146,22 @@ Card MakeCard(Endpoint* e) {
 void Insert(Endpoint* e, const Card& c) {
   int ret = fi_av_insert(e->av, c.name, 1, &e->peer, 0, nullptr);
   if (ret != 1) Fail("fi_av_insert", ret);
+}
+
+// Removes /dev/shm/pwb.<pid>[:...] regions whose process no longer exists
+// (a killed run cannot remove its own).
+void RemoveStaleRegions() {
+  DIR* d = opendir("/dev/shm");
+  if (!d) return;
+  while (dirent* e = readdir(d)) {
+    const char* n = e->d_name;
+    if (strncmp(n, "pwb.", 4) != 0) continue;
+    char* end = nullptr;
+    const long pid = strtol(n + 4, &end, 10);
+    if (pid <= 0 || (*end != '\0' && *end != ':')) continue;  // the provider may append ":<n>:<n>"
+    if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) unlinkat(dirfd(d), n, 0);
+  }
+  closedir(d);
 }
 
 bool Expired(Clock::time_point deadline) { return Clock::now() > deadline; }
@@ -253,6 +281,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (FLAGS_provider == "tcp") setenv("FI_TCP_IFACE", FLAGS_iface.c_str(), 1);
+  if (FLAGS_provider == "shm") RemoveStaleRegions();
   if (!FLAGS_json)
     printf("%-8s %8s %7s %9s %10s %9s %12s\n", "provider", "size", "window", "writes", "Mop/s", "GB/s", "xcpu_ns");
   for (int run = 0; run < FLAGS_runs; ++run) {
@@ -263,6 +292,9 @@ int main(int argc, char** argv) {
     pid_t pid = fork();
     if (pid < 0) return 2;
     if (pid == 0) {
+      // The target goes with the initiator: killed, it leaves no spinning child.
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() == 1) _exit(2);
       close(to_child[1]);
       close(to_parent[0]);
       _exit(RunTarget(to_child[0], to_parent[1]));
