@@ -663,21 +663,29 @@ class Initiator {
   Mailbox mailbox_;
 };
 
+// The figure a case reports: GB/s, Mop/s or p50 latency in us.
+double Figure(const CaseResult& r, const std::string& metric) {
+  if (metric == "gbps") return r.gbps();
+  if (metric == "mops") return r.mops();
+  return Percentile(r.lat_us, 0.5);
+}
+// The same, larger is better: what the median run is chosen by.
+double Merit(const CaseResult& r, const std::string& metric) {
+  return metric == "p50" ? -Figure(r, metric) : Figure(r, metric);
+}
+
 struct Row {
   std::string kind;
   uint64_t size;
   CaseResult eng, raw;
-  // --probe: every run's figure of merit and probe, in run order.
+  // --probe: every run's figure (Figure) and probe, in run order.
   std::vector<std::pair<double, double>> eng_runs, raw_runs;
   bool has_raw = false;
   bool verified = false, verify_ran = false;
   std::string metric;  // what `ratio` compares: gbps, mops or p50
   double ratio() const {
-    if (!has_raw) return 0;
-    if (metric == "gbps") return raw.gbps() > 0 ? eng.gbps() / raw.gbps() : 0;
-    if (metric == "mops") return raw.mops() > 0 ? eng.mops() / raw.mops() : 0;
-    double rp = Percentile(raw.lat_us, 0.5);
-    return rp > 0 ? Percentile(eng.lat_us, 0.5) / rp : 0;
+    const double base = has_raw ? Figure(raw, metric) : 0;
+    return base > 0 ? Figure(eng, metric) / base : 0;
   }
 };
 
@@ -704,12 +712,11 @@ void PrintRow(const Row& r, const std::string& provider) {
           r.raw.gbps(), r.raw.mops(), Percentile(r.raw.lat_us, 0.5), Percentile(r.raw.lat_us, 0.99), r.ratio(),
           r.metric.c_str());
     if (FLAGS_probe) {
-      // Merit is negated latency for round trips; print what the table shows.
       auto runs = [&](const char* name, const std::vector<std::pair<double, double>>& v) {
         printf(",\"%s\":[", name);
         for (size_t i = 0; i < v.size(); ++i)
           printf("%s{\"%s\":%.4f,\"xcpu_ns\":%.0f}", i ? "," : "", r.metric == "p50" ? "p50_us" : r.metric.c_str(),
-                 std::abs(v[i].first), v[i].second);
+                 v[i].first, v[i].second);
         printf("]");
       };
       printf(",\"xcpu_ns\":%.0f", r.eng.xcpu_ns);
@@ -733,13 +740,6 @@ void PrintRow(const Row& r, const std::string& provider) {
   fflush(stdout);
 }
 
-// The figure of merit of a run, larger is better.
-double Merit(const CaseResult& r, const std::string& metric) {
-  if (metric == "gbps") return r.gbps();
-  if (metric == "mops") return r.mops();
-  return -Percentile(r.lat_us, 0.5);
-}
-
 // Runs engine and raw alternately --repeat times; keeps each side's median
 // run, so a burst of noise on the shared cores hits both sides alike.
 template <typename EngineFn, typename RawFn>
@@ -752,7 +752,7 @@ void Repeat(Row* row, EngineFn engine_run, RawFn raw_run) {
     into->push_back(fn());
     const double probe = FLAGS_probe ? std::max(before, te::CrossCpuRoundTripNs()) : 0;
     into->back().xcpu_ns = probe;
-    runs->emplace_back(Merit(into->back(), row->metric), probe);
+    runs->emplace_back(Figure(into->back(), row->metric), probe);
   };
   for (int i = 0; i < std::max(1, FLAGS_repeat); ++i) {
     run(engine_run, &eng, &row->eng_runs);

@@ -147,7 +147,7 @@ struct Peer {
   int64_t alive_at_ns = INT64_MIN / 2;
   // The target's imm_head as last read. The line is the target's (it writes
   // it per batch drained): reading it costs a transfer between cores, so it
-  // is read again only when the room this copy shows runs out. A stale copy
+  // is read again only when this copy shows the ring full. A stale copy
   // only understates the room.
   uint64_t imm_head_seen = 0;
 };
@@ -348,31 +348,32 @@ class LocalDomain final : public Domain {
     Slot& s = *p->slot;
     // Room for the immediates first: back-pressure before any byte moves.
     const uint64_t tail = s.imm_tail.load(std::memory_order_relaxed);
-    size_t imms = 0;
-    for (size_t k = 0; k < ops.size() && k < kMaxRun && ops[k].peer == ops[0].peer; ++k) imms += ops[k].has_imm;
-    if (kImmCapacity - (tail - p->imm_head_seen) < imms) p->imm_head_seen = s.imm_head.load(std::memory_order_acquire);
-    uint64_t room = kImmCapacity - (tail - p->imm_head_seen);
+    uint64_t t = tail;  // the tail after the immediates accepted so far
     size_t n = 0;
     Status refused;
     checked_.clear();
     for (; n < ops.size() && n < kMaxRun; ++n) {
       const WriteOp& op = ops[n];
       if (op.peer != ops[0].peer) break;
-      if (op.has_imm && room == 0) break;
+      if (op.has_imm && t - p->imm_head_seen == kImmCapacity) {
+        // Full by this copy of the head: read the target's line once more.
+        p->imm_head_seen = s.imm_head.load(std::memory_order_acquire);
+        if (t - p->imm_head_seen == kImmCapacity) break;
+      }
       if (op.length > 0) {
         RegionEntry* e = CheckIn(*p, op, &refused);
         if (!e) break;
         checked_.push_back(e);
       }
-      room -= op.has_imm;
+      t += op.has_imm;
     }
     Status copied = n > 0 ? Copy(*p, ops.first(n), checked_) : Status::Ok();
     for (RegionEntry* e : checked_) CheckOut(e);
     if (!copied.ok()) return copied;  // the first write of the run fails; the rest are posted again
-    uint64_t t = tail;
+    uint64_t at = tail;
     for (size_t k = 0; k < n; ++k)
-      if (ops[k].has_imm) s.imms[t++ % kImmCapacity] = ops[k].imm;
-    s.imm_tail.store(t, std::memory_order_release);  // after the data
+      if (ops[k].has_imm) s.imms[at++ % kImmCapacity] = ops[k].imm;
+    s.imm_tail.store(at, std::memory_order_release);  // after the data
     {
       std::lock_guard<std::mutex> lock(done_mu_);
       for (size_t k = 0; k < n; ++k) done_.push_back(ops[k].context);
