@@ -406,7 +406,7 @@ class Initiator {
     // Page-aligned, as registered buffers usually are; the baselines' buffers
     // are too. A copy's speed depends on the source's and destination's
     // alignment relative to each other (16 bytes apart, as two heap vectors
-    // and a page-aligned region are, costs memcpy a third here), so every
+    // and a page-aligned region are, costs memcpy up to a third here), so every
     // buffer a case copies between starts on a page.
     src_ = Must(te::AlignedBuffer::Allocate(bytes), "allocating the source");
     FillPattern(src_.data(), src_.size());
