@@ -900,6 +900,7 @@ int RunInitiator(const std::string& hex) {
 int RunLoopback(const char* argv0) {
   int fds[2];
   if (pipe(fds) != 0) Die("pipe failed");
+  fflush(nullptr);  // the child exits through exit(): nothing buffered is printed twice
   pid_t child = fork();
   if (child < 0) Die("fork failed");
   if (child == 0) {
@@ -907,7 +908,9 @@ int RunLoopback(const char* argv0) {
     // The listener never outlives the initiator, whatever ends it.
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() == 1) _exit(1);
-    _exit(RunListener(fds[1]));
+    // exit(), not _exit(): the listener is a whole program, and its exit
+    // handlers remove what it published in /dev/shm (its shm life mark).
+    exit(RunListener(fds[1]));
   }
   close(fds[1]);
   std::string line;

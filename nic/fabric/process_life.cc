@@ -87,11 +87,21 @@ Status Publish(const std::string& dir) {
   __atomic_store_n(&mark->magic, kMagic, __ATOMIC_RELEASE);
   // A process that exits normally removes its mark (peers that mapped it
   // keep the page, and see the owner gone once the keeper exits); a killed
-  // one leaves it to RemoveStaleShmRegions.
+  // one, or a forked child that ends with _exit, leaves it to
+  // RemoveStaleShmRegions. The handler is inherited by children forked
+  // later, which run it when they exit(): it removes only the mark of the
+  // process that runs it, never its parent's (a child that published has
+  // its own name and pid here; one that did not removes nothing).
   static char published_path[4096];
+  static pid_t published_by = 0;
   if (path.size() < sizeof(published_path)) {
+    const bool first = published_by == 0;
     std::memcpy(published_path, path.c_str(), path.size() + 1);
-    std::atexit([] { unlink(published_path); });
+    published_by = getpid();
+    if (first)
+      std::atexit([] {
+        if (published_by == getpid()) unlink(published_path);
+      });
   }
   return Status::Ok();
 }

@@ -79,6 +79,39 @@ TEST(ProcessLife, ThisProcessIsAliveAndTheMarkIsNamedForCleanup) {
   EXPECT_EQ(ShmOwnerPid(ProcessLifeName(1234)), std::optional<pid_t>(1234));
 }
 
+TEST(ProcessLife, AForkedChildThatExitsNormallyLeavesItsParentsMark) {
+  // In a process of its own, which publishes its mark in `dir` and forks two
+  // children that end with exit() (running the atexit handlers they
+  // inherited): one publishes its own mark, the other none. Exit codes say
+  // what went wrong.
+  TempDir dir;
+  const pid_t parent = fork();
+  ASSERT_GE(parent, 0);
+  if (parent == 0) {
+    if (!PublishProcessLife(dir.path).ok()) _exit(10);
+    const std::string mine = dir.path + "/" + ProcessLifeName(getpid());
+    for (const bool publish : {false, true}) {
+      const pid_t child = fork();
+      if (child < 0) _exit(11);
+      if (child == 0) {
+        if (publish && !PublishProcessLife(dir.path).ok()) _exit(3);
+        std::exit(0);
+      }
+      int status = 0;
+      if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) _exit(12);
+      if (access(mine.c_str(), F_OK) != 0) _exit(publish ? 14 : 13);  // a child removed its parent's mark
+      if (publish && access((dir.path + "/" + ProcessLifeName(child)).c_str(), F_OK) == 0) _exit(15);
+    }
+    auto life = PeerLife::Open(getpid(), dir.path);
+    _exit(life.ok() && (*life)->alive() ? 0 : 16);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(parent, &status, 0), parent);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "13/14: a child's exit removed its parent's mark; 15: a child's own mark "
+                                       "stayed after a normal exit";
+}
+
 TEST(ProcessLife, FilesThatAreNotMarksAreRefused) {
   TempDir dir;
   EXPECT_EQ(PeerLife::Open(999999, dir.path).status().code(), StatusCode::kNotFound);
