@@ -1,9 +1,10 @@
 #include "weightsync/weight_pusher.h"
 
+#include <glog/logging.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 
 #include "base/checked_math.h"
 #include "weightsync/fp8_block_quant.h"
@@ -104,18 +105,21 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Make(TransferEngine* engine,
   TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/true));
   TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_.data(), staging));
   WeightPusher* self = p.get();
-  // "tews1 READY <version> <rank>" or "tews1 REFUSED <version> <rank> <published>"
+  // READY or REFUSED (control_messages.h), from receivers: parsed as hostile.
   TE_RETURN_IF_ERROR(
       engine->ClaimRecvHandler(self, "WeightPusher", [self](const EngineAddress&, std::span<const uint8_t> data) {
-        std::istringstream in(std::string(data.begin(), data.end()));
-        std::string magic, verb;
-        uint64_t version = 0;
-        uint32_t rank = 0;
-        in >> magic >> verb >> version >> rank;
-        if (magic != "tews1" || !in) return;
+        auto answer = ParseAnswer(data);
+        if (!answer.ok() || answer->rank >= self->receivers_) {
+          LOG_EVERY_N(WARNING, 100) << "weightsync source " << self->rank_ << ": dropped a control message ("
+                                    << google::COUNTER << " so far): "
+                                    << (answer.ok() ? "answer from receiver rank " + std::to_string(answer->rank) +
+                                                          " of " + std::to_string(self->receivers_)
+                                                    : answer.status().ToString());
+          return;
+        }
         std::lock_guard<std::mutex> lock(self->mu_);
-        if (version != self->asking_) return;  // a late answer to an older version
-        self->answers_[rank] = std::string(data.begin(), data.end());
+        if (answer->version != self->asking_) return;  // a late answer to an older version
+        self->answers_[answer->rank] = *answer;
         self->cv_.notify_all();
       }));
   return p;
@@ -196,8 +200,7 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       continue;
     }
     if (report.missed.count(d)) continue;
-    const std::string msg =
-        "tews1 BEGIN " + std::to_string(version) + " " + std::to_string(writes_to[d]) + " " + std::to_string(rank_);
+    const std::string msg = EncodeBegin({.version = version, .writes = writes_to[d], .source = rank_});
     std::vector<uint8_t> bytes(msg.begin(), msg.end());
     if (Status s = engine_->Send(landings_[d].any()->peer(), bytes, {}); !s.ok()) report.missed[d] = s.ToString();
   }
@@ -213,8 +216,8 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       auto a = answers_.find(d);
       if (a == answers_.end())
         report.missed[d] = "no READY within " + std::to_string(options_.ready_timeout.count()) + " ms";
-      else if (a->second.find(" READY ") == std::string::npos)
-        report.missed[d] = "refused: " + a->second;
+      else if (!a->second.ready)
+        report.missed[d] = "refused: " + EncodeAnswer(a->second);  // names the version the receiver holds
       else
         live[d] = true;
     }

@@ -40,6 +40,7 @@
 #include "base/status.h"
 #include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
+#include "weightsync/control_messages.h"
 #include "weightsync/named_tensors.h"
 #include "weightsync/schedule.h"
 #include "weightsync/shard_layout.h"
@@ -145,8 +146,8 @@ class WeightPusher {
   std::mutex mu_;
   std::condition_variable cv_;
   // Receiver rank -> its answer to the current version's BEGIN.
-  std::map<uint32_t, std::string> answers_;
-  uint64_t asking_ = 0;  // the version being begun
+  std::map<uint32_t, AnswerMessage> answers_;  // by receiver rank, for asking_
+  uint64_t asking_ = 0;                        // the version being begun
 };
 
 }  // namespace te::weightsync

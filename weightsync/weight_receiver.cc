@@ -2,10 +2,12 @@
 
 #include <glog/logging.h>
 
+#include <algorithm>
 #include <cstdio>
-#include <sstream>
+#include <iterator>
 
 #include "base/stop_and_join.h"
+#include "weightsync/control_messages.h"
 
 namespace te::weightsync {
 
@@ -21,7 +23,7 @@ Result<std::unique_ptr<WeightReceiver>> WeightReceiver::Create(TransferEngine* e
     return InvalidArgument("weights memory slot of " + std::to_string(memory->slot_bytes()) +
                            " bytes is smaller than rank " + std::to_string(rank) + "'s " +
                            std::to_string(dst.RegionBytes(rank)) + " bytes of shards");
-  std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, memory, options));
+  std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, dst.RegionBytes(rank), memory, options));
   TE_ASSIGN_OR_RETURN(LocalMr mr, engine->RegisterMemory(memory->slots(), 2 * memory->slot_bytes()));
   r->info_ = "tews1 " + std::to_string(rank) + " " + std::to_string(memory->slot_bytes()) + " " +
              engine->Describe(*mr).ToHex();
@@ -42,7 +44,8 @@ Result<std::unique_ptr<WeightReceiver>> WeightReceiver::CreateNamed(TransferEngi
     TE_RETURN_IF_ERROR(CheckTensorMap(dst, rank, sets[s]).WithContext("tensor set " + std::to_string(s)));
   // The header (published, begun, failed) lives in memory of our own.
   TE_ASSIGN_OR_RETURN(std::unique_ptr<WeightsMemory> header, WeightsMemory::Create("", 64));
-  std::unique_ptr<WeightReceiver> r(new WeightReceiver(engine, rank, sources, header.get(), options));
+  std::unique_ptr<WeightReceiver> r(
+      new WeightReceiver(engine, rank, sources, dst.RegionBytes(rank), header.get(), options));
   r->own_memory_ = std::move(header);
   // "tews2 <rank> <slots> <extents> (<slot> <region offset> <length> <descriptor>)*":
   // each parameter shard is its own registered extent of the rank's region.
@@ -81,19 +84,28 @@ WeightReceiver::~WeightReceiver() {
 
 std::string WeightReceiver::Info() const { return info_; }
 
-// "tews1 BEGIN <version> <writes> <source rank>"  ->  "tews1 READY <version> <rank>"
-//                                                  or "tews1 REFUSED <version> <rank> <published>"
+// BEGIN -> READY or REFUSED (control_messages.h).
 void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_t> data) {
-  std::istringstream in(std::string(data.begin(), data.end()));
-  std::string magic, verb;
+  // Rate-limited: a peer sending garbage must not flood the log.
+  auto drop = [&](const std::string& why) {
+    LOG_EVERY_N(WARNING, 100) << "weightsync receiver " << rank_ << ": dropped a control message (" << google::COUNTER
+                              << " so far): " << why;
+  };
+  auto parsed = ParseBegin(data);
+  if (!parsed.ok()) return drop(parsed.status().ToString());
+  // What only this receiver can bound: a source it does not have, or more
+  // writes than its shards have bytes, would hold the version open until
+  // the timeout (or wrap the expected count).
+  if (parsed->source >= sources_)
+    return drop("BEGIN from source rank " + std::to_string(parsed->source) + "; this update has " +
+                std::to_string(sources_) + " sources");
+  if (parsed->writes > region_bytes_)
+    return drop("BEGIN announces " + std::to_string(parsed->writes) + " writes into " + std::to_string(region_bytes_) +
+                " bytes of shards");
   Begin begin;
-  in >> magic >> verb >> begin.version >> begin.writes >> begin.source;
-  if (magic != "tews1" || verb != "BEGIN" || !in || begin.source >= (1u << 20)) {
-    // Rate-limited: a peer sending garbage must not flood the log.
-    LOG_EVERY_N(WARNING, 100) << "weightsync receiver " << rank_ << ": ignoring a malformed control message ("
-                              << google::COUNTER << " so far)";
-    return;
-  }
+  begin.version = parsed->version;
+  begin.writes = parsed->writes;
+  begin.source = parsed->source;
   begin.from = from;
   std::string reply;
   {
@@ -101,28 +113,67 @@ void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_
     // A later version waits until the one in flight is done: it will write
     // into the slot of the last complete version, which must stay readable
     // until its successor is complete.
-    if (!pending_.empty() && pending_.begin()->first < begin.version)
-      deferred_.push_back(begin);
-    else
+    if (!pending_.empty() && pending_.begin()->first < begin.version) {
+      if (!DeferLocked(begin))
+        return drop("BEGIN of version " + std::to_string(begin.version) + ": " + std::to_string(deferred_.size()) +
+                    " BEGINs of earlier versions already wait");
+    } else {
+      if (!pending_.count(begin.version) && pending_.size() >= kMaxPendingVersions &&
+          !EvictHighestLocked(begin.version))
+        return drop("BEGIN of version " + std::to_string(begin.version) + ": " + std::to_string(pending_.size()) +
+                    " earlier versions already pending");
       reply = AcceptLocked(begin);
+    }
   }
   cv_.notify_all();
   Reply(from, reply);
+}
+
+// The queues are bounded, and a full one keeps the lowest versions: the
+// sources of a job push versions in order, one ahead of the receiver at
+// most, so what is far ahead is a peer misbehaving, and what the next
+// update needs is never the one pushed out.
+bool WeightReceiver::DeferLocked(const Begin& b) {
+  for (const Begin& d : deferred_)
+    if (d.version == b.version && d.source == b.source) return true;  // a repeat: the first one stands
+  if (deferred_.size() < MaxDeferredBegins()) {
+    deferred_.push_back(b);
+    return true;
+  }
+  auto highest = std::max_element(deferred_.begin(), deferred_.end(),
+                                  [](const Begin& x, const Begin& y) { return x.version < y.version; });
+  if (highest->version <= b.version) return false;
+  *highest = b;
+  return true;
+}
+
+bool WeightReceiver::EvictHighestLocked(uint64_t version) {
+  // Never the lowest: Run may be waiting for its writes.
+  if (pending_.size() < 2) return false;
+  auto highest = std::prev(pending_.end());
+  if (highest->first <= version) return false;
+  LOG_EVERY_N(WARNING, 100) << "weightsync receiver " << rank_ << ": gave up pending version " << highest->first
+                            << " for version " << version << " (" << kMaxPendingVersions << " pending at most)";
+  pending_.erase(highest);
+  return true;
 }
 
 std::string WeightReceiver::AcceptLocked(const Begin& b) {
   WeightsHeader* h = memory_->header();
   const uint64_t published = h->published.load();
   if (b.version <= published)
-    return "tews1 REFUSED " + std::to_string(b.version) + " " + std::to_string(rank_) + " " + std::to_string(published);
+    return EncodeAnswer({.ready = false, .version = b.version, .rank = rank_, .published = published});
   // Raise `begun` before anyone may write: readers of slot v % 2 retry.
   uint64_t begun = h->begun.load();
   while (begun < b.version && !h->begun.compare_exchange_weak(begun, b.version, std::memory_order_release)) {
   }
   Pending& p = pending_[b.version];
   if (p.sources.empty()) p.first_begin = std::chrono::steady_clock::now();
-  if (p.sources.insert(b.source).second) p.expected += b.writes;
-  return "tews1 READY " + std::to_string(b.version) + " " + std::to_string(rank_);
+  // Saturating: each count is bounded by the shards' bytes, their sum by
+  // nothing a peer chooses.
+  if (p.sources.insert(b.source).second)
+    p.expected = b.writes > ~uint64_t(0) - p.expected ? ~uint64_t(0) : p.expected + b.writes;
+  return EncodeAnswer({.ready = true, .version = b.version, .rank = rank_});
 }
 
 void WeightReceiver::Reply(const EngineAddress& to, const std::string& reply) {

@@ -3,7 +3,8 @@
 // with the engine), which the inference engine maps and reads.
 //
 // Protocol for version v (all control messages are engine Send/Recv):
-//  1. Every source sends "BEGIN v n": n = the writes it will make here.
+//  1. Every source sends "BEGIN v n": n = the writes it will make here
+//     (control_messages.h has the lines and their parsers).
 //  2. On the first BEGIN of v the receiver raises header.begun to v (so
 //     readers of slot v % 2 retry from now on), then answers READY; a source
 //     writes only after READY. While an earlier version is still in flight,
@@ -82,9 +83,14 @@ class WeightReceiver {
   const WeightsHeader& header() const { return *memory_->header(); }
 
  private:
-  WeightReceiver(TransferEngine* engine, uint32_t rank, uint32_t sources, WeightsMemory* memory,
+  WeightReceiver(TransferEngine* engine, uint32_t rank, uint32_t sources, uint64_t region_bytes, WeightsMemory* memory,
                  const ReceiverOptions& options)
-      : engine_(engine), rank_(rank), sources_(sources), memory_(memory), options_(options) {}
+      : engine_(engine),
+        rank_(rank),
+        sources_(sources),
+        region_bytes_(region_bytes),
+        memory_(memory),
+        options_(options) {}
   struct Begin {
     EngineAddress from;
     uint64_t version = 0, writes = 0;
@@ -99,6 +105,7 @@ class WeightReceiver {
 
   TransferEngine* engine_;
   uint32_t rank_, sources_;
+  uint64_t region_bytes_;                      // this rank's shards: every write lands at least one byte of them
   WeightsMemory* memory_;                      // the header, and with Create the slots
   std::unique_ptr<WeightsMemory> own_memory_;  // CreateNamed: holds the header only
   ReceiverOptions options_;
@@ -114,6 +121,13 @@ class WeightReceiver {
   std::condition_variable cv_;
   std::map<uint64_t, Pending> pending_;  // by version
   std::vector<Begin> deferred_;          // BEGINs of versions after the one in flight
+  // Bounds on both (a source is at most one version ahead of the receiver,
+  // so more is a peer flooding it); DeferLocked and EvictHighestLocked keep
+  // the lowest versions when full.
+  static constexpr size_t kMaxPendingVersions = 8;
+  size_t MaxDeferredBegins() const { return 16 * size_t(sources_) + 16; }
+  bool DeferLocked(const Begin& begin);       // false: dropped
+  bool EvictHighestLocked(uint64_t version);  // makes room for `version` in pending_
   bool stop_ = false;
   std::thread thread_;
 };

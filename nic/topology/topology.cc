@@ -93,6 +93,10 @@ Result<std::vector<int>> ParseCpuList(const std::string& list) {
       return InvalidArgument("cpu list part '" + part + "' names a cpu beyond 2^20");
     const int lo = int(*first), hi = int(*last);
     if (hi < lo || hi - lo > 65536) return InvalidArgument("cpu range '" + part + "' is reversed or too large");
+    // The whole list is bounded too: many parts must not add up to more
+    // CPUs than the largest one named.
+    if (out.size() + size_t(hi - lo) + 1 > (size_t(1) << 20))
+      return InvalidArgument("cpu list names more than 2^20 cpus (at part '" + part + "')");
     for (int c = lo; c <= hi; ++c) out.push_back(c);
   }
   return out;

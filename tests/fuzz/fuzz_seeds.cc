@@ -1,4 +1,5 @@
 // Valid inputs of every fuzz target, encoded by the code under test.
+#include <cstring>
 #include <string>
 
 #include "fuzz/fuzz_targets.h"
@@ -8,6 +9,8 @@
 #include "moe/numeric_formats.h"
 #include "moe/routing_trace.h"
 #include "moe/trace_generator.h"
+#include "nic/verbs/verbs_wire.h"
+#include "telemetry/append_list.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
 #include "transfer/control_channel.h"
@@ -169,6 +172,36 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
         csv += std::to_string(l) + "," + std::to_string(e) + "," + std::to_string(e % 4) + "\n";
     return {Bytes(csv), Bytes(csv + "0,3,0\n1,5,2\n1,5,3\n")};  // the second with replicas
   }
+  if (target == "telemetry_ring") {
+    // Geometry byte 0x2c: 1 list, 1 ring, 4 records of 16 bytes; cursor 3;
+    // records 2 .. 6 written in order, so the ring lapped the reader once.
+    telemetry::ListGeometry g{1, 1, 4, 16};
+    std::vector<uint8_t> seed = {0x2c, 3, 0, 0, 0, 0, 0, 0, 0};
+    std::vector<uint8_t> region(g.region_bytes(), 0);
+    for (uint64_t seq = 2; seq <= 6; ++seq) {
+      std::vector<uint8_t> rec;
+      const std::vector<uint8_t> payload(1 + seq % 16, uint8_t(2 * seq + 1));  // odd first byte: CRC kept
+      (void)telemetry::EncodeRecord(g, seq, payload, &rec);
+      std::memcpy(region.data() + g.RecordOffset(0, 0, seq), rec.data(), rec.size());
+    }
+    seed.insert(seed.end(), region.begin(), region.end());
+    return {seed};
+  }
+  if (target == "verbs_wire") {
+    namespace vi = nic::verbs_internal;
+    vi::WireAddress a;
+    a.lid = 7;
+    a.ud_qpn = 0x1234;
+    a.gid[10] = a.gid[11] = 0xff, a.gid[12] = 10, a.gid[15] = 2;
+    vi::Handshake h;
+    h.type = vi::kHandshakeConnect;
+    h.rc_qpn = 99;
+    h.from = a.Serialize();
+    return {a.Serialize(), h.Serialize()};
+  }
+  if (target == "weightsync_control")
+    return {Bytes("tews1 BEGIN 3 1200 1"), Bytes("tews1 READY 3 0"), Bytes("tews1 REFUSED 3 1 4")};
+  if (target == "cpu_list") return {Bytes("0-3,8,10-11"), Bytes("0\n"), Bytes("")};
   return {};
 }
 

@@ -6,7 +6,9 @@
 // overflow the parser let through shows up here under ASan/UBSan.
 #include "fuzz/fuzz_targets.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <string>
 
 #include "base/checked_math.h"
@@ -19,10 +21,14 @@
 #include "moe/placement_file.h"
 #include "moe/placement_solver.h"
 #include "moe/routing_trace.h"
+#include "nic/topology/topology.h"
+#include "nic/verbs/verbs_wire.h"
+#include "telemetry/append_list.h"
 #include "telemetry/collector.h"
 #include "telemetry/engine_stats_reporter.h"
 #include "transfer/control_channel.h"
 #include "transfer/mr_descriptor.h"
+#include "weightsync/control_messages.h"
 #include "weightsync/fp8_conversion.h"
 #include "weightsync/model_spec.h"
 #include "weightsync/receiver_info.h"
@@ -208,6 +214,95 @@ void MoeMergeTarget(std::span<const uint8_t> b) {
   }
 }
 
+// A collector's append lists as reporters (peers) left them: byte 0 picks a
+// small geometry, bytes 1..8 the reader's cursor, the rest fills the
+// lists region (zero beyond). Slots whose length fits get their CRC fixed
+// when their payload's first byte is odd, so mutants reach the lap and
+// restart logic behind the CRC check.
+void TelemetryRingTarget(std::span<const uint8_t> b) {
+  if (b.size() < 9) return;
+  telemetry::ListGeometry g;
+  g.lists = 1 + (b[0] & 1);
+  g.rings = 1 + ((b[0] >> 1) & 1);
+  g.ring_records = 1 + ((b[0] >> 2) & 7);
+  g.record_bytes = 8 * (1 + ((b[0] >> 5) & 7));
+  uint64_t start = 0;
+  std::memcpy(&start, b.data() + 1, 8);
+  std::vector<uint8_t> region(g.region_bytes(), 0);
+  std::memcpy(region.data(), b.data() + 9, std::min(region.size(), b.size() - 9));
+  for (size_t slot = 0; slot + g.record_slot_bytes() <= region.size(); slot += g.record_slot_bytes()) {
+    uint8_t* r = region.data() + slot;
+    uint64_t tag;
+    uint32_t len;
+    std::memcpy(&tag, r, 8);
+    std::memcpy(&len, r + 12, 4);
+    if (tag == 0 || len > g.record_bytes || len == 0 || (r[16] & 1) == 0) continue;
+    std::vector<uint8_t> good;
+    Expect(telemetry::EncodeRecord(g, tag - 1, std::span(r + 16, len), &good).ok(), "a fitting record encodes");
+    std::memcpy(r + 8, good.data() + 8, 4);  // its CRC
+  }
+  for (uint32_t list = 0; list < g.lists; ++list)
+    for (uint32_t ring = 0; ring < g.rings; ++ring) {
+      uint64_t cursor = start;
+      auto read = telemetry::ReadRing(g, region, list, ring, &cursor);
+      Expect(read.ok(), "a valid geometry over a whole region reads");
+      Expect(read->records.size() <= uint64_t(g.ring_records) + 1, "one read returns at most a ring and a restart");
+      for (const auto& rec : read->records) Expect(rec.size() <= g.record_bytes, "records fit record_bytes");
+      Expect(cursor >= start && cursor - start == read->lost + read->records.size(),
+             "the cursor moves by exactly the records read and lost");
+    }
+  // Out of range rings and short regions are refused, not read.
+  uint64_t cursor = start;
+  Expect(!telemetry::ReadRing(g, region, g.lists, 0, &cursor).ok(), "a list beyond the geometry is refused");
+  Expect(!telemetry::ReadRing(g, std::span(region).first(region.size() - 1), 0, 0, &cursor).ok(),
+         "a region shorter than the geometry is refused");
+}
+
+// What native verbs domains receive from peers: a wire address (address
+// exchange) or a CONNECT / ACCEPT handshake carrying one (over UD).
+void VerbsWireTarget(std::span<const uint8_t> b) {
+  namespace vi = nic::verbs_internal;
+  if (auto a = vi::WireAddress::Parse(b); a.ok()) {
+    Expect(a->Serialize() == std::vector<uint8_t>(b.begin(), b.end()), "an accepted address re-encodes to itself");
+    (void)a->Name();
+  }
+  vi::Handshake h;
+  if (vi::Handshake::Parse(b, &h)) {
+    Expect(h.type == vi::kHandshakeConnect || h.type == vi::kHandshakeAccept, "an accepted handshake has a known type");
+    Expect(h.from.size() == b.size() - vi::kHandshakeHeaderBytes, "the sender's address is the rest of the message");
+    vi::Handshake again;
+    Expect(vi::Handshake::Parse(h.Serialize(), &again) && again.from == h.from, "an accepted handshake re-encodes");
+  }
+}
+
+// A CPU list as sysfs files hold them (local_cpulist): "0-3,8,10-11".
+void CpuListTarget(std::span<const uint8_t> b) {
+  auto cpus = nic::ParseCpuList(Text(b));
+  if (!cpus.ok()) return;
+  Expect(cpus->size() <= (size_t(1) << 20), "an accepted list names at most 2^20 cpus");
+  for (int c : *cpus) Expect(c >= 0 && c <= (1 << 20), "accepted CPUs are in 0 .. 2^20");
+}
+
+// The weight-sync control lines a receiver (BEGIN) or a source (READY,
+// REFUSED) gets from its peers.
+void WeightSyncControlTarget(std::span<const uint8_t> b) {
+  if (auto m = weightsync::ParseBegin(b); m.ok()) {
+    Expect(m->version >= 1 && m->source < weightsync::kMaxWireRank, "an accepted BEGIN is in range");
+    const std::string again = weightsync::EncodeBegin(*m);
+    auto m2 = weightsync::ParseBegin(std::span(reinterpret_cast<const uint8_t*>(again.data()), again.size()));
+    Expect(m2.ok() && m2->version == m->version && m2->writes == m->writes && m2->source == m->source,
+           "an accepted BEGIN re-encodes");
+  }
+  if (auto a = weightsync::ParseAnswer(b); a.ok()) {
+    Expect(a->version >= 1 && a->rank < weightsync::kMaxWireRank, "an accepted answer is in range");
+    const std::string again = weightsync::EncodeAnswer(*a);
+    auto a2 = weightsync::ParseAnswer(std::span(reinterpret_cast<const uint8_t*>(again.data()), again.size()));
+    Expect(a2.ok() && a2->ready == a->ready && a2->version == a->version && a2->rank == a->rank &&
+               a2->published == a->published,
+           "an accepted answer re-encodes");
+  }
+}
+
 }  // namespace
 
 moe::EpConfig MoeRecordShape(bool fp8) {
@@ -223,13 +318,23 @@ moe::EpConfig MoeRecordShape(bool fp8) {
 
 const std::vector<Target>& Targets() {
   static const std::vector<Target> kTargets = {
-      {"descriptor", Descriptor, Crc::kTrailingCrc32c},    {"kv_message", KvMessageTarget, Crc::kNone},
-      {"kv_layout", KvLayoutTarget, Crc::kNone},           {"kv_instance", KvInstanceTarget, Crc::kNone},
-      {"collector_info", CollectorInfoTarget, Crc::kNone}, {"engine_sample", EngineSampleTarget, Crc::kNone},
-      {"model_json", ModelJsonTarget, Crc::kNone},         {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
-      {"control_frame", ControlFrameTarget, Crc::kNone},   {"receiver_info", ReceiverInfoTarget, Crc::kNone},
-      {"placement_csv", PlacementCsvTarget, Crc::kNone},   {"moe_records", MoeRecordsTarget, Crc::kNone},
+      {"descriptor", Descriptor, Crc::kTrailingCrc32c},
+      {"kv_message", KvMessageTarget, Crc::kNone},
+      {"kv_layout", KvLayoutTarget, Crc::kNone},
+      {"kv_instance", KvInstanceTarget, Crc::kNone},
+      {"collector_info", CollectorInfoTarget, Crc::kNone},
+      {"engine_sample", EngineSampleTarget, Crc::kNone},
+      {"model_json", ModelJsonTarget, Crc::kNone},
+      {"routing_trace", TraceTarget, Crc::kTrailingCrc32c},
+      {"control_frame", ControlFrameTarget, Crc::kNone},
+      {"receiver_info", ReceiverInfoTarget, Crc::kNone},
+      {"placement_csv", PlacementCsvTarget, Crc::kNone},
+      {"moe_records", MoeRecordsTarget, Crc::kNone},
       {"moe_merge", MoeMergeTarget, Crc::kNone},
+      {"telemetry_ring", TelemetryRingTarget, Crc::kNone},
+      {"verbs_wire", VerbsWireTarget, Crc::kNone},
+      {"cpu_list", CpuListTarget, Crc::kNone},
+      {"weightsync_control", WeightSyncControlTarget, Crc::kNone},
   };
   return kTargets;
 }

@@ -405,6 +405,42 @@ TEST(WeightSync, AbsentReceiverIsReportedAndCatchesUpAfterRestart) {
   EXPECT_NE(again->missed.at(0).find("REFUSED"), std::string::npos) << again->missed.at(0);
 }
 
+// Another process of the job sends BEGINs a receiver must not act on: a
+// source rank the update does not have, more writes than the shards hold,
+// lines that are not BEGINs, and a flood of versions far ahead. Each is
+// dropped (the queues stay bounded, keeping the lowest versions), and the
+// sources' update still lands, every byte checked.
+TEST(WeightSync, HostileBeginsAreDroppedAndTheUpdateStillLands) {
+  auto g = MakeGroup(ModelPreset("moe", 4 << 20).value(), "fsdp", 2, "tp", 2);
+  auto rogue = TransferEngine::Create(FastFail()).value();
+  std::istringstream info(g->receivers[0].receiver->Info());
+  std::string magic, rank, slot_bytes, hex;
+  info >> magic >> rank >> slot_bytes >> hex;
+  auto desc = MrDescriptor::FromHex(hex);
+  ASSERT_TRUE(desc.ok()) << desc.status().ToString();
+  auto target = rogue->Import(*desc);
+  ASSERT_TRUE(target.ok()) << target.status().ToString();
+  CompletionCounter sent;
+  uint64_t lines = 0;
+  auto send = [&](const std::string& line) {
+    std::vector<uint8_t> b(line.begin(), line.end());
+    ASSERT_TRUE(rogue->Send((*target)->peer(), b, {.counter = &sent}).ok()) << line;
+    ++lines;
+  };
+  send("tews1 BEGIN 1 5 7");                     // source 7 of 2
+  send("tews1 BEGIN 1 18446744073709551615 0");  // writes beyond the shards' bytes
+  send("tews1 BEGIN 1 5");                       // malformed
+  send(std::string(4000, 'x'));
+  for (uint64_t v = 1000; v < 1200; ++v) send("tews1 BEGIN " + std::to_string(v) + " 1 1");  // far ahead
+  ASSERT_TRUE(sent.WaitFinished(lines, std::chrono::seconds(20)));
+  EXPECT_EQ(sent.failed(), 0u) << sent.first_error().ToString();
+  // The update of version 1: every byte lands on both receivers.
+  for (const auto& r : PushAll(*g, 1)) EXPECT_TRUE(r.missed.empty()) << r.missed.begin()->second;
+  ExpectVersion(*g, 0, 1);
+  ExpectVersion(*g, 1, 1);
+  EXPECT_EQ(g->receivers[0].memory->published(), 1u);
+}
+
 // A source that never begins: receivers fail the version within their
 // timeout and keep the previous one readable.
 TEST(WeightSync, MissingSourceFailsTheVersionAndKeepsThePrevious) {

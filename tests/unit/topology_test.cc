@@ -108,6 +108,15 @@ TEST(Topology, CpuListsParseAndRejectGarbage) {
   // not an exception.
   EXPECT_FALSE(nic::ParseCpuList("0-99999999999999999999").ok());
   EXPECT_FALSE(nic::ParseCpuList("4294967296").ok());
+  // Many parts cannot add up to an unbounded list: 17 ranges of 65,537.
+  std::string many;
+  for (int i = 0; i < 17; ++i) many += (i ? "," : "") + std::string("0-65536");
+  auto too_many = nic::ParseCpuList(many);
+  ASSERT_FALSE(too_many.ok());
+  EXPECT_NE(too_many.status().message().find("2^20"), std::string::npos) << too_many.status().ToString();
+  many.resize(many.rfind(','));  // 16 of them: 1,048,592 entries, still over
+  EXPECT_FALSE(nic::ParseCpuList(many).ok());
+  EXPECT_EQ(nic::ParseCpuList("0-65535,65536-131071").value().size(), 131072u);
 }
 
 TEST(Topology, EngineOptionsForAGpuPickItsNicsAndCores) {
