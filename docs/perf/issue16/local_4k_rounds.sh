@@ -3,7 +3,7 @@
 # progress) against the shm provider's own window loop
 # (baselines/provider-window-bench, which shares no code with the engine)
 # and the engine over shm, alternating in rounds, each run with the
-# cross-CPU probe (base/cross_cpu_probe.h) to tell this machine's two states
+# cross-CPU probe (base/cross_cpu_probe.h) to tell this machine's states
 # apart. Usage: bash docs/perf/issue16/local_4k_rounds.sh [rounds] > out.txt
 set -u
 rounds=${1:-6}
