@@ -1,8 +1,10 @@
 #include "kvcache/kv_registry.h"
 
 #include <algorithm>
-#include <sstream>
+#include <string_view>
 #include <thread>
+
+#include "base/checked_math.h"
 
 namespace te::kvcache {
 
@@ -12,16 +14,30 @@ std::string Value(const RegistryEntry& e) {
          e.info.Serialize();
 }
 
+// "<capacity> <load> <draining 0|1> <instance info>", written by another
+// process: each field strictly (a sign or a number beyond 32 bits is not
+// read as some other number), the info by KvInstanceInfo::Parse.
 Result<RegistryEntry> ParseValue(const std::string& v) {
-  std::istringstream in(v);
+  auto bad = [&](const std::string& why) {
+    return InvalidArgument("malformed registry entry '" + v.substr(0, 60) + "': " + why);
+  };
+  std::string_view rest(v);
+  auto field = [&]() {
+    const size_t space = rest.find(' ');
+    const std::string_view f = rest.substr(0, space);
+    rest = space == std::string_view::npos ? std::string_view() : rest.substr(space + 1);
+    return f;
+  };
+  const auto capacity = ParseUint64(field()), load = ParseUint64(field());
+  const std::string_view draining = field();
+  if (!capacity || *capacity > UINT32_MAX) return bad("capacity is not a number in [0, 2^32)");
+  if (!load || *load > UINT32_MAX) return bad("load is not a number in [0, 2^32)");
+  if (draining != "0" && draining != "1") return bad("draining is not 0 or 1");
   RegistryEntry e;
-  int draining = 0;
-  in >> e.capacity >> e.load >> draining;
-  std::string rest;
-  std::getline(in >> std::ws, rest);
-  if (!in && rest.empty()) return InvalidArgument("malformed registry entry '" + v.substr(0, 60) + "'");
-  e.draining = draining != 0;
-  TE_ASSIGN_OR_RETURN(e.info, KvInstanceInfo::Parse(rest));
+  e.capacity = uint32_t(*capacity);
+  e.load = uint32_t(*load);
+  e.draining = draining == "1";
+  TE_ASSIGN_OR_RETURN(e.info, KvInstanceInfo::Parse(std::string(rest)));
   return e;
 }
 

@@ -13,6 +13,7 @@
 #include "integration/redis_server.h"
 #include "kvcache/kv_registry.h"
 #include "kvcache/kv_router.h"
+#include "registry/redis_client.h"
 
 namespace te::testing {
 namespace {
@@ -77,6 +78,32 @@ TEST_F(KvRegistryTest, BadInputAndAnAbsentRedisAreNamed) {
   EXPECT_EQ(absent.status().code(), StatusCode::kUnavailable);
   EXPECT_NE(absent.status().message().find("/nonexistent/redis.sock"), std::string::npos);
   EXPECT_EQ(KvRegistry::Connect("localhost:99999").status().code(), StatusCode::kInvalidArgument);
+}
+
+// Entries come from other processes: one that is not what Put writes is
+// skipped, never read as something else (a negative load as 2^32 - 1, a
+// capacity beyond 32 bits cut down to fit).
+TEST_F(KvRegistryTest, EntriesOtherProcessesMangledAreSkipped) {
+  ASSERT_TRUE(registry_->Put(Entry("prefill", "good", 8, 3), 60s).ok());
+  auto raw = registry::RedisClient::Connect(redis_.address(), 2s);
+  ASSERT_TRUE(raw.ok()) << raw.status().ToString();
+  const std::string info = Entry("prefill", "x", 1, 0).info.Serialize();
+  for (const std::string& value :
+       {"-1 0 0 " + info, "8 -3 0 " + info, "4294967296 0 0 " + info, "8 0 2 " + info, "8 0 yes " + info,
+        "8  0 0 " + info, std::string("8 0 0"), std::string(), std::string("8 0 0 junk")}) {
+    ASSERT_TRUE((*raw)->Set("tekv:prefill:bad", value, 60s).ok());
+    auto list = registry_->List("prefill");
+    ASSERT_TRUE(list.ok()) << list.status().ToString();
+    ASSERT_EQ(list->size(), 1u) << "accepted '" << value.substr(0, 40) << "'";
+    EXPECT_EQ((*list)[0].info.name, "good");
+  }
+  // The same line as Put writes it is read back.
+  ASSERT_TRUE((*raw)->Set("tekv:prefill:x", "5 2 1 " + info, 60s).ok());
+  auto list = registry_->List("prefill");
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 2u);
+  for (const auto& e : *list)
+    if (e.info.name == "x") EXPECT_TRUE(e.capacity == 5 && e.load == 2 && e.draining);
 }
 
 TEST_F(KvRegistryTest, RouterPicksTheLeastLoadedLiveInstances) {
