@@ -225,23 +225,27 @@ using PrefillNode = Node<PrefillInstance>;
 using DecodeNode = Node<DecodeInstance>;
 
 TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
+  const uint64_t kRequests = 48;
+  constexpr int kAttempts = 6;
+  // Room for every attempt's own pages (run_one).
+  KvLayout layout = TestLayout(1);
+  layout.pages = uint32_t(2 * (kRequests + 1) * kAttempts);
   std::mutex nodes_mu;
   std::map<std::string, std::shared_ptr<PrefillNode>> prefills;
   std::map<std::string, std::shared_ptr<DecodeNode>> decodes;
   auto add_prefill = [&](const std::string& n) {
-    auto node = std::make_shared<PrefillNode>("prefill", n, TestLayout(1), registry_.get());
+    auto node = std::make_shared<PrefillNode>("prefill", n, layout, registry_.get());
     std::lock_guard<std::mutex> lock(nodes_mu);
     prefills[n] = node;
   };
   auto add_decode = [&](const std::string& n) {
-    auto node = std::make_shared<DecodeNode>("decode", n, TestLayout(1), registry_.get());
+    auto node = std::make_shared<DecodeNode>("decode", n, layout, registry_.get());
     std::lock_guard<std::mutex> lock(nodes_mu);
     decodes[n] = node;
   };
   add_prefill("p1");
   add_decode("d1");
 
-  const uint64_t kRequests = 48;
   std::atomic<uint64_t> next{1}, done{0}, retries{0}, allowed{8};
   std::vector<Status> final_status(kRequests + 1, Internal("never finished"));
   std::vector<std::string> served_by(kRequests + 1);
@@ -250,7 +254,7 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
   auto run_one = [&](uint64_t id, KvRouter& router) {
     std::set<std::string> avoid;
     std::string last_error;
-    for (int attempt = 0; attempt < 6; ++attempt) {
+    for (int attempt = 0; attempt < kAttempts; ++attempt) {
       auto route = router.Pick(avoid);
       if (!route.ok()) {
         last_error = route.status().ToString();
@@ -265,10 +269,15 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
         p = prefills[route->prefill.info.name];
         d = decodes[route->decode.info.name];
       }
-      // Pages: request id picks disjoint pages on every node (64 pages,
-      // at most 8 requests in flight per node, 2 pages each).
+      // Pages: every attempt of every request has two of its own on every
+      // node. A failed attempt's pages are never reused: a prefill rank that
+      // was silent past peer_timeout (a slow host: sanitizers, 2 cores) may
+      // still be writing into them (kv_decoder.h), and reusing them raced
+      // its late writes against the next attempt's (1 wrong head in 7 TSan
+      // runs).
       const uint64_t attempt_id = id * 10 + attempt;
-      std::vector<uint32_t> pages = {uint32_t(id % 32) * 2, uint32_t(id % 32) * 2 + 1};
+      const uint32_t pair = uint32_t(id * kAttempts + attempt);
+      std::vector<uint32_t> pages = {pair * 2, pair * 2 + 1};
       auto ready = std::make_shared<std::promise<Status>>();
       auto fut = ready->get_future();
       bool asked = d && d->With([&](DecodeInstance& dec) {
@@ -308,7 +317,8 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
       ++retries;
       router.Invalidate();
     }
-    final_status[id] = Unavailable("request " + std::to_string(id) + " failed 6 attempts; last: " + last_error);
+    final_status[id] = Unavailable("request " + std::to_string(id) + " failed " + std::to_string(kAttempts) +
+                                   " attempts; last: " + last_error);
   };
 
   std::vector<std::thread> drivers;
