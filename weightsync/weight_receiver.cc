@@ -7,7 +7,6 @@
 #include <iterator>
 
 #include "base/stop_and_join.h"
-#include "weightsync/control_messages.h"
 
 namespace te::weightsync {
 
@@ -102,11 +101,7 @@ void WeightReceiver::OnMessage(const EngineAddress& from, std::span<const uint8_
   if (parsed->writes > region_bytes_)
     return drop("BEGIN announces " + std::to_string(parsed->writes) + " writes into " + std::to_string(region_bytes_) +
                 " bytes of shards");
-  Begin begin;
-  begin.version = parsed->version;
-  begin.writes = parsed->writes;
-  begin.source = parsed->source;
-  begin.from = from;
+  const Begin begin{*parsed, from};
   std::string reply;
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -41,6 +41,7 @@
 #include "base/status.h"
 #include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
+#include "weightsync/control_messages.h"
 #include "weightsync/named_tensors.h"
 #include "weightsync/shard_layout.h"
 #include "weightsync/weights_memory.h"
@@ -91,10 +92,8 @@ class WeightReceiver {
         region_bytes_(region_bytes),
         memory_(memory),
         options_(options) {}
-  struct Begin {
+  struct Begin : BeginMessage {
     EngineAddress from;
-    uint64_t version = 0, writes = 0;
-    uint32_t source = 0;
   };
   static Result<std::unique_ptr<WeightReceiver>> Start(std::unique_ptr<WeightReceiver> r);
   void OnMessage(const EngineAddress& from, std::span<const uint8_t> data);
