@@ -167,22 +167,12 @@ class Refiner {
         for (uint32_t f = e + 1; f < n; ++f) {
           const uint32_t a = part_[e], b = part_[f];
           if (a == b) continue;
-          const int64_t bound = Saving(e, b) + Saving(f, a);
-          if (bound <= 0) continue;
-          int64_t shared = 0;  // tokens holding both keep their parts
-          for (uint32_t k = tok_begin_[f]; k < tok_begin_[f + 1]; ++k) {
-            const uint32_t t = toks_[k];
-            if (stamp[t] != e) continue;
-            shared += (cnt_[size_t(t) * P_ + a] == 1) + (cnt_[size_t(t) * P_ + b] == 1);
-          }
-          if (bound - shared <= 0) continue;
+          if (Saving(e, b) + Saving(f, a) <= 0) continue;  // an upper bound: shared tokens only lower it
+          if (SwapGain(e, f, stamp) <= 0) continue;
           const uint64_t na = load_[a] - p_.load[e] + p_.load[f], nb = load_[b] - p_.load[f] + p_.load[e];
           const uint64_t worst_now = std::max(load_[a], load_[b]), worst_new = std::max(na, nb);
           if (double(worst_new) > p_.cap && worst_new > worst_now) continue;
-          Move(e, b);
-          Move(f, a);
-          load_[a] = na;
-          load_[b] = nb;
+          Swap(e, f);
           improved = true;
         }
       }
@@ -190,9 +180,83 @@ class Refiner {
     }
   }
 
+  // Brings every part under the cap where swaps can: while the heaviest part
+  // is over it, the swap of one of its experts with a lighter one elsewhere
+  // that keeps the other part under the cap and adds the fewest records
+  // (exact), or, where none keeps it under, the swap that lowers the heaviest
+  // part most. With `upper` (the same items and tokens, its parts groups of
+  // `per_group` of these: ranks in nodes) the groups are held under upper's
+  // cap as well and records count at both levels. Each swap lowers the
+  // heaviest part or the count of parts at that load, so the loop ends; it is
+  // also bounded. Run() only swaps towards fewer records and never past the
+  // cap, so it cannot undo this.
+  void Repair(Refiner* upper = nullptr, uint32_t per_group = 1) {
+    const uint32_t n = p_.items;
+    std::vector<uint32_t> stamp(p_.tokens(), UINT32_MAX);
+    auto group = [&](uint32_t q) { return q / per_group; };
+    for (uint32_t iter = 0; iter < 4 * n; ++iter) {
+      const uint32_t a = uint32_t(std::max_element(load_.begin(), load_.end()) - load_.begin());
+      if (double(load_[a]) <= p_.cap) return;
+      uint32_t best_e = n, best_f = n;
+      bool best_fits = false;
+      int64_t best_gain = 0;
+      uint64_t best_peak = load_[a];
+      for (uint32_t e = 0; e < n; ++e) {
+        if (part_[e] != a) continue;
+        for (uint32_t k = tok_begin_[e]; k < tok_begin_[e + 1]; ++k) stamp[toks_[k]] = e;
+        for (uint32_t f = 0; f < n; ++f) {
+          const uint32_t b = part_[f];
+          if (b == a || p_.load[f] >= p_.load[e]) continue;
+          const uint64_t d = p_.load[e] - p_.load[f], nb = load_[b] + d;
+          const bool crosses = upper != nullptr && group(a) != group(b);
+          const uint64_t group_b = crosses ? upper->load_[group(b)] + d : 0;
+          bool fits = double(nb) <= p_.cap;
+          if (crosses) {
+            fits &= double(group_b) <= upper->p_.cap;
+            // Never the heaviest group: b's group stays under the cap or a's.
+            if (double(group_b) > std::max(upper->p_.cap, double(upper->load_[group(a)]))) continue;
+          }
+          const uint64_t peak = std::max(load_[a] - d, nb);
+          if (!fits && (best_fits || peak >= best_peak)) continue;
+          int64_t gain = SwapGain(e, f, stamp);
+          if (crosses) gain += upper->SwapGain(e, f, stamp);
+          const bool better = fits ? (!best_fits || gain > best_gain || (gain == best_gain && peak < best_peak))
+                                   : (peak < best_peak || (peak == best_peak && gain > best_gain));
+          if (!better) continue;
+          best_e = e, best_f = f, best_fits = fits, best_gain = gain, best_peak = peak;
+        }
+      }
+      if (best_e == n) return;  // no swap lowers the heaviest part
+      Swap(best_e, best_f);
+      if (upper != nullptr && group(a) != group(part_[best_e])) upper->Swap(best_e, best_f);
+    }
+  }
+
   std::vector<uint32_t> parts() && { return std::move(part_); }
+  uint32_t part(uint32_t x) const { return part_[x]; }
 
  private:
+  // Records saved by exchanging the parts of e and f, exactly; `stamp[t] ==
+  // e` marks e's tokens (the same tokens in every level's problem).
+  int64_t SwapGain(uint32_t e, uint32_t f, const std::vector<uint32_t>& stamp) const {
+    const uint32_t a = part_[e], b = part_[f];
+    int64_t shared = 0;  // tokens holding both keep their parts
+    for (uint32_t k = tok_begin_[f]; k < tok_begin_[f + 1]; ++k) {
+      const uint32_t t = toks_[k];
+      if (stamp[t] == e) shared += (cnt_[size_t(t) * P_ + a] == 1) + (cnt_[size_t(t) * P_ + b] == 1);
+    }
+    return Saving(e, b) + Saving(f, a) - shared;
+  }
+
+  void Swap(uint32_t e, uint32_t f) {
+    const uint32_t a = part_[e], b = part_[f];
+    const uint64_t le = p_.load[e], lf = p_.load[f];
+    Move(e, b);
+    Move(f, a);
+    load_[a] = load_[a] - le + lf;
+    load_[b] = load_[b] - lf + le;
+  }
+
   int64_t Saving(uint32_t x, uint32_t q) const {
     return int64_t(alone_[x]) - int64_t(tok_begin_[x + 1] - tok_begin_[x]) + int64_t(conn_[size_t(x) * P_ + q]);
   }
@@ -258,6 +322,8 @@ std::vector<uint32_t> SolvePartition(const PartitionProblem& p, int max_sweeps) 
   for (auto start : {GreedyByLoad(p, a), GrowParts(p, a)}) {
     Refiner r(p, std::move(start));
     r.Run(max_sweeps);
+    r.Repair();
+    r.Run(max_sweeps);
     auto parts = std::move(r).parts();
     std::vector<uint64_t> load(p.parts, 0);
     for (uint32_t x = 0; x < p.items; ++x) load[parts[x]] += p.load[x];
@@ -267,6 +333,22 @@ std::vector<uint32_t> SolvePartition(const PartitionProblem& p, int max_sweeps) 
       best_over = over, best_cost = cost, best = std::move(parts);
   }
   return best;
+}
+
+std::vector<uint32_t> RepairLoads(const PartitionProblem& p, std::vector<uint32_t> part_of,
+                                  const PartitionProblem* groups) {
+  if (p.parts <= 1) return part_of;
+  Refiner r(p, std::move(part_of));
+  if (groups == nullptr || groups->parts <= 1) {
+    r.Repair();
+    return std::move(r).parts();
+  }
+  const uint32_t per_group = p.parts / groups->parts;
+  std::vector<uint32_t> group_of(p.items);
+  for (uint32_t x = 0; x < p.items; ++x) group_of[x] = r.part(x) / per_group;
+  Refiner g(*groups, std::move(group_of));
+  r.Repair(&g, per_group);
+  return std::move(r).parts();
 }
 
 }  // namespace te::moe

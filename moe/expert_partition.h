@@ -35,7 +35,21 @@ uint64_t PartitionCost(const PartitionProblem& problem, const std::vector<uint32
 
 // Greedy construction (heaviest expert first, into the part it shares most
 // tokens with, under the cap), then pairwise swaps with exact gains until
-// none gains or `max_sweeps` passes. Deterministic.
+// none gains or `max_sweeps` passes. Filling slots can leave a part over the
+// cap (the light experts left at the end may fit only there), and swaps for
+// fewer records never fix that, so then a repair: while a part is over the
+// cap, the swap that brings it under (without raising another over) and adds
+// the fewest records, else the swap that lowers it most; then swaps for
+// fewer records again. Deterministic.
 std::vector<uint32_t> SolvePartition(const PartitionProblem& problem, int max_sweeps = 20);
+
+// The same repair on a given assignment. With `groups` (the same items and
+// tokens; its parts are groups of problem.parts / groups->parts consecutive
+// parts, e.g. the nodes of ranks, each token's home its group's) each group
+// is also held under groups->cap and records count at both levels: the
+// partition of a layer into nodes and then into ranks leaves a rank over its
+// cap where its node took more heavy experts than its ranks can spread.
+std::vector<uint32_t> RepairLoads(const PartitionProblem& problem, std::vector<uint32_t> part_of,
+                                  const PartitionProblem* groups = nullptr);
 
 }  // namespace te::moe

@@ -153,6 +153,22 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     const auto rank_in_node = SolvePartition(rp, o.max_sweeps);
     for (uint32_t i = 0; i < items.size(); ++i) p->rank_of[l][items[i]] = n * per_node + rank_in_node[i];
   }
+  // A node may hold more heavy experts than its ranks can spread under the
+  // rank cap; swap across nodes where that keeps both nodes under theirs.
+  if (N > 1) {
+    PartitionProblem ranks, nodes;
+    ranks.items = nodes.items = E;
+    ranks.parts = R, nodes.parts = N;
+    ranks.load = nodes.load = load;
+    ranks.cap = rank_cap, nodes.cap = Cap(load, N, slack);
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+      const uint32_t m = uint32_t(experts_of[tok].size());
+      if (m + (home[tok] >= 0) < 2) continue;
+      ranks.AddToken(experts_of[tok].data(), m, home[tok]);
+      nodes.AddToken(experts_of[tok].data(), m, home[tok] >= 0 ? int32_t(uint32_t(home[tok]) / per_node) : -1);
+    }
+    p->rank_of[l] = RepairLoads(ranks, p->rank_of[l], &nodes);
+  }
   if (o.home == TokenHome::kTop1 && l > 0) FollowHomes(t, l, load, home, experts_of, o, p);
 }
 
@@ -278,6 +294,29 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
     }
 }
 
+// Loads as replication should see them: a fitted trace's count of an
+// expert's tokens is its true load plus sampling noise (variance about the
+// mean count), and balancing exactly on the counts packs experts that were
+// light by chance together, which a held-out trace then finds heavy (on a
+// trace of equal experts one replica slot made the held-out imbalance worse
+// than none). So each layer's loads are shrunk towards their mean by the
+// share of their spread that noise explains (James-Stein): a skewed layer
+// keeps its loads, a layer of equal experts gets equal loads.
+std::vector<uint64_t> ShrunkLoads(const std::vector<uint64_t>& load) {
+  const size_t E = load.size();
+  if (E < 2) return load;
+  double mean = 0, var = 0;
+  for (uint64_t x : load) mean += double(x);
+  mean /= double(E);
+  for (uint64_t x : load) var += (double(x) - mean) * (double(x) - mean);
+  var /= double(E - 1);
+  const double keep = var > mean ? 1.0 - mean / var : 0.0;
+  std::vector<uint64_t> out(E);
+  for (size_t e = 0; e < E; ++e)
+    out[e] = load[e] == 0 ? 0 : uint64_t(std::llround(std::max(1.0, mean + (double(load[e]) - mean) * keep)));
+  return out;
+}
+
 // Whether an estimated cost of `cost` records, counted on the fitted trace
 // for moves of experts with `tokens` tokens, is within that trace's sampling
 // noise: each estimate is a difference of counts over those tokens, whose
@@ -388,20 +427,31 @@ void EqualizePrimaries(const RoutingTrace& t, uint32_t l, const std::vector<uint
 }
 
 // Exact loads of layer l (tokens of each expert by home rank, routed by the
-// replica rule), EqualizePrimaries, then moves that lower the heaviest rank
-// while one exists: one of its replicas to another rank with a free slot, or
-// one of its copies swapped with one of the same kind on another rank (same
-// node first, which keeps node-level records; unreplicated primaries cross
-// nodes only where the crossings that adds are within the fitted trace's
-// noise). Bytes were fitted first; this trades them for balance only where
-// the trace shows no cost.
-void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, Placement* p) {
+// replica rule; each expert's total as ShrunkLoads estimates it),
+// EqualizePrimaries, then moves that lower the heaviest rank while one
+// exists: one of its replicas to another rank with a free slot, or one of
+// its copies swapped with one of the same kind on another rank (same node
+// first, which keeps node-level records; unreplicated primaries cross nodes
+// only where the crossings that adds are within the fitted trace's noise),
+// or else a replica of one of its experts traded with a replica elsewhere.
+// Bytes were fitted first; this trades them for balance only where the
+// trace shows no cost.
+void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
+                  Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   std::vector<std::vector<uint64_t>> from(E, std::vector<uint64_t>(R, 0));  // [expert][home]
   for (uint32_t tok = 0; tok < t.tokens; ++tok)
     for (uint32_t k = 0; k < t.topk; ++k)
       if (const int e = t.at(tok, l, k); e >= 0) from[e][homes[tok]]++;
+  // Each expert's load as ShrunkLoads estimates it, spread over the homes
+  // its tokens came from.
+  for (uint32_t e = 0; e < E; ++e) {
+    const uint64_t counted = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+    if (counted == 0 || counted == shrunk[e]) continue;
+    const double scale = double(shrunk[e]) / double(counted);
+    for (uint64_t& x : from[e]) x = uint64_t(std::llround(double(x) * scale));
+  }
   std::vector<std::vector<uint32_t>> choice(E);
   std::vector<uint64_t> load(R, 0);
   auto add = [&](uint32_t e, int sign) {
@@ -501,7 +551,56 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const PlacementOptions& o, 
           }
         }
       }
-    if (ex_e != E) {
+    // Else a replica trade: an expert e on h has a replica on another rank
+    // x, which trades places with a replica of g on rank r. The replica rule
+    // splits sources by count, not tokens, so a hot expert's replicas on
+    // nodes its tokens do not come from take little of its load: moving one
+    // to a rank near its sources (whose slot is taken: every slot is used)
+    // is what lowers its primary's rank.
+    uint32_t tr_e = E, tr_g = E, tr_x = R, tr_r = R;
+    if (ex_e == E && move_e == E) {
+      std::vector<std::vector<uint32_t>> reps_on(R);
+      for (uint32_t g = 0; g < E; ++g)
+        for (uint32_t r : p->replicas[l][g]) reps_on[r].push_back(g);
+      for (uint32_t e = 0; e < E; ++e) {
+        const auto on_e = p->RanksOf(l, e);
+        if (on_e.size() < 2 || std::find(on_e.begin(), on_e.end(), h) == on_e.end()) continue;
+        for (size_t j = 1; j < on_e.size(); ++j) {
+          const uint32_t x = on_e[j];
+          if (x == h) continue;
+          for (uint32_t r = 0; r < R; ++r) {
+            if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
+            for (uint32_t g : reps_on[r]) {
+              const auto on_g = p->RanksOf(l, g);
+              if (std::find(on_g.begin(), on_g.end(), x) != on_g.end()) continue;
+              auto ne = on_e, ng = on_g;
+              ne[j] = r;
+              std::replace(ng.begin(), ng.end(), r, x);
+              const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cg = ExpertMap::ChooseReplicas(ng, R, o.nodes);
+              add(e, -1), add(g, -1);
+              for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] += from[e][s2], load[cg[s2]] += from[g][s2];
+              uint64_t worst = load[h];
+              for (uint32_t y : ne) worst = std::max(worst, load[y]);
+              for (uint32_t y : ng) worst = std::max(worst, load[y]);
+              worst = std::max(worst, load[x]);
+              for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] -= from[e][s2], load[cg[s2]] -= from[g][s2];
+              add(e, +1), add(g, +1);
+              if (worst < best_peak) best_peak = worst, tr_e = e, tr_g = g, tr_x = x, tr_r = r;
+            }
+          }
+        }
+      }
+    }
+    if (tr_e != E) {
+      add(tr_e, -1), add(tr_g, -1);
+      auto& re = p->replicas[l][tr_e];
+      std::replace(re.begin(), re.end(), tr_x, tr_r);
+      auto& rg = p->replicas[l][tr_g];
+      std::replace(rg.begin(), rg.end(), tr_r, tr_x);
+      choice[tr_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_e), R, o.nodes);
+      choice[tr_g] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_g), R, o.nodes);
+      add(tr_e, +1), add(tr_g, +1);
+    } else if (ex_e != E) {
       add(ex_e, -1), add(ex_f, -1);
       // Rewrite both experts' copies (primary in rank_of, the rest in replicas).
       for (uint32_t x : {ex_e, ex_f}) {
@@ -535,7 +634,12 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
     return InvalidArgument("trace has " + std::to_string(t.experts) + " experts; the solver places at most " +
                            std::to_string(kMaxPlacedExperts));
   if (o.load_slack < 0) return InvalidArgument("load_slack " + std::to_string(o.load_slack) + " must be >= 0");
-  const auto load = LayerLoads(t);
+  // With replicas the placement balances tightly, on loads shrunk to what
+  // the trace shows beyond its noise; without, the cap is loose (load_slack)
+  // and holds on the counts themselves.
+  auto load = LayerLoads(t);
+  if (o.extra_slots > 0)
+    for (auto& layer : load) layer = ShrunkLoads(layer);
   // With replicas, primaries are balanced by their load per copy.
   std::vector<std::vector<uint32_t>> copies(t.layers);
   auto per_copy = load;
@@ -564,7 +668,7 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
     p.replicas.assign(t.layers, {});
     for (uint32_t l = 0; l < t.layers; ++l) {
       Replicate(t, l, load[l], copies[l], o, &p);
-      BalanceLoads(t, l, o, &p);
+      BalanceLoads(t, l, load[l], o, &p);
     }
     TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   }

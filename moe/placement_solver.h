@@ -20,8 +20,10 @@
 // for kSource each layer keeps the better of the two, for kTop1 the whole
 // placement does. Replicas trade some of that for balance (below), so the
 // guarantee covers the primaries as placed before the balancing pass. A
-// node's (rank's) load stays under (1 + load_slack) x mean where the swaps
-// allow (a single expert heavier than that is its own cap). Deterministic.
+// node's (rank's) load stays under (1 + load_slack) x mean where swaps can
+// bring it there (a single expert heavier than that is its own cap; a layer
+// where round-robin sends fewer records keeps round-robin's loads).
+// Deterministic.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +41,9 @@ struct PlacementOptions {
   double load_slack = 0.25;
   int max_sweeps = 20;  // swap passes per partition
   // Replica slots per rank and layer beyond the experts / ranks primaries.
-  // Copies go one by one to the expert with the most load per copy, and
+  // Loads are shrunk towards the layer mean by the share of their spread
+  // that sampling noise explains, so balancing does not fit noise. Copies
+  // go one by one to the expert with the most load per copy, and
   // primaries are then partitioned by load per copy (ranks and nodes held to
   // min(load_slack, 5%)). Each replica goes to the rank, among those with a
   // free slot and near the mean load, where the fitted trace's tokens of
@@ -48,7 +52,8 @@ struct PlacementOptions {
   //  1. unreplicated primaries are exchanged between heavier and lighter
   //     ranks, towards the mean;
   //  2. copies are exchanged off the heaviest rank (same node first) while
-  //     that lowers it.
+  //     that lowers it; where none does, a replica of an expert on it trades
+  //     places with a replica elsewhere (towards the expert's sources).
   // An exchange that moves an unreplicated primary to another rank (1) or
   // node (2) is made only where the records it adds on the fitted trace are
   // within that trace's sampling noise (3 sqrt(tokens), or 1%): experts
