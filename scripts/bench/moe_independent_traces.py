@@ -1,0 +1,135 @@
+#!/usr/bin/python3
+"""Routing traces from models te-moe gen does not have, written by a writer
+of the trace format (moe/routing_trace.h) that shares no code with the
+project's, to check the placement solver on structure it was not built
+around.
+
+Models (256 experts x 8 layers x top-8 unless told otherwise):
+  nested   4 super-groups of 64 experts, each of 4 groups of 16: a token
+           draws 60% of its experts from its group, 30% from its
+           super-group, 10% anywhere; a different expert permutation per
+           layer.
+  drift    16 groups; a token's group at layer l + 1 is a fixed function of
+           its group at layer l (80%), so some groups grow hot layer by
+           layer; 70% of its experts from its group.
+  uniform  every token draws top-k distinct experts uniformly.
+  dups     every token names one expert k times.
+  sparse   every third layer has no experts; elsewhere 70% of slots are -1.
+  onehot   expert 0 is in every token, the rest uniform.
+
+The model is fixed (its own seed); --seed draws the tokens, so two seeds
+give a fitted and a held-out trace of the same model:
+
+  scripts/bench/moe_independent_traces.py nested /tmp/fit.bin --seed=1
+  scripts/bench/moe_independent_traces.py nested /tmp/held.bin --seed=2
+  te-moe place --trace=/tmp/fit.bin --eval_trace=/tmp/held.bin \\
+      --ranks=64 --nodes=8 --extra_slots=1
+"""
+import argparse
+import random
+import struct
+
+MODELS = ("nested", "drift", "uniform", "dups", "sparse", "onehot")
+
+
+def crc32c(data):
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def write_trace(path, tokens, layers, topk, experts, row_of):
+    ids = []
+    for tok in range(tokens):
+        for layer in range(layers):
+            row = row_of(tok, layer)
+            assert len(row) == topk
+            ids.extend(row)
+    body = b"TEMOETR1" + struct.pack("<4I", tokens, layers, topk, experts)
+    body += struct.pack("<%dh" % len(ids), *ids)
+    with open(path, "wb") as f:
+        f.write(body + struct.pack("<I", crc32c(body)))
+
+
+def distinct(rng, k, draw):
+    row = []
+    while len(row) < k:
+        e = draw()
+        if e not in row:
+            row.append(e)
+    return row
+
+
+def model_rows(name, seed, layers, topk, experts):
+    rng = random.Random(seed)
+    structure = random.Random(1234)  # the model, the same for every seed
+    if name == "nested":
+        perm = [structure.sample(range(experts), experts) for _ in range(layers)]
+        sub, group = experts // 4, experts // 16
+
+        def row(tok, layer):
+            s, g = rng.randrange(4), rng.randrange(4)
+
+            def draw():
+                r = rng.random()
+                if r < 0.6:
+                    e = s * sub + g * group + rng.randrange(group)
+                elif r < 0.9:
+                    e = s * sub + rng.randrange(sub)
+                else:
+                    e = rng.randrange(experts)
+                return perm[layer][e]
+            return distinct(rng, topk, draw)
+        return row
+    if name == "drift":
+        groups, size = 16, experts // 16
+        successor = [structure.randrange(groups) for _ in range(groups)]
+        state = {}
+
+        def row(tok, layer):
+            if layer == 0 or rng.random() >= 0.8:
+                g = rng.randrange(groups)
+            else:
+                g = successor[state[tok]]
+            state[tok] = g
+            return distinct(rng, topk, lambda: g * size + rng.randrange(size)
+                            if rng.random() < 0.7 else rng.randrange(experts))
+        return row
+    if name == "uniform":
+        return lambda tok, layer: rng.sample(range(experts), topk)
+    if name == "dups":
+        return lambda tok, layer: [rng.randrange(experts)] * topk
+    if name == "sparse":
+        return lambda tok, layer: ([-1] * topk if layer % 3 == 0 else
+                                   [rng.randrange(experts) if rng.random() < 0.3 else -1
+                                    for _ in range(topk)])
+    if name == "onehot":
+        return lambda tok, layer: [0] + rng.sample(range(1, experts), topk - 1)
+    raise ValueError(name)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=1, help="which tokens are drawn")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=256)
+    a = ap.parse_args()
+    if a.experts % 64 != 0 or not 1 <= a.topk <= 16:
+        ap.error("--experts must be a multiple of 64 and --topk in 1..16")
+    write_trace(a.out, a.tokens, a.layers, a.topk, a.experts,
+                model_rows(a.model, a.seed, a.layers, a.topk, a.experts))
+
+
+if __name__ == "__main__":
+    main()
