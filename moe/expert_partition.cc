@@ -11,7 +11,26 @@ void PartitionProblem::AddToken(const uint32_t* items_of_token, uint32_t n, int3
   home.push_back(home_part);
 }
 
+bool PartitionProblem::WellFormed() const {
+  if (parts == 0 || items % parts != 0 || load.size() != items) return false;
+  if (begin.empty() || begin.front() != 0 || begin.size() != home.size() + 1 || begin.back() != members.size())
+    return false;
+  for (uint32_t t = 0; t < tokens(); ++t)
+    if (begin[t + 1] < begin[t] || home[t] < -1 || home[t] >= int64_t(parts)) return false;
+  std::vector<uint32_t> seen(items, UINT32_MAX);
+  for (uint32_t t = 0; t < tokens(); ++t) {
+    for (uint32_t i = begin[t]; i < begin[t + 1]; ++i) {
+      if (members[i] >= items || seen[members[i]] == t) return false;
+      seen[members[i]] = t;
+    }
+  }
+  return true;
+}
+
 uint64_t PartitionCost(const PartitionProblem& p, const std::vector<uint32_t>& part_of) {
+  if (!p.WellFormed() || part_of.size() != p.items) return UINT64_MAX;
+  for (uint32_t q : part_of)
+    if (q >= p.parts) return UINT64_MAX;
   uint64_t cost = 0;
   std::vector<uint32_t> seen(p.parts, UINT32_MAX);
   for (uint32_t t = 0; t < p.tokens(); ++t) {
@@ -312,6 +331,7 @@ class Refiner {
 }  // namespace
 
 std::vector<uint32_t> SolvePartition(const PartitionProblem& p, int max_sweeps) {
+  if (!p.WellFormed()) return {};
   if (p.parts <= 1) return std::vector<uint32_t>(p.items, 0);
   // Two constructions, each refined. The winner is the one furthest under
   // the cap (neither over it counts as equal), then the cheaper.
@@ -337,6 +357,12 @@ std::vector<uint32_t> SolvePartition(const PartitionProblem& p, int max_sweeps) 
 
 std::vector<uint32_t> RepairLoads(const PartitionProblem& p, std::vector<uint32_t> part_of,
                                   const PartitionProblem* groups) {
+  if (!p.WellFormed() || part_of.size() != p.items) return {};
+  for (uint32_t q : part_of)
+    if (q >= p.parts) return {};
+  if (groups != nullptr && (!groups->WellFormed() || groups->items != p.items || groups->tokens() != p.tokens() ||
+                            groups->members != p.members || p.parts % groups->parts != 0))
+    return {};
   if (p.parts <= 1) return part_of;
   Refiner r(p, std::move(part_of));
   if (groups == nullptr || groups->parts <= 1) {

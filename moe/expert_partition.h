@@ -28,9 +28,13 @@ struct PartitionProblem {
 
   void AddToken(const uint32_t* items, uint32_t n, int32_t home_part);
   uint32_t tokens() const { return uint32_t(home.size()); }
+  // parts > 0 divides items, one load per item, tokens' items in range and
+  // distinct, homes a part or -1.
+  bool WellFormed() const;
 };
 
-// Sum over tokens of distinct parts (a home counts as one).
+// Sum over tokens of distinct parts (a home counts as one); UINT64_MAX when
+// the problem is not WellFormed() or part_of does not name a part per item.
 uint64_t PartitionCost(const PartitionProblem& problem, const std::vector<uint32_t>& part_of);
 
 // Greedy construction (heaviest expert first, into the part it shares most
@@ -40,7 +44,8 @@ uint64_t PartitionCost(const PartitionProblem& problem, const std::vector<uint32
 // fewer records never fix that, so then a repair: while a part is over the
 // cap, the swap that brings it under (without raising another over) and adds
 // the fewest records, else the swap that lowers it most; then swaps for
-// fewer records again. Deterministic.
+// fewer records again. Deterministic. Empty when the problem is not
+// WellFormed().
 std::vector<uint32_t> SolvePartition(const PartitionProblem& problem, int max_sweeps = 20);
 
 // The same repair on a given assignment. With `groups` (the same items and
@@ -49,6 +54,8 @@ std::vector<uint32_t> SolvePartition(const PartitionProblem& problem, int max_sw
 // is also held under groups->cap and records count at both levels: the
 // partition of a layer into nodes and then into ranks leaves a rank over its
 // cap where its node took more heavy experts than its ranks can spread.
+// Empty when a problem is not WellFormed(), part_of does not name a part
+// for every item, or the groups do not match (items, tokens, parts).
 std::vector<uint32_t> RepairLoads(const PartitionProblem& problem, std::vector<uint32_t> part_of,
                                   const PartitionProblem* groups = nullptr);
 

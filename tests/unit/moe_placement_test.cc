@@ -194,6 +194,40 @@ TEST(ExpertPartition, FindsAPlantedPartitionAndCountsExactly) {
   EXPECT_EQ(SolvePartition(h), (std::vector<uint32_t>{1, 0}));
 }
 
+TEST(ExpertPartition, MalformedProblemsAreRefusedNotRead) {
+  auto good = [] {
+    PartitionProblem p;
+    p.items = 4, p.parts = 2, p.load = {1, 2, 3, 4}, p.cap = 6;
+    const uint32_t t[2] = {0, 3};
+    p.AddToken(t, 2, -1);
+    return p;
+  };
+  ASSERT_TRUE(good().WellFormed());
+  ASSERT_EQ(SolvePartition(good()).size(), 4u);
+  std::vector<PartitionProblem> bad(8, good());
+  bad[0].parts = 3;  // does not divide the items
+  bad[1].parts = 0;
+  bad[2].load.pop_back();    // a load missing
+  bad[3].members[1] = 4;     // no such item
+  bad[4].members[1] = 0;     // an item twice in one token
+  bad[5].home[0] = 2;        // no such part
+  bad[6].begin.back() = 7;   // past the members
+  bad[7].begin = {0, 9, 2};  // a token past the members, the next back in range
+  bad[7].home.push_back(-1);
+  for (size_t i = 0; i < bad.size(); ++i) {
+    EXPECT_FALSE(bad[i].WellFormed()) << i;
+    EXPECT_TRUE(SolvePartition(bad[i]).empty()) << i;
+    EXPECT_TRUE(RepairLoads(bad[i], {0, 0, 1, 1}).empty()) << i;
+    EXPECT_EQ(PartitionCost(bad[i], {0, 0, 1, 1}), UINT64_MAX) << i;
+  }
+  EXPECT_TRUE(RepairLoads(good(), {0, 0, 1}).empty());     // an item without a part
+  EXPECT_TRUE(RepairLoads(good(), {0, 0, 1, 2}).empty());  // no such part
+  EXPECT_EQ(PartitionCost(good(), {0, 0, 1, 5}), UINT64_MAX);
+  PartitionProblem groups = good();
+  groups.parts = 4;  // more groups than parts
+  EXPECT_TRUE(RepairLoads(good(), {0, 0, 1, 1}, &groups).empty());
+}
+
 // Eight heavy experts used together and 24 light ones alone, into 4 parts of
 // 8: co-activation pulls the heavy ones into as few parts as the cap allows,
 // and the light ones left at the end then fit only in parts that are already
