@@ -9,6 +9,9 @@ namespace te::moe {
 namespace {
 constexpr char kMagic[8] = {'T', 'E', 'M', 'O', 'E', 'T', 'R', '1'};
 constexpr size_t kHeader = 8 + 16;
+
+// A 128-bit count for a message: exact up to 2^64, else named as beyond it.
+std::string Count(unsigned __int128 n) { return n >> 64 ? std::string("more than 2^64") : std::to_string(uint64_t(n)); }
 }  // namespace
 
 Status RoutingTrace::ValidateShape() const {
@@ -24,9 +27,12 @@ Status RoutingTrace::ValidateShape() const {
 
 Status RoutingTrace::Validate() const {
   TE_RETURN_IF_ERROR(ValidateShape());
-  if (ids.size() != size_t(tokens) * layers * topk)
-    return InvalidArgument("trace holds " + std::to_string(ids.size()) + " ids; shape needs " +
-                           std::to_string(size_t(tokens) * layers * topk));
+  // In 128 bits: tokens x layers x topk reaches 2^79, and a product that
+  // wrapped to ids.size() would pass with a shape the ids do not fill.
+  const unsigned __int128 need = (unsigned __int128)tokens * layers * topk;
+  if (need != ids.size())
+    return InvalidArgument("trace holds " + std::to_string(ids.size()) + " ids; shape " + std::to_string(tokens) +
+                           " x " + std::to_string(layers) + " x " + std::to_string(topk) + " needs " + Count(need));
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < -1 || ids[i] >= int(experts))
       return InvalidArgument("expert id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
@@ -61,7 +67,7 @@ Result<RoutingTrace> ParseTrace(const std::vector<uint8_t>& b) {
   if (b.size() != kHeader + n * 2 + 4)
     return InvalidArgument("trace file is " + std::to_string(b.size()) + " bytes; its header (" +
                            std::to_string(t.tokens) + " x " + std::to_string(t.layers) + " x " +
-                           std::to_string(t.topk) + ") needs " + std::to_string(uint64_t(kHeader + n * 2 + 4)));
+                           std::to_string(t.topk) + ") needs " + Count(kHeader + n * 2 + 4));
   uint32_t crc;
   std::memcpy(&crc, b.data() + b.size() - 4, 4);
   if (Crc32c(b.data(), b.size() - 4) != crc) return InvalidArgument("trace checksum mismatch: corrupted");

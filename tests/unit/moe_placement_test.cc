@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <set>
@@ -52,6 +53,20 @@ TEST(RoutingTrace, FileRoundTripAndCorruptionIsRejected) {
   auto v = wrong.Validate();
   ASSERT_FALSE(v.ok());
   EXPECT_NE(v.message().find("expert id 64"), std::string::npos);
+  // A shape whose id count wraps 64 bits to the ids held (2^31 x 2^31 x 4 =
+  // 2^64, none held) is refused, here and in a file's header.
+  RoutingTrace wraps;
+  wraps.tokens = wraps.layers = 1u << 31;
+  wraps.topk = 4, wraps.experts = 8;
+  EXPECT_FALSE(wraps.Validate().ok());
+  EXPECT_FALSE(PlaceExperts(wraps, 4, {}).ok());
+  std::vector<uint8_t> header = SerializeTrace(t);
+  const uint32_t dims[4] = {1u << 31, 1u << 31, 4, 8};
+  std::memcpy(header.data() + 8, dims, 16);
+  header.resize(24 + 4);
+  const auto parsed = ParseTrace(header);
+  ASSERT_FALSE(parsed.ok());
+  EXPECT_NE(parsed.status().message().find("more than 2^64"), std::string::npos) << parsed.status().ToString();
 }
 
 TEST(RoutingTrace, TokensPickDistinctExperts) {
