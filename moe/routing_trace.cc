@@ -22,6 +22,10 @@ Status RoutingTrace::ValidateShape() const {
   if (experts > 32767) return InvalidArgument("experts = " + std::to_string(experts) + "; at most 32767");
   if (topk > experts)
     return InvalidArgument("top-" + std::to_string(topk) + " exceeds " + std::to_string(experts) + " experts");
+  const unsigned __int128 ids = (unsigned __int128)tokens * layers * topk;
+  if (ids > kMaxTraceIds)
+    return InvalidArgument("trace shape " + std::to_string(tokens) + " x " + std::to_string(layers) + " x " +
+                           std::to_string(topk) + " holds " + Count(ids) + " ids; at most 2^32");
   return Status::Ok();
 }
 

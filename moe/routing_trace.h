@@ -15,6 +15,8 @@
 
 namespace te::moe {
 
+inline constexpr uint64_t kMaxTraceIds = uint64_t(1) << 32;
+
 struct RoutingTrace {
   uint32_t tokens = 0, layers = 0, topk = 0, experts = 0;
   std::vector<int16_t> ids;  // size tokens * layers * topk
@@ -23,7 +25,8 @@ struct RoutingTrace {
     return ids[(size_t(token) * layers + layer) * topk + k];
   }
   int16_t& at(uint32_t token, uint32_t layer, uint32_t k) { return ids[(size_t(token) * layers + layer) * topk + k]; }
-  // The dimensions alone: none zero, experts <= 32767, topk <= experts.
+  // The dimensions alone: none zero, experts <= 32767, topk <= experts,
+  // tokens x layers x topk <= kMaxTraceIds (8 GiB of ids).
   Status ValidateShape() const;
   // Shapes consistent and every id in [-1, experts).
   Status Validate() const;

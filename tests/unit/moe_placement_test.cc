@@ -60,6 +60,10 @@ TEST(RoutingTrace, FileRoundTripAndCorruptionIsRejected) {
   wraps.topk = 4, wraps.experts = 8;
   EXPECT_FALSE(wraps.Validate().ok());
   EXPECT_FALSE(PlaceExperts(wraps, 4, {}).ok());
+  TraceOptions huge = Model(TraceModel::kPopularity, 8, 1, 0);
+  huge.tokens = huge.layers = 1u << 31;
+  huge.topk = 4;
+  EXPECT_FALSE(GenerateTrace(huge).ok());  // it allocated the wrapped count and wrote past it
   std::vector<uint8_t> header = SerializeTrace(t);
   const uint32_t dims[4] = {1u << 31, 1u << 31, 4, 8};
   std::memcpy(header.data() + 8, dims, 16);
