@@ -60,7 +60,8 @@ TEST(RoutingTrace, FileRoundTripAndCorruptionIsRejected) {
   wraps.topk = 4, wraps.experts = 8;
   EXPECT_FALSE(wraps.Validate().ok());
   EXPECT_FALSE(PlaceExperts(wraps, 4, {}).ok());
-  TraceOptions huge = Model(TraceModel::kPopularity, 8, 1, 0);
+  TraceOptions huge;
+  huge.model = TraceModel::kPopularity;
   huge.tokens = huge.layers = 1u << 31;
   huge.topk = 4;
   EXPECT_FALSE(GenerateTrace(huge).ok());  // it allocated the wrapped count and wrote past it
