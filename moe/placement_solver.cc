@@ -485,6 +485,20 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
       }
   }
 
+  // The heaviest of rank h and the ranks of e's and f's copies, were those
+  // copies on `ne` and `nf`.
+  auto peak_if = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, uint32_t f,
+                     const std::vector<uint32_t>& nf) {
+    const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cf = ExpertMap::ChooseReplicas(nf, R, o.nodes);
+    add(e, -1), add(f, -1);
+    for (uint32_t s = 0; s < R; ++s) load[ce[s]] += from[e][s], load[cf[s]] += from[f][s];
+    uint64_t worst = load[h];
+    for (uint32_t x : ne) worst = std::max(worst, load[x]);
+    for (uint32_t x : nf) worst = std::max(worst, load[x]);
+    for (uint32_t s = 0; s < R; ++s) load[ce[s]] -= from[e][s], load[cf[s]] -= from[f][s];
+    add(e, +1), add(f, +1);
+    return worst;
+  };
   for (uint32_t iter = 0; iter < 8 * R; ++iter) {
     const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
     const uint64_t peak = load[h];
@@ -539,14 +553,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
             auto ne = on_e, nf = on_f;
             std::replace(ne.begin(), ne.end(), h, r);
             nf[jf] = h;
-            const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cf = ExpertMap::ChooseReplicas(nf, R, o.nodes);
-            add(e, -1), add(f, -1);
-            for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] += from[e][s2], load[cf[s2]] += from[f][s2];
-            uint64_t worst = load[h];
-            for (uint32_t x : ne) worst = std::max(worst, load[x]);
-            for (uint32_t x : nf) worst = std::max(worst, load[x]);
-            for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] -= from[e][s2], load[cf[s2]] -= from[f][s2];
-            add(e, +1), add(f, +1);
+            const uint64_t worst = peak_if(h, e, ne, f, nf);
             if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
           }
         }
@@ -576,15 +583,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
               auto ne = on_e, ng = on_g;
               ne[j] = r;
               std::replace(ng.begin(), ng.end(), r, x);
-              const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cg = ExpertMap::ChooseReplicas(ng, R, o.nodes);
-              add(e, -1), add(g, -1);
-              for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] += from[e][s2], load[cg[s2]] += from[g][s2];
-              uint64_t worst = load[h];
-              for (uint32_t y : ne) worst = std::max(worst, load[y]);
-              for (uint32_t y : ng) worst = std::max(worst, load[y]);
-              worst = std::max(worst, load[x]);
-              for (uint32_t s2 = 0; s2 < R; ++s2) load[ce[s2]] -= from[e][s2], load[cg[s2]] -= from[g][s2];
-              add(e, +1), add(g, +1);
+              const uint64_t worst = peak_if(h, e, ne, g, ng);
               if (worst < best_peak) best_peak = worst, tr_e = e, tr_g = g, tr_x = x, tr_r = r;
             }
           }
