@@ -211,17 +211,42 @@ class Refiner {
   // cap, so it cannot undo this.
   void Repair(Refiner* upper = nullptr, uint32_t per_group = 1) {
     const uint32_t n = p_.items;
-    std::vector<uint32_t> stamp(p_.tokens(), UINT32_MAX);
+    std::vector<uint32_t> stamp(p_.tokens(), UINT32_MAX), heavy;
     auto group = [&](uint32_t q) { return q / per_group; };
     for (uint32_t iter = 0; iter < 4 * n; ++iter) {
       const uint32_t a = uint32_t(std::max_element(load_.begin(), load_.end()) - load_.begin());
       if (double(load_[a]) <= p_.cap) return;
-      uint32_t best_e = n, best_f = n;
-      bool best_fits = false;
-      int64_t best_gain = 0;
-      uint64_t best_peak = load_[a];
-      for (uint32_t e = 0; e < n; ++e) {
-        if (part_[e] != a) continue;
+      // Among swaps that fit, the fewest records added per unit of excess
+      // removed, each swap charged one record more than it adds: without
+      // that charge, swaps of tiny loads that add nothing win one by one and
+      // the loop takes thousands of steps where one swap of about the same
+      // cost clears the excess (thousands of light experts).
+      const double excess = double(load_[a]) - p_.cap;
+      struct Pick {
+        uint32_t e, f;
+        bool fits;
+        double score;
+        int64_t gain;
+        uint64_t peak;
+      };
+      Pick best{n, n, false, 0, 0, load_[a]};
+      auto better = [](const Pick& c, const Pick& b) {
+        if (c.fits != b.fits) return c.fits;
+        if (!c.fits) return c.peak < b.peak || (c.peak == b.peak && c.gain > b.gain);
+        return c.score > b.score;
+      };
+      // The part's 32 heaviest experts are the ones to swap out (a swap
+      // removes the difference of two loads); that bounds a step at 32 x
+      // items pairs where a part holds thousands.
+      heavy.clear();
+      for (uint32_t e = 0; e < n; ++e)
+        if (part_[e] == a) heavy.push_back(e);
+      const size_t keep = std::min<size_t>(heavy.size(), 32);
+      std::partial_sort(heavy.begin(), heavy.begin() + keep, heavy.end(), [&](uint32_t x, uint32_t y) {
+        return p_.load[x] != p_.load[y] ? p_.load[x] > p_.load[y] : x < y;
+      });
+      heavy.resize(keep);
+      for (uint32_t e : heavy) {
         for (uint32_t k = tok_begin_[e]; k < tok_begin_[e + 1]; ++k) stamp[toks_[k]] = e;
         for (uint32_t f = 0; f < n; ++f) {
           const uint32_t b = part_[f];
@@ -235,16 +260,22 @@ class Refiner {
             // Never the heaviest group: b's group stays under the cap or a's.
             if (double(group_b) > std::max(upper->p_.cap, double(upper->load_[group(a)]))) continue;
           }
-          const uint64_t peak = std::max(load_[a] - d, nb);
-          if (!fits && (best_fits || peak >= best_peak)) continue;
-          int64_t gain = SwapGain(e, f, stamp);
-          if (crosses) gain += upper->SwapGain(e, f, stamp);
-          const bool better = fits ? (!best_fits || gain > best_gain || (gain == best_gain && peak < best_peak))
-                                   : (peak < best_peak || (peak == best_peak && gain > best_gain));
-          if (!better) continue;
-          best_e = e, best_f = f, best_fits = fits, best_gain = gain, best_peak = peak;
+          Pick c{e, f, fits, 0, 0, std::max(load_[a] - d, nb)};
+          if (!fits && (best.fits || c.peak >= best.peak)) continue;
+          const double progress = std::min(double(d), excess);
+          if (fits && best.fits) {
+            // Shared tokens only lower a gain below this bound.
+            int64_t bound = Saving(e, b) + Saving(f, a);
+            if (crosses) bound += upper->Saving(e, group(b)) + upper->Saving(f, group(a));
+            if (double(bound - 1) / progress <= best.score) continue;
+          }
+          c.gain = SwapGain(e, f, stamp);
+          if (crosses) c.gain += upper->SwapGain(e, f, stamp);
+          c.score = double(c.gain - 1) / progress;
+          if (best.e == n || better(c, best)) best = c;
         }
       }
+      const uint32_t best_e = best.e, best_f = best.f;
       if (best_e == n) return;  // no swap lowers the heaviest part
       Swap(best_e, best_f);
       if (upper != nullptr && group(a) != group(part_[best_e])) upper->Swap(best_e, best_f);

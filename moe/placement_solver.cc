@@ -102,8 +102,12 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
   // Each token's distinct experts at this layer, and its home rank (kTop1).
   std::vector<std::vector<uint32_t>> experts_of(t.tokens);
   for (uint32_t tok = 0; tok < t.tokens; ++tok)
-    for (uint32_t k = 0; k < t.topk; ++k)
-      if (const int e = t.at(tok, l, k); e >= 0) experts_of[tok].push_back(uint32_t(e));
+    for (uint32_t k = 0; k < t.topk; ++k) {
+      const int e = t.at(tok, l, k);
+      auto& mine = experts_of[tok];
+      // A trace may name an expert twice for a token; it costs one record.
+      if (e >= 0 && std::find(mine.begin(), mine.end(), uint32_t(e)) == mine.end()) mine.push_back(uint32_t(e));
+    }
   std::vector<int32_t> home(t.tokens, -1);
   if (o.home == TokenHome::kTop1 && l > 0) {
     const auto homes = TokenHomes(t, *p, o.home, l, o.nodes);
@@ -129,7 +133,9 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
         np.AddToken(experts_of[tok].data(), uint32_t(experts_of[tok].size()), h);
     }
     node_of = SolvePartition(np, o.max_sweeps);
+    if (node_of.size() != E) return;  // not well formed (it is by construction): the layer stays as it was
   }
+  std::vector<uint32_t> rank_of(E);
   // Then each node's ranks.
   const double rank_cap = Cap(load, R, slack);
   for (uint32_t n = 0; n < N; ++n) {
@@ -151,7 +157,8 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
       if (!mine.empty() && mine.size() + (h >= 0) >= 2) rp.AddToken(mine.data(), uint32_t(mine.size()), h);
     }
     const auto rank_in_node = SolvePartition(rp, o.max_sweeps);
-    for (uint32_t i = 0; i < items.size(); ++i) p->rank_of[l][items[i]] = n * per_node + rank_in_node[i];
+    if (rank_in_node.size() != items.size()) return;
+    for (uint32_t i = 0; i < items.size(); ++i) rank_of[items[i]] = n * per_node + rank_in_node[i];
   }
   // A node may hold more heavy experts than its ranks can spread under the
   // rank cap; swap across nodes where that keeps both nodes under theirs.
@@ -167,8 +174,11 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
       ranks.AddToken(experts_of[tok].data(), m, home[tok]);
       nodes.AddToken(experts_of[tok].data(), m, home[tok] >= 0 ? int32_t(uint32_t(home[tok]) / per_node) : -1);
     }
-    p->rank_of[l] = RepairLoads(ranks, p->rank_of[l], &nodes);
+    auto repaired = RepairLoads(ranks, rank_of, &nodes);
+    if (repaired.size() != E) return;
+    rank_of = std::move(repaired);
   }
+  p->rank_of[l] = std::move(rank_of);
   if (o.home == TokenHome::kTop1 && l > 0) FollowHomes(t, l, load, home, experts_of, o, p);
 }
 

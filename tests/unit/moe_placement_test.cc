@@ -288,6 +288,25 @@ TEST(ExpertPartition, TheCapHoldsWhereFillingSlotsWouldBreakIt) {
   EXPECT_LE(double(load[2] + load[3]), groups.cap);
 }
 
+// A trace may name an expert twice for one token (nothing in the format
+// forbids it; it costs one record). The partitions take each token's
+// distinct experts: a repeated one made them refuse the problem.
+TEST(Placement, RepeatedExpertsInATokenArePlaced) {
+  auto t = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 0)).value();
+  for (uint32_t tok = 0; tok < t.tokens; ++tok)
+    for (uint32_t l = 0; l < t.layers; ++l) t.at(tok, l, 1) = t.at(tok, l, 0);
+  for (uint32_t slots : {0u, 1u}) {
+    PlacementOptions o;
+    o.nodes = 2;
+    o.extra_slots = slots;
+    auto p = PlaceExperts(t, 8, o);
+    ASSERT_TRUE(p.ok()) << p.status().ToString();
+    EXPECT_TRUE(p->Validate(slots).ok());
+    const auto rr = Records(t, RoundRobinPlacement(2, 64, 8), 2);
+    if (slots == 0) EXPECT_LE(Records(t, *p, 2).rank + Records(t, *p, 2).node, rr.rank + rr.node);
+  }
+}
+
 TEST(Placement, SolverKeepsEveryInvariant) {
   auto t = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 4, 0)).value();
   PlacementOptions o;
