@@ -42,10 +42,10 @@ uint64_t PartitionCost(const PartitionProblem& problem, const std::vector<uint32
 // none gains or `max_sweeps` passes. Filling slots can leave a part over the
 // cap (the light experts left at the end may fit only there), and swaps for
 // fewer records never fix that, so then a repair: while a part is over the
-// cap, the swap that brings it under (without raising another over) and adds
-// the fewest records, else the swap that lowers it most; then swaps for
-// fewer records again. Deterministic. Empty when the problem is not
-// WellFormed().
+// cap, the swap of one of its heaviest experts that keeps the other part
+// under the cap and adds the fewest records per unit of excess removed, else
+// the swap that lowers it most; then swaps for fewer records again.
+// Deterministic. Empty when the problem is not WellFormed().
 std::vector<uint32_t> SolvePartition(const PartitionProblem& problem, int max_sweeps = 20);
 
 // The same repair on a given assignment. With `groups` (the same items and
