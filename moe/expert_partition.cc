@@ -201,9 +201,9 @@ class Refiner {
 
   // Brings every part under the cap where swaps can: while the heaviest part
   // is over it, the swap of one of its experts with a lighter one elsewhere
-  // that keeps the other part under the cap and adds the fewest records
-  // (exact), or, where none keeps it under, the swap that lowers the heaviest
-  // part most. With `upper` (the same items and tokens, its parts groups of
+  // that keeps the other part under the cap, scored below by the records it
+  // adds (exact) per unit of excess removed, or, where none keeps it under,
+  // the swap that lowers the heaviest part most. With `upper` (the same items and tokens, its parts groups of
   // `per_group` of these: ranks in nodes) the groups are held under upper's
   // cap as well and records count at both levels. Each swap lowers the
   // heaviest part or the count of parts at that load, so the loop ends; it is
