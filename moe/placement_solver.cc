@@ -121,8 +121,8 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
 
   // Nodes first.
   std::vector<uint32_t> node_of(E, 0);
+  PartitionProblem np;  // also the node level of the repair below
   if (N > 1) {
-    PartitionProblem np;
     np.items = E;
     np.parts = N;
     np.load = load;
@@ -163,18 +163,16 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
   // A node may hold more heavy experts than its ranks can spread under the
   // rank cap; swap across nodes where that keeps both nodes under theirs.
   if (N > 1) {
-    PartitionProblem ranks, nodes;
-    ranks.items = nodes.items = E;
-    ranks.parts = R, nodes.parts = N;
-    ranks.load = nodes.load = load;
-    ranks.cap = rank_cap, nodes.cap = Cap(load, N, slack);
+    PartitionProblem ranks;  // the same tokens as np, homes as ranks
+    ranks.items = E;
+    ranks.parts = R;
+    ranks.load = load;
+    ranks.cap = rank_cap;
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
       const uint32_t m = uint32_t(experts_of[tok].size());
-      if (m + (home[tok] >= 0) < 2) continue;
-      ranks.AddToken(experts_of[tok].data(), m, home[tok]);
-      nodes.AddToken(experts_of[tok].data(), m, home[tok] >= 0 ? int32_t(uint32_t(home[tok]) / per_node) : -1);
+      if (m + (home[tok] >= 0) >= 2) ranks.AddToken(experts_of[tok].data(), m, home[tok]);
     }
-    auto repaired = RepairLoads(ranks, rank_of, &nodes);
+    auto repaired = RepairLoads(ranks, rank_of, &np);
     if (repaired.size() != E) return;
     rank_of = std::move(repaired);
   }
