@@ -28,9 +28,13 @@ else
   OPT=(); [ "$SAN" = address ] && OPT=(-DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g")
   cmake -S . -B "$DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTE_SANITIZE="$SAN" "${OPT[@]}" >/dev/null
   cmake --build "$DIR" -j "$JOBS" --target te_unit_tests te_engine_tests te_telemetry_tests te_moe_tests te_weightsync_tests te_kvcache_tests te_verbs_tests te_fuzz_tests
-  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+  # allow_user_segv_handler=0: the sanitizer keeps its own SIGSEGV/SIGBUS
+  # handler whatever a library installs or resets (libinfinipath installs
+  # one; nic/fabric/provider_signals.h puts the default back), so a crash
+  # prints its stack instead of dying silently.
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allow_user_segv_handler=0
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
+  export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 allow_user_segv_handler=0 suppressions=$PWD/tests/tsan.supp"
   export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp"
   # Under TSan, the 4-domain engine variants, the 256 MiB multi-process
   # copy, the larger KV tensor-parallel pairings, the two largest weight-sync
