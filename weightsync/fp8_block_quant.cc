@@ -41,6 +41,8 @@ float FromBits(uint32_t b) { return std::bit_cast<float>(b); }
 // before its runtime is up, and the program dies at load.
 #if defined(__SANITIZE_THREAD__)
 #define TE_VECTOR_CLONES __attribute__((noinline))
+#elif defined(__clang__)  // clang never inlines a multiversioned function, and refuses the attribute
+#define TE_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define TE_VECTOR_CLONES __attribute__((noinline, target_clones("avx2", "default")))
 #endif

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "base/checked_math.h"
+#include "base/crc32c.h"
 #include "kvcache/kv_layout.h"
 #include "kvcache/kv_messages.h"
 #include "moe/coherent_dispatcher.h"
@@ -337,6 +338,12 @@ const std::vector<Target>& Targets() {
       {"weightsync_control", WeightSyncControlTarget, Crc::kNone},
   };
   return kTargets;
+}
+
+void FixTrailingCrc(std::vector<uint8_t>* bytes) {
+  if (bytes->size() < 8) return;
+  const uint32_t crc = Crc32c(bytes->data(), bytes->size() - 4);
+  for (int i = 0; i < 4; ++i) (*bytes)[bytes->size() - 4 + i] = uint8_t(crc >> (8 * i));
 }
 
 }  // namespace te::fuzz

@@ -1,7 +1,7 @@
 // The fuzz targets (one per parser of peer or file bytes) and their seeds.
 // Run by tests/fuzz/fuzz_test.cc (a seeded mutation driver in GoogleTest,
-// bounded in time, run in CI under ASan/UBSan) and, when built with clang,
-// by libFuzzer through tests/fuzz/libfuzzer_main.cc.
+// bounded in time, run in CI under ASan/UBSan) and by libFuzzer through
+// tests/fuzz/libfuzzer_main.cc (clang, TE_LIBFUZZER; scripts/fuzz.sh).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +30,11 @@ const std::vector<Target>& Targets();
 // hidden 128), bf16 or fp8.
 moe::EpConfig MoeRecordShape(bool fp8);
 inline void PrintTo(const Target& t, std::ostream* os) { *os << t.name; }
+
+// Rewrites the last four bytes of `bytes` (at least 8) as the CRC-32C of
+// the rest, so that a mutant of a Crc::kTrailingCrc32c format reaches the
+// checks behind its CRC.
+void FixTrailingCrc(std::vector<uint8_t>* bytes);
 
 // Valid encodings made by the code itself: the starting points of every
 // run, next to the files in tests/fuzz/corpus/<target>/.
