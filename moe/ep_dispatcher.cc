@@ -72,27 +72,21 @@ Result<std::unique_ptr<EpDispatcher>> EpDispatcher::Create(TransferEngine* engin
 }
 
 Status EpDispatcher::Init() {
-  for (size_t bytes : {layout_->recv_bytes, layout_->send_bytes}) {
-    TE_ASSIGN_OR_RETURN(auto buffer, AlignedBuffer::Allocate(bytes));
-    memory_.push_back(std::move(buffer));
-  }
-  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->RegisterMemory(memory_[0].data(), layout_->recv_bytes));
-  TE_ASSIGN_OR_RETURN(send_mr_, engine_->RegisterMemory(memory_[1].data(), layout_->send_bytes));
+  // Owned by the regions: a write still posted after its request failed
+  // keeps the send buffer alive past this dispatcher (AllocateMemory).
+  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->AllocateMemory(layout_->recv_bytes));
+  TE_ASSIGN_OR_RETURN(send_mr_, engine_->AllocateMemory(layout_->send_bytes));
   overflow_offset_.assign(config_.ranks, 0);
   return Status::Ok();
 }
 
 EpDispatcher::~EpDispatcher() {
-  // Our own writes still read the send buffer until the engine ends them.
+  // The engine counts our requests' ends into the counters: they must not
+  // outlive them. Each ends within request_timeout, so the wait is bounded.
   (void)WaitForSends(engine_, dispatch_sends_, dispatch_submitted_, ShutdownWait(engine_), "shutdown");
   (void)WaitForSends(engine_, combine_sends_, combine_submitted_, ShutdownWait(engine_), "shutdown");
-  if (dispatch_sends_.finished() < dispatch_submitted_ || combine_sends_.finished() < combine_submitted_) {
-    LOG(ERROR) << "EpDispatcher: writes still unfinished at shutdown; their buffers are kept (leaked) rather than "
-                  "freed under them";
-    new std::vector<AlignedBuffer>(std::move(memory_));
-  }
-  recv_mr_.reset();
-  send_mr_.reset();  // before memory_ itself goes
+  if (dispatch_sends_.finished() < dispatch_submitted_ || combine_sends_.finished() < combine_submitted_)
+    LOG(ERROR) << "EpDispatcher: requests unfinished at shutdown, past the engine's request_timeout";
 }
 
 size_t EpDispatcher::buffer_bytes() const { return layout_->recv_bytes + layout_->send_bytes; }
@@ -204,8 +198,8 @@ Status EpDispatcher::Exchange(const SendPlan& plan, const ExpertMap& map, uint32
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t((seq_ + 1) & 1);
   const uint64_t C = L.private_records;
   ++seq_;
-  uint8_t* recv = memory_[0].data();
-  uint8_t* send = memory_[1].data();
+  uint8_t* recv = recv_mr_->data();
+  uint8_t* send = send_mr_->data();
   DispatchHandle& h = out->handle;
   h.seq = seq_;
 
@@ -348,8 +342,8 @@ Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, co
   if (Status s = WaitSends(combine_sends_, combine_submitted_, "previous combine's writes"); !s.ok()) return Fail(s);
 
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
-  uint8_t* recv = memory_[0].data();
-  uint8_t* send = memory_[1].data();
+  uint8_t* recv = recv_mr_->data();
+  uint8_t* send = send_mr_->data();
   auto N = [&](uint32_t s, uint32_t d) { return uint64_t(h.matrix[size_t(s) * R + d]); };
   const Completion sent{.counter = &combine_sends_};
   // Partial sums per source, each written back as soon as it is ready.
@@ -380,12 +374,12 @@ Result<const uint16_t*> EpDispatcher::ReturnPartials(const DispatchHandle& h, co
   return reinterpret_cast<const uint16_t*>(recv + L.Combine(b, 0));
 }
 
-uint8_t* EpDispatcher::send_records() const { return memory_[1].data() + layout_->send_records_off; }
+uint8_t* EpDispatcher::send_records() const { return send_mr_->data() + layout_->send_records_off; }
 uint16_t* EpDispatcher::send_partials() const {
-  return reinterpret_cast<uint16_t*>(memory_[1].data() + layout_->send_partials_off);
+  return reinterpret_cast<uint16_t*>(send_mr_->data() + layout_->send_partials_off);
 }
 std::vector<EpDispatcher::HostBuffer> EpDispatcher::host_buffers() const {
-  return {{memory_[0].data(), layout_->recv_bytes}, {memory_[1].data(), layout_->send_bytes}};
+  return {{recv_mr_->data(), layout_->recv_bytes}, {send_mr_->data(), layout_->send_bytes}};
 }
 
 }  // namespace te::moe

@@ -49,7 +49,6 @@
 #include <string>
 #include <vector>
 
-#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "moe/dispatch_records.h"
 #include "moe/dispatch_types.h"
@@ -127,7 +126,6 @@ class EpDispatcher {
   TransferEngine* engine_;
   EpConfig config_;
   std::unique_ptr<Layout> layout_;
-  std::vector<AlignedBuffer> memory_;  // [recv, send]
   LocalMr recv_mr_, send_mr_;
   std::vector<RemoteMr> peers_;  // recv region of each rank (null for self)
   bool connected_ = false;

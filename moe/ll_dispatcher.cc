@@ -62,25 +62,20 @@ Result<std::unique_ptr<LowLatencyDispatcher>> LowLatencyDispatcher::Create(Trans
 }
 
 Status LowLatencyDispatcher::Init() {
-  for (size_t bytes : {layout_->recv_bytes, layout_->send_bytes}) {
-    TE_ASSIGN_OR_RETURN(auto buffer, AlignedBuffer::Allocate(bytes));
-    memory_.push_back(std::move(buffer));
-  }
-  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->RegisterMemory(memory_[0].data(), layout_->recv_bytes));
-  TE_ASSIGN_OR_RETURN(send_mr_, engine_->RegisterMemory(memory_[1].data(), layout_->send_bytes));
+  // Owned by the regions: a write still posted after its request failed
+  // keeps the send buffer alive past this dispatcher (AllocateMemory).
+  TE_ASSIGN_OR_RETURN(recv_mr_, engine_->AllocateMemory(layout_->recv_bytes));
+  TE_ASSIGN_OR_RETURN(send_mr_, engine_->AllocateMemory(layout_->send_bytes));
   return Status::Ok();
 }
 
 LowLatencyDispatcher::~LowLatencyDispatcher() {
-  // Our writes still read the send buffer until the engine ends them.
+  // The engine counts our requests' ends into sends_: it must not outlive
+  // them. Each ends within request_timeout, so this wait is bounded.
   if (!WaitForSends(engine_, sends_, submitted_, ShutdownWait(engine_), "shutdown").ok() &&
-      sends_.finished() < submitted_) {
+      sends_.finished() < submitted_)
     LOG(ERROR) << "LowLatencyDispatcher: " << submitted_ - sends_.finished()
-               << " writes still unfinished at shutdown; their buffers are kept (leaked) rather than freed under them";
-    new std::vector<AlignedBuffer>(std::move(memory_));
-  }
-  recv_mr_.reset();
-  send_mr_.reset();
+               << " requests unfinished at shutdown, past the engine's request_timeout";
 }
 
 size_t LowLatencyDispatcher::buffer_bytes() const { return layout_->recv_bytes + layout_->send_bytes; }
@@ -164,8 +159,8 @@ Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertM
   ++seq_;
   const uint32_t b = uint32_t(seq_ & 1);
   fingerprint_ = map.fingerprint();
-  uint8_t* recv = memory_[0].data();
-  uint8_t* send = memory_[1].data();
+  uint8_t* recv = recv_mr_->data();
+  uint8_t* send = send_mr_->data();
   std::vector<uint32_t> first_row(R);
   for (uint32_t d = 0; d < R; ++d) first_row[d] = uint32_t(d * L.rows + 1);
   PackRecords(c, map, batch, send, &plan_, &sent_, /*copy_payload=*/true, nullptr, &first_row);
@@ -215,7 +210,7 @@ Status LowLatencyDispatcher::RecvDispatch(DispatchResult* out) {
   h.row_begin.assign(1, 0);
   h.entries.clear();
   h.matrix.clear();
-  const uint8_t* recv = memory_[0].data();
+  const uint8_t* recv = recv_mr_->data();
   for (uint32_t s = 0; s < R; ++s) {
     BlockHeader head;
     std::memcpy(&head, recv + L.Slot(b, s), sizeof head);
@@ -247,8 +242,8 @@ Status LowLatencyDispatcher::SendCombine(const ExpertOutputs& outputs, const Dis
   const EpConfig& c = config_;
   const Layout& L = *layout_;
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
-  uint8_t* recv = memory_[0].data();
-  uint8_t* send = memory_[1].data();
+  uint8_t* recv = recv_mr_->data();
+  uint8_t* send = send_mr_->data();
   ScatterWrite back{send_mr_, {}, c.imm_base + kCombineImm + b};
   uint32_t first = 0;
   for (uint32_t s = 0; s < R; ++s) {
@@ -280,7 +275,7 @@ Status LowLatencyDispatcher::RecvCombine(uint16_t* out) {
   uint64_t expected = 0;
   for (uint32_t d = 0; d < R; ++d) expected += d != p && sent_.sent_to[d] > 0;
   if (Status s = WaitImms(c.imm_base + kCombineImm + b, expected, "combine rows from peers"); !s.ok()) return Fail(s);
-  SumPartials(c, sent_, reinterpret_cast<const uint16_t*>(memory_[0].data() + layout_->CombineSlot(b, 0)), out);
+  SumPartials(c, sent_, reinterpret_cast<const uint16_t*>(recv_mr_->data() + layout_->CombineSlot(b, 0)), out);
   if (engine_->options().progress == ProgressMode::kManual)
     if (Status s = WaitSends(submitted_, "combine writes"); !s.ok()) return Fail(s);
   phase_ = Phase::kIdle;

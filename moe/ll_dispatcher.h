@@ -50,7 +50,6 @@
 #include <string>
 #include <vector>
 
-#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "moe/dispatch_records.h"
 #include "moe/dispatch_types.h"
@@ -95,7 +94,6 @@ class LowLatencyDispatcher {
   TransferEngine* engine_;
   EpConfig config_;
   std::unique_ptr<Layout> layout_;
-  std::vector<AlignedBuffer> memory_;  // [recv, send]
   LocalMr recv_mr_, send_mr_;
   std::vector<RemoteMr> peers_;
   bool connected_ = false;

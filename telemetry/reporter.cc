@@ -19,8 +19,10 @@ Result<std::unique_ptr<Reporter>> Reporter::Create(TransferEngine* engine, const
   r->options_ = options;
   TE_ASSIGN_OR_RETURN(r->dst_, engine->Import(info.region));
   r->write_bytes_ = std::max(info.store.slot_bytes(), info.lists.record_slot_bytes());
-  r->staging_.assign(options.batches_in_flight * options.writes_per_batch * r->write_bytes_, 0);
-  TE_ASSIGN_OR_RETURN(r->staging_mr_, engine->RegisterMemory(r->staging_.data(), r->staging_.size()));
+  // Owned by the region: a write still posted after its batch failed keeps
+  // it alive past this reporter.
+  TE_ASSIGN_OR_RETURN(r->staging_mr_,
+                      engine->AllocateMemory(options.batches_in_flight * options.writes_per_batch * r->write_bytes_));
   for (size_t i = 0; i < options.batches_in_flight; ++i)
     r->slice_done_.push_back(std::make_unique<CompletionCounter>());
   r->slice_submitted_.assign(options.batches_in_flight, 0);
@@ -29,7 +31,17 @@ Result<std::unique_ptr<Reporter>> Reporter::Create(TransferEngine* engine, const
   return r;
 }
 
-Reporter::~Reporter() { (void)Drain(); }
+Reporter::~Reporter() {
+  (void)Drain();
+  // The engine counts each batch's end into its slice's counter. Drain
+  // waits options_.timeout, which may be shorter than the engine takes to
+  // end a batch to an unreachable collector (2 x request_timeout at most):
+  // wait that long, and should a batch outlast even that, leave its counter
+  // behind rather than free it under the engine.
+  const auto bound = 2 * engine_->options().request_timeout + std::chrono::seconds(1);
+  for (size_t s = 0; s < slice_done_.size(); ++s)
+    if (!slice_done_[s]->WaitFinished(slice_submitted_[s], bound)) (void)slice_done_[s].release();
+}
 
 Status Reporter::WaitForSlice(size_t slice) {
   const auto& c = *slice_done_[slice];
@@ -58,7 +70,7 @@ Status Reporter::KeyWrite(std::span<const uint8_t> key, std::span<const uint8_t>
   TE_RETURN_IF_ERROR(Reserve(g.hashes));
   for (uint32_t i = 0; i < g.hashes; ++i) {
     const size_t src = (slice_ * options_.writes_per_batch + batch_.targets.size()) * write_bytes_;
-    std::memcpy(staging_.data() + src, scratch_.data(), scratch_.size());
+    std::memcpy(staging_mr_->data() + src, scratch_.data(), scratch_.size());
     batch_.targets.push_back({dst_, src, info_.store_offset() + SlotOf(g, key, i) * g.slot_bytes(), scratch_.size()});
   }
   ++stats_.key_writes;
@@ -73,7 +85,7 @@ Status Reporter::Append(uint32_t list, std::span<const uint8_t> record) {
   TE_RETURN_IF_ERROR(EncodeRecord(info_.lists, seq, record, &scratch_));
   TE_RETURN_IF_ERROR(Reserve(1));
   const size_t src = (slice_ * options_.writes_per_batch + batch_.targets.size()) * write_bytes_;
-  std::memcpy(staging_.data() + src, scratch_.data(), scratch_.size());
+  std::memcpy(staging_mr_->data() + src, scratch_.data(), scratch_.size());
   batch_.targets.push_back(
       {dst_, src, info_.lists_offset() + info_.lists.RecordOffset(list, options_.ring, seq), scratch_.size()});
   next_seq_[list] = seq + 1;

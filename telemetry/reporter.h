@@ -58,7 +58,6 @@ class Reporter {
   ReporterOptions options_;
   RemoteMr dst_;
   size_t write_bytes_ = 0;  // staging bytes per write
-  std::vector<uint8_t> staging_;
   LocalMr staging_mr_;
   std::vector<std::unique_ptr<CompletionCounter>> slice_done_;
   std::vector<uint64_t> slice_submitted_;

@@ -3,7 +3,9 @@
 // Made by TransferEngine::RegisterMemory and held through LocalMr (a shared
 // pointer). The registration ends when the last reference goes: requests in
 // flight hold one, so a region never disappears under a write. The caller
-// owns the memory itself and keeps it alive at least as long.
+// owns the memory itself and keeps it alive at least as long; memory from
+// TransferEngine::AllocateMemory is owned by the region instead, and freed
+// after the registration ends.
 #pragma once
 
 #include <cstddef>
@@ -24,8 +26,10 @@ struct Memory {
 
 class MemoryRegion {
  public:
+  // `storage`, when set, owns the memory and is released after the
+  // registrations end.
   MemoryRegion(void* data, size_t length, Memory memory, std::vector<std::shared_ptr<nic::Domain>> domains,
-               std::vector<nic::LocalRegistration> registrations);
+               std::vector<nic::LocalRegistration> registrations, std::shared_ptr<void> storage = nullptr);
   ~MemoryRegion();
   MemoryRegion(const MemoryRegion&) = delete;
   MemoryRegion& operator=(const MemoryRegion&) = delete;
@@ -50,6 +54,7 @@ class MemoryRegion {
   Memory memory_;
   std::vector<std::shared_ptr<nic::Domain>> domains_;  // keeps them open until deregistered
   std::vector<nic::LocalRegistration> regs_;
+  std::shared_ptr<void> storage_;  // destroyed after ~MemoryRegion's body deregistered
 };
 
 using LocalMr = std::shared_ptr<const MemoryRegion>;

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "base/aligned_buffer.h"
+#include "base/checked_math.h"
 #include "base/crc32c.h"
 #include "nic/fabric/fabric_domain.h"
 #include "nic/local/local_domain.h"
@@ -19,8 +21,13 @@ namespace te {
 // ---- MemoryRegion ----
 
 MemoryRegion::MemoryRegion(void* data, size_t length, Memory memory, std::vector<std::shared_ptr<nic::Domain>> domains,
-                           std::vector<nic::LocalRegistration> registrations)
-    : data_(data), length_(length), memory_(memory), domains_(std::move(domains)), regs_(std::move(registrations)) {}
+                           std::vector<nic::LocalRegistration> registrations, std::shared_ptr<void> storage)
+    : data_(data),
+      length_(length),
+      memory_(memory),
+      domains_(std::move(domains)),
+      regs_(std::move(registrations)),
+      storage_(std::move(storage)) {}
 
 MemoryRegion::~MemoryRegion() {
   for (size_t i = 0; i < regs_.size(); ++i) {
@@ -184,6 +191,10 @@ size_t TransferEngine::domain_count() const { return group_->domains().size(); }
 bool TransferEngine::has_same_host_domain() const { return address_.same_host_domains > 0; }
 
 Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory memory) {
+  return Register(data, length, memory, nullptr);
+}
+
+Result<LocalMr> TransferEngine::Register(void* data, size_t length, Memory memory, std::shared_ptr<void> storage) {
   std::vector<nic::LocalRegistration> regs;
   const auto& domains = group_->domains();
   for (size_t i = 0; i < domains.size(); ++i) {
@@ -204,7 +215,17 @@ Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory
     }
     regs.push_back(reg.value());
   }
-  return LocalMr(std::make_shared<MemoryRegion>(data, length, memory, domains, std::move(regs)));
+  return LocalMr(std::make_shared<MemoryRegion>(data, length, memory, domains, std::move(regs), std::move(storage)));
+}
+
+Result<LocalMr> TransferEngine::AllocateMemory(size_t length) {
+  if (length == 0 || length > kMaxRegionBytes)
+    return InvalidArgument("AllocateMemory of " + std::to_string(length) + " bytes; valid range is 1.." +
+                           std::to_string(kMaxRegionBytes));
+  TE_ASSIGN_OR_RETURN(AlignedBuffer buffer, AlignedBuffer::Allocate(length));
+  auto storage = std::make_shared<AlignedBuffer>(std::move(buffer));
+  void* data = storage->data();
+  return Register(data, length, Memory::Host(), std::move(storage));
 }
 
 MrDescriptor TransferEngine::Describe(const MemoryRegion& region) const {

@@ -100,6 +100,12 @@ class TransferEngine {
 
   // ---- Memory ----
   Result<LocalMr> RegisterMemory(void* data, size_t length, Memory memory = Memory::Host());
+  // `length` bytes of zeroed, page-aligned host memory, registered, and owned
+  // by the region: freed when the last reference goes, the caller's and
+  // those of requests still in flight. So a buffer whose writes failed
+  // (kTimeout: some may still be posted) can be dropped at once; with
+  // RegisterMemory the caller would have to outlive those writes itself.
+  Result<LocalMr> AllocateMemory(size_t length);
   // What a peer needs to write into `region`.
   MrDescriptor Describe(const MemoryRegion& region) const;
 
@@ -184,6 +190,8 @@ class TransferEngine {
  private:
   TransferEngine(const EngineOptions& options, std::unique_ptr<DomainGroup> group, EngineAddress address);
 
+  // RegisterMemory; `storage` (AllocateMemory's) goes to the region.
+  Result<LocalMr> Register(void* data, size_t length, Memory memory, std::shared_ptr<void> storage);
   struct PeerCache;
   // Forgets cached peers nobody else holds; the cache's lock is held.
   size_t EvictUnusedPeersLocked();

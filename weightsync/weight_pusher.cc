@@ -96,14 +96,14 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Make(TransferEngine* engine,
     (wp[q].kind == WireParam::kFp8Codes ? pair.first : pair.second) = uint32_t(q);
   }
   if (converted > 0) {
-    TE_ASSIGN_OR_RETURN(p->converted_, AlignedBuffer::Allocate(converted, AlignedBuffer::kPage, /*zero=*/true));
-    TE_ASSIGN_OR_RETURN(p->converted_mr_, engine->RegisterMemory(p->converted_.data(), converted));
+    TE_ASSIGN_OR_RETURN(p->converted_mr_, engine->AllocateMemory(converted));
   }
   p->landings_.resize(receivers);
   const uint64_t staging = options.staging_bytes / options.bucket_bytes * options.bucket_bytes;
-  // Zeroed, so that its pages are faulted in here rather than in the first push.
-  TE_ASSIGN_OR_RETURN(p->staging_, AlignedBuffer::Allocate(staging, AlignedBuffer::kPage, /*zero=*/true));
-  TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->RegisterMemory(p->staging_.data(), staging));
+  // Zeroed (its pages are faulted in here rather than in the first push),
+  // and owned by the region: a write still posted after its request failed
+  // keeps it alive past this pusher.
+  TE_ASSIGN_OR_RETURN(p->staging_mr_, engine->AllocateMemory(staging));
   WeightPusher* self = p.get();
   // READY or REFUSED (control_messages.h), from receivers: parsed as hostile.
   TE_RETURN_IF_ERROR(
@@ -125,11 +125,7 @@ Result<std::unique_ptr<WeightPusher>> WeightPusher::Make(TransferEngine* engine,
   return p;
 }
 
-WeightPusher::~WeightPusher() {
-  engine_->ReleaseRecvHandler(this);
-  staging_mr_.reset();  // before staging_ itself goes
-  converted_mr_.reset();
-}
+WeightPusher::~WeightPusher() { engine_->ReleaseRecvHandler(this); }
 
 Status WeightPusher::SetReceiver(uint32_t rank, const std::string& info) {
   if (rank >= receivers_)
@@ -242,7 +238,7 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
   for (uint64_t bucket = 0; i < mine.size(); ++bucket) {
     if (bucket >= ring && !wait_until(submitted_by_bucket[bucket - ring]))  // its memory must be free
       return Timeout("push " + std::to_string(version) + ": staging not released in time");
-    uint8_t* base = staging_.data() + (bucket % ring) * B;
+    uint8_t* base = staging_mr_->data() + (bucket % ring) * B;
     const uint64_t base_off = (bucket % ring) * B;
     // Per receiver: writes from staging (gathered) and from the region.
     // Per receiver: writes from staging (gathered); and per (memory, receiver)
@@ -268,7 +264,7 @@ Result<PushReport> WeightPusher::Push(uint64_t version) {
       // Where the transfer's bytes lie: its offset within the parameter's
       // shard is the same in the wire layout and in the memory read.
       const uint64_t within = t.src_offset - schedule_.wire_source().ParamOffset(t.param, rank_);
-      const uint8_t* from = converted ? converted_.data() + converted_at_[t.param] + within : shard.data + within;
+      const uint8_t* from = converted ? converted_mr_->data() + converted_at_[t.param] + within : shard.data + within;
       const Extent* x = landings_[t.dst_rank].Find(version, t.dst_offset, t.length);  // checked at BEGIN
       const uint64_t dst = x->mr_offset + (t.dst_offset - x->offset);
       if (contiguous) {
@@ -318,8 +314,8 @@ Status WeightPusher::Quantize(uint32_t param) {
   // The shard starts on a block boundary (PlanFp8Conversion), so its blocks
   // are the tensor's and its scales are the tensor's scales of those blocks.
   return QuantizeBf16ToFp8Blocks(reinterpret_cast<const uint16_t*>(shards_[param].data), shape,
-                                 converted_.data() + converted_at_[codes],
-                                 reinterpret_cast<float*>(converted_.data() + converted_at_[scales]));
+                                 converted_mr_->data() + converted_at_[codes],
+                                 reinterpret_cast<float*>(converted_mr_->data() + converted_at_[scales]));
 }
 
 }  // namespace te::weightsync

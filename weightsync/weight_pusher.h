@@ -36,7 +36,6 @@
 #include <string>
 #include <vector>
 
-#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "transfer/imm_ranges.h"
 #include "transfer/transfer_engine.h"
@@ -133,12 +132,10 @@ class WeightPusher {
   PusherOptions options_;
   uint32_t receivers_ = 0;
   std::vector<Landing> landings_;  // per receiver
-  AlignedBuffer staging_;
   LocalMr staging_mr_;
   // Quantized parameters (fp8_conversion.h): codes and scales of this rank's
   // shards, at converted_at_[wire param]; fp8_of_[source param] = (codes,
   // scales) wire parameters, or kNone.
-  AlignedBuffer converted_;
   LocalMr converted_mr_;
   std::vector<uint64_t> converted_at_;
   std::vector<std::pair<uint32_t, uint32_t>> fp8_of_;

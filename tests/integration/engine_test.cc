@@ -507,6 +507,51 @@ TEST(EngineManualProgress, RoundTripWithoutThreads) {
   EXPECT_FALSE(b->DriveUntil([] { return false; }, 1ms));
 }
 
+// A region from AllocateMemory owns its memory: the caller may drop it right
+// after Submit (as after a failed request whose writes may still be posted)
+// and the write still reads it; it goes once the request has ended.
+TEST(EngineManualProgress, AllocatedMemoryLivesUntilTheLastRequestEnds) {
+  auto o = Options("tcp");
+  o.progress = ProgressMode::kManual;
+  auto a = TransferEngine::Create(o).value();
+  auto b = TransferEngine::Create(o).value();
+  constexpr size_t kLen = 256 << 10;
+  std::vector<uint8_t> buf(kLen, 0), expected(kLen);
+  FillPattern(expected.data(), kLen, 9);
+  auto mr = b->RegisterMemory(buf.data(), buf.size()).value();
+  auto dst = a->Import(b->Describe(*mr)).value();
+
+  auto src = a->AllocateMemory(kLen);
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  LocalMr region = std::move(src).value();
+  ASSERT_EQ(region->length(), kLen);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(region->data()) % 4096, 0u);
+  EXPECT_TRUE(std::all_of(region->data(), region->data() + kLen, [](uint8_t v) { return v == 0; }));
+  std::memcpy(region->data(), expected.data(), kLen);
+  std::weak_ptr<const MemoryRegion> watch = region;
+  // Manual progress: nothing is posted before Progress(), so the write
+  // reads the memory after the caller let go of it.
+  CompletionCounter done;
+  ASSERT_TRUE(a->Submit(SingleWrite{region, 0, kLen, dst, 0, 11}, {.counter = &done}).ok());
+  region.reset();
+  EXPECT_FALSE(watch.expired()) << "the queued request holds the region";
+  const auto deadline = std::chrono::steady_clock::now() + 20s;
+  while ((done.finished() < 1 || b->ImmAvailable(11) == 0 || !watch.expired()) &&
+         std::chrono::steady_clock::now() < deadline) {
+    a->Progress();
+    b->Progress();
+  }
+  EXPECT_EQ(done.done(), 1u) << done.first_error().ToString();
+  EXPECT_TRUE(b->TryConsumeImm(11, 1));
+  EXPECT_EQ(0, memcmp(buf.data(), expected.data(), kLen));
+  EXPECT_TRUE(watch.expired()) << "the region outlived its last request";
+
+  EXPECT_EQ(a->AllocateMemory(0).status().code(), StatusCode::kInvalidArgument);
+  const Status huge = a->AllocateMemory(size_t(1) << 50).status();
+  EXPECT_EQ(huge.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(huge.message().find("valid range"), std::string::npos) << huge.ToString();
+}
+
 #endif  // !TE_ENGINE_TESTS_ON_VERBS_NATIVE
 
 }  // namespace
