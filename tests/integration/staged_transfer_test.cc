@@ -75,6 +75,12 @@ TEST(StagedTransfer, BadInputAndADeadPeerAreErrors) {
   StagingOptions bad;
   bad.depth = 0;
   EXPECT_EQ(StagedSender::Create(t.sender.get(), t.copies.get(), bad).status().code(), StatusCode::kInvalidArgument);
+  // A ring whose size (chunk_bytes x depth) would wrap is refused, not allocated.
+  bad.depth = 64;
+  bad.chunk_bytes = SIZE_MAX / 32;
+  const Status wraps = StagedSender::Create(t.sender.get(), t.copies.get(), bad).status();
+  EXPECT_EQ(wraps.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(wraps.message().find("chunk_bytes"), std::string::npos) << wraps.ToString();
   StagingOptions o;
   o.chunk_bytes = 256 << 10;
   auto sender = StagedSender::Create(t.sender.get(), t.copies.get(), o).value();

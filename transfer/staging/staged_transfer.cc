@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/checked_math.h"
+
 namespace te {
 
 namespace {
@@ -21,9 +23,11 @@ class HostCopyEngine final : public CopyEngine {
 };
 
 Status CheckOptions(const StagingOptions& o) {
-  if (o.chunk_bytes == 0 || o.depth < 1 || o.depth > 64)
-    return InvalidArgument("StagingOptions: chunk_bytes " + std::to_string(o.chunk_bytes) + " must be > 0 and depth " +
-                           std::to_string(o.depth) + " in [1, 64]");
+  // The ring (chunk_bytes x depth) is at most kMaxRegionBytes: no product wraps.
+  if (o.chunk_bytes == 0 || o.chunk_bytes > kMaxRegionBytes / 64 || o.depth < 1 || o.depth > 64)
+    return InvalidArgument("StagingOptions: chunk_bytes " + std::to_string(o.chunk_bytes) + " must be in [1, " +
+                           std::to_string(kMaxRegionBytes / 64) + "] and depth " + std::to_string(o.depth) +
+                           " in [1, 64]");
   return Status::Ok();
 }
 
@@ -36,9 +40,10 @@ Result<std::unique_ptr<StagedSender>> StagedSender::Create(TransferEngine* engin
   if (!engine || !copies) return InvalidArgument("StagedSender needs an engine and a copy engine");
   TE_RETURN_IF_ERROR(CheckOptions(options));
   std::unique_ptr<StagedSender> s(new StagedSender(engine, copies, options));
-  s->ring_.assign(options.chunk_bytes * size_t(options.depth), 0);
-  TE_RETURN_IF_ERROR(copies->PinHostMemory(s->ring_.data(), s->ring_.size()));
-  TE_ASSIGN_OR_RETURN(s->ring_mr_, engine->RegisterMemory(s->ring_.data(), s->ring_.size()));
+  // Owned by the region: a chunk's write still posted after it failed keeps
+  // the ring alive past this sender.
+  TE_ASSIGN_OR_RETURN(s->ring_mr_, engine->AllocateMemory(options.chunk_bytes * size_t(options.depth)));
+  TE_RETURN_IF_ERROR(copies->PinHostMemory(s->ring_mr_->data(), s->ring_mr_->length()));
   return s;
 }
 
@@ -85,7 +90,7 @@ Status StagedSender::Write(const void* src, size_t length, const RemoteMr& dst, 
       break;
     }
     const size_t n = std::min(chunk, length - k * chunk);
-    uint8_t* slot = ring_.data() + s * chunk;
+    uint8_t* slot = ring_mr_->data() + s * chunk;
     auto ticket = copies_->Start(slot, static_cast<const uint8_t*>(src) + k * chunk, n);
     if (!ticket.ok()) {
       failure = ticket.status().WithContext("staged write: copying chunk " + std::to_string(k));

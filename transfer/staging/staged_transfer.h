@@ -60,7 +60,6 @@ class StagedSender {
   TransferEngine* engine_;
   CopyEngine* copies_;
   StagingOptions options_;
-  std::vector<uint8_t> ring_;
   LocalMr ring_mr_;
 };
 
