@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "base/checked_math.h"
+
 namespace te::telemetry {
 
 Result<std::unique_ptr<Reporter>> Reporter::Create(TransferEngine* engine, const CollectorInfo& info,
@@ -21,8 +23,11 @@ Result<std::unique_ptr<Reporter>> Reporter::Create(TransferEngine* engine, const
   r->write_bytes_ = std::max(info.store.slot_bytes(), info.lists.record_slot_bytes());
   // Owned by the region: a write still posted after its batch failed keeps
   // it alive past this reporter.
-  TE_ASSIGN_OR_RETURN(r->staging_mr_,
-                      engine->AllocateMemory(options.batches_in_flight * options.writes_per_batch * r->write_bytes_));
+  TE_ASSIGN_OR_RETURN(
+      const uint64_t staging,
+      CheckedProduct("reporter staging (batches_in_flight x writes_per_batch x slot bytes)",
+                     {options.batches_in_flight, options.writes_per_batch, r->write_bytes_}, kMaxRegionBytes));
+  TE_ASSIGN_OR_RETURN(r->staging_mr_, engine->AllocateMemory(staging));
   for (size_t i = 0; i < options.batches_in_flight; ++i)
     r->slice_done_.push_back(std::make_unique<CompletionCounter>());
   r->slice_submitted_.assign(options.batches_in_flight, 0);

@@ -1,8 +1,7 @@
 // An engine reports its own statistics through itself into a collector.
 #include <gtest/gtest.h>
 
-#include <thread>
-
+#include "support/wait_until.h"
 #include "telemetry/engine_stats_reporter.h"
 
 namespace te::telemetry {
@@ -39,10 +38,17 @@ TEST(EngineStatsReporter, EngineReportsItsOwnHealthIntoACollector) {
   ASSERT_TRUE(reporter.ok()) << reporter.status().ToString();
   auto esr = EngineStatsReporter::Start(engine.get(), std::move(reporter).value(), 0, 20ms);
   ASSERT_TRUE(esr.ok()) << esr.status().ToString();
-  std::this_thread::sleep_for(150ms);
+  // Samples every 20 ms: wait until three have landed (a peek that leaves
+  // the list as it is), however slow the machine.
+  EXPECT_TRUE(testing::WaitUntil(
+      [&] {
+        uint64_t peek = 0;
+        auto l = collector->ReadList(0, 1, &peek);
+        return l.ok() && l->records.size() >= 3;
+      },
+      20000ms));
   EXPECT_TRUE((*esr)->status().ok()) << (*esr)->status().ToString();
-  esr->reset();  // last sample, drained
-  std::this_thread::sleep_for(50ms);
+  esr->reset();  // last sample, drained: it has landed when reset returns
 
   uint64_t cursor = 0;
   auto list = collector->ReadList(0, 1, &cursor);
@@ -77,6 +83,24 @@ TEST(EngineStatsReporter, EngineReportsItsOwnHealthIntoACollector) {
   uint64_t other = 0;
   EXPECT_TRUE(collector->ReadList(0, 0, &other)->records.empty());
   EXPECT_FALSE(DecodeEngineSample(std::vector<uint8_t>(12, 0)).ok());
+}
+
+// Staging sizes that wrap 64 bits are refused by name, not allocated short.
+TEST(EngineStatsReporter, StagingThatWouldWrapIsRefused) {
+  EngineOptions o;
+  o.fabric.provider = "tcp";
+  auto collector_engine = TransferEngine::Create(o).value();
+  auto engine = TransferEngine::Create(o).value();
+  CollectorInfo layout;
+  layout.store = {1024, 20, 2, 1};
+  layout.lists = {1, 2, 64, 256};
+  auto collector = Collector::Create(collector_engine.get(), layout).value();
+  ReporterOptions ro;
+  ro.batches_in_flight = size_t(1) << 40;
+  ro.writes_per_batch = size_t(1) << 30;
+  const Status s = Reporter::Create(engine.get(), collector->info(), ro).status();
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("batches_in_flight"), std::string::npos) << s.ToString();
 }
 
 }  // namespace
