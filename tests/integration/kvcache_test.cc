@@ -138,7 +138,14 @@ TEST(KvTransfer, IdlePrefillRankKeepsTheRequestUntilFinish) {
   PrefillInstance prefill(TestLayout(2, KvOrder::kNHD, true));
   DecodeInstance decode(TestLayout(1, KvOrder::kNHD, true));
   decode.Receive(31, prefill.Info(), {3, 4});
-  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        for (auto& p : prefill.ranks)
+          if (p->active_requests() == 0) return false;
+        return true;
+      },
+      20000ms))
+      << "a prefill rank never saw the PULL";
   prefill.RunAll(31, {7, 8});  // asserts every Start/LayerDone/Finish is OK
   ASSERT_TRUE(decode.WaitAll(1));
   EXPECT_TRUE(decode.ready[0]->Get(31).ok()) << decode.ready[0]->Get(31).ToString();
@@ -155,7 +162,7 @@ TEST(KvTransfer, StartAfterTheDecoderCancelledIsRefused) {
   PrefillInstance prefill(TestLayout(1));
   DecodeInstance decode(TestLayout(1));
   decode.Receive(32, prefill.Info(), {1});
-  std::this_thread::sleep_for(200ms);  // the PULL is there
+  ASSERT_TRUE(WaitUntil([&] { return prefill.ranks[0]->active_requests() == 1; }, 20000ms)) << "no PULL arrived";
   ASSERT_TRUE(decode.ranks[0]->Cancel(32).ok());
   ASSERT_TRUE(decode.WaitAll(1));
   EXPECT_EQ(decode.ready[0]->Get(32).code(), StatusCode::kCancelled);
