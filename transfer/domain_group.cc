@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <utility>
 
 namespace te {
 namespace {
@@ -480,12 +481,17 @@ void DomainGroup::OnRecv(std::span<const uint8_t> data) {
   });
 }
 
+namespace {
+// The receive handler slot whose call this thread is running, if any.
+thread_local const void* running_recv_slot = nullptr;
+}  // namespace
+
 void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payload) {
-  std::shared_ptr<RecvHandler> handler;
+  std::shared_ptr<RecvSlot> slot;
   {
     std::lock_guard<std::mutex> lock(recv_mu_);
-    handler = recv_handler_;
-    if (!handler) {
+    slot = recv_handler_;
+    if (!slot) {
       if (recv_backlog_.size() < options_.recv_backlog) {
         recv_backlog_.emplace_back(std::move(from), std::move(payload));
       } else {
@@ -495,21 +501,36 @@ void DomainGroup::DeliverMessage(EngineAddress from, std::vector<uint8_t> payloa
       }
       return;
     }
+    ++slot->calls;
   }
-  (*handler)(from, payload);
+  const void* outer = running_recv_slot;
+  running_recv_slot = slot.get();
+  slot->handler(from, payload);
+  running_recv_slot = outer;
+  std::lock_guard<std::mutex> lock(recv_mu_);
+  if (--slot->calls == 0) recv_idle_.notify_all();
 }
 
 void DomainGroup::SetRecvHandler(RecvHandler handler) {
-  auto h = handler ? std::make_shared<RecvHandler>(std::move(handler)) : nullptr;
+  auto slot = handler ? std::make_shared<RecvSlot>(RecvSlot{std::move(handler)}) : nullptr;
   std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> backlog;
   {
-    std::lock_guard<std::mutex> lock(recv_mu_);
-    recv_handler_ = h;
-    if (h) backlog.swap(recv_backlog_);
+    std::unique_lock<std::mutex> lock(recv_mu_);
+    std::shared_ptr<RecvSlot> old = std::exchange(recv_handler_, slot);
+    if (slot) backlog.swap(recv_backlog_);
+    // A call of the old handler may have begun just before the exchange:
+    // its owner may go once this returns, so wait it out (but not a call
+    // on this thread, which is the one replacing it).
+    if (old) {
+      const int mine = running_recv_slot == old.get() ? 1 : 0;
+      recv_idle_.wait(lock, [&] { return old->calls <= mine; });
+    }
   }
   if (!backlog.empty()) {
-    callbacks_.Post([h, backlog = std::move(backlog)] {
-      for (const auto& [from, payload] : backlog) (*h)(from, payload);
+    // Through DeliverMessage, in order: by the time this runs the handler
+    // may have been replaced or cleared again.
+    callbacks_.Post([this, backlog = std::move(backlog)]() mutable {
+      for (auto& [from, payload] : backlog) DeliverMessage(std::move(from), std::move(payload));
     });
   }
 }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -52,6 +53,9 @@ class DomainGroup final : private nic::CompletionHandler {
 
   void set_local_address(std::vector<uint8_t> serialized) { local_address_ = std::move(serialized); }
   const std::vector<uint8_t>& local_address() const { return local_address_; }
+  // Replaces the receive handler (nullptr: none; messages wait in a bounded
+  // backlog). Returns once no call of the handler it replaces is running,
+  // except a call on this very thread (a handler replacing itself).
   void SetRecvHandler(RecvHandler handler);
 
   bool Progress();  // kManual mode
@@ -149,8 +153,16 @@ class DomainGroup final : private nic::CompletionHandler {
   ImmCounter imm_counter_;
   CallbackExecutor callbacks_;
 
+  // The receive handler and the calls of it running now: SetRecvHandler
+  // returns only once the handler it replaces has no call left running, so
+  // a plane that released it may be destroyed at once.
+  struct RecvSlot {
+    RecvHandler handler;
+    int calls = 0;  // under recv_mu_
+  };
   std::mutex recv_mu_;
-  std::shared_ptr<RecvHandler> recv_handler_;
+  std::condition_variable recv_idle_;
+  std::shared_ptr<RecvSlot> recv_handler_;
   std::deque<std::pair<EngineAddress, std::vector<uint8_t>>> recv_backlog_;
 
   EngineCounters counters_;

@@ -153,6 +153,9 @@ class TransferEngine {
   Status Send(const PeerRef& peer, std::span<const uint8_t> data, Completion completion);
   size_t max_message_bytes() const;
   // Messages that arrived before a handler was set are delivered to it.
+  // Returns once no call of the handler it replaces is still running
+  // (except one on this very thread: a handler may replace itself), so
+  // whatever that handler used may be destroyed right after.
   void SetRecvHandler(RecvHandler handler);
 
   // ---- Data planes ----

@@ -366,6 +366,42 @@ INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
 #endif  // TE_ENGINE_TESTS_ON_VERBS_NATIVE
 
 #ifndef TE_ENGINE_TESTS_ON_VERBS_NATIVE
+// A plane releases the handler and is destroyed: a call of the handler
+// already running must end first (a KV decoder's destructor once freed its
+// maps under a running OnMessage, caught by TSan).
+TEST(EngineHandler, ReplacingTheHandlerWaitsForItsRunningCall) {
+  auto a = TransferEngine::Create(Options("tcp")).value();
+  auto b = TransferEngine::Create(Options("tcp")).value();
+  std::atomic<bool> entered{false}, release{false}, replaced{false};
+  b->SetRecvHandler([&](const EngineAddress&, std::span<const uint8_t>) {
+    entered = true;
+    while (!release.load()) std::this_thread::yield();
+  });
+  auto peer = a->Connect(b->address()).value();
+  const uint8_t msg[] = {1, 2, 3};
+  ASSERT_TRUE(a->Send(peer, std::span<const uint8_t>(msg, 3), {}).ok());
+  ASSERT_TRUE(WaitUntil([&] { return entered.load(); }, 20s));
+  std::thread releaser([&] {
+    b->SetRecvHandler(nullptr);
+    replaced = true;
+  });
+  // Negative check: while the call runs, the replacement must not return.
+  EXPECT_FALSE(WaitUntil([&] { return replaced.load(); }, 200ms));
+  release = true;
+  EXPECT_TRUE(WaitUntil([&] { return replaced.load(); }, 20s));
+  releaser.join();
+
+  // A handler that replaces itself does not wait for itself.
+  std::atomic<int> second{0};
+  b->SetRecvHandler([&](const EngineAddress&, std::span<const uint8_t>) {
+    b->SetRecvHandler([&](const EngineAddress&, std::span<const uint8_t>) { ++second; });
+    ++second;
+  });
+  ASSERT_TRUE(a->Send(peer, std::span<const uint8_t>(msg, 3), {}).ok());
+  ASSERT_TRUE(a->Send(peer, std::span<const uint8_t>(msg, 3), {}).ok());
+  EXPECT_TRUE(WaitUntil([&] { return second.load() == 2; }, 20s));
+}
+
 TEST(EngineFailure, DeadPeerTurnsIntoErrorsWithinTheTimeout) {
   auto o = Options("tcp");
   o.request_timeout = 1500ms;
