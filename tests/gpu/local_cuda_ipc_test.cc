@@ -1,10 +1,13 @@
 // GPU memory through the same-host domain (CUDA IPC, nic/local/cuda_ipc.h):
 // device to device, host to device and device to host-shared memory, with
-// exact immediates. Skips without a GPU (and then nothing here has run: the
-// path is labelled untested in docs/ARCHITECTURE.md until it does).
+// exact immediates, in one process and between two (the target a child
+// process owning a cudaMalloc region, which the initiator opens through
+// cuIpcOpenMemHandle). Skips without a GPU.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "base/crc32c.h"
+#include "integration/peer_process.h"
 #include "integration/test_support.h"
 #include "nic/local/cuda_ipc.h"
 #include "transfer/shared_host_memory.h"
@@ -12,9 +15,34 @@
 namespace te::testing {
 namespace {
 
-TEST(LocalCudaIpc, GpuRegionsTakeTheSameHostDomain) {
+void* AllocateGpuRegion(size_t bytes) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, bytes) != cudaSuccess) return nullptr;
+  if (cudaMemset(p, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) return nullptr;
+  return p;
+}
+bool ReadGpuRegion(void* host, const void* device, size_t bytes) {
+  return cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
+}
+const GpuRegionHooks kGpuRegions{AllocateGpuRegion, ReadGpuRegion, 0};
+// A child started for a GPU region serves from here (peer_process.h).
+const bool kServedGpuChild = (PeerProcess::gpu_hooks = &kGpuRegions, PeerProcess::ServeIfChild());
+
+bool HaveGpu() {
   int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no GPU";
+  return cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+}
+
+// Device memory holding `host`'s bytes.
+void* GpuCopyOf(const std::vector<uint8_t>& host) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, host.size()) != cudaSuccess) return nullptr;
+  if (cudaMemcpy(p, host.data(), host.size(), cudaMemcpyHostToDevice) != cudaSuccess) return nullptr;
+  return p;
+}
+
+TEST(LocalCudaIpc, GpuRegionsTakeTheSameHostDomain) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
   ASSERT_TRUE(nic::CudaIpc::Get().Available().ok()) << nic::CudaIpc::Get().Available().ToString();
   constexpr size_t kBytes = (8 << 20) + 4096;
   std::vector<uint8_t> host(kBytes), back(kBytes, 0);
@@ -51,6 +79,138 @@ TEST(LocalCudaIpc, GpuRegionsTakeTheSameHostDomain) {
   dst_mr.reset();
   cudaFree(src);
   cudaFree(dst);
+}
+
+// Another process's GPU region: opened through CUDA IPC once per
+// registration, written device to device and host to device (single and
+// paged writes), byte-exact with exact immediates; a range past the region
+// and a guessed key are refused by the target's table before any copy; a
+// deregistered region is refused at the next write.
+TEST(LocalCudaIpc, AnotherProcessesGpuRegionIsOpenedAndWritten) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  constexpr size_t kBytes = (16 << 20) + 4096;
+  PeerProcess peer(Options("local"), kBytes, PeerRegion::kGpu);
+  ASSERT_EQ(peer.descriptor_hex().rfind("ERROR", 0), std::string::npos) << peer.descriptor_hex();
+  auto engine = TransferEngine::Create(Options("local")).value();
+  std::vector<uint8_t> host(kBytes);
+  FillPattern(host.data(), kBytes, 41);
+  void* src = GpuCopyOf(host);
+  ASSERT_NE(src, nullptr);
+  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  auto host_mr = engine->RegisterMemory(host.data(), kBytes).value();
+  const MrDescriptor desc = MrDescriptor::FromHex(peer.descriptor_hex()).value();
+  auto dst = engine->Import(desc).value();
+  CompletionCounter done;
+  const size_t half = kBytes / 2;
+  ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, half, dst, 0, 0x41}, {.counter = &done}).ok());
+  ASSERT_TRUE(engine->Submit(SingleWrite{host_mr, half, kBytes - half, dst, half, 0x41}, {.counter = &done}).ok());
+  WaitDone(done, 2);
+  ASSERT_EQ(peer.WaitImm(0x41, 2, 10000), "OK");
+  EXPECT_EQ(peer.Crc(0, kBytes), Crc32c(host.data(), kBytes));
+  // Pages from GPU memory: destination page d <- source page s.
+  PagedWrite pages{gpu_mr, {0, 1, 2, 3}, 4096, 0, dst, {9, 6, 3, 0}, 4096, 0, 4096, 0x42};
+  ASSERT_TRUE(engine->Submit(pages, {.counter = &done}).ok());
+  WaitDone(done, 3);
+  ASSERT_EQ(peer.WaitImm(0x42, 4, 10000), "OK");
+  EXPECT_EQ(peer.Crc(9 * 4096, 4096), Crc32c(host.data(), 4096));
+  EXPECT_EQ(peer.Crc(0, 4096), Crc32c(host.data() + 3 * 4096, 4096));
+  EXPECT_EQ(peer.Crc(6 * 4096, 4096), Crc32c(host.data() + 4096, 4096));
+
+  // Past the region, and a guessed key: refused, nothing lands.
+  MrDescriptor longer = desc;
+  longer.length = kBytes * 2;
+  auto forged = engine->Import(longer).value();
+  MrDescriptor wrong_key = desc;
+  wrong_key.keys.back().rkey ^= uint64_t(1) << 40;
+  auto guessed = engine->Import(wrong_key).value();
+  std::vector<uint8_t> zeros(8192, 0);
+  auto zeros_mr = engine->RegisterMemory(zeros.data(), zeros.size()).value();
+  CompletionCounter bad;
+  ASSERT_TRUE(engine->Submit(SingleWrite{zeros_mr, 0, 8192, forged, kBytes - 4096, 0x43}, {.counter = &bad}).ok());
+  ASSERT_TRUE(engine->Submit(SingleWrite{zeros_mr, 0, 4096, guessed, 4096, 0x43}, {.counter = &bad}).ok());
+  ASSERT_TRUE(bad.WaitFinished(2, std::chrono::seconds(10)));
+  EXPECT_EQ(bad.failed(), 2u);
+  EXPECT_NE(peer.WaitImm(0x43, 1, 200), "OK");
+  EXPECT_EQ(peer.Crc(kBytes - 4096, 4096), Crc32c(host.data() + kBytes - 4096, 4096));
+
+  // Deregistered: refused at the next write.
+  ASSERT_EQ(peer.Deregister(), "OK");
+  CompletionCounter stale;
+  ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, 4096, dst, 0, 0x44}, {.counter = &stale}).ok());
+  ASSERT_TRUE(stale.WaitFinished(1, std::chrono::seconds(10)));
+  EXPECT_EQ(stale.failed(), 1u);
+  gpu_mr.reset();
+  cudaFree(src);
+}
+
+// GPU memory into another process's host memory: SharedHostMemory is mapped
+// and copied into with cuMemcpy; heap memory (cross-memory attach cannot
+// read GPU memory) is refused naming why.
+TEST(LocalCudaIpc, GpuSourceIntoAnotherProcessesHostMemory) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  constexpr size_t kBytes = 4 << 20;
+  PeerProcess shared(Options("local"), kBytes, PeerRegion::kSharedHost);
+  PeerProcess heap(Options("local"), kBytes, PeerRegion::kHeap);
+  auto engine = TransferEngine::Create(Options("local")).value();
+  std::vector<uint8_t> host(kBytes);
+  FillPattern(host.data(), kBytes, 43);
+  void* src = GpuCopyOf(host);
+  ASSERT_NE(src, nullptr);
+  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  auto to_shared = engine->Import(MrDescriptor::FromHex(shared.descriptor_hex()).value()).value();
+  auto to_heap = engine->Import(MrDescriptor::FromHex(heap.descriptor_hex()).value()).value();
+  CompletionCounter done;
+  ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, kBytes, to_shared, 0, 0x51}, {.counter = &done}).ok());
+  WaitDone(done, 1);
+  ASSERT_EQ(shared.WaitImm(0x51, 1, 10000), "OK");
+  EXPECT_EQ(shared.Crc(0, kBytes), Crc32c(host.data(), kBytes));
+  CompletionCounter refused;
+  ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, 4096, to_heap, 0, 0x52}, {.counter = &refused}).ok());
+  ASSERT_TRUE(refused.WaitFinished(1, std::chrono::seconds(10)));
+  EXPECT_EQ(refused.failed(), 1u);
+  EXPECT_NE(refused.first_error().ToString().find("GPU"), std::string::npos) << refused.first_error().ToString();
+  const std::vector<uint8_t> zeros(4096, 0);
+  EXPECT_EQ(heap.Crc(0, 4096), Crc32c(zeros.data(), 4096));
+  gpu_mr.reset();
+  cudaFree(src);
+}
+
+// A GPU target killed mid-stream: the initiator's requests end with errors
+// within the timeout, and the engine then writes to a fresh GPU target.
+TEST(LocalCudaIpc, KilledGpuTargetGivesErrorsWithinTheTimeout) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  auto o = Options("local");
+  o.request_timeout = std::chrono::milliseconds(2000);
+  constexpr size_t kBytes = 8 << 20;
+  PeerProcess peer(o, kBytes, PeerRegion::kGpu);
+  PeerProcess fresh(o, kBytes, PeerRegion::kGpu);
+  auto engine = TransferEngine::Create(o).value();
+  std::vector<uint8_t> host(kBytes);
+  FillPattern(host.data(), kBytes, 47);
+  void* src = GpuCopyOf(host);
+  ASSERT_NE(src, nullptr);
+  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  auto dst = engine->Import(MrDescriptor::FromHex(peer.descriptor_hex()).value()).value();
+  CompletionCounter c;
+  uint64_t submitted = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 200; ++i) {
+    if (i == 50) peer.Kill();
+    ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, 1 << 20, dst, uint64_t(i % 8) << 20, 9}, {.counter = &c}).ok());
+    ++submitted;
+  }
+  ASSERT_TRUE(c.WaitFinished(submitted, std::chrono::seconds(15)))
+      << "only " << c.finished() << " of " << submitted << " requests ended after the target died";
+  EXPECT_GT(c.failed(), 0u);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(12));
+  auto dst2 = engine->Import(MrDescriptor::FromHex(fresh.descriptor_hex()).value()).value();
+  CompletionCounter ok;
+  ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, kBytes, dst2, 0, 1}, {.counter = &ok}).ok());
+  WaitDone(ok, 1);
+  EXPECT_EQ(fresh.WaitImm(1, 1, 5000), "OK");
+  EXPECT_EQ(fresh.Crc(0, kBytes), Crc32c(host.data(), kBytes));
+  gpu_mr.reset();
+  cudaFree(src);
 }
 
 }  // namespace

@@ -219,7 +219,7 @@ TEST(SharedHostMemory, AnotherProcessMapsTheRegionAndTheTableStillDecides) {
   for (const char* provider : {"local", "tcp+local"}) {
     SCOPED_TRACE(provider);
     constexpr size_t kBytes = 4 << 20;
-    PeerProcess peer(Options(provider), kBytes, /*shared_memory=*/true);
+    PeerProcess peer(Options(provider), kBytes, PeerRegion::kSharedHost);
     auto engine = TransferEngine::Create(Options(provider)).value();
     std::vector<uint8_t> src(kBytes);
     FillPattern(src.data(), src.size(), 17);

@@ -50,7 +50,7 @@ TEST_P(MultiProcessFailure, KilledTargetGivesErrorsWithinTheTimeout) {
   const bool shared = param.ends_with("/shared");
   auto o = Options(shared ? param.substr(0, param.size() - 7) : param);
   o.request_timeout = 2000ms;
-  PeerProcess peer(o, 64 << 20, shared);
+  PeerProcess peer(o, 64 << 20, shared ? PeerRegion::kSharedHost : PeerRegion::kHeap);
   // Forked before this process starts engine threads (fork after threads is
   // undefined for the child, and TSan refuses it).
   PeerProcess fresh(o, 1 << 20);

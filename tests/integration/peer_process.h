@@ -17,6 +17,21 @@
 
 namespace te::testing {
 
+// The memory a PeerProcess child registers.
+enum class PeerRegion : int {
+  kHeap = 0,
+  kSharedHost = 1,  // SharedHostMemory: same-host initiators map it
+  kGpu = 2,         // device memory, from GpuRegionHooks (tests/gpu)
+};
+
+// How a child gets device memory: a GPU test binary installs these, so that
+// this header (and every integration test) stays free of CUDA.
+struct GpuRegionHooks {
+  void* (*allocate)(size_t bytes);                             // zeroed; null on failure
+  bool (*read)(void* host, const void* device, size_t bytes);  // device to host
+  int device;                                                  // the CUDA ordinal
+};
+
 class PeerProcess {
  public:
   // Forks a child with an engine of `options` and a registered region of
@@ -25,17 +40,18 @@ class PeerProcess {
   // before main): forking a process that already runs engine threads and
   // using libfabric in the copy is not safe (a lock held by another thread
   // at fork time stays held in the child), and TSan refuses it.
-  // With `shared_memory` the region is SharedHostMemory (same-host
-  // initiators map it), else heap memory. With `netns` the child runs in
-  // that network namespace (`ip netns exec`), as on another host's network.
-  PeerProcess(const EngineOptions& options, size_t bytes, bool shared_memory = false, const std::string& netns = "") {
+  // `region` says what memory the child registers (PeerRegion). With
+  // `netns` the child runs in that network namespace (`ip netns exec`), as
+  // on another host's network.
+  PeerProcess(const EngineOptions& options, size_t bytes, PeerRegion region = PeerRegion::kHeap,
+              const std::string& netns = "") {
     int to_child[2], from_child[2];
     if (pipe(to_child) || pipe(from_child)) abort();
     const std::string spec = options.ProviderName() + " " + std::to_string(options.domains) + " " +
                              std::to_string(options.request_timeout.count()) + " " + std::to_string(bytes) + " " +
                              std::to_string(to_child[0]) + " " + std::to_string(from_child[1]) + " " +
                              (options.fabric.domain.empty() ? "-" : options.fabric.domain) + " " +
-                             (shared_memory ? "1" : "0");
+                             std::to_string(int(region));
     char self[4096] = {};
     if (readlink("/proc/self/exe", self, sizeof self - 1) <= 0) abort();
     pid_ = fork();
@@ -106,7 +122,10 @@ class PeerProcess {
 
  public:
   // In a child started by the constructor: serve, then exit. Runs during
-  // static initialization (kServedAsChild), before gtest's main.
+  // static initialization (kServedAsChild), before gtest's main. A child
+  // asked for a GPU region waits (returns false) until a GPU test binary
+  // installed its hooks and calls this again: static initializers of
+  // different files run in no fixed order.
   static bool ServeIfChild() {
     const char* spec = getenv(kChildEnv);
     if (spec == nullptr) return false;
@@ -116,20 +135,25 @@ class PeerProcess {
     size_t bytes = 0;
     int fd_in = -1, fd_out = -1;
     std::string iface, provider;
-    int shared = 0;
-    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface >> shared;
-    if (!in) _exit(126);
+    int region = 0;
+    in >> provider >> o.domains >> timeout_ms >> bytes >> fd_in >> fd_out >> iface >> region;
+    if (!in || region < 0 || region > int(PeerRegion::kGpu)) _exit(126);
+    if (PeerRegion(region) == PeerRegion::kGpu && gpu_hooks == nullptr) return false;
     o.SetProvider(provider);  // with its same-host suffix
     unsetenv(kChildEnv);
     o.request_timeout = std::chrono::milliseconds(timeout_ms);
     if (iface != "-") o.fabric.domain = iface;
-    _exit(Serve(o, bytes, shared != 0, fdopen(fd_in, "r"), fdopen(fd_out, "w")));
+    _exit(Serve(o, bytes, PeerRegion(region), fdopen(fd_in, "r"), fdopen(fd_out, "w")));
   }
+
+  // Set (during static initialization) by a binary whose children may own
+  // GPU regions; see ServeIfChild.
+  static inline const GpuRegionHooks* gpu_hooks = nullptr;
 
  private:
   static constexpr const char* kChildEnv = "TE_TEST_PEER_PROCESS";
 
-  static int Serve(const EngineOptions& options, size_t bytes, bool shared_memory, FILE* in, FILE* out) {
+  static int Serve(const EngineOptions& options, size_t bytes, PeerRegion kind, FILE* in, FILE* out) {
     auto engine = TransferEngine::Create(options);
     if (!engine.ok()) {
       fprintf(out, "ERROR %s\n", engine.status().ToString().c_str());
@@ -138,16 +162,25 @@ class PeerProcess {
     }
     std::vector<uint8_t> heap;
     std::unique_ptr<SharedHostMemory> shared;
-    if (shared_memory) {
+    uint8_t* gpu = nullptr;
+    if (kind == PeerRegion::kSharedHost) {
       auto m = AllocateSharedHostMemory(bytes);
       if (!m.ok()) return 1;
       shared = std::move(m).value();
+    } else if (kind == PeerRegion::kGpu) {
+      gpu = static_cast<uint8_t*>(gpu_hooks->allocate(bytes));
+      if (gpu == nullptr) return 1;
     } else {
       heap.assign(bytes, 0);
     }
-    const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : heap.data(), bytes);
-    auto mr = (*engine)->RegisterMemory(region.data(), region.size());
-    if (!mr.ok()) return 1;
+    const std::span<uint8_t> region(shared ? static_cast<uint8_t*>(shared->data()) : gpu ? gpu : heap.data(), bytes);
+    auto mr =
+        (*engine)->RegisterMemory(region.data(), region.size(), gpu ? Memory::Cuda(gpu_hooks->device) : Memory::Host());
+    if (!mr.ok()) {
+      fprintf(out, "ERROR %s\n", mr.status().ToString().c_str());
+      fflush(out);
+      return 1;
+    }
     fprintf(out, "%s\n", (*engine)->Describe(**mr).ToHex().c_str());
     fflush(out);
     char line[512];
@@ -158,7 +191,14 @@ class PeerProcess {
       if (op == "CRC") {
         uint64_t off, len;
         cmd >> off >> len;
-        fprintf(out, "%u\n", Crc32c(region.data() + off, len));
+        if (off > bytes || len > bytes - off) {
+          fprintf(out, "0\n");
+        } else if (gpu) {
+          std::vector<uint8_t> host(len);
+          fprintf(out, "%u\n", gpu_hooks->read(host.data(), gpu + off, len) ? Crc32c(host.data(), len) : 0u);
+        } else {
+          fprintf(out, "%u\n", Crc32c(region.data() + off, len));
+        }
       } else if (op == "WAIT") {
         uint32_t imm;
         uint64_t count;

@@ -120,8 +120,8 @@ TEST(SameHostLanesNetns, OneScatterWriteOverTheSameHostLaneAndAVeth) {
   here.fabric.domain = iface;
   auto there = Options("tcp", 2);  // another host's engine: no same-host domain
   there.fabric.domain = remote_iface;
-  PeerProcess near(here, kRegion, /*shared_memory=*/true);
-  PeerProcess far(there, kRegion, /*shared_memory=*/false, remote_ns);
+  PeerProcess near(here, kRegion, PeerRegion::kSharedHost);
+  PeerProcess far(there, kRegion, PeerRegion::kHeap, remote_ns);
   ASSERT_FALSE(far.descriptor_hex().starts_with("ERROR")) << far.descriptor_hex();
   auto engine = TransferEngine::Create(here).value();
   std::vector<uint8_t> src(kRegion);
