@@ -17,8 +17,19 @@
 // a GPU-direct variant would register device memory instead.
 //
 // Dispatch and Combine block until their results are in device memory.
-// Untested on a GPU in this repository's CI (no GPU there): see
-// docs/ARCHITECTURE.md for what has been verified where.
+//
+// Streams: during an exchange, `stream` holds a kernel that waits for the
+// proxy, and the proxy waits for the other ranks. One rank per process (the
+// normal deployment) needs nothing more. Several ranks in one process on one
+// GPU must give each its own non-blocking stream
+// (cudaStreamCreateWithFlags(..., cudaStreamNonBlocking)) and keep device-wide
+// synchronizing calls (cudaMalloc, cudaFree, cudaHostRegister, anything on
+// the legacy default stream) out of the time another rank may be in an
+// exchange: such a call waits for that rank's kernel, and if that rank in
+// turn waits for this one, both stop until the dispatcher's timeout.
+//
+// Verified on an H200 (tests/gpu/moe_cuda_test.cc); this repository's CI
+// has no GPU: see docs/ARCHITECTURE.md for what has been verified where.
 #pragma once
 
 #include <cuda_runtime.h>

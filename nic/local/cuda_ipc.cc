@@ -26,8 +26,13 @@ struct CudaIpc::Driver {
   CUresult (*cuIpcGetMemHandle)(CUipcMemHandle*, CUdeviceptr);
   CUresult (*cuIpcOpenMemHandle)(CUdeviceptr*, CUipcMemHandle, unsigned int);
   CUresult (*cuIpcCloseMemHandle)(CUdeviceptr);
-  CUresult (*cuMemcpy)(CUdeviceptr, CUdeviceptr, size_t);
+  using CUstream = void*;
+  CUresult (*cuStreamCreate)(CUstream*, unsigned int);
+  CUresult (*cuStreamSynchronize)(CUstream);
+  CUresult (*cuStreamDestroy)(CUstream);
+  CUresult (*cuMemcpyAsync)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
+  static constexpr unsigned int kStreamNonBlocking = 1;  // CU_STREAM_NON_BLOCKING
 
   std::mutex mu;
   CUcontext contexts[64] = {};  // primary contexts retained, by device ordinal
@@ -77,7 +82,10 @@ CudaIpc::CudaIpc() : driver_(nullptr) {
   load(&d->cuIpcGetMemHandle, "cuIpcGetMemHandle");
   load(&d->cuIpcOpenMemHandle, "cuIpcOpenMemHandle_v2");
   load(&d->cuIpcCloseMemHandle, "cuIpcCloseMemHandle");
-  load(&d->cuMemcpy, "cuMemcpy");
+  load(&d->cuStreamCreate, "cuStreamCreate");
+  load(&d->cuStreamSynchronize, "cuStreamSynchronize");
+  load(&d->cuStreamDestroy, "cuStreamDestroy_v2");
+  load(&d->cuMemcpyAsync, "cuMemcpyAsync");
   load(&d->cuGetErrorString, "cuGetErrorString");
   if (!ok) {
     delete d;
@@ -143,14 +151,56 @@ void CudaIpc::Close(uint64_t base) {
   if (driver_ && base) driver_->cuIpcCloseMemHandle(Driver::CUdeviceptr(base));
 }
 
-Status CudaIpc::Copy(uint64_t dst, const void* src, size_t length, int device) {
+// The calling thread's copy stream for `device` (made current): a copy
+// waits for its own stream only, not for another thread's copies, and not
+// for the application's work (non-blocking: not for the legacy default
+// stream either).
+Result<void*> CudaIpc::ThreadStream(int device) {
   if (!driver_) return status_;
-  TE_RETURN_IF_ERROR(driver_->Use(device));
-  if (Driver::CUresult r =
-          driver_->cuMemcpy(Driver::CUdeviceptr(dst), Driver::CUdeviceptr(reinterpret_cast<uintptr_t>(src)), length);
-      r != 0)
-    return IoError(driver_->Error("cuMemcpy", r));
+  TE_RETURN_IF_ERROR(driver_->Use(device));  // checks `device` too
+  struct ThreadStreams {
+    Driver* driver = nullptr;
+    void* streams[64] = {};
+    ~ThreadStreams() {
+      for (void* s : streams)
+        if (s && driver) driver->cuStreamDestroy(s);
+    }
+  };
+  thread_local ThreadStreams mine;
+  mine.driver = driver_;
+  void*& stream = mine.streams[device];
+  if (stream == nullptr) {
+    if (Driver::CUresult r = driver_->cuStreamCreate(&stream, Driver::kStreamNonBlocking); r != 0) {
+      stream = nullptr;
+      return IoError(driver_->Error("cuStreamCreate", r));
+    }
+  }
+  return stream;
+}
+
+Status CudaIpc::CopyAsync(uint64_t dst, const void* src, size_t length, int device) {
+  auto stream = ThreadStream(device);
+  if (!stream.ok()) return stream.status();
+  const auto from = Driver::CUdeviceptr(reinterpret_cast<uintptr_t>(src));
+  if (Driver::CUresult r = driver_->cuMemcpyAsync(Driver::CUdeviceptr(dst), from, length, *stream); r != 0)
+    return IoError(driver_->Error("cuMemcpyAsync", r));
   return Status::Ok();
+}
+
+Status CudaIpc::Wait(int device) {
+  auto stream = ThreadStream(device);
+  if (!stream.ok()) return stream.status();
+  if (Driver::CUresult r = driver_->cuStreamSynchronize(*stream); r != 0)
+    return IoError(driver_->Error("cuStreamSynchronize", r));
+  return Status::Ok();
+}
+
+// cuMemcpy would return before a device-to-device copy (or one from
+// pageable host memory) has landed; an immediate that follows must not
+// overtake the bytes, hence a stream and a wait.
+Status CudaIpc::Copy(uint64_t dst, const void* src, size_t length, int device) {
+  TE_RETURN_IF_ERROR(CopyAsync(dst, src, length, device));
+  return Wait(device);
 }
 
 }  // namespace te::nic

@@ -3,8 +3,9 @@
 //
 // The target exports the allocation that holds a registered range
 // (cuIpcGetMemHandle); an initiator opens it once (cuIpcOpenMemHandle) and
-// copies into it with cuMemcpy, from host or device memory (unified
-// addressing), over NVLink or PCIe, with no NIC.
+// copies into it on a stream of its own, from host or device memory
+// (unified addressing), over NVLink or PCIe, with no NIC; a copy has landed
+// when Copy returns, before the engine sends the write's immediate.
 //
 // The CUDA driver is loaded at run time (dlopen of libcuda.so.1): nothing is
 // linked, so this builds everywhere, and without a driver (this build
@@ -13,7 +14,8 @@
 // such as PyTorch's expandable segments) is refused at Export, and the
 // engine then reaches that region over the NICs.
 //
-// Untested on a GPU: see docs/ARCHITECTURE.md ("What is verified where").
+// Verified on an H200 between two processes (tests/gpu/local_cuda_ipc_test.cc);
+// see docs/ARCHITECTURE.md ("What is verified where").
 // Thread-safe; calls run on the caller's thread with the primary context of
 // the device they name made current.
 #pragma once
@@ -53,12 +55,19 @@ class CudaIpc {
   Result<Opened> Open(const CudaIpcHandle& handle, int device);
   void Close(uint64_t base);
 
-  // Copies `length` bytes from `src` (host or device) to device address
-  // `dst`; returns when the copy is done.
+  // Copies `length` bytes from `src` (host or device) to `dst` (device, or
+  // host memory mapped here) on the calling thread's own non-blocking stream
+  // for `device`; returns once the bytes have landed.
   Status Copy(uint64_t dst, const void* src, size_t length, int device);
+  // The same, split: CopyAsync queues the copy on the calling thread's
+  // stream; Wait returns once every copy the thread queued for `device` has
+  // landed (or names the first failure). Both on the same thread.
+  Status CopyAsync(uint64_t dst, const void* src, size_t length, int device);
+  Status Wait(int device);
 
  private:
   CudaIpc();
+  Result<void*> ThreadStream(int device);
   struct Driver;
   Driver* driver_;  // null when no driver could be loaded
   Status status_;

@@ -58,7 +58,7 @@ struct alignas(64) RegionEntry {
   uint64_t fd_offset;
   // GPU memory (kind kCudaRegion): the CUDA IPC handle of the allocation
   // holding the region, and the offset of `base` in it. Peers open it and
-  // copy with cuMemcpy (cuda_ipc.h).
+  // copy on a stream (cuda_ipc.h).
   uint32_t kind;
   uint64_t ipc_offset;
   CudaIpcHandle ipc;
@@ -66,7 +66,7 @@ struct alignas(64) RegionEntry {
 constexpr uint32_t kHostRegion = 0, kCudaRegion = 1;
 
 // The local descriptor of a GPU registration (LocalRegistration::desc),
-// which every write from it carries: its bytes are copied with cuMemcpy.
+// which every write from it carries: its bytes are copied by the GPU (CudaIpc::Copy).
 int gpu_source_marker;
 void* const kGpuSource = &gpu_source_marker;
 bool FromGpu(const WriteOp& op) { return op.local_desc == kGpuSource; }
@@ -502,16 +502,32 @@ class LocalDomain final : public Domain {
   static void CheckOut(RegionEntry* e) { e->writers.fetch_sub(1, std::memory_order_release); }
 
   // Copies checked writes into the peer: a memcpy in this process, else one
-  // process_vm_writev for the whole run (resumed after a partial copy).
+  // process_vm_writev for the whole run (resumed after a partial copy); GPU
+  // copies are queued on this thread's stream and waited for once, at the
+  // end of the run (a run of pages costs one wait, not one per page).
   // `entries` are the checked-in entries of the writes with data, in order.
+  // Returns once every byte of the run has landed, or failed.
   Status Copy(Peer& p, std::span<const WriteOp> ops, std::span<RegionEntry* const> entries) {
+    bool gpu_queued = false;
+    Status s = CopyRun(p, ops, entries, &gpu_queued);
+    // Also after a failure: the caller may free a source the GPU still reads.
+    if (gpu_queued) {
+      Status landed = CudaIpc::Get().Wait(cuda_device_.load(std::memory_order_relaxed));
+      if (s.ok()) s = landed;
+    }
+    return s;
+  }
+  Status QueueGpuCopy(uint64_t dst, const void* src, size_t length, bool* queued) {
+    *queued = true;
+    return CudaIpc::Get().CopyAsync(dst, src, length, cuda_device_.load(std::memory_order_relaxed));
+  }
+  Status CopyRun(Peer& p, std::span<const WriteOp> ops, std::span<RegionEntry* const> entries, bool* gpu_queued) {
     if (p.same_process) {
       size_t k = 0;
       for (const WriteOp& op : ops) {
         if (op.length == 0) continue;
         if (entries[k++]->kind == kCudaRegion || FromGpu(op)) {
-          TE_RETURN_IF_ERROR(
-              CudaIpc::Get().Copy(op.remote_addr, op.local, op.length, cuda_device_.load(std::memory_order_relaxed)));
+          TE_RETURN_IF_ERROR(QueueGpuCopy(op.remote_addr, op.local, op.length, gpu_queued));
         } else {
           std::memcpy(reinterpret_cast<void*>(op.remote_addr), op.local, op.length);
         }
@@ -526,14 +542,13 @@ class LocalDomain final : public Domain {
       RegionEntry* e = entries[k++];
       // Checked in: the entry is live under this key, its fields stable.
       if (e->kind == kCudaRegion) {
-        TE_RETURN_IF_ERROR(CopyToGpu(p, *e, (op.rkey >> 32) << 1 | 1, op));
+        TE_RETURN_IF_ERROR(CopyToGpu(p, *e, (op.rkey >> 32) << 1 | 1, op, gpu_queued));
         continue;
       }
       if (const Mapping& m = MappingFor(p, *e, (op.rkey >> 32) << 1 | 1); m.base) {
         uint8_t* dst = m.base + (op.remote_addr - e->base);
         if (FromGpu(op))
-          TE_RETURN_IF_ERROR(CudaIpc::Get().Copy(reinterpret_cast<uintptr_t>(dst), op.local, op.length,
-                                                 cuda_device_.load(std::memory_order_relaxed)));
+          TE_RETURN_IF_ERROR(QueueGpuCopy(reinterpret_cast<uintptr_t>(dst), op.local, op.length, gpu_queued));
         else
           std::memcpy(dst, op.local, op.length);
         continue;
@@ -613,8 +628,9 @@ class LocalDomain final : public Domain {
 
   // A write into a peer's GPU region: its allocation opened through CUDA
   // IPC once per registration, the range checked against the allocation's
-  // size (the handle and offset are the peer's: hostile), then cuMemcpy.
-  Status CopyToGpu(Peer& p, const RegionEntry& e, uint64_t state, const WriteOp& op) {
+  // size (the handle and offset are the peer's: hostile), then the copy is
+  // queued.
+  Status CopyToGpu(Peer& p, const RegionEntry& e, uint64_t state, const WriteOp& op, bool* queued) {
     const uint32_t index = uint32_t(&e - p.box->region);
     Mapping& m = p.mappings[index];
     const int device = cuda_device_.load(std::memory_order_relaxed);
@@ -633,7 +649,7 @@ class LocalDomain final : public Domain {
       m.cuda_opened = opened->base;
       m.cuda_base = opened->base + e.ipc_offset;
     }
-    return CudaIpc::Get().Copy(m.cuda_base + (op.remote_addr - e.base), op.local, op.length, device);
+    return QueueGpuCopy(m.cuda_base + (op.remote_addr - e.base), op.local, op.length, queued);
   }
 
   // Immediates and messages of one initiator's slot; a released slot is

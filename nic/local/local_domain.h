@@ -36,9 +36,10 @@
 // Memory kinds. Host memory allocated as SharedMemory (shared_memory.h) is
 // mapped by initiators and written with memcpy; other host memory through
 // process_vm_writev. GPU memory is shared through CUDA IPC (cuda_ipc.h: the
-// target exports the allocation, an initiator opens it once and copies with
-// cuMemcpy); without a CUDA driver it is refused (kUnimplemented). The GPU
-// path has not run on a GPU yet (tests/gpu).
+// target exports the allocation, an initiator opens it once and copies on a
+// stream of its own, waiting for the copy before the immediate); without a
+// CUDA driver it is refused (kUnimplemented). The GPU path is tested on a
+// GPU by tests/gpu (run on an H200; CI has no GPU).
 #pragma once
 
 #include <cstddef>

@@ -107,14 +107,17 @@ TEST(LocalCudaIpc, AnotherProcessesGpuRegionIsOpenedAndWritten) {
   WaitDone(done, 2);
   ASSERT_EQ(peer.WaitImm(0x41, 2, 10000), "OK");
   EXPECT_EQ(peer.Crc(0, kBytes), Crc32c(host.data(), kBytes));
-  // Pages from GPU memory: destination page d <- source page s.
-  PagedWrite pages{gpu_mr, {0, 1, 2, 3}, 4096, 0, dst, {9, 6, 3, 0}, 4096, 0, 4096, 0x42};
+  // 64 pages from GPU memory in one request (one run of queued copies):
+  // destination page (37 s + 5) mod 64 <- source page s.
+  std::vector<uint32_t> src_pages(64), dst_pages(64);
+  for (uint32_t i = 0; i < 64; ++i) src_pages[i] = i, dst_pages[i] = (37 * i + 5) % 64;
+  PagedWrite pages{gpu_mr, src_pages, 4096, 0, dst, dst_pages, 4096, 0, 4096, 0x42};
+  const uint64_t page_imms = engine->ExpectedImmCount(pages).value();
   ASSERT_TRUE(engine->Submit(pages, {.counter = &done}).ok());
   WaitDone(done, 3);
-  ASSERT_EQ(peer.WaitImm(0x42, 4, 10000), "OK");
-  EXPECT_EQ(peer.Crc(9 * 4096, 4096), Crc32c(host.data(), 4096));
-  EXPECT_EQ(peer.Crc(0, 4096), Crc32c(host.data() + 3 * 4096, 4096));
-  EXPECT_EQ(peer.Crc(6 * 4096, 4096), Crc32c(host.data() + 4096, 4096));
+  ASSERT_EQ(peer.WaitImm(0x42, page_imms, 10000), "OK");
+  for (uint32_t i = 0; i < 64; ++i)
+    EXPECT_EQ(peer.Crc(dst_pages[i] * 4096, 4096), Crc32c(host.data() + src_pages[i] * 4096, 4096)) << "page " << i;
 
   // Past the region, and a guessed key: refused, nothing lands.
   MrDescriptor longer = desc;
@@ -141,6 +144,43 @@ TEST(LocalCudaIpc, AnotherProcessesGpuRegionIsOpenedAndWritten) {
   EXPECT_EQ(stale.failed(), 1u);
   gpu_mr.reset();
   cudaFree(src);
+}
+
+// The immediate never overtakes the bytes: the target reads the last MiB of
+// a 512 MiB device-to-device write the moment its immediate arrives (a copy
+// returned before it landed would show the previous round's bytes there).
+TEST(LocalCudaIpc, TheImmediateFollowsTheBytesOfALargeGpuWrite) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  constexpr size_t kBytes = size_t(512) << 20, kTail = 1 << 20;
+  PeerProcess peer(Options("local"), kBytes, PeerRegion::kGpu);
+  ASSERT_EQ(peer.descriptor_hex().rfind("ERROR", 0), std::string::npos) << peer.descriptor_hex();
+  auto engine = TransferEngine::Create(Options("local")).value();
+  auto dst = engine->Import(MrDescriptor::FromHex(peer.descriptor_hex()).value()).value();
+  std::vector<uint8_t> tail[2] = {std::vector<uint8_t>(kTail), std::vector<uint8_t>(kTail)};
+  void* src[2] = {};
+  LocalMr mr[2];
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_EQ(cudaMalloc(&src[k], kBytes), cudaSuccess);
+    ASSERT_EQ(cudaMemset(src[k], 0x30 + k, kBytes - kTail), cudaSuccess);
+    FillPattern(tail[k].data(), kTail, 50 + k);
+    ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(src[k]) + kBytes - kTail, tail[k].data(), kTail, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    mr[k] = engine->RegisterMemory(src[k], kBytes, Memory::Cuda(0)).value();
+  }
+  for (int round = 0; round < 6; ++round) {
+    const int k = round % 2;
+    SingleWrite w{mr[k], 0, kBytes, dst, 0, 0x61};
+    const uint64_t imms = engine->ExpectedImmCount(w).value();
+    peer.StartWaitCrc(0x61, imms, 20000, kBytes - kTail, kTail);
+    CompletionCounter done;
+    ASSERT_TRUE(engine->Submit(w, {.counter = &done}).ok());
+    EXPECT_EQ(peer.FinishWaitCrc(), "OK " + std::to_string(Crc32c(tail[k].data(), kTail))) << "round " << round;
+    WaitDone(done, 1);
+  }
+  for (int k = 0; k < 2; ++k) {
+    mr[k].reset();
+    cudaFree(src[k]);
+  }
 }
 
 // GPU memory into another process's host memory: SharedHostMemory is mapped

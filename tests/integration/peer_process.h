@@ -98,6 +98,16 @@ class PeerProcess {
     return Command("WAIT " + std::to_string(imm) + " " + std::to_string(count) + " " + std::to_string(timeout_ms));
   }
 
+  // Asks the child to wait for `count` arrivals of `imm` and then, at once,
+  // take the CRC of [offset, offset + len): the answer ("OK <crc>" or the
+  // error) comes from FinishWaitCrc. Between the two the caller writes.
+  void StartWaitCrc(uint32_t imm, uint64_t count, int timeout_ms, uint64_t offset, uint64_t len) {
+    fprintf(to_, "WAITCRC %u %llu %d %llu %llu\n", imm, (unsigned long long)count, timeout_ms,
+            (unsigned long long)offset, (unsigned long long)len);
+    fflush(to_);
+  }
+  std::string FinishWaitCrc() { return ReadLine(); }
+
   // Ends the child's registration of its region (the memory stays).
   std::string Deregister() { return Command("DEREG"); }
   void Kill() {
@@ -183,6 +193,13 @@ class PeerProcess {
     }
     fprintf(out, "%s\n", (*engine)->Describe(**mr).ToHex().c_str());
     fflush(out);
+    // CRC-32C of [off, off + len), 0 when outside the region.
+    auto crc = [&](uint64_t off, uint64_t len) -> uint32_t {
+      if (off > bytes || len > bytes - off) return 0;
+      if (!gpu) return Crc32c(region.data() + off, len);
+      std::vector<uint8_t> host(len);
+      return gpu_hooks->read(host.data(), gpu + off, len) ? Crc32c(host.data(), len) : 0;
+    };
     char line[512];
     while (fgets(line, sizeof line, in)) {
       std::istringstream cmd(line);
@@ -191,14 +208,17 @@ class PeerProcess {
       if (op == "CRC") {
         uint64_t off, len;
         cmd >> off >> len;
-        if (off > bytes || len > bytes - off) {
-          fprintf(out, "0\n");
-        } else if (gpu) {
-          std::vector<uint8_t> host(len);
-          fprintf(out, "%u\n", gpu_hooks->read(host.data(), gpu + off, len) ? Crc32c(host.data(), len) : 0u);
-        } else {
-          fprintf(out, "%u\n", Crc32c(region.data() + off, len));
-        }
+        fprintf(out, "%u\n", crc(off, len));
+      } else if (op == "WAITCRC") {  // the CRC at once when the immediates are in
+        uint32_t imm;
+        uint64_t count, off, len;
+        int ms;
+        cmd >> imm >> count >> ms >> off >> len;
+        Status s = (*engine)->WaitImm(imm, count, std::chrono::milliseconds(ms));
+        if (s.ok())
+          fprintf(out, "OK %u\n", crc(off, len));
+        else
+          fprintf(out, "%s\n", s.ToString().c_str());
       } else if (op == "WAIT") {
         uint32_t imm;
         uint64_t count;

@@ -61,3 +61,27 @@ def sigint_self_after(delay):
 
 if __name__ == "__main__":
     sys.exit("peers.py holds helpers for the tests; run pytest")
+
+
+def serve_cuda_tensor(conn, nbytes, provider):
+    """A target whose region is a torch CUDA tensor: reports its descriptor,
+    waits for the writes' immediates, then sends the tensor's bytes back."""
+    import torch
+
+    engine = te.Engine(provider=provider, request_timeout=10.0)
+    tensor = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    region = engine.register(tensor)
+    conn.send((region.device, region.descriptor()))
+    while True:
+        cmd = conn.recv()
+        try:
+            if cmd[0] == "wait_imm":
+                engine.wait_imm(cmd[1], cmd[2], timeout=30.0)
+                torch.cuda.synchronize()
+                conn.send(("ok", tensor.cpu().numpy().tobytes()))
+            elif cmd[0] == "exit":
+                engine.close()
+                conn.send(("ok",))
+                return
+        except Exception as e:  # reported to the test, which fails on it
+            conn.send(("error", repr(e)))
