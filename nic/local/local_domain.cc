@@ -66,7 +66,7 @@ struct alignas(64) RegionEntry {
 constexpr uint32_t kHostRegion = 0, kCudaRegion = 1;
 
 // The local descriptor of a GPU registration (LocalRegistration::desc),
-// which every write from it carries: its bytes are copied by the GPU (CudaIpc::Copy).
+// which every write from it carries: its bytes are copied by the GPU (cuda_ipc.h).
 int gpu_source_marker;
 void* const kGpuSource = &gpu_source_marker;
 bool FromGpu(const WriteOp& op) { return op.local_desc == kGpuSource; }
