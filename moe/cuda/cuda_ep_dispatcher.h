@@ -26,7 +26,10 @@
 // synchronizing calls (cudaMalloc, cudaFree, cudaHostRegister, anything on
 // the legacy default stream) out of the time another rank may be in an
 // exchange: such a call waits for that rank's kernel, and if that rank in
-// turn waits for this one, both stop until the dispatcher's timeout.
+// turn waits for this one, both stop until the dispatcher's timeout. The
+// GPU must also run both ranks' kernels at once: under compute-sanitizer,
+// which serializes a process's kernels, two ranks of one process wait for
+// each other after their first layer.
 //
 // Verified on an H200 (tests/gpu/moe_cuda_test.cc); this repository's CI
 // has no GPU: see docs/ARCHITECTURE.md for what has been verified where.
