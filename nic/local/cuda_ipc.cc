@@ -178,6 +178,9 @@ Result<void*> CudaIpc::ThreadStream(int device) {
   return stream;
 }
 
+// Not cuMemcpy: it returns before a device-to-device copy (or one from
+// pageable host memory) has landed, and the immediate that follows a write
+// must not overtake its bytes; hence a stream, and Wait.
 Status CudaIpc::CopyAsync(uint64_t dst, const void* src, size_t length, int device) {
   auto stream = ThreadStream(device);
   if (!stream.ok()) return stream.status();
@@ -193,14 +196,6 @@ Status CudaIpc::Wait(int device) {
   if (Driver::CUresult r = driver_->cuStreamSynchronize(*stream); r != 0)
     return IoError(driver_->Error("cuStreamSynchronize", r));
   return Status::Ok();
-}
-
-// cuMemcpy would return before a device-to-device copy (or one from
-// pageable host memory) has landed; an immediate that follows must not
-// overtake the bytes, hence a stream and a wait.
-Status CudaIpc::Copy(uint64_t dst, const void* src, size_t length, int device) {
-  TE_RETURN_IF_ERROR(CopyAsync(dst, src, length, device));
-  return Wait(device);
 }
 
 }  // namespace te::nic

@@ -4,8 +4,8 @@
 // The target exports the allocation that holds a registered range
 // (cuIpcGetMemHandle); an initiator opens it once (cuIpcOpenMemHandle) and
 // copies into it on a stream of its own, from host or device memory
-// (unified addressing), over NVLink or PCIe, with no NIC; a copy has landed
-// when Copy returns, before the engine sends the write's immediate.
+// (unified addressing), over NVLink or PCIe, with no NIC; the engine waits
+// for a run's copies before it sends the run's immediates.
 //
 // The CUDA driver is loaded at run time (dlopen of libcuda.so.1): nothing is
 // linked, so this builds everywhere, and without a driver (this build
@@ -55,13 +55,11 @@ class CudaIpc {
   Result<Opened> Open(const CudaIpcHandle& handle, int device);
   void Close(uint64_t base);
 
-  // Copies `length` bytes from `src` (host or device) to `dst` (device, or
-  // host memory mapped here) on the calling thread's own non-blocking stream
-  // for `device`; returns once the bytes have landed.
-  Status Copy(uint64_t dst, const void* src, size_t length, int device);
-  // The same, split: CopyAsync queues the copy on the calling thread's
-  // stream; Wait returns once every copy the thread queued for `device` has
-  // landed (or names the first failure). Both on the same thread.
+  // Queues a copy of `length` bytes from `src` (host or device) to `dst`
+  // (device, or host memory mapped here) on the calling thread's own
+  // non-blocking stream for `device`. The bytes have landed only once Wait
+  // returns: it waits for every copy the thread queued for `device` (or
+  // names the first failure). Both on the same thread.
   Status CopyAsync(uint64_t dst, const void* src, size_t length, int device);
   Status Wait(int device);
 

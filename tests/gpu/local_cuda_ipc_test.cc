@@ -33,13 +33,25 @@ bool HaveGpu() {
   return cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
 }
 
-// Device memory holding `host`'s bytes.
-void* GpuCopyOf(const std::vector<uint8_t>& host) {
-  void* p = nullptr;
-  if (cudaMalloc(&p, host.size()) != cudaSuccess) return nullptr;
-  if (cudaMemcpy(p, host.data(), host.size(), cudaMemcpyHostToDevice) != cudaSuccess) return nullptr;
-  return p;
-}
+// A pattern of `bytes` on the host and a copy of it in device memory,
+// registered with `engine`; freed (registration first) on scope exit.
+struct GpuSource {
+  GpuSource(TransferEngine* engine, size_t bytes, uint32_t salt) : host(bytes) {
+    FillPattern(host.data(), bytes, salt);
+    if (cudaMalloc(&device, bytes) != cudaSuccess) device = nullptr;
+    if (device && cudaMemcpy(device, host.data(), bytes, cudaMemcpyHostToDevice) == cudaSuccess) {
+      auto r = engine->RegisterMemory(device, bytes, Memory::Cuda(0));
+      if (r.ok()) mr = std::move(r).value();
+    }
+  }
+  ~GpuSource() {
+    mr.reset();
+    if (device) cudaFree(device);
+  }
+  std::vector<uint8_t> host;
+  void* device = nullptr;
+  LocalMr mr;  // null if any step failed
+};
 
 TEST(LocalCudaIpc, GpuRegionsTakeTheSameHostDomain) {
   if (!HaveGpu()) GTEST_SKIP() << "no GPU";
@@ -92,11 +104,10 @@ TEST(LocalCudaIpc, AnotherProcessesGpuRegionIsOpenedAndWritten) {
   PeerProcess peer(Options("local"), kBytes, PeerRegion::kGpu);
   ASSERT_EQ(peer.descriptor_hex().rfind("ERROR", 0), std::string::npos) << peer.descriptor_hex();
   auto engine = TransferEngine::Create(Options("local")).value();
-  std::vector<uint8_t> host(kBytes);
-  FillPattern(host.data(), kBytes, 41);
-  void* src = GpuCopyOf(host);
-  ASSERT_NE(src, nullptr);
-  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  GpuSource source(engine.get(), kBytes, 41);
+  ASSERT_TRUE(source.mr);
+  std::vector<uint8_t>& host = source.host;
+  const LocalMr& gpu_mr = source.mr;
   auto host_mr = engine->RegisterMemory(host.data(), kBytes).value();
   const MrDescriptor desc = MrDescriptor::FromHex(peer.descriptor_hex()).value();
   auto dst = engine->Import(desc).value();
@@ -142,8 +153,6 @@ TEST(LocalCudaIpc, AnotherProcessesGpuRegionIsOpenedAndWritten) {
   ASSERT_TRUE(engine->Submit(SingleWrite{gpu_mr, 0, 4096, dst, 0, 0x44}, {.counter = &stale}).ok());
   ASSERT_TRUE(stale.WaitFinished(1, std::chrono::seconds(10)));
   EXPECT_EQ(stale.failed(), 1u);
-  gpu_mr.reset();
-  cudaFree(src);
 }
 
 // The immediate never overtakes the bytes: the target reads the last MiB of
@@ -184,7 +193,7 @@ TEST(LocalCudaIpc, TheImmediateFollowsTheBytesOfALargeGpuWrite) {
 }
 
 // GPU memory into another process's host memory: SharedHostMemory is mapped
-// and copied into with cuMemcpy; heap memory (cross-memory attach cannot
+// and copied into by the GPU; heap memory (cross-memory attach cannot
 // read GPU memory) is refused naming why.
 TEST(LocalCudaIpc, GpuSourceIntoAnotherProcessesHostMemory) {
   if (!HaveGpu()) GTEST_SKIP() << "no GPU";
@@ -192,11 +201,10 @@ TEST(LocalCudaIpc, GpuSourceIntoAnotherProcessesHostMemory) {
   PeerProcess shared(Options("local"), kBytes, PeerRegion::kSharedHost);
   PeerProcess heap(Options("local"), kBytes, PeerRegion::kHeap);
   auto engine = TransferEngine::Create(Options("local")).value();
-  std::vector<uint8_t> host(kBytes);
-  FillPattern(host.data(), kBytes, 43);
-  void* src = GpuCopyOf(host);
-  ASSERT_NE(src, nullptr);
-  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  GpuSource source(engine.get(), kBytes, 43);
+  ASSERT_TRUE(source.mr);
+  const std::vector<uint8_t>& host = source.host;
+  const LocalMr& gpu_mr = source.mr;
   auto to_shared = engine->Import(MrDescriptor::FromHex(shared.descriptor_hex()).value()).value();
   auto to_heap = engine->Import(MrDescriptor::FromHex(heap.descriptor_hex()).value()).value();
   CompletionCounter done;
@@ -211,8 +219,6 @@ TEST(LocalCudaIpc, GpuSourceIntoAnotherProcessesHostMemory) {
   EXPECT_NE(refused.first_error().ToString().find("GPU"), std::string::npos) << refused.first_error().ToString();
   const std::vector<uint8_t> zeros(4096, 0);
   EXPECT_EQ(heap.Crc(0, 4096), Crc32c(zeros.data(), 4096));
-  gpu_mr.reset();
-  cudaFree(src);
 }
 
 // A GPU target killed mid-stream: the initiator's requests end with errors
@@ -225,11 +231,10 @@ TEST(LocalCudaIpc, KilledGpuTargetGivesErrorsWithinTheTimeout) {
   PeerProcess peer(o, kBytes, PeerRegion::kGpu);
   PeerProcess fresh(o, kBytes, PeerRegion::kGpu);
   auto engine = TransferEngine::Create(o).value();
-  std::vector<uint8_t> host(kBytes);
-  FillPattern(host.data(), kBytes, 47);
-  void* src = GpuCopyOf(host);
-  ASSERT_NE(src, nullptr);
-  auto gpu_mr = engine->RegisterMemory(src, kBytes, Memory::Cuda(0)).value();
+  GpuSource source(engine.get(), kBytes, 47);
+  ASSERT_TRUE(source.mr);
+  const std::vector<uint8_t>& host = source.host;
+  const LocalMr& gpu_mr = source.mr;
   auto dst = engine->Import(MrDescriptor::FromHex(peer.descriptor_hex()).value()).value();
   CompletionCounter c;
   uint64_t submitted = 0;
@@ -249,8 +254,6 @@ TEST(LocalCudaIpc, KilledGpuTargetGivesErrorsWithinTheTimeout) {
   WaitDone(ok, 1);
   EXPECT_EQ(fresh.WaitImm(1, 1, 5000), "OK");
   EXPECT_EQ(fresh.Crc(0, kBytes), Crc32c(host.data(), kBytes));
-  gpu_mr.reset();
-  cudaFree(src);
 }
 
 }  // namespace

@@ -102,9 +102,8 @@ class PeerProcess {
   // take the CRC of [offset, offset + len): the answer ("OK <crc>" or the
   // error) comes from FinishWaitCrc. Between the two the caller writes.
   void StartWaitCrc(uint32_t imm, uint64_t count, int timeout_ms, uint64_t offset, uint64_t len) {
-    fprintf(to_, "WAITCRC %u %llu %d %llu %llu\n", imm, (unsigned long long)count, timeout_ms,
-            (unsigned long long)offset, (unsigned long long)len);
-    fflush(to_);
+    Send("WAITCRC " + std::to_string(imm) + " " + std::to_string(count) + " " + std::to_string(timeout_ms) + " " +
+         std::to_string(offset) + " " + std::to_string(len));
   }
   std::string FinishWaitCrc() { return ReadLine(); }
 
@@ -117,9 +116,12 @@ class PeerProcess {
   }
 
  private:
-  std::string Command(const std::string& cmd) {
+  void Send(const std::string& cmd) {
     fprintf(to_, "%s\n", cmd.c_str());
     fflush(to_);
+  }
+  std::string Command(const std::string& cmd) {
+    Send(cmd);
     return ReadLine();
   }
   std::string ReadLine() {
