@@ -55,6 +55,12 @@ double DispatchCost::max_node_imbalance(uint32_t nodes) const {
 
 namespace {
 
+// ExpertMap::TokenKey of token tok's row at layer l, as a dispatcher computes
+// it from the same row.
+uint32_t Key(const RoutingTrace& t, uint32_t tok, uint32_t l) {
+  return ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk);
+}
+
 // Homes of every token at `layer`, given the maps of the layers before it.
 std::vector<uint32_t> Homes(const RoutingTrace& t, const std::vector<ExpertMap>& maps, uint32_t ranks, TokenHome home,
                             uint32_t layer) {
@@ -63,7 +69,7 @@ std::vector<uint32_t> Homes(const RoutingTrace& t, const std::vector<ExpertMap>&
     uint32_t h = tok % ranks;
     if (home == TokenHome::kTop1)
       for (uint32_t l = 0; l < layer; ++l)
-        if (const int e = t.at(tok, l, 0); e >= 0) h = maps[l].RankFor(uint32_t(e), h);
+        if (const int e = t.at(tok, l, 0); e >= 0) h = maps[l].RankFor(uint32_t(e), h, Key(t, tok, l));
     homes[tok] = h;
   }
   return homes;
@@ -114,10 +120,11 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
       c.away_from_source += home != tok % p.ranks;
       rank_seen[home] = tok;  // nothing goes to the own rank
       node_seen[home_node] = tok;
+      const uint32_t key = Key(t, tok, l);
       for (uint32_t k = 0; k < t.topk; ++k) {
         const int e = t.at(tok, l, k);
         if (e < 0) continue;
-        const uint32_t r = maps[l].RankFor(uint32_t(e), home), node = r / per_node;
+        const uint32_t r = maps[l].RankFor(uint32_t(e), home, key), node = r / per_node;
         cost.rank_load[l][r]++;
         if (rank_seen[r] == tok) continue;
         rank_seen[r] = tok;
@@ -137,14 +144,14 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
     if (o.home != TokenHome::kTop1) continue;
     std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
-      const uint32_t from = homes[tok];
-      if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), from);
+      const uint32_t from = homes[tok], key = Key(t, tok, l);
+      if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), from, key);
       const uint32_t merge = homes[tok];
       rank_seen[merge] = tok;  // the merge rank's own partial stays
       for (uint32_t k = 0; k < t.topk; ++k) {
         const int e = t.at(tok, l, k);
         if (e < 0) continue;
-        const uint32_t r = maps[l].RankFor(uint32_t(e), from);
+        const uint32_t r = maps[l].RankFor(uint32_t(e), from, key);
         if (rank_seen[r] == tok) continue;
         rank_seen[r] = tok;
         c.merged++;

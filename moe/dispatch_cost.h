@@ -3,8 +3,8 @@
 // move it: one record per token per distinct destination rank, however many
 // of the token's experts live there, and none to the token's own rank;
 // combine returns one partial row per record. A replicated expert's tokens
-// go to the replica ExpertMap::RankFor picks for the token's home rank, as
-// in dispatch. The count is exact: replaying a trace through the
+// go to the replica ExpertMap::RankFor picks for the token's home rank and
+// its key (token splits included), as in dispatch. The count is exact: replaying a trace through the
 // dispatchers sends these records (MoeDispatch.TraceReplay*,
 // MoeLowLatency.TraceReplay*).
 #pragma once

@@ -83,10 +83,11 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   goes.assign(size_t(b.tokens) * R, 0);
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
+    const uint32_t key = ExpertMap::TokenKey(idx, K);
     for (uint32_t k = 0; k < K; ++k) {
       if (idx[k] < 0) continue;
       plan->per_expert[idx[k]]++;
-      const uint32_t dest = map.RankFor(idx[k], c.rank);
+      const uint32_t dest = map.RankFor(idx[k], c.rank, key);
       uint8_t& g = goes[size_t(t) * R + dest];
       if (!g) plan->per_rank[dest]++;
       g = 1;
@@ -107,6 +108,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
     const float* w = b.topk_weights + size_t(t) * K;
+    const uint32_t key = ExpertMap::TokenKey(idx, K);
     for (uint32_t r = 0; r < R; ++r) {
       if (!goes[size_t(t) * R + r]) continue;
       const uint32_t row = next[r]++;
@@ -116,7 +118,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
       if (labels && labels->tags) hdr.tag = labels->tags[t];
       auto* entries = reinterpret_cast<RecordEntry*>(p + sizeof(RecordHeader));
       for (uint32_t k = 0; k < K; ++k) {
-        if (idx[k] < 0 || map.RankFor(idx[k], c.rank) != r) continue;
+        if (idx[k] < 0 || map.RankFor(idx[k], c.rank, key) != r) continue;
         RecordEntry e{uint16_t(map.local_index(idx[k], r)), 0, w[k]};
         std::memcpy(&entries[hdr.entries++], &e, sizeof e);
       }

@@ -23,7 +23,9 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
         const TokenBatch& b = batches[s];
         for (uint32_t t = 0; t < b.tokens; ++t) {
           for (uint32_t k = 0; k < shape.topk; ++k) {
-            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e) || map.RankFor(e, s) != r) continue;
+            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e) ||
+                map.RankFor(e, s, ExpertMap::TokenKey(b.topk_idx + size_t(t) * shape.topk, shape.topk)) != r)
+              continue;
             x.data.insert(x.data.end(), b.data + t * tb, b.data + (t + 1) * tb);
             if (sc) x.scales.insert(x.scales.end(), b.scales + t * sc, b.scales + (t + 1) * sc);
             x.weights.push_back(b.topk_weights[size_t(t) * shape.topk + k]);
@@ -74,7 +76,7 @@ Result<std::vector<std::vector<uint16_t>>> Combine(const EpConfig& shape, const 
         std::fill(partial.begin(), partial.end(), 0.0f);
         for (uint32_t k = 0; k < K; ++k) {
           const int32_t e = b.topk_idx[size_t(t) * K + k];
-          if (e < 0 || map.RankFor(e, s) != r) continue;
+          if (e < 0 || map.RankFor(e, s, ExpertMap::TokenKey(b.topk_idx + size_t(t) * K, K)) != r) continue;
           auto it = position[r][e].find({s, t});
           if (it == position[r][e].end())
             return Internal("token " + std::to_string(t) + " of rank " + std::to_string(s) + " missing from expert " +

@@ -22,7 +22,8 @@ Result<ExpertMap> ExpertMap::FromRanks(std::vector<uint32_t> rank_of, uint32_t r
   return WithReplicas(std::move(ranks_of), ranks, 1);
 }
 
-Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes) {
+Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
+                                          const std::vector<TokenSplit>& splits) {
   if (ranks == 0) return InvalidArgument("ranks must be >= 1");
   if (nodes == 0 || ranks % nodes != 0)
     return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
@@ -55,9 +56,54 @@ Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ran
     m.choice_[e] = ChooseReplicas(on, ranks, nodes);
   }
   crc_input.push_back(nodes);
+  TE_RETURN_IF_ERROR(m.SetSplits(ranks_of, splits));
+  for (const TokenSplit& x : splits) crc_input.insert(crc_input.end(), {x.expert, x.source, x.rank, x.share});
   m.fingerprint_ = Crc32c(crc_input.data(), crc_input.size() * sizeof(uint32_t)) ^ ranks;
   m.ranks_of_ = std::move(ranks_of);
   return m;
+}
+
+Status ExpertMap::SetSplits(const std::vector<std::vector<uint32_t>>& ranks_of, const std::vector<TokenSplit>& splits) {
+  const uint32_t E = uint32_t(ranks_of.size());
+  // Per (expert, source): the ranges in the order given.
+  std::vector<std::vector<std::vector<Range>>> by(E);
+  for (size_t i = 0; i < splits.size(); ++i) {
+    const TokenSplit& x = splits[i];
+    const std::string at = "token split " + std::to_string(i) + ": ";
+    if (x.expert >= E)
+      return InvalidArgument(at + "expert " + std::to_string(x.expert) + " outside [0, " + std::to_string(E) + ")");
+    if (x.source >= ranks_)
+      return InvalidArgument(at + "source " + std::to_string(x.source) + " outside [0, " + std::to_string(ranks_) +
+                             ")");
+    const auto& on = ranks_of[x.expert];
+    if (std::find(on.begin(), on.end(), x.rank) == on.end())
+      return InvalidArgument(at + "rank " + std::to_string(x.rank) + " does not hold expert " +
+                             std::to_string(x.expert));
+    if (x.share == 0 || x.share > kKeySpace)
+      return InvalidArgument(at + "share " + std::to_string(x.share) + " outside [1, " + std::to_string(kKeySpace) +
+                             "]");
+    if (on.size() == 1) continue;  // one copy: every token goes there anyway
+    auto& ranges = by[x.expert];
+    if (ranges.empty()) ranges.resize(ranks_);
+    auto& mine = ranges[x.source];
+    const uint32_t from = mine.empty() ? 0 : mine.back().until;
+    if (x.share > kKeySpace - from)
+      return InvalidArgument(at + "shares of expert " + std::to_string(x.expert) + " from source " +
+                             std::to_string(x.source) + " sum past " + std::to_string(kKeySpace));
+    mine.push_back({from + x.share, x.rank});
+  }
+  split_.assign(E, {});
+  split_begin_.assign(E, {});
+  for (uint32_t e = 0; e < E; ++e) {
+    if (by[e].empty()) continue;
+    split_begin_[e].push_back(0);
+    for (const auto& mine : by[e]) {
+      split_[e].insert(split_[e].end(), mine.begin(), mine.end());
+      split_begin_[e].push_back(uint32_t(split_[e].size()));
+    }
+  }
+  splits_ = splits;
+  return Status::Ok();
 }
 
 std::vector<uint32_t> ExpertMap::ChooseReplicas(const std::vector<uint32_t>& on, uint32_t ranks, uint32_t nodes) {

@@ -3,9 +3,10 @@
 // group must use the same map for a layer; dispatch checks a fingerprint.
 //
 // Replicas: an expert may live on several ranks (at most once per rank).
-// Dispatch sends all of one source rank's tokens for expert e to one replica,
-// RankFor(e, source), chosen when the map is built, the same on every rank,
-// in three passes over the sources (in rank order):
+// Dispatch sends one source rank's tokens for expert e to one replica,
+// ChoiceFor(e, source), chosen when the map is built, the same on every
+// rank (unless token splits below share them), in three passes over the
+// sources (in rank order):
 //  1. the replica on the source rank itself;
 //  2. else the least used replica on the source's node that has fewer than
 //     its fair share of sources, ceil(ranks / replicas);
@@ -13,6 +14,19 @@
 // "Least used" counts the sources assigned so far; ties go to the lower rank.
 // So sources stay on their node where that keeps replicas even, and spread
 // evenly over the replicas otherwise. Ranks r of node r / (ranks / nodes).
+//
+// Token splits refine that per token: a source's tokens of one expert can be
+// shared among its replicas, since a hot expert's tokens often come from a
+// few sources, and whole sources are too coarse to balance its copies. Each
+// token has a key, TokenKey(its routing row at the layer), uniform in
+// [0, 65536); a TokenSplit sends the tokens of (expert, source) whose key
+// falls in its share of that range to `rank`. The splits of one (expert,
+// source) take consecutive ranges from 0 in the order given; keys past them
+// go to the rule's choice. Every rank computes the same key from the same
+// row, so a token's replica needs no coordination, and a placement's record
+// count over a trace (moe/dispatch_cost.h) stays exact. Tokens with equal
+// rows go together: under top-1 routing a split moves all or none of an
+// expert's tokens from a source.
 #pragma once
 
 #include <cstdint>
@@ -22,16 +36,40 @@
 
 namespace te::moe {
 
+// `share` of the 65536 token keys of (expert, source) go to `rank`, a rank
+// holding the expert.
+struct TokenSplit {
+  uint32_t expert = 0, source = 0, rank = 0;
+  uint32_t share = 0;  // [1, 65536]
+};
+
 class ExpertMap {
  public:
+  static constexpr uint32_t kKeySpace = 65536;
+
   // Experts 0 .. E/R - 1 on rank 0, and so on (E a multiple of R).
   static Result<ExpertMap> Contiguous(uint32_t experts, uint32_t ranks);
   // rank_of[e] for every expert, e.g. one layer of a Placement. Ranks may hold
   // different numbers of experts (or none).
   static Result<ExpertMap> FromRanks(std::vector<uint32_t> rank_of, uint32_t ranks);
   // ranks_of[e]: the ranks holding expert e (at least one, distinct; the
-  // first is its primary). `nodes` divides `ranks`.
-  static Result<ExpertMap> WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes);
+  // first is its primary). `nodes` divides `ranks`. `splits` as above; the
+  // shares of one (expert, source) sum to at most kKeySpace.
+  static Result<ExpertMap> WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
+                                        const std::vector<TokenSplit>& splits = {});
+
+  // A token's key: a hash of its routing row at this layer (top-k expert
+  // ids, -1 for an empty slot, in slot order), in [0, kKeySpace).
+  template <typename Id>
+  static uint32_t TokenKey(const Id* row, uint32_t topk) {
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ topk;
+    for (uint32_t k = 0; k < topk; ++k) {
+      h = (h ^ uint32_t(int32_t(row[k]))) * 0xff51afd7ed558ccdull;
+      h ^= h >> 33;
+    }
+    h *= 0xc4ceb9fe1a85ec53ull;
+    return uint32_t(h >> 48);
+  }
 
   // The rule above for one expert: choice[s] = the rank source s sends to.
   static std::vector<uint32_t> ChooseReplicas(const std::vector<uint32_t>& ranks_of, uint32_t ranks, uint32_t nodes);
@@ -43,10 +81,20 @@ class ExpertMap {
   uint32_t rank_of(uint32_t expert) const { return ranks_of_[expert][0]; }
   const std::vector<uint32_t>& ranks_of(uint32_t expert) const { return ranks_of_[expert]; }
   bool replicated() const { return replicated_; }
-  // The rank a source sends expert e's tokens to (the rule above).
-  uint32_t RankFor(uint32_t expert, uint32_t source) const {
+  // The rank a source sends expert e's token with key `key` to (the rule
+  // and the splits above).
+  uint32_t RankFor(uint32_t expert, uint32_t source, uint32_t key) const {
+    if (choice_[expert].empty()) return ranks_of_[expert][0];
+    if (!split_begin_[expert].empty())
+      for (uint32_t i = split_begin_[expert][source]; i < split_begin_[expert][source + 1]; ++i)
+        if (key < split_[expert][i].until) return split_[expert][i].rank;
+    return choice_[expert][source];
+  }
+  // The rule's choice for a source, before splits.
+  uint32_t ChoiceFor(uint32_t expert, uint32_t source) const {
     return choice_[expert].empty() ? ranks_of_[expert][0] : choice_[expert][source];
   }
+  const std::vector<TokenSplit>& splits() const { return splits_; }
   // Index of the expert among `rank`'s local experts; the rank must hold it.
   uint32_t local_index(uint32_t expert, uint32_t rank) const;
   uint32_t local_index(uint32_t expert) const { return local_index(expert, rank_of(expert)); }
@@ -60,6 +108,15 @@ class ExpertMap {
   std::vector<std::vector<uint32_t>> ranks_of_, local_index_;  // [expert][replica]
   std::vector<std::vector<uint32_t>> choice_;                  // [expert][source]; empty: one replica
   std::vector<std::vector<uint32_t>> local_;
+  // Splits of expert e: split_[e][split_begin_[e][s] .. split_begin_[e][s+1])
+  // are source s's ranges, in order. Both empty for an expert without splits.
+  struct Range {
+    uint32_t until, rank;
+  };
+  Status SetSplits(const std::vector<std::vector<uint32_t>>& ranks_of, const std::vector<TokenSplit>& splits);
+  std::vector<std::vector<Range>> split_;
+  std::vector<std::vector<uint32_t>> split_begin_;
+  std::vector<TokenSplit> splits_;
   uint32_t fingerprint_ = 0;
 };
 

@@ -112,17 +112,27 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
 
   // 1. Across nodes: expert e goes to virtual expert (relay of e's node, e).
+  // A token's key (ExpertMap::TokenKey of its row) travels as the record's
+  // tag: the relay sees only its node's part of the row, and needs the key
+  // to find the rank a token split sends each expert to.
   idx_.resize(size_t(batch.tokens) * K);
-  for (size_t i = 0; i < idx_.size(); ++i) {
-    const int32_t e = batch.topk_idx[i];
-    const uint32_t relay = e < 0 ? 0 : map.RankFor(uint32_t(e), c.rank) / L * L + local_;
-    idx_[i] = e < 0 ? -1 : int32_t(relay * E + uint32_t(e));
+  keys_.resize(batch.tokens);
+  for (uint32_t t = 0; t < batch.tokens; ++t) {
+    const int32_t* row = batch.topk_idx + size_t(t) * K;
+    keys_[t] = uint16_t(ExpertMap::TokenKey(row, K));
+    for (uint32_t k = 0; k < K; ++k) {
+      const int32_t e = row[k];
+      const uint32_t relay = e < 0 ? 0 : map.RankFor(uint32_t(e), c.rank, keys_[t]) / L * L + local_;
+      idx_[size_t(t) * K + k] = e < 0 ? -1 : int32_t(relay * E + uint32_t(e));
+    }
   }
   const TokenBatch virtual_batch{batch.tokens, batch.data, batch.scales, idx_.data(), batch.topk_weights};
   const EpConfig& ac = across_->config();
   if (Status s = across_->PrepareDispatch(); !s.ok()) return Fail(s);
   ResetResult(ac, across_map_, &across_result_);
-  PackRecords(ac, across_map_, virtual_batch, across_->send_records(), &plan_, &across_result_.handle);
+  const TokenLabels labels{nullptr, keys_.data()};
+  PackRecords(ac, across_map_, virtual_batch, across_->send_records(), &plan_, &across_result_.handle,
+              /*copy_payload=*/true, nullptr, nullptr, &labels);
   records_.clear();
   if (Status s = across_->DispatchPacked(plan_, across_map_, batch.tokens, &across_result_, &records_); !s.ok())
     return Fail(s);
@@ -143,7 +153,7 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
       const RowEntry& entry = ah.entries[i];
       const uint32_t e = entry.local_expert;
       const uint32_t source = across_result_.experts[e].src_rank[entry.position];
-      const uint32_t r = map.RankFor(e, source);
+      const uint32_t r = map.RankFor(e, source, RecordTag(records_[q]));
       if (r / L != node_)
         return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +
                                     " to node " + std::to_string(node_) + ", where this rank's map has no replica " +

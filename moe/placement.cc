@@ -57,6 +57,9 @@ Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes) {
 Status Placement::Validate(uint32_t extra_slots) const {
   TE_RETURN_IF_ERROR(CheckShape(experts, ranks, 1));
   if (rank_of.size() != layers) return InvalidArgument("placement has the wrong number of layers");
+  if (!splits.empty() && splits.size() != layers)
+    return InvalidArgument("placement has token splits for " + std::to_string(splits.size()) + " of " +
+                           std::to_string(layers) + " layers");
   if (!replicas.empty() && replicas.size() != layers)
     return InvalidArgument("placement has replicas for " + std::to_string(replicas.size()) + " of " +
                            std::to_string(layers) + " layers");
@@ -89,6 +92,12 @@ Status Placement::Validate(uint32_t extra_slots) const {
       }
     }
   }
+  // The map checks every split (expert, source, a rank holding it, shares).
+  for (uint32_t l = 0; l < splits.size(); ++l) {
+    if (splits[l].empty()) continue;
+    auto m = Map(l, 1);
+    if (!m.ok()) return InvalidArgument("layer " + std::to_string(l) + ": " + m.status().message());
+  }
   return Status::Ok();
 }
 
@@ -102,7 +111,8 @@ std::vector<uint32_t> Placement::RanksOf(uint32_t layer, uint32_t expert) const 
 Result<ExpertMap> Placement::Map(uint32_t layer, uint32_t nodes) const {
   std::vector<std::vector<uint32_t>> on(experts);
   for (uint32_t e = 0; e < experts; ++e) on[e] = RanksOf(layer, e);
-  return ExpertMap::WithReplicas(std::move(on), ranks, nodes);
+  static const std::vector<TokenSplit> kNone;
+  return ExpertMap::WithReplicas(std::move(on), ranks, nodes, layer < splits.size() ? splits[layer] : kNone);
 }
 
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks) {

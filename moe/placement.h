@@ -39,6 +39,9 @@ struct Placement {
   // Replicas beyond the primary: replicas[layer][expert] = their ranks. Empty
   // (or empty lists) when nothing is replicated.
   std::vector<std::vector<std::vector<uint32_t>>> replicas;
+  // Token splits per layer (ExpertMap's TokenSplit): how a source's tokens of
+  // a replicated expert are shared among its copies. Empty when none.
+  std::vector<std::vector<TokenSplit>> splits;
   // Every expert's primary on a rank in range, each rank holding experts /
   // ranks primaries; replicas on ranks in range, none on a rank that already
   // holds the expert, at most `extra_slots` per rank and layer.

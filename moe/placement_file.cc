@@ -15,6 +15,9 @@ Status WritePlacementCsv(const Placement& p, const std::string& path) {
   for (uint32_t l = 0; l < p.layers; ++l)
     for (uint32_t e = 0; e < p.experts; ++e)
       for (uint32_t r : p.RanksOf(l, e)) out << l << "," << e << "," << r << "\n";
+  for (uint32_t l = 0; l < p.splits.size(); ++l)
+    for (const TokenSplit& x : p.splits[l])
+      out << l << "," << x.expert << "," << x.rank << "," << x.source << "," << x.share << "\n";
   out.flush();
   if (!out) return IoError("cannot write placement to '" + path + "'");
   return Status::Ok();
@@ -35,11 +38,12 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
     const auto bad = [&](const std::string& why) {
       return InvalidArgument("placement line " + std::to_string(number) + " '" + line.substr(0, 64) + "': " + why);
     };
+    const size_t fields = size_t(std::count(line.begin(), line.end(), ',')) + 1;
+    if (fields != 3 && fields != 5) return bad("expected layer,expert,rank or layer,expert,rank,source,share");
     std::string_view rest(line);
-    uint64_t v[3];
-    for (int i = 0; i < 3; ++i) {
-      const size_t comma = i < 2 ? rest.find(',') : rest.size();
-      if (comma == std::string_view::npos) return bad("expected layer,expert,rank");
+    uint64_t v[5];
+    for (size_t i = 0; i < fields; ++i) {
+      const size_t comma = i + 1 < fields ? rest.find(',') : rest.size();
       const auto n = ParseUint64(rest.substr(0, comma));
       if (!n) return bad("'" + std::string(rest.substr(0, comma)) + "' is not a number");
       v[i] = *n;
@@ -48,6 +52,15 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
     if (v[0] >= layers) return bad("layer outside [0, " + std::to_string(layers) + ")");
     if (v[1] >= experts) return bad("expert outside [0, " + std::to_string(experts) + ")");
     if (v[2] >= ranks) return bad("rank outside [0, " + std::to_string(ranks) + ")");
+    if (fields == 5) {
+      // A token split: checked against the layer's copies once all are read.
+      if (v[3] >= ranks) return bad("source outside [0, " + std::to_string(ranks) + ")");
+      if (v[4] == 0 || v[4] > ExpertMap::kKeySpace)
+        return bad("share outside [1, " + std::to_string(ExpertMap::kKeySpace) + "]");
+      if (p.splits.empty()) p.splits.assign(layers, {});
+      p.splits[v[0]].push_back({uint32_t(v[1]), uint32_t(v[3]), uint32_t(v[2]), uint32_t(v[4])});
+      continue;
+    }
     uint32_t& primary = p.rank_of[v[0]][v[1]];
     if (primary == UINT32_MAX) {
       primary = uint32_t(v[2]);
@@ -65,6 +78,11 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
     for (uint32_t e = 0; e < experts; ++e)
       if (p.rank_of[l][e] == UINT32_MAX)
         return InvalidArgument("placement has no rank for layer " + std::to_string(l) + " expert " + std::to_string(e));
+  // Splits name ranks holding their expert, and their shares fit.
+  for (uint32_t l = 0; l < p.splits.size(); ++l)
+    if (!p.splits[l].empty())
+      if (auto m = p.Map(l, 1); !m.ok())
+        return InvalidArgument("placement token splits of layer " + std::to_string(l) + ": " + m.status().message());
   return p;
 }
 

@@ -1,9 +1,13 @@
 // Placements as CSV files ("layer,expert,rank" header, one line per copy
 // of every expert of every layer; an expert's first line is its primary,
 // later lines its replicas), as te-moe place writes them and te-moe bench
-// reads them. A file is untrusted: every line is checked (three decimal
-// numbers, each in range, no expert twice on one rank, none missing) and
-// the first bad one is named in the error.
+// reads them. A line "layer,expert,rank,source,share" is a token split
+// (ExpertMap's TokenSplit: `share` of the 65536 token keys of (expert,
+// source) go to `rank`; the splits of one (expert, source) take their key
+// ranges in file order). A file is untrusted: every line is checked (three
+// or five decimal numbers, each in range, no expert twice on one rank, none
+// missing, a split's rank holding its expert and its shares summing to at
+// most 65536) and the first bad one is named in the error.
 #pragma once
 
 #include <string>

@@ -10,6 +10,8 @@
 namespace te::moe {
 namespace {
 
+constexpr double kSplitMaxAdded = 2.01;
+
 // What the keep-the-better rule compares: records crossing ranks plus
 // network crossings (node-level deduplication).
 uint64_t Objective(const RecordCount& c) { return c.rank + c.node; }
@@ -632,6 +634,174 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   }
 }
 
+// Token splits for layer l (ExpertMap's TokenSplit), after BalanceLoads.
+// A flow is the tokens of a replicated expert from one source, which the
+// replica rule sends whole to one copy; a split sends a share of them (by
+// token key) to another copy. While the heaviest rank is above the mean,
+// load moves off it along the cheapest path of such shifts to a rank below
+// the mean (a shift from rank u to v moves part of a flow whose copy is u;
+// a path lets a rank pass on load it receives, which one step cannot where
+// every copy of the heaviest rank's experts is itself heavy). A shift's cost
+// is the records (rank + node crossings) its tokens add per token, counted
+// on the fitted trace from where each token's other experts go; paths
+// adding more than kSplitMaxAdded per token are not taken. Loads are
+// BalanceLoads' (ShrunkLoads spread over the sources as counted), so the
+// shares follow expected loads rather than the fitted trace's noise.
+void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
+                Placement* p) {
+  const uint32_t E = t.experts, R = p->ranks, K = t.topk, per_node = R / o.nodes;
+  constexpr uint32_t kKeys = ExpertMap::kKeySpace;
+  auto map_or = p->Map(l, o.nodes);
+  if (!map_or.ok() || !map_or->replicated()) return;
+  const ExpertMap& map = map_or.value();
+  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
+  // Where each (token, slot) goes now, each token's key, and the slots of
+  // every flow (e, s) of a replicated expert.
+  std::vector<uint32_t> dest(size_t(t.tokens) * K, UINT32_MAX), key(t.tokens);
+  std::vector<std::vector<uint32_t>> from(E, std::vector<uint32_t>(R, 0));
+  std::vector<std::vector<std::vector<uint32_t>>> flow(E);
+  std::vector<uint32_t> replicated;  // experts with more than one copy
+  for (uint32_t e = 0; e < E; ++e)
+    if (map.ranks_of(e).size() > 1) flow[e].resize(R), replicated.push_back(e);
+  for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+    key[tok] = ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * K], K);
+    for (uint32_t k = 0; k < K; ++k) {
+      const int e = t.at(tok, l, k);
+      if (e < 0) continue;
+      const uint32_t s = homes[tok];
+      dest[size_t(tok) * K + k] = map.ChoiceFor(uint32_t(e), s);
+      from[e][s]++;
+      if (!flow[e].empty()) flow[e][s].push_back(tok * K + k);
+    }
+  }
+  // Expected load of each flow and of each rank.
+  std::vector<std::vector<double>> weight(E, std::vector<double>(R, 0.0));
+  std::vector<double> load(R, 0.0);
+  for (uint32_t e = 0; e < E; ++e) {
+    const uint64_t counted = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+    if (counted == 0) continue;
+    const double scale = double(shrunk[e]) / double(counted);
+    for (uint32_t s = 0; s < R; ++s) {
+      weight[e][s] = double(from[e][s]) * scale;
+      load[map.ChoiceFor(e, s)] += weight[e][s];
+    }
+  }
+  const double mean = std::accumulate(load.begin(), load.end(), 0.0) / R;
+  if (mean <= 0) return;
+  const double high = mean * 1.01;
+  // Records (rank + node) slot i's token adds if that slot went to rank `to`.
+  auto added = [&](uint32_t i, uint32_t to) {
+    const uint32_t tok = i / K, home = homes[tok], at = dest[i];
+    bool to_rank = to == home, at_rank = at == home;
+    bool to_node = to / per_node == home / per_node, at_node = at / per_node == home / per_node;
+    for (uint32_t k = 0; k < K; ++k) {
+      const uint32_t j = tok * K + k, d = dest[j];
+      if (j == i || d == UINT32_MAX) continue;
+      to_rank |= d == to, at_rank |= d == at;
+      to_node |= d / per_node == to / per_node, at_node |= d / per_node == at / per_node;
+    }
+    return int(!to_rank) - int(!at_rank) + int(!to_node) - int(!at_node);
+  };
+  // Per flow: keys [0, carved) already moved to other copies; the cost per
+  // token of moving the rest to each copy (cost[e][s][j]: to ranks_of(e)[j]),
+  // refreshed when the flow is cut.
+  std::vector<std::vector<uint32_t>> carved(E);
+  std::vector<std::vector<std::vector<double>>> cost(E);
+  auto price = [&](uint32_t e, uint32_t s) {
+    const auto& on = map.ranks_of(e);
+    cost[e][s].assign(on.size(), 0.0);
+    uint32_t n = 0;
+    for (uint32_t i : flow[e][s])
+      if (key[i / K] >= carved[e][s]) {
+        ++n;
+        for (size_t j = 0; j < on.size(); ++j) cost[e][s][j] += added(i, on[j]);
+      }
+    for (double& c : cost[e][s]) c = n ? c / n : 0.0;
+  };
+  for (uint32_t e : replicated) {
+    carved[e].assign(R, 0);
+    cost[e].resize(R);
+    for (uint32_t s = 0; s < R; ++s)
+      if (!flow[e][s].empty()) price(e, s);
+  }
+  auto left = [&](uint32_t e, uint32_t s) { return weight[e][s] * double(kKeys - carved[e][s]) / kKeys; };
+  // Replicated experts with a copy on each rank.
+  std::vector<std::vector<uint32_t>> on_rank(R);
+  for (uint32_t e : replicated)
+    for (uint32_t r : map.ranks_of(e)) on_rank[r].push_back(e);
+
+  std::vector<TokenSplit> splits;
+  std::vector<std::vector<int32_t>> last(E);  // index in `splits` of (e, s)'s last split, or -1
+  for (uint32_t e : replicated) last[e].assign(R, -1);
+  struct Step {
+    uint32_t e, s, from;
+  };
+  std::vector<double> dist(R);
+  std::vector<Step> via(R);
+  std::vector<bool> done(R);
+  for (uint32_t iter = 0; iter < 16 * R; ++iter) {
+    const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
+    if (load[h] <= high) break;
+    // Cheapest paths from h (Dijkstra; a shift that saves records costs 0
+    // here), stopping at the first rank below the mean.
+    std::fill(dist.begin(), dist.end(), 1e300);
+    std::fill(done.begin(), done.end(), false);
+    dist[h] = 0;
+    uint32_t target = R, lightest = R;
+    for (;;) {
+      uint32_t u = R;
+      for (uint32_t r = 0; r < R; ++r)
+        if (!done[r] && dist[r] <= kSplitMaxAdded && (u == R || dist[r] < dist[u])) u = r;
+      if (u == R) break;
+      done[u] = true;
+      if (u != h && load[u] < mean - 1) {
+        target = u;
+        break;
+      }
+      if (u != h && (lightest == R || load[u] < load[lightest])) lightest = u;
+      for (uint32_t e : on_rank[u]) {
+        const auto& on = map.ranks_of(e);
+        for (uint32_t s = 0; s < R; ++s) {
+          if (map.ChoiceFor(e, s) != u || left(e, s) < 0.5) continue;
+          for (size_t j = 0; j < on.size(); ++j) {
+            const uint32_t v = on[j];
+            const double d = dist[u] + std::max(0.0, cost[e][s][j]);
+            if (v != u && !done[v] && d < dist[v]) dist[v] = d, via[v] = {e, s, u};
+          }
+        }
+      }
+    }
+    // None below the mean within reach: halve the gap to the lightest.
+    if (target == R && lightest != R && load[lightest] < load[h] - 2) target = lightest;
+    if (target == R) break;
+    double amount =
+        std::min(load[h] - high, load[target] < mean - 1 ? mean - load[target] : (load[h] - load[target]) / 2);
+    for (uint32_t v = target; v != h; v = via[v].from) amount = std::min(amount, left(via[v].e, via[v].s));
+    if (amount < 0.5) break;
+    for (uint32_t v = target; v != h; v = via[v].from) {
+      const auto [e, s, u] = via[v];
+      const uint32_t room = kKeys - carved[e][s];
+      const uint32_t share =
+          std::min(room, std::max<uint32_t>(1, uint32_t(std::lround(amount / weight[e][s] * kKeys))));
+      const double moved = weight[e][s] * share / kKeys;
+      load[u] -= moved, load[v] += moved;
+      for (uint32_t i : flow[e][s])
+        if (key[i / K] >= carved[e][s] && key[i / K] < carved[e][s] + share) dest[i] = v;
+      carved[e][s] += share;
+      if (last[e][s] >= 0 && splits[last[e][s]].rank == v) {
+        splits[last[e][s]].share += share;
+      } else {
+        last[e][s] = int32_t(splits.size());
+        splits.push_back({e, s, v, share});
+      }
+      price(e, s);
+    }
+  }
+  if (splits.empty()) return;
+  if (p->splits.empty()) p->splits.assign(t.layers, {});
+  p->splits[l] = std::move(splits);
+}
+
 }  // namespace
 
 Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const PlacementOptions& o) {
@@ -676,6 +846,7 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
     for (uint32_t l = 0; l < t.layers; ++l) {
       Replicate(t, l, load[l], copies[l], o, &p);
       BalanceLoads(t, l, load[l], o, &p);
+      SplitFlows(t, l, load[l], o, &p);
     }
     TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   }

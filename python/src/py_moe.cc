@@ -18,7 +18,9 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -326,21 +328,33 @@ void BindMoe(py::module_& m) {
           py::arg("rank_of"), py::arg("ranks"), "rank_of[e]: the rank of expert e.")
       .def_static(
           "with_replicas",
-          [](std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes) {
-            return Unwrap(ExpertMap::WithReplicas(std::move(ranks_of), ranks, nodes));
+          [](std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
+             const std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>& splits) {
+            std::vector<te::moe::TokenSplit> s;
+            for (const auto& [expert, source, rank, share] : splits) s.push_back({expert, source, rank, share});
+            return Unwrap(ExpertMap::WithReplicas(std::move(ranks_of), ranks, nodes, s));
           },
           py::arg("ranks_of"), py::arg("ranks"), py::arg("nodes") = 1,
-          "ranks_of[e]: the ranks holding expert e, its primary first.")
+          py::arg("splits") = std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>{},
+          "ranks_of[e]: the ranks holding expert e, its primary first. splits: (expert, source, rank, share) "
+          "token splits, share of 65536 token keys (moe/expert_map.h).")
+      .def_static(
+          "token_key",
+          [](const std::vector<int32_t>& row) { return ExpertMap::TokenKey(row.data(), uint32_t(row.size())); },
+          py::arg("row"), "A token's key in [0, 65536): a hash of its top-k expert ids (-1 for an empty slot).")
       .def_property_readonly("experts", &ExpertMap::experts)
       .def_property_readonly("ranks", &ExpertMap::ranks)
       .def(
           "rank_for",
-          [](const ExpertMap& map, uint32_t expert, uint32_t source) {
+          [](const ExpertMap& map, uint32_t expert, uint32_t source, std::optional<std::vector<int32_t>> row) {
             if (expert >= map.experts() || source >= map.ranks())
               Throw(te::InvalidArgument("expert or source out of range"));
-            return map.RankFor(expert, source);
+            if (!row) return map.ChoiceFor(expert, source);
+            return map.RankFor(expert, source, ExpertMap::TokenKey(row->data(), uint32_t(row->size())));
           },
-          py::arg("expert"), py::arg("source"), "The rank source sends expert's tokens to.")
+          py::arg("expert"), py::arg("source"), py::arg("row") = py::none(),
+          "The rank source sends a token's tokens of `expert` to; `row`: the token's top-k expert ids, "
+          "needed where the map has token splits (without it: the choice before splits).")
       .def(
           "local_experts",
           [](const ExpertMap& map, uint32_t rank) {

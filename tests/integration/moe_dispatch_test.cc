@@ -44,6 +44,9 @@ void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t ex
   const TraceCase tc = MakeTraceCase(model, 40, extra_slots);
   ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
   EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
+  // With replicas the fitted placement shares some sources' tokens among
+  // copies (token splits): the count below covers them.
+  EXPECT_EQ(HasTokenSplits(tc), extra_slots > 0);
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;

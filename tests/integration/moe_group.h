@@ -248,6 +248,12 @@ inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, 
   return c;
 }
 
+inline bool HasTokenSplits(const TraceCase& c) {
+  for (const auto& m : c.maps)
+    if (!m.splits().empty()) return true;
+  return false;
+}
+
 // Optional parts of a rank's run: routing from a trace with one map per
 // layer, and a count of the records this rank sent to other ranks.
 struct TraceRun {
@@ -305,9 +311,10 @@ inline std::vector<std::pair<uint32_t, uint32_t>> RelayRows(const moe::EpConfig&
   for (uint32_t s = relay % L; s < c.ranks; s += L)
     for (uint32_t t = 0; t < batches[s].tokens; ++t) {
       bool needs = false;
+      const int32_t* row = batches[s].idx.data() + size_t(t) * c.topk;
       for (uint32_t k = 0; k < c.topk; ++k) {
-        const int32_t e = batches[s].idx[size_t(t) * c.topk + k];
-        needs |= e >= 0 && map.RankFor(uint32_t(e), s) / L == node;
+        const int32_t e = row[k];
+        needs |= e >= 0 && map.RankFor(uint32_t(e), s, moe::ExpertMap::TokenKey(row, c.topk)) / L == node;
       }
       if (needs) rows.emplace_back(s, t);
     }
@@ -474,8 +481,8 @@ inline std::string RunCoherentRank(moe::CoherentDispatcher& d, const CoherentRun
     size_t k = 0;
     for (uint32_t h = 0; h < R; ++h)
       for (uint32_t i = 0; i < living[h].size(); ++i) {
-        const int32_t top = batches[h].idx[size_t(i) * c.topk];
-        const uint32_t merge = top >= 0 ? m.RankFor(uint32_t(top), h) : h;
+        const int32_t* row = batches[h].idx.data() + size_t(i) * c.topk;
+        const uint32_t merge = row[0] >= 0 ? m.RankFor(uint32_t(row[0]), h, moe::ExpertMap::TokenKey(row, c.topk)) : h;
         next[merge].push_back(living[h][i]);
         if (merge != h && moved && merge == c.rank) ++*moved;
         if (merge != c.rank) continue;

@@ -107,6 +107,9 @@ TEST(MoeHierarchical, ManualProgress6RanksIn3Nodes) {
 void ReplayTrace(const std::string& provider, uint32_t extra_slots) {
   const TraceCase tc = MakeTraceCase(moe::TraceModel::kCoactivationGroups, 40, extra_slots);
   EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
+  // With replicas the fitted placement shares some sources' tokens among
+  // copies (token splits): the count below covers them.
+  EXPECT_EQ(HasTokenSplits(tc), extra_slots > 0);
   HierGroup g = MakeHierGroup(Shape(4), 2, Options(provider));
   ASSERT_EQ(g.ranks.size(), 4u);
   std::vector<uint64_t> sent(4, 0);

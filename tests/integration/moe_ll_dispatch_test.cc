@@ -73,6 +73,7 @@ TEST(MoeLowLatency, EmptyRanksSkewAndLocalRouting) {
 // sent are what CountRecords predicts, as for EpDispatcher.
 TEST(MoeLowLatency, TraceReplayWithReplicasMovesThePredictedRecords) {
   const TraceCase tc = MakeTraceCase(moe::TraceModel::kCoactivationGroups, 24, /*extra_slots=*/1);
+  EXPECT_TRUE(HasTokenSplits(tc));
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;

@@ -67,15 +67,15 @@ TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {
   auto m = ExpertMap::WithReplicas(on, 8, 2);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   EXPECT_TRUE(m->replicated());
-  EXPECT_EQ(m->RankFor(0, 1), 1u);  // its own rank
-  EXPECT_EQ(m->RankFor(0, 2), 2u);
-  EXPECT_EQ(m->RankFor(0, 5), 5u);
+  EXPECT_EQ(m->ChoiceFor(0, 1), 1u);  // its own rank
+  EXPECT_EQ(m->ChoiceFor(0, 2), 2u);
+  EXPECT_EQ(m->ChoiceFor(0, 5), 5u);
   // Fair share: ceil(8 / 3) = 3 sources per replica. Node 0's sources 0 and
   // 3 go to the less used of 1 and 2; node 1's sources 4, 6, 7 to 5 until
   // it holds 3, then the least used anywhere.
   std::vector<uint32_t> per(8, 0);
   for (uint32_t s = 0; s < 8; ++s) {
-    const uint32_t r = m->RankFor(0, s);
+    const uint32_t r = m->ChoiceFor(0, s);
     EXPECT_TRUE(r == 1 || r == 2 || r == 5) << "source " << s;
     per[r]++;
     if (s < 4) {
@@ -85,7 +85,7 @@ TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {
   EXPECT_LE(per[1], 3u);
   EXPECT_LE(per[2], 3u);
   EXPECT_LE(per[5], 3u);
-  EXPECT_EQ(m->RankFor(3, 0), 3u);  // unreplicated: its only rank
+  EXPECT_EQ(m->ChoiceFor(3, 0), 3u);  // unreplicated: its only rank
   EXPECT_EQ(m->local_index(0, 5), 0u);
   EXPECT_EQ(m->local_experts(5), (std::vector<uint32_t>{0, 5}));
   EXPECT_EQ(m->local_index(5, 5), 1u);
