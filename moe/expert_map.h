@@ -41,6 +41,7 @@ namespace te::moe {
 struct TokenSplit {
   uint32_t expert = 0, source = 0, rank = 0;
   uint32_t share = 0;  // [1, 65536]
+  friend bool operator==(const TokenSplit&, const TokenSplit&) = default;
 };
 
 class ExpertMap {

@@ -42,9 +42,7 @@ Result<Schedule> Schedule::Build(const ShardLayout& sources, const ShardLayout& 
   s.dst_ranks_ = dst.ranks();
   s.by_source_.resize(src.ranks());
   std::vector<uint64_t> load(src.ranks(), 0);
-  // Every piece of every row costs a step and possibly a Transfer (56 B):
-  // 2^26 of them is about a second and at most 3.5 GiB of plan.
-  constexpr uint64_t kMaxPieces = uint64_t(1) << 26;
+  const uint64_t max_pieces = options.max_pieces;
   uint64_t pieces = 0;
 
   for (size_t p = 0; p < model.params.size(); ++p) {
@@ -90,9 +88,9 @@ Result<Schedule> Schedule::Build(const ShardLayout& sources, const ShardLayout& 
           for (uint64_t at = 0; at < seg; at += max_elems) {
             // Layouts come from files and peers: a shape that shards into
             // billions of tiny rows is refused, not walked for hours.
-            if (++pieces > kMaxPieces)
+            if (++pieces > max_pieces)
               return InvalidArgument("schedule of parameter '" + model.params[p].name + "' needs more than " +
-                                     std::to_string(kMaxPieces) +
+                                     std::to_string(max_pieces) +
                                      " contiguous pieces; the layouts cut it into rows too small to transfer");
             const uint64_t n = std::min(max_elems, seg - at) * es;
             const uint64_t piece_src = so + at * es, piece_dst = dst.ParamOffset(p, d) + dof + at * es;

@@ -35,6 +35,11 @@ struct Transfer {
 
 struct ScheduleOptions {
   uint64_t max_transfer_bytes = 4 << 20;  // longer runs are cut, for balance and pipelining
+  // Every contiguous piece of every row costs a step and possibly a Transfer
+  // (56 B): 2^26 of them is about a second and at most 3.5 GiB of plan.
+  // Layouts come from files and peers, so a plan needing more pieces is
+  // refused (kInvalidArgument) rather than walked for minutes.
+  uint64_t max_pieces = uint64_t(1) << 26;
 };
 
 class Schedule {

@@ -58,7 +58,7 @@ def reference(batches, emap, ranks):
                 e = int(idx[t, k])
                 if e < 0:
                     continue
-                r = emap.rank_for(e, s)
+                r = emap.rank_for(e, s, idx[t].tolist())  # the row decides under token splits
                 rows, ws, srcs, toks = dispatched[r][e]
                 rows.append(x[t]), ws.append(w[t, k]), srcs.append(s), toks.append(t)
                 acc = partials.setdefault(r, np.zeros(HIDDEN, np.float32))
@@ -90,10 +90,40 @@ def run_group(provider, ranks, mode, body, **kw):
             e.close()
 
 
+def split_map(ranks):
+    """Experts 0 and 5 on both ranks; each source sends part of its tokens
+    of them to the other copy (token splits, shares of 65536 keys)."""
+    ranks_of = [[e * ranks // EXPERTS] for e in range(EXPERTS)]
+    ranks_of[0], ranks_of[5] = [0, 1], [1, 0]
+    splits = [(0, 0, 1, 30000), (0, 1, 0, 20000), (5, 0, 0, 40000), (5, 1, 1, 10000), (5, 1, 0, 25000)]
+    return te.ExpertMap.with_replicas(ranks_of, ranks, 1, splits)
+
+
+def test_token_splits_choose_copies_by_row():
+    emap = split_map(2)
+    rows = [[e, (e + 1) % EXPERTS, -1] for e in range(EXPERTS)] + [[0, 3, 5], [5, 0, 2]]
+    for row in rows:
+        key = te.ExpertMap.token_key(row)
+        assert 0 <= key < 65536 and key == te.ExpertMap.token_key(list(row))
+    # Source 0's tokens of expert 0: keys below 30000 to rank 1, the rest to
+    # the rule's choice (its own copy).
+    seen = set()
+    for t in range(2000):
+        row = [0, 1 + t % 7, -1 if t % 3 else 2 + t % 5]
+        key = te.ExpertMap.token_key(row)
+        want = 1 if key < 30000 else emap.rank_for(0, 0)
+        assert emap.rank_for(0, 0, row) == want
+        seen.add(want)
+    assert seen == {0, 1}
+    with pytest.raises(te.TransferError, match="share 70000 outside"):
+        te.ExpertMap.with_replicas([[0, 1]] + [[1]] * 7, 2, 1, [(0, 0, 1, 70000)])
+
+
 @pytest.mark.parametrize("mode", ["normal", "ll", "hierarchical"])
-def test_dispatch_and_combine_match_the_reference(provider, mode):
+@pytest.mark.parametrize("layout", ["contiguous", "splits"])
+def test_dispatch_and_combine_match_the_reference(provider, mode, layout):
     ranks = 2
-    emap = te.ExpertMap.contiguous(EXPERTS, ranks)
+    emap = te.ExpertMap.contiguous(EXPERTS, ranks) if layout == "contiguous" else split_map(ranks)
     batches = inputs(ranks)
     want_dispatch, want_combine = reference(batches, emap, ranks)
 
@@ -142,7 +172,8 @@ def test_coherent_combine_merges_on_the_top1_rank(provider):
             src, t = int(m.from_rank[k]), int(m.ids[k]) % 1000
             assert int(m.ids[k]) // 1000 == src
             top = int(batches[src][1][t, 0])
-            assert m_rank == (emap.rank_for(top, src) if top >= 0 else src)  # the top-1 expert's rank
+            row = batches[src][1][t].tolist()
+            assert m_rank == (emap.rank_for(top, src, row) if top >= 0 else src)  # the top-1 expert's rank
             np.testing.assert_array_equal(m.data[k], want_combine[src][t])
             seen += 1
     assert seen == ranks * TOKENS  # every token merged exactly once

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 
 #include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_records.h"
@@ -56,6 +57,65 @@ TEST(ExpertMap, ContiguousAndFromRanks) {
   ASSERT_TRUE(other.ok());
   EXPECT_NE(other->fingerprint(), m->fingerprint());
   EXPECT_EQ(other->local_experts(0), (std::vector<uint32_t>{1, 2, 3, 15}));
+}
+
+// Token splits share one source's tokens of a replicated expert among its
+// copies by key ranges from 0, in the order given; other sources and keys
+// past the ranges keep the rule's choice.
+TEST(ExpertMap, TokenSplitsShareASourcesTokensByKey) {
+  std::vector<std::vector<uint32_t>> on(8);
+  on[0] = {1, 2, 5};
+  for (uint32_t e = 1; e < 8; ++e) on[e] = {e};
+  const auto plain = ExpertMap::WithReplicas(on, 8, 2).value();
+  const uint32_t rule = plain.ChoiceFor(0, 0);
+  auto m = ExpertMap::WithReplicas(on, 8, 2, {{0, 0, 5, 20000}, {0, 0, 2, 10000}});
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(m->RankFor(0, 0, 0), 5u);
+  EXPECT_EQ(m->RankFor(0, 0, 19999), 5u);
+  EXPECT_EQ(m->RankFor(0, 0, 20000), 2u);
+  EXPECT_EQ(m->RankFor(0, 0, 29999), 2u);
+  EXPECT_EQ(m->RankFor(0, 0, 30000), rule);
+  EXPECT_EQ(m->RankFor(0, 0, ExpertMap::kKeySpace - 1), rule);
+  for (uint32_t s = 1; s < 8; ++s)
+    for (uint32_t key : {0u, 25000u, 65535u}) EXPECT_EQ(m->RankFor(0, s, key), plain.ChoiceFor(0, s));
+  EXPECT_EQ(m->RankFor(3, 0, 0), 3u);
+  EXPECT_EQ(m->splits().size(), 2u);
+  EXPECT_NE(m->fingerprint(), plain.fingerprint());
+  // Each refusal names the bad value.
+  const std::vector<std::pair<TokenSplit, std::string>> bad = {{{8, 0, 1, 1}, "expert 8"},
+                                                               {{0, 8, 1, 1}, "source 8"},
+                                                               {{0, 0, 3, 1}, "rank 3"},
+                                                               {{0, 0, 1, 0}, "share 0"},
+                                                               {{0, 0, 1, 65537}, "share 65537"}};
+  for (const auto& [split, names] : bad) {
+    auto r = ExpertMap::WithReplicas(on, 8, 2, {split});
+    ASSERT_FALSE(r.ok()) << names;
+    EXPECT_NE(r.status().message().find(names), std::string::npos) << r.status().ToString();
+  }
+  auto past = ExpertMap::WithReplicas(on, 8, 2, {{0, 4, 1, 40000}, {0, 4, 2, 30000}});
+  ASSERT_FALSE(past.ok());
+  EXPECT_NE(past.status().message().find("sum past 65536"), std::string::npos) << past.status().ToString();
+}
+
+// A token's key is a function of its routing row only, and spreads rows
+// evenly over the key space (so a share of keys is that share of tokens).
+TEST(ExpertMap, TokenKeysAreFunctionsOfTheRowAndEven) {
+  const int32_t a[4] = {3, 17, -1, 9}, b[4] = {3, 17, -1, 9}, c[4] = {17, 3, -1, 9};
+  const int16_t a16[4] = {3, 17, -1, 9};
+  EXPECT_EQ(ExpertMap::TokenKey(a, 4), ExpertMap::TokenKey(b, 4));
+  EXPECT_EQ(ExpertMap::TokenKey(a, 4), ExpertMap::TokenKey(a16, 4));  // a trace's ids are 16-bit
+  EXPECT_NE(ExpertMap::TokenKey(a, 4), ExpertMap::TokenKey(c, 4));
+  std::mt19937 rng(5);
+  std::vector<uint32_t> quarter(4, 0);
+  constexpr int kRows = 40000;
+  for (int i = 0; i < kRows; ++i) {
+    int32_t row[8];
+    for (int32_t& x : row) x = int32_t(rng() % 256);
+    const uint32_t key = ExpertMap::TokenKey(row, 8);
+    ASSERT_LT(key, ExpertMap::kKeySpace);
+    quarter[key / (ExpertMap::kKeySpace / 4)]++;
+  }
+  for (uint32_t q : quarter) EXPECT_NEAR(double(q) / kRows, 0.25, 0.02);
 }
 
 TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {

@@ -105,6 +105,23 @@ TEST(WeightSchedule, VerifyCatchesBrokenTransfers) {
   EXPECT_NE(v.message().find("never written"), std::string::npos) << v.ToString();
 }
 
+// A plan is walked piece by piece; past max_pieces it is refused, naming
+// the parameter, whatever the layouts (they come from files and peers).
+TEST(WeightSchedule, APlanOfTooManyPiecesIsRefused) {
+  ModelSpec m;
+  m.params.push_back({"w", DType::kFp32, {1 << 12, 1 << 8}});
+  auto src = ShardLayout::Make(m, 2, {{0, 2}}).value();
+  auto dst = ShardLayout::Make(m, 2, {{1, 2}}).value();  // rows cut in half: one piece per row
+  ScheduleOptions so;
+  ASSERT_TRUE(Schedule::Build(src, dst, so).ok());
+  so.max_pieces = 1000;
+  auto refused = Schedule::Build(src, dst, so);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("'w'"), std::string::npos) << refused.status().ToString();
+  EXPECT_NE(refused.status().message().find("1000"), std::string::npos) << refused.status().ToString();
+}
+
 TEST(ModelSpec, JsonRoundTripAndErrors) {
   const ModelSpec tiny = ModelPreset("tiny", 0).value();
   auto back = ParseModelJson(ModelToJson(tiny));
