@@ -58,6 +58,11 @@ struct PlacementOptions {
   // node (2) is made only where the records it adds on the fitted trace are
   // within that trace's sampling noise (3 sqrt(tokens), or 1%): experts
   // tied to their place by co-activation stay.
+  //  3. token splits (Placement::splits, ExpertMap's TokenSplit): while the
+  //     heaviest rank is above the mean, shares of single sources' tokens of
+  //     replicated experts move off it along the cheapest path of shifts
+  //     between copies to a rank below the mean, none adding more than two
+  //     records (rank + node) per moved token on the fitted trace.
   uint32_t extra_slots = 0;
 };
 
