@@ -646,7 +646,8 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
 // on the fitted trace from where each token's other experts go; paths
 // adding more than kSplitMaxAdded per token are not taken. Loads are
 // BalanceLoads' (ShrunkLoads spread over the sources as counted), so the
-// shares follow expected loads rather than the fitted trace's noise.
+// shares follow expected loads rather than the fitted trace's noise. A flow
+// whose tokens share few keys (equal rows) moves whole or not at all.
 void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
                 Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, K = t.topk, per_node = R / o.nodes;
@@ -724,7 +725,64 @@ void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
     for (uint32_t s = 0; s < R; ++s)
       if (!flow[e][s].empty()) price(e, s);
   }
-  auto left = [&](uint32_t e, uint32_t s) { return weight[e][s] * double(kKeys - carved[e][s]) / kKeys; };
+  // Where a flow's rows differ, a share of the key space is that share of
+  // its tokens in expectation (keys are uniform), on any trace of the same
+  // routing. Tokens with equal rows have one key and move together (under
+  // top-1 routing every source's tokens of an expert share one), so a flow
+  // whose largest group of equal keys is above an eighth of it is cut where
+  // its own tokens' keys fall (sorted[e][s]), ties included, which a trace
+  // of the same routing repeats.
+  std::vector<std::vector<std::vector<uint32_t>>> sorted(E);
+  std::vector<std::vector<bool>> by_tokens(E);
+  for (uint32_t e : replicated) {
+    sorted[e].resize(R);
+    by_tokens[e].assign(R, false);
+    for (uint32_t s = 0; s < R; ++s) {
+      auto& k = sorted[e][s];
+      for (uint32_t i : flow[e][s]) k.push_back(key[i / K]);
+      std::sort(k.begin(), k.end());
+      size_t largest = 0;
+      for (size_t a = 0, b = 0; a < k.size(); a = b) {
+        while (b < k.size() && k[b] == k[a]) ++b;
+        largest = std::max(largest, b - a);
+      }
+      by_tokens[e][s] = largest > std::max<size_t>(1, k.size() / 8);
+    }
+  }
+  // Tokens of (e, s) not yet moved: keys from carved[e][s] on.
+  auto first = [&](uint32_t e, uint32_t s) {
+    return size_t(std::lower_bound(sorted[e][s].begin(), sorted[e][s].end(), carved[e][s]) - sorted[e][s].begin());
+  };
+  auto left = [&](uint32_t e, uint32_t s) {
+    const size_t n = sorted[e][s].size();
+    if (!by_tokens[e][s]) return weight[e][s] * double(kKeys - carved[e][s]) / kKeys;
+    return n ? weight[e][s] * double(n - first(e, s)) / double(n) : 0.0;
+  };
+  // The cut moving about `amount` of (e, s): the key bound past the keys it
+  // takes, and the load it moves.
+  auto cut = [&](uint32_t e, uint32_t s, double amount) {
+    if (!by_tokens[e][s]) {
+      const uint32_t share =
+          std::min(kKeys - carved[e][s], std::max<uint32_t>(1, uint32_t(std::lround(amount / weight[e][s] * kKeys))));
+      return std::make_pair(carved[e][s] + share, weight[e][s] * share / kKeys);
+    }
+    const auto& k = sorted[e][s];
+    const size_t n = k.size(), i0 = first(e, s);
+    size_t i1 = i0 + std::max<size_t>(1, size_t(std::llround(amount / weight[e][s] * double(n))));
+    uint32_t bound = kKeys;
+    if (i1 < n) {
+      bound = k[i1 - 1] + 1;
+      i1 = size_t(std::upper_bound(k.begin(), k.end(), k[i1 - 1]) - k.begin());
+      if (i1 == n) bound = kKeys;
+    } else {
+      i1 = n;
+    }
+    return std::make_pair(bound, weight[e][s] * double(i1 - i0) / double(n));
+  };
+  // Flows a path could not cut near its amount (tokens sharing keys):
+  // skipped until a move changes the loads.
+  std::vector<std::vector<bool>> blocked(E);
+  for (uint32_t e : replicated) blocked[e].assign(R, false);
   // Replicated experts with a copy on each rank.
   std::vector<std::vector<uint32_t>> on_rank(R);
   for (uint32_t e : replicated)
@@ -762,7 +820,7 @@ void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
       for (uint32_t e : on_rank[u]) {
         const auto& on = map.ranks_of(e);
         for (uint32_t s = 0; s < R; ++s) {
-          if (map.ChoiceFor(e, s) != u || left(e, s) < 0.5) continue;
+          if (map.ChoiceFor(e, s) != u || left(e, s) < 0.5 || blocked[e][s]) continue;
           for (size_t j = 0; j < on.size(); ++j) {
             const uint32_t v = on[j];
             const double d = dist[u] + std::max(0.0, cost[e][s][j]);
@@ -778,12 +836,18 @@ void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
         std::min(load[h] - high, load[target] < mean - 1 ? mean - load[target] : (load[h] - load[target]) / 2);
     for (uint32_t v = target; v != h; v = via[v].from) amount = std::min(amount, left(via[v].e, via[v].s));
     if (amount < 0.5) break;
+    // A flow whose tokens share keys may only be cut well past the amount:
+    // skip it rather than overshoot.
+    bool overshoots = false;
+    for (uint32_t v = target; v != h; v = via[v].from)
+      if (cut(via[v].e, via[v].s, amount).second > 1.5 * amount + 0.5)
+        overshoots = true, blocked[via[v].e][via[v].s] = true;
+    if (overshoots) continue;
+    for (uint32_t e : replicated) std::fill(blocked[e].begin(), blocked[e].end(), false);
     for (uint32_t v = target; v != h; v = via[v].from) {
       const auto [e, s, u] = via[v];
-      const uint32_t room = kKeys - carved[e][s];
-      const uint32_t share =
-          std::min(room, std::max<uint32_t>(1, uint32_t(std::lround(amount / weight[e][s] * kKeys))));
-      const double moved = weight[e][s] * share / kKeys;
+      const auto [bound, moved] = cut(e, s, amount);
+      const uint32_t share = bound - carved[e][s];
       load[u] -= moved, load[v] += moved;
       for (uint32_t i : flow[e][s])
         if (key[i / K] >= carved[e][s] && key[i / K] < carved[e][s] + share) dest[i] = v;
