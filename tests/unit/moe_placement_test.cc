@@ -491,6 +491,32 @@ TEST(Placement, TokenSplitsBalanceCopiesWhoseTokensComeFromFewSources) {
   }
 }
 
+// Under top-1 routing every token of an expert has the same row, so one key:
+// a split moves all of a flow or none, and a fraction of the key space says
+// nothing about how much. Judged held-out, the splits must not balance worse
+// than the same placement without them.
+TEST(Placement, TokenSplitsOfRepeatedRowsDoNotMispredict) {
+  TraceOptions o = Model(TraceModel::kPopularity, 256, 3, 0);
+  o.tokens = 16384;
+  o.topk = 1;
+  o.skew = 1.2;
+  TraceOptions held_o = o;
+  held_o.sample_seed = 3;
+  auto fit = GenerateTrace(o).value();
+  auto held = GenerateTrace(held_o).value();
+  PlacementOptions po;
+  po.nodes = 8;
+  po.home = TokenHome::kTop1;
+  po.extra_slots = 1;
+  auto p = PlaceExperts(fit, 64, po).value();
+  Placement whole = p;
+  whole.splits.clear();
+  const CostOptions cost{8, TokenHome::kTop1, true};
+  const auto split = CountRecords(held, p, cost).value(), unsplit = CountRecords(held, whole, cost).value();
+  EXPECT_LE(split.max_rank_imbalance(), 1.01 * unsplit.max_rank_imbalance());
+  EXPECT_LE(split.max_node_imbalance(8), 1.01 * unsplit.max_node_imbalance(8));
+}
+
 // Hot experts split into copies about half a rank's load each, and the
 // partition leaves the other experts anywhere under its cap: the balancing
 // must pair them so that no rank or node ends far above the mean. Measured
