@@ -119,6 +119,12 @@ TraceOptions Model(TraceModel model, uint32_t experts, uint32_t layers, uint64_t
   return o;
 }
 
+// A trace of the same model as `o`'s, another sample of its tokens.
+RoutingTrace HeldOut(TraceOptions o, uint64_t sample_seed) {
+  o.sample_seed = sample_seed;
+  return GenerateTrace(o).value();
+}
+
 RecordCount Records(const RoutingTrace& t, const Placement& p, uint32_t nodes, TokenHome home = TokenHome::kSource) {
   auto c = CountRecords(t, p, {nodes, home, /*hierarchical=*/true});
   EXPECT_TRUE(c.ok()) << c.status().ToString();
@@ -500,10 +506,8 @@ TEST(Placement, TokenSplitsOfRepeatedRowsDoNotMispredict) {
   o.tokens = 16384;
   o.topk = 1;
   o.skew = 1.2;
-  TraceOptions held_o = o;
-  held_o.sample_seed = 3;
   auto fit = GenerateTrace(o).value();
-  auto held = GenerateTrace(held_o).value();
+  auto held = HeldOut(o, 3);
   PlacementOptions po;
   po.nodes = 8;
   po.home = TokenHome::kTop1;
@@ -549,10 +553,8 @@ TEST(Placement, ReplicasDoNotFitNoise) {
   TraceOptions o = Model(TraceModel::kPopularity, 256, 4, 0);
   o.tokens = 8192;
   o.skew = 0;
-  TraceOptions held_o = o;
-  held_o.sample_seed = 7;
   auto fit = GenerateTrace(o).value();
-  auto held = GenerateTrace(held_o).value();
+  auto held = HeldOut(o, 7);
   PlacementOptions po;
   po.nodes = 8;
   auto plain = PlaceExperts(fit, 64, po).value();
