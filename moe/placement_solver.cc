@@ -647,7 +647,8 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
 // adding more than kSplitMaxAdded per token are not taken. Loads are
 // BalanceLoads' (ShrunkLoads spread over the sources as counted), so the
 // shares follow expected loads rather than the fitted trace's noise. A flow
-// whose tokens share few keys (equal rows) moves whole or not at all.
+// whose tokens repeat rows (so share keys) is cut at its own tokens' keys,
+// ties included, and left whole where no cut comes near the amount.
 void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
                 Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, K = t.topk, per_node = R / o.nodes;
