@@ -52,6 +52,7 @@ DomainGroup::DomainGroup(const EngineOptions& options, std::vector<std::shared_p
     size_t depth = d->info().tx_depth ? d->info().tx_depth : 1024;
     size_t limit = options_.max_inflight_per_domain ? options_.max_inflight_per_domain : std::min<size_t>(depth, 1024);
     max_inflight_.push_back(limit);
+    max_write_bytes_ = std::min<uint64_t>(max_write_bytes_, d->info().max_write_bytes);
   }
   next_timeout_check_ = Clock::now();
 }

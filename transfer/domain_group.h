@@ -37,6 +37,10 @@ class DomainGroup final : private nic::CompletionHandler {
   void Start();  // starts the worker (kThread mode)
 
   const std::vector<std::shared_ptr<nic::Domain>>& domains() const { return domains_; }
+  // The largest single write every domain takes, at most 1 GiB (well inside
+  // every provider's limit). Fixed at construction: Submit reads it per
+  // request.
+  uint64_t max_write_bytes() const { return max_write_bytes_; }
 
   // Reserves room for `operations` more queued or in-flight operations;
   // kResourceExhausted when EngineOptions::max_queued_operations would be
@@ -106,6 +110,7 @@ class DomainGroup final : private nic::CompletionHandler {
   const EngineOptions options_;
   std::vector<std::shared_ptr<nic::Domain>> domains_;
   std::vector<size_t> max_inflight_;
+  uint64_t max_write_bytes_ = uint64_t(1) << 30;
   std::vector<uint8_t> local_address_;
 
   RequestPool pool_;  // declared before (so destroyed after) the lists that point into it

@@ -1,23 +1,31 @@
 #include "transfer/request_plan.h"
 
 #include <algorithm>
+#include <optional>
 #include <string>
 
 namespace te {
 namespace {
 
+// The checks run once per request or page; their messages are built out of
+// line so that a passing check costs a comparison.
 // "dst_offset 4096 + length 8192 exceeds dst region size 8192"
-Status CheckRange(const char* what, uint64_t offset, uint64_t length, uint64_t size) {
-  if (offset > size || length > size - offset) {
-    return OutOfRange(std::string(what) + "_offset " + std::to_string(offset) + " + length " + std::to_string(length) +
-                      " exceeds " + what + " region size " + std::to_string(size));
-  }
+[[gnu::cold, gnu::noinline]] Status RangeError(const char* what, uint64_t offset, uint64_t length, uint64_t size) {
+  return OutOfRange(std::string(what) + "_offset " + std::to_string(offset) + " + length " + std::to_string(length) +
+                    " exceeds " + what + " region size " + std::to_string(size));
+}
+inline Status CheckRange(const char* what, uint64_t offset, uint64_t length, uint64_t size) {
+  if (offset > size || length > size - offset) [[unlikely]]
+    return RangeError(what, offset, length, size);
   return Status::Ok();
 }
 
-Status CheckImm(bool has_imm, uint64_t length, const char* request) {
-  if (!has_imm && length == 0)
-    return InvalidArgument(std::string(request) + " of length 0 without an imm does nothing; give a length or an imm");
+[[gnu::cold, gnu::noinline]] Status EmptyError(const char* request) {
+  return InvalidArgument(std::string(request) + " of length 0 without an imm does nothing; give a length or an imm");
+}
+inline Status CheckImm(bool has_imm, uint64_t length, const char* request) {
+  if (!has_imm && length == 0) [[unlikely]]
+    return EmptyError(request);
   return Status::Ok();
 }
 
@@ -32,21 +40,29 @@ Lanes LanesFor(const RemoteRegion* dst, const PlanLimits& l) {
   return {0, uint32_t(l.domains)};
 }
 
-// Appends `length` bytes as one or more writes no larger than the limit.
-// A zero-length piece becomes a single notification when it carries an imm.
-void AddSplit(std::vector<PlannedWrite>* out, const PlannedWrite& w, uint64_t max_write) {
-  if (w.length == 0) {
-    if (w.has_imm) out->push_back(w);
-    return;
-  }
-  for (uint64_t done = 0; done < w.length;) {
-    PlannedWrite piece = w;
-    piece.length = std::min(max_write, w.length - done);
-    piece.src_offset += done;
-    piece.dst_offset += done;
-    out->push_back(piece);
-    done += piece.length;
-  }
+// Appends `length` bytes as one or more writes no larger than `max_write`,
+// each built in place (a PlannedWrite assembled on the stack and copied in
+// stalls on store forwarding; this runs once per page). A zero-length
+// piece becomes a single notification when it carries an imm.
+struct Piece {
+  uint32_t domain;
+  const RemoteRegion* dst;
+  uint64_t src_offset, dst_offset, length;
+};
+void AddSplit(std::vector<PlannedWrite>* out, const Piece& w, const std::optional<uint32_t>& imm, uint64_t max_write) {
+  if (w.length == 0 && !imm) return;
+  uint64_t done = 0;
+  do {
+    PlannedWrite& p = out->emplace_back();
+    p.domain = w.domain;
+    p.dst = w.dst;
+    p.src_offset = w.src_offset + done;
+    p.dst_offset = w.dst_offset + done;
+    p.length = std::min(max_write, w.length - done);
+    p.has_imm = imm.has_value();
+    p.imm = imm.value_or(0);
+    done += p.length;
+  } while (done < w.length);
 }
 
 Status PlanSingle(const SingleWrite& r, const PlanLimits& l, std::vector<PlannedWrite>* out) {
@@ -67,15 +83,8 @@ Status PlanSingle(const SingleWrite& r, const PlanLimits& l, std::vector<Planned
   for (uint64_t d = 0; d < n; ++d) {
     uint64_t begin = std::min(r.length, d * shard);
     uint64_t end = std::min(r.length, begin + shard);
-    PlannedWrite w;
-    w.domain = lanes.at(d);
-    w.dst = r.dst.get();
-    w.src_offset = r.src_offset + begin;
-    w.dst_offset = r.dst_offset + begin;
-    w.length = end - begin;
-    w.has_imm = r.imm.has_value();
-    w.imm = r.imm.value_or(0);
-    AddSplit(out, w, l.max_write_bytes);
+    AddSplit(out, {lanes.at(d), r.dst.get(), r.src_offset + begin, r.dst_offset + begin, end - begin}, r.imm,
+             l.max_write_bytes);
   }
   return Status::Ok();
 }
@@ -105,15 +114,9 @@ Status PlanPaged(const PagedWrite& r, const PlanLimits& l, std::vector<PlannedWr
       return OutOfRange("PagedWrite destination page " + std::to_string(r.dst_pages[i]) + " (entry " +
                         std::to_string(i) + ") at dst_offset " + std::to_string(uint64_t(d)) + " + page_length " +
                         std::to_string(r.page_length) + " exceeds dst region size " + std::to_string(r.dst->length()));
-    PlannedWrite w;
-    w.domain = lanes.at(i * lanes.count / pages);  // contiguous blocks per lane
-    w.dst = r.dst.get();
-    w.src_offset = uint64_t(s);
-    w.dst_offset = uint64_t(d);
-    w.length = r.page_length;
-    w.has_imm = r.imm.has_value();
-    w.imm = r.imm.value_or(0);
-    AddSplit(out, w, l.max_write_bytes);
+    // Contiguous blocks of pages per lane.
+    AddSplit(out, {lanes.at(i * lanes.count / pages), r.dst.get(), uint64_t(s), uint64_t(d), r.page_length}, r.imm,
+             l.max_write_bytes);
   }
   return Status::Ok();
 }
@@ -129,16 +132,9 @@ Status PlanScatter(const ScatterWrite& r, const PlanLimits& l, std::vector<Plann
     if (st.ok()) st = CheckRange("dst", tg.dst_offset, tg.length, tg.dst->length());
     if (st.ok()) st = CheckImm(r.imm.has_value(), tg.length, "ScatterWrite target");
     if (!st.ok()) return st.WithContext("ScatterWrite target " + std::to_string(t));
-    PlannedWrite w;
     const Lanes lanes = LanesFor(tg.dst.get(), l);
-    w.domain = lanes.at(t % lanes.count);
-    w.dst = tg.dst.get();
-    w.src_offset = tg.src_offset;
-    w.dst_offset = tg.dst_offset;
-    w.length = tg.length;
-    w.has_imm = r.imm.has_value();
-    w.imm = r.imm.value_or(0);
-    AddSplit(out, w, l.max_write_bytes);
+    AddSplit(out, {lanes.at(t % lanes.count), tg.dst.get(), tg.src_offset, tg.dst_offset, tg.length}, r.imm,
+             l.max_write_bytes);
   }
   return Status::Ok();
 }

@@ -5,10 +5,18 @@ namespace te {
 void RequestState::Reset() {
   // A request of many pages leaves a large vector; keep only small ones.
   constexpr size_t kKeepWorks = 64, kKeepDsts = 64;
-  if (works.capacity() > kKeepWorks)
+  // Small vectors keep their elements too: the next Submit or Send assigns
+  // every field of those it uses, instead of constructing each Work anew.
+  // A control message's buffer is released here, whatever its size.
+  if (works.capacity() > kKeepWorks) {
     std::vector<Work>().swap(works);
-  else
-    works.clear();
+  } else {
+    for (Work& w : works)
+      if (w.is_send) {
+        std::vector<uint8_t>().swap(w.message);
+        w.is_send = false;
+      }
+  }
   if (dsts.capacity() > kKeepDsts)
     std::vector<RemoteMr>().swap(dsts);
   else
@@ -16,11 +24,16 @@ void RequestState::Reset() {
   outstanding = 0;
   posted = 0;
   failed = false;
-  completion = Completion{};
+  // Field by field: assigning a whole Completion{} builds and destroys two
+  // std::function temporaries per request.
+  completion.on_done = nullptr;
+  completion.on_error = nullptr;
+  completion.counter = nullptr;
+  completion.on_worker = false;
   submitted = {};
   deadline = {};
-  src = LocalMr{};
-  peer = PeerRef{};
+  src.reset();
+  peer.reset();
   prev = next = nullptr;
   list = nullptr;
   mpsc_next.store(nullptr, std::memory_order_relaxed);

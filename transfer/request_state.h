@@ -61,7 +61,9 @@ struct RequestState : MpscNode {
   struct RequestList* list = nullptr;
 
   // Every field back to its default, keeping the vectors' capacity unless
-  // it grew large (RequestPool).
+  // it grew large (RequestPool). `works` keeps its elements (stale, not
+  // sends): whoever takes the state sizes it and assigns every field of
+  // each Work it uses.
   void Reset();
 };
 

@@ -326,20 +326,22 @@ Result<RemoteMr> TransferEngine::Import(const MrDescriptor& descriptor) {
 namespace {
 
 // What the writes point at, held until they are back.
-void AppendDestinations(const Request& request, std::vector<RemoteMr>* out) {
-  if (auto* r = std::get_if<SingleWrite>(&request)) return out->push_back(r->dst);
-  if (auto* r = std::get_if<PagedWrite>(&request)) return out->push_back(r->dst);
-  if (auto* r = std::get_if<ImmOnly>(&request)) return out->push_back(r->dst);
+// Moves the request's destinations into `out`: Submit owns its copy of the
+// request, and moving spares two atomic reference counts per region.
+void TakeDestinations(Request& request, std::vector<RemoteMr>* out) {
+  if (auto* r = std::get_if<SingleWrite>(&request)) return out->push_back(std::move(r->dst));
+  if (auto* r = std::get_if<PagedWrite>(&request)) return out->push_back(std::move(r->dst));
+  if (auto* r = std::get_if<ImmOnly>(&request)) return out->push_back(std::move(r->dst));
   if (auto* r = std::get_if<Barrier>(&request)) {
-    out->insert(out->end(), r->peers.begin(), r->peers.end());
+    for (RemoteMr& p : r->peers) out->push_back(std::move(p));
     return;
   }
-  for (const auto& t : std::get<ScatterWrite>(request).targets) out->push_back(t.dst);
+  for (auto& t : std::get<ScatterWrite>(request).targets) out->push_back(std::move(t.dst));
 }
 
 // A RemoteRegion can be built by hand (its constructor is public): only one
 // this engine imported is safe to post to.
-Status CheckDestination(const RemoteMr& dst, const TransferEngine* engine) {
+Status CheckDestination(const RemoteRegion* dst, const TransferEngine* engine) {
   if (!dst) return InvalidArgument("request names a null destination region");
   if (!dst->peer()) return InvalidArgument("destination region has no peer; Import() its descriptor");
   if (dst->peer()->resolver() != engine)
@@ -369,20 +371,16 @@ const LocalMr* SourceOf(const Request& request) {
   if (auto* r = std::get_if<ScatterWrite>(&request)) return &r->src;
   return nullptr;
 }
+LocalMr* SourceOf(Request& request) { return const_cast<LocalMr*>(SourceOf(std::as_const(request))); }
 
 PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options, const EngineAddress& address,
-                    const Request& request) {
+                    const LocalMr* src) {
   PlanLimits l;
   l.domains = address.nic_domains();
-  l.max_write_bytes = ~0ull;
-  for (const auto& d : group.domains())
-    l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, d->info().max_write_bytes);
-  // Keep single writes at 1 GiB at most, well inside every provider's limit.
-  l.max_write_bytes = std::min<uint64_t>(l.max_write_bytes, 1ull << 30);
+  l.max_write_bytes = group.max_write_bytes();
   l.min_shard_bytes = options.min_shard_bytes;
   // A source takes the same-host lane only if it is registered there (GPU
   // memory may not be: RegisterMemory).
-  const LocalMr* src = SourceOf(request);
   l.same_host_source = address.same_host_domains == 0 || !src || !*src || !(*src)->RegisteredOn(group.domains()) ||
                        MemoryRegion::Registered((*src)->registration(address.nic_domains()));
   return l;
@@ -391,7 +389,7 @@ PlanLimits LimitsOf(const DomainGroup& group, const EngineOptions& options, cons
 }  // namespace
 
 Result<uint64_t> TransferEngine::ExpectedImmCount(const Request& request) const {
-  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_, address_, request)));
+  TE_ASSIGN_OR_RETURN(auto writes, PlanRequest(request, LimitsOf(*group_, options_, address_, SourceOf(request))));
   return CountImms(writes);
 }
 
@@ -409,31 +407,44 @@ Status TransferEngine::Submit(Request request, Completion completion) {
       if (writes.capacity() > 4096) std::vector<PlannedWrite>().swap(writes);
     }
   } trim;
-  TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_, address_, request), &writes));
-  if (const LocalMr* src = SourceOf(request); src && *src && !(*src)->RegisteredOn(group_->domains()))
+  LocalMr* const src = SourceOf(request);
+  TE_RETURN_IF_ERROR(PlanRequestInto(request, LimitsOf(*group_, options_, address_, src), &writes));
+  if (src && *src && !(*src)->RegisteredOn(group_->domains()))
     return InvalidArgument("source region was registered by another engine; register it on this one");
-  auto r = group_->request_pool().Get();
-  if (const LocalMr* src = SourceOf(request)) r->src = *src;
-  if (r->src && r->src->memory().kind.type != nic::MemoryKind::Type::kHost) {
+  for (size_t i = 0; i < writes.size(); ++i)
+    if (i == 0 || writes[i].dst != writes[i - 1].dst) TE_RETURN_IF_ERROR(CheckDestination(writes[i].dst, this));
+  if (src && *src && (*src)->memory().kind.type != nic::MemoryKind::Type::kHost) {
     for (const PlannedWrite& pw : writes)
       if (pw.length > 0 && !group_->domains()[pw.domain]->info().hmem)
         return Unimplemented("source region is device memory but domain " + std::to_string(pw.domain) + " (" +
                              group_->domains()[pw.domain]->info().provider + ") cannot read device memory (" +
                              (pw.domain < address_.nic_domains() ? "no FI_HMEM support" : "no CUDA IPC") + ")");
   }
+  // Checked: the request's regions move into the state that keeps them
+  // alive until its writes are back (the plan points into them).
+  auto r = group_->request_pool().Get();
+  if (src) r->src = std::move(*src);
+  TakeDestinations(request, &r->dsts);
+  // A pooled state keeps its Work elements (RequestState::Reset), so
+  // resize constructs only those beyond the last request's count; every
+  // field is assigned below (zeroing each Work first cost a tenth of a page).
   r->works.resize(writes.size());
-  AppendDestinations(request, &r->dsts);
-  for (const RemoteMr& dst : r->dsts) TE_RETURN_IF_ERROR(CheckDestination(dst, this));
   for (size_t i = 0; i < writes.size(); ++i) {
     const PlannedWrite& pw = writes[i];
     const Peer& peer = *pw.dst->peer();
     Work& w = r->works[i];
     w.req = r.get();
     w.domain = pw.domain;
+    w.is_send = false;
+    w.send_peer = 0;
+    w.message.clear();
     w.op.length = pw.length;
     if (r->src && pw.length > 0) {
       w.op.local = r->src->data() + pw.src_offset;
       w.op.local_desc = r->src->registration(pw.domain).desc;
+    } else {
+      w.op.local = nullptr;
+      w.op.local_desc = nullptr;
     }
     w.op.peer = peer.via(pw.domain);
     w.peer_id = peer.id();
@@ -442,6 +453,7 @@ Status TransferEngine::Submit(Request request, Completion completion) {
     w.op.rkey = key.rkey;
     w.op.has_imm = pw.has_imm;
     w.op.imm = pw.imm;
+    w.op.context = nullptr;
   }
   TE_RETURN_IF_ERROR(group_->Admit(r->works.size()));
   r->completion = std::move(completion);
@@ -519,10 +531,11 @@ Status TransferEngine::Send(const PeerRef& peer, std::span<const uint8_t> data, 
                            std::to_string(max_message_bytes()));
   auto r = group_->request_pool().Get();
   r->works.resize(1);
-  Work& w = r->works[0];
+  Work& w = r->works[0];  // a pooled element: every field is assigned
   w.req = r.get();
   w.domain = peer->message_lane();
   w.is_send = true;
+  w.op = nic::WriteOp{};
   w.send_peer = peer->via(w.domain);
   w.peer_id = peer->id();
   w.message = EncodeControlFrame(group_->local_address(), data);

@@ -344,6 +344,62 @@ TEST_P(EngineTest, ControlMessagesCarryTheSenderAddress) {
             StatusCode::kInvalidArgument);
 }
 
+// Requests of every kind one after another, each waited for, so that each
+// takes the state the one before it left in the pool, Work elements
+// included (they are reused, not rebuilt): nothing of a control message, a
+// paged write or a write with a source may leak into the next request.
+TEST_P(EngineTest, PooledRequestStatesCarryNothingIntoTheNextRequest) {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::string> got;
+  receiver_->SetRecvHandler([&](const EngineAddress&, std::span<const uint8_t> d) {
+    std::lock_guard<std::mutex> l(mu);
+    got.emplace_back(d.begin(), d.end());
+    cv.notify_all();
+  });
+  auto peer = sender_->Connect(receiver_->address()).value();
+  CompletionCounter done;
+  uint64_t n = 0, imms = 0;
+  constexpr uint64_t kPage = 4096;
+  for (uint32_t round = 0; round < 8; ++round) {
+    const std::string msg = "round " + std::to_string(round);
+    ASSERT_TRUE(sender_->Send(peer, std::span((const uint8_t*)msg.data(), msg.size()), {.counter = &done}).ok());
+    WaitDone(done, ++n);
+    // Three pages of this round's block, reversed.
+    const uint32_t first = round * 4;
+    PagedWrite p{src_, {first, first + 1, first + 2}, kPage, 0, dst_, {first + 2, first + 1, first}, kPage, 0, kPage,
+                 0x61};
+    imms += sender_->ExpectedImmCount(p).value();
+    ASSERT_TRUE(sender_->Submit(p, {.counter = &done}).ok());
+    WaitDone(done, ++n);
+    ASSERT_TRUE(sender_->Submit(ImmOnly{dst_, 0x62}, {.counter = &done}).ok());
+    WaitDone(done, ++n);
+    SingleWrite w{src_, 4 << 20, 100 + round, dst_, (4 << 20) + 7 * round * 100, 0x63};
+    ASSERT_TRUE(sender_->Submit(w, {.counter = &done}).ok());
+    WaitDone(done, ++n);
+  }
+  EXPECT_EQ(done.failed(), 0u);
+  ASSERT_TRUE(receiver_->WaitImm(0x61, imms, 10s).ok());
+  ASSERT_TRUE(receiver_->WaitImm(0x62, 8, 10s).ok());
+  ASSERT_TRUE(
+      receiver_->WaitImm(0x63, 8 * sender_->ExpectedImmCount(SingleWrite{src_, 0, 1, dst_, 0, 0x63}).value(), 10s)
+          .ok());
+  for (uint32_t round = 0; round < 8; ++round) {
+    for (uint32_t i = 0; i < 3; ++i)
+      ASSERT_EQ(0,
+                memcmp(dst_buf_.data() + (round * 4 + 2 - i) * kPage, src_buf_.data() + (round * 4 + i) * kPage, kPage))
+          << "round " << round << " page " << i;
+    ASSERT_EQ(0, memcmp(dst_buf_.data() + (4 << 20) + 7 * round * 100, src_buf_.data() + (4 << 20), 100 + round))
+        << "round " << round;
+  }
+  std::unique_lock<std::mutex> l(mu);
+  ASSERT_TRUE(cv.wait_for(l, 10s, [&] { return got.size() == 8; }));
+  for (uint32_t round = 0; round < 8; ++round)
+    EXPECT_TRUE(std::find(got.begin(), got.end(), "round " + std::to_string(round)) != got.end()) << round;
+  EXPECT_FALSE(receiver_->TryConsumeImm(0x61, 1));  // exactly the counts above, no stray immediates
+  EXPECT_FALSE(receiver_->TryConsumeImm(0x62, 1));
+}
+
 #ifdef TE_ENGINE_TESTS_ON_VERBS_NATIVE
 // Built into te_verbs_tests: the same tests over the native verbs backend on
 // the software RC NIC (tests/soft_rc), and nothing that needs libfabric.

@@ -15,6 +15,8 @@ TEST(RequestPool, AStateComesBackWithEveryFieldReset) {
     auto r = pool.Get();
     raw = r.get();
     r->works.resize(3);
+    r->works[1].is_send = true;
+    r->works[1].message.assign(4096, 7);
     r->outstanding = 3;
     r->posted = 2;
     r->failed = true;
@@ -25,7 +27,13 @@ TEST(RequestPool, AStateComesBackWithEveryFieldReset) {
   }  // given up before the worker saw it: back to the pool
   auto again = pool.Get();
   EXPECT_EQ(again.get(), raw);  // reused, not reallocated (this pool caches, even under ASan)
-  EXPECT_TRUE(again->works.empty());
+  // Work elements stay for the next request to assign (no zeroing per
+  // request); a control message's buffer does not.
+  EXPECT_EQ(again->works.size(), 3u);
+  for (const Work& w : again->works) {
+    EXPECT_FALSE(w.is_send);
+    EXPECT_EQ(w.message.capacity(), 0u);
+  }
   EXPECT_EQ(again->outstanding, 0u);
   EXPECT_EQ(again->posted, 0u);
   EXPECT_FALSE(again->failed);
