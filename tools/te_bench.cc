@@ -225,28 +225,34 @@ class Mailbox {
   void Push(const te::EngineAddress& from, std::string msg) {
     std::lock_guard<std::mutex> l(mu_);
     q_.emplace_back(from, std::move(msg));
+    queued_.fetch_add(1, std::memory_order_release);
     cv_.notify_all();
   }
   bool Pop(te::TransferEngine* engine, std::chrono::milliseconds timeout,
            std::pair<te::EngineAddress, std::string>* out) {
     const auto deadline = Clock::now() + timeout;
+    if (engine->options().progress == te::ProgressMode::kManual) {
+      // This loop is the listener's progress while a case runs: per pass
+      // only the engine's work and one relaxed load, no lock and no clock
+      // (those took a sixth of the listener's core at 4 KiB on shm).
+      for (uint32_t spins = 1; queued_.load(std::memory_order_acquire) == 0; ++spins) {
+        engine->Progress();
+        if (spins % 1024 == 0 && Clock::now() >= deadline) return false;
+      }
+    }
     std::unique_lock<std::mutex> l(mu_);
     while (q_.empty()) {
       if (Clock::now() >= deadline) return false;
-      if (engine->options().progress == te::ProgressMode::kManual) {
-        l.unlock();
-        engine->Progress();
-        l.lock();
-      } else {
-        cv_.wait_for(l, 10ms);
-      }
+      cv_.wait_for(l, 10ms);
     }
     *out = std::move(q_.front());
     q_.pop_front();
+    queued_.fetch_sub(1, std::memory_order_relaxed);
     return true;
   }
 
  private:
+  std::atomic<uint32_t> queued_{0};  // q_.size(), readable without the lock
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::pair<te::EngineAddress, std::string>> q_;

@@ -253,6 +253,12 @@ Clock::time_point DomainGroup::Now() {
 }
 
 void DomainGroup::FlushReady() {
+  // One atomic update per pass rather than one per request: the counter's
+  // line is shared with every submitting thread (Admit).
+  if (finished_ops_ != 0) {
+    admitted_ops_.fetch_sub(finished_ops_, std::memory_order_relaxed);
+    finished_ops_ = 0;
+  }
   RunOnWorker();
   if (!ready_.empty()) callbacks_.Post(&ready_);
   pool_.PutAll(&finished_);  // their callbacks were moved out above
@@ -430,7 +436,7 @@ void DomainGroup::Finish(RequestState* r) {
       (r->completion.on_worker ? worker_ready_ : ready_).push_back(std::move(r->completion.on_done));
   }
   if (r->list) r->list->Remove(r);
-  admitted_ops_.fetch_sub(r->works.size(), std::memory_order_relaxed);
+  finished_ops_ += r->works.size();  // given back to Admit once per pass (FlushReady)
   finished_.push_back(r);
 }
 

@@ -146,6 +146,7 @@ class DomainGroup final : private nic::CompletionHandler {
   bool now_fresh_ = false;
   uint32_t idle_passes_ = 0;
   std::atomic<size_t> admitted_ops_{0};
+  size_t finished_ops_ = 0;                       // worker: operations of requests finished in this pass
   std::atomic<size_t> pending_message_bytes_{0};  // received, not yet handed to the handler
   std::vector<uint32_t> imm_batch_;
   uint64_t imms_dropped_seen_ = 0;
