@@ -78,18 +78,23 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   const uint32_t R = c.ranks, K = c.topk;
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
-  // Pass 1: count tokens per destination rank.
+  // Pass 1: each slot's destination (hashing the row only where token
+  // splits can use its key), and tokens per destination rank.
+  const bool keyed = !map.splits().empty();
+  std::vector<uint32_t>& dest = plan->dest;
+  dest.assign(size_t(b.tokens) * K, UINT32_MAX);
   std::vector<uint8_t>& goes = plan->goes;
   goes.assign(size_t(b.tokens) * R, 0);
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
-    const uint32_t key = ExpertMap::TokenKey(idx, K);
+    const uint32_t key = keyed ? ExpertMap::TokenKey(idx, K) : 0;
     for (uint32_t k = 0; k < K; ++k) {
       if (idx[k] < 0) continue;
       plan->per_expert[idx[k]]++;
-      const uint32_t dest = map.RankFor(idx[k], c.rank, key);
-      uint8_t& g = goes[size_t(t) * R + dest];
-      if (!g) plan->per_rank[dest]++;
+      const uint32_t d = map.RankFor(idx[k], c.rank, key);
+      dest[size_t(t) * K + k] = d;
+      uint8_t& g = goes[size_t(t) * R + d];
+      if (!g) plan->per_rank[d]++;
       g = 1;
     }
   }
@@ -108,7 +113,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
     const float* w = b.topk_weights + size_t(t) * K;
-    const uint32_t key = ExpertMap::TokenKey(idx, K);
+    const uint32_t* d = dest.data() + size_t(t) * K;
     for (uint32_t r = 0; r < R; ++r) {
       if (!goes[size_t(t) * R + r]) continue;
       const uint32_t row = next[r]++;
@@ -118,7 +123,7 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
       if (labels && labels->tags) hdr.tag = labels->tags[t];
       auto* entries = reinterpret_cast<RecordEntry*>(p + sizeof(RecordHeader));
       for (uint32_t k = 0; k < K; ++k) {
-        if (idx[k] < 0 || map.RankFor(idx[k], c.rank, key) != r) continue;
+        if (d[k] != r) continue;
         RecordEntry e{uint16_t(map.local_index(idx[k], r)), 0, w[k]};
         std::memcpy(&entries[hdr.entries++], &e, sizeof e);
       }

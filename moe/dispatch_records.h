@@ -35,6 +35,7 @@ struct SendPlan {
   std::vector<uint32_t> rank_offset;  // [R + 1] first record of each rank
   std::vector<uint32_t> per_expert;   // [E] (token, expert) pairs
   std::vector<uint8_t> goes;          // scratch [T x R]: token t goes to rank r; kept to reuse its memory
+  std::vector<uint32_t> dest;         // scratch [T x K]: slot k's destination rank (UINT32_MAX: empty slot)
 };
 
 // Packs a validated batch into `staging` (room for max_tokens x min(topk,
