@@ -15,6 +15,8 @@ constexpr const char* kSeparator = " | ";
 // A merge row: the rank partial, then the dispatching rank and the id as two
 // u32, each in two bf16 slots (copied as bits, never read as numbers).
 constexpr uint32_t kKeySlots = 4;
+// The merge part of a top-1 group's LocalInfo (it has no merge step).
+constexpr const char* kNoMerge = "no-merge";
 
 }  // namespace
 
@@ -30,6 +32,11 @@ Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferE
     return InvalidArgument("ranks x max_tokens = " + std::to_string(uint64_t(config.ranks) * config.max_tokens) +
                            " exceeds 2^20, the rows a rank may receive and merge");
   std::unique_ptr<CoherentDispatcher> d(new CoherentDispatcher(config));
+  TE_ASSIGN_OR_RETURN(d->dispatch_, EpDispatcher::Create(engine, config));
+  d->merge_result_.handle.sent_to.assign(config.ranks, 0);
+  // Top-1: a token's one expert is its merge rank, so its whole output is
+  // already where it merges: no merge step, one exchange per layer.
+  if (config.topk == 1) return d;
   EpConfig merge = config;
   merge.experts = config.ranks;
   merge.topk = 1;
@@ -40,17 +47,18 @@ Result<std::unique_ptr<CoherentDispatcher>> CoherentDispatcher::Create(TransferE
   merge.overflow_tokens = EpConfig::kWorstCase;
   merge.imm_base = config.imm_base + kMergeImmOffset;
   TE_ASSIGN_OR_RETURN(d->merge_map_, ExpertMap::Contiguous(config.ranks, config.ranks));
-  TE_ASSIGN_OR_RETURN(d->dispatch_, EpDispatcher::Create(engine, config));
   TE_ASSIGN_OR_RETURN(d->merge_, EpDispatcher::Create(engine, merge));
   return d;
 }
 
-size_t CoherentDispatcher::buffer_bytes() const { return dispatch_->buffer_bytes() + merge_->buffer_bytes(); }
+size_t CoherentDispatcher::buffer_bytes() const {
+  return dispatch_->buffer_bytes() + (merge_ ? merge_->buffer_bytes() : 0);
+}
 
-size_t CoherentDispatcher::merge_record_bytes() const { return RecordBytes(merge_->config()); }
+size_t CoherentDispatcher::merge_record_bytes() const { return merge_ ? RecordBytes(merge_->config()) : 0; }
 
 std::string CoherentDispatcher::LocalInfo() const {
-  return kMagic + dispatch_->LocalInfo() + kSeparator + merge_->LocalInfo();
+  return kMagic + dispatch_->LocalInfo() + kSeparator + (merge_ ? merge_->LocalInfo() : kNoMerge);
 }
 
 Status CoherentDispatcher::Connect(const std::vector<std::string>& infos) {
@@ -67,7 +75,13 @@ Status CoherentDispatcher::Connect(const std::vector<std::string>& infos) {
     merge[r] = infos[r].substr(cut + std::strlen(kSeparator));
   }
   TE_RETURN_IF_ERROR(dispatch_->Connect(dispatch).WithContext("dispatch"));
-  TE_RETURN_IF_ERROR(merge_->Connect(merge).WithContext("merge"));
+  if (merge_) {
+    TE_RETURN_IF_ERROR(merge_->Connect(merge).WithContext("merge"));
+  } else {
+    for (uint32_t r = 0; r < R; ++r)
+      if (merge[r] != kNoMerge)
+        return InvalidArgument("rank " + std::to_string(r) + " has a merge step and this rank (top-1) has none");
+  }
   calls_.Connected();
   return Status::Ok();
 }
@@ -137,6 +151,7 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   const EpConfig& c = config_;
   const uint32_t H = c.hidden;
   const size_t rows = row_id_.size();
+  if (!merge_) return CombineHere(outputs, dispatched, merged);
 
   // 1. Rank partials of every received row, keyed, to the merge ranks:
   // reduced straight into the merge step's send staging (PackRecords lays
@@ -173,6 +188,33 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   for (size_t i = 0; i < records_.size(); ++i) merge_rows_[i] = reinterpret_cast<const uint16_t*>(records_[i] + off);
   if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, in.src_rank, no_expert_, merged); !s.ok())
     return Fail(s);
+  calls_.Combined();
+  return Status::Ok();
+}
+
+Status CoherentDispatcher::CombineHere(const ExpertOutputs& outputs, const DispatchResult& dispatched,
+                                       MergedTokens* merged) {
+  // Top-1: every row received here merges here (its one expert is here),
+  // and its partial is the token's whole output. The same arithmetic as the
+  // merge step (the partial in bf16, then summed from 0 alone), so the
+  // result is bit for bit what the exchange would give.
+  const EpConfig& c = config_;
+  const uint32_t H = c.hidden, W = H + kKeySlots;
+  const size_t rows = row_id_.size();
+  local_rows_.resize(rows * W);
+  merge_rows_.resize(rows);
+  for (size_t q = 0; q < rows; ++q) {
+    if (row_merge_[q] != c.rank)
+      return Fail(Internal("a top-1 record received by rank " + std::to_string(c.rank) + " names merge rank " +
+                           std::to_string(row_merge_[q])));
+    uint16_t* row = local_rows_.data() + q * W;
+    ReduceRows(c, dispatched.handle, outputs, uint32_t(q), 1, row);
+    std::memcpy(row + H, &row_from_[q], 4);
+    std::memcpy(row + H + 2, &row_id_[q], 4);
+    merge_rows_[q] = row;
+  }
+  const std::vector<uint32_t> senders(rows, c.rank);
+  if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, senders, no_expert_, merged); !s.ok()) return Fail(s);
   calls_.Combined();
   return Status::Ok();
 }

@@ -37,8 +37,15 @@
 // Merged tokens come in (dispatching rank, id) order. Ids must be distinct
 // within a rank's batch (Dispatch checks); a group-wide token id is.
 //
+// Top-1 groups (config.topk == 1) have no merge step: a token's one expert
+// runs on its merge rank, so its output is already where it merges, and
+// Combine is local (the same arithmetic, bit for bit). A layer is then one
+// exchange, the dispatch: ExFlow's single all-to-all per layer. With top-k >
+// 1 the merge step cannot be folded into the next dispatch: the next
+// layer's routing is computed from the merged output.
+//
 // Memory: a rank may receive up to ranks x max_tokens rows, so the merge
-// dispatcher is sized for that, and as many tokens may merge on one rank.
+// dispatcher (none for top-1) is sized for that, and as many tokens may merge on one rank.
 // More than max_tokens of them cannot be dispatched from there at the next
 // layer (Dispatch refuses the batch), so size max_tokens for the skew.
 // Immediates: imm_base + 0 .. 5 (dispatch) and + 10 .. 15 (merge).
@@ -117,10 +124,12 @@ class CoherentDispatcher {
  private:
   explicit CoherentDispatcher(const EpConfig& config);
   Status Fail(Status s) { return calls_.Fail(s); }
+  // Combine of a top-1 group: every token merges where its expert ran.
+  Status CombineHere(const ExpertOutputs& outputs, const DispatchResult& dispatched, MergedTokens* merged);
 
   EpConfig config_;
-  std::unique_ptr<EpDispatcher> dispatch_, merge_;
-  ExpertMap merge_map_;  // virtual expert r on rank r
+  std::unique_ptr<EpDispatcher> dispatch_, merge_;  // merge_: null for top-1 (no merge step)
+  ExpertMap merge_map_;                             // virtual expert r on rank r
   CallSequence calls_;
   uint64_t dispatched_sent_ = 0, merged_sent_ = 0;
   // State of the pending dispatch.
@@ -134,6 +143,7 @@ class CoherentDispatcher {
   // Merge step.
   std::vector<uint32_t> row_token_;          // received row of each record in the merge staging
   std::vector<const uint16_t*> merge_rows_;  // received merge rows, in the receive region
+  std::vector<uint16_t> local_rows_;         // top-1: the merge rows, built here
   std::vector<int32_t> merge_idx_;
   std::vector<float> merge_weight_;
   DispatchResult merge_result_;

@@ -103,6 +103,48 @@ void ReplayTrace(const std::string& provider, uint32_t extra_slots) {
 TEST(MoeCoherent, TraceReplayMovesExactlyThePredictedRecordsTcp) { ReplayTrace("tcp", 0); }
 TEST(MoeCoherent, TraceReplayWithReplicasShm) { ReplayTrace("shm", 1); }
 
+// Top-1 routing: a token merges where its one expert ran, so a layer is one
+// exchange (the dispatch) and combine is local: reference-exact over three
+// layers with tokens moving, no merge records, no merge buffers, and no
+// immediate of a merge step on any engine.
+TEST(MoeCoherent, TopOneIsOneExchangePerLayer) {
+  EpConfig shape = Shape(4, 4 * 32);
+  shape.topk = 1;
+  CoherentGroup g = MakeGroup<CoherentDispatcher>(shape, Options("tcp"));
+  ASSERT_EQ(g.ranks.size(), 4u);
+  EpConfig wider = shape;
+  wider.topk = 2;
+  auto with_merge = CoherentDispatcher::Create(g.engines[0].get(), wider);
+  ASSERT_TRUE(with_merge.ok()) << with_merge.status().ToString();
+  EXPECT_LT(g.ranks[0]->buffer_bytes(), with_merge.value()->buffer_bytes() / 4);  // no merge step's buffers
+  EXPECT_EQ(g.ranks[0]->merge_record_bytes(), 0u);
+  with_merge.value().reset();
+  const ExpertMap map = ExpertMap::Contiguous(16, 4).value();
+  uint64_t moved = 0;
+  RunCoherentGroup(g, {Routing::kRandom, {32, 20, 32, 9}, 13, 3, nullptr, nullptr, &map}, &moved);
+  EXPECT_GT(moved, 0u);
+  uint64_t dispatched = 0;
+  for (auto& d : g.ranks) {
+    EXPECT_EQ(d->records_merged(), 0u);
+    dispatched += d->records_dispatched();
+    for (uint32_t n : d->last_merge_sent_to()) EXPECT_EQ(n, 0u);
+  }
+  EXPECT_GT(dispatched, 0u);
+  // Not even a merge step's count rows went out: no immediate of the merge
+  // step's values reached any rank.
+  for (auto& e : g.engines)
+    for (uint32_t i = 0; i < 6; ++i)
+      EXPECT_EQ(e->ImmAvailable(shape.imm_base + CoherentDispatcher::kMergeImmOffset + i), 0u) << i;
+  // A dispatcher whose group has a merge step refuses to connect to a top-1
+  // one (their exchanges would not line up).
+  std::vector<std::string> infos;
+  for (auto& d : g.ranks) infos.push_back(d->LocalInfo());
+  auto other = CoherentDispatcher::Create(g.engines[1].get(), wider).value();
+  infos[1] = other->LocalInfo();
+  auto fresh = CoherentDispatcher::Create(g.engines[0].get(), shape).value();
+  EXPECT_EQ(fresh->Connect(infos).code(), StatusCode::kInvalidArgument);
+}
+
 TEST(MoeCoherent, RefusesBadCalls) {
   CoherentGroup g = MakeGroup<CoherentDispatcher>(Shape(2, 16), Options("tcp"));
   ASSERT_EQ(g.ranks.size(), 2u);
