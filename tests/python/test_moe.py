@@ -26,15 +26,15 @@ def f32_to_bf16(f):  # round to nearest even, as moe/numeric_formats.h
     return ((b + np.uint32(0x7FFF) + ((b >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def inputs(ranks, seed=3):
+def inputs(ranks, seed=3, topk=TOPK):
     """Every rank's tokens (bf16 bits), routing (some slots -1) and weights."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(ranks):
         x = f32_to_bf16(rng.uniform(-4, 4, (TOKENS, HIDDEN)))
-        idx = np.stack([rng.permutation(EXPERTS)[:TOPK] for _ in range(TOKENS)]).astype(np.int64)
-        idx[rng.random((TOKENS, TOPK)) < 0.15] = -1
-        w = (rng.integers(1, 64, (TOKENS, TOPK)) / 64.0).astype(np.float32)
+        idx = np.stack([rng.permutation(EXPERTS)[:topk] for _ in range(TOKENS)]).astype(np.int64)
+        idx[rng.random((TOKENS, topk)) < 0.15] = -1
+        w = (rng.integers(1, 64, (TOKENS, topk)) / 64.0).astype(np.float32)
         out.append((x, idx, w))
     return out
 
@@ -54,7 +54,7 @@ def reference(batches, emap, ranks):
         out = np.zeros((TOKENS, HIDDEN), np.uint16)
         for t in range(TOKENS):
             partials = {}
-            for k in range(TOPK):
+            for k in range(idx.shape[1]):
                 e = int(idx[t, k])
                 if e < 0:
                     continue
@@ -71,9 +71,9 @@ def reference(batches, emap, ranks):
     return dispatched, combined
 
 
-def run_group(provider, ranks, mode, body, **kw):
+def run_group(provider, ranks, mode, body, topk=TOPK, **kw):
     engines = [te.Engine(provider=provider, request_timeout=10.0) for _ in range(ranks)]
-    ds = [te.EpDispatcher(e, ranks=ranks, rank=r, experts=EXPERTS, topk=TOPK, hidden=HIDDEN,
+    ds = [te.EpDispatcher(e, ranks=ranks, rank=r, experts=EXPERTS, topk=topk, hidden=HIDDEN,
                           max_tokens=ranks * TOKENS, mode=mode, timeout=20.0, **kw)
           for r, e in enumerate(engines)]
     try:
@@ -150,10 +150,13 @@ def test_dispatch_and_combine_match_the_reference(provider, mode, layout):
         np.testing.assert_array_equal(results[r], want_combine[r])
 
 
-def test_coherent_combine_merges_on_the_top1_rank(provider):
+# topk=1: the token's one expert runs where it merges, and combine is local
+# (no merge step); the results are the same reference's.
+@pytest.mark.parametrize("topk", [TOPK, 1])
+def test_coherent_combine_merges_on_the_top1_rank(provider, topk):
     ranks = 2
     emap = te.ExpertMap.contiguous(EXPERTS, ranks)
-    batches = inputs(ranks, seed=5)
+    batches = inputs(ranks, seed=5, topk=topk)
     _, want_combine = reference(batches, emap, ranks)
 
     def rank(d):
@@ -164,7 +167,7 @@ def test_coherent_combine_merges_on_the_top1_rank(provider):
             assert np.all(got.src_token // 1000 == got.src_rank)
         return d.combine([expert(e.tokens) for e in res.experts], res)
 
-    merged = run_group(provider, ranks, "coherent", rank)
+    merged = run_group(provider, ranks, "coherent", rank, topk=topk)
     seen = 0
     for m_rank, m in enumerate(merged):
         assert m.data.shape == (len(m.ids), HIDDEN)
