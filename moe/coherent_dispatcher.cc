@@ -168,10 +168,7 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   const size_t rec = RecordBytes(mc), off = RecordPayloadOffset(mc);
   for (size_t j = 0; j < row_token_.size(); ++j) {
     const uint32_t q = row_token_[j];
-    uint16_t* row = reinterpret_cast<uint16_t*>(staging + j * rec + off);  // 2-aligned: rec, off even
-    ReduceRows(c, dispatched.handle, outputs, q, 1, row);
-    std::memcpy(row + H, &row_from_[q], 4);
-    std::memcpy(row + H + 2, &row_id_[q], 4);
+    FillMergeRow(outputs, dispatched, q, reinterpret_cast<uint16_t*>(staging + j * rec + off));  // 2-aligned
   }
   records_.clear();
   if (Status s = merge_->DispatchPacked(plan_, merge_map_, uint32_t(rows), &merge_result_, &records_); !s.ok())
@@ -192,6 +189,14 @@ Status CoherentDispatcher::Combine(const ExpertOutputs& outputs, const DispatchR
   return Status::Ok();
 }
 
+void CoherentDispatcher::FillMergeRow(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint32_t q,
+                                      uint16_t* row) const {
+  const uint32_t H = config_.hidden;
+  ReduceRows(config_, dispatched.handle, outputs, q, 1, row);
+  std::memcpy(row + H, &row_from_[q], 4);
+  std::memcpy(row + H + 2, &row_id_[q], 4);
+}
+
 Status CoherentDispatcher::CombineHere(const ExpertOutputs& outputs, const DispatchResult& dispatched,
                                        MergedTokens* merged) {
   // Top-1: every row received here merges here (its one expert is here),
@@ -208,13 +213,12 @@ Status CoherentDispatcher::CombineHere(const ExpertOutputs& outputs, const Dispa
       return Fail(Internal("a top-1 record received by rank " + std::to_string(c.rank) + " names merge rank " +
                            std::to_string(row_merge_[q])));
     uint16_t* row = local_rows_.data() + q * W;
-    ReduceRows(c, dispatched.handle, outputs, uint32_t(q), 1, row);
-    std::memcpy(row + H, &row_from_[q], 4);
-    std::memcpy(row + H + 2, &row_id_[q], 4);
+    FillMergeRow(outputs, dispatched, uint32_t(q), row);
     merge_rows_[q] = row;
   }
-  const std::vector<uint32_t> senders(rows, c.rank);
-  if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, senders, no_expert_, merged); !s.ok()) return Fail(s);
+  local_senders_.assign(rows, c.rank);
+  if (Status s = MergePartials(c.ranks, c.rank, H, merge_rows_, local_senders_, no_expert_, merged); !s.ok())
+    return Fail(s);
   calls_.Combined();
   return Status::Ok();
 }

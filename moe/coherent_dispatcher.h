@@ -124,6 +124,9 @@ class CoherentDispatcher {
  private:
   explicit CoherentDispatcher(const EpConfig& config);
   Status Fail(Status s) { return calls_.Fail(s); }
+  // Received row q's merge row: its rank partial (hidden bf16), then the
+  // dispatching rank and the id in the kKeySlots after it.
+  void FillMergeRow(const ExpertOutputs& outputs, const DispatchResult& dispatched, uint32_t q, uint16_t* row) const;
   // Combine of a top-1 group: every token merges where its expert ran.
   Status CombineHere(const ExpertOutputs& outputs, const DispatchResult& dispatched, MergedTokens* merged);
 
@@ -144,6 +147,7 @@ class CoherentDispatcher {
   std::vector<uint32_t> row_token_;          // received row of each record in the merge staging
   std::vector<const uint16_t*> merge_rows_;  // received merge rows, in the receive region
   std::vector<uint16_t> local_rows_;         // top-1: the merge rows, built here
+  std::vector<uint32_t> local_senders_;      // top-1: this rank, once per row
   std::vector<int32_t> merge_idx_;
   std::vector<float> merge_weight_;
   DispatchResult merge_result_;

@@ -233,7 +233,7 @@ class Mailbox {
     const auto deadline = Clock::now() + timeout;
     if (engine->options().progress == te::ProgressMode::kManual) {
       // This loop is the listener's progress while a case runs: per pass
-      // only the engine's work and one relaxed load, no lock and no clock
+      // only the engine's work and one atomic load, no lock and no clock
       // (those took a sixth of the listener's core at 4 KiB on shm).
       for (uint32_t spins = 1; queued_.load(std::memory_order_acquire) == 0; ++spins) {
         engine->Progress();
