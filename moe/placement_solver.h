@@ -40,7 +40,10 @@ struct PlacementOptions {
   TokenHome home = TokenHome::kSource;
   double load_slack = 0.25;
   int max_sweeps = 20;  // swap passes per partition
-  // Replica slots per rank and layer beyond the experts / ranks primaries.
+  // Replica slots per rank and layer beyond the experts / ranks primaries,
+  // used on layers whose expert loads differ beyond the fitted trace's
+  // sampling noise (a layer of equally popular experts gets none and is
+  // placed as without replicas: copies there balance only that noise).
   // Loads are shrunk towards the layer mean by the share of their spread
   // that sampling noise explains, so balancing does not fit noise. Copies
   // go one by one to the expert with the most load per copy, and
@@ -48,7 +51,7 @@ struct PlacementOptions {
   // min(load_slack, 5%)). Each replica goes to the rank, among those with a
   // free slot and near the mean load, where the fitted trace's tokens of
   // that expert send the fewest records under ExpertMap's replica rule;
-  // every slot is used. Then, on exact loads under that rule:
+  // every slot of a replicated layer is used. Then, on exact loads under that rule:
   //  1. unreplicated primaries are exchanged between heavier and lighter
   //     ranks, towards the mean;
   //  2. copies are exchanged off the heaviest rank (same node first) while

@@ -16,6 +16,18 @@ Models (256 experts x 8 layers x top-8 unless told otherwise):
   dups     every token names one expert k times.
   sparse   every third layer has no experts; elsewhere 70% of slots are -1.
   onehot   expert 0 is in every token, the rest uniform.
+  mixed    co-activation groups of uneven sizes (8 .. 64 experts, some
+           larger than a node holds), the groups' popularity Zipf-skewed;
+           75% of a token's experts from its group; a different expert
+           permutation per layer.
+  ring     experts on a ring, a token's experts within 24 places of a
+           centre it draws (80%), so neighbourhoods overlap and no
+           partition into groups fits; a different permutation per layer.
+
+--oracle_out writes, for mixed and ring, the placement the model's
+structure suggests (layer,expert,rank CSV for te-moe place --oracle):
+mixed packs each group onto as few nodes as possible (largest first,
+contiguous ranks), ring gives each node a contiguous arc of the ring.
 
 The model is fixed (its own seed); --seed draws the tokens, so two seeds
 give a fitted and a held-out trace of the same model:
@@ -29,7 +41,8 @@ import argparse
 import random
 import struct
 
-MODELS = ("nested", "drift", "uniform", "dups", "sparse", "onehot")
+MODELS = ("nested", "drift", "uniform", "dups", "sparse", "onehot", "mixed", "ring")
+MIXED_SIZES = (64, 48, 32, 24, 24, 16, 16, 8, 8, 8, 8)  # the rest: groups of 8
 
 
 def crc32c(data):
@@ -112,7 +125,70 @@ def model_rows(name, seed, layers, topk, experts):
                                     for _ in range(topk)])
     if name == "onehot":
         return lambda tok, layer: [0] + rng.sample(range(1, experts), topk - 1)
+    if name == "mixed":
+        perm = [structure.sample(range(experts), experts) for _ in range(layers)]
+        groups = mixed_groups(experts)
+        weight = [1.0 / (i + 1) ** 0.8 for i in range(len(groups))]
+        order = structure.sample(range(len(groups)), len(groups))  # popularity is not size
+
+        def row(tok, layer):
+            g = groups[order[rng.choices(range(len(groups)), weight)[0]]]
+            return distinct(rng, topk, lambda: perm[layer][g[rng.randrange(len(g))]
+                                                           if rng.random() < 0.75 else rng.randrange(experts)])
+        return row
+    if name == "ring":
+        perm = [structure.sample(range(experts), experts) for _ in range(layers)]
+
+        def row(tok, layer):
+            c = rng.randrange(experts)
+            return distinct(rng, topk, lambda: perm[layer][(c + rng.randint(-24, 24)) % experts
+                                                           if rng.random() < 0.8 else rng.randrange(experts)])
+        return row
     raise ValueError(name)
+
+
+def mixed_groups(experts):
+    sizes = [s for s in MIXED_SIZES]
+    while sum(sizes) > experts:
+        sizes.pop()
+    sizes += [8] * ((experts - sum(sizes)) // 8)
+    sizes[-1] += experts - sum(sizes)
+    groups, start = [], 0
+    for n in sizes:
+        groups.append(list(range(start, start + n)))
+        start += n
+    return groups
+
+
+def oracle(name, layers, experts, ranks, nodes):
+    """(layer, expert, rank) rows of the placement the model suggests, in
+    the model's own expert numbering mapped through each layer's permutation."""
+    structure = random.Random(1234)
+    perm = [structure.sample(range(experts), experts) for _ in range(layers)]
+    per_rank = experts // ranks
+    if name == "ring":
+        slot_of = list(range(experts))  # ring position p sits in slot p: contiguous arcs per node
+    else:
+        # Largest group first, each into the node with the most free slots
+        # that holds it whole, else across the emptiest nodes in turn.
+        per_node = experts // nodes
+        free = [per_node] * nodes
+        taken = [0] * nodes
+        slot_of = [0] * experts
+        for g in sorted(mixed_groups(experts), key=len, reverse=True):
+            rest = list(g)
+            while rest:
+                fits = [n for n in range(nodes) if free[n] >= len(rest)]
+                n = min(fits, key=lambda n: free[n]) if fits else max(range(nodes), key=lambda n: free[n])
+                for _ in range(min(free[n], len(rest))):
+                    slot_of[rest.pop()] = n * per_node + taken[n]
+                    taken[n] += 1
+                    free[n] -= 1
+    rows = []
+    for layer in range(layers):
+        for model_expert in range(experts):
+            rows.append((layer, perm[layer][model_expert], slot_of[model_expert] // per_rank))
+    return rows
 
 
 def main():
@@ -124,11 +200,21 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--oracle_out", help="mixed, ring: write the model's own placement here (CSV)")
+    ap.add_argument("--ranks", type=int, default=64, help="for --oracle_out")
+    ap.add_argument("--nodes", type=int, default=8, help="for --oracle_out")
     a = ap.parse_args()
     if a.experts % 64 != 0 or not 1 <= a.topk <= 16:
         ap.error("--experts must be a multiple of 64 and --topk in 1..16")
+    if a.oracle_out and (a.model not in ("mixed", "ring") or a.experts % a.ranks or a.ranks % a.nodes):
+        ap.error("--oracle_out needs --model mixed or ring, and ranks dividing experts, nodes dividing ranks")
     write_trace(a.out, a.tokens, a.layers, a.topk, a.experts,
                 model_rows(a.model, a.seed, a.layers, a.topk, a.experts))
+    if a.oracle_out:
+        with open(a.oracle_out, "w") as f:
+            f.write("layer,expert,rank\n")
+            for layer, e, r in oracle(a.model, a.layers, a.experts, a.ranks, a.nodes):
+                f.write("%d,%d,%d\n" % (layer, e, r))
 
 
 if __name__ == "__main__":

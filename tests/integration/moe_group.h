@@ -238,6 +238,9 @@ inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, 
   to.experts = 16;
   to.topk = 4;
   to.group_size = 4;
+  // Skewed enough that every layer's loads show it at this size: the solver
+  // replicates only layers whose loads differ beyond sampling noise.
+  to.skew = 0.8;
   TraceCase c;
   c.trace = moe::GenerateTrace(to).value();
   moe::PlacementOptions po;

@@ -566,6 +566,36 @@ TEST(Placement, ReplicasDoNotFitNoise) {
   EXPECT_LE(b.max_node_imbalance(8), 1.03 * a.max_node_imbalance(8));
 }
 
+// Replicas even out skewed loads. On a layer of equally popular experts
+// they could only balance the fitted trace's noise, and their tighter cap
+// and balancing moves would cost what co-activation saves: such a layer is
+// placed exactly as without replicas, while a skewed one uses every slot.
+TEST(Placement, ReplicasOnlyWhereLoadsAreSkewed) {
+  TraceOptions o = Model(TraceModel::kCoactivationGroups, 256, 2, 0);
+  o.tokens = 4096;
+  o.group_size = 32;
+  o.skew = 0;
+  const auto flat = GenerateTrace(o).value();
+  PlacementOptions po;
+  po.nodes = 8;
+  const auto plain = PlaceExperts(flat, 64, po).value();
+  po.extra_slots = 1;
+  const auto with_slots = PlaceExperts(flat, 64, po).value();
+  EXPECT_EQ(with_slots.rank_of, plain.rank_of);
+  for (uint32_t l = 0; l < 2; ++l)
+    for (uint32_t e = 0; e < 256; ++e)
+      EXPECT_EQ(with_slots.RanksOf(l, e).size(), 1u) << "layer " << l << " expert " << e;
+
+  o.skew = 1.0;
+  const auto skewed = GenerateTrace(o).value();
+  const auto rep = PlaceExperts(skewed, 64, po).value();
+  for (uint32_t l = 0; l < 2; ++l) {
+    size_t copies = 0;
+    for (uint32_t e = 0; e < 256; ++e) copies += rep.RanksOf(l, e).size();
+    EXPECT_EQ(copies, 256u + 64u) << "layer " << l;
+  }
+}
+
 TEST(TraceGenerator, ModelsAreDeterministicAndGroupsCoactivate) {
   auto a = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 3)).value();
   auto b = GenerateTrace(Model(TraceModel::kCoactivationGroups, 64, 2, 3)).value();
