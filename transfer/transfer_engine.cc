@@ -2,6 +2,10 @@
 
 #include <glog/logging.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -190,11 +194,39 @@ size_t TransferEngine::domain_count() const { return group_->domains().size(); }
 
 bool TransferEngine::has_same_host_domain() const { return address_.same_host_domains > 0; }
 
+namespace {
+
+// What every backend relies on, checked before any of them sees the range.
+// Providers that register lazily (tcp, shm) accept any pointer and would
+// fault on the first write from it, so host memory must also be mapped at
+// both ends (mincore fails with ENOMEM on an unmapped page; two calls, not
+// one per page, so a large region costs nothing more).
+Status CheckRegistrable(const void* data, size_t length, const Memory& memory) {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+  if (data == nullptr || length == 0 || length > kMaxRegionBytes || start > UINTPTR_MAX - length)
+    return InvalidArgument("cannot register " + std::to_string(length) + " bytes at address " + std::to_string(start) +
+                           ": need a non-null address, 1.." + std::to_string(kMaxRegionBytes) +
+                           " bytes, and a range that does not wrap");
+  if (memory.kind.type != nic::MemoryKind::Type::kHost) return Status::Ok();
+  static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  for (uintptr_t at : {start, start + length - 1}) {
+    unsigned char resident;
+    if (mincore(reinterpret_cast<void*>(at & ~(page - 1)), 1, &resident) != 0 && errno == ENOMEM)
+      return InvalidArgument("cannot register " + std::to_string(length) + " bytes at address " +
+                             std::to_string(start) + ": address " + std::to_string(at) +
+                             " is not mapped in this process");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<LocalMr> TransferEngine::RegisterMemory(void* data, size_t length, Memory memory) {
   return Register(data, length, memory, nullptr);
 }
 
 Result<LocalMr> TransferEngine::Register(void* data, size_t length, Memory memory, std::shared_ptr<void> storage) {
+  TE_RETURN_IF_ERROR(CheckRegistrable(data, length, memory));
   std::vector<nic::LocalRegistration> regs;
   const auto& domains = group_->domains();
   for (size_t i = 0; i < domains.size(); ++i) {

@@ -99,6 +99,12 @@ class TransferEngine {
   const std::string& provider() const { return address_.provider; }
 
   // ---- Memory ----
+  // Registers [data, data + length) with every domain. The caller keeps the
+  // memory alive while the region or a request using it lives. Refused with
+  // kInvalidArgument: a null address, 0 bytes or more than kMaxRegionBytes
+  // (base/checked_math.h, 64 TiB),
+  // a range that wraps, and host memory whose first or last page is not
+  // mapped in this process.
   Result<LocalMr> RegisterMemory(void* data, size_t length, Memory memory = Memory::Host());
   // `length` bytes of zeroed, page-aligned host memory, registered, and owned
   // by the region: freed when the last reference goes, the caller's and

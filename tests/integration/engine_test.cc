@@ -1,6 +1,8 @@
 // Two engines in one process over a real provider (tcp on loopback, shm):
 // every request kind, byte-exact, with 1, 2 and 4 domains per group.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -8,6 +10,7 @@
 #include <random>
 #include <thread>
 
+#include "base/checked_math.h"
 #include "integration/test_support.h"
 
 namespace te::testing {
@@ -422,6 +425,32 @@ INSTANTIATE_TEST_SUITE_P(Providers, EngineTest,
 #endif  // TE_ENGINE_TESTS_ON_VERBS_NATIVE
 
 #ifndef TE_ENGINE_TESTS_ON_VERBS_NATIVE
+// Registration refuses what no backend can serve, before any provider sees
+// it: tcp and shm register lazily and would accept an unmapped pointer,
+// then fault on the first write from it.
+TEST(EngineRegister, RefusesRangesNoBackendCanServe) {
+  auto e = TransferEngine::Create(Options("tcp")).value();
+  std::vector<uint8_t> buf(4096);
+  EXPECT_EQ(e->RegisterMemory(nullptr, 4096).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(e->RegisterMemory(buf.data(), 0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(e->RegisterMemory(buf.data(), kMaxRegionBytes + 1).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(e->RegisterMemory(reinterpret_cast<void*>(UINTPTR_MAX - 100), 4096).status().code(),
+            StatusCode::kInvalidArgument);
+  // A page that was mapped and is no longer, at the start or at the end.
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  void* map = mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  auto* bytes = static_cast<uint8_t*>(map);
+  ASSERT_EQ(munmap(bytes + page, page), 0);
+  auto tail = e->RegisterMemory(bytes, 2 * page);
+  EXPECT_EQ(tail.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(tail.status().message().find("not mapped"), std::string::npos) << tail.status().ToString();
+  EXPECT_EQ(e->RegisterMemory(bytes + page, 16).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(e->RegisterMemory(bytes, page).ok());  // the page still mapped
+  ASSERT_EQ(munmap(bytes, page), 0);
+  EXPECT_TRUE(e->RegisterMemory(buf.data(), buf.size()).ok());
+}
+
 // A plane releases the handler and is destroyed: a call of the handler
 // already running must end first (a KV decoder's destructor once freed its
 // maps under a running OnMessage, caught by TSan).

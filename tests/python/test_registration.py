@@ -118,6 +118,23 @@ def test_empty_and_foreign_objects_are_refused(engine):
         engine.register_pointer(1, 16, device="tpu")
 
 
+def test_pointers_to_unmapped_memory_are_refused(engine):
+    # tcp and shm register lazily: without the check the first write from
+    # such a region would fault inside the provider.
+    import ctypes
+    m = mmap.mmap(-1, 8192)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    region = engine.register_pointer(addr, 8192, owner=m)
+    region.deregister()
+    m.close()
+    with pytest.raises(te.TransferError, match="not mapped"):
+        engine.register_pointer(addr, 8192)
+    with pytest.raises(te.TransferError, match="not mapped"):
+        engine.register_pointer(8, 16)
+    with pytest.raises(te.TransferError, match="does not wrap"):
+        engine.register_pointer(2**64 - 16, 4096)
+
+
 class FakeCudaArray:
     def __init__(self, shape, strides=None, readonly=False, typestr="<f2"):
         self.__cuda_array_interface__ = {
