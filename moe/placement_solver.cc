@@ -340,8 +340,25 @@ std::vector<uint64_t> ShrunkLoads(const std::vector<uint64_t>& load) {
   return out;
 }
 
-// Whether a layer's loads differ beyond the fitted trace's sampling noise,
-// which replicas exist to even out. With equally popular experts the
+// Tokens of each expert per layer, a token counted once however many of its
+// slots name the expert: the counts whose noise LoadsAreSkewed knows (a
+// trace that repeats ids would otherwise scale counts and their variance
+// apart).
+std::vector<std::vector<uint64_t>> TokensPerExpert(const RoutingTrace& t) {
+  std::vector<std::vector<uint64_t>> n(t.layers, std::vector<uint64_t>(t.experts, 0));
+  for (uint32_t tok = 0; tok < t.tokens; ++tok)
+    for (uint32_t l = 0; l < t.layers; ++l)
+      for (uint32_t k = 0; k < t.topk; ++k) {
+        const int e = t.at(tok, l, k);
+        bool repeat = false;
+        for (uint32_t j = 0; j < k && !repeat; ++j) repeat = t.at(tok, l, j) == e;
+        if (e >= 0 && !repeat) n[l][uint32_t(e)]++;
+      }
+  return n;
+}
+
+// Whether a layer's loads (tokens per expert) differ beyond the fitted
+// trace's sampling noise, which replicas exist to even out. With equally popular experts the
 // dispersion is 1 give or take sqrt(2 / (E - 1)) (0.09 at 256 experts);
 // beyond two of those the loads have structure (the skewed layers of every
 // model measured at 256 experts are at 29 and above, the unskewed at
@@ -916,9 +933,10 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
   // and holds on the counts themselves. A layer whose loads do not differ
   // beyond that noise gets no replicas (LoadsAreSkewed).
   auto load = LayerLoads(t);
+  const auto tokens_of = o.extra_slots > 0 ? TokensPerExpert(t) : std::vector<std::vector<uint64_t>>();
   std::vector<bool> replicated(t.layers, false);
   for (uint32_t l = 0; l < t.layers; ++l)
-    if (o.extra_slots > 0 && LoadsAreSkewed(load[l])) {
+    if (o.extra_slots > 0 && LoadsAreSkewed(tokens_of[l])) {
       replicated[l] = true;
       load[l] = ShrunkLoads(load[l]);
     }
