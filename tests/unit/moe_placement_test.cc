@@ -585,6 +585,15 @@ TEST(Placement, ReplicasOnlyWhereLoadsAreSkewed) {
   for (uint32_t l = 0; l < 2; ++l)
     for (uint32_t e = 0; e < 256; ++e)
       EXPECT_EQ(with_slots.RanksOf(l, e).size(), 1u) << "layer " << l << " expert " << e;
+  // The same with every token naming its first expert in all its slots: a
+  // token counts once per expert, so repeated ids do not pass for skew.
+  auto repeated = flat;
+  for (uint32_t tok = 0; tok < repeated.tokens; ++tok)
+    for (uint32_t l = 0; l < 2; ++l)
+      for (uint32_t k = 1; k < repeated.topk; ++k) repeated.at(tok, l, k) = repeated.at(tok, l, 0);
+  const auto from_repeated = PlaceExperts(repeated, 64, po).value();
+  for (uint32_t l = 0; l < 2; ++l)
+    for (uint32_t e = 0; e < 256; ++e) EXPECT_EQ(from_repeated.RanksOf(l, e).size(), 1u) << "repeated ids, layer " << l;
 
   o.skew = 1.0;
   const auto skewed = GenerateTrace(o).value();
