@@ -5,6 +5,7 @@
 #include "py_engine.h"
 #include "py_kvcache.h"
 #include "py_moe.h"
+#include "py_placement.h"
 #include "py_weightsync.h"
 #include "status_error.h"
 
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_transfer_engine, m) {
   tepy::BindKvCache(m);
   tepy::BindWeightSync(m);
   tepy::BindMoe(m);
+  tepy::BindPlacement(m);
 }

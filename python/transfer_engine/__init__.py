@@ -44,6 +44,7 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     MergedTokens,
     PagedWrite,
     Peer,
+    Placement,
     Region,
     RegistryEntry,
     RemoteRegion,
@@ -58,6 +59,8 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     WeightReceiver,
     _Engine,
     check_compatible,
+    count_records,
+    place_experts,
 )
 
 
