@@ -4,8 +4,13 @@ expert-parallel layer drives it: each rank routes its tokens, dispatch
 brings every expert its tokens, the rank runs its experts, combine returns
 the weighted sums. Every rank checks its combined output against a numpy
 computation of the same layer (all ranks' inputs come from one seed).
+With --placement=fitted the experts are placed by te.place_experts on the
+routing of every rank and layer (what a serving loop would have recorded),
+with a replica slot per rank, and the records dispatch sends are counted
+against the contiguous placement.
 
     /usr/bin/python3 examples/moe_ep.py [--ranks=4] [--mode=normal|ll|hierarchical] [--provider=shm]
+                                        [--placement=contiguous|fitted]
 """
 
 import argparse
@@ -40,6 +45,26 @@ def layer_inputs(rank, layer):
     return x, idx.astype(np.int32), w.astype(np.float32)
 
 
+def recorded_routing(ranks, layers):
+    """Every rank's routing as one [tokens, layers, topk] array; token i of
+    rank r is token i * ranks + r, so that its home is rank t % ranks as the
+    record count assumes."""
+    routing = np.empty((TOKENS * ranks, layers, TOPK), np.int64)
+    for r in range(ranks):
+        for layer in range(layers):
+            routing[r::ranks, layer] = layer_inputs(r, layer)[1]
+    return routing
+
+
+def expert_maps(placement, ranks, layers, nodes):
+    """One map per layer, and the fitted placement (None for contiguous);
+    every rank computes the same ones."""
+    if placement == "contiguous":
+        return [te.ExpertMap.contiguous(EXPERTS, ranks)] * layers, None
+    plan = te.place_experts(recorded_routing(ranks, layers), EXPERTS, ranks, nodes=nodes, extra_slots=1)
+    return [plan.expert_map(layer, nodes) for layer in range(layers)], plan
+
+
 def run_expert(e, tokens):
     """Expert e: a scaling, in float, rounded to bf16."""
     return f32_to_bf16(bf16_to_f32(tokens) * np.float32(1 + e / 64))
@@ -56,7 +81,8 @@ def expected(rank, layer, ranks, emap, nodes):
         partials = {}
         for k in range(TOPK):
             e = int(idx[t, k])
-            acc = partials.setdefault(emap.rank_for(e, rank), np.zeros(HIDDEN, np.float32))
+            row = [int(v) for v in idx[t]]  # a replicated expert's copy may depend on the whole row
+            acc = partials.setdefault(emap.rank_for(e, rank, row), np.zeros(HIDDEN, np.float32))
             acc += np.float32(w[t, k]) * bf16_to_f32(run_expert(e, x[t]))
         per_node = {}
         for r in sorted(partials):
@@ -69,16 +95,17 @@ def expected(rank, layer, ranks, emap, nodes):
     return out
 
 
-def rank_main(conn, rank, ranks, mode, provider, layers):
+def rank_main(conn, rank, ranks, mode, provider, layers, placement):
     with te.Engine(provider=provider) as engine:
         nodes = 2 if mode == "hierarchical" else 1
         d = te.EpDispatcher(engine, ranks=ranks, rank=rank, experts=EXPERTS, topk=TOPK, hidden=HIDDEN,
                             max_tokens=TOKENS, mode=mode, nodes=nodes)
         conn.send(d.local_info())      # all-gathered by the parent; any channel will do
         d.connect(conn.recv())
-        emap = te.ExpertMap.contiguous(EXPERTS, ranks)
+        maps, _ = expert_maps(placement, ranks, layers, nodes)
         ok, seconds = True, []
         for layer in range(layers):
+            emap = maps[layer]
             x, idx, w = layer_inputs(rank, layer)
             start = time.perf_counter()
             res = d.dispatch(x, idx, w, emap)
@@ -96,6 +123,7 @@ def main() -> int:
     ap.add_argument("--mode", default="normal", choices=["normal", "ll", "hierarchical"])
     ap.add_argument("--provider", default="tcp")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--placement", default="contiguous", choices=["contiguous", "fitted"])
     args = ap.parse_args()
     if args.ranks < 2 or EXPERTS % args.ranks or (args.mode == "hierarchical" and args.ranks % 2):
         ap.error(f"--ranks must divide {EXPERTS} (and be even for hierarchical)")
@@ -103,7 +131,8 @@ def main() -> int:
     conns, procs = [], []
     for r in range(args.ranks):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=rank_main, args=(child, r, args.ranks, args.mode, args.provider, args.layers),
+        p = ctx.Process(target=rank_main, args=(child, r, args.ranks, args.mode, args.provider, args.layers,
+                                                         args.placement),
                         daemon=True)
         p.start()
         conns.append(parent), procs.append(p)
@@ -119,6 +148,15 @@ def main() -> int:
                 p.kill()
     for r, (ok, s) in enumerate(results):
         print(f"rank {r}: {'ok' if ok else 'MISMATCH'}, dispatch + experts + combine {s * 1e3:.2f} ms (median)")
+    if args.placement == "fitted":
+        nodes = 2 if args.mode == "hierarchical" else 1
+        routing = recorded_routing(args.ranks, args.layers)
+        _, plan = expert_maps("fitted", args.ranks, args.layers, nodes)
+        fitted = te.count_records(routing, plan, nodes=nodes)
+        round_robin = te.count_records(routing, te.Placement.round_robin(args.layers, EXPERTS, args.ranks), nodes=nodes)
+        print(f"records dispatch sent to other ranks: fitted {fitted['rank']}, round-robin {round_robin['rank']} "
+              f"(on the routing it was fitted to; this example's routing is random, so little of that "
+              f"would hold on new tokens); {plan}")
     return 0 if all(ok for ok, _ in results) else 1
 
 
