@@ -118,6 +118,7 @@ Result<ExpertMap> Placement::Map(uint32_t layer, uint32_t nodes) const {
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks) {
   Placement p{layers, experts, ranks, {}, {}};
   p.rank_of.assign(layers, std::vector<uint32_t>(experts));
+  if (ranks == 0) return p;  // every expert on rank 0 of none: Validate refuses it
   for (auto& layer : p.rank_of)
     for (uint32_t e = 0; e < experts; ++e) layer[e] = e % ranks;
   return p;

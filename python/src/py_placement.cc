@@ -68,8 +68,14 @@ void CheckLayer(const Placement& p, uint32_t layer) {
 void BindPlacement(py::module_& m) {
   py::class_<Placement>(m, "Placement",
                         "Each layer's experts on ranks (primaries, replicas, token splits): moe/placement.h.")
-      .def_static("round_robin", &RoundRobinPlacement, py::arg("layers"), py::arg("experts"), py::arg("ranks"),
-                  "Expert e of every layer on rank e % ranks.")
+      .def_static(
+          "round_robin",
+          [](uint32_t layers, uint32_t experts, uint32_t ranks) {
+            Check(CheckShape(experts, ranks, 1));
+            if (layers == 0) Throw(te::InvalidArgument("a placement needs at least one layer"));
+            return RoundRobinPlacement(layers, experts, ranks);
+          },
+          py::arg("layers"), py::arg("experts"), py::arg("ranks"), "Expert e of every layer on rank e % ranks.")
       .def_static(
           "read_csv",
           [](const std::string& path, uint32_t layers, uint32_t experts, uint32_t ranks) {

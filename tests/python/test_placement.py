@@ -122,3 +122,8 @@ def test_bad_routing_and_arguments_are_refused():
         p.ranks_of(0, EXPERTS)
     with pytest.raises(te.TransferError):
         te.Placement.read_csv("/nonexistent/placement.csv", LAYERS, EXPERTS, RANKS)
+    for layers, experts, ranks in [(1, 8, 0), (1, 10, 3), (0, 8, 4)]:
+        with pytest.raises(te.TransferError):
+            te.Placement.round_robin(layers, experts, ranks)
+    with pytest.raises(te.TransferError, match="nodes"):
+        te.count_records(ids, p, nodes=3)

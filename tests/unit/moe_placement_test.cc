@@ -185,6 +185,10 @@ TEST(DispatchCost, CountsRecordsAsTheProtocolSendsThem) {
   EXPECT_EQ(hier.total().merged, 0u);  // with kSource combine returns what dispatch sent
   EXPECT_FALSE(CountRecords(t, p, {3, TokenHome::kSource, false}).ok());  // 4 ranks into 3 nodes
   EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(3, 8, 4), {}).ok());   // layers differ
+  // No ranks: a placement Validate refuses, and a count that refuses it
+  // (round-robin over 0 ranks once divided by zero).
+  EXPECT_FALSE(RoundRobinPlacement(2, 8, 0).Validate().ok());
+  EXPECT_FALSE(CountRecords(t, RoundRobinPlacement(2, 8, 0), {}).ok());
 }
 
 TEST(ExpertPartition, FindsAPlantedPartitionAndCountsExactly) {
