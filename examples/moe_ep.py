@@ -7,7 +7,7 @@ computation of the same layer (all ranks' inputs come from one seed).
 With --placement=fitted the experts are placed by te.place_experts on the
 routing of every rank and layer (what a serving loop would have recorded),
 with a replica slot per rank, and the records dispatch sends are counted
-against the contiguous placement.
+against round-robin.
 
     /usr/bin/python3 examples/moe_ep.py [--ranks=4] [--mode=normal|ll|hierarchical] [--provider=shm]
                                         [--placement=contiguous|fitted]
@@ -56,13 +56,9 @@ def recorded_routing(ranks, layers):
     return routing
 
 
-def expert_maps(placement, ranks, layers, nodes):
-    """One map per layer, and the fitted placement (None for contiguous);
-    every rank computes the same ones."""
-    if placement == "contiguous":
-        return [te.ExpertMap.contiguous(EXPERTS, ranks)] * layers, None
-    plan = te.place_experts(recorded_routing(ranks, layers), EXPERTS, ranks, nodes=nodes, extra_slots=1)
-    return [plan.expert_map(layer, nodes) for layer in range(layers)], plan
+def fitted_placement(ranks, layers, nodes):
+    """The placement fitted to every rank's routing; every rank computes the same one."""
+    return te.place_experts(recorded_routing(ranks, layers), EXPERTS, ranks, nodes=nodes, extra_slots=1)
 
 
 def run_expert(e, tokens):
@@ -79,9 +75,9 @@ def expected(rank, layer, ranks, emap, nodes):
     out = np.zeros((TOKENS, HIDDEN), np.uint16)
     for t in range(TOKENS):
         partials = {}
+        row = [int(v) for v in idx[t]]  # a replicated expert's copy may depend on the whole row
         for k in range(TOPK):
             e = int(idx[t, k])
-            row = [int(v) for v in idx[t]]  # a replicated expert's copy may depend on the whole row
             acc = partials.setdefault(emap.rank_for(e, rank, row), np.zeros(HIDDEN, np.float32))
             acc += np.float32(w[t, k]) * bf16_to_f32(run_expert(e, x[t]))
         per_node = {}
@@ -102,7 +98,11 @@ def rank_main(conn, rank, ranks, mode, provider, layers, placement):
                             max_tokens=TOKENS, mode=mode, nodes=nodes)
         conn.send(d.local_info())      # all-gathered by the parent; any channel will do
         d.connect(conn.recv())
-        maps, _ = expert_maps(placement, ranks, layers, nodes)
+        if placement == "fitted":
+            plan = fitted_placement(ranks, layers, nodes)
+            maps = [plan.expert_map(layer, nodes) for layer in range(layers)]
+        else:
+            maps = [te.ExpertMap.contiguous(EXPERTS, ranks)] * layers
         ok, seconds = True, []
         for layer in range(layers):
             emap = maps[layer]
@@ -151,7 +151,7 @@ def main() -> int:
     if args.placement == "fitted":
         nodes = 2 if args.mode == "hierarchical" else 1
         routing = recorded_routing(args.ranks, args.layers)
-        _, plan = expert_maps("fitted", args.ranks, args.layers, nodes)
+        plan = fitted_placement(args.ranks, args.layers, nodes)
         fitted = te.count_records(routing, plan, nodes=nodes)
         round_robin = te.count_records(routing, te.Placement.round_robin(args.layers, EXPERTS, args.ranks), nodes=nodes)
         print(f"records dispatch sent to other ranks: fitted {fitted['rank']}, round-robin {round_robin['rank']} "

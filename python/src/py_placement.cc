@@ -71,9 +71,10 @@ void BindPlacement(py::module_& m) {
       .def_static(
           "round_robin",
           [](uint32_t layers, uint32_t experts, uint32_t ranks) {
-            Check(CheckShape(experts, ranks, 1));
             if (layers == 0) Throw(te::InvalidArgument("a placement needs at least one layer"));
-            return RoundRobinPlacement(layers, experts, ranks);
+            Placement p = RoundRobinPlacement(layers, experts, ranks);
+            Check(p.Validate());  // experts split evenly over ranks > 0
+            return p;
           },
           py::arg("layers"), py::arg("experts"), py::arg("ranks"), "Expert e of every layer on rank e % ranks.")
       .def_static(
