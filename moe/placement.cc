@@ -45,14 +45,14 @@ double ExpertAffinity::Conditional(uint32_t layer, uint32_t i, uint32_t j) const
 }
 
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes) {
-  if (ranks == 0 || experts % ranks != 0)
-    return InvalidArgument(std::to_string(experts) + " experts do not split evenly over " + std::to_string(ranks) +
-                           " ranks");
+  if (ranks == 0) return InvalidArgument("0 ranks: an EP group has at least 1");
   if (nodes == 0 || ranks % nodes != 0)
     return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
                            " nodes");
   return Status::Ok();
 }
+
+uint32_t PrimarySlots(uint32_t experts, uint32_t ranks) { return ranks ? (experts + ranks - 1) / ranks : 0; }
 
 Status Placement::Validate(uint32_t extra_slots) const {
   TE_RETURN_IF_ERROR(CheckShape(experts, ranks, 1));
@@ -70,10 +70,12 @@ Status Placement::Validate(uint32_t extra_slots) const {
       if (r >= ranks) return OutOfRange("rank " + std::to_string(r) + " outside " + std::to_string(ranks));
       per[r]++;
     }
+    const uint32_t slots = PrimarySlots(experts, ranks);
     for (uint32_t r = 0; r < ranks; ++r)
-      if (per[r] != experts / ranks)
+      if (per[r] > slots)
         return InvalidArgument("layer " + std::to_string(l) + " puts " + std::to_string(per[r]) + " experts on rank " +
-                               std::to_string(r) + "; expected " + std::to_string(experts / ranks));
+                               std::to_string(r) + "; at most " + std::to_string(slots) + " (" +
+                               std::to_string(experts) + " experts over " + std::to_string(ranks) + " ranks)");
     if (replicas.empty()) continue;
     if (replicas[l].size() != experts && !replicas[l].empty())
       return InvalidArgument("layer " + std::to_string(l) + " has replica lists for " +

@@ -1,6 +1,6 @@
 // Expert placement for MoE expert parallelism: the Placement type (each
-// layer's experts on ranks, an equal number per rank, ranks grouped into
-// nodes), the baselines (round-robin, random), trace statistics (loads,
+// layer's experts on ranks, an equal number per rank where the ranks divide
+// the experts, ranks grouped into nodes), the baselines (round-robin, random), trace statistics (loads,
 // inter-layer affinity, hop counts) and EPLB-style replication. The solver
 // that fits a placement to a trace: moe/placement_solver.h; the bytes a
 // placement makes dispatch move: moe/dispatch_cost.h.
@@ -42,9 +42,11 @@ struct Placement {
   // Token splits per layer (ExpertMap's TokenSplit): how a source's tokens of
   // a replicated expert are shared among its copies. Empty when none.
   std::vector<std::vector<TokenSplit>> splits;
-  // Every expert's primary on a rank in range, each rank holding experts /
-  // ranks primaries; replicas on ranks in range, none on a rank that already
-  // holds the expert, at most `extra_slots` per rank and layer.
+  // Every expert's primary on a rank in range, no rank holding more than
+  // PrimarySlots(experts, ranks) primaries (so exactly experts / ranks each
+  // where ranks divide the experts); replicas on ranks in range, none on a
+  // rank that already holds the expert, at most `extra_slots` per rank and
+  // layer.
   Status Validate(uint32_t extra_slots = 0) const;
   // Layer l as a dispatch map (ranks r of node r / (ranks / nodes)).
   Result<ExpertMap> Map(uint32_t layer, uint32_t nodes) const;
@@ -52,7 +54,13 @@ struct Placement {
   std::vector<uint32_t> RanksOf(uint32_t layer, uint32_t expert) const;
 };
 
+// A shape placements take: at least one rank, and nodes of equal size.
+// The experts need not divide over the ranks: with 60 experts on 8 ranks
+// each rank has 8 slots for primaries and four stay empty (dispatch takes
+// ranks with different numbers of experts).
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes);
+// Primary slots per rank: ceil(experts / ranks).
+uint32_t PrimarySlots(uint32_t experts, uint32_t ranks);
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks);
 Placement RandomPlacement(uint32_t layers, uint32_t experts, uint32_t ranks, uint64_t seed);
 

@@ -921,13 +921,28 @@ void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
 
 }  // namespace
 
-Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const PlacementOptions& o) {
-  TE_RETURN_IF_ERROR(t.Validate());
-  TE_RETURN_IF_ERROR(CheckShape(t.experts, ranks, o.nodes));
-  if (t.experts > kMaxPlacedExperts)
-    return InvalidArgument("trace has " + std::to_string(t.experts) + " experts; the solver places at most " +
+Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const PlacementOptions& o) {
+  TE_RETURN_IF_ERROR(trace.Validate());
+  TE_RETURN_IF_ERROR(CheckShape(trace.experts, ranks, o.nodes));
+  const uint32_t real = trace.experts, slots = PrimarySlots(real, ranks);
+  if (uint64_t(slots) * ranks > kMaxPlacedExperts)
+    return InvalidArgument("trace has " + std::to_string(real) + " experts, " + std::to_string(slots) +
+                           " slots on each of " + std::to_string(ranks) + " ranks; the solver places at most " +
                            std::to_string(kMaxPlacedExperts));
   if (o.load_slack < 0) return InvalidArgument("load_slack " + std::to_string(o.load_slack) + " must be >= 0");
+  // Experts that do not divide over the ranks fill ranks x slots with empty
+  // experts (no token names them, they weigh nothing), placed like the rest
+  // and dropped at the end: their slots are the ranks' free ones, where the
+  // partition's balancing put them (on heavy ranks, which then hold fewer
+  // experts). The padded copy of the trace is made only then.
+  RoutingTrace padded;
+  if (slots * ranks != real) {
+    padded = trace;
+    padded.experts = slots * ranks;
+  }
+  const RoutingTrace& t = slots * ranks != real ? padded : trace;
+  // Statistics of a layer's loads (how skewed, how noisy) are of its real experts.
+  auto real_part = [&](const std::vector<uint64_t>& v) { return std::vector<uint64_t>(v.begin(), v.begin() + real); };
   // With replicas the placement balances tightly, on loads shrunk to what
   // the trace shows beyond its noise; without, the cap is loose (load_slack)
   // and holds on the counts themselves. A layer whose loads do not differ
@@ -936,9 +951,10 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
   const auto tokens_of = o.extra_slots > 0 ? TokensPerExpert(t) : std::vector<std::vector<uint64_t>>();
   std::vector<bool> replicated(t.layers, false);
   for (uint32_t l = 0; l < t.layers; ++l)
-    if (o.extra_slots > 0 && LoadsAreSkewed(tokens_of[l])) {
+    if (o.extra_slots > 0 && LoadsAreSkewed(real_part(tokens_of[l]))) {
       replicated[l] = true;
-      load[l] = ShrunkLoads(load[l]);
+      auto shrunk = ShrunkLoads(real_part(load[l]));
+      std::copy(shrunk.begin(), shrunk.end(), load[l].begin());
     }
   // With replicas, primaries are balanced by their load per copy.
   std::vector<std::vector<uint32_t>> copies(t.layers);
@@ -972,8 +988,14 @@ Result<Placement> PlaceExperts(const RoutingTrace& t, uint32_t ranks, const Plac
       BalanceLoads(t, l, load[l], o, &p);
       SplitFlows(t, l, load[l], o, &p);
     }
-    TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   }
+  if (t.experts != real) {
+    p.experts = real;
+    for (auto& layer : p.rank_of) layer.resize(real);
+    for (auto& layer : p.replicas) layer.resize(std::min<size_t>(layer.size(), real));
+    for (auto& layer : p.splits) std::erase_if(layer, [&](const TokenSplit& s) { return s.expert >= real; });
+  }
+  TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   return p;
 }
 

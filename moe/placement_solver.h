@@ -15,7 +15,9 @@
 // co-activation within a layer matters.
 //
 // Guarantees: every rank holds experts / ranks primaries of every layer
-// (plus up to extra_slots replicas). Without replicas, on the fitted trace
+// (plus up to extra_slots replicas); where the ranks do not divide the
+// experts, at most PrimarySlots(experts, ranks), the free slots where the
+// balancing put them (moe/placement.h). Without replicas, on the fitted trace
 // the placement never moves more records (rank + node) than round-robin:
 // for kSource each layer keeps the better of the two, for kTop1 the whole
 // placement does. Replicas trade some of that for balance (below), so the
@@ -40,7 +42,7 @@ struct PlacementOptions {
   TokenHome home = TokenHome::kSource;
   double load_slack = 0.25;
   int max_sweeps = 20;  // swap passes per partition
-  // Replica slots per rank and layer beyond the experts / ranks primaries,
+  // Replica slots per rank and layer beyond the primaries' slots,
   // used on layers whose expert loads differ beyond the fitted trace's
   // sampling noise (a layer of equally popular experts gets none and is
   // placed as without replicas: copies there balance only that noise).

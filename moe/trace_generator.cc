@@ -132,7 +132,7 @@ Result<Placement> OraclePlacement(const TraceOptions& o, uint32_t ranks, uint32_
   TE_RETURN_IF_ERROR(CheckShape(o.experts, ranks, nodes));
   const Model m = BuildModel(o);
   Placement p = RoundRobinPlacement(o.layers, o.experts, ranks);
-  const uint32_t per_rank = o.experts / ranks;
+  const uint32_t per_rank = PrimarySlots(o.experts, ranks);
   if (o.model == TraceModel::kCoactivationGroups) {
     // Groups one after another; ranks of a node are consecutive.
     for (uint32_t l = 0; l < o.layers; ++l) {

@@ -73,7 +73,7 @@ void BindPlacement(py::module_& m) {
           [](uint32_t layers, uint32_t experts, uint32_t ranks) {
             if (layers == 0) Throw(te::InvalidArgument("a placement needs at least one layer"));
             Placement p = RoundRobinPlacement(layers, experts, ranks);
-            Check(p.Validate());  // experts split evenly over ranks > 0
+            Check(p.Validate());  // ranks > 0
             return p;
           },
           py::arg("layers"), py::arg("experts"), py::arg("ranks"), "Expert e of every layer on rank e % ranks.")

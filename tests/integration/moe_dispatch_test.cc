@@ -40,9 +40,10 @@ void RunGroup(Group& g, const ExpertMap& map, Routing routing, const std::vector
 // A trace replayed through the dispatcher under a fitted placement: every
 // layer matches the reference bit for bit, and the records the ranks send
 // to each other are exactly what CountRecords predicts for the trace.
-void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t extra_slots = 0) {
-  const TraceCase tc = MakeTraceCase(model, 40, extra_slots);
-  ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, 16, 4).rank_of);  // a placement of its own
+void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t extra_slots = 0, uint32_t experts = 16,
+                 uint32_t group_size = 4) {
+  const TraceCase tc = MakeTraceCase(model, 40, extra_slots, experts, group_size);
+  ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, experts, 4).rank_of);  // a placement of its own
   EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
   // With replicas the fitted placement shares some sources' tokens among
   // copies (token splits): the count below covers them.
@@ -50,7 +51,9 @@ void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t ex
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;
-  Group g = MakeGroup(Shape(4), Options(provider));
+  EpConfig shape = Shape(4);
+  shape.experts = experts;
+  Group g = MakeGroup(shape, Options(provider));
   ASSERT_EQ(g.ranks.size(), 4u);
   std::vector<uint64_t> sent(4, 0);
   std::vector<std::string> errors(4);
@@ -76,6 +79,12 @@ TEST(MoeDispatch, TraceReplayWithReplicasTcp) { ReplayTrace("tcp", moe::TraceMod
 
 TEST(MoeDispatch, TraceReplayWithReplicasShm) {
   ReplayTrace("shm", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/2);
+}
+
+// 18 experts over 4 ranks: ranks hold 5 or fewer primaries (Placement,
+// PrimarySlots), replicas and token splits on top, and the count stays exact.
+TEST(MoeDispatch, TraceReplayOfExpertsThatDoNotDivideOverTheRanksTcp) {
+  ReplayTrace("tcp", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/1, /*experts=*/18, /*group_size=*/6);
 }
 
 TEST(MoeDispatch, RandomRoutingBf16Tcp4Ranks) {

@@ -230,14 +230,16 @@ struct TraceCase {
   std::vector<moe::ExpertMap> maps;  // [layer]
 };
 
-inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, uint32_t extra_slots) {
+// `experts` need not divide over the 4 ranks (group_size must divide it).
+inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, uint32_t extra_slots,
+                               uint32_t experts = 16, uint32_t group_size = 4) {
   moe::TraceOptions to;
   to.model = model;
   to.tokens = 4 * tokens_per_rank;
   to.layers = 3;
-  to.experts = 16;
+  to.experts = experts;
   to.topk = 4;
-  to.group_size = 4;
+  to.group_size = group_size;
   // Skewed enough that every layer's loads show it at this size: the solver
   // replicates only layers whose loads differ beyond sampling noise.
   to.skew = 0.8;

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "moe/dispatch_cost.h"
 #include "moe/expert_partition.h"
@@ -313,7 +314,9 @@ TEST(Placement, RepeatedExpertsInATokenArePlaced) {
     ASSERT_TRUE(p.ok()) << p.status().ToString();
     EXPECT_TRUE(p->Validate(slots).ok());
     const auto rr = Records(t, RoundRobinPlacement(2, 64, 8), 2);
-    if (slots == 0) EXPECT_LE(Records(t, *p, 2).rank + Records(t, *p, 2).node, rr.rank + rr.node);
+    if (slots == 0) {
+      EXPECT_LE(Records(t, *p, 2).rank + Records(t, *p, 2).node, rr.rank + rr.node);
+    }
   }
 }
 
@@ -335,12 +338,61 @@ TEST(Placement, SolverKeepsEveryInvariant) {
         << "layer " << l;
     EXPECT_LE(double(*std::max_element(node.begin(), node.end())), 1.25 * total / 2) << "layer " << l;
   }
-  EXPECT_FALSE(PlaceExperts(t, 7, o).ok());  // 64 experts over 7 ranks
   o.nodes = 3;
   EXPECT_FALSE(PlaceExperts(t, 8, o).ok());  // 8 ranks into 3 nodes
   o.nodes = 2;
   o.load_slack = -1;
   EXPECT_FALSE(PlaceExperts(t, 8, o).ok());
+}
+
+// 60 experts on 8 ranks (Qwen1.5-MoE's count at EP 8), 64 on 7: each rank
+// has PrimarySlots = ceil(experts / ranks) slots, some stay free, and every
+// guarantee holds as where the ranks divide the experts.
+TEST(Placement, ExpertsThatDoNotDivideOverTheRanks) {
+  for (auto [experts, ranks, nodes] : {std::tuple{60u, 8u, 2u}, std::tuple{64u, 7u, 7u}, std::tuple{6u, 8u, 2u}}) {
+    SCOPED_TRACE(std::to_string(experts) + " experts, " + std::to_string(ranks) + " ranks");
+    TraceOptions to = Model(TraceModel::kCoactivationGroups, experts, 4, 0);
+    to.group_size = experts % 10 == 0 ? 10 : experts % 16 == 0 ? 16 : 2;
+    to.topk = std::min(4u, experts);
+    auto t = GenerateTrace(to).value();
+    const uint32_t slots = PrimarySlots(experts, ranks);
+    const Placement rr = RoundRobinPlacement(t.layers, experts, ranks);
+    ASSERT_TRUE(rr.Validate().ok()) << rr.Validate().ToString();
+    for (uint32_t extra : {0u, 1u}) {
+      PlacementOptions o;
+      o.nodes = nodes;
+      o.extra_slots = extra;
+      auto p = PlaceExperts(t, ranks, o);
+      ASSERT_TRUE(p.ok()) << p.status().ToString();
+      ASSERT_TRUE(p->Validate(extra).ok()) << p->Validate(extra).ToString();
+      EXPECT_EQ(p->experts, experts);
+      for (uint32_t l = 0; l < t.layers; ++l) {
+        ASSERT_EQ(p->rank_of[l].size(), experts);
+        std::vector<uint32_t> per(ranks, 0);
+        for (uint32_t r : p->rank_of[l]) per[r]++;
+        EXPECT_LE(*std::max_element(per.begin(), per.end()), slots) << "layer " << l;
+        if (!p->splits.empty()) {
+          for (const TokenSplit& s : p->splits[l]) EXPECT_LT(s.expert, experts);
+        }
+        EXPECT_TRUE(p->Map(l, nodes).ok());
+      }
+      // What dispatch moves is counted for it as for any placement, and
+      // without replicas it is never more than round-robin's.
+      const auto mine = Records(t, *p, nodes), base = Records(t, rr, nodes);
+      if (extra == 0) {
+        EXPECT_LE(mine.rank + mine.node, base.rank + base.node);
+      }
+    }
+  }
+  // Validation holds ranks to their slots: 9 experts on a rank of 60 / 8 is
+  // refused, naming the limit.
+  Placement bad = RoundRobinPlacement(1, 60, 8);
+  bad.rank_of[0][1] = 0;  // rank 0: 9
+  const Status s = bad.Validate();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("at most 8"), std::string::npos) << s.ToString();
+  EXPECT_FALSE(CheckShape(60, 0, 1).ok());
+  EXPECT_FALSE(CheckShape(60, 8, 3).ok());
 }
 
 // Placements are fitted on one trace and judged on another drawn from the
