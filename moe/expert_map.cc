@@ -108,13 +108,14 @@ Status ExpertMap::SetSplits(const std::vector<std::vector<uint32_t>>& ranks_of, 
 
 std::vector<uint32_t> ExpertMap::ChooseReplicas(const std::vector<uint32_t>& on, uint32_t ranks, uint32_t nodes) {
   const uint32_t per_node = ranks / nodes, copies = uint32_t(on.size());
-  const uint32_t fair = (ranks + copies - 1) / copies;  // sources per replica when spread evenly
+  if (copies == 0) return std::vector<uint32_t>(ranks, UINT32_MAX);  // no copy to choose
+  if (copies == 1) return std::vector<uint32_t>(ranks, on[0]);       // what the passes below give
+  const uint32_t fair = (ranks + copies - 1) / copies;               // sources per replica when spread evenly
   std::vector<uint32_t> sources(copies, 0), choice(ranks, UINT32_MAX);
   auto assign = [&](uint32_t s, size_t j) { sources[j]++, choice[s] = on[j]; };
   // 1. A replica on the source itself.
-  for (uint32_t s = 0; s < ranks; ++s)
-    for (size_t j = 0; j < copies; ++j)
-      if (on[j] == s) assign(s, j);
+  for (size_t j = 0; j < copies; ++j)
+    if (on[j] < ranks) assign(on[j], j);
   // 2. The least used replica on the source's node, while under its fair share.
   // 3. The least used replica anywhere. Ties: the lower rank.
   for (int tier = 2; tier <= 3; ++tier)

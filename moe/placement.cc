@@ -88,9 +88,11 @@ Status Placement::Validate(uint32_t extra_slots) const {
         if (std::find(on.begin(), on.begin() + j, on[j]) != on.begin() + j)
           return InvalidArgument("layer " + std::to_string(l) + " puts expert " + std::to_string(e) +
                                  " twice on rank " + std::to_string(on[j]));
-        if (++extra[on[j]] > extra_slots)
-          return InvalidArgument("layer " + std::to_string(l) + " puts more than " + std::to_string(extra_slots) +
-                                 " replicas on rank " + std::to_string(on[j]));
+        if (++extra[on[j]] > extra_slots + slots - per[on[j]])
+          return InvalidArgument("layer " + std::to_string(l) + " puts more than " +
+                                 std::to_string(extra_slots + slots - per[on[j]]) + " replicas on rank " +
+                                 std::to_string(on[j]) + " (" + std::to_string(extra_slots) +
+                                 " extra slots, and its free primary slots)");
       }
     }
   }
@@ -101,6 +103,14 @@ Status Placement::Validate(uint32_t extra_slots) const {
     if (!m.ok()) return InvalidArgument("layer " + std::to_string(l) + ": " + m.status().message());
   }
   return Status::Ok();
+}
+
+std::vector<uint32_t> Placement::ReplicaSlots(uint32_t layer, uint32_t extra_slots) const {
+  const uint32_t slots = PrimarySlots(experts, ranks);
+  std::vector<uint32_t> free(ranks, extra_slots + slots);
+  for (uint32_t r : rank_of[layer])
+    if (r < ranks && free[r] > extra_slots) free[r]--;
+  return free;
 }
 
 std::vector<uint32_t> Placement::RanksOf(uint32_t layer, uint32_t expert) const {

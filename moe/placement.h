@@ -45,9 +45,14 @@ struct Placement {
   // Every expert's primary on a rank in range, no rank holding more than
   // PrimarySlots(experts, ranks) primaries (so exactly experts / ranks each
   // where ranks divide the experts); replicas on ranks in range, none on a
-  // rank that already holds the expert, at most `extra_slots` per rank and
+  // rank that already holds the expert, at most ReplicaSlots per rank and
   // layer.
   Status Validate(uint32_t extra_slots = 0) const;
+  // Replicas rank r may hold at layer l: `extra_slots` beyond its primary
+  // slots, plus the primary slots its primaries leave free (none where
+  // ranks divide the experts), so every rank holds at most
+  // PrimarySlots + extra_slots copies.
+  std::vector<uint32_t> ReplicaSlots(uint32_t layer, uint32_t extra_slots) const;
   // Layer l as a dispatch map (ranks r of node r / (ranks / nodes)).
   Result<ExpertMap> Map(uint32_t layer, uint32_t nodes) const;
   // Ranks holding expert e at layer l, primary first.

@@ -19,7 +19,7 @@ namespace te::moe {
 
 Status WritePlacementCsv(const Placement& placement, const std::string& path);
 // Ranks may hold different numbers of experts (ExpertMap allows it); call
-// Placement::Validate to require the solver's equal split.
+// Placement::Validate to hold them to the solver's slots.
 Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, uint32_t experts, uint32_t ranks);
 Result<Placement> ReadPlacementCsv(const std::string& path, uint32_t layers, uint32_t experts, uint32_t ranks);
 

@@ -182,12 +182,12 @@ void PlaceLayer(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
   if (o.home == TokenHome::kTop1 && l > 0) FollowHomes(t, l, load, home, experts_of, o, p);
 }
 
-// Copies per expert: the extra slots one by one to the expert with the most
-// load per copy (at most one copy per rank).
-std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, uint32_t extra_slots) {
+// Copies per expert: `extra` replicas one by one to the expert with the
+// most load per copy (at most one copy per rank).
+std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, uint64_t extra) {
   const uint32_t E = uint32_t(load.size());
   std::vector<uint32_t> copies(E, 1);
-  for (uint64_t extra = uint64_t(ranks) * extra_slots; extra > 0; --extra) {
+  for (; extra > 0; --extra) {
     uint32_t best = E;
     for (uint32_t e = 0; e < E; ++e)
       if (copies[e] < ranks && (best == E || double(load[e]) * copies[best] > double(load[best]) * copies[e])) best = e;
@@ -203,7 +203,8 @@ std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, 
 // counted exactly for the tokens of that expert under ExpertMap's replica
 // choice); ties to the lighter rank.
 void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load,
-               const std::vector<uint32_t>& copies, const PlacementOptions& o, Placement* p) {
+               const std::vector<uint32_t>& copies, const PlacementOptions& o, const std::vector<uint32_t>& capacity,
+               Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   p->replicas[l].assign(E, {});
   std::vector<double> rank_load(R, 0.0);
@@ -218,7 +219,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
   // Where each expert's tokens go now (updated as replicas are added).
   std::vector<std::vector<uint32_t>> choice(E);
   for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
-  std::vector<uint32_t> free_slots(R, o.extra_slots);
+  std::vector<uint32_t> free_slots = capacity;  // replicas each rank may still take
   struct Token {
     uint32_t home;
     std::vector<uint32_t> others;  // destination ranks of the token's other experts
@@ -499,7 +500,7 @@ void EqualizePrimaries(const RoutingTrace& t, uint32_t l, const std::vector<uint
 // Bytes were fitted first; this trades them for balance only where the
 // trace shows no cost.
 void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
-                  Placement* p) {
+                  const std::vector<uint32_t>& capacity, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   std::vector<std::vector<uint64_t>> from(E, std::vector<uint64_t>(R, 0));  // [expert][home]
@@ -549,9 +550,9 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
 
   // The heaviest of rank h and the ranks of e's and f's copies, were those
   // copies on `ne` and `nf`.
-  auto peak_if = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, uint32_t f,
-                     const std::vector<uint32_t>& nf) {
-    const auto ce = ExpertMap::ChooseReplicas(ne, R, o.nodes), cf = ExpertMap::ChooseReplicas(nf, R, o.nodes);
+  // `ce`, `cf`: the replica rule's choices for those copies.
+  auto peak_with = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, const std::vector<uint32_t>& ce,
+                       uint32_t f, const std::vector<uint32_t>& nf, const std::vector<uint32_t>& cf) {
     add(e, -1), add(f, -1);
     for (uint32_t s = 0; s < R; ++s) load[ce[s]] += from[e][s], load[cf[s]] += from[f][s];
     uint64_t worst = load[h];
@@ -560,6 +561,11 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     for (uint32_t s = 0; s < R; ++s) load[ce[s]] -= from[e][s], load[cf[s]] -= from[f][s];
     add(e, +1), add(f, +1);
     return worst;
+  };
+  auto peak_if = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, uint32_t f,
+                     const std::vector<uint32_t>& nf) {
+    return peak_with(h, e, ne, ExpertMap::ChooseReplicas(ne, R, o.nodes), f, nf,
+                     ExpertMap::ChooseReplicas(nf, R, o.nodes));
   };
   for (uint32_t iter = 0; iter < 8 * R; ++iter) {
     const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
@@ -572,7 +578,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
       const auto at = std::find(reps.begin(), reps.end(), h);
       if (at == reps.end()) continue;
       for (uint32_t r = 0; r < R; ++r) {
-        if (used[r] >= o.extra_slots) continue;
+        if (used[r] >= capacity[r]) continue;
         auto on = p->RanksOf(l, e);
         if (std::find(on.begin(), on.end(), r) != on.end()) continue;
         std::replace(on.begin(), on.end(), h, r);
@@ -591,12 +597,18 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     // kind (primary or replica, so every rank keeps its counts) of f on r.
     // Ranks of h's node first: that keeps the node-level records.
     uint32_t ex_e = E, ex_f = E, ex_r = R;
+    // The rule's choices for a candidate's copies, each computed once per
+    // iteration (the rule is most of this search's time): f's with its
+    // copy jf moved to h (the same for every e), e's with h moved to r.
+    std::vector<std::vector<std::vector<uint32_t>>> f_to_h(E);
+    std::vector<std::vector<uint32_t>> e_to(R);
     for (int pass = 0; pass < 2 && ex_e == E; ++pass)
       for (uint32_t e = 0; e < E; ++e) {
         const auto on_e = p->RanksOf(l, e);
         const auto at_e = std::find(on_e.begin(), on_e.end(), h);
         if (at_e == on_e.end()) continue;
         const bool primary = at_e == on_e.begin();
+        for (auto& c : e_to) c.clear();
         for (uint32_t f = 0; f < E; ++f) {
           if (f == e) continue;
           const auto on_f = p->RanksOf(l, f);
@@ -615,7 +627,10 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
             auto ne = on_e, nf = on_f;
             std::replace(ne.begin(), ne.end(), h, r);
             nf[jf] = h;
-            const uint64_t worst = peak_if(h, e, ne, f, nf);
+            if (e_to[r].empty()) e_to[r] = ExpertMap::ChooseReplicas(ne, R, o.nodes);
+            if (f_to_h[f].size() <= jf) f_to_h[f].resize(on_f.size());
+            if (f_to_h[f][jf].empty()) f_to_h[f][jf] = ExpertMap::ChooseReplicas(nf, R, o.nodes);
+            const uint64_t worst = peak_with(h, e, ne, e_to[r], f, nf, f_to_h[f][jf]);
             if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
           }
         }
@@ -956,11 +971,13 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
       auto shrunk = ShrunkLoads(real_part(load[l]));
       std::copy(shrunk.begin(), shrunk.end(), load[l].begin());
     }
-  // With replicas, primaries are balanced by their load per copy.
+  // With replicas, primaries are balanced by their load per copy. A
+  // replicated layer's copies fill the extra slots and the free primary
+  // slots.
   std::vector<std::vector<uint32_t>> copies(t.layers);
   auto per_copy = load;
   for (uint32_t l = 0; l < t.layers; ++l) {
-    copies[l] = Copies(load[l], ranks, replicated[l] ? o.extra_slots : 0);
+    copies[l] = Copies(load[l], ranks, replicated[l] ? uint64_t(ranks) * (o.extra_slots + slots) - real : 0);
     for (uint32_t e = 0; e < t.experts; ++e) per_copy[l][e] = (load[l][e] + copies[l][e] - 1) / copies[l][e];
   }
   const Placement rr = RoundRobinPlacement(t.layers, t.experts, ranks);
@@ -980,20 +997,22 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
   } else if (Objective(mine->total()) > Objective(base->total())) {
     p = rr;
   }
+  // The empty experts leave: their slots are free for replicas.
+  if (t.experts != real) {
+    p.experts = real;
+    for (auto& layer : p.rank_of) layer.resize(real);
+  }
   if (o.extra_slots > 0) {
     p.replicas.assign(t.layers, {});
     for (uint32_t l = 0; l < t.layers; ++l) {
       if (!replicated[l]) continue;
-      Replicate(t, l, load[l], copies[l], o, &p);
-      BalanceLoads(t, l, load[l], o, &p);
-      SplitFlows(t, l, load[l], o, &p);
+      const auto layer_load = real_part(load[l]);
+      const auto layer_copies = std::vector<uint32_t>(copies[l].begin(), copies[l].begin() + real);
+      const auto capacity = p.ReplicaSlots(l, o.extra_slots);
+      Replicate(trace, l, layer_load, layer_copies, o, capacity, &p);
+      BalanceLoads(trace, l, layer_load, o, capacity, &p);
+      SplitFlows(trace, l, layer_load, o, &p);
     }
-  }
-  if (t.experts != real) {
-    p.experts = real;
-    for (auto& layer : p.rank_of) layer.resize(real);
-    for (auto& layer : p.replicas) layer.resize(std::min<size_t>(layer.size(), real));
-    for (auto& layer : p.splits) std::erase_if(layer, [&](const TokenSplit& s) { return s.expert >= real; });
   }
   TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   return p;

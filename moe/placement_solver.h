@@ -53,7 +53,9 @@ struct PlacementOptions {
   // min(load_slack, 5%)). Each replica goes to the rank, among those with a
   // free slot and near the mean load, where the fitted trace's tokens of
   // that expert send the fewest records under ExpertMap's replica rule;
-  // every slot of a replicated layer is used. Then, on exact loads under that rule:
+  // every slot of a replicated layer is used (the extra slots and the
+  // primary slots left free where the ranks do not divide the experts).
+  // Then, on exact loads under that rule:
   //  1. unreplicated primaries are exchanged between heavier and lighter
   //     ranks, towards the mean;
   //  2. copies are exchanged off the heaviest rank (same node first) while

@@ -136,7 +136,8 @@ void BindPlacement(py::module_& m) {
       py::arg("extra_slots") = 0, py::arg("home") = "source", py::arg("load_slack") = 0.25,
       "Fits a placement to recorded routing [tokens, layers, topk] (expert ids, -1 empty) so that dispatch and "
       "combine send the fewest records across ranks and nodes under a load cap of (1 + load_slack) x the mean; "
-      "extra_slots replica slots per rank for skewed layers; home 'source' or 'top1' (context-coherent).");
+      "extra_slots replica slots per rank for skewed layers (with the slots left free where ranks do not divide "
+      "the experts); home 'source' or 'top1' (context-coherent).");
 
   m.def(
       "count_records",

@@ -81,10 +81,10 @@ TEST(MoeDispatch, TraceReplayWithReplicasShm) {
   ReplayTrace("shm", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/2);
 }
 
-// 18 experts over 4 ranks: ranks hold 5 or fewer primaries (Placement,
+// 14 experts over 4 ranks: ranks hold 4 or fewer primaries (Placement,
 // PrimarySlots), replicas and token splits on top, and the count stays exact.
 TEST(MoeDispatch, TraceReplayOfExpertsThatDoNotDivideOverTheRanksTcp) {
-  ReplayTrace("tcp", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/1, /*experts=*/18, /*group_size=*/6);
+  ReplayTrace("tcp", moe::TraceModel::kCoactivationGroups, /*extra_slots=*/1, /*experts=*/14, /*group_size=*/7);
 }
 
 TEST(MoeDispatch, RandomRoutingBf16Tcp4Ranks) {

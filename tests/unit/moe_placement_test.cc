@@ -375,6 +375,13 @@ TEST(Placement, ExpertsThatDoNotDivideOverTheRanks) {
           for (const TokenSplit& s : p->splits[l]) EXPECT_LT(s.expert, experts);
         }
         EXPECT_TRUE(p->Map(l, nodes).ok());
+        // A replicated layer fills every slot: the extra ones and those its
+        // primaries leave free.
+        uint32_t copies = 0;
+        for (uint32_t e = 0; e < experts; ++e) copies += uint32_t(p->RanksOf(l, e).size());
+        if (copies > experts) {
+          EXPECT_EQ(copies, ranks * (slots + extra)) << "layer " << l;
+        }
       }
       // What dispatch moves is counted for it as for any placement, and
       // without replicas it is never more than round-robin's.
