@@ -45,7 +45,8 @@ double ExpertAffinity::Conditional(uint32_t layer, uint32_t i, uint32_t j) const
 }
 
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes) {
-  if (ranks == 0) return InvalidArgument("0 ranks: an EP group has at least 1");
+  if (ranks == 0 || ranks > kMaxPlacementRanks)
+    return InvalidArgument(std::to_string(ranks) + " ranks outside [1, " + std::to_string(kMaxPlacementRanks) + "]");
   if (nodes == 0 || ranks % nodes != 0)
     return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
                            " nodes");

@@ -59,10 +59,12 @@ struct Placement {
   std::vector<uint32_t> RanksOf(uint32_t layer, uint32_t expert) const;
 };
 
-// A shape placements take: at least one rank, and nodes of equal size.
+// A shape placements take: 1 .. kMaxPlacementRanks ranks (the tables a
+// placement's count keeps grow with the ranks), and nodes of equal size.
 // The experts need not divide over the ranks: with 60 experts on 8 ranks
 // each rank has 8 slots for primaries and four stay empty (dispatch takes
 // ranks with different numbers of experts).
+inline constexpr uint32_t kMaxPlacementRanks = 32768;
 Status CheckShape(uint32_t experts, uint32_t ranks, uint32_t nodes);
 // Primary slots per rank: ceil(experts / ranks).
 uint32_t PrimarySlots(uint32_t experts, uint32_t ranks);

@@ -140,7 +140,7 @@ def test_bad_routing_and_arguments_are_refused():
         p.ranks_of(0, EXPERTS)
     with pytest.raises(te.TransferError):
         te.Placement.read_csv("/nonexistent/placement.csv", LAYERS, EXPERTS, RANKS)
-    for layers, experts, ranks in [(1, 8, 0), (0, 8, 4)]:
+    for layers, experts, ranks in [(1, 8, 0), (0, 8, 4), (1, 60, 1 << 20)]:
         with pytest.raises(te.TransferError):
             te.Placement.round_robin(layers, experts, ranks)
     with pytest.raises(te.TransferError, match="nodes"):

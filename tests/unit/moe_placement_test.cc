@@ -399,6 +399,8 @@ TEST(Placement, ExpertsThatDoNotDivideOverTheRanks) {
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("at most 8"), std::string::npos) << s.ToString();
   EXPECT_FALSE(CheckShape(60, 0, 1).ok());
+  EXPECT_FALSE(CheckShape(60, kMaxPlacementRanks + 1, 1).ok());  // tables sized by ranks stay bounded
+  EXPECT_FALSE(RoundRobinPlacement(1, 60, 1u << 30).Validate().ok());
   EXPECT_FALSE(CheckShape(60, 8, 3).ok());
 }
 
