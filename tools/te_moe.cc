@@ -48,7 +48,9 @@ DEFINE_string(home, "source",
               "where a token is dispatched from: source (rank t % ranks, the normal mode) or top1 "
               "(its previous top-1 expert's rank, context-coherent)");
 DEFINE_double(load_slack, 0.25, "place: node and rank load cap is (1 + slack) x mean, where feasible");
-DEFINE_uint32(extra_slots, 0, "place: replica slots per rank beyond experts / ranks (hot experts, placed by affinity)");
+DEFINE_uint32(extra_slots, 0,
+              "place: replica slots per rank beyond its ceil(experts / ranks) primary slots (hot experts, placed "
+              "by affinity; a skewed layer also fills the primary slots left free)");
 DEFINE_string(placement_out, "", "place: write the fitted placement (layer, expert, rank) as CSV");
 DEFINE_bool(json, false, "Print JSON");
 
