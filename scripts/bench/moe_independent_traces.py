@@ -23,11 +23,19 @@ Models (256 experts x 8 layers x top-8 unless told otherwise):
   ring     experts on a ring, a token's experts within 24 places of a
            centre it draws (80%), so neighbourhoods overlap and no
            partition into groups fits; a different permutation per layer.
+  grouplimited
+           group-limited routing as DeepSeek-V3 does it: 8 groups of
+           consecutive expert ids; a token keeps 4 groups (drawn by its
+           own scores over mildly skewed group popularity) and its top-k
+           experts come from those 4 only, twice as likely from the first
+           (Zipf 0.6 popularity within a group, fixed per layer).
 
---oracle_out writes, for mixed and ring, the placement the model's
-structure suggests (layer,expert,rank CSV for te-moe place --oracle):
-mixed packs each group onto as few nodes as possible (largest first,
-contiguous ranks), ring gives each node a contiguous arc of the ring.
+--oracle_out writes, for mixed, ring and grouplimited, the placement the
+model's structure suggests (layer,expert,rank CSV for te-moe place
+--oracle): mixed packs each group onto as few nodes as possible (largest
+first, contiguous ranks), ring gives each node a contiguous arc of the
+ring, grouplimited puts each group on consecutive ranks (a node per group
+with 8 nodes): the contiguous layout deployments of such models use.
 
 The model is fixed (its own seed); --seed draws the tokens, so two seeds
 give a fitted and a held-out trace of the same model:
@@ -41,7 +49,7 @@ import argparse
 import random
 import struct
 
-MODELS = ("nested", "drift", "uniform", "dups", "sparse", "onehot", "mixed", "ring")
+MODELS = ("nested", "drift", "uniform", "dups", "sparse", "onehot", "mixed", "ring", "grouplimited")
 MIXED_SIZES = (64, 48, 32, 24, 24, 16, 16, 8, 8, 8, 8)  # the rest: groups of 8
 
 
@@ -144,6 +152,24 @@ def model_rows(name, seed, layers, topk, experts):
             return distinct(rng, topk, lambda: perm[layer][(c + rng.randint(-24, 24)) % experts
                                                            if rng.random() < 0.8 else rng.randrange(experts)])
         return row
+    if name == "grouplimited":
+        groups, size = 8, experts // 8
+        group_weight = [1.0 / (g + 1) ** 0.3 for g in range(groups)]
+        popularity = []  # per layer, per expert
+        for _ in range(layers):
+            within = [1.0 / (i + 1) ** 0.6 for i in range(size)]
+            pop = []
+            for g in range(groups):
+                pop += structure.sample(within, size)
+            popularity.append(pop)
+
+        def row(tok, layer):
+            scores = [w * rng.expovariate(1.0) for w in group_weight]
+            kept = sorted(range(groups), key=lambda g: -scores[g])[:4]
+            pool = [e for g in kept for e in range(g * size, (g + 1) * size)]
+            weight = [popularity[layer][e] * (2.0 if e // size == kept[0] else 1.0) for e in pool]
+            return distinct(rng, topk, lambda: pool[rng.choices(range(len(pool)), weight)[0]])
+        return row
     raise ValueError(name)
 
 
@@ -166,6 +192,8 @@ def oracle(name, layers, experts, ranks, nodes):
     structure = random.Random(1234)
     perm = [structure.sample(range(experts), experts) for _ in range(layers)]
     per_rank = experts // ranks
+    if name == "grouplimited":
+        return [(layer, e, e // per_rank) for layer in range(layers) for e in range(experts)]
     if name == "ring":
         slot_of = list(range(experts))  # ring position p sits in slot p: contiguous arcs per node
     else:
@@ -200,14 +228,16 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--experts", type=int, default=256)
-    ap.add_argument("--oracle_out", help="mixed, ring: write the model's own placement here (CSV)")
+    ap.add_argument("--oracle_out", help="mixed, ring, grouplimited: write the model's own placement here (CSV)")
     ap.add_argument("--ranks", type=int, default=64, help="for --oracle_out")
     ap.add_argument("--nodes", type=int, default=8, help="for --oracle_out")
     a = ap.parse_args()
     if a.experts % 64 != 0 or not 1 <= a.topk <= 16:
         ap.error("--experts must be a multiple of 64 and --topk in 1..16")
-    if a.oracle_out and (a.model not in ("mixed", "ring") or a.experts % a.ranks or a.ranks % a.nodes):
-        ap.error("--oracle_out needs --model mixed or ring, and ranks dividing experts, nodes dividing ranks")
+    if a.oracle_out and (a.model not in ("mixed", "ring", "grouplimited") or a.experts % a.ranks
+                         or a.ranks % a.nodes):
+        ap.error("--oracle_out needs --model mixed, ring or grouplimited, and ranks dividing experts, "
+                 "nodes dividing ranks")
     write_trace(a.out, a.tokens, a.layers, a.topk, a.experts,
                 model_rows(a.model, a.seed, a.layers, a.topk, a.experts))
     if a.oracle_out:
