@@ -548,24 +548,42 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
       }
   }
 
-  // The heaviest of rank h and the ranks of e's and f's copies, were those
-  // copies on `ne` and `nf`.
-  // `ce`, `cf`: the replica rule's choices for those copies.
-  auto peak_with = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, const std::vector<uint32_t>& ce,
-                       uint32_t f, const std::vector<uint32_t>& nf, const std::vector<uint32_t>& cf) {
-    add(e, -1), add(f, -1);
-    for (uint32_t s = 0; s < R; ++s) load[ce[s]] += from[e][s], load[cf[s]] += from[f][s];
-    uint64_t worst = load[h];
-    for (uint32_t x : ne) worst = std::max(worst, load[x]);
-    for (uint32_t x : nf) worst = std::max(worst, load[x]);
-    for (uint32_t s = 0; s < R; ++s) load[ce[s]] -= from[e][s], load[cf[s]] -= from[f][s];
-    add(e, +1), add(f, +1);
+  // An expert's load on each of its copies under the replica rule, were
+  // its copies `on` (choices `ch`): what a move changes, a few ranks, where
+  // the loads of every rank would take a pass over the sources.
+  using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
+  auto shares = [&](uint32_t x, const std::vector<uint32_t>& on, const std::vector<uint32_t>& ch) {
+    if (on.size() == 1) return Shares{{on[0], total[x]}};  // every source sends there
+    Shares out;
+    for (uint32_t r : on) out.emplace_back(r, 0);
+    for (uint32_t s = 0; s < R; ++s)
+      for (auto& [r, w] : out)
+        if (r == ch[s]) w += from[x][s];
+    return out;
+  };
+  auto shares_if = [&](uint32_t x, const std::vector<uint32_t>& on) {
+    return on.size() == 1 ? Shares{{on[0], total[x]}} : shares(x, on, ExpertMap::ChooseReplicas(on, R, o.nodes));
+  };
+  // The heaviest of rank h and the ranks of e's and f's new copies, were
+  // e's shares `was_e` to become `now_e` and f's `was_f` `now_f`.
+  auto peak_with = [&](uint32_t h, const Shares& was_e, const Shares& now_e, const Shares& was_f, const Shares& now_f) {
+    auto at = [&](uint32_t x) {
+      int64_t v = int64_t(load[x]);
+      for (const Shares* sh : {&was_e, &was_f})
+        for (auto [r, w] : *sh) v -= r == x ? int64_t(w) : 0;
+      for (const Shares* sh : {&now_e, &now_f})
+        for (auto [r, w] : *sh) v += r == x ? int64_t(w) : 0;
+      return uint64_t(v);
+    };
+    uint64_t worst = at(h);
+    for (const Shares* sh : {&now_e, &now_f})
+      for (auto [r, w] : *sh) worst = std::max(worst, at(r));
     return worst;
   };
   auto peak_if = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, uint32_t f,
                      const std::vector<uint32_t>& nf) {
-    return peak_with(h, e, ne, ExpertMap::ChooseReplicas(ne, R, o.nodes), f, nf,
-                     ExpertMap::ChooseReplicas(nf, R, o.nodes));
+    return peak_with(h, shares(e, p->RanksOf(l, e), choice[e]), shares_if(e, ne),
+                     shares(f, p->RanksOf(l, f), choice[f]), shares_if(f, nf));
   };
   for (uint32_t iter = 0; iter < 8 * R; ++iter) {
     const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
@@ -597,17 +615,20 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     // kind (primary or replica, so every rank keeps its counts) of f on r.
     // Ranks of h's node first: that keeps the node-level records.
     uint32_t ex_e = E, ex_f = E, ex_r = R;
-    // The rule's choices for a candidate's copies, each computed once per
-    // iteration (the rule is most of this search's time): f's with its
-    // copy jf moved to h (the same for every e), e's with h moved to r.
-    std::vector<std::vector<std::vector<uint32_t>>> f_to_h(E);
-    std::vector<std::vector<uint32_t>> e_to(R);
+    // Each candidate's shares, computed once per iteration (the replica
+    // rule is most of this search's time): f's as placed and with its copy
+    // jf moved to h (the same for every e), e's as placed and with h moved
+    // to r.
+    std::vector<Shares> f_was(E);
+    std::vector<std::vector<Shares>> f_to_h(E);
+    std::vector<Shares> e_to(R);
     for (int pass = 0; pass < 2 && ex_e == E; ++pass)
       for (uint32_t e = 0; e < E; ++e) {
         const auto on_e = p->RanksOf(l, e);
         const auto at_e = std::find(on_e.begin(), on_e.end(), h);
         if (at_e == on_e.end()) continue;
         const bool primary = at_e == on_e.begin();
+        const Shares e_was = shares(e, on_e, choice[e]);
         for (auto& c : e_to) c.clear();
         for (uint32_t f = 0; f < E; ++f) {
           if (f == e) continue;
@@ -627,10 +648,11 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
             auto ne = on_e, nf = on_f;
             std::replace(ne.begin(), ne.end(), h, r);
             nf[jf] = h;
-            if (e_to[r].empty()) e_to[r] = ExpertMap::ChooseReplicas(ne, R, o.nodes);
+            if (e_to[r].empty()) e_to[r] = shares_if(e, ne);
             if (f_to_h[f].size() <= jf) f_to_h[f].resize(on_f.size());
-            if (f_to_h[f][jf].empty()) f_to_h[f][jf] = ExpertMap::ChooseReplicas(nf, R, o.nodes);
-            const uint64_t worst = peak_with(h, e, ne, e_to[r], f, nf, f_to_h[f][jf]);
+            if (f_to_h[f][jf].empty()) f_to_h[f][jf] = shares_if(f, nf);
+            if (f_was[f].empty()) f_was[f] = shares(f, on_f, choice[f]);
+            const uint64_t worst = peak_with(h, e_was, e_to[r], f_was[f], f_to_h[f][jf]);
             if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
           }
         }
