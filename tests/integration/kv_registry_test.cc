@@ -246,7 +246,7 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
   add_prefill("p1");
   add_decode("d1");
 
-  std::atomic<uint64_t> next{1}, done{0}, retries{0}, allowed{8};
+  std::atomic<uint64_t> next{1}, done{0}, retries{0}, allowed{8}, unverified{0};
   std::vector<Status> final_status(kRequests + 1, Internal("never finished"));
   std::vector<std::string> served_by(kRequests + 1);
 
@@ -305,8 +305,11 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
       }
       Status s = fut.get();
       if (s.ok()) {
-        uint64_t wrong = 1;
-        d->With([&](DecodeInstance& dec) { wrong = dec.Wrong(attempt_id, pages); });
+        uint64_t wrong = 0;
+        // A decoder that crashes (below) just after it reported the pages
+        // complete takes them with it: nothing is left to read back. Before,
+        // such a request counted as "1 wrong heads" (one TSan run in many).
+        if (!d->With([&](DecodeInstance& dec) { wrong = dec.Wrong(attempt_id, pages); })) ++unverified;
         final_status[id] = wrong == 0 ? Status::Ok() : Internal(std::to_string(wrong) + " wrong heads");
         served_by[id] = route->prefill.info.name + "->" + route->decode.info.name;
         return;
@@ -360,6 +363,8 @@ TEST_F(KvRegistryTest, InstancesJoinAndLeaveWhileRequestsFlow) {
     if (!served_by[id].empty()) prefill_names.insert(served_by[id].substr(0, 2));
   }
   EXPECT_EQ(prefill_names, (std::set<std::string>{"p1", "p2", "p3"}));
+  // Only requests in flight when d1 crashes (one per driver) can lose their check.
+  EXPECT_LE(unverified.load(), 4u);
   RecordProperty("retries", int(retries.load()));
   std::cout << "48 requests; prefill instances used: " << prefill_names.size() << "; retries: " << retries << "\n";
 }
