@@ -106,9 +106,11 @@ Status CoherentDispatcher::Dispatch(const TokenBatch& batch, const uint32_t* ids
   // Merge ranks (the kTop1 rule), and the tokens that stay for lack of experts.
   merge_of_.resize(T);
   no_expert_.clear();
+  std::vector<uint32_t> dest(K);
   for (uint32_t t = 0; t < T; ++t) {
     const int32_t* idx = batch.topk_idx + size_t(t) * K;
-    merge_of_[t] = uint16_t(idx[0] >= 0 ? map.RankFor(uint32_t(idx[0]), c.rank, ExpertMap::TokenKey(idx, K)) : c.rank);
+    map.Route(idx, K, c.rank, ExpertMap::TokenKey(idx, K), dest.data());
+    merge_of_[t] = uint16_t(idx[0] >= 0 ? dest[0] : c.rank);
     if (std::all_of(idx, idx + K, [](int32_t e) { return e < 0; })) no_expert_.push_back(ids_[t]);
   }
 

@@ -12,8 +12,8 @@
 //     d->Combine(outputs, result, &merged);   // the tokens that now live here
 //     batch = merged tokens (their ids, their data, the next layer's routing)
 //
-// Merge rank of a token: the rank that computes its top-1 expert,
-// map.RankFor(topk_idx[0], dispatching rank, key), replicas and splits included. A token
+// Merge rank of a token: the rank that computes its top-1 expert, where
+// map.Route sends slot 0 (replicas, splits and replica choice included). A token
 // whose first slot is -1 merges where it was dispatched from; one without
 // any expert stays there with zeros. This is dispatch_cost.h's
 // TokenHome::kTop1 rule, so CountRecords with kTop1 predicts the records

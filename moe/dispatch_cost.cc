@@ -61,15 +61,20 @@ uint32_t Key(const RoutingTrace& t, uint32_t tok, uint32_t l) {
   return ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk);
 }
 
+// Where each slot of token tok goes at layer l from `home` (ExpertMap::Route).
+void RouteToken(const RoutingTrace& t, const ExpertMap& map, uint32_t tok, uint32_t l, uint32_t home, uint32_t* dest) {
+  map.Route(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk, home, Key(t, tok, l), dest);
+}
+
 // Homes of every token at `layer`, given the maps of the layers before it.
 std::vector<uint32_t> Homes(const RoutingTrace& t, const std::vector<ExpertMap>& maps, uint32_t ranks, TokenHome home,
                             uint32_t layer) {
-  std::vector<uint32_t> homes(t.tokens);
+  std::vector<uint32_t> homes(t.tokens), dest(t.topk);
   for (uint32_t tok = 0; tok < t.tokens; ++tok) {
     uint32_t h = tok % ranks;
     if (home == TokenHome::kTop1)
       for (uint32_t l = 0; l < layer; ++l)
-        if (const int e = t.at(tok, l, 0); e >= 0) h = maps[l].RankFor(uint32_t(e), h, Key(t, tok, l));
+        if (t.at(tok, l, 0) >= 0) RouteToken(t, maps[l], tok, l, h, dest.data()), h = dest[0];
     homes[tok] = h;
   }
   return homes;
@@ -85,6 +90,64 @@ Result<std::vector<ExpertMap>> Maps(const Placement& p, uint32_t nodes, uint32_t
   return maps;
 }
 
+Status CheckFits(const RoutingTrace& t, const Placement& p, const CostOptions& o) {
+  if (p.layers != t.layers || p.experts != t.experts)
+    return InvalidArgument("placement of " + std::to_string(p.layers) + " layers x " + std::to_string(p.experts) +
+                           " experts does not fit a trace of " + std::to_string(t.layers) + " x " +
+                           std::to_string(t.experts));
+  return CheckShape(p.experts, p.ranks, o.nodes);
+}
+
+// Layer l's records and loads from `homes`; with kTop1, homes become the
+// next layer's.
+void CountLayer(const RoutingTrace& t, const ExpertMap& map, uint32_t l, const CostOptions& o,
+                std::vector<uint32_t>* homes, RecordCount* c, std::vector<uint64_t>* rank_load) {
+  const uint32_t R = map.ranks(), per_node = R / o.nodes;
+  std::vector<uint32_t> rank_seen(R, UINT32_MAX), node_seen(o.nodes, UINT32_MAX), dest(t.topk);
+  for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+    const uint32_t home = (*homes)[tok], home_node = home / per_node;
+    c->away_from_source += home != tok % R;
+    rank_seen[home] = tok;  // nothing goes to the own rank
+    node_seen[home_node] = tok;
+    RouteToken(t, map, tok, l, home, dest.data());
+    for (uint32_t k = 0; k < t.topk; ++k) {
+      if (t.at(tok, l, k) < 0) continue;
+      const uint32_t r = dest[k], node = r / per_node;
+      (*rank_load)[r]++;
+      if (rank_seen[r] == tok) continue;
+      rank_seen[r] = tok;
+      c->rank++;
+      const uint32_t relay = node == home_node ? home : node * per_node + home % per_node;
+      if (o.hierarchical) c->relayed += r != relay;  // forwarded inside the node
+      if (node == home_node) continue;
+      if (!o.hierarchical) {
+        c->node++;
+      } else if (node_seen[node] != tok) {
+        node_seen[node] = tok;
+        c->node++;
+        c->relayed++;  // to the node's relay
+      }
+    }
+  }
+  if (o.home != TokenHome::kTop1) return;
+  std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);
+  for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+    const uint32_t from = (*homes)[tok];
+    RouteToken(t, map, tok, l, from, dest.data());
+    if (t.at(tok, l, 0) >= 0) (*homes)[tok] = dest[0];
+    const uint32_t merge = (*homes)[tok];
+    rank_seen[merge] = tok;  // the merge rank's own partial stays
+    for (uint32_t k = 0; k < t.topk; ++k) {
+      if (t.at(tok, l, k) < 0) continue;
+      const uint32_t r = dest[k];
+      if (rank_seen[r] == tok) continue;
+      rank_seen[r] = tok;
+      c->merged++;
+      c->merged_node += r / per_node != merge / per_node;
+    }
+  }
+}
+
 }  // namespace
 
 std::vector<uint32_t> TokenHomes(const RoutingTrace& t, const Placement& p, TokenHome home, uint32_t layer,
@@ -95,71 +158,33 @@ std::vector<uint32_t> TokenHomes(const RoutingTrace& t, const Placement& p, Toke
 }
 
 Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, const CostOptions& o) {
-  if (p.layers != t.layers || p.experts != t.experts)
-    return InvalidArgument("placement of " + std::to_string(p.layers) + " layers x " + std::to_string(p.experts) +
-                           " experts does not fit a trace of " + std::to_string(t.layers) + " x " +
-                           std::to_string(t.experts));
-  TE_RETURN_IF_ERROR(CheckShape(p.experts, p.ranks, o.nodes));
+  TE_RETURN_IF_ERROR(CheckFits(t, p, o));
   auto maps_or = Maps(p, o.nodes, t.layers);
   if (!maps_or.ok()) return maps_or.status();
-  const std::vector<ExpertMap>& maps = maps_or.value();
-  const uint32_t per_node = p.ranks / o.nodes;
   DispatchCost cost;
   cost.tokens = t.tokens;
   cost.layers.resize(t.layers);
   cost.rank_load.assign(t.layers, std::vector<uint64_t>(p.ranks, 0));
   std::vector<uint32_t> homes(t.tokens);
   for (uint32_t tok = 0; tok < t.tokens; ++tok) homes[tok] = tok % p.ranks;
-  std::vector<uint32_t> rank_seen(p.ranks, UINT32_MAX), node_seen(o.nodes, UINT32_MAX);
-  for (uint32_t l = 0; l < t.layers; ++l) {
-    RecordCount& c = cost.layers[l];
-    std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);  // stamps are token ids: fresh per layer
-    std::fill(node_seen.begin(), node_seen.end(), UINT32_MAX);
-    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
-      const uint32_t home = homes[tok], home_node = home / per_node;
-      c.away_from_source += home != tok % p.ranks;
-      rank_seen[home] = tok;  // nothing goes to the own rank
-      node_seen[home_node] = tok;
-      const uint32_t key = Key(t, tok, l);
-      for (uint32_t k = 0; k < t.topk; ++k) {
-        const int e = t.at(tok, l, k);
-        if (e < 0) continue;
-        const uint32_t r = maps[l].RankFor(uint32_t(e), home, key), node = r / per_node;
-        cost.rank_load[l][r]++;
-        if (rank_seen[r] == tok) continue;
-        rank_seen[r] = tok;
-        c.rank++;
-        const uint32_t relay = node == home_node ? home : node * per_node + home % per_node;
-        if (o.hierarchical) c.relayed += r != relay;  // forwarded inside the node
-        if (node == home_node) continue;
-        if (!o.hierarchical) {
-          c.node++;
-        } else if (node_seen[node] != tok) {
-          node_seen[node] = tok;
-          c.node++;
-          c.relayed++;  // to the node's relay
-        }
-      }
-    }
-    if (o.home != TokenHome::kTop1) continue;
-    std::fill(rank_seen.begin(), rank_seen.end(), UINT32_MAX);
-    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
-      const uint32_t from = homes[tok], key = Key(t, tok, l);
-      if (const int e = t.at(tok, l, 0); e >= 0) homes[tok] = maps[l].RankFor(uint32_t(e), from, key);
-      const uint32_t merge = homes[tok];
-      rank_seen[merge] = tok;  // the merge rank's own partial stays
-      for (uint32_t k = 0; k < t.topk; ++k) {
-        const int e = t.at(tok, l, k);
-        if (e < 0) continue;
-        const uint32_t r = maps[l].RankFor(uint32_t(e), from, key);
-        if (rank_seen[r] == tok) continue;
-        rank_seen[r] = tok;
-        c.merged++;
-        c.merged_node += r / per_node != merge / per_node;
-      }
-    }
-  }
+  for (uint32_t l = 0; l < t.layers; ++l)
+    CountLayer(t, maps_or.value()[l], l, o, &homes, &cost.layers[l], &cost.rank_load[l]);
   return cost;
+}
+
+Result<RecordCount> CountLayerRecords(const RoutingTrace& t, const Placement& p, const CostOptions& o, uint32_t layer,
+                                      std::vector<uint64_t>* rank_load) {
+  TE_RETURN_IF_ERROR(CheckFits(t, p, o));
+  if (layer >= t.layers)
+    return InvalidArgument("layer " + std::to_string(layer) + " outside [0, " + std::to_string(t.layers) + ")");
+  auto map = p.Map(layer, o.nodes);
+  if (!map.ok()) return map.status();
+  std::vector<uint32_t> homes = TokenHomes(t, p, o.home, layer, o.nodes);
+  RecordCount c;
+  std::vector<uint64_t> load(p.ranks, 0);
+  CountLayer(t, map.value(), layer, o, &homes, &c, &load);
+  if (rank_load) *rank_load = std::move(load);
+  return c;
 }
 
 }  // namespace te::moe

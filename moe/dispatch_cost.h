@@ -3,10 +3,9 @@
 // move it: one record per token per distinct destination rank, however many
 // of the token's experts live there, and none to the token's own rank;
 // combine returns one partial row per record. A replicated expert's tokens
-// go to the replica ExpertMap::RankFor picks for the token's home rank and
-// its key (token splits included), as in dispatch. The count is exact: replaying a trace through the
-// dispatchers sends these records (MoeDispatch.TraceReplay*,
-// MoeLowLatency.TraceReplay*).
+// go to the replica ExpertMap::Route picks for the token's home rank and
+// its row (token splits and reached-node choice included), as in dispatch. The count is exact: replaying a trace
+// through the dispatchers sends these records (MoeDispatch.TraceReplay*, MoeLowLatency.TraceReplay*).
 #pragma once
 
 #include <cstdint>
@@ -78,6 +77,10 @@ struct DispatchCost {
 
 // Fails when the shapes disagree or the ranks do not split into the nodes.
 Result<DispatchCost> CountRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options);
+// One layer of CountRecords (the homes of the layers before it included),
+// and the (token, expert) pairs each rank computes there.
+Result<RecordCount> CountLayerRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options,
+                                      uint32_t layer, std::vector<uint64_t>* rank_load = nullptr);
 
 // The home rank of every token at `layer` (the rule above); with kTop1 the
 // rank that computed the token's top-1 expert, replicas included.

@@ -78,9 +78,9 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   const uint32_t R = c.ranks, K = c.topk;
   plan->per_rank.assign(R, 0);
   plan->per_expert.assign(c.experts, 0);
-  // Pass 1: each slot's destination (hashing the row only where token
-  // splits can use its key), and tokens per destination rank.
-  const bool keyed = !map.splits().empty();
+  // Pass 1: each slot's destination (ExpertMap::Route; hashing the row only
+  // where the map reads its key), and tokens per destination rank.
+  const bool keyed = map.uses_key();
   std::vector<uint32_t>& dest = plan->dest;
   dest.assign(size_t(b.tokens) * K, UINT32_MAX);
   std::vector<uint8_t>& goes = plan->goes;
@@ -88,11 +88,11 @@ void PackRecords(const EpConfig& c, const ExpertMap& map, const TokenBatch& b, u
   for (uint32_t t = 0; t < b.tokens; ++t) {
     const int32_t* idx = b.topk_idx + size_t(t) * K;
     const uint32_t key = keyed ? ExpertMap::TokenKey(idx, K) : 0;
+    map.Route(idx, K, c.rank, key, &dest[size_t(t) * K]);
     for (uint32_t k = 0; k < K; ++k) {
       if (idx[k] < 0) continue;
       plan->per_expert[idx[k]]++;
-      const uint32_t d = map.RankFor(idx[k], c.rank, key);
-      dest[size_t(t) * K + k] = d;
+      const uint32_t d = dest[size_t(t) * K + k];
       uint8_t& g = goes[size_t(t) * R + d];
       if (!g) plan->per_rank[d]++;
       g = 1;

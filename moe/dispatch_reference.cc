@@ -7,6 +7,18 @@
 
 namespace te::moe {
 
+namespace {
+
+// The rank source s sends slot k of its token t to (ExpertMap::Route).
+uint32_t SlotRank(const ExpertMap& map, const TokenBatch& b, uint32_t topk, uint32_t s, uint32_t t, uint32_t k) {
+  const int32_t* row = b.topk_idx + size_t(t) * topk;
+  std::vector<uint32_t> dest(topk);
+  map.Route(row, topk, s, ExpertMap::TokenKey(row, topk), dest.data());
+  return dest[k];
+}
+
+}  // namespace
+
 Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig& shape, const ExpertMap& map,
                                                                  const std::vector<TokenBatch>& batches) {
   if (batches.size() != shape.ranks)
@@ -23,8 +35,7 @@ Result<std::vector<std::vector<ExpertTokens>>> ReferenceDispatch(const EpConfig&
         const TokenBatch& b = batches[s];
         for (uint32_t t = 0; t < b.tokens; ++t) {
           for (uint32_t k = 0; k < shape.topk; ++k) {
-            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e) ||
-                map.RankFor(e, s, ExpertMap::TokenKey(b.topk_idx + size_t(t) * shape.topk, shape.topk)) != r)
+            if (b.topk_idx[size_t(t) * shape.topk + k] != int32_t(e) || SlotRank(map, b, shape.topk, s, t, k) != r)
               continue;
             x.data.insert(x.data.end(), b.data + t * tb, b.data + (t + 1) * tb);
             if (sc) x.scales.insert(x.scales.end(), b.scales + t * sc, b.scales + (t + 1) * sc);
@@ -76,7 +87,7 @@ Result<std::vector<std::vector<uint16_t>>> Combine(const EpConfig& shape, const 
         std::fill(partial.begin(), partial.end(), 0.0f);
         for (uint32_t k = 0; k < K; ++k) {
           const int32_t e = b.topk_idx[size_t(t) * K + k];
-          if (e < 0 || map.RankFor(e, s, ExpertMap::TokenKey(b.topk_idx + size_t(t) * K, K)) != r) continue;
+          if (e < 0 || SlotRank(map, b, K, s, t, k) != r) continue;
           auto it = position[r][e].find({s, t});
           if (it == position[r][e].end())
             return Internal("token " + std::to_string(t) + " of rank " + std::to_string(s) + " missing from expert " +

@@ -23,16 +23,20 @@ Result<ExpertMap> ExpertMap::FromRanks(std::vector<uint32_t> rank_of, uint32_t r
 }
 
 Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
-                                          const std::vector<TokenSplit>& splits) {
+                                          const std::vector<TokenSplit>& splits, ReplicaChoice choice) {
   if (ranks == 0) return InvalidArgument("ranks must be >= 1");
   if (nodes == 0 || ranks % nodes != 0)
     return InvalidArgument(std::to_string(ranks) + " ranks do not split evenly into " + std::to_string(nodes) +
                            " nodes");
   if (ranks_of.empty() || ranks_of.size() > 65535)
     return InvalidArgument("expert count " + std::to_string(ranks_of.size()) + " outside [1, 65535]");
+  if (choice != ReplicaChoice::kBySource && choice != ReplicaChoice::kReachedNode)
+    return InvalidArgument("replica choice " + std::to_string(int(choice)) + " is not one of 0 (by source), " +
+                           "1 (reached node)");
   ExpertMap m;
   m.ranks_ = ranks;
   m.nodes_ = nodes;
+  m.replica_choice_ = choice;
   m.local_.resize(ranks);
   m.local_index_.resize(ranks_of.size());
   m.choice_.resize(ranks_of.size());
@@ -56,6 +60,8 @@ Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ran
     m.choice_[e] = ChooseReplicas(on, ranks, nodes);
   }
   crc_input.push_back(nodes);
+  // Maps that route alike fingerprint alike: the choice matters only with replicas.
+  if (m.replicated_ && choice != ReplicaChoice::kBySource) crc_input.push_back(0x52454143u + uint32_t(choice));
   TE_RETURN_IF_ERROR(m.SetSplits(ranks_of, splits));
   for (const TokenSplit& x : splits) crc_input.insert(crc_input.end(), {x.expert, x.source, x.rank, x.share});
   m.fingerprint_ = Crc32c(crc_input.data(), crc_input.size() * sizeof(uint32_t)) ^ ranks;
@@ -129,6 +135,21 @@ std::vector<uint32_t> ExpertMap::ChooseReplicas(const std::vector<uint32_t>& on,
       if (pick != copies) assign(s, pick);
     }
   return choice;
+}
+
+uint32_t ExpertMap::RankInNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node) const {
+  const uint32_t per_node = ranks_ / nodes_;
+  if (node >= nodes_) return kNoRank;
+  const uint32_t c = ChoiceFor(expert, node * per_node + source % per_node);
+  if (c / per_node == node) return c;
+  const auto& on = ranks_of_[expert];
+  const uint32_t count =
+      uint32_t(std::count_if(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == node; }));
+  if (count == 0) return kNoRank;
+  uint32_t i = key % count;
+  for (uint32_t r : on)
+    if (r / per_node == node && i-- == 0) return r;
+  return kNoRank;  // not reached: count copies lie on the node
 }
 
 uint32_t ExpertMap::local_index(uint32_t expert, uint32_t rank) const {

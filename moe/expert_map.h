@@ -27,8 +27,23 @@
 // count over a trace (moe/dispatch_cost.h) stays exact. Tokens with equal
 // rows go together: under top-1 routing a split moves all or none of an
 // expert's tokens from a source.
+//
+// Reached-node choice (ReplicaChoice::kReachedNode) refines that by the rest
+// of the token's row, to save network crossings under node-level
+// deduplication: a token already crosses to every node holding one of its
+// experts, so a replica on such a node costs no crossing where the replica
+// the rule (and splits) chose may cost one. Per token of source s:
+//  - its reached nodes are s's node, then the nodes of its experts that
+//    have one copy, in slot order;
+//  - an expert with replicas goes where the rule sends it if that rank's
+//    node is reached; else to the first reached node holding a copy, at
+//    RankInNode; else where the rule sends it.
+// Only single-copy experts count as reached, so where one replicated
+// expert's tokens go does not depend on another's: a placement's loads can
+// be computed expert by expert (moe/placement_solver.cc does).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -44,9 +59,15 @@ struct TokenSplit {
   friend bool operator==(const TokenSplit&, const TokenSplit&) = default;
 };
 
+enum class ReplicaChoice : uint8_t {
+  kBySource = 0,     // the rule and token splits: (expert, source, key)
+  kReachedNode = 1,  // kBySource, moved to a node the token reaches (above)
+};
+
 class ExpertMap {
  public:
   static constexpr uint32_t kKeySpace = 65536;
+  static constexpr uint32_t kNoRank = UINT32_MAX;
 
   // Experts 0 .. E/R - 1 on rank 0, and so on (E a multiple of R).
   static Result<ExpertMap> Contiguous(uint32_t experts, uint32_t ranks);
@@ -57,7 +78,8 @@ class ExpertMap {
   // first is its primary). `nodes` divides `ranks`. `splits` as above; the
   // shares of one (expert, source) sum to at most kKeySpace.
   static Result<ExpertMap> WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
-                                        const std::vector<TokenSplit>& splits = {});
+                                        const std::vector<TokenSplit>& splits = {},
+                                        ReplicaChoice choice = ReplicaChoice::kBySource);
 
   // A token's key: a hash of its routing row at this layer (top-k expert
   // ids, -1 for an empty slot, in slot order), in [0, kKeySpace).
@@ -95,6 +117,23 @@ class ExpertMap {
   uint32_t ChoiceFor(uint32_t expert, uint32_t source) const {
     return choice_[expert].empty() ? ranks_of_[expert][0] : choice_[expert][source];
   }
+  ReplicaChoice replica_choice() const { return replica_choice_; }
+  // Whether Route reads the token's key (token splits or reached-node
+  // choice); without, a caller may pass any key.
+  bool uses_key() const { return !splits_.empty() || (replicated_ && replica_choice_ == ReplicaChoice::kReachedNode); }
+
+  // Where every slot of one token of `source` goes: dest[k] for row[k] (an
+  // expert id < experts(), or negative for an empty slot, whose dest is
+  // kNoRank); key = TokenKey(row, topk). What dispatch sends and what a
+  // placement's record count assumes.
+  template <typename Id>
+  void Route(const Id* row, uint32_t topk, uint32_t source, uint32_t key, uint32_t* dest) const;
+  // The rank a token of `source` that reached `node` for `expert` goes to
+  // there: the rule's choice for the source at that node's rank with the
+  // same index (as if that rank had dispatched it) where it lies on the node,
+  // else the node's copies in ranks_of order, the (key mod count)-th;
+  // kNoRank where the node holds no copy.
+  uint32_t RankInNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node) const;
   const std::vector<TokenSplit>& splits() const { return splits_; }
   // Index of the expert among `rank`'s local experts; the rank must hold it.
   uint32_t local_index(uint32_t expert, uint32_t rank) const;
@@ -106,6 +145,7 @@ class ExpertMap {
  private:
   uint32_t ranks_ = 0, nodes_ = 1;
   bool replicated_ = false;
+  ReplicaChoice replica_choice_ = ReplicaChoice::kBySource;
   std::vector<std::vector<uint32_t>> ranks_of_, local_index_;  // [expert][replica]
   std::vector<std::vector<uint32_t>> choice_;                  // [expert][source]; empty: one replica
   std::vector<std::vector<uint32_t>> local_;
@@ -120,5 +160,36 @@ class ExpertMap {
   std::vector<TokenSplit> splits_;
   uint32_t fingerprint_ = 0;
 };
+
+template <typename Id>
+void ExpertMap::Route(const Id* row, uint32_t topk, uint32_t source, uint32_t key, uint32_t* dest) const {
+  for (uint32_t k = 0; k < topk; ++k) dest[k] = int64_t(row[k]) < 0 ? kNoRank : RankFor(uint32_t(row[k]), source, key);
+  if (!replicated_ || replica_choice_ != ReplicaChoice::kReachedNode) return;
+  const uint32_t per_node = ranks_ / nodes_;
+  // Reached nodes: the source's, then single-copy experts' (slot order).
+  uint32_t small[64];
+  std::vector<uint32_t> large;
+  uint32_t* reached = topk < 64 ? small : (large.resize(topk + 1), large.data());
+  uint32_t n_reached = 0;
+  auto is_reached = [&](uint32_t node) {
+    for (uint32_t i = 0; i < n_reached; ++i)
+      if (reached[i] == node) return true;
+    return false;
+  };
+  reached[n_reached++] = source / per_node;
+  for (uint32_t k = 0; k < topk; ++k)
+    if (dest[k] != kNoRank && ranks_of_[uint32_t(row[k])].size() == 1 && !is_reached(dest[k] / per_node))
+      reached[n_reached++] = dest[k] / per_node;
+  for (uint32_t k = 0; k < topk; ++k) {
+    if (dest[k] == kNoRank || ranks_of_[uint32_t(row[k])].size() == 1 || is_reached(dest[k] / per_node)) continue;
+    const auto& on = ranks_of_[uint32_t(row[k])];
+    for (uint32_t i = 0; i < n_reached; ++i) {
+      const uint32_t node = reached[i];
+      if (std::none_of(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == node; })) continue;
+      dest[k] = RankInNode(uint32_t(row[k]), source, key, node);
+      break;
+    }
+  }
+}
 
 }  // namespace te::moe

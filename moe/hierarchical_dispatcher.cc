@@ -110,6 +110,10 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
                            std::to_string(map.ranks()) + " ranks; the group has " + std::to_string(E) + " on " +
                            std::to_string(c.ranks));
   TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
+  // Reached-node choice names nodes: the map's must be this group's.
+  if (map.replicated() && map.replica_choice() == ReplicaChoice::kReachedNode && map.nodes() != c.ranks / L)
+    return InvalidArgument("expert map routes replicas by reached node over " + std::to_string(map.nodes()) +
+                           " nodes; this group has " + std::to_string(c.ranks / L));
 
   // 1. Across nodes: expert e goes to virtual expert (relay of e's node, e).
   // A token's key (ExpertMap::TokenKey of its row) travels as the record's
@@ -117,12 +121,14 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   // to find the rank a token split sends each expert to.
   idx_.resize(size_t(batch.tokens) * K);
   keys_.resize(batch.tokens);
+  dest_.resize(K);
   for (uint32_t t = 0; t < batch.tokens; ++t) {
     const int32_t* row = batch.topk_idx + size_t(t) * K;
     keys_[t] = uint16_t(ExpertMap::TokenKey(row, K));
+    map.Route(row, K, c.rank, keys_[t], dest_.data());
     for (uint32_t k = 0; k < K; ++k) {
       const int32_t e = row[k];
-      const uint32_t relay = e < 0 ? 0 : map.RankFor(uint32_t(e), c.rank, keys_[t]) / L * L + local_;
+      const uint32_t relay = e < 0 ? 0 : dest_[k] / L * L + local_;
       idx_[size_t(t) * K + k] = e < 0 ? -1 : int32_t(relay * E + uint32_t(e));
     }
   }
@@ -153,8 +159,13 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
       const RowEntry& entry = ah.entries[i];
       const uint32_t e = entry.local_expert;
       const uint32_t source = across_result_.experts[e].src_rank[entry.position];
-      const uint32_t r = map.RankFor(e, source, RecordTag(records_[q]));
-      if (r / L != node_)
+      // Where the source's Route sent it: the rule's rank if on this node,
+      // else (reached-node choice) the copy this node's RankInNode names.
+      const uint32_t key = RecordTag(records_[q]);
+      uint32_t r = map.RankFor(e, source, key);
+      if (r / L != node_ && map.replica_choice() == ReplicaChoice::kReachedNode)
+        r = map.RankInNode(e, source, key, node_);
+      if (r == ExpertMap::kNoRank || r / L != node_)
         return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +
                                     " to node " + std::to_string(node_) + ", where this rank's map has no replica " +
                                     "for it: ranks use different expert maps"));

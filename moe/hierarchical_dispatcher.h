@@ -25,9 +25,9 @@
 //    on that node and their router weights. Nothing goes to the own rank.
 //  - Inside each node: the node's ranks; each relay dispatches the rows it
 //    received to the ranks holding their experts, exactly the replica
-//    ExpertMap::RankFor(expert, source, key) names, as the flat dispatcher
-//    would (the token's key travels in the record's tag: a relay sees only
-//    its node's part of the row).
+//    ExpertMap::Route names, as the flat dispatcher would (the relay asks
+//    ExpertMap::RankAtNode: the token's key travels in the record's tag, and
+//    a relay sees only its node's part of the row).
 // Records between ranks: per token, one per remote node it needs, plus one
 // per rank of each node it needs other than that node's relay
 // (dispatch_cost.h, RecordCount::relayed, counts them exactly).
@@ -111,6 +111,7 @@ class HierarchicalDispatcher {
   uint64_t across_sent_ = 0, inside_sent_ = 0;
   // State of the pending dispatch.
   std::vector<uint16_t> keys_;  // [tokens] ExpertMap::TokenKey of each row
+  std::vector<uint32_t> dest_;  // [topk] one row's destinations (ExpertMap::Route)
   std::vector<int32_t> idx_;    // virtual top-k: across nodes, then inside
   std::vector<uint8_t> rows_;   // relayed token bytes [rows, token_bytes]
   std::vector<float> scales_;   // relayed fp8 scales

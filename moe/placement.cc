@@ -61,6 +61,9 @@ Status Placement::Validate(uint32_t extra_slots) const {
   if (!splits.empty() && splits.size() != layers)
     return InvalidArgument("placement has token splits for " + std::to_string(splits.size()) + " of " +
                            std::to_string(layers) + " layers");
+  if (!choice.empty() && choice.size() != layers)
+    return InvalidArgument("placement has a replica choice for " + std::to_string(choice.size()) + " of " +
+                           std::to_string(layers) + " layers");
   if (!replicas.empty() && replicas.size() != layers)
     return InvalidArgument("placement has replicas for " + std::to_string(replicas.size()) + " of " +
                            std::to_string(layers) + " layers");
@@ -125,7 +128,8 @@ Result<ExpertMap> Placement::Map(uint32_t layer, uint32_t nodes) const {
   std::vector<std::vector<uint32_t>> on(experts);
   for (uint32_t e = 0; e < experts; ++e) on[e] = RanksOf(layer, e);
   static const std::vector<TokenSplit> kNone;
-  return ExpertMap::WithReplicas(std::move(on), ranks, nodes, layer < splits.size() ? splits[layer] : kNone);
+  return ExpertMap::WithReplicas(std::move(on), ranks, nodes, layer < splits.size() ? splits[layer] : kNone,
+                                 layer < choice.size() ? choice[layer] : ReplicaChoice::kBySource);
 }
 
 Placement RoundRobinPlacement(uint32_t layers, uint32_t experts, uint32_t ranks) {

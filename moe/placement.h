@@ -42,6 +42,9 @@ struct Placement {
   // Token splits per layer (ExpertMap's TokenSplit): how a source's tokens of
   // a replicated expert are shared among its copies. Empty when none.
   std::vector<std::vector<TokenSplit>> splits;
+  // How each layer's dispatch chooses among an expert's copies
+  // (ExpertMap's ReplicaChoice). Empty: kBySource everywhere.
+  std::vector<ReplicaChoice> choice;
   // Every expert's primary on a rank in range, no rank holding more than
   // PrimarySlots(experts, ranks) primaries (so exactly experts / ranks each
   // where ranks divide the experts); replicas on ranks in range, none on a

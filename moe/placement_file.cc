@@ -18,6 +18,8 @@ Status WritePlacementCsv(const Placement& p, const std::string& path) {
   for (uint32_t l = 0; l < p.splits.size(); ++l)
     for (const TokenSplit& x : p.splits[l])
       out << l << "," << x.expert << "," << x.rank << "," << x.source << "," << x.share << "\n";
+  for (uint32_t l = 0; l < p.choice.size(); ++l)
+    if (p.choice[l] != ReplicaChoice::kBySource) out << l << "," << int(p.choice[l]) << "\n";
   out.flush();
   if (!out) return IoError("cannot write placement to '" + path + "'");
   return Status::Ok();
@@ -27,7 +29,7 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
   if (layers == 0 || experts == 0 || ranks == 0)
     return InvalidArgument("placement shape " + std::to_string(layers) + " x " + std::to_string(experts) + " over " +
                            std::to_string(ranks) + " ranks has a zero");
-  Placement p{layers, experts, ranks, {}, {}};
+  Placement p{layers, experts, ranks, {}, {}, {}, {}};
   p.rank_of.assign(layers, std::vector<uint32_t>(experts, UINT32_MAX));
   std::istringstream in(text);
   std::string line;
@@ -39,7 +41,8 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
       return InvalidArgument("placement line " + std::to_string(number) + " '" + line.substr(0, 64) + "': " + why);
     };
     const size_t fields = size_t(std::count(line.begin(), line.end(), ',')) + 1;
-    if (fields != 3 && fields != 5) return bad("expected layer,expert,rank or layer,expert,rank,source,share");
+    if (fields != 2 && fields != 3 && fields != 5)
+      return bad("expected layer,expert,rank or layer,expert,rank,source,share or layer,choice");
     std::string_view rest(line);
     uint64_t v[5];
     for (size_t i = 0; i < fields; ++i) {
@@ -50,6 +53,14 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
       rest = comma < rest.size() ? rest.substr(comma + 1) : std::string_view();
     }
     if (v[0] >= layers) return bad("layer outside [0, " + std::to_string(layers) + ")");
+    if (fields == 2) {
+      // The layer's replica choice (ExpertMap's ReplicaChoice).
+      if (v[1] > uint64_t(ReplicaChoice::kReachedNode))
+        return bad("replica choice is not 0 (by source) or 1 (reached node)");
+      if (p.choice.empty()) p.choice.assign(layers, ReplicaChoice::kBySource);
+      p.choice[v[0]] = ReplicaChoice(v[1]);
+      continue;
+    }
     if (v[1] >= experts) return bad("expert outside [0, " + std::to_string(experts) + ")");
     if (v[2] >= ranks) return bad("rank outside [0, " + std::to_string(ranks) + ")");
     if (fields == 5) {

@@ -200,11 +200,12 @@ std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, 
 // Replicas for layer l on top of its primaries. Each replica goes, among
 // ranks with a free slot whose load stays near the mean, to the one that
 // makes dispatch of the fitted trace send the fewest records (rank + node,
-// counted exactly for the tokens of that expert under ExpertMap's replica
-// choice); ties to the lighter rank.
+// counted for the tokens of that expert under ExpertMap's replica choice,
+// `choice`: with kReachedNode a token's other experts as the rule places
+// them stand for its reached nodes); ties to the lighter rank.
 void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load,
                const std::vector<uint32_t>& copies, const PlacementOptions& o, const std::vector<uint32_t>& capacity,
-               Placement* p) {
+               ReplicaChoice replica_choice, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   p->replicas[l].assign(E, {});
   std::vector<double> rank_load(R, 0.0);
@@ -221,7 +222,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
   for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
   std::vector<uint32_t> free_slots = capacity;  // replicas each rank may still take
   struct Token {
-    uint32_t home;
+    uint32_t home, key;
     std::vector<uint32_t> others;  // destination ranks of the token's other experts
   };
   for (uint32_t e : order) {
@@ -231,7 +232,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
       bool has = false;
       for (uint32_t k = 0; k < t.topk; ++k) has |= t.at(tok, l, k) == int(e);
       if (!has) continue;
-      Token x{homes[tok], {}};
+      Token x{homes[tok], ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk), {}};
       for (uint32_t k = 0; k < t.topk; ++k)
         if (const int y = t.at(tok, l, k); y >= 0 && y != int(e)) {
           x.others.push_back(choice[y][x.home]);
@@ -239,11 +240,40 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
         }
       mine.push_back(std::move(x));
     }
-    // Records the tokens of e cost for its destination under `dest`.
-    auto cost = [&](const std::vector<uint32_t>& dest) {
+    // Records the tokens of e cost were its copies `on` (choices `dest`).
+    const bool reached = replica_choice == ReplicaChoice::kReachedNode;
+    auto cost = [&](const std::vector<uint32_t>& dest, const std::vector<uint32_t>& on) {
       int64_t c = 0;
       for (const Token& x : mine) {
-        const uint32_t d = dest[x.home];
+        uint32_t d = dest[x.home];
+        if (reached) {
+          auto reaches = [&](uint32_t n) {
+            if (n == x.home / per_node) return true;
+            for (uint32_t r : x.others)
+              if (r / per_node == n) return true;
+            return false;
+          };
+          if (!reaches(d / per_node)) {
+            // ExpertMap::RankInNode at the first reached node holding a copy.
+            auto in_node = [&](uint32_t n) {
+              uint32_t r = dest[n * per_node + x.home % per_node], count = 0;
+              if (r / per_node == n) return r;
+              for (uint32_t y : on) count += y / per_node == n;
+              uint32_t i = count ? x.key % count : 0;
+              for (uint32_t y : on)
+                if (y / per_node == n && i-- == 0) return y;
+              return ExpertMap::kNoRank;
+            };
+            if (const uint32_t r = in_node(x.home / per_node); r != ExpertMap::kNoRank)
+              d = r;
+            else
+              for (uint32_t other : x.others)
+                if (const uint32_t r = in_node(other / per_node); r != ExpertMap::kNoRank) {
+                  d = r;
+                  break;
+                }
+          }
+        }
         if (d == x.home || std::find(x.others.begin(), x.others.end(), d) != x.others.end()) continue;
         ++c;  // a record to d
         const uint32_t node = d / per_node;
@@ -278,7 +308,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
       int64_t best_cost = 0;
       for (uint32_t r : ok) {
         on.push_back(r);
-        const int64_t v = cost(ExpertMap::ChooseReplicas(on, R, o.nodes));
+        const int64_t v = cost(ExpertMap::ChooseReplicas(on, R, o.nodes), on);
         on.pop_back();
         if (best == R || v < best_cost || (v == best_cost && rank_load[r] < rank_load[best])) best = r, best_cost = v;
       }
@@ -500,7 +530,7 @@ void EqualizePrimaries(const RoutingTrace& t, uint32_t l, const std::vector<uint
 // Bytes were fitted first; this trades them for balance only where the
 // trace shows no cost.
 void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
-                  const std::vector<uint32_t>& capacity, Placement* p) {
+                  const std::vector<uint32_t>& capacity, ReplicaChoice replica_choice, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   std::vector<std::vector<uint64_t>> from(E, std::vector<uint64_t>(R, 0));  // [expert][home]
@@ -517,19 +547,96 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   }
   std::vector<std::vector<uint32_t>> choice(E);
   std::vector<uint64_t> load(R, 0);
+  // With kReachedNode a replicated expert's tokens follow each token's
+  // reached nodes (its home's and its single-copy experts', in order;
+  // ExpertMap's Route), which only moves of single-copy experts across
+  // nodes change: `reached` and `tokens_of` are recomputed after those.
+  const bool steer = replica_choice == ReplicaChoice::kReachedNode;
+  std::vector<std::vector<uint32_t>> reached;       // [token] nodes
+  std::vector<std::vector<uint32_t>> tokens_of(E);  // [replicated expert] tokens, once per slot naming it
+  std::vector<uint32_t> keys;
+  std::vector<double> scale_of(E, 1.0);                       // ShrunkLoads' estimate per counted token
+  using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
+  auto reached_shares = [&](uint32_t x, const std::vector<uint32_t>& on, const std::vector<uint32_t>& ch) {
+    std::vector<double> w(on.size(), 0.0);
+    auto in_node = [&](uint32_t n, uint32_t h, uint32_t key) {  // ExpertMap::RankInNode
+      const uint32_t c = ch[n * per_node + h % per_node];
+      if (c / per_node == n) return c;
+      const uint32_t count =
+          uint32_t(std::count_if(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == n; }));
+      uint32_t i = count ? key % count : 0;
+      for (uint32_t r : on)
+        if (r / per_node == n && i-- == 0) return r;
+      return ExpertMap::kNoRank;
+    };
+    for (uint32_t tok : tokens_of[x]) {
+      const uint32_t h = homes[tok];
+      uint32_t d = ch[h];
+      const auto& v = reached[tok];
+      if (std::find(v.begin(), v.end(), d / per_node) == v.end())
+        for (uint32_t n : v)
+          if (const uint32_t r = in_node(n, h, keys[tok]); r != ExpertMap::kNoRank) {
+            d = r;
+            break;
+          }
+      for (size_t j = 0; j < on.size(); ++j)
+        if (on[j] == d) w[j] += scale_of[x];
+    }
+    Shares out;
+    for (size_t j = 0; j < on.size(); ++j) out.emplace_back(on[j], uint64_t(std::llround(w[j])));
+    return out;
+  };
+  auto find_reached = [&] {
+    if (!steer) return;
+    reached.assign(t.tokens, {});
+    keys.assign(t.tokens, 0);
+    for (auto& v : tokens_of) v.clear();
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) {
+      keys[tok] = ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk);
+      auto& v = reached[tok];
+      v.push_back(homes[tok] / per_node);
+      for (uint32_t k = 0; k < t.topk; ++k) {
+        const int e = t.at(tok, l, k);
+        if (e < 0) continue;
+        const auto on = p->RanksOf(l, uint32_t(e));
+        if (on.size() == 1) {
+          if (std::find(v.begin(), v.end(), on[0] / per_node) == v.end()) v.push_back(on[0] / per_node);
+        } else {
+          tokens_of[e].push_back(tok);
+        }
+      }
+    }
+    for (uint32_t e = 0; e < E; ++e) {
+      const uint64_t counted = tokens_of[e].size();
+      scale_of[e] = counted ? double(shrunk[e]) / double(counted) : 1.0;
+    }
+  };
   auto add = [&](uint32_t e, int sign) {
+    const auto on = p->RanksOf(l, e);
+    if (steer && on.size() > 1) {
+      for (auto [r, w] : reached_shares(e, on, choice[e])) load[r] += sign * int64_t(w);
+      return;
+    }
     for (uint32_t s = 0; s < R; ++s) load[choice[e][s]] += sign * int64_t(from[e][s]);
   };
-  for (uint32_t e = 0; e < E; ++e) {
-    choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
-    add(e, +1);
-  }
+  for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
+  find_reached();
+  for (uint32_t e = 0; e < E; ++e) add(e, +1);
   std::vector<uint32_t> used(R, 0);
   for (const auto& reps : p->replicas[l])
     for (uint32_t r : reps) used[r]++;
   std::vector<uint64_t> total(E, 0);
   for (uint32_t e = 0; e < E; ++e) total[e] = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
+  // Reached nodes are those of single-copy experts: after one of those
+  // moves to another node, every replicated expert's loads are recomputed.
+  auto reroute = [&] {
+    if (!steer) return;
+    find_reached();
+    std::fill(load.begin(), load.end(), 0);
+    for (uint32_t e = 0; e < E; ++e) add(e, +1);
+  };
   EqualizePrimaries(t, l, homes, total, o.nodes, p, &choice, &load);
+  reroute();
   // touch[e][n]: tokens of e that reach node n anyway (their home or another
   // of their experts is there), as placed now. Moving e from node a to node
   // b adds about touch[e][a] - touch[e][b] network crossings.
@@ -551,9 +658,9 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   // An expert's load on each of its copies under the replica rule, were
   // its copies `on` (choices `ch`): what a move changes, a few ranks, where
   // the loads of every rank would take a pass over the sources.
-  using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
   auto shares = [&](uint32_t x, const std::vector<uint32_t>& on, const std::vector<uint32_t>& ch) {
     if (on.size() == 1) return Shares{{on[0], total[x]}};  // every source sends there
+    if (steer) return reached_shares(x, on, ch);
     Shares out;
     for (uint32_t r : on) out.emplace_back(r, 0);
     for (uint32_t s = 0; s < R; ++s)
@@ -564,20 +671,32 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   auto shares_if = [&](uint32_t x, const std::vector<uint32_t>& on) {
     return on.size() == 1 ? Shares{{on[0], total[x]}} : shares(x, on, ExpertMap::ChooseReplicas(on, R, o.nodes));
   };
-  // The heaviest of rank h and the ranks of e's and f's new copies, were
-  // e's shares `was_e` to become `now_e` and f's `was_f` `now_f`.
+  // Rank and node loads against their means: a move is judged by the
+  // heaviest rank or node it touches (a copy's load under the replica rule
+  // lands on its rank's node too, and ranks can be even while nodes are not).
+  std::vector<uint64_t> node_load(N, 0);
+  double rank_mean = 1, node_mean = 1;
+  // The heaviest of rank h, its node and the ranks (and nodes) of e's and
+  // f's new copies, were e's shares `was_e` to become `now_e` and f's
+  // `was_f` `now_f`, as a multiple of the mean.
   auto peak_with = [&](uint32_t h, const Shares& was_e, const Shares& now_e, const Shares& was_f, const Shares& now_f) {
-    auto at = [&](uint32_t x) {
-      int64_t v = int64_t(load[x]);
+    auto delta = [&](auto in) {
+      int64_t v = 0;
       for (const Shares* sh : {&was_e, &was_f})
-        for (auto [r, w] : *sh) v -= r == x ? int64_t(w) : 0;
+        for (auto [r, w] : *sh) v -= in(r) ? int64_t(w) : 0;
       for (const Shares* sh : {&now_e, &now_f})
-        for (auto [r, w] : *sh) v += r == x ? int64_t(w) : 0;
-      return uint64_t(v);
+        for (auto [r, w] : *sh) v += in(r) ? int64_t(w) : 0;
+      return v;
     };
-    uint64_t worst = at(h);
+    auto at = [&](uint32_t x) {
+      return double(int64_t(load[x]) + delta([x](uint32_t r) { return r == x; })) / rank_mean;
+    };
+    auto at_node = [&](uint32_t n) {
+      return double(int64_t(node_load[n]) + delta([n, per_node](uint32_t r) { return r / per_node == n; })) / node_mean;
+    };
+    double worst = std::max(at(h), N > 1 ? at_node(h / per_node) : 0.0);
     for (const Shares* sh : {&now_e, &now_f})
-      for (auto [r, w] : *sh) worst = std::max(worst, at(r));
+      for (auto [r, w] : *sh) worst = std::max({worst, at(r), N > 1 ? at_node(r / per_node) : 0.0});
     return worst;
   };
   auto peak_if = [&](uint32_t h, uint32_t e, const std::vector<uint32_t>& ne, uint32_t f,
@@ -585,141 +704,163 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     return peak_with(h, shares(e, p->RanksOf(l, e), choice[e]), shares_if(e, ne),
                      shares(f, p->RanksOf(l, f), choice[f]), shares_if(f, nf));
   };
-  for (uint32_t iter = 0; iter < 8 * R; ++iter) {
-    const uint32_t h = uint32_t(std::max_element(load.begin(), load.end()) - load.begin());
-    const uint64_t peak = load[h];
-    // Best replica move off h: the new peak among the ranks it touches.
-    uint64_t best_peak = peak;
-    uint32_t move_e = E, move_to = R;
-    for (uint32_t e = 0; e < E; ++e) {
-      auto& reps = p->replicas[l][e];
-      const auto at = std::find(reps.begin(), reps.end(), h);
-      if (at == reps.end()) continue;
-      for (uint32_t r = 0; r < R; ++r) {
-        if (used[r] >= capacity[r]) continue;
-        auto on = p->RanksOf(l, e);
-        if (std::find(on.begin(), on.end(), r) != on.end()) continue;
-        std::replace(on.begin(), on.end(), h, r);
-        const auto c = ExpertMap::ChooseReplicas(on, R, o.nodes);
-        add(e, -1);
-        for (uint32_t s = 0; s < R; ++s) load[c[s]] += from[e][s];
-        uint64_t worst = 0;
-        for (uint32_t x : on) worst = std::max(worst, load[x]);
-        worst = std::max(worst, load[h]);
-        for (uint32_t s = 0; s < R; ++s) load[c[s]] -= from[e][s];
-        add(e, +1);
-        if (worst < best_peak) best_peak = worst, move_e = e, move_to = r;
+  uint32_t iter = 0;
+  for (; iter < 8 * R; ++iter) {
+    std::fill(node_load.begin(), node_load.end(), 0);
+    uint64_t sum = 0;
+    for (uint32_t r = 0; r < R; ++r) node_load[r / per_node] += load[r], sum += load[r];
+    if (sum == 0) break;
+    rank_mean = double(sum) / R, node_mean = double(sum) / N;
+    // The heaviest rank, or the ranks of the heaviest node (heaviest first)
+    // where that node is further above its mean.
+    std::vector<uint32_t> from_ranks{uint32_t(std::max_element(load.begin(), load.end()) - load.begin())};
+    double peak = double(load[from_ranks[0]]) / rank_mean;
+    if (N > 1) {
+      const uint32_t n = uint32_t(std::max_element(node_load.begin(), node_load.end()) - node_load.begin());
+      if (double(node_load[n]) / node_mean > peak) {
+        peak = double(node_load[n]) / node_mean;
+        from_ranks.resize(per_node);
+        std::iota(from_ranks.begin(), from_ranks.end(), n * per_node);
+        std::stable_sort(from_ranks.begin(), from_ranks.end(),
+                         [&](uint32_t x, uint32_t y) { return load[x] > load[y]; });
       }
     }
-    // Best exchange: a copy of e on h trades places with a copy of the same
-    // kind (primary or replica, so every rank keeps its counts) of f on r.
-    // Ranks of h's node first: that keeps the node-level records.
-    uint32_t ex_e = E, ex_f = E, ex_r = R;
-    // Each candidate's shares, computed once per iteration (the replica
-    // rule is most of this search's time): f's as placed and with its copy
-    // jf moved to h (the same for every e), e's as placed and with h moved
-    // to r.
-    std::vector<Shares> f_was(E);
-    std::vector<std::vector<Shares>> f_to_h(E);
-    std::vector<Shares> e_to(R);
-    for (int pass = 0; pass < 2 && ex_e == E; ++pass)
+    auto move_off = [&](uint32_t h) -> bool {
+      // Best replica move off h: the new peak among the ranks it touches.
+      double best_peak = peak;
+      uint32_t move_e = E, move_to = R;
+      const Shares none;
       for (uint32_t e = 0; e < E; ++e) {
-        const auto on_e = p->RanksOf(l, e);
-        const auto at_e = std::find(on_e.begin(), on_e.end(), h);
-        if (at_e == on_e.end()) continue;
-        const bool primary = at_e == on_e.begin();
-        const Shares e_was = shares(e, on_e, choice[e]);
-        for (auto& c : e_to) c.clear();
-        for (uint32_t f = 0; f < E; ++f) {
-          if (f == e) continue;
-          const auto on_f = p->RanksOf(l, f);
-          if (std::find(on_f.begin(), on_f.end(), h) != on_f.end()) continue;
-          for (size_t jf = primary ? 0 : 1; jf < (primary ? 1 : on_f.size()); ++jf) {
-            const uint32_t r = on_f[jf];
-            if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
-            // Unreplicated primaries stay in their node (their node was chosen for
-            // their tokens); copies of replicated experts may cross.
-            // Unless the exchange costs (about) no crossings: 1% of their tokens.
-            const uint32_t a = h / per_node, b = r / per_node;
-            const bool pinned =
-                primary && (on_e.size() == 1 || on_f.size() == 1) &&
-                !WithinNoise(touch[e][a] - touch[e][b] + touch[f][b] - touch[f][a], total[e] + total[f]);
-            if (a != b && (pass == 0 || pinned)) continue;
-            auto ne = on_e, nf = on_f;
-            std::replace(ne.begin(), ne.end(), h, r);
-            nf[jf] = h;
-            if (e_to[r].empty()) e_to[r] = shares_if(e, ne);
-            if (f_to_h[f].size() <= jf) f_to_h[f].resize(on_f.size());
-            if (f_to_h[f][jf].empty()) f_to_h[f][jf] = shares_if(f, nf);
-            if (f_was[f].empty()) f_was[f] = shares(f, on_f, choice[f]);
-            const uint64_t worst = peak_with(h, e_was, e_to[r], f_was[f], f_to_h[f][jf]);
-            if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
-          }
+        auto& reps = p->replicas[l][e];
+        const auto at = std::find(reps.begin(), reps.end(), h);
+        if (at == reps.end()) continue;
+        const Shares was = shares(e, p->RanksOf(l, e), choice[e]);
+        for (uint32_t r = 0; r < R; ++r) {
+          if (used[r] >= capacity[r]) continue;
+          auto on = p->RanksOf(l, e);
+          if (std::find(on.begin(), on.end(), r) != on.end()) continue;
+          std::replace(on.begin(), on.end(), h, r);
+          const double worst = peak_with(h, was, shares_if(e, on), none, none);
+          if (worst < best_peak) best_peak = worst, move_e = e, move_to = r;
         }
       }
-    // Else a replica trade: an expert e on h has a replica on another rank
-    // x, which trades places with a replica of g on rank r. The replica rule
-    // splits sources by count, not tokens, so a hot expert's replicas on
-    // nodes its tokens do not come from take little of its load: moving one
-    // to a rank near its sources (whose slot is taken: every slot is used)
-    // is what lowers its primary's rank.
-    uint32_t tr_e = E, tr_g = E, tr_x = R, tr_r = R;
-    if (ex_e == E && move_e == E) {
-      std::vector<std::vector<uint32_t>> reps_on(R);
-      for (uint32_t g = 0; g < E; ++g)
-        for (uint32_t r : p->replicas[l][g]) reps_on[r].push_back(g);
-      for (uint32_t e = 0; e < E; ++e) {
-        const auto on_e = p->RanksOf(l, e);
-        if (on_e.size() < 2 || std::find(on_e.begin(), on_e.end(), h) == on_e.end()) continue;
-        for (size_t j = 1; j < on_e.size(); ++j) {
-          const uint32_t x = on_e[j];
-          if (x == h) continue;
-          for (uint32_t r = 0; r < R; ++r) {
-            if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
-            for (uint32_t g : reps_on[r]) {
-              const auto on_g = p->RanksOf(l, g);
-              if (std::find(on_g.begin(), on_g.end(), x) != on_g.end()) continue;
-              auto ne = on_e, ng = on_g;
-              ne[j] = r;
-              std::replace(ng.begin(), ng.end(), r, x);
-              const uint64_t worst = peak_if(h, e, ne, g, ng);
-              if (worst < best_peak) best_peak = worst, tr_e = e, tr_g = g, tr_x = x, tr_r = r;
+      // Best exchange: a copy of e on h trades places with a copy of the same
+      // kind (primary or replica, so every rank keeps its counts) of f on r.
+      // Ranks of h's node first: that keeps the node-level records.
+      uint32_t ex_e = E, ex_f = E, ex_r = R;
+      // Each candidate's shares, computed once per iteration (the replica
+      // rule is most of this search's time): f's as placed and with its copy
+      // jf moved to h (the same for every e), e's as placed and with h moved
+      // to r.
+      std::vector<Shares> f_was(E);
+      std::vector<std::vector<Shares>> f_to_h(E);
+      std::vector<Shares> e_to(R);
+      for (int pass = 0; pass < 2 && ex_e == E; ++pass)
+        for (uint32_t e = 0; e < E; ++e) {
+          const auto on_e = p->RanksOf(l, e);
+          const auto at_e = std::find(on_e.begin(), on_e.end(), h);
+          if (at_e == on_e.end()) continue;
+          const bool primary = at_e == on_e.begin();
+          const Shares e_was = shares(e, on_e, choice[e]);
+          for (auto& c : e_to) c.clear();
+          for (uint32_t f = 0; f < E; ++f) {
+            if (f == e) continue;
+            const auto on_f = p->RanksOf(l, f);
+            if (std::find(on_f.begin(), on_f.end(), h) != on_f.end()) continue;
+            for (size_t jf = primary ? 0 : 1; jf < (primary ? 1 : on_f.size()); ++jf) {
+              const uint32_t r = on_f[jf];
+              if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
+              // Unreplicated primaries stay in their node (their node was chosen for
+              // their tokens); copies of replicated experts may cross.
+              // Unless the exchange costs (about) no crossings: 1% of their tokens.
+              const uint32_t a = h / per_node, b = r / per_node;
+              const bool pinned =
+                  primary && (on_e.size() == 1 || on_f.size() == 1) &&
+                  !WithinNoise(touch[e][a] - touch[e][b] + touch[f][b] - touch[f][a], total[e] + total[f]);
+              if (a != b && (pass == 0 || pinned)) continue;
+              auto ne = on_e, nf = on_f;
+              std::replace(ne.begin(), ne.end(), h, r);
+              nf[jf] = h;
+              if (e_to[r].empty()) e_to[r] = shares_if(e, ne);
+              if (f_to_h[f].size() <= jf) f_to_h[f].resize(on_f.size());
+              if (f_to_h[f][jf].empty()) f_to_h[f][jf] = shares_if(f, nf);
+              if (f_was[f].empty()) f_was[f] = shares(f, on_f, choice[f]);
+              const double worst = peak_with(h, e_was, e_to[r], f_was[f], f_to_h[f][jf]);
+              if (worst < best_peak) best_peak = worst, ex_e = e, ex_f = f, ex_r = r, move_e = E;
+            }
+          }
+        }
+      // Else a replica trade: an expert e on h has a replica on another rank
+      // x, which trades places with a replica of g on rank r. The replica rule
+      // splits sources by count, not tokens, so a hot expert's replicas on
+      // nodes its tokens do not come from take little of its load: moving one
+      // to a rank near its sources (whose slot is taken: every slot is used)
+      // is what lowers its primary's rank.
+      uint32_t tr_e = E, tr_g = E, tr_x = R, tr_r = R;
+      if (ex_e == E && move_e == E) {
+        std::vector<std::vector<uint32_t>> reps_on(R);
+        for (uint32_t g = 0; g < E; ++g)
+          for (uint32_t r : p->replicas[l][g]) reps_on[r].push_back(g);
+        for (uint32_t e = 0; e < E; ++e) {
+          const auto on_e = p->RanksOf(l, e);
+          if (on_e.size() < 2 || std::find(on_e.begin(), on_e.end(), h) == on_e.end()) continue;
+          for (size_t j = 1; j < on_e.size(); ++j) {
+            const uint32_t x = on_e[j];
+            if (x == h) continue;
+            for (uint32_t r = 0; r < R; ++r) {
+              if (std::find(on_e.begin(), on_e.end(), r) != on_e.end()) continue;
+              for (uint32_t g : reps_on[r]) {
+                const auto on_g = p->RanksOf(l, g);
+                if (std::find(on_g.begin(), on_g.end(), x) != on_g.end()) continue;
+                auto ne = on_e, ng = on_g;
+                ne[j] = r;
+                std::replace(ng.begin(), ng.end(), r, x);
+                const double worst = peak_if(h, e, ne, g, ng);
+                if (worst < best_peak) best_peak = worst, tr_e = e, tr_g = g, tr_x = x, tr_r = r;
+              }
             }
           }
         }
       }
-    }
-    if (tr_e != E) {
-      add(tr_e, -1), add(tr_g, -1);
-      auto& re = p->replicas[l][tr_e];
-      std::replace(re.begin(), re.end(), tr_x, tr_r);
-      auto& rg = p->replicas[l][tr_g];
-      std::replace(rg.begin(), rg.end(), tr_r, tr_x);
-      choice[tr_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_e), R, o.nodes);
-      choice[tr_g] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_g), R, o.nodes);
-      add(tr_e, +1), add(tr_g, +1);
-    } else if (ex_e != E) {
-      add(ex_e, -1), add(ex_f, -1);
-      // Rewrite both experts' copies (primary in rank_of, the rest in replicas).
-      for (uint32_t x : {ex_e, ex_f}) {
-        const uint32_t from_rank = x == ex_e ? h : ex_r, to_rank = x == ex_e ? ex_r : h;
-        if (p->rank_of[l][x] == from_rank) p->rank_of[l][x] = to_rank;
-        auto& reps = p->replicas[l][x];
-        std::replace(reps.begin(), reps.end(), from_rank, to_rank);
+      if (tr_e != E) {
+        add(tr_e, -1), add(tr_g, -1);
+        auto& re = p->replicas[l][tr_e];
+        std::replace(re.begin(), re.end(), tr_x, tr_r);
+        auto& rg = p->replicas[l][tr_g];
+        std::replace(rg.begin(), rg.end(), tr_r, tr_x);
+        choice[tr_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_e), R, o.nodes);
+        choice[tr_g] = ExpertMap::ChooseReplicas(p->RanksOf(l, tr_g), R, o.nodes);
+        add(tr_e, +1), add(tr_g, +1);
+      } else if (ex_e != E) {
+        add(ex_e, -1), add(ex_f, -1);
+        // Rewrite both experts' copies (primary in rank_of, the rest in replicas).
+        for (uint32_t x : {ex_e, ex_f}) {
+          const uint32_t from_rank = x == ex_e ? h : ex_r, to_rank = x == ex_e ? ex_r : h;
+          if (p->rank_of[l][x] == from_rank) p->rank_of[l][x] = to_rank;
+          auto& reps = p->replicas[l][x];
+          std::replace(reps.begin(), reps.end(), from_rank, to_rank);
+        }
+        choice[ex_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_e), R, o.nodes);
+        choice[ex_f] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_f), R, o.nodes);
+        add(ex_e, +1), add(ex_f, +1);
+        if (h / per_node != ex_r / per_node && (p->RanksOf(l, ex_e).size() == 1 || p->RanksOf(l, ex_f).size() == 1))
+          reroute();
+      } else if (move_e != E) {
+        add(move_e, -1);
+        auto& reps = p->replicas[l][move_e];
+        std::replace(reps.begin(), reps.end(), h, move_to);
+        used[h]--, used[move_to]++;
+        choice[move_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, move_e), R, o.nodes);
+        add(move_e, +1);
+      } else {
+        return false;  // no move lowers the peak from h
       }
-      choice[ex_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_e), R, o.nodes);
-      choice[ex_f] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_f), R, o.nodes);
-      add(ex_e, +1), add(ex_f, +1);
-    } else if (move_e != E) {
-      add(move_e, -1);
-      auto& reps = p->replicas[l][move_e];
-      std::replace(reps.begin(), reps.end(), h, move_to);
-      used[h]--, used[move_to]++;
-      choice[move_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, move_e), R, o.nodes);
-      add(move_e, +1);
-    } else {
-      break;  // no move lowers the heaviest rank
-    }
+      return true;
+    };
+    bool moved = false;
+    for (uint32_t h : from_ranks)
+      if ((moved = move_off(h))) break;
+    if (!moved) break;
   }
 }
 
@@ -958,6 +1099,30 @@ void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& 
 
 }  // namespace
 
+// A replicated layer as dispatch would route the fitted trace: records
+// (rank + node-level crossings) and the heavier of its rank and node
+// imbalance (max load / mean), with `noise` the relative standard deviation
+// of one rank's load from sampling alone (1 / sqrt(mean pairs per rank)).
+struct LayerOutcome {
+  bool ok = false;
+  uint64_t records = 0;
+  double peak = 0, noise = 0;
+};
+LayerOutcome Judge(const RoutingTrace& t, const Placement& p, const PlacementOptions& o, uint32_t l) {
+  std::vector<uint64_t> load;
+  auto c = CountLayerRecords(t, p, CostOptions{o.nodes, o.home, /*hierarchical=*/true}, l, &load);
+  if (!c.ok()) return {};
+  const uint64_t sum = std::accumulate(load.begin(), load.end(), uint64_t(0));
+  if (sum == 0) return {true, Objective(c.value()), 1.0, 0.0};
+  const uint32_t R = p.ranks, per_node = R / o.nodes;
+  std::vector<uint64_t> node(o.nodes, 0);
+  for (uint32_t r = 0; r < R; ++r) node[r / per_node] += load[r];
+  const double mean = double(sum) / R;
+  const double peak = std::max(double(*std::max_element(load.begin(), load.end())) / mean,
+                               double(*std::max_element(node.begin(), node.end())) * o.nodes / double(sum));
+  return {true, Objective(c.value()), peak, 1.0 / std::sqrt(mean)};
+}
+
 Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const PlacementOptions& o) {
   TE_RETURN_IF_ERROR(trace.Validate());
   TE_RETURN_IF_ERROR(CheckShape(trace.experts, ranks, o.nodes));
@@ -1031,11 +1196,41 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
       const auto layer_load = real_part(load[l]);
       const auto layer_copies = std::vector<uint32_t>(copies[l].begin(), copies[l].begin() + real);
       const auto capacity = p.ReplicaSlots(l, o.extra_slots);
-      Replicate(trace, l, layer_load, layer_copies, o, capacity, &p);
-      BalanceLoads(trace, l, layer_load, o, capacity, &p);
-      SplitFlows(trace, l, layer_load, o, &p);
+      // Reached-node choice first: it saves the crossings a replica off a
+      // token's nodes would cost, but its loads follow the tokens' other
+      // experts, so it is kept only where the layer stays balanced on the
+      // fitted trace; else the choice by source (with token splits) is
+      // built too and the better kept.
+      const std::vector<uint32_t> primaries = p.rank_of[l];
+      auto build = [&](ReplicaChoice choice) {
+        p.rank_of[l] = primaries;
+        if (!p.splits.empty()) p.splits[l].clear();
+        if (p.choice.empty()) p.choice.assign(t.layers, ReplicaChoice::kBySource);
+        p.choice[l] = choice;
+        Replicate(trace, l, layer_load, layer_copies, o, capacity, choice, &p);
+        BalanceLoads(trace, l, layer_load, o, capacity, choice, &p);
+        if (choice == ReplicaChoice::kBySource) SplitFlows(trace, l, layer_load, o, &p);
+        return Judge(trace, p, o, l);
+      };
+      if (o.replica_choice) {
+        build(*o.replica_choice);
+        continue;
+      }
+      const LayerOutcome reached = build(ReplicaChoice::kReachedNode);
+      if (!reached.ok || reached.peak <= 1.0 + std::min(o.load_slack, 0.05)) continue;
+      const std::vector<uint32_t> reached_primaries = p.rank_of[l];
+      const auto reached_replicas = p.replicas[l];
+      const LayerOutcome by_source = build(ReplicaChoice::kBySource);
+      if (by_source.ok && !(reached.records < by_source.records && reached.peak <= by_source.peak + reached.noise))
+        continue;
+      p.rank_of[l] = reached_primaries;
+      p.replicas[l] = reached_replicas;
+      if (!p.splits.empty()) p.splits[l].clear();
+      p.choice[l] = ReplicaChoice::kReachedNode;
     }
   }
+  if (std::all_of(p.choice.begin(), p.choice.end(), [](ReplicaChoice c) { return c == ReplicaChoice::kBySource; }))
+    p.choice.clear();
   TE_RETURN_IF_ERROR(p.Validate(o.extra_slots));
   return p;
 }

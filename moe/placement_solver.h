@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "base/status.h"
 #include "moe/dispatch_cost.h"
@@ -70,6 +71,16 @@ struct PlacementOptions {
   //     replicated experts move off it along the cheapest path of shifts
   //     between copies to a rank below the mean, none adding more than two
   //     records (rank + node) per moved token on the fitted trace.
+  // How dispatch chooses among copies (Placement::choice, ExpertMap's
+  // ReplicaChoice). Unset: each replicated layer is built with
+  // kReachedNode first (Replicate and the balancing above price its routes;
+  // no token splits), kept where the layer's rank and node imbalance on the
+  // fitted trace stay within 1 + min(load_slack, 5%); else the layer is
+  // also built with kBySource (steps 1-3) and reached-node choice is kept
+  // only where it sends fewer records and its imbalance is within that
+  // trace's sampling noise (1 / sqrt(pairs per rank)) of the other's. Set:
+  // every replicated layer uses the one given.
+  std::optional<ReplicaChoice> replica_choice;
   uint32_t extra_slots = 0;
 };
 

@@ -52,6 +52,9 @@ DEFINE_uint32(extra_slots, 0,
               "place: replica slots per rank beyond its ceil(experts / ranks) primary slots (hot experts, placed "
               "by affinity; a skewed layer also fills the primary slots left free)");
 DEFINE_string(placement_out, "", "place: write the fitted placement (layer, expert, rank) as CSV");
+DEFINE_string(replica_choice, "auto",
+              "place: how dispatch picks among copies: auto (per layer, the better on the fitted trace), source, "
+              "reached_node (moe/expert_map.h)");
 DEFINE_bool(json, false, "Print JSON");
 
 namespace {
@@ -130,6 +133,13 @@ int Place() {
   po.home = HomeFlag();
   po.load_slack = FLAGS_load_slack;
   po.extra_slots = FLAGS_extra_slots;
+  if (FLAGS_replica_choice == "source") {
+    po.replica_choice = moe::ReplicaChoice::kBySource;
+  } else if (FLAGS_replica_choice == "reached_node") {
+    po.replica_choice = moe::ReplicaChoice::kReachedNode;
+  } else if (FLAGS_replica_choice != "auto") {
+    Die("--replica_choice=" + FLAGS_replica_choice + " is not one of auto, source, reached_node");
+  }
   const auto t0 = std::chrono::steady_clock::now();
   auto placed = moe::PlaceExperts(t, FLAGS_ranks, po);
   if (!placed.ok()) Die(placed.status().ToString());
@@ -219,6 +229,28 @@ int Place() {
     };
     share("across ranks", rr_rank, rows[2].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer());
     share("across nodes", rr_node, rows[2].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer());
+    if (FLAGS_extra_slots > 0) {
+      const auto& rep = rows[3].hier;
+      printf("with replicas: %.1f%% of the oracle's saving across ranks, %.1f%% across nodes\n",
+             rr_rank - rows.back().hier.rank_per_token_layer() > 1e-12
+                 ? 100 * (rr_rank - rep.rank_per_token_layer()) / (rr_rank - rows.back().hier.rank_per_token_layer())
+                 : 0.0,
+             rr_node - rows.back().hier.node_per_token_layer() > 1e-12
+                 ? 100 * (rr_node - rep.node_per_token_layer()) / (rr_node - rows.back().hier.node_per_token_layer())
+                 : 0.0);
+    }
+  }
+  if (FLAGS_extra_slots > 0 && !FLAGS_json) {
+    const auto& p = placed.value();
+    uint32_t replicated = 0, reached = 0;
+    for (uint32_t l = 0; l < p.layers; ++l) {
+      bool any = false;
+      for (uint32_t e = 0; e < p.experts && !any; ++e) any = p.RanksOf(l, e).size() > 1;
+      replicated += any;
+      reached += any && l < p.choice.size() && p.choice[l] == moe::ReplicaChoice::kReachedNode;
+    }
+    printf("replicas on %u of %u layers; %u of them route by reached node, %u by source\n", replicated, p.layers,
+           reached, replicated - reached);
   }
   if (!FLAGS_placement_out.empty())
     if (auto st = moe::WritePlacementCsv(placed.value(), FLAGS_placement_out); !st.ok()) Die(st.ToString());

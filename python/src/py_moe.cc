@@ -315,6 +315,29 @@ class PyEpDispatcher {
 
 }  // namespace
 
+namespace {
+
+te::moe::ReplicaChoice ReplicaChoiceOf(const std::string& name) {
+  if (name == "source") return te::moe::ReplicaChoice::kBySource;
+  if (name == "reached_node") return te::moe::ReplicaChoice::kReachedNode;
+  Throw(te::InvalidArgument("replica choice '" + name + "' is not one of source, reached_node"));
+}
+
+// ExpertMap::Route for a Python row; -1 where a slot is empty.
+std::vector<int64_t> RouteRow(const ExpertMap& map, const std::vector<int32_t>& row, uint32_t source) {
+  for (int32_t e : row)
+    if (e >= int32_t(map.experts()))
+      Throw(te::InvalidArgument("expert " + std::to_string(e) + " outside [0, " + std::to_string(map.experts()) + ")"));
+  std::vector<uint32_t> dest(row.size());
+  map.Route(row.data(), uint32_t(row.size()), source, ExpertMap::TokenKey(row.data(), uint32_t(row.size())),
+            dest.data());
+  std::vector<int64_t> out;
+  for (uint32_t d : dest) out.push_back(d == ExpertMap::kNoRank ? -1 : int64_t(d));
+  return out;
+}
+
+}  // namespace
+
 void BindMoe(py::module_& m) {
   py::class_<ExpertMap>(m, "ExpertMap", "Which rank computes each expert of a layer (moe/expert_map.h).")
       .def_static(
@@ -329,15 +352,17 @@ void BindMoe(py::module_& m) {
       .def_static(
           "with_replicas",
           [](std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
-             const std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>& splits) {
+             const std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>& splits, const std::string& choice) {
             std::vector<te::moe::TokenSplit> s;
             for (const auto& [expert, source, rank, share] : splits) s.push_back({expert, source, rank, share});
-            return Unwrap(ExpertMap::WithReplicas(std::move(ranks_of), ranks, nodes, s));
+            return Unwrap(ExpertMap::WithReplicas(std::move(ranks_of), ranks, nodes, s, ReplicaChoiceOf(choice)));
           },
           py::arg("ranks_of"), py::arg("ranks"), py::arg("nodes") = 1,
           py::arg("splits") = std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>{},
+          py::arg("choice") = "source",
           "ranks_of[e]: the ranks holding expert e, its primary first. splits: (expert, source, rank, share) "
-          "token splits, share of 65536 token keys (moe/expert_map.h).")
+          "token splits, share of 65536 token keys. choice: 'source' (by source and key) or 'reached_node' "
+          "(a token goes to a copy on a node it reaches anyway): moe/expert_map.h.")
       .def_static(
           "token_key",
           [](const std::vector<int32_t>& row) { return ExpertMap::TokenKey(row.data(), uint32_t(row.size())); },
@@ -349,12 +374,28 @@ void BindMoe(py::module_& m) {
           [](const ExpertMap& map, uint32_t expert, uint32_t source, std::optional<std::vector<int32_t>> row) {
             if (expert >= map.experts() || source >= map.ranks())
               Throw(te::InvalidArgument("expert or source out of range"));
-            if (!row) return map.ChoiceFor(expert, source);
-            return map.RankFor(expert, source, ExpertMap::TokenKey(row->data(), uint32_t(row->size())));
+            if (!row) return int64_t(map.ChoiceFor(expert, source));
+            const auto at = std::find(row->begin(), row->end(), int32_t(expert));
+            if (at == row->end()) Throw(te::InvalidArgument("row does not name expert " + std::to_string(expert)));
+            return RouteRow(map, *row, source)[size_t(at - row->begin())];
           },
           py::arg("expert"), py::arg("source"), py::arg("row") = py::none(),
           "The rank source sends a token's tokens of `expert` to; `row`: the token's top-k expert ids, "
-          "needed where the map has token splits (without it: the choice before splits).")
+          "needed where the map has token splits or reached-node choice (without it: the rule's choice).")
+      .def(
+          "route",
+          [](const ExpertMap& map, const std::vector<int32_t>& row, uint32_t source) {
+            if (source >= map.ranks()) Throw(te::InvalidArgument("source out of range"));
+            return RouteRow(map, row, source);
+          },
+          py::arg("row"), py::arg("source"),
+          "Where each slot of a token's row goes from `source` (-1 for an empty slot), as dispatch sends it.")
+      .def_property_readonly(
+          "choice",
+          [](const ExpertMap& map) {
+            return map.replica_choice() == te::moe::ReplicaChoice::kReachedNode ? "reached_node" : "source";
+          },
+          "How dispatch chooses among an expert's copies: 'source' or 'reached_node'.")
       .def(
           "local_experts",
           [](const ExpertMap& map, uint32_t rank) {

@@ -108,6 +108,14 @@ void BindPlacement(py::module_& m) {
           },
           py::arg("layer"), py::arg("nodes") = 1,
           "The layer as the ExpertMap dispatch takes (ranks r of node r // (ranks // nodes)).")
+      .def(
+          "replica_choice",
+          [](const Placement& p, uint32_t layer) {
+            CheckLayer(p, layer);
+            const bool reached = layer < p.choice.size() && p.choice[layer] == te::moe::ReplicaChoice::kReachedNode;
+            return reached ? "reached_node" : "source";
+          },
+          py::arg("layer"), "How the layer's dispatch chooses among copies: 'source' or 'reached_node'.")
       .def("__repr__", [](const Placement& p) {
         size_t copies = 0;
         for (uint32_t l = 0; l < p.layers; ++l)
@@ -119,13 +127,21 @@ void BindPlacement(py::module_& m) {
   m.def(
       "place_experts",
       [](const RoutingArray& routing, uint32_t experts, uint32_t ranks, uint32_t nodes, uint32_t extra_slots,
-         const std::string& home, double load_slack) {
+         const std::string& home, double load_slack, const std::string& replica_choice) {
         const RoutingTrace t = TraceOf(routing, experts);
         PlacementOptions o;
         o.nodes = nodes;
         o.extra_slots = extra_slots;
         o.home = HomeOf(home);
         o.load_slack = load_slack;
+        if (replica_choice == "source") {
+          o.replica_choice = te::moe::ReplicaChoice::kBySource;
+        } else if (replica_choice == "reached_node") {
+          o.replica_choice = te::moe::ReplicaChoice::kReachedNode;
+        } else if (replica_choice != "auto") {
+          Throw(
+              te::InvalidArgument("replica_choice '" + replica_choice + "' is not one of auto, source, reached_node"));
+        }
         te::Result<Placement> p = [&] {
           py::gil_scoped_release release;
           return PlaceExperts(t, ranks, o);
@@ -134,10 +150,12 @@ void BindPlacement(py::module_& m) {
       },
       py::arg("routing"), py::arg("experts"), py::arg("ranks"), py::kw_only(), py::arg("nodes") = 1,
       py::arg("extra_slots") = 0, py::arg("home") = "source", py::arg("load_slack") = 0.25,
+      py::arg("replica_choice") = "auto",
       "Fits a placement to recorded routing [tokens, layers, topk] (expert ids, -1 empty) so that dispatch and "
       "combine send the fewest records across ranks and nodes under a load cap of (1 + load_slack) x the mean; "
       "extra_slots replica slots per rank for skewed layers (with the slots left free where ranks do not divide "
-      "the experts); home 'source' or 'top1' (context-coherent).");
+      "the experts); home 'source' or 'top1' (context-coherent); replica_choice 'auto' (per layer, the better of "
+      "the two), 'source' or 'reached_node' (moe/placement_solver.h).");
 
   m.def(
       "count_records",

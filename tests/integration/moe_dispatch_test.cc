@@ -46,8 +46,10 @@ void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t ex
   ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, experts, 4).rank_of);  // a placement of its own
   EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
   // With replicas the fitted placement shares some sources' tokens among
-  // copies (token splits): the count below covers them.
+  // copies (token splits) and, at layer 1, sends tokens to copies on nodes
+  // they reach anyway (reached-node choice): the count below covers both.
   EXPECT_EQ(HasTokenSplits(tc), extra_slots > 0);
+  EXPECT_EQ(HasReachedNodeChoice(tc), extra_slots > 0);
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;

@@ -249,6 +249,19 @@ inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, 
   po.nodes = 2;
   po.extra_slots = extra_slots;
   c.placement = moe::PlaceExperts(c.trace, 4, po).value();
+  if (extra_slots > 0) {
+    // Both replica choices: layer 1 as placed for reached-node choice, the
+    // others by source (with token splits).
+    po.replica_choice = moe::ReplicaChoice::kBySource;
+    c.placement = moe::PlaceExperts(c.trace, 4, po).value();
+    po.replica_choice = moe::ReplicaChoice::kReachedNode;
+    const moe::Placement reached = moe::PlaceExperts(c.trace, 4, po).value();
+    c.placement.rank_of[1] = reached.rank_of[1];
+    c.placement.replicas[1] = reached.replicas[1];
+    c.placement.splits[1].clear();
+    c.placement.choice = {moe::ReplicaChoice::kBySource, moe::ReplicaChoice::kReachedNode,
+                          moe::ReplicaChoice::kBySource};
+  }
   for (uint32_t l = 0; l < 3; ++l) c.maps.push_back(c.placement.Map(l, 2).value());
   return c;
 }
@@ -256,6 +269,12 @@ inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, 
 inline bool HasTokenSplits(const TraceCase& c) {
   for (const auto& m : c.maps)
     if (!m.splits().empty()) return true;
+  return false;
+}
+
+inline bool HasReachedNodeChoice(const TraceCase& c) {
+  for (const auto& m : c.maps)
+    if (m.replicated() && m.replica_choice() == moe::ReplicaChoice::kReachedNode) return true;
   return false;
 }
 

@@ -96,6 +96,37 @@ def test_replicas_go_to_skewed_layers_and_even_out_their_load():
             assert m.rank_for(e, source, [e, -1, -1, -1]) in holders
 
 
+def test_reached_node_choice_routes_to_a_copy_on_a_node_the_token_reaches(tmp_path):
+    """12 ranks in 3 nodes; expert 0 on ranks 1 (node 0) and 9 (node 2). By
+    source, rank 4 sends expert 0 to rank 1; a token of rank 4 that also needs
+    expert 10 (node 2) goes to the copy on node 2 under reached-node choice."""
+    ranks_of = [[1, 9]] + [[e] for e in range(1, 12)]
+    by_source = te.ExpertMap.with_replicas(ranks_of, 12, 3)
+    reached = te.ExpertMap.with_replicas(ranks_of, 12, 3, choice="reached_node")
+    assert (by_source.choice, reached.choice) == ("source", "reached_node")
+    assert by_source.route([0, 10], 4) == [1, 10]
+    assert reached.route([0, 10], 4) == [9, 10]
+    assert reached.rank_for(0, 4, [0, 10]) == 9
+    assert reached.route([0, 2, -1], 4) == [1, 2, -1]
+    with pytest.raises(te.TransferError, match="not one of source, reached_node"):
+        te.ExpertMap.with_replicas(ranks_of, 12, 3, choice="nearest")
+    with pytest.raises(te.TransferError, match="does not name expert 3"):
+        reached.rank_for(3, 4, [0, 10])
+    # The solver picks per layer; forced choices are exact too, and survive a file.
+    fit, held = grouped_routing(2048, seed=3, skew=1.5), grouped_routing(2048, seed=4, skew=1.5)
+    for choice in ("source", "reached_node"):
+        p = te.place_experts(fit, EXPERTS, RANKS, nodes=NODES, extra_slots=1, replica_choice=choice)
+        assert {p.replica_choice(l) for l in range(LAYERS)} == {choice}
+        path = str(tmp_path / f"{choice}.csv")
+        p.write_csv(path)
+        back = te.Placement.read_csv(path, LAYERS, EXPERTS, RANKS)
+        assert [back.replica_choice(l) for l in range(LAYERS)] == [choice] * LAYERS
+        assert te.count_records(held, back, nodes=NODES, hierarchical=True) == \
+            te.count_records(held, p, nodes=NODES, hierarchical=True)
+    with pytest.raises(te.TransferError, match="replica_choice 'x'"):
+        te.place_experts(fit, EXPERTS, RANKS, nodes=NODES, extra_slots=1, replica_choice="x")
+
+
 def test_experts_that_do_not_divide_over_the_ranks():
     """64 experts on 7 ranks: every rank has ceil(64 / 7) = 10 slots, six stay
     free, and the count and the maps work as for any placement."""

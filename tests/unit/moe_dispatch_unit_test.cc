@@ -162,6 +162,51 @@ TEST(ExpertMap, ReplicasAreChosenOwnRankThenOwnNodeThenEvenly) {
   EXPECT_FALSE(ExpertMap::WithReplicas(on, 8, 3).ok());  // 8 ranks into 3 nodes
 }
 
+// Reached-node choice: 12 ranks in 3 nodes (0-3, 4-7, 8-11); expert 0 on
+// ranks 1 (node 0) and 9 (node 2), expert e on rank e otherwise. By source,
+// sources 4 and 6 send expert 0 to rank 1 and 5 and 7 to rank 9 (node 1 has
+// no copy; the least used replica, ties to the lower rank).
+TEST(ExpertMap, ReachedNodeChoiceSendsATokenToACopyOnANodeItReaches) {
+  std::vector<std::vector<uint32_t>> on(12);
+  on[0] = {1, 9};
+  for (uint32_t e = 1; e < 12; ++e) on[e] = {e};
+  const auto by_source = ExpertMap::WithReplicas(on, 12, 3).value();
+  const auto reached = ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice::kReachedNode).value();
+  ASSERT_EQ(by_source.ChoiceFor(0, 4), 1u);
+  ASSERT_EQ(by_source.ChoiceFor(0, 5), 9u);
+  EXPECT_NE(by_source.fingerprint(), reached.fingerprint());
+  EXPECT_TRUE(reached.uses_key());
+  EXPECT_FALSE(by_source.uses_key());
+  auto route = [](const ExpertMap& m, std::vector<int32_t> row, uint32_t source) {
+    std::vector<uint32_t> dest(row.size());
+    m.Route(row.data(), uint32_t(row.size()), source, ExpertMap::TokenKey(row.data(), uint32_t(row.size())),
+            dest.data());
+    return dest;
+  };
+  const uint32_t none = ExpertMap::kNoRank;
+  // Source 4 with expert 10 (node 2): the rule's rank 1 is on node 0, which
+  // the token does not reach; node 2 holds a copy, so 9, and one crossing.
+  EXPECT_EQ(route(by_source, {0, 10}, 4), (std::vector<uint32_t>{1, 10}));
+  EXPECT_EQ(route(reached, {0, 10}, 4), (std::vector<uint32_t>{9, 10}));
+  // With expert 2 (node 0) the rule's rank is reached already: unchanged.
+  EXPECT_EQ(route(reached, {0, 2, -1}, 4), (std::vector<uint32_t>{1, 2, none}));
+  // Source 5's rule picks 9; with expert 2 it goes to node 0, to the copy
+  // node 0's rank 1 (same index as 5 in its node) would choose: 1.
+  EXPECT_EQ(route(by_source, {2, 0}, 5), (std::vector<uint32_t>{2, 9}));
+  EXPECT_EQ(route(reached, {2, 0}, 5), (std::vector<uint32_t>{2, 1}));
+  EXPECT_EQ(reached.RankInNode(0, 5, 0, 0), 1u);
+  EXPECT_EQ(reached.RankInNode(0, 5, 0, 1), none);  // node 1 holds no copy
+  // Only single-copy experts count as reached: 0's route does not depend on
+  // another replicated expert's.
+  on[3] = {3, 10};
+  const auto two = ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice::kReachedNode).value();
+  EXPECT_EQ(route(two, {3, 0}, 4)[1], two.ChoiceFor(0, 4));
+  // A token with no expert elsewhere (nothing reached but its own node, which
+  // holds no copy) goes where the rule sends it.
+  EXPECT_EQ(route(reached, {0, 4}, 4), (std::vector<uint32_t>{1, 4}));
+  EXPECT_FALSE(ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice(7)).ok());
+}
+
 TEST(EpConfig, ValidateNamesTheBadField) {
   EpConfig c;
   c.ranks = 4;

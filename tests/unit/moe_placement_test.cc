@@ -523,6 +523,7 @@ TEST(Placement, ReplicasBalanceLoadsAndKeepTheInvariants) {
   EXPECT_EQ(back->rank_of, replicated->rank_of);
   EXPECT_EQ(back->replicas, replicated->replicas);
   EXPECT_EQ(back->splits, replicated->splits);
+  EXPECT_EQ(back->choice, replicated->choice);
 }
 
 // Context-coherent homes gather a hot expert's tokens on the few ranks of the
@@ -698,10 +699,21 @@ TEST(PlacementFile, RoundTripsAndRefusesBadLines) {
   std::string good = "layer,expert,rank\n";
   for (uint32_t e = 0; e < 4; ++e) good += "0," + std::to_string(e) + "," + std::to_string(e % 2) + "\n";
   EXPECT_TRUE(ParsePlacementCsv(good, 1, 4, 2).ok());
-  for (const std::string& bad :
-       {std::string("layer,expert\n"), good + "0,1,1\n", good.substr(0, good.size() - 6), good + "0,9,0\n",
-        good + "0,1,-1\n", good + "0,1,18446744073709551616\n", good + "0,1\n", good + "0,1,1,\n", std::string("")})
+  for (const std::string& bad : {std::string("layer,expert\n"), good + "0,1,1\n", good.substr(0, good.size() - 6),
+                                 good + "0,9,0\n", good + "0,1,-1\n", good + "0,1,18446744073709551616\n",
+                                 good + "0,2\n", good + "1,1\n", good + "0,1,1,\n", std::string("")})
     EXPECT_FALSE(ParsePlacementCsv(bad, 1, 4, 2).ok()) << bad;
+  // A layer's replica choice: "layer,choice" (0 by source, 1 reached node).
+  auto chosen = ParsePlacementCsv(good + "0,1\n", 1, 4, 2);
+  ASSERT_TRUE(chosen.ok()) << chosen.status().ToString();
+  EXPECT_EQ(chosen->choice, std::vector<ReplicaChoice>{ReplicaChoice::kReachedNode});
+  Placement q = RandomPlacement(2, 8, 4, 9);
+  q.choice = {ReplicaChoice::kBySource, ReplicaChoice::kReachedNode};
+  ASSERT_TRUE(WritePlacementCsv(q, path).ok());
+  auto q_back = ReadPlacementCsv(path, 2, 8, 4);
+  std::remove(path.c_str());
+  ASSERT_TRUE(q_back.ok()) << q_back.status().ToString();
+  EXPECT_EQ(q_back->choice, q.choice);
   // Token splits: "layer,expert,rank,source,share" after the copies.
   const std::string replicated = good + "0,0,1\n";
   auto split = ParsePlacementCsv(replicated + "0,0,1,0,100\n0,0,0,1,65536\n", 1, 4, 2);
