@@ -36,8 +36,9 @@
 //  - its reached nodes are s's node, then the nodes of its experts that
 //    have one copy, in slot order;
 //  - an expert with replicas goes where the rule sends it if that rank's
-//    node is reached; else to the first reached node holding a copy, at
-//    RankInNode; else where the rule sends it.
+//    node is reached; else to a reached node holding a copy, at RankInNode:
+//    of those nodes in ascending order the (key x count / 65536)-th, so
+//    tokens spread over them evenly; else where the rule sends it.
 // Only single-copy experts count as reached, so where one replicated
 // expert's tokens go does not depend on another's: a placement's loads can
 // be computed expert by expert (moe/placement_solver.cc does).
@@ -183,12 +184,17 @@ void ExpertMap::Route(const Id* row, uint32_t topk, uint32_t source, uint32_t ke
   for (uint32_t k = 0; k < topk; ++k) {
     if (dest[k] == kNoRank || ranks_of_[uint32_t(row[k])].size() == 1 || is_reached(dest[k] / per_node)) continue;
     const auto& on = ranks_of_[uint32_t(row[k])];
-    for (uint32_t i = 0; i < n_reached; ++i) {
-      const uint32_t node = reached[i];
-      if (std::none_of(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == node; })) continue;
-      dest[k] = RankInNode(uint32_t(row[k]), source, key, node);
-      break;
-    }
+    // Reached nodes holding a copy, in node order; the key picks one.
+    uint32_t small_held[64];
+    std::vector<uint32_t> large_held;
+    uint32_t* held = topk < 64 ? small_held : (large_held.resize(topk + 1), large_held.data());
+    uint32_t n_held = 0;
+    for (uint32_t i = 0; i < n_reached; ++i)
+      if (std::any_of(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == reached[i]; }))
+        held[n_held++] = reached[i];
+    if (n_held == 0) continue;
+    std::sort(held, held + n_held);
+    dest[k] = RankInNode(uint32_t(row[k]), source, key, held[(uint64_t(key & 0xffff) * n_held) >> 16]);
   }
 }
 
