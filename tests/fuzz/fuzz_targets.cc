@@ -176,6 +176,22 @@ void PlacementCsvTarget(std::span<const uint8_t> b) {
           Expect(std::find(on.begin(), on.end(), m->RankFor(e, s, key)) != on.end(),
                  "a token goes to a copy of its expert");
         }
+    // Whole rows (replica choice included): every slot to a copy of its
+    // expert, an empty slot nowhere.
+    for (uint32_t s = 0; s < 4; ++s)
+      for (uint32_t first = 0; first < 8; ++first) {
+        const int32_t row[4] = {int32_t(first), int32_t((first + 3) % 8), -1, int32_t((first * 5 + s) % 8)};
+        uint32_t dest[4];
+        m->Route(row, 4, s, moe::ExpertMap::TokenKey(row, 4), dest);
+        for (uint32_t k = 0; k < 4; ++k) {
+          if (row[k] < 0) {
+            Expect(dest[k] == moe::ExpertMap::kNoRank, "an empty slot goes nowhere");
+            continue;
+          }
+          const auto& on = m->ranks_of(uint32_t(row[k]));
+          Expect(std::find(on.begin(), on.end(), dest[k]) != on.end(), "a routed slot goes to a copy of its expert");
+        }
+      }
   }
 }
 
