@@ -230,14 +230,12 @@ int Place() {
     share("across ranks", rr_rank, rows[2].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer());
     share("across nodes", rr_node, rows[2].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer());
     if (FLAGS_extra_slots > 0) {
-      const auto& rep = rows[3].hier;
-      printf("with replicas: %.1f%% of the oracle's saving across ranks, %.1f%% across nodes\n",
-             rr_rank - rows.back().hier.rank_per_token_layer() > 1e-12
-                 ? 100 * (rr_rank - rep.rank_per_token_layer()) / (rr_rank - rows.back().hier.rank_per_token_layer())
-                 : 0.0,
-             rr_node - rows.back().hier.node_per_token_layer() > 1e-12
-                 ? 100 * (rr_node - rep.node_per_token_layer()) / (rr_node - rows.back().hier.node_per_token_layer())
-                 : 0.0);
+      const auto with = [&](const char* what, double rr_v, double rep, double oracle) {
+        if (rr_v - oracle > 1e-12)
+          printf("with replicas: %.1f%% of the oracle's saving %s\n", 100 * (rr_v - rep) / (rr_v - oracle), what);
+      };
+      with("across ranks", rr_rank, rows[3].hier.rank_per_token_layer(), rows.back().hier.rank_per_token_layer());
+      with("across nodes", rr_node, rows[3].hier.node_per_token_layer(), rows.back().hier.node_per_token_layer());
     }
   }
   if (FLAGS_extra_slots > 0 && !FLAGS_json) {
