@@ -172,14 +172,27 @@ Result<DispatchCost> CountRecords(const RoutingTrace& t, const Placement& p, con
   return cost;
 }
 
+void AdvanceHomes(const RoutingTrace& t, const ExpertMap& map, uint32_t layer, std::vector<uint32_t>* homes) {
+  std::vector<uint32_t> dest(t.topk);
+  for (uint32_t tok = 0; tok < t.tokens && tok < homes->size(); ++tok)
+    if (t.at(tok, layer, 0) >= 0) RouteToken(t, map, tok, layer, (*homes)[tok], dest.data()), (*homes)[tok] = dest[0];
+}
+
 Result<RecordCount> CountLayerRecords(const RoutingTrace& t, const Placement& p, const CostOptions& o, uint32_t layer,
-                                      std::vector<uint64_t>* rank_load) {
+                                      std::vector<uint64_t>* rank_load, const std::vector<uint32_t>* given) {
   TE_RETURN_IF_ERROR(CheckFits(t, p, o));
   if (layer >= t.layers)
     return InvalidArgument("layer " + std::to_string(layer) + " outside [0, " + std::to_string(t.layers) + ")");
   auto map = p.Map(layer, o.nodes);
   if (!map.ok()) return map.status();
-  std::vector<uint32_t> homes = TokenHomes(t, p, o.home, layer, o.nodes);
+  if (given && given->size() != t.tokens)
+    return InvalidArgument("homes for " + std::to_string(given->size()) + " tokens; the trace has " +
+                           std::to_string(t.tokens));
+  if (given)
+    for (uint32_t h : *given)
+      if (h >= p.ranks)
+        return InvalidArgument("home rank " + std::to_string(h) + " outside [0, " + std::to_string(p.ranks) + ")");
+  std::vector<uint32_t> homes = given ? *given : TokenHomes(t, p, o.home, layer, o.nodes);
   RecordCount c;
   std::vector<uint64_t> load(p.ranks, 0);
   CountLayer(t, map.value(), layer, o, &homes, &c, &load);

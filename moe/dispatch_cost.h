@@ -79,8 +79,15 @@ struct DispatchCost {
 Result<DispatchCost> CountRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options);
 // One layer of CountRecords (the homes of the layers before it included),
 // and the (token, expert) pairs each rank computes there.
+// `homes`: the tokens' homes at that layer where the caller has them (from
+// AdvanceHomes); else computed from the layers before it.
 Result<RecordCount> CountLayerRecords(const RoutingTrace& trace, const Placement& placement, const CostOptions& options,
-                                      uint32_t layer, std::vector<uint64_t>* rank_load = nullptr);
+                                      uint32_t layer, std::vector<uint64_t>* rank_load = nullptr,
+                                      const std::vector<uint32_t>* homes = nullptr);
+// kTop1: every token's home at layer + 1 from its home at `layer` (where
+// `map`, that layer's, routes its first slot; a token whose first slot is
+// empty stays).
+void AdvanceHomes(const RoutingTrace& trace, const ExpertMap& map, uint32_t layer, std::vector<uint32_t>* homes);
 
 // The home rank of every token at `layer` (the rule above); with kTop1 the
 // rank that computed the token's top-1 expert, replicas included.

@@ -207,7 +207,7 @@ std::vector<uint32_t> Copies(const std::vector<uint64_t>& load, uint32_t ranks, 
 // them stand for its reached nodes); ties to the lighter rank.
 void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& load,
                const std::vector<uint32_t>& copies, const PlacementOptions& o, const std::vector<uint32_t>& capacity,
-               ReplicaChoice replica_choice, Placement* p) {
+               ReplicaChoice replica_choice, const std::vector<uint32_t>& homes, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
   p->replicas[l].assign(E, {});
   std::vector<double> rank_load(R, 0.0);
@@ -218,7 +218,6 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
     if (copies[e] > 1) order.push_back(e);
   std::stable_sort(order.begin(), order.end(),
                    [&](uint32_t a, uint32_t b) { return double(load[a]) / copies[a] > double(load[b]) / copies[b]; });
-  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   // Where each expert's tokens go now (updated as replicas are added).
   std::vector<std::vector<uint32_t>> choice(E);
   for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
@@ -534,9 +533,9 @@ void EqualizePrimaries(const RoutingTrace& t, uint32_t l, const std::vector<uint
 // Bytes were fitted first; this trades them for balance only where the
 // trace shows no cost.
 void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
-                  const std::vector<uint32_t>& capacity, ReplicaChoice replica_choice, Placement* p) {
+                  const std::vector<uint32_t>& capacity, ReplicaChoice replica_choice,
+                  const std::vector<uint32_t>& homes, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, per_node = R / o.nodes;
-  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   std::vector<std::vector<uint64_t>> from(E, std::vector<uint64_t>(R, 0));  // [expert][home]
   for (uint32_t tok = 0; tok < t.tokens; ++tok)
     for (uint32_t k = 0; k < t.topk; ++k)
@@ -912,13 +911,12 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
 // whose tokens repeat rows (so share keys) is cut at its own tokens' keys,
 // ties included, and left whole where no cut comes near the amount.
 void SplitFlows(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& shrunk, const PlacementOptions& o,
-                Placement* p) {
+                const std::vector<uint32_t>& homes, Placement* p) {
   const uint32_t E = t.experts, R = p->ranks, K = t.topk, per_node = R / o.nodes;
   constexpr uint32_t kKeys = ExpertMap::kKeySpace;
   auto map_or = p->Map(l, o.nodes);
   if (!map_or.ok() || !map_or->replicated()) return;
   const ExpertMap& map = map_or.value();
-  const std::vector<uint32_t> homes = TokenHomes(t, *p, o.home, l, o.nodes);
   // Where each (token, slot) goes now, each token's key, and the slots of
   // every flow (e, s) of a replicated expert.
   std::vector<uint32_t> dest(size_t(t.tokens) * K, UINT32_MAX), key(t.tokens);
@@ -1140,9 +1138,10 @@ struct LayerOutcome {
   uint64_t records = 0;
   double peak = 0, noise = 0;
 };
-LayerOutcome Judge(const RoutingTrace& t, const Placement& p, const PlacementOptions& o, uint32_t l) {
+LayerOutcome Judge(const RoutingTrace& t, const Placement& p, const PlacementOptions& o, uint32_t l,
+                   const std::vector<uint32_t>& homes) {
   std::vector<uint64_t> load;
-  auto c = CountLayerRecords(t, p, CostOptions{o.nodes, o.home, /*hierarchical=*/true}, l, &load);
+  auto c = CountLayerRecords(t, p, CostOptions{o.nodes, o.home, /*hierarchical=*/true}, l, &load, &homes);
   if (!c.ok()) return {};
   const uint64_t sum = std::accumulate(load.begin(), load.end(), uint64_t(0));
   if (sum == 0) return {true, Objective(c.value()), 1.0, 0.0};
@@ -1223,8 +1222,19 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
   }
   if (o.extra_slots > 0) {
     p.replicas.assign(t.layers, {});
+    // Every token's home at layer l, from the layers before it as finally
+    // placed (kTop1), advanced once per layer.
+    std::vector<uint32_t> homes(trace.tokens);
+    for (uint32_t tok = 0; tok < trace.tokens; ++tok) homes[tok] = tok % ranks;
+    auto advance = [&](uint32_t l) {
+      if (o.home != TokenHome::kTop1) return;
+      if (auto map = p.Map(l, o.nodes); map.ok()) AdvanceHomes(trace, map.value(), l, &homes);
+    };
     for (uint32_t l = 0; l < t.layers; ++l) {
-      if (!replicated[l]) continue;
+      if (!replicated[l]) {
+        advance(l);
+        continue;
+      }
       const auto layer_load = real_part(load[l]);
       const auto layer_copies = std::vector<uint32_t>(copies[l].begin(), copies[l].begin() + real);
       const auto capacity = p.ReplicaSlots(l, o.extra_slots);
@@ -1241,13 +1251,14 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
         p.rank_of[l] = primaries;
         if (!p.splits.empty()) p.splits[l].clear();
         p.choice[l] = choice;
-        Replicate(trace, l, layer_load, layer_copies, o, capacity, choice, &p);
-        BalanceLoads(trace, l, layer_load, o, capacity, choice, &p);
-        if (choice == ReplicaChoice::kBySource) SplitFlows(trace, l, layer_load, o, &p);
-        return Judge(trace, p, o, l);
+        Replicate(trace, l, layer_load, layer_copies, o, capacity, choice, homes, &p);
+        BalanceLoads(trace, l, layer_load, o, capacity, choice, homes, &p);
+        if (choice == ReplicaChoice::kBySource) SplitFlows(trace, l, layer_load, o, homes, &p);
+        return Judge(trace, p, o, l, homes);
       };
       if (o.replica_choice) {
         build(*o.replica_choice);
+        advance(l);
         continue;
       }
       struct Layer {
@@ -1269,7 +1280,7 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
       };
       Layer best = by_source;
       p.choice[l] = ReplicaChoice::kReachedNode;
-      const LayerOutcome flipped = Judge(trace, p, o, l);
+      const LayerOutcome flipped = Judge(trace, p, o, l, homes);
       if (acceptable(flipped)) best = save(flipped);
       // Worth placing copies for it where the same copies save at least 5%
       // of the layer's records (and more than the fitted trace's noise): a
@@ -1287,6 +1298,7 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
       p.replicas[l] = best.replicas;
       if (!p.splits.empty()) p.splits[l] = best.splits;
       p.choice[l] = best.choice;
+      advance(l);
     }
   }
   if (std::all_of(p.choice.begin(), p.choice.end(), [](ReplicaChoice c) { return c == ReplicaChoice::kBySource; }))
