@@ -33,8 +33,8 @@
 // deduplication: a token already crosses to every node holding one of its
 // experts, so a replica on such a node costs no crossing where the replica
 // the rule (and splits) chose may cost one. Per token of source s:
-//  - its reached nodes are s's node, then the nodes of its experts that
-//    have one copy, in slot order;
+//  - its reached nodes are s's node and the nodes of its experts that
+//    have one copy;
 //  - an expert with replicas goes where the rule sends it if that rank's
 //    node is reached; else to a reached node holding a copy, at RankInNode:
 //    of those nodes in ascending order the (key x count / 65536)-th, so
