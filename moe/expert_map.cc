@@ -140,9 +140,12 @@ std::vector<uint32_t> ExpertMap::ChooseReplicas(const std::vector<uint32_t>& on,
 uint32_t ExpertMap::RankInNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node) const {
   const uint32_t per_node = ranks_ / nodes_;
   if (node >= nodes_) return kNoRank;
-  const uint32_t c = ChoiceFor(expert, node * per_node + source % per_node);
-  if (c / per_node == node) return c;
-  const auto& on = ranks_of_[expert];
+  return CopyInNode(ranks_of_[expert], ChoiceFor(expert, node * per_node + source % per_node), per_node, node, key);
+}
+
+uint32_t ExpertMap::CopyInNode(const std::vector<uint32_t>& on, uint32_t choice, uint32_t per_node, uint32_t node,
+                               uint32_t key) {
+  if (choice / per_node == node) return choice;
   const uint32_t count =
       uint32_t(std::count_if(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == node; }));
   if (count == 0) return kNoRank;

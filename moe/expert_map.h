@@ -135,6 +135,10 @@ class ExpertMap {
   // else the node's copies in ranks_of order, the (key mod count)-th;
   // kNoRank where the node holds no copy.
   uint32_t RankInNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node) const;
+  // RankInNode's pick for copies `on` where the rule chose `choice` for that
+  // node's rank (ChooseReplicas), ranks r of node r / per_node.
+  static uint32_t CopyInNode(const std::vector<uint32_t>& on, uint32_t choice, uint32_t per_node, uint32_t node,
+                             uint32_t key);
   const std::vector<TokenSplit>& splits() const { return splits_; }
   // Index of the expert among `rank`'s local experts; the rank must hold it.
   uint32_t local_index(uint32_t expert, uint32_t rank) const;

@@ -263,17 +263,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
             held.erase(std::unique(held.begin(), held.end()), held.end());
             if (!held.empty()) {
               const uint32_t n = held[(uint64_t(x.key & 0xffff) * held.size()) >> 16];
-              uint32_t r = dest[n * per_node + x.home % per_node], count = 0;
-              if (r / per_node != n) {
-                for (uint32_t y : on) count += y / per_node == n;
-                uint32_t i = x.key % count;
-                for (uint32_t y : on)
-                  if (y / per_node == n && i-- == 0) {
-                    r = y;
-                    break;
-                  }
-              }
-              d = r;
+              d = ExpertMap::CopyInNode(on, dest[n * per_node + x.home % per_node], per_node, n, x.key);
             }
           }
         }
@@ -569,14 +559,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     std::sort(held.begin(), held.end());
     held.erase(std::unique(held.begin(), held.end()), held.end());
     auto in_node = [&](uint32_t n, uint32_t h, uint32_t key) {  // ExpertMap::RankInNode
-      const uint32_t c = ch[n * per_node + h % per_node];
-      if (c / per_node == n) return c;
-      const uint32_t count =
-          uint32_t(std::count_if(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == n; }));
-      uint32_t i = count ? key % count : 0;
-      for (uint32_t r : on)
-        if (r / per_node == n && i-- == 0) return r;
-      return ExpertMap::kNoRank;
+      return ExpertMap::CopyInNode(on, ch[n * per_node + h % per_node], per_node, n, key);
     };
     std::vector<uint64_t> count(on.size(), 0);
     std::vector<uint32_t> cand;
