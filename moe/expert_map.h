@@ -139,6 +139,42 @@ class ExpertMap {
   // node's rank (ChooseReplicas), ranks r of node r / per_node.
   static uint32_t CopyInNode(const std::vector<uint32_t>& on, uint32_t choice, uint32_t per_node, uint32_t node,
                              uint32_t key);
+  // Reached-node choice for one slot of a replicated expert: its copies
+  // `on`, the rule's choices `choice` (ChooseReplicas), `rule` the rank the
+  // rule and splits chose for this token of `source` with `key`, `reached`
+  // the ranks the token reaches anyway (its source and its single-copy
+  // experts' ranks; a ReachedRanks below, or any type with its three calls).
+  // The steps at the top of this file. Static so a solver can weigh copies
+  // it has not placed yet exactly as Route will route them.
+  template <typename Set>
+  static uint32_t ReachedCopy(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                              uint32_t source, uint32_t key, uint32_t per_node, const Set& reached);
+  // Its last step, once `node` is chosen: a copy on a reached rank of the
+  // node (the rule's if it is one, else the (key mod count)-th in `on`
+  // order), else the rule's rank if on the node, else CopyInNode. Tests
+  // only ranks on `node`: a relay there, which sees only its node's part of
+  // a row, computes it alike (RankOnNode).
+  template <typename Set>
+  static uint32_t CopyOnNode(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                             uint32_t source, uint32_t key, uint32_t per_node, uint32_t node, const Set& reached);
+  // Reached ranks as a list of n (duplicates allowed).
+  struct ReachedRanks {
+    const uint32_t* ranks;
+    uint32_t n, per_node;
+    uint32_t node_of(uint32_t r) const { return r / per_node; }
+    bool rank(uint32_t r) const { return std::find(ranks, ranks + n, r) != ranks + n; }
+    bool node(uint32_t x) const {
+      return std::any_of(ranks, ranks + n, [&](uint32_t r) { return r / per_node == x; });
+    }
+  };
+  // CopyOnNode for this map's expert, `reached` the n ranks of `node` the
+  // token reaches anyway.
+  uint32_t RankOnNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node, const uint32_t* reached,
+                      uint32_t n) const {
+    const uint32_t per_node = ranks_ / nodes_;
+    return CopyOnNode(ranks_of_[expert], choice_[expert], RankFor(expert, source, key), source, key, per_node, node,
+                      ReachedRanks{reached, n, per_node});
+  }
   const std::vector<TokenSplit>& splits() const { return splits_; }
   // Index of the expert among `rank`'s local experts; the rank must hold it.
   uint32_t local_index(uint32_t expert, uint32_t rank) const;
@@ -170,36 +206,65 @@ template <typename Id>
 void ExpertMap::Route(const Id* row, uint32_t topk, uint32_t source, uint32_t key, uint32_t* dest) const {
   for (uint32_t k = 0; k < topk; ++k) dest[k] = int64_t(row[k]) < 0 ? kNoRank : RankFor(uint32_t(row[k]), source, key);
   if (!replicated_ || replica_choice_ != ReplicaChoice::kReachedNode) return;
-  const uint32_t per_node = ranks_ / nodes_;
-  // Reached nodes: the source's, then single-copy experts' (slot order).
+  // Reached ranks: the source, then single-copy experts' (slot order).
   uint32_t small[64];
   std::vector<uint32_t> large;
   uint32_t* reached = topk < 64 ? small : (large.resize(topk + 1), large.data());
-  uint32_t n_reached = 0;
-  auto is_reached = [&](uint32_t node) {
-    for (uint32_t i = 0; i < n_reached; ++i)
-      if (reached[i] == node) return true;
-    return false;
-  };
-  reached[n_reached++] = source / per_node;
+  uint32_t n = 0;
+  reached[n++] = source;
   for (uint32_t k = 0; k < topk; ++k)
-    if (dest[k] != kNoRank && ranks_of_[uint32_t(row[k])].size() == 1 && !is_reached(dest[k] / per_node))
-      reached[n_reached++] = dest[k] / per_node;
-  for (uint32_t k = 0; k < topk; ++k) {
-    if (dest[k] == kNoRank || ranks_of_[uint32_t(row[k])].size() == 1 || is_reached(dest[k] / per_node)) continue;
-    const auto& on = ranks_of_[uint32_t(row[k])];
-    // Reached nodes holding a copy, in node order; the key picks one.
-    uint32_t small_held[64];
-    std::vector<uint32_t> large_held;
-    uint32_t* held = topk < 64 ? small_held : (large_held.resize(topk + 1), large_held.data());
-    uint32_t n_held = 0;
-    for (uint32_t i = 0; i < n_reached; ++i)
-      if (std::any_of(on.begin(), on.end(), [&](uint32_t r) { return r / per_node == reached[i]; }))
-        held[n_held++] = reached[i];
-    if (n_held == 0) continue;
-    std::sort(held, held + n_held);
-    dest[k] = RankInNode(uint32_t(row[k]), source, key, held[(uint64_t(key & 0xffff) * n_held) >> 16]);
+    if (dest[k] != kNoRank && ranks_of_[uint32_t(row[k])].size() == 1 &&
+        std::find(reached, reached + n, dest[k]) == reached + n)
+      reached[n++] = dest[k];
+  for (uint32_t k = 0; k < topk; ++k)
+    if (dest[k] != kNoRank && ranks_of_[uint32_t(row[k])].size() > 1)
+      dest[k] = ReachedCopy(ranks_of_[uint32_t(row[k])], choice_[uint32_t(row[k])], dest[k], source, key,
+                            ranks_ / nodes_, ReachedRanks{reached, n, ranks_ / nodes_});
+}
+
+template <typename Set>
+uint32_t ExpertMap::ReachedCopy(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                                uint32_t source, uint32_t key, uint32_t per_node, const Set& reached) {
+  if (reached.rank(rule)) return rule;  // what the steps below give, the common case made short
+  // Candidate nodes: 1. those with a copy on a reached rank; 2. else the
+  // rule's node, if reached; 3. else the reached nodes holding a copy.
+  uint32_t small[64];
+  std::vector<uint32_t> large;
+  uint32_t* nodes = on.size() <= 64 ? small : (large.resize(on.size()), large.data());
+  uint32_t count = 0;
+  auto add = [&](uint32_t node) {
+    if (std::find(nodes, nodes + count, node) == nodes + count) nodes[count++] = node;
+  };
+  for (uint32_t r : on)
+    if (reached.rank(r)) add(reached.node_of(r));
+  if (count == 0 && reached.node(reached.node_of(rule))) return rule;  // CopyOnNode's answer there
+  if (count == 0)
+    for (uint32_t r : on)
+      if (reached.node(reached.node_of(r))) add(reached.node_of(r));
+  if (count == 0) return rule;  // no reached node holds a copy
+  // The rule's node where it is a candidate, else the key picks one (in
+  // node order), so tokens spread over them evenly.
+  if (std::find(nodes, nodes + count, reached.node_of(rule)) == nodes + count) {
+    std::sort(nodes, nodes + count);
+    nodes[0] = nodes[(uint64_t(key & 0xffff) * count) >> 16];
+  } else {
+    nodes[0] = reached.node_of(rule);
   }
+  return CopyOnNode(on, choice, rule, source, key, per_node, nodes[0], reached);
+}
+
+template <typename Set>
+uint32_t ExpertMap::CopyOnNode(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                               uint32_t source, uint32_t key, uint32_t per_node, uint32_t node, const Set& reached) {
+  auto here = [&](uint32_t r) { return reached.node_of(r) == node && reached.rank(r); };
+  if (here(rule)) return rule;
+  if (const uint32_t count = uint32_t(std::count_if(on.begin(), on.end(), here)); count > 0) {
+    uint32_t i = key % count;
+    for (uint32_t r : on)
+      if (here(r) && i-- == 0) return r;
+  }
+  if (reached.node_of(rule) == node) return rule;
+  return CopyInNode(on, choice[node * per_node + source % per_node], per_node, node, key);
 }
 
 }  // namespace te::moe

@@ -122,6 +122,7 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   idx_.resize(size_t(batch.tokens) * K);
   keys_.resize(batch.tokens);
   dest_.resize(K);
+  reached_.resize(K + 1);
   for (uint32_t t = 0; t < batch.tokens; ++t) {
     const int32_t* row = batch.topk_idx + size_t(t) * K;
     keys_[t] = uint16_t(ExpertMap::TokenKey(row, K));
@@ -154,17 +155,25 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
   for (size_t q = 0; q < rows; ++q) {
     std::memcpy(&rows_[q * tb], records_[q] + off, tb);
     if (sc) std::memcpy(&scales_[q * sc], records_[q] + off + tb, sc * sizeof(float));
-    uint32_t k = 0;
-    for (uint32_t i = ah.row_begin[q]; i < ah.row_begin[q + 1] && k < K; ++i, ++k) {
+    // The ranks of this node the token reaches anyway: its source (if here)
+    // and its single-copy experts' ranks, all of which this row names.
+    const uint32_t first = ah.row_begin[q], end = std::min(ah.row_begin[q + 1], first + K);
+    const uint32_t source =
+        end > first ? across_result_.experts[ah.entries[first].local_expert].src_rank[ah.entries[first].position] : 0;
+    uint32_t n_reached = 0;
+    if (source / L == node_) reached_[n_reached++] = source;
+    for (uint32_t i = first; i < end; ++i)
+      if (const uint32_t e = ah.entries[i].local_expert; map.ranks_of(e).size() == 1)
+        reached_[n_reached++] = map.rank_of(e);
+    for (uint32_t i = first, k = 0; i < end; ++i, ++k) {
       const RowEntry& entry = ah.entries[i];
       const uint32_t e = entry.local_expert;
-      const uint32_t source = across_result_.experts[e].src_rank[entry.position];
       // Where the source's Route sent it: the rule's rank if on this node,
-      // else (reached-node choice) the copy this node's RankInNode names.
+      // else (reached-node choice) the copy this node's RankOnNode names.
       const uint32_t key = RecordTag(records_[q]);
       uint32_t r = map.RankFor(e, source, key);
-      if (r / L != node_ && map.replica_choice() == ReplicaChoice::kReachedNode)
-        r = map.RankInNode(e, source, key, node_);
+      if (map.replica_choice() == ReplicaChoice::kReachedNode && map.ranks_of(e).size() > 1)
+        r = map.RankOnNode(e, source, key, node_, reached_.data(), n_reached);
       if (r == ExpertMap::kNoRank || r / L != node_)
         return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +
                                     " to node " + std::to_string(node_) + ", where this rank's map has no replica " +

@@ -110,12 +110,13 @@ class HierarchicalDispatcher {
   CallSequence calls_;
   uint64_t across_sent_ = 0, inside_sent_ = 0;
   // State of the pending dispatch.
-  std::vector<uint16_t> keys_;  // [tokens] ExpertMap::TokenKey of each row
-  std::vector<uint32_t> dest_;  // [topk] one row's destinations (ExpertMap::Route)
-  std::vector<int32_t> idx_;    // virtual top-k: across nodes, then inside
-  std::vector<uint8_t> rows_;   // relayed token bytes [rows, token_bytes]
-  std::vector<float> scales_;   // relayed fp8 scales
-  std::vector<float> weights_;  // relayed weights [rows, topk]
+  std::vector<uint16_t> keys_;     // [tokens] ExpertMap::TokenKey of each row
+  std::vector<uint32_t> dest_;     // [topk] one row's destinations (ExpertMap::Route)
+  std::vector<uint32_t> reached_;  // [topk + 1] ranks of this node one relayed row reaches
+  std::vector<int32_t> idx_;       // virtual top-k: across nodes, then inside
+  std::vector<uint8_t> rows_;      // relayed token bytes [rows, token_bytes]
+  std::vector<float> scales_;      // relayed fp8 scales
+  std::vector<float> weights_;     // relayed weights [rows, topk]
   SendPlan plan_;
   DispatchResult across_result_, inside_result_;
   std::vector<const uint8_t*> records_;          // received rows across nodes, in the receive region

@@ -243,29 +243,19 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
     }
     // Records the tokens of e cost were its copies `on` (choices `dest`).
     const bool reached = replica_choice == ReplicaChoice::kReachedNode;
+    std::vector<uint32_t> reached_ranks;
     auto cost = [&](const std::vector<uint32_t>& dest, const std::vector<uint32_t>& on) {
       int64_t c = 0;
       for (const Token& x : mine) {
         uint32_t d = dest[x.home];
         if (reached) {
-          auto reaches = [&](uint32_t n) {
-            if (n == x.home / per_node) return true;
-            for (uint32_t r : x.others)
-              if (r / per_node == n) return true;
-            return false;
-          };
-          if (!reaches(d / per_node)) {
-            // ExpertMap::Route: a reached node holding a copy, by key.
-            std::vector<uint32_t> held;
-            for (uint32_t y : on)
-              if (reaches(y / per_node)) held.push_back(y / per_node);
-            std::sort(held.begin(), held.end());
-            held.erase(std::unique(held.begin(), held.end()), held.end());
-            if (!held.empty()) {
-              const uint32_t n = held[(uint64_t(x.key & 0xffff) * held.size()) >> 16];
-              d = ExpertMap::CopyInNode(on, dest[n * per_node + x.home % per_node], per_node, n, x.key);
-            }
-          }
+          // ExpertMap::Route, with the token's other experts where they are
+          // now (their copies may move later) standing for its reached ranks.
+          reached_ranks.assign(1, x.home);
+          reached_ranks.insert(reached_ranks.end(), x.others.begin(), x.others.end());
+          d = ExpertMap::ReachedCopy(
+              on, dest, d, x.home, x.key, per_node,
+              ExpertMap::ReachedRanks{reached_ranks.data(), uint32_t(reached_ranks.size()), per_node});
         }
         if (d == x.home || std::find(x.others.begin(), x.others.end(), d) != x.others.end()) continue;
         ++c;  // a record to d
@@ -541,112 +531,115 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   std::vector<std::vector<uint32_t>> choice(E);
   std::vector<uint64_t> load(R, 0);
   // With kReachedNode a replicated expert's tokens follow each token's
-  // reached nodes (its home's and its single-copy experts', in order;
-  // ExpertMap's Route), which only moves of single-copy experts across
-  // nodes change: `reached` and `tokens_of` are recomputed after those.
+  // reached ranks (its home and its single-copy experts' ranks; ExpertMap's
+  // Route), which only moves of single-copy experts change: the bits of
+  // their tokens are recomputed after those (`rebits`).
   const bool steer = replica_choice == ReplicaChoice::kReachedNode;
-  std::vector<std::vector<uint32_t>> reached;       // [token] nodes
-  std::vector<std::vector<uint32_t>> tokens_of(E);  // [replicated expert] tokens, once per slot naming it
-  std::vector<uint32_t> keys;
+  const uint32_t N = o.nodes, RW = (R + 63) / 64, NW = (N + 63) / 64;
+  // Per token, in one block for the scans below: its key, then the bits of
+  // the ranks (RW words) and of the nodes (NW words) it reaches.
+  const size_t stride = 1 + RW + NW;
+  std::vector<uint64_t> reached;
+  std::vector<uint32_t> node_of_rank(R);  // r / per_node, without a division per token
+  for (uint32_t r = 0; r < R; ++r) node_of_rank[r] = r / per_node;
+  std::vector<std::vector<uint32_t>> tokens_of(E);            // [expert] tokens, once per slot naming it
   std::vector<double> scale_of(E, 1.0);                       // ShrunkLoads' estimate per counted token
   using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
-  const uint32_t N = o.nodes;
-  std::vector<uint64_t> reached_mask;  // [token] the same as bits, where N <= 64
+  struct Bits {                                               // ExpertMap::ReachedRanks, as bits
+    const uint64_t *ranks, *nodes;
+    const uint32_t* node_of_rank;
+    uint32_t node_of(uint32_t r) const { return node_of_rank[r]; }
+    bool rank(uint32_t r) const { return (ranks[r >> 6] >> (r & 63)) & 1; }
+    bool node(uint32_t n) const { return (nodes[n >> 6] >> (n & 63)) & 1; }
+  };
+  // A balancing pass weighs the same copy sets again and again: their shares
+  // are kept per expert until its tokens' bits change.
+  struct Known {
+    std::vector<uint32_t> on, ch;
+    Shares shares;
+  };
+  std::vector<std::vector<Known>> known(E);
   auto reached_shares = [&](uint32_t x, const std::vector<uint32_t>& on, const std::vector<uint32_t>& ch) {
-    std::vector<uint32_t> held;  // nodes holding a copy, ascending
-    uint64_t held_mask = 0;
-    for (uint32_t r : on) held.push_back(r / per_node), held_mask |= N <= 64 ? uint64_t(1) << (r / per_node) : 0;
-    std::sort(held.begin(), held.end());
-    held.erase(std::unique(held.begin(), held.end()), held.end());
-    auto in_node = [&](uint32_t n, uint32_t h, uint32_t key) {  // ExpertMap::RankInNode
-      return ExpertMap::CopyInNode(on, ch[n * per_node + h % per_node], per_node, n, key);
-    };
+    for (const Known& k : known[x])
+      if (k.on == on && k.ch == ch) return k.shares;
     std::vector<uint64_t> count(on.size(), 0);
-    std::vector<uint32_t> cand;
     for (uint32_t tok : tokens_of[x]) {
-      const uint32_t h = homes[tok], key = keys[tok];
-      uint32_t d = ch[h];
-      if (N <= 64) {
-        const uint64_t m = reached_mask[tok];
-        if (!((m >> (d / per_node)) & 1))
-          if (uint64_t c = m & held_mask) {
-            // The ((key x count) >> 16)-th reached node holding a copy.
-            for (uint64_t i = (uint64_t(key & 0xffff) * uint64_t(std::popcount(c))) >> 16; i > 0; --i) c &= c - 1;
-            d = in_node(uint32_t(std::countr_zero(c)), h, key);
-          }
-      } else {
-        const auto& v = reached[tok];  // ascending
-        if (!std::binary_search(v.begin(), v.end(), d / per_node)) {
-          cand.clear();
-          std::set_intersection(v.begin(), v.end(), held.begin(), held.end(), std::back_inserter(cand));
-          if (!cand.empty()) d = in_node(cand[(uint64_t(key & 0xffff) * cand.size()) >> 16], h, key);
-        }
-      }
+      const uint32_t h = homes[tok];
+      const uint64_t* at = &reached[tok * stride];
+      const Bits bits{at + 1, at + 1 + RW, node_of_rank.data()};
+      const uint32_t d = ExpertMap::ReachedCopy(on, ch, ch[h], h, uint32_t(at[0]), per_node, bits);
       for (size_t j = 0; j < on.size(); ++j)
         if (on[j] == d) count[j]++;
     }
     Shares out;
     for (size_t j = 0; j < on.size(); ++j)
       out.emplace_back(on[j], uint64_t(std::llround(double(count[j]) * scale_of[x])));
+    known[x].push_back({on, ch, out});
     return out;
   };
-  auto find_reached = [&] {
-    if (!steer) return;
-    if (N <= 64) {
-      reached_mask.assign(t.tokens, 0);
-    } else {
-      reached.assign(t.tokens, {});
-    }
-    keys.assign(t.tokens, 0);
-    for (auto& v : tokens_of) v.clear();
+  auto set_bits = [&](uint32_t tok) {
+    uint64_t* rb = &reached[tok * stride + 1];
+    uint64_t* nb = rb + RW;
+    std::fill(rb, rb + RW, 0), std::fill(nb, nb + NW, 0);
+    auto mark = [&](uint32_t r) {
+      rb[r >> 6] |= uint64_t(1) << (r & 63), nb[r / per_node >> 6] |= uint64_t(1) << (r / per_node & 63);
+    };
+    mark(homes[tok]);
+    for (uint32_t k = 0; k < t.topk; ++k)
+      if (const int e = t.at(tok, l, k); e >= 0 && p->replicas[l][e].empty()) mark(p->rank_of[l][e]);
+  };
+  if (steer) {
+    reached.assign(t.tokens * stride, 0);
     for (uint32_t tok = 0; tok < t.tokens; ++tok) {
-      keys[tok] = ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk);
-      std::vector<uint32_t> v{homes[tok] / per_node};
-      for (uint32_t k = 0; k < t.topk; ++k) {
-        const int e = t.at(tok, l, k);
-        if (e < 0) continue;
-        const auto on = p->RanksOf(l, uint32_t(e));
-        if (on.size() == 1) {
-          if (std::find(v.begin(), v.end(), on[0] / per_node) == v.end()) v.push_back(on[0] / per_node);
-        } else {
-          tokens_of[e].push_back(tok);
-        }
-      }
-      if (N <= 64) {
-        uint64_t m = 0;
-        for (uint32_t n : v) m |= uint64_t(1) << n;
-        reached_mask[tok] = m;
-      } else {
-        std::sort(v.begin(), v.end());
-        reached[tok] = std::move(v);
-      }
+      reached[tok * stride] = ExpertMap::TokenKey(&t.ids[(size_t(tok) * t.layers + l) * t.topk], t.topk);
+      for (uint32_t k = 0; k < t.topk; ++k)
+        if (const int e = t.at(tok, l, k); e >= 0) tokens_of[e].push_back(tok);
+      set_bits(tok);
     }
     for (uint32_t e = 0; e < E; ++e) {
       const uint64_t counted = tokens_of[e].size();
       scale_of[e] = counted ? double(shrunk[e]) / double(counted) : 1.0;
     }
-  };
+  }
+  std::vector<Shares> added(E);  // with kReachedNode: what add(e, +1) added, for add(e, -1)
   auto add = [&](uint32_t e, int sign) {
-    const auto on = p->RanksOf(l, e);
-    if (steer && on.size() > 1) {
-      for (auto [r, w] : reached_shares(e, on, choice[e])) load[r] += sign * int64_t(w);
+    if (steer && !p->replicas[l][e].empty()) {
+      if (sign > 0) added[e] = reached_shares(e, p->RanksOf(l, e), choice[e]);
+      for (auto [r, w] : added[e]) load[r] += sign * int64_t(w);
       return;
     }
     for (uint32_t s = 0; s < R; ++s) load[choice[e][s]] += sign * int64_t(from[e][s]);
   };
   for (uint32_t e = 0; e < E; ++e) choice[e] = ExpertMap::ChooseReplicas(p->RanksOf(l, e), R, o.nodes);
-  find_reached();
   for (uint32_t e = 0; e < E; ++e) add(e, +1);
   std::vector<uint32_t> used(R, 0);
   for (const auto& reps : p->replicas[l])
     for (uint32_t r : reps) used[r]++;
   std::vector<uint64_t> total(E, 0);
   for (uint32_t e = 0; e < E; ++e) total[e] = std::accumulate(from[e].begin(), from[e].end(), uint64_t(0));
-  // Reached nodes are those of single-copy experts: after one of those
-  // moves to another node, every replicated expert's loads are recomputed.
+  // Reached ranks are those of single-copy experts: after some of those
+  // moved, the tokens naming them get new bits, and the replicated experts
+  // of those tokens new loads.
+  std::vector<char> marked(E, 0);
+  auto rebits = [&](const std::vector<uint32_t>& moved) {
+    if (!steer) return;
+    std::vector<uint32_t> affected;
+    for (uint32_t x : moved)
+      if (p->replicas[l][x].empty())
+        for (uint32_t tok : tokens_of[x])
+          for (uint32_t k = 0; k < t.topk; ++k)
+            if (const int y = t.at(tok, l, k); y >= 0 && !p->replicas[l][y].empty() && !marked[y])
+              marked[y] = 1, affected.push_back(uint32_t(y));
+    for (uint32_t y : affected) add(y, -1), known[y].clear();
+    for (uint32_t x : moved)
+      if (p->replicas[l][x].empty())
+        for (uint32_t tok : tokens_of[x]) set_bits(tok);
+    for (uint32_t y : affected) add(y, +1), marked[y] = 0;
+  };
   auto reroute = [&] {
     if (!steer) return;
-    find_reached();
+    for (uint32_t tok = 0; tok < t.tokens; ++tok) set_bits(tok);
+    for (auto& k : known) k.clear();
     std::fill(load.begin(), load.end(), 0);
     for (uint32_t e = 0; e < E; ++e) add(e, +1);
   };
@@ -857,8 +850,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
         choice[ex_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_e), R, o.nodes);
         choice[ex_f] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_f), R, o.nodes);
         add(ex_e, +1), add(ex_f, +1);
-        if (h / per_node != ex_r / per_node && (p->RanksOf(l, ex_e).size() == 1 || p->RanksOf(l, ex_f).size() == 1))
-          reroute();
+        rebits({ex_e, ex_f});
       } else if (move_e != E) {
         add(move_e, -1);
         auto& reps = p->replicas[l][move_e];

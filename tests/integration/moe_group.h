@@ -336,10 +336,9 @@ inline std::vector<std::pair<uint32_t, uint32_t>> RelayRows(const moe::EpConfig&
     for (uint32_t t = 0; t < batches[s].tokens; ++t) {
       bool needs = false;
       const int32_t* row = batches[s].idx.data() + size_t(t) * c.topk;
-      for (uint32_t k = 0; k < c.topk; ++k) {
-        const int32_t e = row[k];
-        needs |= e >= 0 && map.RankFor(uint32_t(e), s, moe::ExpertMap::TokenKey(row, c.topk)) / L == node;
-      }
+      std::vector<uint32_t> dest(c.topk);
+      map.Route(row, c.topk, s, moe::ExpertMap::TokenKey(row, c.topk), dest.data());
+      for (uint32_t k = 0; k < c.topk; ++k) needs |= row[k] >= 0 && dest[k] / L == node;
       if (needs) rows.emplace_back(s, t);
     }
   return rows;
@@ -506,7 +505,9 @@ inline std::string RunCoherentRank(moe::CoherentDispatcher& d, const CoherentRun
     for (uint32_t h = 0; h < R; ++h)
       for (uint32_t i = 0; i < living[h].size(); ++i) {
         const int32_t* row = batches[h].idx.data() + size_t(i) * c.topk;
-        const uint32_t merge = row[0] >= 0 ? m.RankFor(uint32_t(row[0]), h, moe::ExpertMap::TokenKey(row, c.topk)) : h;
+        std::vector<uint32_t> dest(c.topk);
+        m.Route(row, c.topk, h, moe::ExpertMap::TokenKey(row, c.topk), dest.data());
+        const uint32_t merge = row[0] >= 0 ? dest[0] : h;
         next[merge].push_back(living[h][i]);
         if (merge != h && moved && merge == c.rank) ++*moved;
         if (merge != c.rank) continue;

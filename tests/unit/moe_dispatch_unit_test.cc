@@ -207,6 +207,54 @@ TEST(ExpertMap, ReachedNodeChoiceSendsATokenToACopyOnANodeItReaches) {
   EXPECT_FALSE(ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice(7)).ok());
 }
 
+// What a relay of the hierarchical dispatcher computes from its node's part
+// of a row (RankOnNode) is where Route sent every slot there, for random
+// copies, splits, rows and sources.
+TEST(ExpertMap, RankOnNodeAgreesWithRouteFromANodesPartOfTheRow) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 40; ++trial) {
+    const uint32_t nodes = 1 + rng() % 4, per_node = 1 + rng() % 4, ranks = nodes * per_node, experts = 24,
+                   topk = 1 + rng() % 6;
+    std::vector<std::vector<uint32_t>> on(experts);
+    for (auto& v : on) {
+      const uint32_t copies = 1 + rng() % std::min(ranks, 3u);
+      while (v.size() < copies)
+        if (uint32_t r = rng() % ranks; std::find(v.begin(), v.end(), r) == v.end()) v.push_back(r);
+    }
+    std::vector<moe::TokenSplit> splits;
+    for (uint32_t e = 0; e < experts; ++e)
+      if (on[e].size() > 1 && rng() % 2) splits.push_back({e, uint32_t(rng() % ranks), on[e][1], 20000});
+    const auto map = ExpertMap::WithReplicas(on, ranks, nodes, splits, moe::ReplicaChoice::kReachedNode);
+    ASSERT_TRUE(map.ok()) << map.status().ToString();
+    for (int t = 0; t < 200; ++t) {
+      std::vector<int32_t> row(topk);
+      for (auto& e : row) e = rng() % 8 == 0 ? -1 : int32_t(rng() % experts);
+      const uint32_t source = rng() % ranks, key = ExpertMap::TokenKey(row.data(), topk);
+      std::vector<uint32_t> dest(topk);
+      map->Route(row.data(), topk, source, key, dest.data());
+      for (uint32_t k = 0; k < topk; ++k) {
+        if (row[k] < 0) {
+          EXPECT_EQ(dest[k], ExpertMap::kNoRank);
+          continue;
+        }
+        const auto& copies = map->ranks_of(uint32_t(row[k]));
+        ASSERT_NE(std::find(copies.begin(), copies.end(), dest[k]), copies.end());
+        const uint32_t node = dest[k] / per_node;
+        // The relay sees the slots sent to its node: its single-copy
+        // experts' ranks, and the source if it is there.
+        std::vector<uint32_t> seen;
+        if (source / per_node == node) seen.push_back(source);
+        for (uint32_t j = 0; j < topk; ++j)
+          if (row[j] >= 0 && dest[j] / per_node == node && map->ranks_of(uint32_t(row[j])).size() == 1)
+            seen.push_back(dest[j]);
+        if (copies.size() > 1)
+          EXPECT_EQ(map->RankOnNode(uint32_t(row[k]), source, key, node, seen.data(), uint32_t(seen.size())), dest[k])
+              << "trial " << trial << " token " << t << " slot " << k;
+      }
+    }
+  }
+}
+
 TEST(EpConfig, ValidateNamesTheBadField) {
   EpConfig c;
   c.ranks = 4;
