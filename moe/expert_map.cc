@@ -22,6 +22,24 @@ Result<ExpertMap> ExpertMap::FromRanks(std::vector<uint32_t> rank_of, uint32_t r
   return WithReplicas(std::move(ranks_of), ranks, 1);
 }
 
+const char* ReplicaChoiceName(ReplicaChoice choice) {
+  switch (choice) {
+    case ReplicaChoice::kBySource:
+      return "source";
+    case ReplicaChoice::kReachedNode:
+      return "reached_node";
+    case ReplicaChoice::kReachedRank:
+      return "reached_rank";
+  }
+  return "unknown";
+}
+
+Result<ReplicaChoice> ParseReplicaChoice(const std::string& name) {
+  for (ReplicaChoice c : {ReplicaChoice::kBySource, ReplicaChoice::kReachedNode, ReplicaChoice::kReachedRank})
+    if (name == ReplicaChoiceName(c)) return c;
+  return InvalidArgument("replica choice '" + name + "' is not one of source, reached_node, reached_rank");
+}
+
 Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ranks_of, uint32_t ranks, uint32_t nodes,
                                           const std::vector<TokenSplit>& splits, ReplicaChoice choice) {
   if (ranks == 0) return InvalidArgument("ranks must be >= 1");
@@ -30,9 +48,9 @@ Result<ExpertMap> ExpertMap::WithReplicas(std::vector<std::vector<uint32_t>> ran
                            " nodes");
   if (ranks_of.empty() || ranks_of.size() > 65535)
     return InvalidArgument("expert count " + std::to_string(ranks_of.size()) + " outside [1, 65535]");
-  if (choice != ReplicaChoice::kBySource && choice != ReplicaChoice::kReachedNode)
+  if (uint32_t(choice) > uint32_t(ReplicaChoice::kReachedRank))
     return InvalidArgument("replica choice " + std::to_string(int(choice)) + " is not one of 0 (by source), " +
-                           "1 (reached node)");
+                           "1 (reached node), 2 (reached rank)");
   ExpertMap m;
   m.ranks_ = ranks;
   m.nodes_ = nodes;

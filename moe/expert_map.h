@@ -29,16 +29,22 @@
 // expert's tokens from a source.
 //
 // Reached-node choice (ReplicaChoice::kReachedNode) refines that by the rest
-// of the token's row, to save network crossings under node-level
-// deduplication: a token already crosses to every node holding one of its
-// experts, so a replica on such a node costs no crossing where the replica
-// the rule (and splits) chose may cost one. Per token of source s:
-//  - its reached nodes are s's node and the nodes of its experts that
-//    have one copy;
-//  - an expert with replicas goes where the rule sends it if that rank's
-//    node is reached; else to a reached node holding a copy, at RankInNode:
-//    of those nodes in ascending order the (key x count / 65536)-th, so
-//    tokens spread over them evenly; else where the rule sends it.
+// of the token's row: a token already goes to the ranks of its experts and
+// crosses to their nodes, so a replica on such a rank costs no record, and
+// one on such a node no network crossing (node-level deduplication), where
+// the replica the rule (and splits) chose may cost both. Per token of
+// source s, its reached ranks are s and the ranks of its experts that have
+// one copy, its reached nodes theirs. An expert with replicas goes
+//  1. to the rule's rank if it is reached; else to a node chosen among
+//  2. the nodes with a copy on a reached rank, else the rule's node if it
+//     is reached, else the reached nodes holding a copy: the rule's node
+//     where it is among them, else of those in ascending order the
+//     (key x count / 65536)-th, so tokens spread over them evenly;
+//  3. and there to a copy on a reached rank (of those in ranks_of order the
+//     (key mod count)-th), else the rule's rank if on the node, else
+//     RankInNode; where no node qualifies, to the rule's rank.
+// Step 3 reads only the reached ranks on its node, so a relay there that
+// sees only its node's part of the row computes it alike (RankOnNode).
 // Only single-copy experts count as reached, so where one replicated
 // expert's tokens go does not depend on another's: a placement's loads can
 // be computed expert by expert (moe/placement_solver.cc does).
@@ -46,6 +52,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "base/status.h"
@@ -63,7 +70,13 @@ struct TokenSplit {
 enum class ReplicaChoice : uint8_t {
   kBySource = 0,     // the rule and token splits: (expert, source, key)
   kReachedNode = 1,  // kBySource, moved to a node the token reaches (above)
+  kReachedRank = 2,  // kReachedNode, and to a rank the token reaches there
 };
+
+// "source", "reached_node", "reached_rank"; and back (an error names the
+// valid ones).
+const char* ReplicaChoiceName(ReplicaChoice choice);
+Result<ReplicaChoice> ParseReplicaChoice(const std::string& name);
 
 class ExpertMap {
  public:
@@ -121,7 +134,7 @@ class ExpertMap {
   ReplicaChoice replica_choice() const { return replica_choice_; }
   // Whether Route reads the token's key (token splits or reached-node
   // choice); without, a caller may pass any key.
-  bool uses_key() const { return !splits_.empty() || (replicated_ && replica_choice_ == ReplicaChoice::kReachedNode); }
+  bool uses_key() const { return !splits_.empty() || (replicated_ && replica_choice_ != ReplicaChoice::kBySource); }
 
   // Where every slot of one token of `source` goes: dest[k] for row[k] (an
   // expert id < experts(), or negative for an empty slot, whose dest is
@@ -146,9 +159,11 @@ class ExpertMap {
   // experts' ranks; a ReachedRanks below, or any type with its three calls).
   // The steps at the top of this file. Static so a solver can weigh copies
   // it has not placed yet exactly as Route will route them.
+  // `how`: kReachedNode reads only the reached nodes (steps 1-3 with no
+  // rank reached), kReachedRank the ranks too.
   template <typename Set>
-  static uint32_t ReachedCopy(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
-                              uint32_t source, uint32_t key, uint32_t per_node, const Set& reached);
+  static uint32_t ReachedCopy(ReplicaChoice how, const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice,
+                              uint32_t rule, uint32_t source, uint32_t key, uint32_t per_node, const Set& reached);
   // Its last step, once `node` is chosen: a copy on a reached rank of the
   // node (the rule's if it is one, else the (key mod count)-th in `on`
   // order), else the rule's rank if on the node, else CopyInNode. Tests
@@ -168,10 +183,11 @@ class ExpertMap {
     }
   };
   // CopyOnNode for this map's expert, `reached` the n ranks of `node` the
-  // token reaches anyway.
+  // token reaches anyway (read with kReachedRank only).
   uint32_t RankOnNode(uint32_t expert, uint32_t source, uint32_t key, uint32_t node, const uint32_t* reached,
                       uint32_t n) const {
     const uint32_t per_node = ranks_ / nodes_;
+    if (replica_choice_ != ReplicaChoice::kReachedRank) n = 0;
     return CopyOnNode(ranks_of_[expert], choice_[expert], RankFor(expert, source, key), source, key, per_node, node,
                       ReachedRanks{reached, n, per_node});
   }
@@ -184,6 +200,11 @@ class ExpertMap {
   uint32_t fingerprint() const { return fingerprint_; }
 
  private:
+  // ReachedCopy's steps 1-3 (kReachedRank; kReachedNode hides the ranks).
+  template <typename Set>
+  static uint32_t Steer(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                        uint32_t source, uint32_t key, uint32_t per_node, const Set& reached);
+
   uint32_t ranks_ = 0, nodes_ = 1;
   bool replicated_ = false;
   ReplicaChoice replica_choice_ = ReplicaChoice::kBySource;
@@ -205,7 +226,7 @@ class ExpertMap {
 template <typename Id>
 void ExpertMap::Route(const Id* row, uint32_t topk, uint32_t source, uint32_t key, uint32_t* dest) const {
   for (uint32_t k = 0; k < topk; ++k) dest[k] = int64_t(row[k]) < 0 ? kNoRank : RankFor(uint32_t(row[k]), source, key);
-  if (!replicated_ || replica_choice_ != ReplicaChoice::kReachedNode) return;
+  if (!replicated_ || replica_choice_ == ReplicaChoice::kBySource) return;
   // Reached ranks: the source, then single-copy experts' (slot order).
   uint32_t small[64];
   std::vector<uint32_t> large;
@@ -218,13 +239,27 @@ void ExpertMap::Route(const Id* row, uint32_t topk, uint32_t source, uint32_t ke
       reached[n++] = dest[k];
   for (uint32_t k = 0; k < topk; ++k)
     if (dest[k] != kNoRank && ranks_of_[uint32_t(row[k])].size() > 1)
-      dest[k] = ReachedCopy(ranks_of_[uint32_t(row[k])], choice_[uint32_t(row[k])], dest[k], source, key,
-                            ranks_ / nodes_, ReachedRanks{reached, n, ranks_ / nodes_});
+      dest[k] = ReachedCopy(replica_choice_, ranks_of_[uint32_t(row[k])], choice_[uint32_t(row[k])], dest[k], source,
+                            key, ranks_ / nodes_, ReachedRanks{reached, n, ranks_ / nodes_});
 }
 
 template <typename Set>
-uint32_t ExpertMap::ReachedCopy(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
-                                uint32_t source, uint32_t key, uint32_t per_node, const Set& reached) {
+uint32_t ExpertMap::ReachedCopy(ReplicaChoice how, const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice,
+                                uint32_t rule, uint32_t source, uint32_t key, uint32_t per_node, const Set& reached) {
+  if (how != ReplicaChoice::kReachedNode) return Steer(on, choice, rule, source, key, per_node, reached);
+  // The same steps, seeing the reached nodes and no reached rank.
+  struct NodesOnly {
+    const Set& set;
+    uint32_t node_of(uint32_t r) const { return set.node_of(r); }
+    bool rank(uint32_t) const { return false; }
+    bool node(uint32_t n) const { return set.node(n); }
+  };
+  return Steer(on, choice, rule, source, key, per_node, NodesOnly{reached});
+}
+
+template <typename Set>
+uint32_t ExpertMap::Steer(const std::vector<uint32_t>& on, const std::vector<uint32_t>& choice, uint32_t rule,
+                          uint32_t source, uint32_t key, uint32_t per_node, const Set& reached) {
   if (reached.rank(rule)) return rule;  // what the steps below give, the common case made short
   // Candidate nodes: 1. those with a copy on a reached rank; 2. else the
   // rule's node, if reached; 3. else the reached nodes holding a copy.

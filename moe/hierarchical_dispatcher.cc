@@ -111,7 +111,7 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
                            std::to_string(c.ranks));
   TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
   // Reached-node choice names nodes: the map's must be this group's.
-  if (map.replicated() && map.replica_choice() == ReplicaChoice::kReachedNode && map.nodes() != c.ranks / L)
+  if (map.replicated() && map.replica_choice() != ReplicaChoice::kBySource && map.nodes() != c.ranks / L)
     return InvalidArgument("expert map routes replicas by reached node over " + std::to_string(map.nodes()) +
                            " nodes; this group has " + std::to_string(c.ranks / L));
 
@@ -172,7 +172,7 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
       // else (reached-node choice) the copy this node's RankOnNode names.
       const uint32_t key = RecordTag(records_[q]);
       uint32_t r = map.RankFor(e, source, key);
-      if (map.replica_choice() == ReplicaChoice::kReachedNode && map.ranks_of(e).size() > 1)
+      if (map.replica_choice() != ReplicaChoice::kBySource && map.ranks_of(e).size() > 1)
         r = map.RankOnNode(e, source, key, node_, reached_.data(), n_reached);
       if (r == ExpertMap::kNoRank || r / L != node_)
         return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +

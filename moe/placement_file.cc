@@ -55,8 +55,8 @@ Result<Placement> ParsePlacementCsv(const std::string& text, uint32_t layers, ui
     if (v[0] >= layers) return bad("layer outside [0, " + std::to_string(layers) + ")");
     if (fields == 2) {
       // The layer's replica choice (ExpertMap's ReplicaChoice).
-      if (v[1] > uint64_t(ReplicaChoice::kReachedNode))
-        return bad("replica choice is not 0 (by source) or 1 (reached node)");
+      if (v[1] > uint64_t(ReplicaChoice::kReachedRank))
+        return bad("replica choice is not 0 (by source), 1 (reached node) or 2 (reached rank)");
       if (p.choice.empty()) p.choice.assign(layers, ReplicaChoice::kBySource);
       p.choice[v[0]] = ReplicaChoice(v[1]);
       continue;

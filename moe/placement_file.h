@@ -6,7 +6,7 @@
 // source) go to `rank`; the splits of one (expert, source) take their key
 // ranges in file order). A line "layer,choice" sets the layer's replica
 // choice (ExpertMap's ReplicaChoice: 0 by source, the default; 1 reached
-// node). A file is untrusted: every line is checked (three
+// node; 2 reached rank). A file is untrusted: every line is checked (three
 // or five decimal numbers, each in range, no expert twice on one rank, none
 // missing, a split's rank holding its expert and its shares summing to at
 // most 65536) and the first bad one is named in the error.

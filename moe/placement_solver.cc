@@ -12,6 +12,9 @@
 namespace te::moe {
 namespace {
 
+// Tokens per expert the balancing of reached routes weighs copies on.
+constexpr size_t kSharesSample = 8192;
+
 constexpr double kSplitMaxAdded = 2.01;
 
 // What the keep-the-better rule compares: records crossing ranks plus
@@ -242,7 +245,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
       mine.push_back(std::move(x));
     }
     // Records the tokens of e cost were its copies `on` (choices `dest`).
-    const bool reached = replica_choice == ReplicaChoice::kReachedNode;
+    const bool reached = replica_choice != ReplicaChoice::kBySource;
     std::vector<uint32_t> reached_ranks;
     auto cost = [&](const std::vector<uint32_t>& dest, const std::vector<uint32_t>& on) {
       int64_t c = 0;
@@ -254,7 +257,7 @@ void Replicate(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>& l
           reached_ranks.assign(1, x.home);
           reached_ranks.insert(reached_ranks.end(), x.others.begin(), x.others.end());
           d = ExpertMap::ReachedCopy(
-              on, dest, d, x.home, x.key, per_node,
+              replica_choice, on, dest, d, x.home, x.key, per_node,
               ExpertMap::ReachedRanks{reached_ranks.data(), uint32_t(reached_ranks.size()), per_node});
         }
         if (d == x.home || std::find(x.others.begin(), x.others.end(), d) != x.others.end()) continue;
@@ -534,7 +537,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   // reached ranks (its home and its single-copy experts' ranks; ExpertMap's
   // Route), which only moves of single-copy experts change: the bits of
   // their tokens are recomputed after those (`rebits`).
-  const bool steer = replica_choice == ReplicaChoice::kReachedNode;
+  const bool steer = replica_choice != ReplicaChoice::kBySource;
   const uint32_t N = o.nodes, RW = (R + 63) / 64, NW = (N + 63) / 64;
   // Per token, in one block for the scans below: its key, then the bits of
   // the ranks (RW words) and of the nodes (NW words) it reaches.
@@ -542,7 +545,12 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   std::vector<uint64_t> reached;
   std::vector<uint32_t> node_of_rank(R);  // r / per_node, without a division per token
   for (uint32_t r = 0; r < R; ++r) node_of_rank[r] = r / per_node;
-  std::vector<std::vector<uint32_t>> tokens_of(E);            // [expert] tokens, once per slot naming it
+  std::vector<std::vector<uint32_t>> tokens_of(E);  // [expert] tokens, once per slot naming it
+  // [expert] every step-th of them, at most kSharesSample: what a copy set's
+  // shares are estimated from (scale_of scales them up). A pass weighs
+  // thousands of copy sets, and a popular expert's tokens may be half the
+  // trace.
+  std::vector<std::vector<uint32_t>> sample_of(E);
   std::vector<double> scale_of(E, 1.0);                       // ShrunkLoads' estimate per counted token
   using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
   struct Bits {                                               // ExpertMap::ReachedRanks, as bits
@@ -563,11 +571,11 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     for (const Known& k : known[x])
       if (k.on == on && k.ch == ch) return k.shares;
     std::vector<uint64_t> count(on.size(), 0);
-    for (uint32_t tok : tokens_of[x]) {
+    for (uint32_t tok : sample_of[x]) {
       const uint32_t h = homes[tok];
       const uint64_t* at = &reached[tok * stride];
       const Bits bits{at + 1, at + 1 + RW, node_of_rank.data()};
-      const uint32_t d = ExpertMap::ReachedCopy(on, ch, ch[h], h, uint32_t(at[0]), per_node, bits);
+      const uint32_t d = ExpertMap::ReachedCopy(replica_choice, on, ch, ch[h], h, uint32_t(at[0]), per_node, bits);
       for (size_t j = 0; j < on.size(); ++j)
         if (on[j] == d) count[j]++;
     }
@@ -597,7 +605,10 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
       set_bits(tok);
     }
     for (uint32_t e = 0; e < E; ++e) {
-      const uint64_t counted = tokens_of[e].size();
+      const auto& all = tokens_of[e];
+      const size_t step = std::max<size_t>((all.size() + kSharesSample - 1) / kSharesSample, 1);
+      for (size_t i = 0; i < all.size(); i += step) sample_of[e].push_back(all[i]);
+      const uint64_t counted = sample_of[e].size();
       scale_of[e] = counted ? double(shrunk[e]) / double(counted) : 1.0;
     }
   }
@@ -850,7 +861,8 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
         choice[ex_e] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_e), R, o.nodes);
         choice[ex_f] = ExpertMap::ChooseReplicas(p->RanksOf(l, ex_f), R, o.nodes);
         add(ex_e, +1), add(ex_f, +1);
-        rebits({ex_e, ex_f});
+        // Reached nodes alone change only where the exchange crosses nodes.
+        if (replica_choice == ReplicaChoice::kReachedRank || h / per_node != ex_r / per_node) rebits({ex_e, ex_f});
       } else if (move_e != E) {
         add(move_e, -1);
         auto& reps = p->replicas[l][move_e];
@@ -1254,20 +1266,33 @@ Result<Placement> PlaceExperts(const RoutingTrace& trace, uint32_t ranks, const 
                x.peak <= std::max(cap, by_source.outcome.peak + x.noise);
       };
       Layer best = by_source;
-      p.choice[l] = ReplicaChoice::kReachedNode;
-      const LayerOutcome flipped = Judge(trace, p, o, l, homes);
-      if (acceptable(flipped)) best = save(flipped);
-      // Worth placing copies for it where the same copies save at least 5%
-      // of the layer's records (and more than the fitted trace's noise): a
-      // build costs about as much time as the by-source one, and where the
-      // flip saved less (2-4% at 256 ranks in 32 nodes, one primary per
-      // rank) the builds measured kept a third of it, often none.
-      const uint64_t flip_saves =
-          flipped.ok && flipped.records < by_source.outcome.records ? by_source.outcome.records - flipped.records : 0;
-      if (flip_saves >= by_source.outcome.records / 20 &&
-          !WithinNoise(int64_t(flip_saves), by_source.outcome.records)) {
-        const LayerOutcome reached = build(ReplicaChoice::kReachedNode);
-        if (acceptable(reached) && reached.records < best.outcome.records) best = save(reached);
+      // The same copies routed by reached rank and by reached node. Worth
+      // placing copies for one where they save at least 5% of the layer's
+      // records (and more than the fitted trace's noise): a build costs
+      // about as much time as the by-source one, and where the flip saved
+      // less (2-4% at 256 ranks in 32 nodes, one primary per rank) the
+      // builds measured kept a third of it, often none.
+      std::vector<std::pair<uint64_t, ReplicaChoice>> worth;  // (records saved, choice)
+      for (ReplicaChoice choice : {ReplicaChoice::kReachedRank, ReplicaChoice::kReachedNode}) {
+        p.choice[l] = choice;
+        const LayerOutcome flipped = Judge(trace, p, o, l, homes);
+        if (acceptable(flipped) && flipped.records < best.outcome.records) best = save(flipped);
+        const uint64_t saves =
+            flipped.ok && flipped.records < by_source.outcome.records ? by_source.outcome.records - flipped.records : 0;
+        if (saves >= by_source.outcome.records / 20 && !WithinNoise(int64_t(saves), by_source.outcome.records))
+          worth.emplace_back(saves, choice);
+      }
+      // The choice whose flip saved most first; the other where that build
+      // was not kept (reached rank saves more, and piles more load onto the
+      // ranks of popular single-copy experts, which balancing cannot always
+      // undo).
+      std::stable_sort(worth.begin(), worth.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+      for (const auto& [saves, choice] : worth) {
+        const LayerOutcome reached = build(choice);
+        if (acceptable(reached) && reached.records < best.outcome.records) {
+          best = save(reached);
+          break;
+        }
       }
       p.rank_of[l] = best.rank_of;
       p.replicas[l] = best.replicas;

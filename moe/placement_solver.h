@@ -72,14 +72,16 @@ struct PlacementOptions {
   //     between copies to a rank below the mean, none adding more than two
   //     records (rank + node) per moved token on the fitted trace.
   // How dispatch chooses among copies (Placement::choice, ExpertMap's
-  // ReplicaChoice). Unset: each replicated layer is built with
-  // kReachedNode first (Replicate and the balancing above price its routes;
-  // no token splits), kept where the layer's rank and node imbalance on the
-  // fitted trace stay within 1 + min(load_slack, 5%); else the layer is
-  // also built with kBySource (steps 1-3) and reached-node choice is kept
-  // only where it sends fewer records and its imbalance is within that
-  // trace's sampling noise (1 / sqrt(pairs per rank)) of the other's. Set:
-  // every replicated layer uses the one given.
+  // ReplicaChoice). Unset: each replicated layer is built by source (steps
+  // 1-3), then its copies are counted as they are with kReachedRank and with
+  // kReachedNode; a choice that saves at least 5% of the layer's records
+  // there gets a build of its own (Replicate and the balancing price its
+  // routes; no token splits), the larger saving first and the other only
+  // where that build is not kept. The layer keeps the fewest records among
+  // those whose rank and node imbalance on the fitted trace stay within
+  // 1 + min(load_slack, 5%), or within that trace's sampling noise
+  // (1 / sqrt(pairs per rank)) of the by-source build's. Set: every
+  // replicated layer is built with the one given.
   std::optional<ReplicaChoice> replica_choice;
   uint32_t extra_slots = 0;
 };

@@ -53,8 +53,8 @@ DEFINE_uint32(extra_slots, 0,
               "by affinity; a skewed layer also fills the primary slots left free)");
 DEFINE_string(placement_out, "", "place: write the fitted placement (layer, expert, rank) as CSV");
 DEFINE_string(replica_choice, "auto",
-              "place: how dispatch picks among copies: auto (per layer, the better on the fitted trace), source, "
-              "reached_node (moe/expert_map.h)");
+              "place: how dispatch picks among copies: auto (per layer, the best on the fitted trace), source, "
+              "reached_node, reached_rank (moe/expert_map.h)");
 DEFINE_bool(json, false, "Print JSON");
 
 namespace {
@@ -133,12 +133,10 @@ int Place() {
   po.home = HomeFlag();
   po.load_slack = FLAGS_load_slack;
   po.extra_slots = FLAGS_extra_slots;
-  if (FLAGS_replica_choice == "source") {
-    po.replica_choice = moe::ReplicaChoice::kBySource;
-  } else if (FLAGS_replica_choice == "reached_node") {
-    po.replica_choice = moe::ReplicaChoice::kReachedNode;
-  } else if (FLAGS_replica_choice != "auto") {
-    Die("--replica_choice=" + FLAGS_replica_choice + " is not one of auto, source, reached_node");
+  if (FLAGS_replica_choice != "auto") {
+    auto choice = moe::ParseReplicaChoice(FLAGS_replica_choice);
+    if (!choice.ok()) Die("--replica_choice: " + choice.status().message() + " (or auto)");
+    po.replica_choice = *choice;
   }
   const auto t0 = std::chrono::steady_clock::now();
   auto placed = moe::PlaceExperts(t, FLAGS_ranks, po);
@@ -240,15 +238,15 @@ int Place() {
   }
   if (FLAGS_extra_slots > 0 && !FLAGS_json) {
     const auto& p = placed.value();
-    uint32_t replicated = 0, reached = 0;
+    uint32_t replicated = 0, by[3] = {0, 0, 0};
     for (uint32_t l = 0; l < p.layers; ++l) {
       bool any = false;
       for (uint32_t e = 0; e < p.experts && !any; ++e) any = p.RanksOf(l, e).size() > 1;
       replicated += any;
-      reached += any && l < p.choice.size() && p.choice[l] == moe::ReplicaChoice::kReachedNode;
+      if (any) by[l < p.choice.size() ? uint32_t(p.choice[l]) : 0]++;
     }
-    printf("replicas on %u of %u layers; %u of them route by reached node, %u by source\n", replicated, p.layers,
-           reached, replicated - reached);
+    printf("replicas on %u of %u layers; %u of them route by reached rank, %u by reached node, %u by source\n",
+           replicated, p.layers, by[2], by[1], by[0]);
   }
   if (!FLAGS_placement_out.empty())
     if (auto st = moe::WritePlacementCsv(placed.value(), FLAGS_placement_out); !st.ok()) Die(st.ToString());

@@ -317,11 +317,7 @@ class PyEpDispatcher {
 
 namespace {
 
-te::moe::ReplicaChoice ReplicaChoiceOf(const std::string& name) {
-  if (name == "source") return te::moe::ReplicaChoice::kBySource;
-  if (name == "reached_node") return te::moe::ReplicaChoice::kReachedNode;
-  Throw(te::InvalidArgument("replica choice '" + name + "' is not one of source, reached_node"));
-}
+te::moe::ReplicaChoice ReplicaChoiceOf(const std::string& name) { return Unwrap(te::moe::ParseReplicaChoice(name)); }
 
 // ExpertMap::Route for a Python row; -1 where a slot is empty.
 std::vector<int64_t> RouteRow(const ExpertMap& map, const std::vector<int32_t>& row, uint32_t source) {
@@ -361,7 +357,8 @@ void BindMoe(py::module_& m) {
           py::arg("splits") = std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>{},
           py::arg("choice") = "source",
           "ranks_of[e]: the ranks holding expert e, its primary first. splits: (expert, source, rank, share) "
-          "token splits, share of 65536 token keys. choice: 'source' (by source and key) or 'reached_node' "
+          "token splits, share of 65536 token keys. choice: 'source' (by source and key), 'reached_node' or "
+          "'reached_rank' "
           "(a token goes to a copy on a node it reaches anyway): moe/expert_map.h.")
       .def_static(
           "token_key",
@@ -391,11 +388,8 @@ void BindMoe(py::module_& m) {
           py::arg("row"), py::arg("source"),
           "Where each slot of a token's row goes from `source` (-1 for an empty slot), as dispatch sends it.")
       .def_property_readonly(
-          "choice",
-          [](const ExpertMap& map) {
-            return map.replica_choice() == te::moe::ReplicaChoice::kReachedNode ? "reached_node" : "source";
-          },
-          "How dispatch chooses among an expert's copies: 'source' or 'reached_node'.")
+          "choice", [](const ExpertMap& map) { return te::moe::ReplicaChoiceName(map.replica_choice()); },
+          "How dispatch chooses among an expert's copies: 'source', 'reached_node' or 'reached_rank'.")
       .def(
           "local_experts",
           [](const ExpertMap& map, uint32_t rank) {

@@ -112,10 +112,11 @@ void BindPlacement(py::module_& m) {
           "replica_choice",
           [](const Placement& p, uint32_t layer) {
             CheckLayer(p, layer);
-            const bool reached = layer < p.choice.size() && p.choice[layer] == te::moe::ReplicaChoice::kReachedNode;
-            return reached ? "reached_node" : "source";
+            return te::moe::ReplicaChoiceName(layer < p.choice.size() ? p.choice[layer]
+                                                                      : te::moe::ReplicaChoice::kBySource);
           },
-          py::arg("layer"), "How the layer's dispatch chooses among copies: 'source' or 'reached_node'.")
+          py::arg("layer"),
+          "How the layer's dispatch chooses among copies: 'source', 'reached_node' or 'reached_rank'.")
       .def("__repr__", [](const Placement& p) {
         size_t copies = 0;
         for (uint32_t l = 0; l < p.layers; ++l)
@@ -134,14 +135,7 @@ void BindPlacement(py::module_& m) {
         o.extra_slots = extra_slots;
         o.home = HomeOf(home);
         o.load_slack = load_slack;
-        if (replica_choice == "source") {
-          o.replica_choice = te::moe::ReplicaChoice::kBySource;
-        } else if (replica_choice == "reached_node") {
-          o.replica_choice = te::moe::ReplicaChoice::kReachedNode;
-        } else if (replica_choice != "auto") {
-          Throw(
-              te::InvalidArgument("replica_choice '" + replica_choice + "' is not one of auto, source, reached_node"));
-        }
+        if (replica_choice != "auto") o.replica_choice = Unwrap(te::moe::ParseReplicaChoice(replica_choice));
         te::Result<Placement> p = [&] {
           py::gil_scoped_release release;
           return PlaceExperts(t, ranks, o);
@@ -154,8 +148,8 @@ void BindPlacement(py::module_& m) {
       "Fits a placement to recorded routing [tokens, layers, topk] (expert ids, -1 empty) so that dispatch and "
       "combine send the fewest records across ranks and nodes under a load cap of (1 + load_slack) x the mean; "
       "extra_slots replica slots per rank for skewed layers (with the slots left free where ranks do not divide "
-      "the experts); home 'source' or 'top1' (context-coherent); replica_choice 'auto' (per layer, the better of "
-      "the two), 'source' or 'reached_node' (moe/placement_solver.h).");
+      "the experts); home 'source' or 'top1' (context-coherent); replica_choice 'auto' (per layer, the best on "
+      "the fitted trace), 'source', 'reached_node' or 'reached_rank' (moe/placement_solver.h).");
 
   m.def(
       "count_records",

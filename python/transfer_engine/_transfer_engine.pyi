@@ -362,7 +362,7 @@ class ExpertMap:
         ranks: int,
         nodes: int = 1,
         splits: Sequence[Tuple[int, int, int, int]] = ...,
-        choice: str = "source",  # or "reached_node"
+        choice: str = "source",  # or "reached_node", "reached_rank"
     ) -> "ExpertMap": ...
     @staticmethod
     def token_key(row: Sequence[int]) -> int: ...

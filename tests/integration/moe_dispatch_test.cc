@@ -46,10 +46,11 @@ void ReplayTrace(const std::string& provider, moe::TraceModel model, uint32_t ex
   ASSERT_NE(tc.placement.rank_of, moe::RoundRobinPlacement(3, experts, 4).rank_of);  // a placement of its own
   EXPECT_EQ(tc.maps[0].replicated(), extra_slots > 0);
   // With replicas the fitted placement shares some sources' tokens among
-  // copies (token splits) and, at layer 1, sends tokens to copies on nodes
-  // they reach anyway (reached-node choice): the count below covers both.
+  // copies (token splits) on one layer and, on the others, sends tokens to
+  // copies on nodes and ranks they reach anyway (reached-node and
+  // reached-rank choice): the count below covers all three.
   EXPECT_EQ(HasTokenSplits(tc), extra_slots > 0);
-  EXPECT_EQ(HasReachedNodeChoice(tc), extra_slots > 0);
+  EXPECT_EQ(HasReachedChoices(tc), extra_slots > 0);
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;

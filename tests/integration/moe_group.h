@@ -250,17 +250,25 @@ inline TraceCase MakeTraceCase(moe::TraceModel model, uint32_t tokens_per_rank, 
   po.extra_slots = extra_slots;
   c.placement = moe::PlaceExperts(c.trace, 4, po).value();
   if (extra_slots > 0) {
-    // Both replica choices: layer 1 as placed for reached-node choice, the
-    // others by source (with token splits).
+    // Every replica choice: one layer by source with token splits, the
+    // other two as placed for reached-node and for reached-rank choice.
     po.replica_choice = moe::ReplicaChoice::kBySource;
     c.placement = moe::PlaceExperts(c.trace, 4, po).value();
-    po.replica_choice = moe::ReplicaChoice::kReachedNode;
-    const moe::Placement reached = moe::PlaceExperts(c.trace, 4, po).value();
-    c.placement.rank_of[1] = reached.rank_of[1];
-    c.placement.replicas[1] = reached.replicas[1];
-    c.placement.splits[1].clear();
-    c.placement.choice = {moe::ReplicaChoice::kBySource, moe::ReplicaChoice::kReachedNode,
-                          moe::ReplicaChoice::kBySource};
+    c.placement.choice.assign(3, moe::ReplicaChoice::kBySource);
+    uint32_t split = 2;
+    for (uint32_t l = 3; l-- > 0;)
+      if (!c.placement.splits[l].empty()) split = l;
+    std::vector<moe::ReplicaChoice> reached{moe::ReplicaChoice::kReachedNode, moe::ReplicaChoice::kReachedRank};
+    for (uint32_t l = 0; l < 3; ++l) {
+      if (l == split) continue;
+      po.replica_choice = reached.back();
+      reached.pop_back();
+      const moe::Placement other = moe::PlaceExperts(c.trace, 4, po).value();
+      c.placement.rank_of[l] = other.rank_of[l];
+      c.placement.replicas[l] = other.replicas[l];
+      c.placement.splits[l].clear();
+      c.placement.choice[l] = *po.replica_choice;
+    }
   }
   for (uint32_t l = 0; l < 3; ++l) c.maps.push_back(c.placement.Map(l, 2).value());
   return c;
@@ -272,10 +280,14 @@ inline bool HasTokenSplits(const TraceCase& c) {
   return false;
 }
 
-inline bool HasReachedNodeChoice(const TraceCase& c) {
-  for (const auto& m : c.maps)
-    if (m.replicated() && m.replica_choice() == moe::ReplicaChoice::kReachedNode) return true;
-  return false;
+// Whether layers route replicas by reached node and by reached rank.
+inline bool HasReachedChoices(const TraceCase& c) {
+  bool node = false, rank = false;
+  for (const auto& m : c.maps) {
+    node |= m.replicated() && m.replica_choice() == moe::ReplicaChoice::kReachedNode;
+    rank |= m.replicated() && m.replica_choice() == moe::ReplicaChoice::kReachedRank;
+  }
+  return node && rank;
 }
 
 // Optional parts of a rank's run: routing from a trace with one map per

@@ -110,7 +110,7 @@ void ReplayTrace(const std::string& provider, uint32_t extra_slots) {
   // With replicas the fitted placement shares some sources' tokens among
   // copies (token splits): the count below covers them.
   EXPECT_EQ(HasTokenSplits(tc), extra_slots > 0);
-  EXPECT_EQ(HasReachedNodeChoice(tc), extra_slots > 0);
+  EXPECT_EQ(HasReachedChoices(tc), extra_slots > 0);
   HierGroup g = MakeHierGroup(Shape(4), 2, Options(provider));
   ASSERT_EQ(g.ranks.size(), 4u);
   std::vector<uint64_t> sent(4, 0);

@@ -74,7 +74,7 @@ TEST(MoeLowLatency, EmptyRanksSkewAndLocalRouting) {
 TEST(MoeLowLatency, TraceReplayWithReplicasMovesThePredictedRecords) {
   const TraceCase tc = MakeTraceCase(moe::TraceModel::kCoactivationGroups, 24, /*extra_slots=*/1);
   EXPECT_TRUE(HasTokenSplits(tc));
-  EXPECT_TRUE(HasReachedNodeChoice(tc));
+  EXPECT_TRUE(HasReachedChoices(tc));
   const auto& trace = tc.trace;
   const auto& placement = tc.placement;
   const auto& maps = tc.maps;

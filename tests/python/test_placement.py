@@ -108,13 +108,24 @@ def test_reached_node_choice_routes_to_a_copy_on_a_node_the_token_reaches(tmp_pa
     assert reached.route([0, 10], 4) == [9, 10]
     assert reached.rank_for(0, 4, [0, 10]) == 9
     assert reached.route([0, 2, -1], 4) == [1, 2, -1]
-    with pytest.raises(te.TransferError, match="not one of source, reached_node"):
+    with pytest.raises(te.TransferError, match="not one of source, reached_node, reached_rank"):
         te.ExpertMap.with_replicas(ranks_of, 12, 3, choice="nearest")
+    # Reached-rank choice: with copies of expert 0 on ranks 8 and 9 of node 2
+    # as well, a token that needs expert 9 (rank 9) costs no record for
+    # expert 0 there, whatever the source's rule names (a source holding a
+    # copy keeps its own: it is reached too).
+    three = [[1, 8, 9]] + [[e] for e in range(1, 12)]
+    by_rank = te.ExpertMap.with_replicas(three, 12, 3, choice="reached_rank")
+    assert by_rank.choice == "reached_rank"
+    for source in set(range(12)) - {1, 8, 9}:
+        assert by_rank.route([0, 9], source) == [9, 9]
+        assert by_rank.route([8, 0], source) == [8, 8]
+    assert by_rank.route([0, 9], 1) == [1, 9]
     with pytest.raises(te.TransferError, match="does not name expert 3"):
         reached.rank_for(3, 4, [0, 10])
     # The solver picks per layer; forced choices are exact too, and survive a file.
     fit, held = grouped_routing(2048, seed=3, skew=1.5), grouped_routing(2048, seed=4, skew=1.5)
-    for choice in ("source", "reached_node"):
+    for choice in ("source", "reached_node", "reached_rank"):
         p = te.place_experts(fit, EXPERTS, RANKS, nodes=NODES, extra_slots=1, replica_choice=choice)
         assert {p.replica_choice(l) for l in range(LAYERS)} == {choice}
         path = str(tmp_path / f"{choice}.csv")
@@ -123,7 +134,7 @@ def test_reached_node_choice_routes_to_a_copy_on_a_node_the_token_reaches(tmp_pa
         assert [back.replica_choice(l) for l in range(LAYERS)] == [choice] * LAYERS
         assert te.count_records(held, back, nodes=NODES, hierarchical=True) == \
             te.count_records(held, p, nodes=NODES, hierarchical=True)
-    with pytest.raises(te.TransferError, match="replica_choice 'x'"):
+    with pytest.raises(te.TransferError, match="replica choice 'x'"):
         te.place_experts(fit, EXPERTS, RANKS, nodes=NODES, extra_slots=1, replica_choice="x")
 
 

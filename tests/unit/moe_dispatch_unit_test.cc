@@ -207,12 +207,46 @@ TEST(ExpertMap, ReachedNodeChoiceSendsATokenToACopyOnANodeItReaches) {
   EXPECT_FALSE(ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice(7)).ok());
 }
 
+// Reached-rank choice: expert 0 on ranks 1 (node 0), 8 and 9 (node 2),
+// expert e on rank e otherwise. A token that needs expert 9 reaches rank 9,
+// so expert 0 goes there (no record of its own) from any source that does
+// not hold a copy; reached-node choice only picks the node.
+TEST(ExpertMap, ReachedRankChoiceSendsATokenToACopyOnARankItReaches) {
+  std::vector<std::vector<uint32_t>> on(12);
+  on[0] = {1, 8, 9};
+  for (uint32_t e = 1; e < 12; ++e) on[e] = {e};
+  const auto by_rank = ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice::kReachedRank).value();
+  const auto by_node = ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice::kReachedNode).value();
+  EXPECT_NE(by_rank.fingerprint(), by_node.fingerprint());
+  EXPECT_TRUE(by_rank.uses_key());
+  bool differ = false;
+  for (uint32_t source = 0; source < 12; ++source) {
+    std::vector<int32_t> row{0, 9};
+    std::vector<uint32_t> rank(2), node(2);
+    by_rank.Route(row.data(), 2, source, ExpertMap::TokenKey(row.data(), 2), rank.data());
+    by_node.Route(row.data(), 2, source, ExpertMap::TokenKey(row.data(), 2), node.data());
+    // A source holding a copy is reached itself and keeps it.
+    const uint32_t want = source == 1 || source == 8 ? source : 9;
+    EXPECT_EQ(rank, (std::vector<uint32_t>{want, 9})) << "source " << source;
+    // By node: node 0's sources keep the copy on their own node, the others
+    // go to node 2, which the token reaches.
+    EXPECT_EQ(node[0] / 4, source < 4 ? 0u : 2u) << "source " << source;
+    differ |= node[0] != rank[0];
+  }
+  EXPECT_TRUE(differ);  // node-level choice leaves some on rank 8
+  EXPECT_STREQ(moe::ReplicaChoiceName(ReplicaChoice::kReachedRank), "reached_rank");
+  for (auto c : {ReplicaChoice::kBySource, ReplicaChoice::kReachedNode, ReplicaChoice::kReachedRank})
+    EXPECT_EQ(moe::ParseReplicaChoice(moe::ReplicaChoiceName(c)).value(), c);
+  EXPECT_FALSE(moe::ParseReplicaChoice("nearest").ok());
+  EXPECT_FALSE(ExpertMap::WithReplicas(on, 12, 3, {}, ReplicaChoice(3)).ok());
+}
+
 // What a relay of the hierarchical dispatcher computes from its node's part
 // of a row (RankOnNode) is where Route sent every slot there, for random
 // copies, splits, rows and sources.
 TEST(ExpertMap, RankOnNodeAgreesWithRouteFromANodesPartOfTheRow) {
   std::mt19937 rng(5);
-  for (int trial = 0; trial < 40; ++trial) {
+  for (int trial = 0; trial < 80; ++trial) {
     const uint32_t nodes = 1 + rng() % 4, per_node = 1 + rng() % 4, ranks = nodes * per_node, experts = 24,
                    topk = 1 + rng() % 6;
     std::vector<std::vector<uint32_t>> on(experts);
@@ -224,7 +258,8 @@ TEST(ExpertMap, RankOnNodeAgreesWithRouteFromANodesPartOfTheRow) {
     std::vector<moe::TokenSplit> splits;
     for (uint32_t e = 0; e < experts; ++e)
       if (on[e].size() > 1 && rng() % 2) splits.push_back({e, uint32_t(rng() % ranks), on[e][1], 20000});
-    const auto map = ExpertMap::WithReplicas(on, ranks, nodes, splits, moe::ReplicaChoice::kReachedNode);
+    const auto how = trial % 2 ? moe::ReplicaChoice::kReachedNode : moe::ReplicaChoice::kReachedRank;
+    const auto map = ExpertMap::WithReplicas(on, ranks, nodes, splits, how);
     ASSERT_TRUE(map.ok()) << map.status().ToString();
     for (int t = 0; t < 200; ++t) {
       std::vector<int32_t> row(topk);

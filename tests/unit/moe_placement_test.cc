@@ -701,16 +701,17 @@ TEST(PlacementFile, RoundTripsAndRefusesBadLines) {
   EXPECT_TRUE(ParsePlacementCsv(good, 1, 4, 2).ok());
   for (const std::string& bad : {std::string("layer,expert\n"), good + "0,1,1\n", good.substr(0, good.size() - 6),
                                  good + "0,9,0\n", good + "0,1,-1\n", good + "0,1,18446744073709551616\n",
-                                 good + "0,2\n", good + "1,1\n", good + "0,1,1,\n", std::string("")})
+                                 good + "0,3\n", good + "1,1\n", good + "0,1,1,\n", std::string("")})
     EXPECT_FALSE(ParsePlacementCsv(bad, 1, 4, 2).ok()) << bad;
-  // A layer's replica choice: "layer,choice" (0 by source, 1 reached node).
+  // A layer's replica choice: "layer,choice" (0 by source, 1 reached node,
+  // 2 reached rank).
   auto chosen = ParsePlacementCsv(good + "0,1\n", 1, 4, 2);
   ASSERT_TRUE(chosen.ok()) << chosen.status().ToString();
   EXPECT_EQ(chosen->choice, std::vector<ReplicaChoice>{ReplicaChoice::kReachedNode});
-  Placement q = RandomPlacement(2, 8, 4, 9);
-  q.choice = {ReplicaChoice::kBySource, ReplicaChoice::kReachedNode};
+  Placement q = RandomPlacement(3, 8, 4, 9);
+  q.choice = {ReplicaChoice::kBySource, ReplicaChoice::kReachedNode, ReplicaChoice::kReachedRank};
   ASSERT_TRUE(WritePlacementCsv(q, path).ok());
-  auto q_back = ReadPlacementCsv(path, 2, 8, 4);
+  auto q_back = ReadPlacementCsv(path, 3, 8, 4);
   std::remove(path.c_str());
   ASSERT_TRUE(q_back.ok()) << q_back.status().ToString();
   EXPECT_EQ(q_back->choice, q.choice);
