@@ -28,13 +28,14 @@
 // rows go together: under top-1 routing a split moves all or none of an
 // expert's tokens from a source.
 //
-// Reached-node choice (ReplicaChoice::kReachedNode) refines that by the rest
-// of the token's row: a token already goes to the ranks of its experts and
-// crosses to their nodes, so a replica on such a rank costs no record, and
-// one on such a node no network crossing (node-level deduplication), where
-// the replica the rule (and splits) chose may cost both. Per token of
-// source s, its reached ranks are s and the ranks of its experts that have
-// one copy, its reached nodes theirs. An expert with replicas goes
+// Reached choices refine that by the rest of the token's row: a token
+// already goes to the ranks of its experts and crosses to their nodes, so a
+// replica on such a node costs no network crossing (node-level
+// deduplication), and one on such a rank no record either, where the
+// replica the rule (and splits) chose may cost both. Per token of source s,
+// its reached ranks are s and the ranks of its experts that have one copy,
+// its reached nodes theirs. Reached-rank choice (kReachedRank) sends an
+// expert with replicas
 //  1. to the rule's rank if it is reached; else to a node chosen among
 //  2. the nodes with a copy on a reached rank, else the rule's node if it
 //     is reached, else the reached nodes holding a copy: the rule's node
@@ -43,8 +44,12 @@
 //  3. and there to a copy on a reached rank (of those in ranks_of order the
 //     (key mod count)-th), else the rule's rank if on the node, else
 //     RankInNode; where no node qualifies, to the rule's rank.
-// Step 3 reads only the reached ranks on its node, so a relay there that
-// sees only its node's part of the row computes it alike (RankOnNode).
+// Reached-node choice (kReachedNode) takes the same steps seeing no reached
+// rank: the node follows the token, the rank on it the rule. Step 3 reads
+// only the reached ranks on its node, so a relay there that sees only its
+// node's part of the row computes it alike (RankOnNode). Rank choice saves
+// more records, and piles more load onto the ranks of popular single-copy
+// experts: a placement picks per layer (moe/placement_solver.h).
 // Only single-copy experts count as reached, so where one replicated
 // expert's tokens go does not depend on another's: a placement's loads can
 // be computed expert by expert (moe/placement_solver.cc does).
@@ -70,7 +75,7 @@ struct TokenSplit {
 enum class ReplicaChoice : uint8_t {
   kBySource = 0,     // the rule and token splits: (expert, source, key)
   kReachedNode = 1,  // kBySource, moved to a node the token reaches (above)
-  kReachedRank = 2,  // kReachedNode, and to a rank the token reaches there
+  kReachedRank = 2,  // and to a rank the token reaches, where one holds a copy
 };
 
 // "source", "reached_node", "reached_rank"; and back (an error names the

@@ -546,10 +546,11 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   std::vector<uint32_t> node_of_rank(R);  // r / per_node, without a division per token
   for (uint32_t r = 0; r < R; ++r) node_of_rank[r] = r / per_node;
   std::vector<std::vector<uint32_t>> tokens_of(E);  // [expert] tokens, once per slot naming it
-  // [expert] every step-th of them, at most kSharesSample: what a copy set's
-  // shares are estimated from (scale_of scales them up). A pass weighs
-  // thousands of copy sets, and a popular expert's tokens may be half the
-  // trace.
+  // [expert] the tokens a copy set's shares are counted on (scale_of scales
+  // them up): with kReachedRank every step-th, at most kSharesSample, since
+  // a pass weighs thousands of copy sets, a popular expert's tokens may be
+  // half the trace, and every move of a single-copy expert changes reached
+  // ranks (reached nodes change far less often, so kReachedNode counts all).
   std::vector<std::vector<uint32_t>> sample_of(E);
   std::vector<double> scale_of(E, 1.0);                       // ShrunkLoads' estimate per counted token
   using Shares = std::vector<std::pair<uint32_t, uint64_t>>;  // (rank, load)
@@ -606,7 +607,9 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     }
     for (uint32_t e = 0; e < E; ++e) {
       const auto& all = tokens_of[e];
-      const size_t step = std::max<size_t>((all.size() + kSharesSample - 1) / kSharesSample, 1);
+      const size_t step = replica_choice == ReplicaChoice::kReachedRank
+                              ? std::max<size_t>((all.size() + kSharesSample - 1) / kSharesSample, 1)
+                              : 1;
       for (size_t i = 0; i < all.size(); i += step) sample_of[e].push_back(all[i]);
       const uint64_t counted = sample_of[e].size();
       scale_of[e] = counted ? double(shrunk[e]) / double(counted) : 1.0;
