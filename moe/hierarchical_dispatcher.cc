@@ -168,8 +168,8 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
     for (uint32_t i = first, k = 0; i < end; ++i, ++k) {
       const RowEntry& entry = ah.entries[i];
       const uint32_t e = entry.local_expert;
-      // Where the source's Route sent it: the rule's rank if on this node,
-      // else (reached-node choice) the copy this node's RankOnNode names.
+      // Where the source's Route sent it: the rule's rank (by source), or
+      // with a reached choice the copy RankOnNode names on this node.
       const uint32_t key = RecordTag(records_[q]);
       uint32_t r = map.RankFor(e, source, key);
       if (map.replica_choice() != ReplicaChoice::kBySource && map.ranks_of(e).size() > 1)
