@@ -369,8 +369,12 @@ void BindMoe(py::module_& m) {
       .def(
           "rank_for",
           [](const ExpertMap& map, uint32_t expert, uint32_t source, std::optional<std::vector<int32_t>> row) {
-            if (expert >= map.experts() || source >= map.ranks())
-              Throw(te::InvalidArgument("expert or source out of range"));
+            if (expert >= map.experts())
+              Throw(te::InvalidArgument("expert " + std::to_string(expert) + " outside [0, " +
+                                        std::to_string(map.experts()) + ")"));
+            if (source >= map.ranks())
+              Throw(te::InvalidArgument("source " + std::to_string(source) + " outside [0, " +
+                                        std::to_string(map.ranks()) + ")"));
             if (!row) return int64_t(map.ChoiceFor(expert, source));
             const auto at = std::find(row->begin(), row->end(), int32_t(expert));
             if (at == row->end()) Throw(te::InvalidArgument("row does not name expert " + std::to_string(expert)));
@@ -382,7 +386,9 @@ void BindMoe(py::module_& m) {
       .def(
           "route",
           [](const ExpertMap& map, const std::vector<int32_t>& row, uint32_t source) {
-            if (source >= map.ranks()) Throw(te::InvalidArgument("source out of range"));
+            if (source >= map.ranks())
+              Throw(te::InvalidArgument("source " + std::to_string(source) + " outside [0, " +
+                                        std::to_string(map.ranks()) + ")"));
             return RouteRow(map, row, source);
           },
           py::arg("row"), py::arg("source"),
