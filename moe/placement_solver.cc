@@ -561,16 +561,22 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     bool rank(uint32_t r) const { return (ranks[r >> 6] >> (r & 63)) & 1; }
     bool node(uint32_t n) const { return (nodes[n >> 6] >> (n & 63)) & 1; }
   };
-  // A balancing pass weighs the same copy sets again and again: their shares
-  // are kept per expert until its tokens' bits change.
+  // A balancing pass weighs the same copy sets again and again: the last
+  // kKnownSets of each expert keep their shares until its tokens' bits
+  // change (the rule's choices by hash: they are ranks-long).
   struct Known {
-    std::vector<uint32_t> on, ch;
+    std::vector<uint32_t> on;
+    uint64_t ch_hash;
     Shares shares;
   };
+  constexpr size_t kKnownSets = 64;
   std::vector<std::vector<Known>> known(E);
+  std::vector<size_t> known_next(E, 0);  // the entry a full list replaces next
   auto reached_shares = [&](uint32_t x, const std::vector<uint32_t>& on, const std::vector<uint32_t>& ch) {
+    uint64_t ch_hash = 0xcbf29ce484222325ull;
+    for (uint32_t r : ch) ch_hash = (ch_hash ^ r) * 0x100000001b3ull;
     for (const Known& k : known[x])
-      if (k.on == on && k.ch == ch) return k.shares;
+      if (k.ch_hash == ch_hash && k.on == on) return k.shares;
     std::vector<uint64_t> count(on.size(), 0);
     for (uint32_t tok : sample_of[x]) {
       const uint32_t h = homes[tok];
@@ -583,7 +589,10 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
     Shares out;
     for (size_t j = 0; j < on.size(); ++j)
       out.emplace_back(on[j], uint64_t(std::llround(double(count[j]) * scale_of[x])));
-    known[x].push_back({on, ch, out});
+    if (known[x].size() < kKnownSets)
+      known[x].push_back({on, ch_hash, out});
+    else
+      known[x][known_next[x]++ % kKnownSets] = {on, ch_hash, out};
     return out;
   };
   auto set_bits = [&](uint32_t tok) {
