@@ -428,6 +428,35 @@ TEST(Placement, ReachesTheOraclesSavingsOnCoactivationGroups) {
       << "node records: rr " << rr.node << " solver " << mine.node << " oracle " << oracle.node;
 }
 
+// With one replica slot per rank, routing copies by source costs much of
+// what the placement saved (a source away from a token's group is sent to a
+// copy on a third node); reached choices send tokens to copies on nodes and
+// ranks they reach anyway. Held out: the solver's own choice per layer
+// sends fewer records than either forced alternative across ranks, and
+// fewer than by source across nodes.
+TEST(Placement, ReachedChoicesKeepWhatReplicasBySourceCost) {
+  const TraceOptions fit_o = Model(TraceModel::kCoactivationGroups, 128, 4, 1);
+  TraceOptions held_o = fit_o;
+  held_o.sample_seed = 2;
+  auto fit = GenerateTrace(fit_o).value();
+  auto held = GenerateTrace(held_o).value();
+  auto placed = [&](std::optional<ReplicaChoice> choice) {
+    PlacementOptions o;
+    o.nodes = 4;
+    o.extra_slots = 1;
+    o.replica_choice = choice;
+    return PlaceExperts(fit, 16, o).value();
+  };
+  const Placement mine = placed(std::nullopt);
+  const auto got = Records(held, mine, 4);
+  const auto by_source = Records(held, placed(ReplicaChoice::kBySource), 4);
+  const auto by_node = Records(held, placed(ReplicaChoice::kReachedNode), 4);
+  EXPECT_LT(got.rank, by_source.rank);
+  EXPECT_LT(got.node, by_source.node);
+  EXPECT_LT(got.rank, by_node.rank);
+  EXPECT_GT(std::count(mine.choice.begin(), mine.choice.end(), ReplicaChoice::kReachedRank), 0);
+}
+
 // Records of a held-out successor-chain trace with top-1 homes: round-robin,
 // the oracle and the solver fitted on another sample, `experts` over `ranks`
 // in `nodes`.
