@@ -170,8 +170,10 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
     for (uint32_t l = 0; l < 2; ++l)
       for (uint32_t e = 0; e < 8; ++e)
         csv += std::to_string(l) + "," + std::to_string(e) + "," + std::to_string(e % 4) + "\n";
-    // The second with replicas, the third with a token split and reached-node choice on layer 1.
-    return {Bytes(csv), Bytes(csv + "0,3,0\n1,5,2\n1,5,3\n"), Bytes(csv + "1,5,2\n1,5,1,0,30000\n1,1\n")};
+    // The second with replicas, the third with a token split and reached-node
+    // choice on layer 1, the fourth with reached-rank choice on layer 0.
+    return {Bytes(csv), Bytes(csv + "0,3,0\n1,5,2\n1,5,3\n"), Bytes(csv + "1,5,2\n1,5,1,0,30000\n1,1\n"),
+            Bytes(csv + "0,3,0\n0,3,2\n0,6,1\n0,2\n")};
   }
   if (target == "telemetry_ring") {
     // Geometry byte 0x2c: 1 list, 1 ring, 4 records of 16 bytes; cursor 3;

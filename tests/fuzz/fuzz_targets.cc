@@ -190,6 +190,15 @@ void PlacementCsvTarget(std::span<const uint8_t> b) {
           }
           const auto& on = m->ranks_of(uint32_t(row[k]));
           Expect(std::find(on.begin(), on.end(), dest[k]) != on.end(), "a routed slot goes to a copy of its expert");
+          if (on.size() < 2 || std::find(on.begin(), on.end(), dest[k]) == on.end()) continue;
+          // A relay on that node, seeing its part of the row, names the same copy.
+          uint32_t seen[5], n = 0;
+          if (s / 2 == dest[k] / 2) seen[n++] = s;
+          for (uint32_t j = 0; j < 4; ++j)
+            if (row[j] >= 0 && dest[j] / 2 == dest[k] / 2 && m->ranks_of(uint32_t(row[j])).size() == 1)
+              seen[n++] = dest[j];
+          Expect(m->RankOnNode(uint32_t(row[k]), s, moe::ExpertMap::TokenKey(row, 4), dest[k] / 2, seen, n) == dest[k],
+                 "a relay routes a slot where its source did");
         }
       }
   }
