@@ -137,7 +137,7 @@ class ExpertMap {
     return choice_[expert].empty() ? ranks_of_[expert][0] : choice_[expert][source];
   }
   ReplicaChoice replica_choice() const { return replica_choice_; }
-  // Whether Route reads the token's key (token splits or reached-node
+  // Whether Route reads the token's key (token splits or a reached
   // choice); without, a caller may pass any key.
   bool uses_key() const { return !splits_.empty() || (replicated_ && replica_choice_ != ReplicaChoice::kBySource); }
 
@@ -157,7 +157,7 @@ class ExpertMap {
   // node's rank (ChooseReplicas), ranks r of node r / per_node.
   static uint32_t CopyInNode(const std::vector<uint32_t>& on, uint32_t choice, uint32_t per_node, uint32_t node,
                              uint32_t key);
-  // Reached-node choice for one slot of a replicated expert: its copies
+  // A reached choice for one slot of a replicated expert: its copies
   // `on`, the rule's choices `choice` (ChooseReplicas), `rule` the rank the
   // rule and splits chose for this token of `source` with `key`, `reached`
   // the ranks the token reaches anyway (its source and its single-copy

@@ -110,10 +110,12 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
                            std::to_string(map.ranks()) + " ranks; the group has " + std::to_string(E) + " on " +
                            std::to_string(c.ranks));
   TE_RETURN_IF_ERROR(ValidateBatch(c, map, batch));
-  // Reached-node choice names nodes: the map's must be this group's.
-  if (map.replicated() && map.replica_choice() != ReplicaChoice::kBySource && map.nodes() != c.ranks / L)
-    return InvalidArgument("expert map routes replicas by reached node over " + std::to_string(map.nodes()) +
-                           " nodes; this group has " + std::to_string(c.ranks / L));
+  // Reached choices name nodes: the map's must be this group's.
+  const bool reached = map.replicated() && map.replica_choice() != ReplicaChoice::kBySource;
+  if (reached && map.nodes() != c.ranks / L)
+    return InvalidArgument("expert map routes replicas by " + std::string(ReplicaChoiceName(map.replica_choice())) +
+                           " over " + std::to_string(map.nodes()) + " nodes; this group has " +
+                           std::to_string(c.ranks / L));
 
   // 1. Across nodes: expert e goes to virtual expert (relay of e's node, e).
   // A token's key (ExpertMap::TokenKey of its row) travels as the record's
@@ -161,19 +163,21 @@ Status HierarchicalDispatcher::Dispatch(const TokenBatch& batch, const ExpertMap
     const uint32_t source =
         end > first ? across_result_.experts[ah.entries[first].local_expert].src_rank[ah.entries[first].position] : 0;
     uint32_t n_reached = 0;
-    if (source / L == node_) reached_[n_reached++] = source;
-    for (uint32_t i = first; i < end; ++i)
-      if (const uint32_t e = ah.entries[i].local_expert; map.ranks_of(e).size() == 1)
-        reached_[n_reached++] = map.rank_of(e);
+    if (reached) {
+      if (source / L == node_) reached_[n_reached++] = source;
+      for (uint32_t i = first; i < end; ++i)
+        if (const uint32_t e = ah.entries[i].local_expert; map.ranks_of(e).size() == 1)
+          reached_[n_reached++] = map.rank_of(e);
+    }
     for (uint32_t i = first, k = 0; i < end; ++i, ++k) {
       const RowEntry& entry = ah.entries[i];
       const uint32_t e = entry.local_expert;
       // Where the source's Route sent it: the rule's rank (by source), or
       // with a reached choice the copy RankOnNode names on this node.
       const uint32_t key = RecordTag(records_[q]);
-      uint32_t r = map.RankFor(e, source, key);
-      if (map.replica_choice() != ReplicaChoice::kBySource && map.ranks_of(e).size() > 1)
-        r = map.RankOnNode(e, source, key, node_, reached_.data(), n_reached);
+      const uint32_t r = reached && map.ranks_of(e).size() > 1
+                             ? map.RankOnNode(e, source, key, node_, reached_.data(), n_reached)
+                             : map.RankFor(e, source, key);
       if (r == ExpertMap::kNoRank || r / L != node_)
         return Fail(InvalidArgument("rank " + std::to_string(source) + " sent expert " + std::to_string(e) +
                                     " to node " + std::to_string(node_) + ", where this rank's map has no replica " +

@@ -533,7 +533,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
   }
   std::vector<std::vector<uint32_t>> choice(E);
   std::vector<uint64_t> load(R, 0);
-  // With kReachedNode a replicated expert's tokens follow each token's
+  // With a reached choice a replicated expert's tokens follow each token's
   // reached ranks (its home and its single-copy experts' ranks; ExpertMap's
   // Route), which only moves of single-copy experts change: the bits of
   // their tokens are recomputed after those (`rebits`).
@@ -624,7 +624,7 @@ void BalanceLoads(const RoutingTrace& t, uint32_t l, const std::vector<uint64_t>
       scale_of[e] = counted ? double(shrunk[e]) / double(counted) : 1.0;
     }
   }
-  std::vector<Shares> added(E);  // with kReachedNode: what add(e, +1) added, for add(e, -1)
+  std::vector<Shares> added(E);  // with a reached choice: what add(e, +1) added, for add(e, -1)
   auto add = [&](uint32_t e, int sign) {
     if (steer && !p->replicas[l][e].empty()) {
       if (sign > 0) added[e] = reached_shares(e, p->RanksOf(l, e), choice[e]);

@@ -357,9 +357,9 @@ void BindMoe(py::module_& m) {
           py::arg("splits") = std::vector<std::tuple<uint32_t, uint32_t, uint32_t, uint32_t>>{},
           py::arg("choice") = "source",
           "ranks_of[e]: the ranks holding expert e, its primary first. splits: (expert, source, rank, share) "
-          "token splits, share of 65536 token keys. choice: 'source' (by source and key), 'reached_node' or "
-          "'reached_rank' "
-          "(a token goes to a copy on a node it reaches anyway): moe/expert_map.h.")
+          "token splits, share of 65536 token keys. choice: 'source' (by source and key), 'reached_node' (a "
+          "token goes to a copy on a node it reaches anyway) or 'reached_rank' (and on a rank it reaches "
+          "anyway, where one holds a copy): moe/expert_map.h.")
       .def_static(
           "token_key",
           [](const std::vector<int32_t>& row) { return ExpertMap::TokenKey(row.data(), uint32_t(row.size())); },

@@ -189,5 +189,26 @@ TEST(MoeHierarchical, BadShapesAndInfosAreRefused) {
   EXPECT_EQ(d->Dispatch(b.view(), ExpertMap::Contiguous(16, 4).value(), &out).code(), StatusCode::kInvalidArgument);
 }
 
+// A map that routes replicas by reached rank or node over other nodes than
+// the group's would send tokens where relays do not expect them: refused
+// before anything is sent, naming both node counts.
+TEST(MoeHierarchical, ReachedChoiceOverOtherNodesIsRefused) {
+  HierGroup g = MakeHierGroup(Shape(4), 2, Options("tcp"));
+  ASSERT_EQ(g.ranks.size(), 4u);
+  std::vector<std::vector<uint32_t>> on(16);
+  for (uint32_t e = 0; e < 16; ++e) on[e] = {e / 4};
+  on[0] = {0, 3};
+  for (auto choice : {moe::ReplicaChoice::kReachedNode, moe::ReplicaChoice::kReachedRank}) {
+    const auto map = ExpertMap::WithReplicas(on, 4, 4, {}, choice).value();
+    BatchData b = MakeBatch(g.ranks[0]->config(), map, Routing::kRandom, 4, 1, 0, 0);
+    moe::DispatchResult out;
+    const Status s = g.ranks[0]->Dispatch(b.view(), map, &out);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+    EXPECT_NE(s.message().find(std::string(moe::ReplicaChoiceName(choice)) + " over 4 nodes; this group has 2"),
+              std::string::npos)
+        << s.ToString();
+  }
+}
+
 }  // namespace
 }  // namespace te::testing
