@@ -25,7 +25,10 @@ size_t Align(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // Byte offsets. A slot is max_tokens + 1 rows: the header row, then records
 // (dispatch) or partial rows (combine; its first row unused, so record i and
-// partial row i share an index).
+// partial row i share an index). The block header sits at the end of its row,
+// so a block is one contiguous write of the header and the records after it,
+// not a whole record row of header: at one token per rank that row would
+// double the bytes on the wire.
 //   recv, per parity: dispatch slots [R sources] | combine slots [R destinations]
 //   send:             dispatch blocks [R destinations] | partial rows [R sources]
 struct LowLatencyDispatcher::Layout {
@@ -43,6 +46,9 @@ struct LowLatencyDispatcher::Layout {
   size_t Slot(uint32_t b, uint32_t s) const { return b * parity_bytes + s * rows * record; }
   size_t CombineSlot(uint32_t b, uint32_t d) const { return b * parity_bytes + combine_off + d * rows * hidden_bytes; }
   size_t Block(uint32_t d) const { return d * rows * record; }
+  // Where a block's header (and so its write) starts, from its slot or block.
+  size_t HeaderAt(size_t row0) const { return row0 + record - sizeof(BlockHeader); }
+  size_t BlockBytes(uint32_t records) const { return sizeof(BlockHeader) + size_t(records) * record; }
   size_t Partials(uint32_t s) const { return partials_off + (s * rows + 1) * hidden_bytes; }
 };
 
@@ -148,6 +154,13 @@ Status LowLatencyDispatcher::WaitSends(uint64_t submitted, const char* what) {
   return WaitForSends(engine_, sends_, submitted, config_.timeout + std::chrono::seconds(1), what);
 }
 
+void LowLatencyDispatcher::PostNow() {
+  // A kManual engine posts what was submitted on its next Progress(); without
+  // this the writes would wait for the Recv call, and nothing would move
+  // while the caller computes between Send and Recv.
+  if (engine_->options().progress == ProgressMode::kManual) engine_->Progress();
+}
+
 Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertMap& map) {
   TE_RETURN_IF_ERROR(Expect(Phase::kIdle, "SendDispatch"));
   TE_RETURN_IF_ERROR(ValidateBatch(config_, map, batch));
@@ -159,26 +172,27 @@ Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertM
   ++seq_;
   const uint32_t b = uint32_t(seq_ & 1);
   fingerprint_ = map.fingerprint();
-  uint8_t* recv = recv_mr_->data();
   uint8_t* send = send_mr_->data();
   std::vector<uint32_t> first_row(R);
   for (uint32_t d = 0; d < R; ++d) first_row[d] = uint32_t(d * L.rows + 1);
   PackRecords(c, map, batch, send, &plan_, &sent_, /*copy_payload=*/true, nullptr, &first_row);
   sent_.seq = seq_;
   ScatterWrite blocks{send_mr_, {}, c.imm_base + kDispatchImm + b};
-  for (uint32_t d = 0; d < R; ++d) {
+  // Destinations from p + 1 round: were every rank to start at rank 0, all
+  // first writes would queue at one receiver while the others idle.
+  for (uint32_t k = 0; k < R; ++k) {
+    const uint32_t d = (p + 1 + k) % R;
+    if (d == p) continue;  // RecvDispatch reads this rank's own records from its block here
     const BlockHeader head{seq_, plan_.per_rank[d], fingerprint_};
-    std::memcpy(send + L.Block(d), &head, sizeof head);
-    const size_t bytes = (1 + size_t(plan_.per_rank[d])) * L.record;
-    if (d == p)
-      std::memcpy(recv + L.Slot(b, p), send + L.Block(d), bytes);
-    else
-      blocks.targets.push_back({peers_[d], L.Block(d), L.Slot(b, p), bytes});
+    std::memcpy(send + L.HeaderAt(L.Block(d)), &head, sizeof head);
+    blocks.targets.push_back(
+        {peers_[d], L.HeaderAt(L.Block(d)), L.HeaderAt(L.Slot(b, p)), L.BlockBytes(plan_.per_rank[d])});
   }
   if (!blocks.targets.empty()) {
     if (Status s = engine_->Submit(std::move(blocks), {.counter = &sends_}); !s.ok())
       return Fail(s.WithContext("dispatch"));
     ++submitted_;
+    PostNow();
   }
   map_local_ = map.local_experts(p);
   phase_ = Phase::kDispatchSent;
@@ -212,8 +226,13 @@ Status LowLatencyDispatcher::RecvDispatch(DispatchResult* out) {
   h.matrix.clear();
   const uint8_t* recv = recv_mr_->data();
   for (uint32_t s = 0; s < R; ++s) {
+    if (s == c.rank) {  // no header to check: this rank's records, in its send block
+      const uint8_t* own = send_mr_->data() + L.Block(s) + L.record;
+      if (Status st = UnpackRecords(c, s, own, plan_.per_rank[s], out); !st.ok()) return Fail(st);
+      continue;
+    }
     BlockHeader head;
-    std::memcpy(&head, recv + L.Slot(b, s), sizeof head);
+    std::memcpy(&head, recv + L.HeaderAt(L.Slot(b, s)), sizeof head);
     if (head.seq != seq_)
       return Fail(Internal("rank " + std::to_string(s) + " is at dispatch " + std::to_string(head.seq) +
                            ", this rank at " + std::to_string(seq_) + ": ranks must dispatch every layer"));
@@ -244,23 +263,30 @@ Status LowLatencyDispatcher::SendCombine(const ExpertOutputs& outputs, const Dis
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
   uint8_t* recv = recv_mr_->data();
   uint8_t* send = send_mr_->data();
+  // Rows of source s start at firsts[s] in the handle (sources in rank order).
+  std::vector<uint32_t> firsts(R + 1, 0);
+  for (uint32_t s = 0; s < R; ++s) firsts[s + 1] = firsts[s] + h.recv_from[s];
+  const size_t at = L.CombineSlot(b, p) + L.hidden_bytes;  // this rank's slot, at every source
+  // Sources from the next rank up, round, as in dispatch; this rank's own
+  // rows summed straight into its slot. One request for all the writes:
+  // posting each source's rows as soon as they are summed measured slower
+  // here (a post per source costs more than the overlap wins on loopback).
   ScatterWrite back{send_mr_, {}, c.imm_base + kCombineImm + b};
-  uint32_t first = 0;
-  for (uint32_t s = 0; s < R; ++s) {
-    const uint32_t n = h.recv_from[s];
+  for (uint32_t k = 1; k <= R; ++k) {
+    const uint32_t s = (p + k) % R, n = h.recv_from[s];
     if (n == 0) continue;
-    ReduceRows(c, h, outputs, first, n, reinterpret_cast<uint16_t*>(send + L.Partials(s)));
-    const size_t bytes = size_t(n) * L.hidden_bytes, at = L.CombineSlot(b, p) + L.hidden_bytes;
-    if (s == p)
-      std::memcpy(recv + at, send + L.Partials(s), bytes);
-    else
-      back.targets.push_back({peers_[s], L.Partials(s), at, bytes});
-    first += n;
+    if (s == p) {
+      ReduceRows(c, h, outputs, firsts[s], n, reinterpret_cast<uint16_t*>(recv + at));
+      continue;
+    }
+    ReduceRows(c, h, outputs, firsts[s], n, reinterpret_cast<uint16_t*>(send + L.Partials(s)));
+    back.targets.push_back({peers_[s], L.Partials(s), at, size_t(n) * L.hidden_bytes});
   }
   if (!back.targets.empty()) {
-    if (Status s = engine_->Submit(std::move(back), {.counter = &sends_}); !s.ok())
-      return Fail(s.WithContext("combine"));
+    if (Status st = engine_->Submit(std::move(back), {.counter = &sends_}); !st.ok())
+      return Fail(st.WithContext("combine"));
     ++submitted_;
+    PostNow();
   }
   phase_ = Phase::kCombineSent;
   return Status::Ok();

@@ -3,6 +3,7 @@
 // EpDispatcher over several layers (both slot parities reused).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <thread>
 
 #include "integration/moe_group.h"
@@ -130,6 +131,69 @@ TEST(MoeLowLatency, SendsCompleteBeforeAnyReceive) {
   }
 }
 
+// With a kManual engine nothing moves unless its owner calls in, so the
+// Send calls must post their writes themselves: here rank 1 receives rank
+// 0's dispatch, and later its combine, while rank 0 sits between Send and
+// Recv without touching its engine (what a rank computing there does).
+TEST(MoeLowLatency, ManualSendPostsBeforeTheReceiveCall) {
+  EngineOptions o = Options("tcp");
+  o.progress = ProgressMode::kManual;
+  EpConfig shape = Shape(2);
+  shape.experts = 8;
+  Group g = MakeGroup(shape, o);
+  ASSERT_EQ(g.ranks.size(), 2u);
+  const ExpertMap map = ExpertMap::Contiguous(8, 2).value();
+  const std::vector<uint32_t> tokens = {2, 2};
+  RunGroup(g, map, Routing::kRandom, tokens, 1);  // connections up
+  // Every token to expert 0, on rank 0: rank 1 waits for rank 0's dispatch
+  // block (every rank sends one to every rank) and for its combine rows.
+  const ReferenceLayer ref = RunReference(g.ranks[0]->config(), map, Routing::kSkewed, tokens, 5, 1);
+  std::atomic<int> stage{0};  // 1: rank 0 sent dispatch; 2: rank 1 has it; 3: rank 0 sent combine
+  auto await = [&](int s) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (stage.load() < s && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return stage.load() >= s;
+  };
+  std::vector<std::string> errors(2);
+  std::vector<std::vector<uint16_t>> combined(2);
+  auto run = [&](uint32_t r) -> std::string {
+    LowLatencyDispatcher& d = *g.ranks[r];
+    if (r == 1 && !await(1)) return "rank 0 never sent";
+    if (Status s = d.SendDispatch(ref.batches[r].view(), map); !s.ok()) return s.ToString();
+    if (r == 0) {
+      stage = 1;
+      if (!await(2)) return "rank 1 never received rank 0's records";
+    }
+    moe::DispatchResult result;
+    if (Status s = d.RecvDispatch(&result); !s.ok()) return "RecvDispatch: " + s.ToString();
+    if (std::string diff = CompareDispatch(ref.dispatched[r], result); !diff.empty()) return diff;
+    std::vector<std::vector<uint16_t>> outs(result.experts.size());
+    moe::ExpertOutputs views;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      moe::SyntheticExpert(d.config(), result.experts[i], &outs[i]);
+      views.push_back(outs[i].data());
+    }
+    if (r == 1) {
+      stage = 2;
+      if (!await(3)) return "rank 0 never sent its combine";
+    }
+    if (Status s = d.SendCombine(views, result); !s.ok()) return s.ToString();
+    if (r == 0) stage = 3;
+    combined[r].assign(size_t(tokens[r]) * shape.hidden, 0);
+    if (Status s = d.RecvCombine(combined[r].data()); !s.ok()) return "RecvCombine: " + s.ToString();
+    return "";
+  };
+  std::thread t0([&] { errors[0] = run(0); });
+  std::thread t1([&] { errors[1] = run(1); });
+  t0.join();
+  t1.join();
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(errors[r], "") << "rank " << r;
+    EXPECT_EQ(combined[r], ref.combined[r]) << "rank " << r;
+  }
+}
+
 TEST(MoeLowLatency, CallsOutOfOrderAndBadInputAreRefused) {
   Group g = MakeGroup(Shape(2), Options("tcp"));
   ASSERT_EQ(g.ranks.size(), 2u);
@@ -153,6 +217,37 @@ TEST(MoeLowLatency, CallsOutOfOrderAndBadInputAreRefused) {
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("another shape"), std::string::npos) << s.ToString();
   EXPECT_FALSE(d.Connect({d.LocalInfo(), "temoell1 2 1 garbage"}).ok());
+}
+
+// Ranks that disagree on the layer's expert map would file records under
+// the wrong experts: the block header carries the map's fingerprint, and
+// every rank fails the receive with an error naming the other rank.
+TEST(MoeLowLatency, RanksWithAnotherMapFailNamingTheRank) {
+  Group g = MakeGroup(Shape(2), Options("tcp"));
+  ASSERT_EQ(g.ranks.size(), 2u);
+  std::vector<uint32_t> alternating(16);
+  for (uint32_t e = 0; e < 16; ++e) alternating[e] = e % 2;
+  const std::vector<ExpertMap> maps = {ExpertMap::Contiguous(16, 2).value(),
+                                       ExpertMap::FromRanks(alternating, 2).value()};
+  ASSERT_NE(maps[0].fingerprint(), maps[1].fingerprint());
+  std::vector<Status> results(2);
+  std::vector<std::thread> threads;
+  for (uint32_t r = 0; r < 2; ++r)
+    threads.emplace_back([&, r] {
+      BatchData b = MakeBatch(g.ranks[r]->config(), maps[r], Routing::kRandom, 4, 1, 0, r);
+      moe::DispatchResult out;
+      results[r] = g.ranks[r]->Dispatch(b.view(), maps[r], &out);
+    });
+  for (auto& t : threads) t.join();
+  for (uint32_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(results[r].code(), StatusCode::kInvalidArgument) << results[r].ToString();
+    EXPECT_NE(results[r].message().find("rank " + std::to_string(1 - r) + " uses another expert map"),
+              std::string::npos)
+        << results[r].ToString();
+  }
+  moe::DispatchResult out;  // and the dispatcher stays failed
+  BatchData b = MakeBatch(g.ranks[0]->config(), maps[0], Routing::kRandom, 4, 1, 1, 0);
+  EXPECT_EQ(g.ranks[0]->Dispatch(b.view(), maps[0], &out).code(), StatusCode::kUnavailable);
 }
 
 TEST(MoeLowLatency, SilentPeerTimesOut) {
