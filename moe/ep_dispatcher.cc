@@ -3,11 +3,11 @@
 #include <glog/logging.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <sstream>
 
 #include "moe/engine_waits.h"
+#include "moe/peer_info.h"
 
 namespace te::moe {
 namespace {
@@ -106,34 +106,13 @@ Status EpDispatcher::Connect(const std::vector<std::string>& infos) {
   if (infos.size() != c.ranks)
     return InvalidArgument("Connect got " + std::to_string(infos.size()) + " infos for " + std::to_string(c.ranks) +
                            " ranks");
-  // Everything but the rank and the descriptor must match ours.
-  auto shape_of = [](const std::string& info, uint32_t* rank, std::string* hex) {
-    std::istringstream s(info);
-    std::string magic, shape, field;
-    s >> magic;
-    if (magic != "temoe1") return std::string();
-    std::vector<std::string> f;
-    while (s >> field) f.push_back(field);
-    if (f.size() != 12) return std::string();
-    *rank = uint32_t(std::strtoul(f[1].c_str(), nullptr, 10));
-    *hex = f[11];
-    for (size_t i = 0; i < 11; ++i)
-      if (i != 1) shape += f[i] + " ";
-    return shape;
-  };
-  uint32_t my_rank;
-  std::string my_hex;
-  const std::string my_shape = shape_of(LocalInfo(), &my_rank, &my_hex);
+  const std::string mine = LocalInfo();
   std::vector<RemoteMr> peers(c.ranks);
   for (uint32_t r = 0; r < c.ranks; ++r) {
-    uint32_t rank = 0;
-    std::string hex;
-    const std::string shape = shape_of(infos[r], &rank, &hex);
-    if (shape.empty()) return InvalidArgument("info of rank " + std::to_string(r) + " is malformed");
-    if (rank != r) return InvalidArgument("infos[" + std::to_string(r) + "] comes from rank " + std::to_string(rank));
-    if (shape != my_shape)
-      return InvalidArgument("rank " + std::to_string(r) + " has shape [" + shape + "], this rank [" + my_shape +
-                             "] (ranks experts topk hidden max_tokens payload private overflow imm_base bytes)");
+    TE_ASSIGN_OR_RETURN(
+        std::string hex,
+        MatchPeerInfo(infos[r], mine, r,
+                      "ranks rank experts topk hidden max_tokens payload private overflow imm_base bytes"));
     if (r == c.rank) continue;
     TE_ASSIGN_OR_RETURN(MrDescriptor desc, MrDescriptor::FromHex(hex));
     TE_ASSIGN_OR_RETURN(peers[r], engine_->Import(desc));

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "moe/engine_waits.h"
+#include "moe/peer_info.h"
 
 namespace te::moe {
 namespace {
@@ -100,30 +101,14 @@ Status LowLatencyDispatcher::Connect(const std::vector<std::string>& infos) {
   if (infos.size() != c.ranks)
     return InvalidArgument("Connect got " + std::to_string(infos.size()) + " infos for " + std::to_string(c.ranks) +
                            " ranks");
-  // Fields: ranks rank experts topk hidden max_tokens payload imm_base bytes hex.
-  auto fields = [](const std::string& info) {
-    std::istringstream s(info);
-    std::string magic, f;
-    std::vector<std::string> out;
-    s >> magic;
-    if (magic != "temoell1") return out;
-    while (s >> f) out.push_back(f);
-    return out;
-  };
-  const auto mine = fields(LocalInfo());
+  const std::string mine = LocalInfo();
   std::vector<RemoteMr> peers(c.ranks);
   for (uint32_t r = 0; r < c.ranks; ++r) {
-    const auto f = fields(infos[r]);
-    if (f.size() != mine.size()) return InvalidArgument("info of rank " + std::to_string(r) + " is malformed");
-    if (f[1] != std::to_string(r))
-      return InvalidArgument("infos[" + std::to_string(r) + "] comes from rank " + f[1].substr(0, 16));
-    for (size_t i = 0; i + 1 < f.size(); ++i)
-      if (i != 1 && f[i] != mine[i])
-        return InvalidArgument("rank " + std::to_string(r) + " has another shape (field " + std::to_string(i) + ": " +
-                               f[i].substr(0, 32) + " here " + mine[i] +
-                               "; ranks experts topk hidden max_tokens payload imm_base bytes)");
+    TE_ASSIGN_OR_RETURN(
+        std::string hex,
+        MatchPeerInfo(infos[r], mine, r, "ranks rank experts topk hidden max_tokens payload imm_base bytes"));
     if (r == c.rank) continue;
-    TE_ASSIGN_OR_RETURN(MrDescriptor desc, MrDescriptor::FromHex(f.back()));
+    TE_ASSIGN_OR_RETURN(MrDescriptor desc, MrDescriptor::FromHex(hex));
     TE_ASSIGN_OR_RETURN(peers[r], engine_->Import(desc));
   }
   peers_ = std::move(peers);

@@ -204,6 +204,16 @@ std::vector<std::vector<uint8_t>> BuiltinSeeds(const std::string& target) {
   }
   if (target == "weightsync_control")
     return {Bytes("tews1 BEGIN 3 1200 1"), Bytes("tews1 READY 3 0"), Bytes("tews1 REFUSED 3 1 4")};
+  if (target == "moe_peer_info") {
+    std::vector<std::vector<uint8_t>> seeds;
+    for (uint8_t r = 0; r < 4; ++r) {
+      std::vector<uint8_t> s = {r};
+      const std::string info = MoePeerInfoOfRank(r);
+      s.insert(s.end(), info.begin(), info.end());
+      seeds.push_back(std::move(s));
+    }
+    return seeds;
+  }
   if (target == "cpu_list") return {Bytes("0-3,8,10-11"), Bytes("0\n"), Bytes("")};
   return {};
 }

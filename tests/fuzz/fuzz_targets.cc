@@ -7,6 +7,7 @@
 #include "fuzz/fuzz_targets.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -18,6 +19,7 @@
 #include "moe/coherent_dispatcher.h"
 #include "moe/dispatch_cost.h"
 #include "moe/dispatch_records.h"
+#include "moe/peer_info.h"
 #include "moe/placement.h"
 #include "moe/placement_file.h"
 #include "moe/placement_solver.h"
@@ -345,6 +347,35 @@ void WeightSyncControlTarget(std::span<const uint8_t> b) {
   }
 }
 
+// A dispatcher's Connect reads every peer's info: the first byte picks the
+// rank the info claims to be, the rest is the info, checked against a
+// 4-rank group's own.
+void MoePeerInfoTarget(std::span<const uint8_t> b) {
+  if (b.empty()) return;
+  const uint32_t r = b[0] % 4;
+  const std::string info = Text(b.subspan(1));
+  const std::string mine = MoePeerInfoOfRank(0);
+  auto hex = moe::MatchPeerInfo(info, mine, r, "ranks rank experts topk hidden max_tokens payload imm_base bytes");
+  if (!hex.ok()) return;
+  // Accepted: ours but for the rank (exactly r) and the last field.
+  std::vector<std::string> words, own;
+  for (const auto* pair : {&info, &mine}) {
+    auto& out = pair == &info ? words : own;
+    size_t i = 0;
+    while (i < pair->size()) {
+      while (i < pair->size() && std::isspace(static_cast<unsigned char>((*pair)[i]))) ++i;
+      size_t j = i;
+      while (j < pair->size() && !std::isspace(static_cast<unsigned char>((*pair)[j]))) ++j;
+      if (j > i) out.push_back(pair->substr(i, j - i));
+      i = j;
+    }
+  }
+  Expect(words.size() == own.size(), "an accepted info has our number of fields");
+  Expect(words[2] == std::to_string(r), "an accepted info names exactly its rank");
+  Expect(*hex == words.back(), "the descriptor is the last field");
+  for (size_t i = 0; i + 1 < own.size(); ++i) Expect(i == 2 || words[i] == own[i], "an accepted info has our shape");
+}
+
 }  // namespace
 
 moe::EpConfig MoeRecordShape(bool fp8) {
@@ -356,6 +387,10 @@ moe::EpConfig MoeRecordShape(bool fp8) {
   c.max_tokens = 16;
   c.payload = fp8 ? moe::Payload::kFp8E4M3 : moe::Payload::kBf16;
   return c;
+}
+
+std::string MoePeerInfoOfRank(uint32_t r) {
+  return "temoell1 4 " + std::to_string(r) + " 64 8 2048 128 bf16 1296367616 8650752 0a1b2c3d";
 }
 
 const std::vector<Target>& Targets() {
@@ -373,6 +408,7 @@ const std::vector<Target>& Targets() {
       {"placement_csv", PlacementCsvTarget, Crc::kNone},
       {"moe_records", MoeRecordsTarget, Crc::kNone},
       {"moe_merge", MoeMergeTarget, Crc::kNone},
+      {"moe_peer_info", MoePeerInfoTarget, Crc::kNone},
       {"telemetry_ring", TelemetryRingTarget, Crc::kNone},
       {"verbs_wire", VerbsWireTarget, Crc::kNone},
       {"cpu_list", CpuListTarget, Crc::kNone},

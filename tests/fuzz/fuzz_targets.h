@@ -29,6 +29,9 @@ const std::vector<Target>& Targets();
 // The group shape of the moe_records target (ranks 2, 8 experts, top-3,
 // hidden 128), bf16 or fp8.
 moe::EpConfig MoeRecordShape(bool fp8);
+// The info rank r of the moe_peer_info target's 4-rank group gives its peers
+// (a low-latency dispatcher's fields, a short descriptor hex).
+std::string MoePeerInfoOfRank(uint32_t r);
 inline void PrintTo(const Target& t, std::ostream* os) { *os << t.name; }
 
 // Rewrites the last four bytes of `bytes` (at least 8) as the CRC-32C of

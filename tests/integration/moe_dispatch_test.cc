@@ -283,9 +283,28 @@ TEST(MoeDispatch, BadInputIsRefusedWithAClearError) {
   ASSERT_TRUE(d1.ok());
   s = d.Connect({d.LocalInfo(), (*d1)->LocalInfo()});
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("rank 1 has shape"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("rank 1 has another shape: hidden 512 there"), std::string::npos) << s.ToString();
   s = d.Connect({(*d1)->LocalInfo(), d.LocalInfo()});
   EXPECT_NE(s.message().find("infos[0] comes from rank 1"), std::string::npos) << s.ToString();
+
+  // The rank field must read exactly the rank: 2^32 would wrap to 0 as a
+  // uint32, and "00" or "+0" are other spellings a peer has no reason for.
+  auto connected = EpDispatcher::Create(g.engines[1].get(), Shape(2)).value();  // rank 0's shape
+  const std::string info = connected->LocalInfo();
+  const size_t from = info.find(' ', info.find(' ') + 1) + 1, to = info.find(' ', from);
+  for (const std::string rank : {"4294967296", "00", "+0", "-0"}) {
+    const std::string forged = info.substr(0, from) + rank + info.substr(to);
+    s = d.Connect({forged, d.LocalInfo()});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << rank;
+    EXPECT_NE(s.message().find("infos[0] comes from rank " + rank), std::string::npos) << s.ToString();
+  }
+  // Truncated, padded and foreign infos are refused, naming the rank.
+  for (const std::string bad :
+       {std::string(""), info.substr(0, info.rfind(' ')), info + " extra", "temoell1" + info.substr(info.find(' '))}) {
+    s = d.Connect({bad, d.LocalInfo()});
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(s.message().find("rank 0"), std::string::npos) << s.ToString();
+  }
 }
 
 }  // namespace
