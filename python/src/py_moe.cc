@@ -1,6 +1,7 @@
 // MoE dispatch and combine from Python (moe/*.h): ExpertMap, EpDispatcher
-// (one class over the four dispatchers, picked by `mode`), DispatchResult and
-// MergedTokens.
+// (one class over the four dispatchers, picked by `mode`; the low-latency
+// mode also splits each call into send and receive), DispatchResult,
+// MergedTokens and Pending.
 //
 // Tokens go in as any buffer (numpy, torch CPU tensors through DLPack), read
 // in place: [tokens, hidden] bf16 (uint16 in numpy) or fp8 bytes. Routing
@@ -66,6 +67,18 @@ struct PyDispatchResult {
 // Tokens living on a rank after a coherent combine (Python: MergedTokens).
 struct PyMergedTokens {
   py::array from_rank, ids, data;
+};
+
+// What send_dispatch / send_combine return (Python: Pending): recv() makes
+// the matching receive call once and returns its result, every time after.
+struct PyPending {
+  py::object dispatcher;
+  const char* receive;  // "recv_dispatch" or "recv_combine"
+  py::object result;
+  py::object Recv() {
+    if (!result) result = dispatcher.attr(receive)();
+    return result;
+  }
 };
 
 enum class Mode { kNormal, kLowLatency, kHierarchical, kCoherent };
@@ -146,52 +159,52 @@ class PyEpDispatcher {
     Check(Locked([&] { return Call([&](auto& d) { return d.Connect(infos); }); }));
   }
 
-  std::shared_ptr<PyDispatchResult> Dispatch(const py::object& x, const IntArray& topk_idx,
-                                             const FloatArray& topk_weights, const ExpertMap& map,
-                                             const py::object& scales, const py::object& ids) {
-    CheckOpen();
+  // The arrays a batch reads, kept alive for the call that reads them.
+  struct Batch {
+    MemoryView tokens;
+    FloatArray scales;
+    IdArray ids;
+    TokenBatch view;
+  };
+  Batch BatchOf(const py::object& x, const IntArray& topk_idx, const FloatArray& topk_weights, const py::object& scales,
+                const py::object& ids) const {
     const EpConfig& c = config_;
     if (topk_idx.ndim() != 2 || size_t(topk_idx.shape(1)) != c.topk)
       Throw(te::InvalidArgument("topk_idx must be [tokens, " + std::to_string(c.topk) + "]"));
     const size_t T = size_t(topk_idx.shape(0));
     if (topk_weights.size() != py::ssize_t(T * c.topk))
       Throw(te::InvalidArgument("topk_weights must be [" + std::to_string(T) + ", " + std::to_string(c.topk) + "]"));
-    MemoryView tokens = ViewOf(x, "auto");
-    if (tokens.cuda)  // this binding is the host path; the device path (moe/cuda) is C++ only
+    Batch b;
+    b.tokens = ViewOf(x, "auto");
+    if (b.tokens.cuda)  // this binding is the host path; the device path (moe/cuda) is C++ only
       Throw(te::InvalidArgument("tokens are in GPU memory; EpDispatcher takes host memory"));
-    if (tokens.nbytes != T * c.token_bytes())
-      Throw(te::InvalidArgument("tokens hold " + std::to_string(tokens.nbytes) + " bytes; " + std::to_string(T) +
+    if (b.tokens.nbytes != T * c.token_bytes())
+      Throw(te::InvalidArgument("tokens hold " + std::to_string(b.tokens.nbytes) + " bytes; " + std::to_string(T) +
                                 " tokens of " + std::to_string(c.token_bytes()) + " bytes need " +
                                 std::to_string(T * c.token_bytes())));
-    FloatArray scale_array;
     if (c.payload == Payload::kFp8E4M3) {
       if (scales.is_none()) Throw(te::InvalidArgument("fp8 payload needs scales [tokens, hidden / 128]"));
-      scale_array = FloatArray::ensure(scales);
-      if (!scale_array || scale_array.size() != py::ssize_t(T * c.scale_count()))
+      b.scales = FloatArray::ensure(scales);
+      if (!b.scales || b.scales.size() != py::ssize_t(T * c.scale_count()))
         Throw(te::InvalidArgument("scales must be [" + std::to_string(T) + ", " + std::to_string(c.scale_count()) +
                                   "] float32"));
     }
-    IdArray id_array;
     if (!ids.is_none()) {
       if (mode_ != Mode::kCoherent) Throw(te::InvalidArgument("ids name tokens only in coherent mode"));
-      id_array = IdArray::ensure(ids);
-      if (!id_array || id_array.size() != py::ssize_t(T))
+      b.ids = IdArray::ensure(ids);
+      if (!b.ids || b.ids.size() != py::ssize_t(T))
         Throw(te::InvalidArgument("ids must be [" + std::to_string(T) + "] uint32"));
     }
     if (T > c.max_tokens)
       Throw(te::InvalidArgument("tokens " + std::to_string(T) + " exceeds max_tokens " + std::to_string(c.max_tokens)));
-    const TokenBatch batch{uint32_t(T), static_cast<const uint8_t*>(tokens.data),
-                           scale_array ? scale_array.data() : nullptr, topk_idx.data(), topk_weights.data()};
-    auto r = std::make_shared<PyDispatchResult>();
-    const uint32_t* id_data = id_array ? id_array.data() : nullptr;
-    Check(Locked([&] {
-      return Call([&](auto& d) {
-        if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
-          return d.Dispatch(batch, id_data, map, &r->result);
-        else
-          return d.Dispatch(batch, map, &r->result);
-      });
-    }));
+    b.view = TokenBatch{uint32_t(T), static_cast<const uint8_t*>(b.tokens.data), b.scales ? b.scales.data() : nullptr,
+                        topk_idx.data(), topk_weights.data()};
+    return b;
+  }
+
+  // The Python view of a filled result: its vectors move into numpy arrays.
+  std::shared_ptr<PyDispatchResult> Wrap(std::shared_ptr<PyDispatchResult> r) const {
+    const EpConfig& c = config_;
     r->dispatcher = reinterpret_cast<uint64_t>(this);
     for (ExpertTokens& x : r->result.experts) {
       PyExpertTokens e;
@@ -212,31 +225,74 @@ class PyEpDispatcher {
     return r;
   }
 
-  // outputs[i]: local expert i's output [count, hidden] bf16 (any buffer).
-  py::object Combine(const py::list& outputs, const PyDispatchResult& dispatched) {
+  std::shared_ptr<PyDispatchResult> Dispatch(const py::object& x, const IntArray& topk_idx,
+                                             const FloatArray& topk_weights, const ExpertMap& map,
+                                             const py::object& scales, const py::object& ids) {
     CheckOpen();
+    const Batch b = BatchOf(x, topk_idx, topk_weights, scales, ids);
+    auto r = std::make_shared<PyDispatchResult>();
+    const uint32_t* id_data = b.ids ? b.ids.data() : nullptr;
+    Check(Locked([&] {
+      return Call([&](auto& d) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(d)>, CoherentDispatcher>)
+          return d.Dispatch(b.view, id_data, map, &r->result);
+        else
+          return d.Dispatch(b.view, map, &r->result);
+      });
+    }));
+    return Wrap(std::move(r));
+  }
+
+  // The low-latency mode's split: posts the dispatch and returns; the records
+  // are copied out of `x` before it returns, so the caller may reuse it.
+  void SendDispatch(const py::object& x, const IntArray& topk_idx, const FloatArray& topk_weights, const ExpertMap& map,
+                    const py::object& scales) {
+    CheckOpen();
+    RequireSplit("send_dispatch");
+    const Batch b = BatchOf(x, topk_idx, topk_weights, scales, py::none());
+    Check(Locked([&] { return ll_->SendDispatch(b.view, map); }));
+  }
+  std::shared_ptr<PyDispatchResult> RecvDispatch() {
+    CheckOpen();
+    auto r = std::make_shared<PyDispatchResult>();
+    Check(Locked([&] { return ll_->RecvDispatch(&r->result); }));
+    return Wrap(std::move(r));
+  }
+
+  // outputs[i]: local expert i's output [count, hidden] bf16 (any buffer);
+  // the views keep them readable for the call.
+  ExpertOutputs OutputsOf(const py::list& outputs, const PyDispatchResult& dispatched,
+                          std::vector<MemoryView>* views) const {
     if (dispatched.dispatcher != reinterpret_cast<uint64_t>(this))
       Throw(te::InvalidArgument("combine got the result of another dispatcher's dispatch"));
     const EpConfig& c = config_;
     if (outputs.size() != dispatched.experts.size())
       Throw(te::InvalidArgument("combine got " + std::to_string(outputs.size()) + " outputs for " +
                                 std::to_string(dispatched.experts.size()) + " local experts"));
-    std::vector<MemoryView> views;
     ExpertOutputs outs;
+    views->reserve(outputs.size());
     for (size_t i = 0; i < outputs.size(); ++i) {
       const size_t want = size_t(dispatched.experts[i].count) * c.hidden * 2;
       if (want == 0) {
         outs.push_back(nullptr);
         continue;
       }
-      views.push_back(ViewOf(outputs[i], "auto"));
-      if (views.back().cuda || views.back().nbytes != want)
+      views->push_back(ViewOf(outputs[i], "auto"));
+      if (views->back().cuda || views->back().nbytes != want)
         Throw(te::InvalidArgument("output of local expert " + std::to_string(i) + " holds " +
-                                  std::to_string(views.back().nbytes) + " bytes; it needs " + std::to_string(want) +
+                                  std::to_string(views->back().nbytes) + " bytes; it needs " + std::to_string(want) +
                                   " (" + std::to_string(dispatched.experts[i].count) + " x " +
                                   std::to_string(c.hidden) + " bf16) in host memory"));
-      outs.push_back(static_cast<const uint16_t*>(views.back().data));
+      outs.push_back(static_cast<const uint16_t*>(views->back().data));
     }
+    return outs;
+  }
+
+  py::object Combine(const py::list& outputs, const PyDispatchResult& dispatched) {
+    CheckOpen();
+    const EpConfig& c = config_;
+    std::vector<MemoryView> views;
+    const ExpertOutputs outs = OutputsOf(outputs, dispatched, &views);
     if (mode_ == Mode::kCoherent) {
       MergedTokens merged;
       Check(Locked([&] { return coherent_->Combine(outs, dispatched.result, &merged); }));
@@ -257,6 +313,24 @@ class PyEpDispatcher {
       });
     }));
     return Own(std::move(out), {py::ssize_t(dispatched.result.handle.tokens), py::ssize_t(c.hidden)});
+  }
+
+  // The split combine: the outputs are summed into the dispatcher's buffers
+  // before it returns. RecvCombine returns [tokens, hidden] for the tokens
+  // of the pending dispatch.
+  void SendCombine(const py::list& outputs, const PyDispatchResult& dispatched) {
+    CheckOpen();
+    RequireSplit("send_combine");
+    std::vector<MemoryView> views;
+    const ExpertOutputs outs = OutputsOf(outputs, dispatched, &views);
+    Check(Locked([&] { return ll_->SendCombine(outs, dispatched.result); }));
+    pending_tokens_ = dispatched.result.handle.tokens;
+  }
+  py::array RecvCombine() {
+    CheckOpen();
+    std::vector<uint16_t> out(size_t(pending_tokens_) * config_.hidden);
+    Check(Locked([&] { return ll_->RecvCombine(out.data()); }));
+    return Own(std::move(out), {py::ssize_t(pending_tokens_), py::ssize_t(config_.hidden)});
   }
 
   const EpConfig& config() const { return config_; }
@@ -282,6 +356,11 @@ class PyEpDispatcher {
   }
   void CheckOpen() const {
     if (!open_) Throw(te::Cancelled("the dispatcher is closed"));
+  }
+  void RequireSplit(const char* call) const {
+    if (mode_ != Mode::kLowLatency)
+      Throw(te::InvalidArgument(std::string(call) +
+                                " is the low-latency mode's (mode=\"ll\"); this dispatcher's mode is " + mode()));
   }
   // f() with the GIL released and the dispatcher to this thread (its calls
   // are one at a time; another Python thread waits here), kCancelled once
@@ -311,6 +390,7 @@ class PyEpDispatcher {
   std::unique_ptr<LowLatencyDispatcher> ll_;
   std::unique_ptr<HierarchicalDispatcher> hier_;
   std::unique_ptr<CoherentDispatcher> coherent_;
+  uint32_t pending_tokens_ = 0;  // tokens of the dispatch whose combine was sent (split calls)
 };
 
 }  // namespace
@@ -432,6 +512,10 @@ void BindMoe(py::module_& m) {
       .def_readonly("ids", &PyMergedTokens::ids, "[n] its id there")
       .def_readonly("data", &PyMergedTokens::data, "[n, hidden] uint16 (bf16 bits): the combined output");
 
+  py::class_<PyPending>(m, "Pending", "A posted low-latency send; recv() waits for its result (once).")
+      .def("recv", &PyPending::Recv,
+           "The matching receive: a DispatchResult after send_dispatch, [T, hidden] uint16 after send_combine.");
+
   py::class_<PyEpDispatcher>(m, "EpDispatcher",
                              "MoE dispatch/combine for one rank of an expert-parallel group (moe/ep_dispatcher.h).")
       .def(py::init<std::shared_ptr<PyEngine>, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t,
@@ -450,6 +534,31 @@ void BindMoe(py::module_& m) {
       .def("combine", &PyEpDispatcher::Combine, py::arg("outputs"), py::arg("dispatched"),
            "outputs[i]: local expert i's output [count, hidden] bf16. Returns [T, hidden] uint16, or MergedTokens "
            "in coherent mode.")
+      .def(
+          "send_dispatch",
+          [](py::object self, const py::object& x, const IntArray& topk_idx, const FloatArray& topk_weights,
+             const ExpertMap& map, const py::object& scales) {
+            self.cast<PyEpDispatcher&>().SendDispatch(x, topk_idx, topk_weights, map, scales);
+            return PyPending{self, "recv_dispatch", py::object()};
+          },
+          py::arg("tokens"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("expert_map"),
+          py::arg("scales") = py::none(),
+          "Low-latency mode: posts this rank's dispatch and returns at once (the tokens are copied out). "
+          "Compute, then .recv() on what it returns (or recv_dispatch()). Every rank calls it each layer.")
+      .def("recv_dispatch", &PyEpDispatcher::RecvDispatch,
+           "Low-latency mode: waits for every rank's records of the pending send_dispatch; returns its "
+           "DispatchResult.")
+      .def(
+          "send_combine",
+          [](py::object self, const py::list& outputs, const PyDispatchResult& dispatched) {
+            self.cast<PyEpDispatcher&>().SendCombine(outputs, dispatched);
+            return PyPending{self, "recv_combine", py::object()};
+          },
+          py::arg("outputs"), py::arg("dispatched"),
+          "Low-latency mode: sums and posts this rank's expert outputs and returns at once; then .recv() on "
+          "what it returns (or recv_combine()).")
+      .def("recv_combine", &PyEpDispatcher::RecvCombine,
+           "Low-latency mode: waits for the rows of this rank's tokens; returns [T, hidden] uint16.")
       .def_property_readonly("mode", &PyEpDispatcher::mode)
       .def_property_readonly("rank", [](const PyEpDispatcher& d) { return d.config().rank; })
       .def_property_readonly("ranks", [](const PyEpDispatcher& d) { return d.config().ranks; })

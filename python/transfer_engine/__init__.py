@@ -44,6 +44,7 @@ from ._transfer_engine import (  # noqa: F401  (re-exported)
     MergedTokens,
     PagedWrite,
     Peer,
+    Pending,
     Placement,
     Region,
     RegistryEntry,
@@ -87,7 +88,7 @@ _take_back_signals()
 __all__ = [
     "Barrier", "DispatchResult", "Engine", "EngineOptions", "EpDispatcher", "ExpertMap", "ExpertTokens", "Handle",
     "ImmOnly", "KvDecoder", "KvInstanceInfo", "KvLayout", "KvPrefiller", "KvRegistration", "KvRegistry",
-    "MergedTokens", "PagedWrite", "Peer", "Region", "RegistryEntry",
+    "MergedTokens", "PagedWrite", "Peer", "Pending", "Region", "RegistryEntry",
     "RemoteRegion", "ScatterWrite", "SharedHostMemory", "SingleWrite", "StatusCode", "TransferError",
     "WeightLayout", "WeightModel", "WeightPusher", "WeightReceiver", "check_compatible",
 ]

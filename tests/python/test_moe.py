@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -150,6 +151,43 @@ def test_dispatch_and_combine_match_the_reference(provider, mode, layout):
         np.testing.assert_array_equal(results[r], want_combine[r])
 
 
+# The low-latency mode's split: send, compute, receive; the same reference.
+# Every rank posts its dispatch before any receives it (a barrier between),
+# so a receive cannot be what moves the sender's records.
+def test_low_latency_send_and_recv_split(provider):
+    ranks = 2
+    emap = split_map(ranks)
+    batches = inputs(ranks, seed=9)
+    want_dispatch, want_combine = reference(batches, emap, ranks)
+    posted = threading.Barrier(ranks, timeout=DEADLINE)
+
+    def rank(d):
+        x, idx, w = batches[d.rank]
+        pending = d.send_dispatch(x.copy(), idx, w, emap)
+        posted.wait()
+        res = pending.recv()
+        assert pending.recv() is res  # once; then the same result
+        outputs = []
+        for got in res.experts:
+            rows, ws, srcs, toks = want_dispatch[d.rank][got.expert]
+            np.testing.assert_array_equal(got.tokens, np.array(rows).reshape(-1, HIDDEN))
+            np.testing.assert_array_equal(got.src_token, toks)
+            outputs.append(expert(got.tokens))
+        back = d.send_combine(outputs, res)
+        del outputs  # summed before send_combine returned
+        posted.wait()
+        out = back.recv()
+        # A second layer through the method pair, in the other parity's slots.
+        d.send_dispatch(x, idx, w, emap)
+        again = d.recv_dispatch()
+        d.send_combine([expert(t.tokens) for t in again.experts], again)
+        return out, d.recv_combine()
+
+    for r, (first, second) in enumerate(run_group(provider, ranks, "ll", rank)):
+        np.testing.assert_array_equal(first, want_combine[r])
+        np.testing.assert_array_equal(second, want_combine[r])
+
+
 # topk=1: the token's one expert runs where it merges, and combine is local
 # (no merge step); the results are the same reference's.
 @pytest.mark.parametrize("topk", [TOPK, 1])
@@ -205,6 +243,13 @@ def test_bad_calls_raise():
     assert out.shape == (4, HIDDEN) and not out[3].any()  # no expert: zeros
     with pytest.raises(te.TransferError, match="mode"):
         te.EpDispatcher(e, ranks=1, rank=0, experts=4, topk=2, hidden=HIDDEN, max_tokens=8, mode="fast")
+    with pytest.raises(te.TransferError, match="low-latency mode"):
+        d.send_dispatch(x, idx, w, emap)
+    ll = te.EpDispatcher(e, ranks=1, rank=0, experts=4, topk=2, hidden=HIDDEN, max_tokens=8, mode="ll")
+    ll.connect([ll.local_info()])
+    with pytest.raises(te.TransferError, match="out of order"):
+        ll.recv_dispatch()
+    ll.close()
     d.close()
     with pytest.raises(te.TransferError, match="closed") as err:
         d.dispatch(x, idx, w, emap)
