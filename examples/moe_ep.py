@@ -108,9 +108,14 @@ def rank_main(conn, rank, ranks, mode, provider, layers, placement):
             emap = maps[layer]
             x, idx, w = layer_inputs(rank, layer)
             start = time.perf_counter()
-            res = d.dispatch(x, idx, w, emap)
-            outputs = [run_expert(e.expert, e.tokens) for e in res.experts]
-            y = d.combine(outputs, res)
+            if mode == "ll":  # split calls: posted, then received when the result is needed
+                pending = d.send_dispatch(x, idx, w, emap)
+                res = pending.recv()
+                y = d.send_combine([run_expert(e.expert, e.tokens) for e in res.experts], res).recv()
+            else:
+                res = d.dispatch(x, idx, w, emap)
+                outputs = [run_expert(e.expert, e.tokens) for e in res.experts]
+                y = d.combine(outputs, res)
             seconds.append(time.perf_counter() - start)
             ok &= bool(np.array_equal(y, expected(rank, layer, ranks, emap, nodes)))
         d.close()
