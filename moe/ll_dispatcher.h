@@ -18,15 +18,19 @@
 // one fixed receive slot per parity sized for max_tokens records, and one
 // combine slot of max_tokens rows. SendDispatch writes, to every other rank
 // (from the next rank up, round, so that no rank is everyone's first
-// destination), one block: a header (seq, map fingerprint, record count) and
-// the records, with one immediate; a rank with nothing for a destination
-// still sends the header (16 bytes, not a record row). RecvDispatch waits for exactly ranks - 1 immediates and reads
-// the counts from the headers. Combine writes each source's partial rows into its slot at that source with one
-// immediate, only to sources that sent tokens; each source knows how many to wait for from its own dispatch. Slots are
-// reused by parity. Rank p writes parity b of layer l + 2 only after receiving every rank's dispatch block of layer l +
-// 1 (everyone sends one to everyone), and a rank sends that only after it has finished layer l, including reading its
-// parity-b slots. Combine slots follow: a rank writes p's combine slot of layer l + 2 only after p's dispatch of l + 2,
-// which p sends after reading its combine slot of layer l.
+// destination), one block: a header (seq, map fingerprint, record count)
+// and the records, with one immediate; a rank with nothing for a
+// destination still sends the header (16 bytes, not a record row).
+// RecvDispatch waits for exactly ranks - 1 immediates and reads the counts
+// from the headers. Combine writes each source's partial rows into its slot
+// at that source with one immediate, only to sources that sent tokens; each
+// source knows how many to wait for from its own dispatch. Slots are reused
+// by parity. Rank p writes parity b of layer l + 2 only after receiving
+// every rank's dispatch block of layer l + 1 (everyone sends one to
+// everyone), and a rank sends that only after it has finished layer l,
+// including reading its parity-b slots. Combine slots follow: a rank writes
+// p's combine slot of layer l + 2 only after p's dispatch of l + 2, which p
+// sends after reading its combine slot of layer l.
 //
 // Memory: per rank, 2 x ranks x (max_tokens + 1) records and as many combine
 // rows, received, plus one of each sent: sized for the worst case, which is
@@ -42,8 +46,8 @@
 // Send calls post their writes (one Progress() pass), so they move while the
 // caller computes before Recv; the Recv calls drive Progress() and return
 // only once this rank's own writes have completed (nothing else would move
-// them). Immediates: imm_base + 6 ..
-// 9, so an EpDispatcher with the same config can share the engine.
+// them). Immediates: imm_base + 6 .. 9, so an EpDispatcher with the same
+// config can share the engine.
 #pragma once
 
 #include <memory>
