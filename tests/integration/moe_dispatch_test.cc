@@ -299,7 +299,7 @@ TEST(MoeDispatch, BadInputIsRefusedWithAClearError) {
     EXPECT_NE(s.message().find("infos[0] comes from rank " + rank), std::string::npos) << s.ToString();
   }
   // Truncated, padded and foreign infos are refused, naming the rank.
-  for (const std::string bad :
+  for (const std::string& bad :
        {std::string(""), info.substr(0, info.rfind(' ')), info + " extra", "temoell1" + info.substr(info.find(' '))}) {
     s = d.Connect({bad, d.LocalInfo()});
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << bad;
