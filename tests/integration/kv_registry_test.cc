@@ -103,7 +103,9 @@ TEST_F(KvRegistryTest, EntriesOtherProcessesMangledAreSkipped) {
   ASSERT_TRUE(list.ok());
   ASSERT_EQ(list->size(), 2u);
   for (const auto& e : *list)
-    if (e.info.name == "x") EXPECT_TRUE(e.capacity == 5 && e.load == 2 && e.draining);
+    if (e.info.name == "x") {
+      EXPECT_TRUE(e.capacity == 5 && e.load == 2 && e.draining);
+    }
 }
 
 TEST_F(KvRegistryTest, RouterPicksTheLeastLoadedLiveInstances) {

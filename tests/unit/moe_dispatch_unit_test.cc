@@ -282,9 +282,10 @@ TEST(ExpertMap, RankOnNodeAgreesWithRouteFromANodesPartOfTheRow) {
         for (uint32_t j = 0; j < topk; ++j)
           if (row[j] >= 0 && dest[j] / per_node == node && map->ranks_of(uint32_t(row[j])).size() == 1)
             seen.push_back(dest[j]);
-        if (copies.size() > 1)
+        if (copies.size() > 1) {
           EXPECT_EQ(map->RankOnNode(uint32_t(row[k]), source, key, node, seen.data(), uint32_t(seen.size())), dest[k])
               << "trial " << trial << " token " << t << " slot " << k;
+        }
       }
     }
   }

@@ -64,7 +64,9 @@ TEST(WeightSyncControl, WhatAPeerCouldSendInsteadIsRefused) {
        }) {
     auto p = ParseBegin(Bytes(line));
     EXPECT_FALSE(p.ok()) << "accepted '" << line << "'";
-    if (!p.ok()) EXPECT_FALSE(p.status().message().empty());
+    if (!p.ok()) {
+      EXPECT_FALSE(p.status().message().empty());
+    }
   }
   for (const char* line : {"tews1 READY 1", "tews1 READY 1 2 3", "tews1 REFUSED 1 2", "tews1 READY 0 2",
                            "tews1 REFUSED 1 2 x", "tews1 READY 1 4294967296", "tews1 BEGIN 1 2 3"}) {
