@@ -69,6 +69,9 @@ Result<std::unique_ptr<LowLatencyDispatcher>> LowLatencyDispatcher::Create(Trans
 }
 
 Status LowLatencyDispatcher::Init() {
+  // Destination d's records start one row (its header's) into its block.
+  first_row_.resize(config_.ranks);
+  for (uint32_t d = 0; d < config_.ranks; ++d) first_row_[d] = uint32_t(d * layout_->rows + 1);
   // Owned by the regions: a write still posted after its request failed
   // keeps the send buffer alive past this dispatcher (AllocateMemory).
   TE_ASSIGN_OR_RETURN(recv_mr_, engine_->AllocateMemory(layout_->recv_bytes));
@@ -158,9 +161,7 @@ Status LowLatencyDispatcher::SendDispatch(const TokenBatch& batch, const ExpertM
   const uint32_t b = uint32_t(seq_ & 1);
   fingerprint_ = map.fingerprint();
   uint8_t* send = send_mr_->data();
-  std::vector<uint32_t> first_row(R);
-  for (uint32_t d = 0; d < R; ++d) first_row[d] = uint32_t(d * L.rows + 1);
-  PackRecords(c, map, batch, send, &plan_, &sent_, /*copy_payload=*/true, nullptr, &first_row);
+  PackRecords(c, map, batch, send, &plan_, &sent_, /*copy_payload=*/true, nullptr, &first_row_);
   sent_.seq = seq_;
   ScatterWrite blocks{send_mr_, {}, c.imm_base + kDispatchImm + b};
   // Destinations from p + 1 round: were every rank to start at rank 0, all
@@ -248,9 +249,9 @@ Status LowLatencyDispatcher::SendCombine(const ExpertOutputs& outputs, const Dis
   const uint32_t R = c.ranks, p = c.rank, b = uint32_t(seq_ & 1);
   uint8_t* recv = recv_mr_->data();
   uint8_t* send = send_mr_->data();
-  // Rows of source s start at firsts[s] in the handle (sources in rank order).
-  std::vector<uint32_t> firsts(R + 1, 0);
-  for (uint32_t s = 0; s < R; ++s) firsts[s + 1] = firsts[s] + h.recv_from[s];
+  // Rows of source s start at firsts_[s] in the handle (sources in rank order).
+  firsts_.assign(R + 1, 0);  // sized once: no allocation per layer
+  for (uint32_t s = 0; s < R; ++s) firsts_[s + 1] = firsts_[s] + h.recv_from[s];
   const size_t at = L.CombineSlot(b, p) + L.hidden_bytes;  // this rank's slot, at every source
   // Sources from the next rank up, round, as in dispatch; this rank's own
   // rows summed straight into its slot. One request for all the writes:
@@ -261,10 +262,10 @@ Status LowLatencyDispatcher::SendCombine(const ExpertOutputs& outputs, const Dis
     const uint32_t s = (p + k) % R, n = h.recv_from[s];
     if (n == 0) continue;
     if (s == p) {
-      ReduceRows(c, h, outputs, firsts[s], n, reinterpret_cast<uint16_t*>(recv + at));
+      ReduceRows(c, h, outputs, firsts_[s], n, reinterpret_cast<uint16_t*>(recv + at));
       continue;
     }
-    ReduceRows(c, h, outputs, firsts[s], n, reinterpret_cast<uint16_t*>(send + L.Partials(s)));
+    ReduceRows(c, h, outputs, firsts_[s], n, reinterpret_cast<uint16_t*>(send + L.Partials(s)));
     back.targets.push_back({peers_[s], L.Partials(s), at, size_t(n) * L.hidden_bytes});
   }
   if (!back.targets.empty()) {

@@ -111,6 +111,8 @@ class LowLatencyDispatcher {
   SendPlan plan_;
   DispatchHandle sent_;              // this rank's side of the pending dispatch (token rows)
   std::vector<uint32_t> map_local_;  // the pending map's local experts of this rank
+  std::vector<uint32_t> first_row_;  // row of destination d's first record in the send blocks
+  std::vector<uint32_t> firsts_;     // SendCombine: first handle row of each source
 };
 
 }  // namespace te::moe

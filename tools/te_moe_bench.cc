@@ -11,8 +11,8 @@
 // transport differs: one-sided writes with immediates, or MPI_Alltoall of the
 // counts then MPI_Alltoallv of the records. Every iteration runs both paths,
 // which goes first alternating; each phase starts after an MPI barrier and
-// its time is the slowest rank's. The first pass over every layer checks that both paths
-// give the same expert inputs and the same combined bytes.
+// its time is the slowest rank's. The first pass over every layer checks
+// that both paths give the same expert inputs and the same combined bytes.
 #include <gflags/gflags.h>
 #include <mpi.h>
 #include <unistd.h>
@@ -405,42 +405,40 @@ void RunCase(te::TransferEngine* engine, const Shape& shape, moe::Payload payloa
     // whatever the other leaves behind (caches, socket buffers, the
     // scheduler's view of who ran last).
     double te_d = 0, te_c = 0, mpi_d = 0, mpi_c = 0;
-    auto engine_path = [&] {
+    // One path: timed dispatch, its experts (computed once per layer,
+    // outside the timing), timed combine into `out`.
+    auto run_path = [&](const std::string& name, auto&& dispatch, auto&& combine, moe::DispatchResult& result,
+                        std::vector<std::vector<uint16_t>>& outputs, std::vector<uint16_t>& out, double* d_us,
+                        double* c_us) {
       MPI_Barrier(MPI_COMM_WORLD);
       auto t0 = now();
-      Must(te_dispatch(L, &te_result), "dispatch");
+      Must(dispatch(&result), name + "dispatch");
       auto t1 = now();
-      if (L.outputs.empty()) {  // the experts: computed once per layer, outside the timing
-        L.outputs.resize(te_result.experts.size());
-        for (size_t e = 0; e < L.outputs.size(); ++e) moe::SyntheticExpert(c, te_result.experts[e], &L.outputs[e]);
+      if (outputs.empty()) {
+        outputs.resize(result.experts.size());
+        for (size_t e = 0; e < outputs.size(); ++e) moe::SyntheticExpert(c, result.experts[e], &outputs[e]);
       }
       moe::ExpertOutputs outs;
-      for (auto& o : L.outputs) outs.push_back(o.data());
-      te_out.assign(size_t(L.tokens) * c.hidden, 0);
+      for (auto& o : outputs) outs.push_back(o.data());
+      out.assign(size_t(L.tokens) * c.hidden, 0);
       MPI_Barrier(MPI_COMM_WORLD);
       auto t2 = now();
-      Must(te_combine(outs, te_result, te_out.data()), "combine");
+      Must(combine(outs, result, out.data()), name + "combine");
       auto t3 = now();
-      te_d = slowest(us(t0, t1)), te_c = slowest(us(t2, t3));
+      *d_us = slowest(us(t0, t1)), *c_us = slowest(us(t2, t3));
+    };
+    auto engine_path = [&] {
+      run_path(
+          "", [&](moe::DispatchResult* r) { return te_dispatch(L, r); }, te_combine, te_result, L.outputs, te_out,
+          &te_d, &te_c);
     };
     auto mpi_path = [&] {
-      MPI_Barrier(MPI_COMM_WORLD);
-      auto t0 = now();
-      Must(mpi.Dispatch(L.view(), L.map, &mpi_result), "MPI dispatch");
-      auto t1 = now();
-      if (L.mpi_outputs.empty()) {
-        L.mpi_outputs.resize(mpi_result.experts.size());
-        for (size_t e = 0; e < L.mpi_outputs.size(); ++e)
-          moe::SyntheticExpert(c, mpi_result.experts[e], &L.mpi_outputs[e]);
-      }
-      moe::ExpertOutputs mpi_outs;
-      for (auto& o : L.mpi_outputs) mpi_outs.push_back(o.data());
-      mpi_out.assign(size_t(L.tokens) * c.hidden, 0);
-      MPI_Barrier(MPI_COMM_WORLD);
-      auto t2 = now();
-      Must(mpi.Combine(mpi_outs, mpi_result, mpi_out.data()), "MPI combine");
-      auto t3 = now();
-      mpi_d = slowest(us(t0, t1)), mpi_c = slowest(us(t2, t3));
+      run_path(
+          "MPI ", [&](moe::DispatchResult* r) { return mpi.Dispatch(L.view(), L.map, r); },
+          [&](const moe::ExpertOutputs& o, const moe::DispatchResult& r, uint16_t* out) {
+            return mpi.Combine(o, r, out);
+          },
+          mpi_result, L.mpi_outputs, mpi_out, &mpi_d, &mpi_c);
     };
     if (i % 2 == 0)
       engine_path(), mpi_path();

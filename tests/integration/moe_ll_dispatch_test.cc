@@ -3,7 +3,8 @@
 // EpDispatcher over several layers (both slot parities reused).
 #include <gtest/gtest.h>
 
-#include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
 
 #include "integration/moe_group.h"
@@ -148,12 +149,18 @@ TEST(MoeLowLatency, ManualSendPostsBeforeTheReceiveCall) {
   // Every token to expert 0, on rank 0: rank 1 waits for rank 0's dispatch
   // block (every rank sends one to every rank) and for its combine rows.
   const ReferenceLayer ref = RunReference(g.ranks[0]->config(), map, Routing::kSkewed, tokens, 5, 1);
-  std::atomic<int> stage{0};  // 1: rank 0 sent dispatch; 2: rank 1 has it; 3: rank 0 sent combine
+  // 1: rank 0 sent dispatch; 2: rank 1 has it; 3: rank 0 sent combine.
+  int stage = 0;
+  std::mutex mu;
+  std::condition_variable moved;
+  auto advance = [&](int s) {
+    std::lock_guard<std::mutex> lock(mu);
+    stage = s;
+    moved.notify_all();
+  };
   auto await = [&](int s) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (stage.load() < s && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    return stage.load() >= s;
+    std::unique_lock<std::mutex> lock(mu);
+    return moved.wait_for(lock, std::chrono::seconds(20), [&] { return stage >= s; });
   };
   std::vector<std::string> errors(2);
   std::vector<std::vector<uint16_t>> combined(2);
@@ -162,7 +169,7 @@ TEST(MoeLowLatency, ManualSendPostsBeforeTheReceiveCall) {
     if (r == 1 && !await(1)) return "rank 0 never sent";
     if (Status s = d.SendDispatch(ref.batches[r].view(), map); !s.ok()) return s.ToString();
     if (r == 0) {
-      stage = 1;
+      advance(1);
       if (!await(2)) return "rank 1 never received rank 0's records";
     }
     moe::DispatchResult result;
@@ -175,11 +182,11 @@ TEST(MoeLowLatency, ManualSendPostsBeforeTheReceiveCall) {
       views.push_back(outs[i].data());
     }
     if (r == 1) {
-      stage = 2;
+      advance(2);
       if (!await(3)) return "rank 0 never sent its combine";
     }
     if (Status s = d.SendCombine(views, result); !s.ok()) return s.ToString();
-    if (r == 0) stage = 3;
+    if (r == 0) advance(3);
     combined[r].assign(size_t(tokens[r]) * shape.hidden, 0);
     if (Status s = d.RecvCombine(combined[r].data()); !s.ok()) return "RecvCombine: " + s.ToString();
     return "";
